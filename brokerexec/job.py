@@ -1,0 +1,155 @@
+"""A handle on one launched job: steer it, watch it, get its result."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from .errors import JobNotFound, RemoteError, Timeout
+from .protocol import Event
+from .transport.base import Subscription
+
+if TYPE_CHECKING:
+    from .client import Client
+
+__all__ = ["Job", "JobAborted"]
+
+
+class JobAborted(RemoteError):
+    """The job was aborted; raised by :meth:`Job.result`."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__("brokerexec.Aborted", f"job {job_id} was aborted")
+
+
+class Job:
+    """One job, by id. Every method talks to the worker that runs it.
+
+    Attributes:
+        id: the job id (32 hex digits).
+        service: the service name, when known.
+    """
+
+    def __init__(self, client: Client, job_id: str, service: str | None = None) -> None:
+        self.client = client
+        self.id = job_id
+        self.service = service
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r}, service={self.service!r})"
+
+    def _rpc(self, body: dict[str, Any], timeout: float | None) -> Any:
+        return self.client.transport.rpc(self.id, body, timeout or self.client.timeout)
+
+    def status(self, timeout: float | None = None) -> dict[str, Any]:
+        """The job's state and last progress, from its worker; for an ended job, its record.
+
+        Raises:
+            JobNotFound: no worker holds the job and it has no final record.
+        """
+        try:
+            status: dict[str, Any] = self._rpc({"intent": "status"}, timeout)
+            return status
+        except JobNotFound:
+            record = self.client.transport.fetch_result(self.id, 0)
+            if record is None:
+                raise
+            return {"state": record["state"], "paused": False, "record": record}
+
+    def pause(self, timeout: float | None = None) -> bool:
+        """Ask the job to hold at its next ``ready()``; True if accepted."""
+        return bool(self._rpc({"intent": "pause"}, timeout))
+
+    def resume(self, timeout: float | None = None) -> bool:
+        """Let a paused job continue from where it held; True if accepted."""
+        return bool(self._rpc({"intent": "resume"}, timeout))
+
+    def abort(self, timeout: float | None = None) -> bool:
+        """Abort the job at its next ``ready()`` (resuming it first if paused)."""
+        return bool(self._rpc({"intent": "abort"}, timeout))
+
+    def set(self, attrs: dict[str, Any] | None = None, /, *, rpc_timeout: float | None = None,
+            **more: Any) -> dict[str, Any]:
+        """Set declared attributes; returns once applied at ``ready()``.
+
+        ``job.set(step=2)``, or ``job.set({"step": 2})`` for names that are not Python
+        identifiers. ``rpc_timeout`` bounds the wait (default: the client's timeout).
+
+        Raises:
+            RemoteError: the worker refused (undeclared attribute, wrong type, ...).
+        """
+        values = {**(attrs or {}), **more}
+        applied: dict[str, Any] = self._rpc({"intent": "set", "attrs": values}, rpc_timeout)
+        return applied
+
+    def invoke(self, method: str, *args: Any, rpc_timeout: float | None = None,
+               **kwargs: Any) -> Any:
+        """Call a declared method in the computation thread at its next ``ready()``.
+
+        Every keyword but ``rpc_timeout`` goes to the method.
+        """
+        body = {"intent": "invoke", "method": method, "args": list(args), "kwargs": kwargs}
+        return self._rpc(body, rpc_timeout)
+
+    def record(self, timeout: float | None = 0) -> dict[str, Any] | None:
+        """The final record (state, result, error, start, end, worker), if the job ended."""
+        return self.client.transport.fetch_result(self.id, timeout)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the job to end and return its result.
+
+        Raises:
+            RemoteError: the job failed (remote type, message and traceback).
+            JobAborted: the job was aborted.
+            Timeout: it did not end within ``timeout`` seconds.
+        """
+        record = self.client.transport.fetch_result(self.id, timeout)
+        if record is None:
+            raise Timeout(f"job {self.id} did not end within {timeout} s")
+        if record["state"] == "failed":
+            raise RemoteError.from_wire(record.get("error"))
+        if record["state"] == "aborted":
+            raise JobAborted(self.id)
+        return record.get("result")
+
+    def subscribe(self, callback: Callable[[Event], None],
+                  kinds: Iterable[str] = ("#",)) -> Subscription:
+        """Call ``callback(event)`` for this job's events of the given kinds."""
+        return self.client.subscribe([f"{kind}.*.{self.id}" if kind != "#" else f"*.*.{self.id}"
+                                      for kind in kinds], callback)
+
+    def events(self, kinds: Iterable[str] | None = None,
+               idle_timeout: float | None = None) -> Iterator[Event]:
+        """Iterate over this job's events until it ends (its final state event included).
+
+        ``kinds`` filters what is yielded (state events always end the iteration).
+        ``idle_timeout`` raises ``Timeout`` if nothing arrives for that long.
+        """
+        wanted = set(kinds) if kinds is not None else None
+        inbox: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        subscription = self.subscribe(inbox.put)
+        try:
+            # Subscribed first, then checked: a job that ended before we listened is seen.
+            if self.record(0) is not None:
+                return
+            while True:
+                try:
+                    event = inbox.get(timeout=idle_timeout if idle_timeout else 1.0)
+                except queue.Empty:
+                    if self.record(0) is not None:
+                        return
+                    if idle_timeout:
+                        raise Timeout(f"no event from job {self.id} for {idle_timeout} s") from None
+                    continue
+                if wanted is None or event.kind in wanted:
+                    yield event
+                if event.kind == "state" and event.data.get("to") in ("finished", "failed", "aborted"):
+                    return
+        finally:
+            subscription.close()
+
+    def progress(self, idle_timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """Iterate over progress messages (their data) until the job ends."""
+        for event in self.events(("progress",), idle_timeout):
+            yield event.data

@@ -1,0 +1,241 @@
+"""The worker: takes launches from a transport and runs each job through a ServiceHandler.
+
+The worker is transport-agnostic logic; the transport drives it through the
+:class:`~brokerexec.transport.WorkerHooks` methods, which run on the transport's thread and
+never block. Each job gets its own :class:`~brokerexec.handler.ServiceHandler` and so its own
+computation thread; the worker keeps at most ``concurrency`` of them.
+
+Shutdown (SIGTERM, :meth:`Worker.stop`): stop taking launches, let running jobs finish
+within the grace period, then abort what remains; every job's final record is stored before
+the connection closes, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import BrokerExecError, JobNotFound, error_to_wire
+from .handler import HANDLER_SETTABLE, ServiceHandler, check_delta
+from .pool import WorkerPool
+from .protocol import Event, Intent, parse_launch
+from .registry import ServiceRegistry
+from .service import Service
+from .states import JobState
+from .transport.base import PreparedJob, WorkerTransport
+
+__all__ = ["Worker", "WorkerSettings", "host_info"]
+
+log = logging.getLogger(__name__)
+
+
+def host_info() -> dict[str, Any]:
+    """Who this worker is: host name and process id."""
+    return {"hostname": socket.gethostname(), "pid": os.getpid()}
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How a worker runs its jobs."""
+
+    concurrency: int = 1
+    pool_size: int | None = None
+    pool_kind: str = "thread"
+    abort_grace: float = 10.0
+    shutdown_grace: float = 30.0
+    handler_defaults: dict[str, float] = field(default_factory=dict)
+
+
+class _RunningJob:
+    """One job on this worker: its handler and the sequence of its events."""
+
+    def __init__(self, job: PreparedJob, service_cls: type[Service], request: dict[str, Any],
+                 handler: ServiceHandler) -> None:
+        self.job_id = job.job_id
+        self.service = job.service
+        self.service_cls = service_cls
+        self.request = request
+        self.handler = handler
+        self.started = time.time()
+
+
+class Worker:
+    """Runs the jobs a transport hands it; see the module docstring."""
+
+    def __init__(self, transport: WorkerTransport, registry: ServiceRegistry,
+                 settings: WorkerSettings | None = None) -> None:
+        self.transport = transport
+        self.registry = registry
+        self.settings = settings or WorkerSettings()
+        self.host = host_info()
+        self._lock = threading.Lock()
+        self._reserved = 0
+        self._jobs: dict[str, _RunningJob] = {}
+        self._pool = WorkerPool(self.settings.pool_size, self.settings.pool_kind)  # type: ignore[arg-type]
+        self._idle = threading.Condition(self._lock)
+        self._stopping = False
+
+    # ---- life cycle ----------------------------------------------------------------------
+
+    def start(self) -> Worker:
+        """Start consuming launches; return once the transport consumes."""
+        self.transport.serve(self, self.settings.concurrency)
+        log.info("worker %s ready: services %s, concurrency %d", self.host["hostname"],
+                 ", ".join(self.registry.names()) or "none", self.settings.concurrency)
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop gracefully: no new launches, running jobs finish or are aborted after ``grace``."""
+        grace = self.settings.shutdown_grace if grace is None else grace
+        with self._lock:
+            self._stopping = True
+        self.transport.stop_taking_work()
+        if not self.wait_idle(grace):
+            with self._lock:
+                running = list(self._jobs.values())
+            log.warning("shutdown grace of %.1f s over: aborting %d job(s)", grace, len(running))
+            for job in running:
+                job.handler.put({"intent": "abort", "message": "worker shutting down"})
+            self.wait_idle(self.settings.abort_grace + 5)
+        self.transport.close()
+        self._pool.shutdown()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no job runs and every final record is stored."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._reserved:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+        return True
+
+    @property
+    def running(self) -> int:
+        """Number of jobs holding a slot."""
+        return self._reserved
+
+    # ---- hooks (transport thread, must not block) ----------------------------------------
+
+    def prepare(self, launch: dict[str, Any]) -> PreparedJob | None:
+        """Check a launch and reserve a slot; record refusals as failed jobs."""
+        launch = parse_launch(launch)
+        job_id, name = launch["job_id"], launch["service"]
+        try:
+            service_cls = self.registry.get(name)
+            request = service_cls.validate(launch.get("request"))
+            deltas = {key: check_delta(key, value)
+                      for key, value in (launch.get("settings") or {}).items()
+                      if key in HANDLER_SETTABLE}
+        except BrokerExecError as exc:
+            log.warning("launch %s of %r refused: %s", job_id, name, exc)
+            self._record_refusal(job_id, name, exc)
+            return None
+        with self._lock:
+            self._reserved += 1
+            free = self.settings.concurrency - self._reserved
+        self.transport.set_free_capacity(max(free, 0))
+        return PreparedJob(job_id, name, launch,
+                           {"cls": service_cls, "request": request, "deltas": deltas})
+
+    def begin(self, job: PreparedJob) -> None:
+        """The claim succeeded: start the computation."""
+        seq = itertools.count()
+
+        def emit(kind: str, data: dict[str, Any]) -> None:
+            self.transport.publish_event(
+                Event(kind, job.job_id, job.service, next(seq), time.time(), data))
+
+        options = {**self.settings.handler_defaults, **job.extra["deltas"]}
+        handler = ServiceHandler(emit, workers=self._pool, abort_grace=self.settings.abort_grace,
+                                 name=job.job_id, **options)
+        running = _RunningJob(job, job.extra["cls"], job.extra["request"], handler)
+        with self._lock:
+            self._jobs[job.job_id] = running
+        handler.outcome.add_done_callback(lambda outcome: self._on_outcome(running, outcome))
+        try:
+            handler.start(running.service_cls(), running.request)
+        except Exception as exc:  # the service's __init__ failed: a failed job, not a dead worker
+            log.exception("job %s could not start", job.job_id)
+            handler.states.try_transition(JobState.FAILED)
+            handler.outcome.set_result({"state": "failed", "result": None, "start": time.time(),
+                                        "end": time.time(), "error": error_to_wire(exc)})
+
+    def cancel(self, job: PreparedJob, reason: str) -> None:
+        """The claim failed: give the slot back."""
+        log.warning("job %s not run here: %s", job.job_id, reason)
+        self._release_slot()
+
+    def on_rpc(self, job_id: str, body: dict[str, Any]) -> Any:
+        """An RPC for one job goes to its handler."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise JobNotFound(f"job {job_id} is not running on this worker")
+        return job.handler.put(body)
+
+    def on_control(self, body: dict[str, Any]) -> None:
+        """Apply pause/resume/abort to every job here (of one service, if named)."""
+        intent = Intent.parse(body.get("intent"))
+        if intent not in (Intent.PAUSE, Intent.RESUME, Intent.ABORT):
+            raise BrokerExecError(f"control messages may pause, resume or abort, not {intent.value}")
+        service = body.get("service")
+        sent = body.get("sent")
+        with self._lock:
+            jobs = [job for job in self._jobs.values()
+                    if (service is None or job.service == service)
+                    and (not isinstance(sent, int | float) or job.started <= sent)]
+        for job in jobs:
+            job.handler.put({"intent": intent.value})
+        log.info("control %s (service %s) applied to %d job(s)", intent.value,
+                 service or "any", len(jobs))
+
+    def describe_jobs(self) -> list[dict[str, Any]]:
+        """A summary of every job on this worker."""
+        with self._lock:
+            jobs = list(self._jobs.values())
+        return [{"job_id": job.job_id, "service": job.service, "worker": self.host,
+                 "started": job.started, **_summary(job.handler.status())} for job in jobs]
+
+    # ---- job ends ------------------------------------------------------------------------
+
+    def _on_outcome(self, job: _RunningJob, outcome: cf.Future[dict[str, Any]]) -> None:
+        record = {"v": 1, "job_id": job.job_id, "service": job.service, "worker": self.host,
+                  **outcome.result()}
+        stored = self.transport.finish(job.job_id, record)
+
+        def done(_: cf.Future[None]) -> None:
+            with self._lock:
+                self._jobs.pop(job.job_id, None)
+            self._release_slot()
+
+        stored.add_done_callback(done)
+
+    def _record_refusal(self, job_id: str, service: str, exc: BaseException) -> None:
+        now = time.time()
+        self.transport.publish_event(Event("state", job_id, service, 0, now, {
+            "from": "created", "to": "failed", "start": now, "end": now}))
+        self.transport.finish(job_id, {
+            "v": 1, "job_id": job_id, "service": service, "worker": self.host, "state": "failed",
+            "result": None, "error": error_to_wire(exc), "start": now, "end": now})
+
+    def _release_slot(self) -> None:
+        with self._lock:
+            self._reserved -= 1
+            free = self.settings.concurrency - self._reserved
+            stopping = self._stopping
+            self._idle.notify_all()
+        if not stopping:
+            self.transport.set_free_capacity(free)
+
+
+def _summary(status: dict[str, Any]) -> dict[str, Any]:
+    return {"state": status["state"], "progress": status.get("progress") or {}}
