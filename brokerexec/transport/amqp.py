@@ -1,0 +1,491 @@
+"""One AMQP connection on its own thread and event loop, that comes back by itself.
+
+Why not aio-pika's robust connection: after a reconnect it re-declares queues in one go,
+and a named exclusive queue still held by the broker for our dead previous connection
+(the broker notices only after missed heartbeats) makes that fail for good. Here topology
+and consumers are **setups**: coroutines that each get their own channel (so one failing
+declare cannot close another's channel) and are run again after every reconnect or channel
+loss, retrying with backoff until the broker has let go of the old connection.
+
+Threads: everything AMQP happens on the loop thread (``brokerexec-amqp-<name>``); other
+threads cross over with :meth:`AmqpConnection.submit` or :meth:`AmqpConnection.post`.
+Heartbeats are answered by that loop, so a busy computation thread never starves them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import contextlib
+import logging
+import threading
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
+
+import aio_pika
+import aio_pika.abc
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
+
+from ..constants import DEFAULT_HEARTBEAT, DEFAULT_URL, MAX_MESSAGE_BYTES
+from ..errors import BrokerConnectionError
+from .base import redacted_url
+
+__all__ = ["AmqpConnection", "ConnectionSettings", "Outgoing", "Setup"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: A setup: declares what it needs on its own channel and starts its consumers.
+Setup = Callable[[aio_pika.abc.AbstractChannel], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """How to reach the broker and how hard to try.
+
+    Parameters:
+        url: ``amqp://user:pass@host:port/vhost``; a ``heartbeat`` query parameter wins.
+        heartbeat: seconds; a hung broker is detected after about two of these.
+        connect_timeout: seconds for one connection attempt.
+        backoff_initial, backoff_max: exponential backoff with jitter between attempts.
+        reconnect_deadline: give up after this many seconds without a connection
+            (None: never, as a worker should).
+        name: connection name shown by ``rabbitmqctl list_connections``; names threads.
+        max_message_bytes: larger incoming bodies are refused before decoding.
+    """
+
+    url: str = DEFAULT_URL
+    heartbeat: int = DEFAULT_HEARTBEAT
+    connect_timeout: float = 5.0
+    backoff_initial: float = 0.1
+    backoff_max: float = 5.0
+    reconnect_deadline: float | None = None
+    name: str = "brokerexec"
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+
+    def connection_url(self) -> str:
+        """The URL with the heartbeat set (unless the URL sets one)."""
+        parts = urlparse(self.url)
+        query = dict(parse_qsl(parts.query))
+        query.setdefault("heartbeat", str(self.heartbeat))
+        # aio-pika takes the connection name from the URL and ignores client_properties.
+        query.setdefault("name", self.name)
+        return urlunparse(parts._replace(query=urlencode(query)))
+
+    def plain_url(self) -> str:
+        """The URL without aio-pika-only query parameters (``name``), for pika."""
+        parts = urlparse(self.url)
+        query = [(k, v) for k, v in parse_qsl(parts.query) if k != "name"]
+        return urlunparse(parts._replace(query=urlencode(query)))
+
+    def redacted_url(self) -> str:
+        """The URL without its password, for logs and errors."""
+        return redacted_url(self.url)
+
+
+@dataclass
+class Outgoing:
+    """A message for :meth:`AmqpConnection.post` (fire-and-forget, ordered)."""
+
+    exchange: str
+    routing_key: str
+    message: aio_pika.Message
+
+
+class _SetupState:
+    def __init__(self, key: str, setup: Setup, prefetch: int | None, confirms: bool = False) -> None:
+        self.key = key
+        self.setup = setup
+        self.prefetch = prefetch
+        self.confirms = confirms
+        self.channel: aio_pika.abc.AbstractChannel | None = None
+        self.removed = False
+
+
+class AmqpConnection:
+    """See the module docstring."""
+
+    OUTBOX_LIMIT = 10_000
+
+    def __init__(self, settings: ConnectionSettings) -> None:
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, daemon=True,
+                                        name=f"brokerexec-amqp-{settings.name}")
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+        self._publisher: aio_pika.abc.AbstractChannel | None = None
+        self._connected: asyncio.Event | None = None
+        self._setups: dict[str, _SetupState] = {}
+        self._outbox: deque[Outgoing] = deque()
+        self._outbox_wakeup: asyncio.Event | None = None
+        self._dropped = 0
+        self._closing = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self._drainer: asyncio.Task[None] | None = None
+        self.reconnects = 0
+        self._generation = 0  # one per connection: retries of an old one stop
+        self._background: set[asyncio.Task[None]] = set()
+
+    # ---- life cycle ----------------------------------------------------------------------
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def start(self, timeout: float | None = None) -> None:
+        """Connect; raise ``BrokerConnectionError`` if no connection within ``timeout``."""
+        self._thread.start()
+        first: cf.Future[None] = cf.Future()
+        self.loop.call_soon_threadsafe(self._start_supervisor, first)
+        wait = timeout if timeout is not None else (self.settings.reconnect_deadline or 30.0)
+        try:
+            first.result(wait)
+        except cf.TimeoutError:
+            self.close(flush=0)
+            raise BrokerConnectionError(
+                f"no connection to {self.settings.redacted_url()} within {wait:.0f} s") from None
+
+    def _start_supervisor(self, first: cf.Future[None]) -> None:
+        self._connected = asyncio.Event()
+        self._outbox_wakeup = asyncio.Event()
+        self._supervisor = self.loop.create_task(self._supervise(first))
+        self._drainer = self.loop.create_task(self._drain_outbox())
+
+    def close(self, flush: float = 5.0) -> None:
+        """Flush the outbox (up to ``flush`` seconds), then close and stop the thread."""
+        if not self._thread.is_alive():
+            return
+        if flush > 0:
+            with contextlib.suppress(cf.TimeoutError, RuntimeError):
+                self.submit(self._wait_outbox_empty()).result(flush)
+        with contextlib.suppress(cf.TimeoutError, RuntimeError):
+            self.submit(self._shutdown()).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+    async def _wait_outbox_empty(self) -> None:
+        while self._outbox:
+            await asyncio.sleep(0.01)
+
+    async def _shutdown(self) -> None:
+        self._closing = True
+        for task in (self._supervisor, self._drainer, *self._background):
+            if task is not None:
+                task.cancel()
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._connection.close(), 2)
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection is up."""
+        return self._connected is not None and self._connected.is_set()
+
+    # ---- crossing into the loop ----------------------------------------------------------
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> cf.Future[T]:
+        """Run ``coro`` on the loop thread (from any thread)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def on_loop_thread(self) -> bool:
+        """True when called from this connection's own thread."""
+        return threading.current_thread() is self._thread
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Call ``fn(*args)`` on the loop thread soon (from any thread)."""
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    # ---- the connection ------------------------------------------------------------------
+
+    async def _supervise(self, first: cf.Future[None]) -> None:
+        assert self._connected is not None
+        while not self._closing:
+            try:
+                connection = await self._connect()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # tenacity gave up: only with a reconnect deadline
+                log.error("giving up on %s: %s", self.settings.redacted_url(), exc)
+                if not first.done():
+                    first.set_exception(BrokerConnectionError(str(exc)))
+                return
+            closed = asyncio.Event()
+            connection.close_callbacks.add(lambda *_, event=closed: event.set())
+            self._generation += 1
+            try:
+                self._publisher = await connection.channel(publisher_confirms=True,
+                                                           on_return_raises=True)
+                for state in list(self._setups.values()):
+                    if not state.removed:
+                        await self._open_or_retry_later(state)
+                self._connected.set()
+                if self._outbox_wakeup is not None:
+                    self._outbox_wakeup.set()
+                if not first.done():
+                    first.set_result(None)
+                await closed.wait()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("connection to %s lost while setting up: %r",
+                            self.settings.redacted_url(), exc)
+            finally:
+                self._connected.clear()
+                self._publisher = None
+            if not self._closing:
+                self.reconnects += 1
+                log.warning("connection to %s lost; reconnecting", self.settings.redacted_url())
+                with contextlib.suppress(Exception):  # a hung broker may never answer
+                    await asyncio.wait_for(connection.close(), 2)
+
+    async def _connect(self) -> aio_pika.abc.AbstractConnection:
+        deadline = self.settings.reconnect_deadline
+        retrying = AsyncRetrying(
+            wait=wait_random_exponential(multiplier=self.settings.backoff_initial,
+                                         max=self.settings.backoff_max),
+            stop=stop_after_delay(deadline) if deadline is not None else (lambda _: False),
+            retry=retry_if_exception_type(Exception),
+            before_sleep=lambda state: log.warning(
+                "cannot connect to %s (attempt %d): %r", self.settings.redacted_url(),
+                state.attempt_number, state.outcome.exception() if state.outcome else None),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                connection = await aio_pika.connect(
+                    self.settings.connection_url(), timeout=self.settings.connect_timeout,
+                    client_properties={"connection_name": self.settings.name})
+                self._connection = connection
+                return connection
+        raise BrokerConnectionError("unreachable")  # pragma: no cover - tenacity reraises
+
+    # ---- setups --------------------------------------------------------------------------
+
+    def add_setup(self, key: str, setup: Setup, *, prefetch: int | None = None,
+                  confirms: bool = False) -> cf.Future[None]:
+        """Register and run a setup; the future fails if its first run fails.
+
+        ``confirms`` opens its channel in confirm mode with returns raised, for setups
+        that publish mandatory messages on their own channel (direct reply-to RPCs).
+        """
+        return self.submit(self._add_setup(key, setup, prefetch, confirms))
+
+    async def _add_setup(self, key: str, setup: Setup, prefetch: int | None,
+                         confirms: bool = False) -> None:
+        if key in self._setups:
+            raise ValueError(f"setup {key!r} exists")
+        state = _SetupState(key, setup, prefetch, confirms)
+        self._setups[key] = state
+        if not self.connected:
+            return  # it runs when the connection (re)opens
+        try:
+            await self._open(state)
+        except BaseException:
+            self._setups.pop(key, None)
+            raise
+
+    def remove_setup(self, key: str, teardown: Setup | None = None) -> cf.Future[None]:
+        """Stop re-running a setup and close its channel (after ``teardown`` on it)."""
+        return self.submit(self._remove_setup(key, teardown))
+
+    async def _remove_setup(self, key: str, teardown: Setup | None) -> None:
+        state = self._setups.pop(key, None)
+        if state is None:
+            return
+        state.removed = True
+        channel, state.channel = state.channel, None
+        if channel is not None and not channel.is_closed:
+            with contextlib.suppress(Exception):
+                if teardown is not None:
+                    await teardown(channel)
+                await channel.close()
+
+    def channel_of(self, key: str) -> aio_pika.abc.AbstractChannel | None:
+        """The live channel of a setup, if it has one now."""
+        state = self._setups.get(key)
+        return state.channel if state is not None else None
+
+    async def _open(self, state: _SetupState) -> None:
+        assert self._connection is not None
+        channel = await self._connection.channel(publisher_confirms=state.confirms,
+                                                 on_return_raises=state.confirms)
+        try:
+            if state.prefetch is not None:
+                await channel.set_qos(prefetch_count=state.prefetch)
+            await state.setup(channel)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await channel.close()
+            raise
+        state.channel = channel
+        channel.close_callbacks.add(lambda _ch, exc=None: self._on_channel_closed(state, channel, exc))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """A background task of this connection, cancelled when it closes."""
+        task = self.loop.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _on_channel_closed(self, state: _SetupState, channel: Any, exc: BaseException | None) -> None:
+        if state.removed or state.channel is not channel or self._closing:
+            return
+        state.channel = None
+        generation = self._generation
+
+        def reopen() -> None:
+            # Decided a moment later: when the whole connection is going, its channels close
+            # first, and the next connection re-runs every setup anyway.
+            if generation == self._generation and self.connected and state.channel is None:
+                log.warning("channel of %s closed (%r); opening it again", state.key, exc)
+                self._spawn(self._open_with_retry(state, generation))
+
+        self.loop.call_later(0.05, reopen)
+
+    async def _open_or_retry_later(self, state: _SetupState) -> None:
+        try:
+            await asyncio.wait_for(self._open(state), self.settings.connect_timeout * 2)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("setup %s failed (%r); retrying in the background", state.key, exc)
+            self._spawn(self._open_with_retry(state, self._generation))
+
+    async def _open_with_retry(self, state: _SetupState, generation: int) -> None:
+        """Re-run a setup until it works (e.g. the broker releases our old exclusive queue)."""
+        delay = self.settings.backoff_initial
+        while not state.removed and not self._closing and generation == self._generation:
+            try:
+                await asyncio.sleep(delay)
+                if generation != self._generation or state.channel is not None:
+                    return
+                await asyncio.wait_for(self._open(state), self.settings.connect_timeout * 2)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("setup %s failed (%r); retrying in %.1f s", state.key, exc, delay)
+                delay = min(delay * 2, self.settings.backoff_max)
+
+    # ---- publishing ----------------------------------------------------------------------
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait for a connection; ``BrokerConnectionError`` after ``timeout``."""
+        assert self._connected is not None
+        if self._connected.is_set():  # the hot path: no task, no timer
+            return
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise BrokerConnectionError(
+                f"not connected to {self.settings.redacted_url()} after {timeout} s") from None
+
+    async def publish(self, exchange: str, routing_key: str, message: aio_pika.Message, *,
+                      mandatory: bool = False, timeout: float | None = None) -> None:
+        """Publish with a broker confirm, waiting for the connection if it is down.
+
+        Raises ``aio_pika.exceptions.DeliveryError`` if ``mandatory`` and unroutable, and
+        ``BrokerConnectionError`` if the connection dies before the confirm.
+        """
+        await _isolated(self._publish(exchange, routing_key, message, mandatory, timeout))
+
+    async def _publish(self, exchange: str, routing_key: str, message: aio_pika.Message,
+                       mandatory: bool, timeout: float | None) -> None:
+        await self.wait_connected(timeout)
+        assert self._publisher is not None
+        target = (self._publisher.default_exchange if not exchange
+                  else await self._publisher.get_exchange(exchange, ensure=False))
+        # wait_for as well: a confirm from a connection that died mid-way may never come.
+        await asyncio.wait_for(target.publish(message, routing_key, mandatory=mandatory),
+                               timeout if timeout is not None else 30)
+
+    async def publish_reliably(self, exchange: str, routing_key: str, message: aio_pika.Message,
+                               prepare: Setup | None = None) -> None:
+        """Publish until confirmed, across reconnects (``prepare`` runs first, each try)."""
+        delay = self.settings.backoff_initial
+        while True:
+            try:
+                await self.wait_connected()
+                if prepare is not None:
+                    assert self._publisher is not None
+                    await prepare(self._publisher)
+                await self.publish(exchange, routing_key, message)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._closing:
+                    raise
+                log.warning("publish to %s/%s failed (%r); retrying", exchange, routing_key, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.backoff_max)
+
+    def post(self, item: Outgoing) -> None:
+        """Queue a fire-and-forget publish; ordered, kept across reconnects (any thread)."""
+        self.loop.call_soon_threadsafe(self._append, item)
+
+    def _append(self, item: Outgoing) -> None:
+        if len(self._outbox) >= self.OUTBOX_LIMIT:
+            self._outbox.popleft()
+            self._dropped += 1
+            if self._dropped in (1, 10, 100) or self._dropped % 1000 == 0:
+                log.warning("outbox full: %d event(s) dropped so far", self._dropped)
+        self._outbox.append(item)
+        if self._outbox_wakeup is not None:
+            self._outbox_wakeup.set()
+
+    async def _publish_batch(self, batch: list[Outgoing]) -> None:
+        publisher = self._publisher
+        if publisher is None:
+            raise BrokerConnectionError("not connected")
+        exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
+        sends = []
+        for item in batch:
+            target = exchanges.get(item.exchange)
+            if target is None:
+                target = exchanges[item.exchange] = (
+                    publisher.default_exchange if not item.exchange
+                    else await publisher.get_exchange(item.exchange, ensure=False))
+            sends.append(target.publish(item.message, item.routing_key, mandatory=False))
+        await asyncio.gather(*sends)
+
+    async def _drain_outbox(self) -> None:
+        assert self._outbox_wakeup is not None
+        while not self._closing:
+            await self._outbox_wakeup.wait()
+            self._outbox_wakeup.clear()
+            while self._outbox and self.connected:
+                batch = [self._outbox.popleft() for _ in range(min(len(self._outbox), 200))]
+                try:
+                    # Pipelined: all publishes of a batch are in flight before any confirm;
+                    # one isolation and one deadline for the batch, not one per message.
+                    await _isolated(asyncio.wait_for(self._publish_batch(batch), 30))
+                except Exception as exc:
+                    log.warning("event publish failed (%r); %d kept for retry", exc, len(batch))
+                    self._outbox.extendleft(reversed(batch))
+                    await asyncio.sleep(self.settings.backoff_initial)
+                    self._outbox_wakeup.set()
+                    break
+
+
+async def _isolated(coro: Coroutine[Any, Any, T]) -> T:
+    """Await ``coro`` in a task of its own.
+
+    aiormq cancels the confirm futures of a connection that dies; awaited directly, that
+    ``CancelledError`` would look like a cancellation of the caller (and silently end, say,
+    the outbox drainer). Here it becomes a ``BrokerConnectionError``; a real cancellation of
+    the caller still cancels.
+    """
+    task = asyncio.ensure_future(coro)
+    try:
+        await asyncio.wait({task})
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if task.cancelled():
+        raise BrokerConnectionError("the connection closed before the broker confirmed")
+    return task.result()

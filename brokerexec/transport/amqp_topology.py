@@ -1,0 +1,87 @@
+"""Every RabbitMQ object brokerexec declares, with its exact arguments, in one place.
+
+Workers, clients and the one-shot CLI client all declare from here: RabbitMQ closes the
+channel of anyone who declares an existing object with other arguments
+(``PRECONDITION_FAILED``), so the arguments must never drift between them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:  # aio-pika is imported where it is used: the one-shot CLI client
+    import aio_pika.abc  # reads the arguments below without paying for it
+
+from ..constants import (
+    CONTROL_EXCHANGE,
+    CONTROL_MAX_AGE,
+    CONTROL_STREAM,
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    EVENTS_EXCHANGE,
+    KIWIPY_EXCHANGE,
+    KIWIPY_MESSAGE_TTL_MS,
+    LAUNCH_QUEUE,
+    RESULT_TTL_MS,
+    WORKERS_EXCHANGE,
+    result_queue,
+)
+
+__all__ = [
+    "BROADCAST_QUEUE_ARGUMENTS",
+    "CONTROL_STREAM",
+    "CONTROL_STREAM_ARGUMENTS",
+    "EXCHANGES",
+    "LAUNCH_QUEUE_ARGUMENTS",
+    "RESULT_QUEUE_ARGUMENTS",
+    "RPC_QUEUE_ARGUMENTS",
+    "declare_all",
+    "declare_result_queue",
+    "expired",
+]
+
+#: (name, type, durable). kiwipy's exchange is topic, not durable, not auto-deleted,
+#: exactly as kiwipy 0.9 declares it.
+EXCHANGES: Final = (
+    (KIWIPY_EXCHANGE, "topic", False),
+    (EVENTS_EXCHANGE, "topic", True),
+    (CONTROL_EXCHANGE, "fanout", True),
+    (WORKERS_EXCHANGE, "fanout", True),
+    (DEAD_LETTER_EXCHANGE, "fanout", True),
+)
+LAUNCH_QUEUE_ARGUMENTS: Final[dict[str, Any]] = {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}
+RESULT_QUEUE_ARGUMENTS: Final[dict[str, Any]] = {
+    "x-max-length": 1, "x-overflow": "drop-head", "x-expires": RESULT_TTL_MS}
+RPC_QUEUE_ARGUMENTS: Final[dict[str, Any]] = {"x-message-ttl": KIWIPY_MESSAGE_TTL_MS}
+BROADCAST_QUEUE_ARGUMENTS: Final[dict[str, Any]] = {"x-message-ttl": KIWIPY_MESSAGE_TTL_MS}
+CONTROL_STREAM_ARGUMENTS: Final[dict[str, Any]] = {
+    "x-queue-type": "stream", "x-max-age": CONTROL_MAX_AGE}
+
+
+async def declare_all(channel: aio_pika.abc.AbstractChannel) -> None:
+    """Declare every shared exchange and queue (idempotent)."""
+    import aio_pika
+
+    exchanges = {}
+    for name, kind, durable in EXCHANGES:
+        exchanges[name] = await channel.declare_exchange(
+            name, aio_pika.ExchangeType(kind), durable=durable, auto_delete=False)
+    await channel.declare_queue(LAUNCH_QUEUE, durable=True, arguments=LAUNCH_QUEUE_ARGUMENTS)
+    dead = await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True)
+    await dead.bind(exchanges[DEAD_LETTER_EXCHANGE], "")
+    control = await channel.declare_queue(CONTROL_STREAM, durable=True,
+                                          arguments=CONTROL_STREAM_ARGUMENTS)
+    await control.bind(exchanges[CONTROL_EXCHANGE], "")
+
+
+async def declare_result_queue(channel: aio_pika.abc.AbstractChannel, job_id: str) -> None:
+    """Declare the durable queue that keeps a job's final record."""
+    await channel.declare_queue(result_queue(job_id), durable=True,
+                                arguments=RESULT_QUEUE_ARGUMENTS)
+
+
+def expired(message: aio_pika.abc.AbstractIncomingMessage) -> bool:
+    """True if the request carries an ``x-deadline`` header that has passed."""
+    deadline = (message.headers or {}).get("x-deadline")
+    return isinstance(deadline, int | float) and deadline < time.time()
