@@ -1,0 +1,159 @@
+"""Services used by the tests (also loaded by worker subprocesses via file path)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from brokerexec import Input, Service, ServiceHandler
+
+
+class Counter(Service):
+    """Counts to ``steps``, calling ready() before each step; ``delay`` seconds per step."""
+
+    name = "counter"
+    inputs = (
+        Input("steps", int, default=100, help="how far to count"),
+        Input("delay", float, default=0.0, help="seconds per step"),
+        Input("fail_at", int, default=-1, help="raise ValueError at this step"),
+    )
+    settable = {"step": int, "label": str, "delay": float}
+    invokable = ("snapshot", "add")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.step = 1
+        self.label = ""
+        self.delay = 0.0
+        self.steps = 0
+        self.applied: list[str] = []
+
+    def run(self, handler: ServiceHandler, request: dict[str, Any]) -> dict[str, Any]:
+        self.steps, self.delay = request["steps"], request["delay"]
+        for i in range(self.steps):
+            handler.ready()
+            if i == request["fail_at"]:
+                raise ValueError(f"boom at step {i}")
+            self.count += self.step
+            if self.delay:
+                time.sleep(self.delay)  # the workload itself, not a test wait
+        handler.ready()
+        return {"count": self.count, "label": self.label}
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"count": self.count, "label": self.label, "step": self.step}
+
+    def add(self, amount: int) -> int:
+        self.count += amount
+        self.applied.append(f"add {amount}")
+        return self.count
+
+    def progress(self) -> dict[str, Any]:
+        done = self.count
+        return {"done": done, "total": self.steps,
+                "fraction": min(1.0, done / self.steps) if self.steps else 1.0}
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"count": self.count}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.count = state["count"]
+
+
+class Forever(Service):
+    """Calls ready() until aborted; counts its loops. ``tick`` seconds per loop."""
+
+    name = "forever"
+    inputs = (Input("tick", float, default=0.01),)
+    settable = {"value": int}
+    invokable = ("loops", "current")
+
+    def __init__(self) -> None:
+        self.value = 0
+        self.n = 0
+
+    def run(self, handler: ServiceHandler, request: dict[str, Any]) -> None:
+        while True:
+            handler.ready()
+            self.n += 1
+            time.sleep(request["tick"])  # the workload
+
+    def loops(self) -> int:
+        return self.n
+
+    def current(self) -> int:
+        return self.value
+
+    def progress(self) -> dict[str, Any]:
+        return {"loops": self.n, "value": self.value}
+
+
+class Gated(Service):
+    """Waits on a process-local gate between ready() calls (in-process tests only)."""
+
+    name = "gated"
+    settable = {"x": int, "y": str}
+    invokable = ("record", "explode")
+    gates: dict[str, threading.Event] = {}
+
+    def __init__(self) -> None:
+        self.x = 0
+        self.y = ""
+        self.log: list[Any] = []
+
+    def run(self, handler: ServiceHandler, request: dict[str, Any]) -> list[Any]:
+        for _ in range(request.get("rounds", 1)):
+            self.log.append("before-ready")
+            handler.ready()
+            self.log.append("after-ready")
+        return self.log
+
+    def record(self, value: Any) -> Any:
+        self.log.append(value)
+        return value
+
+    def explode(self) -> None:
+        raise RuntimeError("invoked method failed")
+
+
+class NoReady(Service):
+    """Never calls ready(): spins for ``seconds``."""
+
+    name = "noready"
+    inputs = (Input("seconds", float, default=30.0),)
+
+    def run(self, handler: ServiceHandler, request: dict[str, Any]) -> str:
+        end = time.monotonic() + request["seconds"]
+        while time.monotonic() < end:
+            pass
+        return "finished"
+
+
+class Improver(Service):
+    """Reports ``n`` improvements, calling ready() between them."""
+
+    name = "improver"
+    inputs = (Input("n", int, default=10), Input("delay", float, default=0.0))
+
+    def run(self, handler: ServiceHandler, request: dict[str, Any]) -> int:
+        for i in range(request["n"]):
+            handler.ready()
+            handler.improved({"i": i})
+            if request["delay"]:
+                time.sleep(request["delay"])
+        return request["n"]
+
+
+class Sleeper(Service):
+    """Trivial job for throughput tests: returns its input."""
+
+    name = "echo"
+    inputs = (Input("value", object, default=None),)
+
+    def run(self, handler: ServiceHandler, request: dict[str, Any]) -> Any:
+        handler.ready()
+        return request["value"]
+
+
+ALL = [Counter, Forever, Gated, NoReady, Improver, Sleeper]

@@ -1,0 +1,37 @@
+"""The Python examples in README.md and docs/ run as written (a doc that lies is a bug)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
+
+
+def _python_blocks(path: Path) -> list[str]:
+    return BLOCK.findall(path.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("path", [p for p in DOCS if _python_blocks(p)],
+                         ids=lambda p: p.name)
+def test_python_blocks_run(path: Path) -> None:
+    # Blocks of one page share a namespace, as a reader would paste them one after another.
+    namespace: dict[str, object] = {"__name__": f"docs_{path.stem}"}
+    for number, block in enumerate(_python_blocks(path), 1):
+        if block.lstrip().startswith("# not run"):
+            continue
+        code = compile(block, f"{path.name}[block {number}]", "exec")
+        exec(code, namespace)
+
+
+def test_readme_commands_are_the_ones_ci_runs() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "<!-- test-command -->" in readme and "<!-- main-command -->" in readme
+    assert "<!-- test-command -->" in ci
+    test_command = readme.split("<!-- test-command -->")[1].split("```sh\n")[1].split("\n")[0]
+    assert "pytest" in test_command and "pip install" in test_command

@@ -1,0 +1,180 @@
+"""Broker faults: every job finishes correctly and stays controllable afterwards.
+
+Real broker, real worker processes, real signals: connections closed by the broker five
+times in a row, the broker application restarted, the worker's TCP connection black-holed
+and reset (a proxy stands in for toxiproxy), the broker SIGSTOPped. Each test leaves the
+broker running (the fault context managers restore it even on failure).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import brokerctl
+import pytest
+from tcpproxy import TcpProxy
+
+from brokerexec import (
+    Client,
+    Event,
+    JobAborted,
+    JobNotFound,
+    Timeout,
+)
+from brokerexec.protocol import new_job_id
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.fault, pytest.mark.timeout(180)]
+WAIT = 60.0
+HEARTBEAT = "2"
+
+
+class Watch:
+    """Events of the jobs under test, waited on by condition."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.events: list[Event] = []
+
+    def __call__(self, event: Event) -> None:
+        with self.cond:
+            self.events.append(event)
+            self.cond.notify_all()
+
+    def count(self, job_id: str, kind: str) -> int:
+        with self.cond:
+            return sum(1 for e in self.events if e.job_id == job_id and e.kind == kind)
+
+    def wait(self, predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+        with self.cond:
+            assert self.cond.wait_for(predicate, timeout), what
+
+    def reached(self, job_id: str, state: str) -> bool:
+        return any(e.job_id == job_id and e.kind == "state" and e.data["to"] == state
+                   for e in self.events)
+
+
+@pytest.fixture(autouse=True)
+def _broker_left_running() -> Iterator[None]:
+    yield
+    brokerctl.ensure_running()
+
+
+@pytest.fixture
+def client(amqp_url: str) -> Iterator[Client]:
+    with Client(amqp_url, heartbeat=int(HEARTBEAT), timeout=5) as client:
+        yield client
+
+
+def launch(client: Client, watch: Watch, service: str, request: dict[str, Any],
+           **settings: Any) -> Any:
+    job_id = new_job_id()
+    client.subscribe(f"*.*.{job_id}", watch)
+    job = client.launch(service, request, job_id=job_id, **settings)
+    watch.wait(lambda: watch.reached(job_id, "running"), f"{service} job never ran")
+    return job
+
+
+def assert_controllable(client: Client, watch: Watch, job: Any) -> None:
+    """A forever job answers, pauses, takes a set, resumes and aborts after the fault."""
+    assert brokerctl.eventually(job.status, "status")["state"] in ("running", "paused")
+    brokerctl.eventually(job.pause, "pause")
+    watch.wait(lambda: watch.reached(job.id, "paused"), "never paused")
+    assert brokerctl.eventually(lambda: job.set(value=3), "set") == {"value": 3}
+    brokerctl.eventually(job.resume, "resume")
+    brokerctl.eventually(job.abort, "abort")
+    with pytest.raises(JobAborted):
+        job.result(WAIT)
+
+
+def test_five_connection_drops_in_a_row(client: Client, worker_process: Callable[..., Any]) -> None:
+    worker_process("--heartbeat", HEARTBEAT, "--concurrency", "4")
+    watch = Watch()
+    job = launch(client, watch, "forever", {"tick": 0.01}, progress_delta=0.1)
+    counter = launch(client, watch, "counter", {"steps": 300, "delay": 0.02})
+    for drop in range(5):
+        brokerctl.close_all_connections(f"drop {drop}")
+        before = watch.count(job.id, "progress")
+        # Afterwards an RPC round-trips and events flow again, by themselves.
+        assert brokerctl.eventually(job.status, f"status after drop {drop}")["state"] == "running"
+        watch.wait(lambda before=before: watch.count(job.id, "progress") > before,
+                   f"no progress event after drop {drop}")
+    assert counter.result(WAIT) == {"count": 300, "label": ""}
+    assert_controllable(client, watch, job)
+    assert client.launch("counter", {"steps": 5}).result(WAIT)["count"] == 5
+
+
+def test_broker_application_restart(client: Client, worker_process: Callable[..., Any]) -> None:
+    worker_process("--heartbeat", HEARTBEAT, "--concurrency", "4")
+    watch = Watch()
+    job = launch(client, watch, "forever", {"tick": 0.01}, progress_delta=0.1)
+    counter = launch(client, watch, "counter", {"steps": 200, "delay": 0.02})
+    with brokerctl.app_stopped():
+        brokerctl.wait_until(lambda: not client.transport.connection.connected, 30,  # type: ignore[attr-defined]
+                          "the client to notice the broker is gone")
+    assert counter.result(WAIT) == {"count": 200, "label": ""}
+    before = watch.count(job.id, "progress")
+    watch.wait(lambda: watch.count(job.id, "progress") > before, "no progress after restart")
+    assert_controllable(client, watch, job)
+
+
+def test_black_holed_then_reset_connection(amqp_url: str, client: Client,
+                                           worker_process: Callable[..., Any]) -> None:
+    with TcpProxy() as proxy:
+        worker_process("--heartbeat", HEARTBEAT, url=proxy.url(amqp_url))
+        watch = Watch()
+        job = launch(client, watch, "forever", {"tick": 0.01}, progress_delta=0.1)
+        proxy.blackhole()
+        # The broker reaps the silent connection after missed heartbeats: the job's
+        # endpoint goes with it.
+        deadline = time.monotonic() + WAIT
+        while True:
+            try:
+                job.status(timeout=2)
+            except (JobNotFound, Timeout):
+                break
+            assert time.monotonic() < deadline, "the broker never noticed the black hole"
+        proxy.heal()
+        assert brokerctl.eventually(job.status, "status after heal")["state"] == "running"
+        proxy.reset()
+        assert brokerctl.eventually(job.status, "status after reset")["state"] == "running"
+        assert_controllable(client, watch, job)
+
+
+def test_pause_all_reaches_a_worker_that_was_cut_off(
+        amqp_url: str, client: Client, worker_process: Callable[..., Any]) -> None:
+    with TcpProxy() as proxy:
+        worker_process("--heartbeat", HEARTBEAT, url=proxy.url(amqp_url))
+        watch = Watch()
+        job = launch(client, watch, "forever", {"tick": 0.01})
+        proxy.blackhole()
+        brokerctl.wait_until(lambda: _unreachable(job), WAIT, "the broker to drop the worker")
+        client.pause_all()  # sent while the worker is cut off
+        proxy.heal()
+        watch.wait(lambda: watch.reached(job.id, "paused"), "pause_all never arrived")
+        client.resume_all()
+        brokerctl.eventually(job.abort, "abort")
+        with pytest.raises(JobAborted):
+            job.result(WAIT)
+
+
+def _unreachable(job: Any) -> bool:
+    try:
+        job.status(timeout=2)
+    except (JobNotFound, Timeout):
+        return True
+    return False
+
+
+def test_sigstopped_broker(client: Client, worker_process: Callable[..., Any]) -> None:
+    worker = worker_process("--heartbeat", HEARTBEAT)
+    watch = Watch()
+    job = launch(client, watch, "forever", {"tick": 0.01}, progress_delta=0.1)
+    with brokerctl.broker_frozen():
+        brokerctl.wait_until(lambda: any("lost" in line for line in worker.lines), 30,
+                          "the worker to detect the hung broker by heartbeat")
+    before = watch.count(job.id, "progress")
+    watch.wait(lambda: watch.count(job.id, "progress") > before, "no progress after SIGCONT")
+    assert_controllable(client, watch, job)

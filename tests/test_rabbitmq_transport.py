@@ -1,0 +1,562 @@
+"""The RabbitMQ transport itself, driven through its two interfaces against the real broker.
+
+The worker side is given a tiny recording :class:`FakeHooks` (a real object, no mocks of
+the broker); the client side is the real ``RabbitClientTransport``. Raw pika connections
+stand in for the peers (stock kiwipy tools, a look at the dead-letter exchange) where the
+wire itself is what is checked. ``test_reconnect.py`` reuses the helpers defined here.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import json
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pika
+import pytest
+import yaml
+
+from brokerexec.constants import (
+    BROADCAST_TOPIC,
+    DEAD_LETTER_EXCHANGE,
+    DIRECT_REPLY_TO,
+    KIWIPY_EXCHANGE,
+    LAUNCH_QUEUE,
+    rpc_routing_key,
+)
+from brokerexec.errors import DecodeError, JobNotFound, RemoteError, Timeout
+from brokerexec.protocol import Event, launch_body, new_job_id
+from brokerexec.transport.amqp import ConnectionSettings
+from brokerexec.transport.amqp_client import RabbitClientTransport
+from brokerexec.transport.amqp_worker import RabbitWorkerTransport
+from brokerexec.transport.base import PreparedJob
+
+pytestmark = pytest.mark.rabbitmq
+WAIT = 20.0
+
+
+# ---- helpers (also used by test_reconnect.py) ----------------------------------------------
+
+
+def settings_for(url: str, name: str, **overrides: Any) -> ConnectionSettings:
+    """Settings whose connection shows up as ``name`` in ``rabbitmqctl list_connections``.
+
+    The name also goes into the URL (``?name=``): aio-pika drops ``client_properties`` when
+    it is given a URL, and aiormq reads the connection name from the URL query.
+    """
+    separator = "&" if "?" in url else "?"
+    return ConnectionSettings(url=f"{url}{separator}name={name}", name=name, **overrides)
+
+
+def connection_pids(name: str) -> list[str]:
+    """Broker-side pids of the connections called ``name``."""
+    listing = subprocess.run(["rabbitmqctl", "-s", "list_connections", "pid", "client_properties"],
+                             capture_output=True, text=True, check=True, timeout=60).stdout
+    tag = f'{{"connection_name","{name}"}}'
+    return [line.split("\t", 1)[0] for line in listing.splitlines() if tag in line]
+
+
+def close_connections_named(name: str) -> int:
+    """Close, on the broker, every connection called ``name``; return how many."""
+    pids = connection_pids(name)
+    for pid in pids:
+        subprocess.run(["rabbitmqctl", "-q", "close_connection", pid, "brokerexec test"],
+                       capture_output=True, check=True, timeout=60)
+    return len(pids)
+
+
+class FakeHooks:
+    """Worker hooks that record every call; jobs are answered from a few fixed intents.
+
+    Like the real worker it reserves a slot in ``prepare`` and gives it back in ``release``,
+    telling the transport its free capacity each time. ``only`` (job ids) makes it drop any
+    other launch, e.g. one an earlier test left in the shared launch queue.
+    """
+
+    def __init__(self, name: str, capacity: int = 8, only: set[str] | None = None) -> None:
+        self.name, self.capacity, self.only = name, capacity, only
+        self.transport: RabbitWorkerTransport | None = None
+        self.cond = threading.Condition()
+        self.prepared: list[dict[str, Any]] = []
+        self.begun: list[str] = []
+        self.cancelled: list[tuple[str, str]] = []
+        self.controls: list[dict[str, Any]] = []
+        self.pending: list[cf.Future[Any]] = []
+        self.active: set[str] = set()
+        self.most_active = 0
+
+    def _changed(self) -> None:
+        self.cond.notify_all()
+
+    def wait(self, predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+        with self.cond:
+            assert self.cond.wait_for(predicate, timeout), f"{self.name}: {what}"
+
+    def _tell_free(self) -> None:
+        if self.transport is not None:
+            self.transport.set_free_capacity(self.capacity - len(self.active))
+
+    # ---- WorkerHooks ---------------------------------------------------------------------
+
+    def prepare(self, launch: dict[str, Any]) -> PreparedJob | None:
+        if launch["service"] == "undecodable":
+            raise DecodeError("this service's launches are refused by prepare")
+        with self.cond:
+            self.prepared.append(launch)
+            self._changed()
+            if self.only is not None and launch["job_id"] not in self.only:
+                return None
+            self.active.add(launch["job_id"])
+            self.most_active = max(self.most_active, len(self.active))
+        self._tell_free()
+        return PreparedJob(launch["job_id"], launch["service"], launch)
+
+    def begin(self, job: PreparedJob) -> None:
+        with self.cond:
+            self.begun.append(job.job_id)
+            self._changed()
+
+    def cancel(self, job: PreparedJob, reason: str) -> None:
+        with self.cond:
+            self.cancelled.append((job.job_id, reason))
+            self.active.discard(job.job_id)
+            self._changed()
+        self._tell_free()
+
+    def release(self, job_id: str) -> None:
+        """The job ended: give its slot back (the real worker does this after ``finish``)."""
+        with self.cond:
+            self.active.discard(job_id)
+        self._tell_free()
+
+    def on_rpc(self, job_id: str, body: dict[str, Any]) -> Any:
+        if job_id not in self.begun:
+            raise JobNotFound(f"job {job_id} is not running on {self.name}")
+        intent = body.get("intent")
+        if intent == "status":
+            return {"job_id": job_id, "worker": self.name}
+        if intent == "echo":
+            return body.get("value")
+        if intent == "slow":
+            future: cf.Future[Any] = cf.Future()
+            with self.cond:
+                self.pending.append(future)
+                self._changed()
+            return future
+        if intent == "fail":
+            raise ValueError("the fake job refuses")
+        raise DecodeError(f"unknown intent {intent!r}")
+
+    def on_control(self, body: dict[str, Any]) -> None:
+        with self.cond:
+            self.controls.append(body)
+            self._changed()
+
+    def describe_jobs(self) -> list[dict[str, Any]]:
+        with self.cond:
+            return [{"job_id": job_id, "state": "running"} for job_id in self.begun]
+
+
+class Inbox:
+    """Events delivered to a subscription callback, waited on by condition."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.events: list[Event] = []
+        self.threads: set[str] = set()
+
+    def __call__(self, event: Event) -> None:
+        with self.cond:
+            self.events.append(event)
+            self.threads.add(threading.current_thread().name)
+            self.cond.notify_all()
+
+    def wait_for(self, predicate: Callable[[Event], bool], what: str, timeout: float = WAIT) -> Event:
+        with self.cond:
+            assert self.cond.wait_for(lambda: any(predicate(e) for e in self.events), timeout), what
+            return next(e for e in self.events if predicate(e))
+
+
+def event(kind: str, service: str, job_id: str, data: dict[str, Any] | None = None,
+          seq: int = 0) -> Event:
+    return Event(kind, job_id, service, seq, time.time(), data or {})
+
+
+class Raw:
+    """A raw pika connection: a peer that is not brokerexec (kiwipy tools, operators)."""
+
+    def __init__(self, url: str) -> None:
+        self.connection = pika.BlockingConnection(pika.URLParameters(url))
+        self.channel = self.connection.channel()
+        self.replies: list[tuple[pika.BasicProperties, bytes]] = []
+        self.channel.basic_consume(DIRECT_REPLY_TO, self._on_reply, auto_ack=True)
+
+    def _on_reply(self, _ch: Any, _method: Any, props: pika.BasicProperties, body: bytes) -> None:
+        self.replies.append((props, body))
+
+    def request(self, job_id: str, body: bytes, content_type: str) -> str:
+        correlation_id = uuid.uuid4().hex
+        self.channel.basic_publish(KIWIPY_EXCHANGE, rpc_routing_key(job_id), body,
+                                   pika.BasicProperties(content_type=content_type,
+                                                        correlation_id=correlation_id,
+                                                        reply_to=DIRECT_REPLY_TO))
+        return correlation_id
+
+    def next_reply(self, correlation_id: str, within: float = 5.0) -> tuple[str, Any]:
+        """The next reply to ``correlation_id``: its content type and decoded body."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            for index, (props, body) in enumerate(self.replies):
+                if props.correlation_id == correlation_id:
+                    del self.replies[index]
+                    return props.content_type, yaml.safe_load(body)  # JSON is YAML too
+            self.connection.process_data_events(time_limit=0.02)
+        raise AssertionError(f"no reply to {correlation_id} within {within} s")
+
+    def listen(self, exchange: str, routing_key: str = "") -> str:
+        """An exclusive queue bound to ``exchange``; returns its name."""
+        queue = str(self.channel.queue_declare("", exclusive=True).method.queue)
+        self.channel.queue_bind(queue, exchange, routing_key)
+        return queue
+
+    def get(self, queue: str, predicate: Callable[[pika.BasicProperties, bytes], bool],
+            within: float) -> tuple[pika.BasicProperties, bytes]:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            method, props, body = self.channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                self.connection.process_data_events(time_limit=0.02)
+            elif predicate(props, body):
+                return props, body
+        raise AssertionError(f"nothing matching arrived on {queue} within {within} s")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.connection.close()
+
+
+# ---- fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_worker(amqp_url: str, unique_name: str
+                ) -> Iterator[Callable[..., tuple[RabbitWorkerTransport, FakeHooks]]]:
+    """Factory: ``make_worker(capacity=8, only=None, url=None, **settings)`` -> (transport, hooks)."""
+    started: list[RabbitWorkerTransport] = []
+
+    def make(capacity: int = 8, only: set[str] | None = None, url: str | None = None,
+             **settings: Any) -> tuple[RabbitWorkerTransport, FakeHooks]:
+        name = f"{unique_name}-w{len(started)}"
+        transport = RabbitWorkerTransport(settings_for(url or amqp_url, name, **settings),
+                                          host_info={"name": name})
+        hooks = FakeHooks(name, capacity, only)
+        hooks.transport = transport
+        started.append(transport)
+        transport.serve(hooks, capacity)
+        return transport, hooks
+
+    yield make
+    for transport in started:
+        transport.close()
+
+
+@pytest.fixture
+def client(amqp_url: str, unique_name: str) -> Iterator[RabbitClientTransport]:
+    transport = RabbitClientTransport(settings_for(amqp_url, f"{unique_name}-client"))
+    yield transport
+    transport.close()
+
+
+@pytest.fixture
+def raw(amqp_url: str) -> Iterator[Raw]:
+    peer = Raw(amqp_url)
+    yield peer
+    peer.close()
+
+
+def launched(client: RabbitClientTransport, hooks: FakeHooks, service: str = "fake") -> str:
+    """Launch a job and wait until ``hooks`` began it; return its id."""
+    job_id = new_job_id()
+    if hooks.only is not None:
+        hooks.only.add(job_id)
+    client.launch(launch_body(service, {}, job_id=job_id))
+    hooks.wait(lambda: job_id in hooks.begun, f"job {job_id} never began")
+    return job_id
+
+
+# ---- launch, claim, finish, result ---------------------------------------------------------
+
+
+def test_launch_claim_begin_finish_and_fetch_result(make_worker: Any, client: RabbitClientTransport) -> None:
+    worker, hooks = make_worker(only=set())
+    job_id = launched(client, hooks)
+    assert client.rpc(job_id, {"intent": "status"}, 5) == {"job_id": job_id, "worker": hooks.name}
+    # A reader that waits before the record exists gets it once it is stored.
+    early = cf.ThreadPoolExecutor(1, thread_name_prefix="early-reader")
+    waiting = early.submit(client.fetch_result, job_id, WAIT)
+    assert client.fetch_result(job_id, 0) is None  # "not yet", not an error
+
+    record = {"v": 1, "job_id": job_id, "state": "finished", "result": {"answer": 42}}
+    worker.finish(job_id, record).result(WAIT)
+    assert waiting.result(WAIT) == record
+    early.shutdown()
+    # The record stays for every later reader.
+    assert client.fetch_result(job_id, 5) == record
+    assert client.fetch_result(job_id, 0) == record
+    # finish released the job's endpoint: nobody holds the id any more.
+    with pytest.raises(JobNotFound):
+        client.rpc(job_id, {"intent": "status"}, 5)
+
+
+def test_result_of_a_job_never_launched_is_none(client: RabbitClientTransport) -> None:
+    assert client.fetch_result(new_job_id(), 0) is None
+    started = time.monotonic()
+    assert client.fetch_result(new_job_id(), 0.3) is None
+    assert time.monotonic() - started >= 0.3
+
+
+def test_a_second_worker_cannot_claim_a_claimed_job(make_worker: Any, client: RabbitClientTransport) -> None:
+    # Given a job claimed by the first worker, which has no free slot left
+    _, first = make_worker(capacity=1, only=set())
+    job_id = launched(client, first)
+    # When the same launch reaches a second worker
+    _, second = make_worker(only={job_id})
+    client.launch(launch_body("fake", {}, job_id=job_id))
+    # Then its claim fails, it gives the slot back, and the first worker still owns the job
+    second.wait(lambda: bool(second.cancelled), "the duplicate claim was not refused")
+    assert second.cancelled[0][0] == job_id and "another worker" in second.cancelled[0][1]
+    assert second.begun == [] and second.active == set()
+    assert client.rpc(job_id, {"intent": "status"}, 5)["worker"] == first.name
+
+
+def test_launches_are_taken_only_while_there_is_free_capacity(
+        make_worker: Any, client: RabbitClientTransport) -> None:
+    worker, hooks = make_worker(capacity=1, only=set())
+    job_ids = [new_job_id() for _ in range(3)]
+    hooks.only = set(job_ids)
+    for job_id in job_ids:
+        client.launch(launch_body("fake", {}, job_id=job_id))
+    for done in range(3):
+        hooks.wait(lambda done=done: len(hooks.begun) == done + 1, f"job {done} never began")
+        running = hooks.begun[-1]
+        assert hooks.most_active == 1, "more launches taken than free slots"
+        worker.finish(running, {"job_id": running, "state": "finished"}).result(WAIT)
+        hooks.release(running)
+    assert sorted(hooks.begun) == sorted(job_ids)
+
+
+def test_undecodable_launches_are_dead_lettered_at_once(
+        make_worker: Any, client: RabbitClientTransport, raw: Raw) -> None:
+    _, hooks = make_worker(only=set())
+    dead = raw.listen(DEAD_LETTER_EXCHANGE)  # a copy of everything dead-lettered from now on
+    marker = uuid.uuid4().hex
+    bad = [(b"{not json", "application/json"),
+           (b"\x80\x04K\x01.", "application/x-python-serialize"),
+           (b'{"v": 1, "service": "fake", "job_id": "no.dots.allowed"}', "application/json"),
+           (json.dumps(launch_body("undecodable", {})).encode(), "application/json")]
+    started = time.monotonic()
+    for body, content_type in bad:
+        raw.channel.basic_publish("", LAUNCH_QUEUE, body, pika.BasicProperties(
+            content_type=content_type, message_id=marker, delivery_mode=2))
+    for body, _ in bad:
+        def dead_lettered(props: pika.BasicProperties, got: bytes, body: bytes = body) -> bool:
+            return bool(props.message_id == marker and got == body)
+
+        props, _ = raw.get(dead, dead_lettered, 2.0)
+        death = props.headers["x-death"][0]
+        assert (death["queue"], death["reason"]) == (LAUNCH_QUEUE, "rejected")
+    assert time.monotonic() - started < 2.0
+    # The worker keeps taking good launches.
+    launched(client, hooks)
+
+
+# ---- RPC -----------------------------------------------------------------------------------
+
+
+def test_rpc_value_pending_then_final_and_errors(make_worker: Any, client: RabbitClientTransport) -> None:
+    _, hooks = make_worker(only=set())
+    job_id = launched(client, hooks)
+    assert client.rpc(job_id, {"intent": "echo", "value": [1, "two", None]}, 5) == [1, "two", None]
+
+    answer = cf.ThreadPoolExecutor(1, thread_name_prefix="rpc-caller")
+    slow = answer.submit(client.rpc, job_id, {"intent": "slow"}, WAIT)
+    hooks.wait(lambda: bool(hooks.pending), "the slow RPC never reached the hooks")
+    hooks.pending[0].set_result({"late": True})
+    assert slow.result(WAIT) == {"late": True}
+
+    failing = answer.submit(client.rpc, job_id, {"intent": "slow"}, WAIT)
+    hooks.wait(lambda: len(hooks.pending) == 2, "the second slow RPC never arrived")
+    hooks.pending[1].set_exception(KeyError("gone"))
+    with pytest.raises(RemoteError) as caught:
+        failing.result(WAIT)
+    assert caught.value.remote_type == "KeyError"
+    answer.shutdown()
+
+    with pytest.raises(RemoteError) as caught:
+        client.rpc(job_id, {"intent": "fail"}, 5)
+    assert (caught.value.remote_type, caught.value.remote_message) == ("ValueError", "the fake job refuses")
+    assert "on_rpc" in caught.value.remote_traceback
+    with pytest.raises(RemoteError, match="unknown intent 'dance'"):
+        client.rpc(job_id, {"intent": "dance"}, 5)
+
+
+def test_rpc_to_an_unknown_job_is_not_found_within_a_second(client: RabbitClientTransport) -> None:
+    job_id = new_job_id()
+    started = time.monotonic()
+    with pytest.raises(JobNotFound, match=f"no worker holds job {job_id}"):
+        client.rpc(job_id, {"intent": "status"}, 10)
+    assert time.monotonic() - started < 1.0
+
+
+def test_rpc_timeout_names_the_job_and_the_intent(make_worker: Any, client: RabbitClientTransport) -> None:
+    _, hooks = make_worker(only=set())
+    job_id = launched(client, hooks)
+    started = time.monotonic()
+    with pytest.raises(Timeout, match=f"{job_id}.*'slow'"):
+        client.rpc(job_id, {"intent": "slow"}, 0.5)
+    assert 0.5 <= time.monotonic() - started < 3
+    hooks.pending[0].set_result(None)  # answered too late: nobody waits for it any more
+    assert client.rpc(job_id, {"intent": "echo", "value": 1}, 5) == 1
+
+
+def test_pending_goes_out_at_once_and_replies_use_the_request_codec(
+        make_worker: Any, client: RabbitClientTransport, raw: Raw) -> None:
+    _, hooks = make_worker(only=set())
+    job_id = launched(client, hooks)
+    # A stock kiwipy client speaks YAML and decodes replies as YAML.
+    correlation_id = raw.request(job_id, yaml.safe_dump({"intent": "slow"}).encode(),
+                                 "application/x-yaml")
+    assert raw.next_reply(correlation_id) == ("application/x-yaml", {"pending": None})
+    hooks.wait(lambda: bool(hooks.pending), "the slow RPC never reached the hooks")
+    hooks.pending[0].set_result(7)
+    assert raw.next_reply(correlation_id) == ("application/x-yaml", {"result": 7})
+
+    correlation_id = raw.request(job_id, b'{"intent": "echo", "value": "x"}', "application/json")
+    assert raw.next_reply(correlation_id) == ("application/json", {"result": "x"})
+
+
+# ---- events --------------------------------------------------------------------------------
+
+
+def test_subscriptions_by_job_service_and_kind(make_worker: Any, client: RabbitClientTransport,
+                                               unique_name: str) -> None:
+    worker, _ = make_worker()
+    service, other = f"svc{uuid.uuid4().hex[:8]}", f"other{uuid.uuid4().hex[:8]}"
+    job_a, job_b, job_c = new_job_id(), new_job_id(), new_job_id()
+    one_job, one_service, one_kind = Inbox(), Inbox(), Inbox()
+    client.subscribe([f"*.*.{job_a}"], one_job)
+    client.subscribe([f"*.{service}.*"], one_service)
+    kind_subscription = client.subscribe(["improved.#", f"checkpoint.{other}.*"], one_kind)
+
+    published = [event("state", service, job_a, {"from": "created", "to": "running"}),
+                 event("progress", other, job_b, {"done": 1}),
+                 event("checkpoint", service, job_c),
+                 event("checkpoint", other, job_c),
+                 event("improved", other, job_b, {"best": 3.0}),
+                 event("improved", service, job_a, {"best": 1.0})]  # last: matches all three
+    for item in published:
+        worker.publish_event(item)
+    last = published[-1]
+    for inbox in (one_job, one_service, one_kind):
+        inbox.wait_for(lambda e: e == last, "the last event never arrived")
+
+    def keys(inbox: Inbox) -> list[str]:
+        return [e.routing_key for e in inbox.events]
+
+    # Events of one publisher arrive in order, and only those each binding selects.
+    assert keys(one_job) == [published[0].routing_key, last.routing_key]
+    assert keys(one_service) == [published[i].routing_key for i in (0, 2, 5)]
+    assert keys(one_kind) == [published[i].routing_key for i in (3, 4, 5)]
+    assert one_job.events[0].data == {"from": "created", "to": "running"}
+    assert all(name.startswith("brokerexec-amqp-") for name in one_job.threads)
+
+    # A closed subscription gets nothing more, the others still do.
+    kind_subscription.close()
+    after = event("improved", service, job_a, {"best": 0.5}, seq=1)
+    worker.publish_event(after)
+    one_job.wait_for(lambda e: e == after, "no event after another subscription closed")
+    one_service.wait_for(lambda e: e == after, "no event after another subscription closed")
+    assert after not in one_kind.events
+
+
+def test_state_events_are_also_kiwipy_state_changed_broadcasts(make_worker: Any, raw: Raw) -> None:
+    worker, hooks = make_worker()
+    broadcasts = raw.listen(KIWIPY_EXCHANGE, BROADCAST_TOPIC)
+    job_id = new_job_id()
+    worker.publish_event(event("state", "fake", job_id, {"from": "running", "to": "paused"}))
+    _, body = raw.get(broadcasts, lambda p, b: job_id.encode() in b, 5.0)
+    assert yaml.safe_load(body) == {"body": None, "sender": job_id, "correlation_id": None,
+                                    "subject": "state_changed.running.paused"}
+    # The worker hears its own broadcast too, and ignores it: the next control it gets is
+    # the pause sent after it.
+    raw.channel.basic_publish(KIWIPY_EXCHANGE, BROADCAST_TOPIC, json.dumps(
+        {"body": {"intent": "pause"}, "sender": None, "subject": "pause", "correlation_id": None}
+    ).encode(), pika.BasicProperties(content_type="application/json"))
+    hooks.wait(lambda: bool(hooks.controls), "the kiwipy pause broadcast never arrived")
+    assert [c["intent"] for c in hooks.controls] == ["pause"]
+
+
+# ---- control and the jobs query ------------------------------------------------------------
+
+
+def test_plumpy_broadcasts_become_control_messages(make_worker: Any, raw: Raw) -> None:
+    _, hooks = make_worker()
+    for subject, body in (("pause", {"intent": "pause", "message": "maintenance"}),
+                          ("play", None), ("kill", {"intent": "kill", "message": None})):
+        raw.channel.basic_publish(KIWIPY_EXCHANGE, BROADCAST_TOPIC, yaml.safe_dump(
+            {"body": body, "sender": None, "subject": subject, "correlation_id": None}).encode(),
+            pika.BasicProperties(content_type="application/x-yaml"))
+    hooks.wait(lambda: len(hooks.controls) == 3, "not every plumpy broadcast arrived")
+    assert [c["intent"] for c in hooks.controls] == ["pause", "play", "kill"]
+
+
+def test_query_jobs_gathers_every_workers_jobs(make_worker: Any, client: RabbitClientTransport) -> None:
+    # The first worker has one slot: once its job runs, the next launch goes to the second.
+    _, first = make_worker(capacity=1, only=set())
+    job_a = launched(client, first)
+    _, second = make_worker(only=set())
+    job_b = launched(client, second)
+    started = time.monotonic()
+    jobs = client.query_jobs(1.0)
+    assert time.monotonic() - started < 2.0
+    by_id = {job["job_id"]: job for job in jobs}
+    assert {job_a, job_b} <= set(by_id)
+    assert by_id[job_a]["state"] == by_id[job_b]["state"] == "running"
+
+
+def test_query_jobs_names_the_worker_of_each_job(make_worker: Any, client: RabbitClientTransport) -> None:
+    _, hooks = make_worker(only=set())
+    job_id = launched(client, hooks)
+    jobs = [job for job in client.query_jobs(1.0) if job["job_id"] == job_id]
+    assert [job.get("worker") for job in jobs] == [{"name": hooks.name}]
+
+
+def test_control_sent_while_a_worker_was_disconnected_is_applied_on_reconnect(
+        make_worker: Any, client: RabbitClientTransport, amqp_url: str) -> None:
+    from tcpproxy import TcpProxy
+
+    with TcpProxy() as proxy:
+        worker, hooks = make_worker(url=proxy.url(amqp_url), connect_timeout=1.0)
+        name = hooks.name
+        first = {"intent": "pause", "note": uuid.uuid4().hex}
+        client.control(first)
+        hooks.wait(lambda: first in hooks.controls, "a live control message never arrived")
+        # Given the worker cut off: the broker closed its connection (which ends its
+        # consumers at once), and the network swallows everything, so the worker can
+        # neither receive anything nor come back yet
+        proxy.blackhole()
+        assert close_connections_named(name) == 1
+        # When a control message is sent meanwhile, and the network heals
+        second = {"intent": "abort", "note": uuid.uuid4().hex}
+        client.control(second)
+        proxy.heal()
+        # Then the worker reconnects and applies it, once, and the first is not replayed
+        hooks.wait(lambda: second in hooks.controls, "the control sent while away never arrived")
+        assert hooks.controls == [first, second]
+        assert worker.connection.reconnects >= 1
