@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
-from .constants import DEFAULT_URL
+from .constants import DEFAULT_CLAIM_AFTER, DEFAULT_URL
 from .errors import (
     BrokerConnectionError,
     BrokerExecError,
@@ -271,10 +271,14 @@ def describe(service_spec: str, as_json: bool) -> None:
               help="Seconds running jobs get to finish on SIGTERM before they are aborted.")
 @click.option("--heartbeat", type=click.IntRange(min=0), default=10, show_default=True,
               help="AMQP heartbeat (s).")
+@click.option("--claim-after", type=click.FloatRange(min=0), default=DEFAULT_CLAIM_AFTER,
+              show_default=True, help="Seconds a job runs before it gets its own RPC queue "
+              "(stock kiwipy tools can reach it from then on; brokerexec clients always can).")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               default="INFO", show_default=True)
 def worker(broker: str, services: tuple[str, ...], concurrency: int, pool_kind: str,
-           pool_size: int | None, shutdown_grace: float, heartbeat: int, log_level: str) -> None:
+           pool_size: int | None, shutdown_grace: float, heartbeat: int, claim_after: float,
+           log_level: str) -> None:
     """Run jobs launched on the broker until SIGTERM or Ctrl-C, then stop gracefully.
 
     Stopping takes no new jobs, lets running ones finish within --shutdown-grace, aborts
@@ -316,7 +320,8 @@ def worker(broker: str, services: tuple[str, ...], concurrency: int, pool_kind: 
         info = host_info()
         transport = RabbitWorkerTransport(ConnectionSettings(
             url=broker, heartbeat=heartbeat, reconnect_deadline=None,
-            name=f"brokerexec-worker-{info['hostname']}-{info['pid']}"), host_info=info)
+            name=f"brokerexec-worker-{info['hostname']}-{info['pid']}"), host_info=info,
+            claim_after=claim_after)
         running = Worker(transport, registry, WorkerSettings(
             concurrency=concurrency, pool_kind=pool_kind, pool_size=pool_size,
             shutdown_grace=shutdown_grace)).start()

@@ -18,7 +18,8 @@ A computation that never calls ``ready()`` cannot be stopped from outside in thr
 (Python threads cannot be killed). On abort the handler waits ``abort_grace`` seconds; if
 the computation has not ended by then, the job is reported ``aborted`` and the thread is
 abandoned: it runs on as a daemon, its result is discarded and its messages are dropped.
-A child-process mode can replace :class:`ComputationThread` behind the same ``Runner`` seam.
+Where the computation runs is the handler's :class:`~brokerexec.runner.Runner`: threads by
+default; a child-process runner can stand in behind the same seam.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .pool import WorkerPool
 from .pool import imap as pool_imap
 from .ports import check_type
 from .protocol import Intent, parse_signal
+from .runner import THREADS, Computation, Runner
 from .service import Service, apply_invoke, apply_set, check_invokable, check_set
 from .states import JobState, StateMachine, Transition
 
@@ -82,6 +84,9 @@ class ServiceHandler:
         abort_grace: seconds an aborted computation may take to reach ``ready()`` before
             it is reported aborted and abandoned.
         progress_delta, checkpoint_delta, improved_delta: see the class attributes.
+        name: names the computation thread and log lines (the worker uses the job id).
+        runner: where the computation runs (default: reused threads,
+            :data:`brokerexec.runner.THREADS`).
     """
 
     progress_delta: float = DEFAULT_PROGRESS_DELTA
@@ -92,8 +97,10 @@ class ServiceHandler:
                  clock: Callable[[], float] = time.monotonic,
                  wallclock: Callable[[], float] = time.time, abort_grace: float = 10.0,
                  progress_delta: float | None = None, checkpoint_delta: float | None = None,
-                 improved_delta: float | None = None, name: str = "job") -> None:
+                 improved_delta: float | None = None, name: str = "job",
+                 runner: Runner | None = None) -> None:
         self._emit_fn: Emit = emit or (lambda kind, data: None)
+        self._runner: Runner = runner or THREADS
         self.workers = workers if isinstance(workers, WorkerPool) else WorkerPool(workers)
         self._clock = clock
         self._wallclock = wallclock
@@ -121,13 +128,13 @@ class ServiceHandler:
         self.service: Service | None = None
         self.states = StateMachine(self._on_transition, wallclock)
         self.outcome: cf.Future[dict[str, Any]] = cf.Future()
-        self._thread: threading.Thread | None = None
+        self._computation: Computation | None = None
 
     # ---- the computation -----------------------------------------------------------------
 
     def start(self, service: Service, request: dict[str, Any], resume: bool = False, *,
               state: dict[str, Any] | None = None) -> None:
-        """Run ``request`` through ``service`` in a new computation thread; return at once.
+        """Run ``request`` through ``service`` in the computation thread; return at once.
 
         With ``resume=True`` the service's :meth:`~Service.restore` gets ``state`` first.
 
@@ -135,13 +142,11 @@ class ServiceHandler:
             InvalidState: a computation was started on this handler already.
         """
         with self._lock:
-            if self._thread is not None:
+            if self._computation is not None:
                 raise InvalidState(f"handler {self.name} is busy: one computation per handler")
             self.service = service
-            self._thread = threading.Thread(
-                target=self._compute, args=(service, request, resume, state),
-                name=f"brokerexec-compute-{self.name}", daemon=True)
-        self._thread.start()
+            self._computation = self._runner.start(
+                lambda: self._compute(service, request, resume, state), self.name)
 
     def _compute(self, service: Service, request: dict[str, Any], resume: bool,
                  state: dict[str, Any] | None) -> None:
@@ -192,8 +197,8 @@ class ServiceHandler:
     def _abandon_if_stuck(self) -> None:
         """Abort deadline passed: report aborted and let the thread run on unobserved."""
         with self._lock:
-            thread = self._thread
-            if thread is None or not thread.is_alive() or self.outcome.done():
+            computation = self._computation
+            if computation is None or not computation.is_alive() or self.outcome.done():
                 return
             self._abandoned = True
         log.warning("job %s did not reach ready() within %.1f s of abort: abandoned",
@@ -363,7 +368,7 @@ class ServiceHandler:
             first = not self._abort_requested
             self._abort_requested = self._attention = True
             self._wake.notify_all()
-        if first and self._thread is not None:
+        if first and self._computation is not None:
             timer = threading.Timer(self.abort_grace, self._abandon_if_stuck)
             timer.name, timer.daemon = f"brokerexec-abort-{self.name}", True
             timer.start()

@@ -19,6 +19,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 from typing import Any
 
 import pika
@@ -28,15 +29,21 @@ from . import codec
 from .constants import (
     CONTROL_EXCHANGE,
     CONTROL_STREAM,
+    DEADLINE_MS_HEADER,
+    DEFAULT_LOCATE_TIMEOUT,
     DIRECT_REPLY_TO,
+    JOB_ID_HEADER,
     KIWIPY_EXCHANGE,
     LAUNCH_QUEUE,
+    PROBE_TYPE,
+    RECORD_TIME_MARGIN,
+    RECORD_TYPE,
+    RESULTS_STREAM,
     WORKERS_EXCHANGE,
-    result_queue,
     rpc_routing_key,
 )
 from .errors import BrokerConnectionError, BrokerExecError, DecodeError, JobNotFound, Timeout
-from .protocol import Event, result_from_reply
+from .protocol import Event, deadline_header, job_time, result_from_reply
 from .transport import amqp_topology as topology
 from .transport.base import ClientTransport, Subscription, redacted_url
 
@@ -54,14 +61,17 @@ class PikaTransport(ClientTransport):
         url: ``amqp://user:pass@host:port/vhost``.
         connect_timeout: seconds for the one connection attempt (socket and handshake).
         name: connection name shown by ``rabbitmqctl list_connections``.
+        heartbeat: AMQP heartbeat (None: the broker's); 0 for a connection used in bursts.
+        locate_timeout: how long an RPC to a job not claimed yet waits for its worker.
 
     Raises:
         BrokerConnectionError: the broker cannot be reached or refuses the login.
     """
 
     def __init__(self, url: str, *, connect_timeout: float = 3.0, name: str = "brokerexec-cli",
-                 heartbeat: int | None = None) -> None:
+                 heartbeat: int | None = None, locate_timeout: float = DEFAULT_LOCATE_TIMEOUT) -> None:
         self.url = url
+        self.locate_timeout = locate_timeout
         params = pika.URLParameters(url)
         if heartbeat is not None:
             params.heartbeat = heartbeat
@@ -77,6 +87,7 @@ class PikaTransport(ClientTransport):
             raise BrokerConnectionError(
                 f"cannot reach the broker at {redacted_url(url)}: {_reason(exc)}") from exc
         self._channel: BlockingChannel = None
+        self._declared = False  # the launch queue and records stream, once per connection
         self._replies: dict[str, list[dict[str, Any]]] = {}
 
     # ---- plumbing ----------------------------------------------------------------------------
@@ -123,10 +134,10 @@ class PikaTransport(ClientTransport):
 
     def _publish(self, exchange: str, routing_key: str, body: dict[str, Any], *,
                  mandatory: bool = False, persistent: bool = False, correlation_id: str | None = None,
-                 message_id: str | None = None) -> None:
+                 message_id: str | None = None, headers: dict[str, Any] | None = None) -> None:
         properties = pika.BasicProperties(
             content_type=codec.JSON, delivery_mode=2 if persistent else 1,
-            correlation_id=correlation_id, message_id=message_id,
+            correlation_id=correlation_id, message_id=message_id, headers=headers,
             reply_to=DIRECT_REPLY_TO if correlation_id else None)
         self._open_channel().basic_publish(exchange, routing_key, codec.encode(body), properties,
                                            mandatory=mandatory)
@@ -153,9 +164,8 @@ class PikaTransport(ClientTransport):
                 with self._errors():
                     self._publish(KIWIPY_EXCHANGE, rpc_routing_key(job_id), body, mandatory=True,
                                   correlation_id=correlation_id)
-            except pika.exceptions.UnroutableError:  # basic.return: no RPC queue for this id
-                raise JobNotFound(f"no worker holds job {job_id} (it ended, is still queued, "
-                                  "or never existed)") from None
+            except pika.exceptions.UnroutableError:  # basic.return: not claimed (yet)
+                self._locate(job_id, body, correlation_id, replies)
             except BrokerExecError as exc:
                 if _reply_code(exc) == _NOT_FOUND:  # kiwipy's exchange: no worker has ever run
                     raise JobNotFound(f"no worker holds job {job_id}: no worker has run on "
@@ -167,17 +177,40 @@ class PikaTransport(ClientTransport):
         finally:
             self._replies.pop(correlation_id, None)
 
-    def launch(self, body: dict[str, Any]) -> None:
+    def _locate(self, job_id: str, body: dict[str, Any], correlation_id: str,
+                replies: list[dict[str, Any]]) -> None:
+        """Send the RPC to every worker: the one running the job claims it and answers.
+
+        The deadline makes a worker that reads it late drop it, rather than act on it
+        after we have given up.
+        """
+        not_found = JobNotFound(f"no worker holds job {job_id} (it ended, is still queued, "
+                                "or never existed)")
+        headers = {JOB_ID_HEADER: job_id, DEADLINE_MS_HEADER: deadline_header(self.locate_timeout)}
+        try:
+            with self._errors():
+                self._publish(WORKERS_EXCHANGE, "", body, mandatory=True,
+                              correlation_id=correlation_id, headers=headers)
+        except pika.exceptions.UnroutableError:  # no worker at all
+            raise not_found from None
+        if not self._wait(lambda: bool(replies), self.locate_timeout + 0.3):
+            raise not_found
+
+    def launch(self, body: dict[str, Any], *, reply_to: str | None = None) -> None:
+        """Queue a launch (``reply_to``: a queue the worker sends the final record to)."""
         job_id = str(body.get("job_id"))
         with self._errors():
             channel = self._open_channel()
-            channel.queue_declare(LAUNCH_QUEUE, durable=True, arguments=topology.LAUNCH_QUEUE_ARGUMENTS)
-            # Declared now, so the record has its queue even before any worker ran.
-            channel.queue_declare(result_queue(job_id), durable=True,
-                                  arguments=topology.RESULT_QUEUE_ARGUMENTS)
+            if not self._declared:
+                channel.queue_declare(LAUNCH_QUEUE, durable=True, arguments=topology.LAUNCH_QUEUE_ARGUMENTS)
+                # Declared now, so the record has its stream even before any worker ran.
+                channel.queue_declare(RESULTS_STREAM, durable=True,
+                                      arguments=topology.RESULTS_STREAM_ARGUMENTS)
+                self._declared = True
             try:
-                self._publish("", LAUNCH_QUEUE, body, mandatory=True, persistent=True,
-                              message_id=job_id)
+                channel.basic_publish("", LAUNCH_QUEUE, codec.encode(body), pika.BasicProperties(
+                    content_type=codec.JSON, delivery_mode=2, message_id=job_id, reply_to=reply_to),
+                    mandatory=True)
             except pika.exceptions.UnroutableError as exc:
                 raise BrokerConnectionError(f"the launch of job {job_id} was not routed") from exc
 
@@ -196,48 +229,43 @@ class PikaTransport(ClientTransport):
         raise NotImplementedError("one-shot commands do not subscribe; use Client(url)")
 
     def fetch_result(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
-        queue = result_queue(job_id)
-        if timeout == 0:
-            return self._peek_result(queue)
+        """Read the records stream from the job's launch time until its record shows.
+
+        Without a wait (``timeout == 0``) a probe is appended and reading stops when it comes
+        back: a stream has no end marker over AMQP 0-9-1, and all stored before the probe
+        comes before it.
+        """
+        found: list[dict[str, Any] | None] = []
+        probe = f"probe-{uuid.uuid4().hex}" if timeout == 0 else None
+
+        def read(ch: BlockingChannel, method: Any, props: pika.BasicProperties, body: bytes) -> None:
+            ch.basic_ack(method.delivery_tag)
+            if found:
+                return
+            if props.message_id == job_id and props.type == RECORD_TYPE:
+                found.append(codec.decode_object(body, props.content_type)[0])
+            elif probe is not None and props.message_id == probe:
+                found.append(None)
+
         with self._errors():
-            channel = self._open_channel()
-            channel.queue_declare(queue, durable=True, arguments=topology.RESULT_QUEUE_ARGUMENTS)
-            found: list[tuple[pika.BasicProperties, bytes]] = []
-
-            def take(ch: BlockingChannel, method: Any, props: pika.BasicProperties, body: bytes) -> None:
-                ch.basic_nack(method.delivery_tag, requeue=True)  # leave it for other readers
-                if not found:
-                    found.append((props, body))
-
-            channel.basic_qos(prefetch_count=1)
-            tag = channel.basic_consume(queue, take)
-        try:
-            self._wait(lambda: bool(found), timeout)
-        finally:
-            with self._errors():
-                channel.basic_cancel(tag)
-        if not found:
-            return None
-        props, body = found[0]
-        return codec.decode_object(body, props.content_type)[0]
-
-    def _peek_result(self, queue: str) -> dict[str, Any] | None:
-        """The record if its queue holds one; a missing queue is no record (nothing declared)."""
-        with self._errors():
-            channel = self.connection.channel()  # a passive miss closes it: keep it apart
+            channel = self.connection.channel()  # a missing stream closes it: keep it apart
             try:
-                channel.queue_declare(queue, passive=True)
+                channel.basic_qos(prefetch_count=500)  # streams need a prefetch
+                channel.basic_consume(RESULTS_STREAM, read,
+                                      arguments={"x-stream-offset": _stream_start(job_id)})
             except pika.exceptions.ChannelClosedByBroker as exc:
                 if exc.reply_code == _NOT_FOUND:
-                    return None
+                    return None  # no worker or launch has ever declared it: no record
                 raise
-            method, props, body = channel.basic_get(queue, auto_ack=False)
-            if method is None:
+            if probe is not None:
+                channel.basic_publish("", RESULTS_STREAM, b"{}", pika.BasicProperties(
+                    content_type=codec.JSON, message_id=probe, type=PROBE_TYPE))
+        try:
+            self._wait(lambda: bool(found), None if probe is not None else timeout)
+        finally:
+            with contextlib.suppress(pika.exceptions.AMQPError, OSError):
                 channel.close()
-                return None
-            channel.basic_nack(method.delivery_tag, requeue=True)  # leave it for other readers
-            channel.close()
-        return codec.decode_object(body, props.content_type)[0]
+        return found[0] if found else None
 
     def query_jobs(self, timeout: float) -> list[dict[str, Any]]:
         correlation_id = uuid.uuid4().hex
@@ -265,6 +293,14 @@ class PikaTransport(ClientTransport):
         with contextlib.suppress(pika.exceptions.AMQPError, OSError):
             if self.connection.is_open:
                 self.connection.close()
+
+
+def _stream_start(job_id: str) -> Any:
+    """Where a reader of the records stream starts for ``job_id``: its launch time, if known."""
+    launched = job_time(job_id)
+    if launched is None:
+        return "first"
+    return datetime.fromtimestamp(launched - RECORD_TIME_MARGIN, tz=timezone.utc)
 
 
 def _reply_code(exc: BaseException) -> int | None:

@@ -126,6 +126,7 @@ def test_black_holed_then_reset_connection(amqp_url: str, client: Client,
         worker_process("--heartbeat", HEARTBEAT, url=proxy.url(amqp_url))
         watch = Watch()
         job = launch(client, watch, "forever", {"tick": 0.01}, progress_delta=0.1)
+        job.status()  # an RPC claims it: its endpoint is now a queue of the worker's connection
         proxy.blackhole()
         # The broker reaps the silent connection after missed heartbeats: the job's
         # endpoint goes with it.
@@ -149,6 +150,7 @@ def test_pause_all_reaches_a_worker_that_was_cut_off(
         worker_process("--heartbeat", HEARTBEAT, url=proxy.url(amqp_url))
         watch = Watch()
         job = launch(client, watch, "forever", {"tick": 0.01})
+        job.status()  # an RPC claims it: its endpoint is now a queue of the worker's connection
         proxy.blackhole()
         brokerctl.wait_until(lambda: _unreachable(job), WAIT, "the broker to drop the worker")
         client.pause_all()  # sent while the worker is cut off

@@ -65,15 +65,26 @@ class RawClient:
 
     def rpc(self, job_id: str, request: dict[str, Any]) -> Any:
         correlation_id = uuid.uuid4().hex
+        properties = pika.BasicProperties(content_type="application/json",
+                                          correlation_id=correlation_id,
+                                          reply_to="amq.rabbitmq.reply-to")
         try:
-            self.channel.basic_publish(
-                "kiwipy.messages", f"[rpc].{job_id}", json.dumps(request).encode(),
-                pika.BasicProperties(content_type="application/json",
-                                     correlation_id=correlation_id,
-                                     reply_to="amq.rabbitmq.reply-to"),
-                mandatory=True)
+            self.channel.basic_publish("kiwipy.messages", f"[rpc].{job_id}",
+                                       json.dumps(request).encode(), properties, mandatory=True)
         except pika.exceptions.UnroutableError:
-            return "unroutable"
+            # Not claimed (yet): ask every worker, with a deadline half a second ahead.
+            properties.headers = {"x-job-id": job_id,
+                                  "x-deadline-ms": int((time.time() + 0.5) * 1000)}
+            try:
+                self.channel.basic_publish("brokerexec.workers", "", json.dumps(request).encode(),
+                                           properties, mandatory=True)
+            except pika.exceptions.UnroutableError:
+                return "not found"
+            deadline = time.monotonic() + 0.8
+            while not self.replies.get(correlation_id):
+                if time.monotonic() > deadline:
+                    return "not found"
+                self.connection.process_data_events(time_limit=0.05)
         deadline = time.monotonic() + WAIT
         while time.monotonic() < deadline:
             self.connection.process_data_events(time_limit=0.05)
@@ -86,23 +97,30 @@ class RawClient:
         deadline = time.monotonic() + WAIT
         while time.monotonic() < deadline:
             reply = self.rpc(job_id, request)
-            if reply != "unroutable" and want(reply):  # not claimed yet: ask again
+            if reply != "not found" and want(reply):  # not taken by a worker yet: ask again
                 return reply
             self.connection.sleep(0.05)
         raise AssertionError(f"{request} never gave the wanted reply")
 
     def record(self, job_id: str) -> dict[str, Any]:
-        queue = f"brokerexec.result.{job_id}"
-        self.channel.queue_declare(queue, durable=True, arguments={
-            "x-max-length": 1, "x-overflow": "drop-head", "x-expires": 86_400_000})
+        """Read the stream brokerexec.results from the start until the job's record."""
+        channel = self.connection.channel()
+        channel.basic_qos(prefetch_count=100)
+        found: list[dict[str, Any]] = []
+
+        def read(ch: Any, method: Any, props: pika.BasicProperties, body: bytes) -> None:
+            ch.basic_ack(method.delivery_tag)
+            if props.message_id == job_id and props.type == "brokerexec.record":
+                found.append(json.loads(body))
+
+        channel.basic_consume("brokerexec.results", read, arguments={"x-stream-offset": "first"})
         deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:
-            method, _props, body = self.channel.basic_get(queue, auto_ack=False)
-            if method is not None:
-                self.channel.basic_nack(method.delivery_tag, requeue=True)
-                return json.loads(body)  # type: ignore[no-any-return]
-            self.connection.sleep(0.05)
-        raise AssertionError(f"no final record for {job_id}")
+        while not found and time.monotonic() < deadline:
+            self.connection.process_data_events(time_limit=0.05)
+        channel.close()
+        if not found:
+            raise AssertionError(f"no final record for {job_id}")
+        return found[0]
 
     def close(self) -> None:
         self.connection.close()
@@ -134,7 +152,7 @@ def test_a_raw_pika_client_drives_a_job_from_the_document(amqp_url: str, worker:
         assert record["v"] == 1 and record["state"] == "aborted" and record["job_id"] == job_id
         # The endpoint goes away right after the record is stored; until then it says so.
         deadline = time.monotonic() + WAIT
-        while (reply := client.rpc(job_id, {"intent": "status"})) != "unroutable":
+        while (reply := client.rpc(job_id, {"intent": "status"})) != "not found":
             assert reply["result"]["state"] == "aborted"
             assert time.monotonic() < deadline
 

@@ -247,14 +247,18 @@ class Raw:
 @pytest.fixture
 def make_worker(amqp_url: str, unique_name: str
                 ) -> Iterator[Callable[..., tuple[RabbitWorkerTransport, FakeHooks]]]:
-    """Factory: ``make_worker(capacity=8, only=None, url=None, **settings)`` -> (transport, hooks)."""
+    """Factory: ``make_worker(capacity=8, only=None, url=None, claim_after=0, **settings)``.
+
+    Returns (transport, hooks). ``claim_after=0`` claims every job before it starts, so raw
+    peers can address it at once; tests of the lazy claim pass another value.
+    """
     started: list[RabbitWorkerTransport] = []
 
     def make(capacity: int = 8, only: set[str] | None = None, url: str | None = None,
-             **settings: Any) -> tuple[RabbitWorkerTransport, FakeHooks]:
+             claim_after: float = 0, **settings: Any) -> tuple[RabbitWorkerTransport, FakeHooks]:
         name = f"{unique_name}-w{len(started)}"
         transport = RabbitWorkerTransport(settings_for(url or amqp_url, name, **settings),
-                                          host_info={"name": name})
+                                          host_info={"name": name}, claim_after=claim_after)
         hooks = FakeHooks(name, capacity, only)
         hooks.transport = transport
         started.append(transport)
@@ -322,9 +326,10 @@ def test_result_of_a_job_never_launched_is_none(client: RabbitClientTransport) -
 
 
 def test_a_second_worker_cannot_claim_a_claimed_job(make_worker: Any, client: RabbitClientTransport) -> None:
-    # Given a job claimed by the first worker, which has no free slot left
-    _, first = make_worker(capacity=1, only=set())
+    # Given a job claimed by the first worker, which takes no more launches
+    first_worker, first = make_worker(capacity=1, only=set())
     job_id = launched(client, first)
+    first_worker.stop_taking_work()  # (a launch of a job it runs would be dropped right there)
     # When the same launch reaches a second worker
     _, second = make_worker(only={job_id})
     client.launch(launch_body("fake", {}, job_id=job_id))
@@ -333,6 +338,100 @@ def test_a_second_worker_cannot_claim_a_claimed_job(make_worker: Any, client: Ra
     assert second.cancelled[0][0] == job_id and "another worker" in second.cancelled[0][1]
     assert second.begun == [] and second.active == set()
     assert client.rpc(job_id, {"intent": "status"}, 5)["worker"] == first.name
+
+
+def test_a_young_job_is_claimed_after_claim_after(make_worker: Any, client: RabbitClientTransport,
+                                                 amqp_url: str) -> None:
+    _, hooks = make_worker(only=set(), claim_after=0.5)
+    raw = Raw(amqp_url)
+    try:
+        job_id = launched(client, hooks)
+        began = time.monotonic()
+        # Unclaimed: a stock kiwipy client's RPC is unroutable (returned, no reply)...
+        raw.channel.confirm_delivery()
+        with pytest.raises(pika.exceptions.UnroutableError):
+            raw.channel.basic_publish(KIWIPY_EXCHANGE, rpc_routing_key(job_id), b'{"intent": "status"}',
+                                      pika.BasicProperties(content_type="application/json",
+                                                           reply_to=DIRECT_REPLY_TO), mandatory=True)
+        # ...until the worker claims it, claim_after seconds in
+        while True:
+            correlation_id = uuid.uuid4().hex
+            try:
+                raw.channel.basic_publish(
+                    KIWIPY_EXCHANGE, rpc_routing_key(job_id), b'{"intent": "status"}',
+                    pika.BasicProperties(content_type="application/json", reply_to=DIRECT_REPLY_TO,
+                                         correlation_id=correlation_id), mandatory=True)
+                break
+            except pika.exceptions.UnroutableError:
+                assert time.monotonic() - began < WAIT, "never claimed"
+                raw.connection.sleep(0.05)
+        assert time.monotonic() - began >= 0.4
+        assert raw.next_reply(correlation_id)[1] == {"result": {"job_id": job_id, "worker": hooks.name}}
+    finally:
+        raw.close()
+
+
+def test_an_rpc_reaches_a_young_job_through_every_worker_and_claims_it(
+        make_worker: Any, client: RabbitClientTransport) -> None:
+    _, idle = make_worker(capacity=0, only=set(), claim_after=600)  # takes no launches
+    worker, hooks = make_worker(only=set(), claim_after=600)
+    job_id = launched(client, hooks)
+    # Not claimed, yet the client's RPC finds it: the running worker answers, the idle one not
+    assert client.rpc(job_id, {"intent": "status"}, 5) == {"job_id": job_id, "worker": hooks.name}
+    # and the job is claimed now: its queue exists and routes the next RPC directly
+    assert client.rpc(job_id, {"intent": "echo", "value": 7}, 5) == 7
+    record = {"v": 1, "job_id": job_id, "state": "finished", "result": None}
+    worker.finish(job_id, record).result(WAIT)
+    assert client.fetch_result(job_id, 5) == record
+    with pytest.raises(JobNotFound):
+        client.rpc(job_id, {"intent": "status"}, 5)
+    assert idle.begun == []
+
+
+def test_a_young_job_finishes_without_a_claim_and_its_launch_is_acked(
+        make_worker: Any, client: RabbitClientTransport, amqp_url: str) -> None:
+    worker, hooks = make_worker(capacity=1, only=set(), claim_after=600)
+    first = launched(client, hooks)
+    record = {"v": 1, "job_id": first, "state": "finished", "result": 1}
+    worker.finish(first, record).result(WAIT)
+    hooks.release(first)
+    assert client.fetch_result(first, 0) == record  # the stream, read with a probe
+    second = launched(client, hooks)  # the slot and the prefetch were freed by the ack
+    worker.finish(second, {**record, "job_id": second}).result(WAIT)
+    hooks.release(second)
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        assert connection.channel().queue_declare(LAUNCH_QUEUE, passive=True).method.message_count == 0
+    finally:
+        connection.close()
+
+
+def test_a_launch_redelivered_after_its_worker_was_cut_off_has_one_owner(
+        make_worker: Any, client: RabbitClientTransport) -> None:
+    # Given a young job on a worker whose connection the broker closes
+    first_worker, first = make_worker(capacity=1, only=set(), claim_after=600)
+    job_id = launched(client, first)
+    second_worker, second = make_worker(only={job_id}, claim_after=600)
+    assert close_connections_named(first.name) == 1
+    # Then the launch goes back to the queue; the second worker claims it before running it,
+    # the first claims it on reconnecting: one of them wins, the other stands down
+    second.wait(lambda: job_id in second.begun or bool(second.cancelled), "the launch never came back")
+    owner_name = client.rpc(job_id, {"intent": "status"}, 5)["worker"]
+    if job_id in second.begun:  # the usual order: the second was consuming already
+        assert owner_name == second.name
+        owner, loser = second_worker, first_worker
+        deadline = time.monotonic() + WAIT
+        while job_id not in first_worker._silenced:  # it claims on reconnecting, and loses
+            assert time.monotonic() < deadline, "the first worker never stood down"
+            time.sleep(0.05)
+        loser.finish(job_id, {"v": 1, "job_id": job_id, "state": "aborted"}).result(WAIT)
+        assert client.fetch_result(job_id, 0) is None  # the loser stores nothing
+    else:
+        assert owner_name == first.name and "another worker" in second.cancelled[0][1]
+        owner = first_worker
+    record = {"v": 1, "job_id": job_id, "state": "finished", "result": 2}
+    owner.finish(job_id, record).result(WAIT)
+    assert client.fetch_result(job_id, 5) == record
 
 
 def test_launches_are_taken_only_while_there_is_free_capacity(

@@ -62,10 +62,11 @@ def transports(amqp_url: str, unique_name: str
     """Factory of worker transports with recording hooks; all closed at the end."""
     started: list[RabbitWorkerTransport] = []
 
-    def make(url: str | None = None, **settings: Any) -> tuple[RabbitWorkerTransport, FakeHooks]:
+    def make(url: str | None = None, claim_after: float = 0,
+             **settings: Any) -> tuple[RabbitWorkerTransport, FakeHooks]:
         name = f"{unique_name}-w{len(started)}"
         transport = RabbitWorkerTransport(settings_for(url or amqp_url, name, **settings),
-                                          host_info={"name": name})
+                                          host_info={"name": name}, claim_after=claim_after)
         hooks = FakeHooks(name, only=set())
         hooks.transport = transport
         started.append(transport)

@@ -152,7 +152,7 @@ def test_exported_members_are_sorted_and_complete() -> None:
     assert exported == sorted(exported)
     public = {name for name in dir(brokerexec) if not name.startswith("_")}
     modules = {"client", "codec", "constants", "errors", "handler", "job", "pool", "ports",
-               "protocol", "registry", "service", "states", "transport", "worker", "cli",
+               "protocol", "registry", "runner", "service", "states", "transport", "worker", "cli",
                "oneshot", "annotations", "display"}
     assert public - modules - set(exported) == set()
     for name in exported:

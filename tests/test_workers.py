@@ -102,3 +102,26 @@ def test_sigterm_past_the_grace_aborts_and_records_the_job(
         assert worker.terminate(timeout=WAIT) == 0
         with pytest.raises(JobAborted):
             job.result(5)
+
+
+def test_a_sigkilled_workers_unclaimed_job_runs_again_on_another_worker(
+        amqp_url: str, worker_process: Callable[..., Any]) -> None:
+    # Given a job running on a worker that has not claimed it yet (its launch unacknowledged)
+    doomed = worker_process("--claim-after", "600")
+    ends = Ends()
+    with Client(amqp_url) as client:
+        client.subscribe("state.forever.*", ends)
+        job = client.launch("forever", {"tick": 0.01})
+        ends.wait(job.id, "running")
+        # When that worker dies without a word
+        doomed.kill()
+        # Then the broker gives the launch to another worker, which claims it before running it
+        survivor = worker_process()
+        with ends.cond:
+            assert ends.cond.wait_for(lambda: ends.states[job.id].count("running") == 2, WAIT)
+        status = job.status()  # routed straight to its claimed queue
+        assert status["state"] == "running"
+        job.abort()
+        with pytest.raises(JobAborted):
+            job.result(WAIT)
+        assert job.record()["worker"]["pid"] == survivor.pid

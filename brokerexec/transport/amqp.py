@@ -120,6 +120,8 @@ class AmqpConnection:
         self._connected: asyncio.Event | None = None
         self._setups: dict[str, _SetupState] = {}
         self._outbox: deque[Outgoing] = deque()
+        self._posted: deque[Outgoing] = deque()  # from other threads, on the way to the outbox
+        self._post_scheduled = False
         self._outbox_wakeup: asyncio.Event | None = None
         self._dropped = 0
         self._closing = False
@@ -426,7 +428,21 @@ class AmqpConnection:
 
     def post(self, item: Outgoing) -> None:
         """Queue a fire-and-forget publish; ordered, kept across reconnects (any thread)."""
-        self.loop.call_soon_threadsafe(self._append, item)
+        if self.on_loop_thread():
+            self._take_posted()  # keep the order of what other threads posted before
+            self._append(item)
+            return
+        # One wake-up of the loop for a burst of posts, not one each: waking the loop
+        # writes to its self-pipe, a system call per message otherwise.
+        self._posted.append(item)
+        if not self._post_scheduled:
+            self._post_scheduled = True
+            self.loop.call_soon_threadsafe(self._take_posted)
+
+    def _take_posted(self) -> None:
+        self._post_scheduled = False  # before taking: a post racing with us schedules again
+        while self._posted:
+            self._append(self._posted.popleft())
 
     def _append(self, item: Outgoing) -> None:
         if len(self._outbox) >= self.OUTBOX_LIMIT:

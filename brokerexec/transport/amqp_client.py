@@ -12,8 +12,11 @@ import contextlib
 import itertools
 import logging
 import threading
+import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any
 
 import aio_pika
@@ -23,16 +26,22 @@ import aiormq.exceptions
 from .. import codec
 from ..constants import (
     CONTROL_EXCHANGE,
+    DEADLINE_MS_HEADER,
+    DEFAULT_LOCATE_TIMEOUT,
     DIRECT_REPLY_TO,
     EVENTS_EXCHANGE,
+    JOB_ID_HEADER,
     KIWIPY_EXCHANGE,
     LAUNCH_QUEUE,
+    PROBE_TYPE,
+    RECORD_TIME_MARGIN,
+    RECORD_TYPE,
+    RESULTS_STREAM,
     WORKERS_EXCHANGE,
-    result_queue,
     rpc_routing_key,
 )
 from ..errors import BrokerConnectionError, DecodeError, JobNotFound, Timeout
-from ..protocol import Event, result_from_reply
+from ..protocol import Event, deadline_header, job_time, result_from_reply
 from . import amqp_topology as topology
 from .amqp import AmqpConnection, ConnectionSettings
 from .base import ClientTransport
@@ -53,18 +62,34 @@ class _AmqpSubscription:
 
 
 class RabbitClientTransport(ClientTransport):
-    """See the module docstring."""
+    """See the module docstring.
 
-    def __init__(self, settings: ConnectionSettings) -> None:
+    Parameters:
+        settings: how to reach the broker.
+        locate_timeout: how long an RPC to a job not claimed yet waits for its worker.
+    """
+
+    #: How many records of jobs launched here are kept for ``fetch_result``.
+    RECORDS_KEPT = 10_000
+
+    def __init__(self, settings: ConnectionSettings, *,
+                 locate_timeout: float = DEFAULT_LOCATE_TIMEOUT) -> None:
         self.settings = settings
+        self.locate_timeout = locate_timeout
         self.connection = AmqpConnection(settings)
         #: correlation id -> what to do with each reply to it (on the loop thread)
         self._waiting: dict[str, Callable[[dict[str, Any]], None]] = {}
         self._local = threading.local()  # the fast RPC path: one pika channel per thread
         self._fast_all: list[Any] = []
         self._fast_lock = threading.Lock()
+        # Records of jobs launched here, pushed by their workers to our own queue.
+        self._records_queue = f"brokerexec.client.{uuid.uuid4().hex}"
+        self._records: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._launched_at: dict[str, int] = {}  # job id -> connection number at launch
+        self._records_changed = threading.Condition()
         self.connection.start()
         self.connection.add_setup("topology", topology.declare_all).result(30)
+        self.connection.add_setup("records", self._setup_records).result(30)
         self.connection.add_setup("rpc", self._setup_rpc, confirms=True).result(30)
 
     # ---- RPC -------------------------------------------------------------------------------
@@ -86,7 +111,8 @@ class RabbitClientTransport(ClientTransport):
         return None
 
     async def _publish_rpc(self, exchange: str, routing_key: str, body: dict[str, Any],
-                           correlation_id: str, mandatory: bool) -> None:
+                           correlation_id: str, mandatory: bool,
+                           headers: dict[str, Any] | None = None) -> None:
         await self.connection.wait_connected(self.settings.connect_timeout)
         channel = self.connection.channel_of("rpc")
         if channel is None:
@@ -95,26 +121,37 @@ class RabbitClientTransport(ClientTransport):
                   else await channel.get_exchange(exchange, ensure=False))
         await target.publish(aio_pika.Message(
             codec.encode(body), content_type=codec.JSON, correlation_id=correlation_id,
-            reply_to=DIRECT_REPLY_TO, delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT),
-            routing_key, mandatory=mandatory)
+            reply_to=DIRECT_REPLY_TO, delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+            headers=headers), routing_key, mandatory=mandatory)
 
     async def _rpc(self, job_id: str, body: dict[str, Any], timeout: float) -> Any:
         correlation_id = uuid.uuid4().hex
         final: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        answered = asyncio.Event()
 
         def deliver(reply: dict[str, Any]) -> None:
             # "pending" replies only say the final one follows; the deadline stays.
+            answered.set()
             if "pending" not in reply and not final.done():
                 final.set_result(reply)
 
         self._waiting[correlation_id] = deliver
+        not_found = JobNotFound(f"no worker holds job {job_id} (it ended, is still queued, "
+                                "or never existed)")
         try:
             try:
                 await self._publish_rpc(KIWIPY_EXCHANGE, rpc_routing_key(job_id), body,
                                         correlation_id, mandatory=True)
-            except aiormq.exceptions.DeliveryError:  # returned unroutable: nobody holds it
-                raise JobNotFound(f"no worker holds job {job_id} (it ended or never existed)"
-                                  ) from None
+            except aiormq.exceptions.DeliveryError:  # returned unroutable: not claimed (yet)
+                # Ask every worker; the one running the job claims it and answers. The
+                # deadline makes a late worker drop it rather than act after we gave up.
+                headers = {JOB_ID_HEADER: job_id, DEADLINE_MS_HEADER: deadline_header(self.locate_timeout)}
+                try:
+                    await self._publish_rpc(WORKERS_EXCHANGE, "", body, correlation_id,
+                                            mandatory=True, headers=headers)
+                    await asyncio.wait_for(answered.wait(), self.locate_timeout + 0.3)
+                except (aiormq.exceptions.DeliveryError, asyncio.TimeoutError):
+                    raise not_found from None
             return result_from_reply(await asyncio.wait_for(final, timeout))
         except asyncio.TimeoutError:
             raise Timeout(f"job {job_id} did not answer {body.get('intent')!r} "
@@ -147,7 +184,8 @@ class RabbitClientTransport(ClientTransport):
 
             try:
                 fast = PikaTransport(self.settings.plain_url(), connect_timeout=self.settings.connect_timeout,
-                                     name=f"{self.settings.name}-rpc", heartbeat=0)
+                                     name=f"{self.settings.name}-rpc", heartbeat=0,
+                                     locate_timeout=self.locate_timeout)
             except BrokerConnectionError:
                 return None
             self._local.pika = fast
@@ -158,9 +196,23 @@ class RabbitClientTransport(ClientTransport):
     # ---- launch, control ---------------------------------------------------------------------
 
     def launch(self, body: dict[str, Any]) -> None:
+        job_id = str(body.get("job_id"))
+        with self._records_changed:
+            self._launched_at[job_id] = self.connection.reconnects
+            while len(self._launched_at) > self.RECORDS_KEPT:
+                del self._launched_at[next(iter(self._launched_at))]
+        fast = self._fast_rpc()  # like RPCs: the calling thread's pika channel, no hop
+        if fast is not None:
+            try:
+                fast.launch(body, reply_to=self._records_queue)
+                return
+            except BrokerConnectionError:
+                self._local.pika = None
+                # Not confirmed: it may or may not be queued. Sending it again is safe,
+                # the job id is the same and a second launch of it is dropped at its claim.
         message = aio_pika.Message(codec.encode(body), content_type=codec.JSON,
                                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                                   message_id=str(body.get("job_id")))
+                                   message_id=job_id, reply_to=self._records_queue)
         self.connection.submit(self.connection.publish(
             "", LAUNCH_QUEUE, message, mandatory=True, timeout=self.settings.connect_timeout * 2)
         ).result()
@@ -201,47 +253,87 @@ class RabbitClientTransport(ClientTransport):
 
     # ---- results and the jobs query ---------------------------------------------------------
 
+    async def _setup_records(self, channel: aio_pika.abc.AbstractChannel) -> None:
+        # Exclusive: it goes with our connection. Records pushed while it was gone are
+        # found in the stream instead (fetch_result knows when to look there).
+        queue = await channel.declare_queue(self._records_queue, exclusive=True)
+        await queue.consume(self._on_record, no_ack=True)  # type: ignore[arg-type]
+
+    def _on_record(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        job_id = message.correlation_id or ""
+        try:
+            record, _ = codec.decode_object(message.body, message.content_type,
+                                            max_bytes=self.settings.max_message_bytes)
+        except DecodeError as exc:
+            log.warning("record of %s refused: %s", job_id, exc)
+            return
+        with self._records_changed:
+            self._records[job_id] = record
+            while len(self._records) > self.RECORDS_KEPT:
+                evicted, _ = self._records.popitem(last=False)
+                self._launched_at.pop(evicted, None)  # read from the stream from now on
+            self._records_changed.notify_all()
+
     def fetch_result(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
-        while True:  # a reconnect in the middle of waiting: wait again on the new connection
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._records_changed:
+            launched = self._launched_at.get(job_id)
+            # Launched here on the connection we still have: its worker pushes the record to
+            # us, so waiting here is enough. Otherwise the stream has it.
+            while launched == self.connection.reconnects and self.connection.connected:
+                if job_id in self._records:
+                    return self._records[job_id]
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if timeout == 0:
+                    break  # "has it ended?": the push may be on its way; the stream knows
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._records_changed.wait(1.0 if remaining is None else min(remaining, 1.0))
+        remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
+        while True:  # a reconnect in the middle of reading: read again on the new connection
             try:
-                return self.connection.submit(self._fetch_result(job_id, timeout)).result()
+                return self.connection.submit(self._read_records(job_id, remaining)).result()
             except (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
                     RuntimeError, asyncio.TimeoutError) as exc:
-                log.warning("fetching the result of %s interrupted (%r); again", job_id, exc)
+                log.warning("reading the record of %s interrupted (%r); again", job_id, exc)
 
-    async def _fetch_result(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
+    async def _read_records(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
+        """Read the records stream from the job's launch time until its record shows.
+
+        Without a wait (``timeout == 0``) we append a probe and stop when we read it back:
+        a stream has no end marker over AMQP 0-9-1, and everything stored before the probe
+        comes before it.
+        """
         await self.connection.wait_connected(self.settings.connect_timeout)
         assert self.connection._connection is not None
         channel = await asyncio.wait_for(
             self.connection._connection.channel(publisher_confirms=False), 10)
         try:
-            await asyncio.wait_for(topology.declare_result_queue(channel, job_id), 10)
-            queue = await channel.get_queue(result_queue(job_id), ensure=False)
-            if timeout == 0:
-                message = await queue.get(no_ack=False, fail=False)
-                if message is None:
-                    return None
-                await message.nack(requeue=True)
-                return codec.decode_object(message.body, message.content_type)[0]
-            found: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            await channel.set_qos(prefetch_count=500)  # streams need a prefetch
+            queue = await channel.get_queue(RESULTS_STREAM, ensure=False)
+            found: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
+            probe = f"probe-{uuid.uuid4().hex}" if timeout == 0 else None
 
-            async def take(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-                # Read it and put it back: the record stays for every other reader.
-                await message.nack(requeue=True)
-                if not found.done():
+            async def read(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+                await message.ack()
+                if found.done():
+                    return
+                if message.message_id == job_id and message.type == RECORD_TYPE:
                     try:
                         found.set_result(codec.decode_object(message.body, message.content_type)[0])
                     except DecodeError as exc:
                         found.set_exception(exc)
+                elif probe is not None and message.message_id == probe:
+                    found.set_result(None)
 
-            await channel.set_qos(prefetch_count=1)
-            tag = await queue.consume(take)
+            await queue.consume(read, arguments={"x-stream-offset": _stream_start(job_id)})
+            if probe is not None:
+                await channel.default_exchange.publish(aio_pika.Message(
+                    b"{}", content_type=codec.JSON, message_id=probe, type=PROBE_TYPE), RESULTS_STREAM)
             try:
-                return await asyncio.wait_for(asyncio.shield(found), timeout)
+                return await asyncio.wait_for(asyncio.shield(found), timeout if timeout else None)
             except asyncio.TimeoutError:
                 return None
-            finally:
-                await queue.cancel(tag)
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(channel.close(), 5)
@@ -279,3 +371,11 @@ class RabbitClientTransport(ClientTransport):
         self.connection.close()
 
 
+
+
+def _stream_start(job_id: str) -> Any:
+    """Where a reader of the records stream starts for ``job_id``: its launch time, if known."""
+    launched = job_time(job_id)
+    if launched is None:
+        return "first"
+    return datetime.fromtimestamp(launched - RECORD_TIME_MARGIN, tz=timezone.utc)

@@ -19,13 +19,16 @@ from ..constants import (
     CONTROL_STREAM,
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
+    DEADLINE_HEADER,
+    DEADLINE_MS_HEADER,
     EVENTS_EXCHANGE,
     KIWIPY_EXCHANGE,
     KIWIPY_MESSAGE_TTL_MS,
     LAUNCH_QUEUE,
-    RESULT_TTL_MS,
+    RESULTS_MAX_AGE,
+    RESULTS_SEGMENT_BYTES,
+    RESULTS_STREAM,
     WORKERS_EXCHANGE,
-    result_queue,
 )
 
 __all__ = [
@@ -34,10 +37,9 @@ __all__ = [
     "CONTROL_STREAM_ARGUMENTS",
     "EXCHANGES",
     "LAUNCH_QUEUE_ARGUMENTS",
-    "RESULT_QUEUE_ARGUMENTS",
+    "RESULTS_STREAM_ARGUMENTS",
     "RPC_QUEUE_ARGUMENTS",
     "declare_all",
-    "declare_result_queue",
     "expired",
 ]
 
@@ -51,8 +53,9 @@ EXCHANGES: Final = (
     (DEAD_LETTER_EXCHANGE, "fanout", True),
 )
 LAUNCH_QUEUE_ARGUMENTS: Final[dict[str, Any]] = {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}
-RESULT_QUEUE_ARGUMENTS: Final[dict[str, Any]] = {
-    "x-max-length": 1, "x-overflow": "drop-head", "x-expires": RESULT_TTL_MS}
+RESULTS_STREAM_ARGUMENTS: Final[dict[str, Any]] = {
+    "x-queue-type": "stream", "x-max-age": RESULTS_MAX_AGE,
+    "x-stream-max-segment-size-bytes": RESULTS_SEGMENT_BYTES}
 RPC_QUEUE_ARGUMENTS: Final[dict[str, Any]] = {"x-message-ttl": KIWIPY_MESSAGE_TTL_MS}
 BROADCAST_QUEUE_ARGUMENTS: Final[dict[str, Any]] = {"x-message-ttl": KIWIPY_MESSAGE_TTL_MS}
 CONTROL_STREAM_ARGUMENTS: Final[dict[str, Any]] = {
@@ -73,15 +76,13 @@ async def declare_all(channel: aio_pika.abc.AbstractChannel) -> None:
     control = await channel.declare_queue(CONTROL_STREAM, durable=True,
                                           arguments=CONTROL_STREAM_ARGUMENTS)
     await control.bind(exchanges[CONTROL_EXCHANGE], "")
-
-
-async def declare_result_queue(channel: aio_pika.abc.AbstractChannel, job_id: str) -> None:
-    """Declare the durable queue that keeps a job's final record."""
-    await channel.declare_queue(result_queue(job_id), durable=True,
-                                arguments=RESULT_QUEUE_ARGUMENTS)
+    await channel.declare_queue(RESULTS_STREAM, durable=True, arguments=RESULTS_STREAM_ARGUMENTS)
 
 
 def expired(message: aio_pika.abc.AbstractIncomingMessage) -> bool:
-    """True if the request carries an ``x-deadline`` header that has passed."""
-    deadline = (message.headers or {}).get("x-deadline")
-    return isinstance(deadline, int | float) and deadline < time.time()
+    """True if the request carries an ``x-deadline`` or ``x-deadline-ms`` that has passed."""
+    headers = message.headers or {}
+    deadline, deadline_ms = headers.get(DEADLINE_HEADER), headers.get(DEADLINE_MS_HEADER)
+    now = time.time()
+    return ((isinstance(deadline, int | float) and deadline < now)
+            or (isinstance(deadline_ms, int) and deadline_ms < now * 1000))

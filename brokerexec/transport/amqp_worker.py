@@ -1,9 +1,25 @@
 """The worker's side of the RabbitMQ transport (docs/protocol.md is its specification).
 
-Everything here runs on the connection's loop thread, the worker's *handler thread*: it
-decodes, calls the worker's hooks (which never block) and publishes replies. Launches are
-acknowledged as soon as the job is claimed, so no delivery stays unacknowledged while a job
-runs and RabbitMQ's ``consumer_timeout`` never applies to a job.
+**Who owns a job.** A job belongs to exactly one worker, and the proof of it lives in the
+broker, so it dies with the worker's connection:
+
+* at first, the unacknowledged delivery of its launch (RabbitMQ hands a message to one
+  consumer at a time, and gives it back if that consumer's channel goes);
+* once *claimed*, the exclusive queue ``brokerexec.rpc.<job id>``, which also receives the
+  job's RPCs. The launch is acknowledged right after the claim.
+
+A job is claimed when it has run ``claim_after`` seconds, when a client asks for it (an
+RPC it could not route, sent to every worker), when its launch comes back redelivered
+(claimed before it starts, so two workers never run it at once), and after a reconnect
+(its delivery is void then). A job shorter than ``claim_after`` never pays for a queue: a
+queue costs the broker more CPU than the rest of a trivial job together. Launches stay
+unacknowledged at most ``claim_after`` plus a claim, far below ``consumer_timeout``.
+
+A worker that loses a claim race (someone else claimed the job while this one was cut off)
+aborts its copy silently: no events, no record; the owner's are the job's.
+
+Records go to the stream ``brokerexec.results`` and, if the launch named a ``reply_to``,
+straight to the launching client.
 """
 
 from __future__ import annotations
@@ -13,9 +29,8 @@ import concurrent.futures as cf
 import contextlib
 import logging
 import time
-import traceback
 from collections import OrderedDict, deque
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
@@ -25,34 +40,56 @@ import aiormq.exceptions
 from .. import codec
 from ..constants import (
     BROADCAST_TOPIC,
+    DEFAULT_CLAIM_AFTER,
     EVENTS_EXCHANGE,
     KIWIPY_EXCHANGE,
     LAUNCH_QUEUE,
-    WORKERS_EXCHANGE,
-    result_queue,
+    RECORD_TYPE,
+    RESULTS_STREAM,
     rpc_queue,
     rpc_routing_key,
 )
-from ..errors import BrokerExecError, DecodeError
-from ..protocol import Event, parse_launch, reply_error, reply_pending, reply_result
+from ..errors import DecodeError
+from ..protocol import Event, parse_launch
 from . import amqp_topology as topology
 from .amqp import AmqpConnection, ConnectionSettings, Outgoing
+from .amqp_signals import WorkerSignals
 from .base import PreparedJob, WorkerHooks, WorkerTransport
 
 __all__ = ["RabbitWorkerTransport"]
 
 log = logging.getLogger(__name__)
 
-#: How many (reply_to, correlation_id) pairs are remembered to refuse duplicates.
-_RECENT_REQUESTS = 4096
+#: How many ended job ids a worker remembers, to drop their launches if they come back.
+_ENDED_KEPT = 10_000
 
 
-class RabbitWorkerTransport(WorkerTransport):
+@dataclass(eq=False)
+class _Owned:
+    """A job this worker runs, and what makes it this worker's."""
+
+    job: PreparedJob
+    delivery: aio_pika.abc.AbstractIncomingMessage | None  # the unacked launch, until claimed
+    generation: int  # of the launch channel that delivered it
+    reply_to: str | None
+    claimed: bool = False
+    claiming: asyncio.Task[bool] | None = None
+    superseded: bool = False
+    timer: asyncio.TimerHandle | None = None
+
+
+class RabbitWorkerTransport(WorkerSignals, WorkerTransport):
     """See the module docstring."""
 
-    def __init__(self, settings: ConnectionSettings, *, host_info: dict[str, Any]) -> None:
+    #: A launch that arrives while every slot is busy is held this long at most.
+    HOLD_SECONDS = 1.0
+
+    def __init__(self, settings: ConnectionSettings, *, host_info: dict[str, Any],
+                 claim_after: float = DEFAULT_CLAIM_AFTER) -> None:
+        super().__init__()
         self.settings = settings
         self.host_info = host_info
+        self.claim_after = claim_after
         self.connection = AmqpConnection(settings)
         self.hooks: WorkerHooks | None = None
         self._free = 0
@@ -60,10 +97,13 @@ class RabbitWorkerTransport(WorkerTransport):
         self._capacity = 1
         self._held: deque[tuple[aio_pika.abc.AbstractIncomingMessage, float]] = deque()
         self._taking_work = True
-        self._recent: OrderedDict[tuple[str, str], None] = OrderedDict()
-        self._stream_offset: int | None = None
-        self._listening_since: float | None = None
-        self._seen_control: OrderedDict[str, None] = OrderedDict()
+        self._owned: dict[str, _Owned] = {}  # loop thread only
+        self._silenced: set[str] = set()  # superseded jobs; read from computation threads
+        self._launch_generation = 0
+        self._refusal_reply_to: dict[str, str] = {}
+        # Jobs that ended here: their launch may still come back (redelivered after a
+        # reconnect, or held while the job ran) and must not run them again.
+        self._ended: OrderedDict[str, None] = OrderedDict()
 
     # ---- WorkerTransport -----------------------------------------------------------------
 
@@ -84,6 +124,8 @@ class RabbitWorkerTransport(WorkerTransport):
             self.connection.call(self._set_free, free)
 
     def publish_event(self, event: Event) -> None:
+        if event.job_id in self._silenced:
+            return  # a copy that lost its claim: the owner speaks for the job
         message = aio_pika.Message(codec.encode(event.encode()), content_type=codec.JSON,
                                    delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT)
         self.connection.post(Outgoing(EVENTS_EXCHANGE, event.routing_key, message))
@@ -95,19 +137,8 @@ class RabbitWorkerTransport(WorkerTransport):
                 delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT)))
 
     def finish(self, job_id: str, record: dict[str, Any]) -> cf.Future[None]:
-        return self.connection.submit(self._finish(job_id, record))
-
-    async def _finish(self, job_id: str, record: dict[str, Any]) -> None:
-        message = aio_pika.Message(codec.encode(record), content_type=codec.JSON,
-                                   delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-
-        async def declare(channel: aio_pika.abc.AbstractChannel) -> None:
-            await topology.declare_result_queue(channel, job_id)
-
-        await self.connection.publish_reliably("", result_queue(job_id), message, declare)
-        # Closing the job's channel cancels its consumer, and RabbitMQ deletes the
-        # auto-delete queue with it: the job id is free and unroutable from here on.
-        await self.connection._remove_setup(f"job:{job_id}", None)
+        reply_to = self._refusal_reply_to.get(job_id)  # set while a launch is being prepared
+        return self.connection.submit(self._finish(job_id, record, reply_to))
 
     def stop_taking_work(self) -> None:
         self._taking_work = False
@@ -116,20 +147,158 @@ class RabbitWorkerTransport(WorkerTransport):
     def close(self) -> None:
         self.connection.close()
 
+    # ---- ownership ---------------------------------------------------------------------------
+
+    def _delivery_valid(self, owned: _Owned) -> bool:
+        channel = self.connection.channel_of("launch")
+        return (owned.delivery is not None and owned.generation == self._launch_generation
+                and channel is not None and not channel.is_closed)
+
+    async def _ack_launch(self, owned: _Owned) -> None:
+        valid = self._delivery_valid(owned)
+        delivery, owned.delivery = owned.delivery, None
+        if delivery is not None and valid:
+            try:
+                await delivery.ack()
+            except Exception as exc:  # its channel went: it is redelivered and claimed there
+                log.warning("ack of the launch of %s failed: %r", owned.job.job_id, exc)
+
+    async def _ensure_claimed(self, owned: _Owned) -> bool:
+        """Claim ``owned`` once (callers share the attempt); False if it is someone else's."""
+        if owned.claimed:
+            return True
+        if owned.superseded:
+            return False
+        if owned.claiming is None:
+            owned.claiming = asyncio.get_running_loop().create_task(self._claim(owned))
+        try:
+            return await asyncio.shield(owned.claiming)
+        finally:
+            if owned.claiming is not None and owned.claiming.done() and not owned.claimed:
+                owned.claiming = None  # a failed attempt may be tried again
+
+    async def _claim(self, owned: _Owned) -> bool:
+        job_id = owned.job.job_id
+
+        async def setup(channel: aio_pika.abc.AbstractChannel) -> None:
+            queue = await channel.declare_queue(rpc_queue(job_id), exclusive=True, auto_delete=True,
+                                                arguments=topology.RPC_QUEUE_ARGUMENTS)
+            exchange = await channel.get_exchange(KIWIPY_EXCHANGE, ensure=False)
+            await queue.bind(exchange, rpc_routing_key(job_id))
+            await queue.consume(lambda message: self._on_rpc(job_id, message), no_ack=True)
+
+        await self.connection.wait_connected()
+        try:
+            await self.connection._add_setup(f"job:{job_id}", setup, None)
+        except aiormq.exceptions.ChannelLockedResource:
+            self._supersede(owned, "another worker claimed it")
+            await self._ack_launch(owned)  # a duplicate launch: dropped
+            return False
+        owned.claimed = True
+        if owned.timer is not None:
+            owned.timer.cancel()
+        await self._ack_launch(owned)
+        return True
+
+    async def _locate(self, job_id: str) -> bool:
+        owned = self._owned.get(job_id)
+        if owned is None:
+            return False
+        try:
+            return await self._ensure_claimed(owned)
+        except Exception as exc:
+            log.warning("claim of %s on request failed: %r", job_id, exc)
+            return False
+
+    def _claim_later(self, owned: _Owned, delay: float) -> None:
+        async def claim() -> None:
+            try:
+                await self._ensure_claimed(owned)
+            except Exception as exc:
+                if owned.job.job_id in self._owned:
+                    log.warning("claim of %s failed (%r); again in 1 s", owned.job.job_id, exc)
+                    self._claim_later(owned, 1.0)
+
+        owned.timer = self.connection.loop.call_later(
+            delay, lambda: self.connection._spawn(claim()))
+
+    def _supersede(self, owned: _Owned, reason: str) -> None:
+        assert self.hooks is not None
+        owned.superseded = True
+        self._silenced.add(owned.job.job_id)
+        if owned.timer is not None:
+            owned.timer.cancel()
+        log.warning("job %s stopped here: %s", owned.job.job_id, reason)
+        with contextlib.suppress(Exception):
+            self.hooks.on_rpc(owned.job.job_id, {"intent": "abort", "message": reason})
+
+    # ---- job ends ----------------------------------------------------------------------------
+
+    async def _finish(self, job_id: str, record: dict[str, Any], reply_to: str | None = None) -> None:
+        owned = self._owned.get(job_id)
+        delay = self.settings.backoff_initial
+        try:
+            while True:
+                if owned is not None and owned.superseded:
+                    return
+                try:
+                    # A delivery that went with its connection proves nothing; a claim does.
+                    if (owned is not None and not owned.claimed and not self._delivery_valid(owned)
+                            and not await self._ensure_claimed(owned)):
+                        return
+                    await self._store_record(job_id, record, owned.reply_to if owned else reply_to)
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    if self.connection._closing:
+                        raise
+                    log.warning("storing the record of %s failed (%r); retrying", job_id, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.settings.backoff_max)
+            if owned is not None and owned.claimed:
+                # Closing the job's channel cancels its consumer, and RabbitMQ deletes the
+                # auto-delete queue with it: the job id is free and unroutable from here on.
+                await self.connection._remove_setup(f"job:{job_id}", None)
+            elif owned is not None:
+                await self._ack_launch(owned)
+        finally:
+            if owned is not None:
+                if owned.timer is not None:
+                    owned.timer.cancel()
+                self._owned.pop(job_id, None)
+                self._silenced.discard(job_id)
+            self._ended[job_id] = None
+            if len(self._ended) > _ENDED_KEPT:
+                self._ended.popitem(last=False)
+
+    async def _store_record(self, job_id: str, record: dict[str, Any], reply_to: str | None) -> None:
+        body = codec.encode(record)
+        await self.connection.publish("", RESULTS_STREAM, aio_pika.Message(
+            body, content_type=codec.JSON, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=job_id, type=RECORD_TYPE))
+        if reply_to:  # the launching client waits for it: spare it a read of the stream
+            self.connection.post(Outgoing("", reply_to, aio_pika.Message(
+                body, content_type=codec.JSON, message_id=job_id, correlation_id=job_id,
+                type=RECORD_TYPE, delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT)))
+
     # ---- launches ------------------------------------------------------------------------
     #
     # The consumer's prefetch is the worker's concurrency. A launch that arrives while every
     # slot is busy is *held* (unacknowledged) for at most HOLD_SECONDS: short jobs free a slot
     # long before that and the held launch starts without a broker round trip. If it is still
     # held then, the worker is busy with long jobs: the held launches go back to the queue
-    # (for other workers) and the consumer is cancelled until a slot frees. So no delivery
-    # stays unacknowledged for long, and a running job never holds one at all.
-
-    HOLD_SECONDS = 1.0
+    # (for other workers) and the consumer is cancelled until a slot frees.
 
     async def _setup_launch(self, channel: aio_pika.abc.AbstractChannel) -> None:
+        self._launch_generation += 1
         self._consumer_tag = None
         self._held.clear()  # deliveries of a dead channel are the broker's again
+        for owned in list(self._owned.values()):
+            if not owned.claimed and not owned.superseded:
+                # Its launch went back to the queue with the old channel: claim it before
+                # another worker takes the launch again (the loser of that race stops).
+                self._claim_later(owned, 0)
         await channel.set_qos(prefetch_count=self._capacity)
         await self._consume_launches(channel)
 
@@ -180,6 +349,11 @@ class RabbitWorkerTransport(WorkerTransport):
                 await self._give_back_held(channel, cancel=self._free <= 0)
 
     async def _on_launch(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        if message.message_id in self._owned or message.message_id in self._ended:
+            await message.ack()  # its job runs or ran here: a launch come back, or a duplicate
+            if message.message_id in self._owned:
+                self._claim_later(self._owned[message.message_id], 0)
+            return
         if self._free <= 0 or not self._taking_work or self._held:
             if not self._taking_work:
                 await message.nack(requeue=True)
@@ -193,10 +367,15 @@ class RabbitWorkerTransport(WorkerTransport):
     async def _take(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         assert self.hooks is not None
         try:
-            launch, _ = codec.decode_object(message.body, message.content_type,
-                                            max_bytes=self.settings.max_message_bytes,
-                                            allow_yaml=False)
-            job = self.hooks.prepare(parse_launch(launch))
+            launch = parse_launch(codec.decode_object(
+                message.body, message.content_type, max_bytes=self.settings.max_message_bytes,
+                allow_yaml=False)[0])
+            if message.reply_to:  # a refusal's record goes to the launcher too
+                self._refusal_reply_to[launch["job_id"]] = message.reply_to
+            try:
+                job = self.hooks.prepare(launch)
+            finally:
+                self._refusal_reply_to.pop(launch["job_id"], None)
         except DecodeError as exc:
             log.warning("launch dead-lettered: %s", exc)
             await message.reject(requeue=False)
@@ -208,173 +387,34 @@ class RabbitWorkerTransport(WorkerTransport):
         if job is None:
             await message.ack()
             return
-        try:
-            await self._claim(job)
-        except aiormq.exceptions.ChannelLockedResource:
-            self.hooks.cancel(job, f"job {job.job_id} is claimed by another worker")
+        existing = self._owned.get(job.job_id)
+        if existing is not None or job.job_id in self._ended:
+            # A duplicate, or our own launch back after a reconnect (held meanwhile, maybe).
+            self.hooks.cancel(job, "it runs or ran here already")
             await message.ack()
+            if existing is not None and not existing.superseded:
+                self._claim_later(existing, 0)
             return
-        except Exception as exc:
-            self.hooks.cancel(job, f"claim failed: {exc!r}")
-            await message.nack(requeue=True)
-            return
-        await message.ack()
+        owned = _Owned(job, message, self._launch_generation, message.reply_to)
+        self._owned[job.job_id] = owned
+        if message.redelivered or self.claim_after <= 0:
+            # Someone had it before (a worker that died or was cut off, or one that gave it
+            # back): claim first, so two workers never run it at once. (claim_after=0 asks
+            # for that for every job.)
+            try:
+                claimed = await self._ensure_claimed(owned)
+            except Exception as exc:
+                claimed = False
+                log.warning("claim of %s failed: %r", job.job_id, exc)
+                if not owned.superseded:
+                    with contextlib.suppress(Exception):
+                        await message.nack(requeue=True)
+            if not claimed:
+                self._owned.pop(job.job_id, None)
+                self._silenced.discard(job.job_id)
+                self.hooks.cancel(job, f"job {job.job_id} is claimed by another worker"
+                                  if owned.superseded else "claim failed")
+                return
+        else:
+            self._claim_later(owned, self.claim_after)
         self.hooks.begin(job)
-
-    async def _claim(self, job: PreparedJob) -> None:
-        job_id = job.job_id
-
-        async def setup(channel: aio_pika.abc.AbstractChannel) -> None:
-            queue = await channel.declare_queue(rpc_queue(job_id), exclusive=True, auto_delete=True,
-                                                arguments=topology.RPC_QUEUE_ARGUMENTS)
-            exchange = await channel.get_exchange(KIWIPY_EXCHANGE, ensure=False)
-            await queue.bind(exchange, rpc_routing_key(job_id))
-            await queue.consume(lambda message: self._on_rpc(job_id, message), no_ack=True)
-
-        await self.connection._add_setup(f"job:{job_id}", setup, None)
-
-    # ---- RPC -------------------------------------------------------------------------------
-
-    async def _on_rpc(self, job_id: str, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        assert self.hooks is not None
-        reply_to, correlation_id = message.reply_to, message.correlation_id or ""
-        if not reply_to:
-            log.warning("RPC to job %s without reply_to: dropped, nothing executed", job_id)
-            return
-        fmt = "json"
-        try:
-            body, fmt = codec.decode_object(message.body, message.content_type,
-                                            max_bytes=self.settings.max_message_bytes)
-            if topology.expired(message):
-                log.info("RPC to job %s past its x-deadline: dropped", job_id)
-                return
-            if self._seen_before(reply_to, correlation_id):
-                raise DecodeError(f"duplicate correlation id {correlation_id!r}")
-            answer = self.hooks.on_rpc(job_id, body)
-        except Exception as exc:  # every failure is the sender's error reply, never ours
-            if not isinstance(exc, BrokerExecError):
-                log.info("RPC to job %s failed: %r", job_id, exc)
-            await self._reply(reply_to, correlation_id, reply_error(exc, _tb(exc)), fmt)
-            return
-        if isinstance(answer, cf.Future):
-            await self._reply(reply_to, correlation_id, reply_pending(), fmt)
-            loop = asyncio.get_running_loop()
-            answer.add_done_callback(lambda done: loop.call_soon_threadsafe(
-                lambda: loop.create_task(self._reply_outcome(reply_to, correlation_id, done, fmt))))
-        else:
-            await self._reply(reply_to, correlation_id, reply_result(answer), fmt)
-
-    async def _reply_outcome(self, reply_to: str, correlation_id: str, done: cf.Future[Any],
-                             fmt: str) -> None:
-        error = done.exception()
-        body = reply_error(error, _tb(error)) if error is not None else reply_result(done.result())
-        await self._reply(reply_to, correlation_id, body, fmt)
-
-    async def _reply(self, reply_to: str, correlation_id: str, body: dict[str, Any], fmt: str) -> None:
-        try:
-            encoded = codec.encode(body, fmt)
-        except ValueError as exc:
-            encoded = codec.encode(reply_error(exc), fmt)
-        message = aio_pika.Message(encoded, content_type=codec.content_type_for(fmt),
-                                   correlation_id=correlation_id)
-        try:
-            # Replies go through the default exchange: that reaches kiwipy's reply queues
-            # and RabbitMQ's direct reply-to alike.
-            await self.connection.publish("", reply_to, message, timeout=10)
-        except Exception as exc:
-            log.warning("reply to %s lost: %r", reply_to, exc)
-
-    def _seen_before(self, reply_to: str, correlation_id: str) -> bool:
-        if not correlation_id:
-            return False
-        key = (reply_to, correlation_id)
-        if key in self._recent:
-            return True
-        self._recent[key] = None
-        if len(self._recent) > _RECENT_REQUESTS:
-            self._recent.popitem(last=False)
-        return False
-
-    # ---- broadcasts, control, the jobs query ---------------------------------------------
-
-    async def _setup_broadcasts(self, channel: aio_pika.abc.AbstractChannel) -> None:
-        queue = await channel.declare_queue(exclusive=True, arguments=topology.BROADCAST_QUEUE_ARGUMENTS)
-        exchange = await channel.get_exchange(KIWIPY_EXCHANGE, ensure=False)
-        await queue.bind(exchange, BROADCAST_TOPIC)
-        await queue.consume(self._on_kiwipy_broadcast, no_ack=True)
-
-    async def _on_kiwipy_broadcast(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        try:
-            body, _ = codec.decode_object(message.body, message.content_type,
-                                          max_bytes=self.settings.max_message_bytes)
-        except DecodeError as exc:
-            log.debug("broadcast not for us or undecodable: %s", exc)  # plumpy tags !uuid etc.
-            return
-        subject = body.get("subject")
-        if not isinstance(subject, str) or subject.startswith("state_changed"):
-            return
-        inner = body.get("body")
-        control = {"intent": subject}
-        if isinstance(inner, dict) and isinstance(inner.get("service"), str):
-            control["service"] = inner["service"]
-        self._apply_control(control)
-
-    async def _setup_control(self, channel: aio_pika.abc.AbstractChannel) -> None:
-        queue = await channel.get_queue(topology.CONTROL_STREAM, ensure=False)
-        # First start: only what comes next. After a reconnect: everything since the last
-        # message seen (or, if none was, since we first listened), so a pause_all sent while
-        # this worker was cut off still arrives. message_id dedupes the overlap.
-        offset: Any
-        if self._stream_offset is not None:
-            offset = self._stream_offset + 1
-        elif self._listening_since is not None:
-            offset = datetime.fromtimestamp(self._listening_since - 1, tz=timezone.utc)
-        else:
-            offset, self._listening_since = "next", time.time()
-        await queue.consume(self._on_control, arguments={"x-stream-offset": offset})
-
-    async def _on_control(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        offset = (message.headers or {}).get("x-stream-offset")
-        if isinstance(offset, int):
-            self._stream_offset = offset
-        await message.ack()
-        if message.message_id:
-            if message.message_id in self._seen_control:
-                return
-            self._seen_control[message.message_id] = None
-            if len(self._seen_control) > _RECENT_REQUESTS:
-                self._seen_control.popitem(last=False)
-        try:
-            body, _ = codec.decode_object(message.body, message.content_type, allow_yaml=False,
-                                          max_bytes=self.settings.max_message_bytes)
-        except DecodeError as exc:
-            log.warning("control message refused: %s", exc)
-            return
-        self._apply_control(body)
-
-    def _apply_control(self, body: dict[str, Any]) -> None:
-        assert self.hooks is not None
-        try:
-            self.hooks.on_control(body)
-        except Exception as exc:
-            log.warning("control message %r refused: %s", body.get("intent"), exc)
-
-    async def _setup_workers(self, channel: aio_pika.abc.AbstractChannel) -> None:
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        exchange = await channel.get_exchange(WORKERS_EXCHANGE, ensure=False)
-        await queue.bind(exchange, "")
-        await queue.consume(self._on_workers_query, no_ack=True)
-
-    async def _on_workers_query(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        assert self.hooks is not None
-        if not message.reply_to:
-            return
-        answer = reply_result({"worker": self.host_info, "jobs": self.hooks.describe_jobs()})
-        await self._reply(message.reply_to, message.correlation_id or "", answer, "json")
-
-
-def _tb(exc: BaseException | None) -> str:
-    if exc is None or exc.__traceback__ is None or isinstance(exc, BrokerExecError):
-        return ""
-    return "".join(traceback.format_exception(exc))
-
