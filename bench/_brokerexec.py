@@ -111,6 +111,22 @@ def throughput_drive(url: str, target: None, n: int, batches: int) -> list[float
     return samples
 
 
+def throughput_drive_many(url: str, target: None, n: int, batches: int) -> list[float]:
+    """The same jobs launched as one sweep: every launch in flight at once."""
+    from brokerexec import Client
+
+    samples = []
+    with Client(url) as client:
+        client.launch("echo", {"value": 0}).result(TIMEOUT)  # warm
+        for _ in range(batches):
+            start = time.perf_counter()
+            jobs = client.launch_many("echo", [{"value": i} for i in range(n)])
+            for job in jobs:
+                job.result(TIMEOUT)
+            samples.append(time.perf_counter() - start)
+    return samples
+
+
 # ---- broadcast: serve(url, subscribers, processes); drive(url, target, rounds) -> s per round
 
 
@@ -142,8 +158,12 @@ def cli_drive(url: str, job_id: str) -> list[str]:
 
 
 RPC = Contender("brokerexec Job.status() through Client", rpc_serve, rpc_drive)
-THROUGHPUT = Contender(f"brokerexec, {SLOTS_PER_PROCESS} job slots per worker process",
+THROUGHPUT = Contender(f"brokerexec, {SLOTS_PER_PROCESS} job slots per worker process, "
+                       "`launch()` in a loop (each launch confirmed before the next)",
                        throughput_serve, throughput_drive)
+THROUGHPUT_MANY = Contender(f"brokerexec, {SLOTS_PER_PROCESS} job slots per worker process, "
+                            "`launch_many()` (one sweep, confirms awaited together)",
+                            throughput_serve, throughput_drive_many)
 BROADCAST = Contender("brokerexec pause_all until every job reports paused",
                       broadcast_serve, broadcast_drive)
 CLI = Contender("brokerexec status ID", rpc_serve, cli_drive)

@@ -165,6 +165,7 @@ CONTENDERS: dict[str, Contender] = {
                         celery_prefork, drive_celery),
 }
 CONTENDERS["brokerexec"] = _brokerexec.THROUGHPUT
+CONTENDERS["brokerexec-many"] = _brokerexec.THROUGHPUT_MANY
 
 
 def run(url: str, args: argparse.Namespace) -> list[Row]:

@@ -47,6 +47,8 @@ RESULTS_SEGMENT_BYTES: Final = 8_000_000
 #: AMQP ``type`` of a record, and of a probe a reader appends to find the stream's end.
 RECORD_TYPE: Final = "brokerexec.record"
 PROBE_TYPE: Final = "brokerexec.probe"
+#: AMQP ``type`` of the ``state_changed`` broadcasts jobs send for kiwipy tools.
+STATE_CHANGED_TYPE: Final = "brokerexec.state_changed"
 #: Readers start at the job id's launch time minus this margin (clock skew, seconds).
 RECORD_TIME_MARGIN: Final = 60.0
 #: Per-job exclusive RPC queue prefix: ``brokerexec.rpc.<job id>`` (its exclusivity is

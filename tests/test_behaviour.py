@@ -100,6 +100,15 @@ def test_launch_and_result(make_client: Callable[[int], Client]) -> None:
     assert record["end"] >= record["start"]
 
 
+def test_launch_many_queues_a_sweep_and_every_job_ends(make_client: Callable[[int], Client]) -> None:
+    client = make_client(4)
+    jobs = client.launch_many("counter", [{"steps": n} for n in range(1, 41)], progress_delta=5)
+    assert len({job.id for job in jobs}) == 40 and all(job.service == "counter" for job in jobs)
+    assert [job.result(WAIT)["count"] for job in jobs] == list(range(1, 41))
+    # and each record is there for a reader that did not launch them
+    assert jobs[-1].record(0)["result"]["count"] == 40
+
+
 def test_a_failed_job_raises_remote_error_with_type_and_traceback(
         make_client: Callable[[int], Client]) -> None:
     client = make_client(4)

@@ -21,7 +21,13 @@ import aio_pika
 import aio_pika.abc
 
 from .. import codec
-from ..constants import BROADCAST_TOPIC, JOB_ID_HEADER, KIWIPY_EXCHANGE, WORKERS_EXCHANGE
+from ..constants import (
+    BROADCAST_TOPIC,
+    JOB_ID_HEADER,
+    KIWIPY_EXCHANGE,
+    STATE_CHANGED_TYPE,
+    WORKERS_EXCHANGE,
+)
 from ..errors import BrokerExecError, DecodeError
 from ..protocol import reply_error, reply_pending, reply_result
 from . import amqp_topology as topology
@@ -125,6 +131,8 @@ class WorkerSignals(abc.ABC):
         await queue.consume(self._on_kiwipy_broadcast, no_ack=True)
 
     async def _on_kiwipy_broadcast(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        if message.type == STATE_CHANGED_TYPE:
+            return  # a job's state_changed: for kiwipy tools, never for workers
         try:
             body, _ = codec.decode_object(message.body, message.content_type,
                                           max_bytes=self.settings.max_message_bytes)

@@ -46,6 +46,7 @@ from ..constants import (
     LAUNCH_QUEUE,
     RECORD_TYPE,
     RESULTS_STREAM,
+    STATE_CHANGED_TYPE,
     rpc_queue,
     rpc_routing_key,
 )
@@ -126,15 +127,14 @@ class RabbitWorkerTransport(WorkerSignals, WorkerTransport):
     def publish_event(self, event: Event) -> None:
         if event.job_id in self._silenced:
             return  # a copy that lost its claim: the owner speaks for the job
-        message = aio_pika.Message(codec.encode(event.encode()), content_type=codec.JSON,
-                                   delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT)
-        self.connection.post(Outgoing(EVENTS_EXCHANGE, event.routing_key, message))
+        self.connection.post(Outgoing.json(EVENTS_EXCHANGE, event.routing_key,
+                                           codec.encode(event.encode())))
         if event.kind == "state":  # what plumpy processes broadcast, for kiwipy tools
             body = {"body": None, "sender": event.job_id, "correlation_id": None,
                     "subject": f"state_changed.{event.data.get('from')}.{event.data.get('to')}"}
-            self.connection.post(Outgoing(KIWIPY_EXCHANGE, BROADCAST_TOPIC, aio_pika.Message(
-                codec.encode(body), content_type=codec.JSON,
-                delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT)))
+            # Typed, so workers (which hear every kiwipy broadcast) skip it undecoded.
+            self.connection.post(Outgoing.json(KIWIPY_EXCHANGE, BROADCAST_TOPIC, codec.encode(body),
+                                               message_type=STATE_CHANGED_TYPE))
 
     def finish(self, job_id: str, record: dict[str, Any]) -> cf.Future[None]:
         reply_to = self._refusal_reply_to.get(job_id)  # set while a launch is being prepared
@@ -278,9 +278,8 @@ class RabbitWorkerTransport(WorkerSignals, WorkerTransport):
             body, content_type=codec.JSON, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=job_id, type=RECORD_TYPE))
         if reply_to:  # the launching client waits for it: spare it a read of the stream
-            self.connection.post(Outgoing("", reply_to, aio_pika.Message(
-                body, content_type=codec.JSON, message_id=job_id, correlation_id=job_id,
-                type=RECORD_TYPE, delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT)))
+            self.connection.post(Outgoing.json("", reply_to, body, message_id=job_id,
+                                               correlation_id=job_id, message_type=RECORD_TYPE))
 
     # ---- launches ------------------------------------------------------------------------
     #

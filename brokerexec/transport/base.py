@@ -115,6 +115,11 @@ class ClientTransport(abc.ABC):
     def launch(self, body: dict[str, Any]) -> None:
         """Queue a launch durably; returns once the broker has it."""
 
+    def launch_many(self, bodies: list[dict[str, Any]]) -> None:
+        """Queue many launches durably; returns once the broker has them all."""
+        for body in bodies:
+            self.launch(body)
+
     @abc.abstractmethod
     def rpc(self, job_id: str, body: dict[str, Any], timeout: float) -> Any:
         """Send an RPC to a job and return its final value (``pending`` replies are waited out).
