@@ -440,11 +440,17 @@ class ServiceHandler:
 
     def _emit(self, kind: str, data: dict[str, Any]) -> None:
         if not self._abandoned:
-            self._emit_fn(kind, data)
+            self._send(kind, data)
 
     def _on_transition(self, transition: Transition) -> None:
         # Not muted when abandoned: the abandoning transition itself must be reported.
-        self._emit_fn("state", transition.to_wire())
+        self._send("state", transition.to_wire())
+
+    def _send(self, kind: str, data: dict[str, Any]) -> None:
+        try:
+            self._emit_fn(kind, data)
+        except Exception:  # a failing transport must not end the computation unreported
+            log.exception("job %s: emitting a %s message failed", self.name, kind)
 
 
 def check_delta(name: str, value: Any) -> float:

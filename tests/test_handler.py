@@ -514,3 +514,21 @@ def test_abort_reaches_a_computation_waiting_in_imap() -> None:
     assert handler.join(WAIT)["state"] == "aborted"
     never.set()
     pool.shutdown()
+
+
+class _Quick(Service):
+    name = "quick"
+
+    def run(self, handler: ServiceHandler, request: dict[str, Any]) -> Any:
+        handler.ready()
+        return 7
+
+
+def test_a_failing_emit_never_ends_the_computation_unreported() -> None:
+    def broken(kind: str, data: dict[str, Any]) -> None:
+        raise RuntimeError("transport gone")
+
+    handler = ServiceHandler(broken, name="broken-emit")
+    handler.start(_Quick(), {})
+    outcome = handler.outcome.result(WAIT)  # the transitions' emits failed; the job still ended
+    assert outcome["state"] == "finished" and outcome["result"] == 7
