@@ -198,6 +198,8 @@ class RabbitWorkerTransport(WorkerSignals, WorkerTransport):
         if owned.timer is not None:
             owned.timer.cancel()
         await self._ack_launch(owned)
+        if self._owned.get(job_id) is not owned:  # it ended while we claimed: let go at once
+            await self.connection._remove_setup(f"job:{job_id}", None)
         return True
 
     async def _locate(self, job_id: str) -> bool:
