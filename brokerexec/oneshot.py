@@ -19,7 +19,6 @@ import contextlib
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
 from typing import Any
 
 import pika
@@ -36,14 +35,13 @@ from .constants import (
     KIWIPY_EXCHANGE,
     LAUNCH_QUEUE,
     PROBE_TYPE,
-    RECORD_TIME_MARGIN,
     RECORD_TYPE,
     RESULTS_STREAM,
     WORKERS_EXCHANGE,
     rpc_routing_key,
 )
 from .errors import BrokerConnectionError, BrokerExecError, DecodeError, JobNotFound, Timeout
-from .protocol import Event, deadline_header, job_time, result_from_reply
+from .protocol import Event, deadline_header, result_from_reply
 from .transport import amqp_topology as topology
 from .transport.base import ClientTransport, Subscription, redacted_url
 
@@ -252,7 +250,7 @@ class PikaTransport(ClientTransport):
             try:
                 channel.basic_qos(prefetch_count=500)  # streams need a prefetch
                 channel.basic_consume(RESULTS_STREAM, read,
-                                      arguments={"x-stream-offset": _stream_start(job_id)})
+                                      arguments={"x-stream-offset": topology.records_offset(job_id)})
             except pika.exceptions.ChannelClosedByBroker as exc:
                 if exc.reply_code == _NOT_FOUND:
                     return None  # no worker or launch has ever declared it: no record
@@ -294,13 +292,6 @@ class PikaTransport(ClientTransport):
             if self.connection.is_open:
                 self.connection.close()
 
-
-def _stream_start(job_id: str) -> Any:
-    """Where a reader of the records stream starts for ``job_id``: its launch time, if known."""
-    launched = job_time(job_id)
-    if launched is None:
-        return "first"
-    return datetime.fromtimestamp(launched - RECORD_TIME_MARGIN, tz=timezone.utc)
 
 
 def _reply_code(exc: BaseException) -> int | None:

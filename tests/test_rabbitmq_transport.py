@@ -87,6 +87,7 @@ class FakeHooks:
         self.begun: list[str] = []
         self.cancelled: list[tuple[str, str]] = []
         self.controls: list[dict[str, Any]] = []
+        self.rpcs: list[tuple[str, Any]] = []  # (job id, intent), as they came
         self.pending: list[cf.Future[Any]] = []
         self.active: set[str] = set()
         self.most_active = 0
@@ -136,6 +137,9 @@ class FakeHooks:
         self._tell_free()
 
     def on_rpc(self, job_id: str, body: dict[str, Any]) -> Any:
+        with self.cond:
+            self.rpcs.append((job_id, body.get("intent")))
+            self._changed()
         if job_id not in self.begun:
             raise JobNotFound(f"job {job_id} is not running on {self.name}")
         intent = body.get("intent")
@@ -420,10 +424,9 @@ def test_a_launch_redelivered_after_its_worker_was_cut_off_has_one_owner(
     if job_id in second.begun:  # the usual order: the second was consuming already
         assert owner_name == second.name
         owner, loser = second_worker, first_worker
-        deadline = time.monotonic() + WAIT
-        while job_id not in first_worker._silenced:  # it claims on reconnecting, and loses
-            assert time.monotonic() < deadline, "the first worker never stood down"
-            time.sleep(0.05)
+        # it claims on reconnecting, loses, and aborts its copy
+        first.wait(lambda: (job_id, "abort") in first.rpcs, "the first worker never stood down")
+        assert job_id in first_worker._silenced
         loser.finish(job_id, {"v": 1, "job_id": job_id, "state": "aborted"}).result(WAIT)
         assert client.fetch_result(job_id, 0) is None  # the loser stores nothing
     else:

@@ -16,7 +16,6 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from datetime import datetime, timezone
 from typing import Any
 
 import aio_pika
@@ -34,14 +33,13 @@ from ..constants import (
     KIWIPY_EXCHANGE,
     LAUNCH_QUEUE,
     PROBE_TYPE,
-    RECORD_TIME_MARGIN,
     RECORD_TYPE,
     RESULTS_STREAM,
     WORKERS_EXCHANGE,
     rpc_routing_key,
 )
 from ..errors import BrokerConnectionError, DecodeError, JobNotFound, Timeout
-from ..protocol import Event, deadline_header, job_time, result_from_reply
+from ..protocol import Event, deadline_header, result_from_reply
 from . import amqp_topology as topology
 from .amqp import AmqpConnection, ConnectionSettings
 from .base import ClientTransport
@@ -196,11 +194,7 @@ class RabbitClientTransport(ClientTransport):
     # ---- launch, control ---------------------------------------------------------------------
 
     def launch(self, body: dict[str, Any]) -> None:
-        job_id = str(body.get("job_id"))
-        with self._records_changed:
-            self._launched_at[job_id] = self.connection.reconnects
-            while len(self._launched_at) > self.RECORDS_KEPT:
-                del self._launched_at[next(iter(self._launched_at))]
+        self._note_launched([body])
         fast = self._fast_rpc()  # like RPCs: the calling thread's pika channel, no hop
         if fast is not None:
             try:
@@ -208,27 +202,31 @@ class RabbitClientTransport(ClientTransport):
                 return
             except BrokerConnectionError:
                 self._local.pika = None
-                # Not confirmed: it may or may not be queued. Sending it again is safe,
-                # the job id is the same and a second launch of it is dropped at its claim.
-        message = aio_pika.Message(codec.encode(body), content_type=codec.JSON,
-                                   delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                                   message_id=job_id, reply_to=self._records_queue)
-        self.connection.submit(self.connection.publish(
-            "", LAUNCH_QUEUE, message, mandatory=True, timeout=self.settings.connect_timeout * 2)
-        ).result()
+                # Not confirmed: it may or may not be queued. Sending it again is safe: the
+                # job id is the same, and of two runs of it only one keeps going once claimed.
+        self._publish_launches([body])
 
     def launch_many(self, bodies: list[dict[str, Any]]) -> None:
-        # All in flight at once, confirms awaited together: one round trip, not one each.
+        self._note_launched(bodies)
+        self._publish_launches(bodies)
+
+    def _note_launched(self, bodies: list[dict[str, Any]]) -> None:
+        """Remember the connection each job was launched on: its record is pushed to us."""
         with self._records_changed:
             for body in bodies:
                 self._launched_at[str(body.get("job_id"))] = self.connection.reconnects
+            while len(self._launched_at) > self.RECORDS_KEPT:
+                del self._launched_at[next(iter(self._launched_at))]
+
+    def _publish_launches(self, bodies: list[dict[str, Any]]) -> None:
+        """On the loop thread, all in flight at once, confirms awaited together."""
         messages = [aio_pika.Message(codec.encode(body), content_type=codec.JSON,
                                      delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                                      message_id=str(body.get("job_id")), reply_to=self._records_queue)
                     for body in bodies]
+        timeout = self.settings.connect_timeout * 2 + len(messages) / 1000
 
         async def send_all() -> None:
-            timeout = self.settings.connect_timeout * 2 + len(messages) / 1000
             await asyncio.gather(*[self.connection.publish("", LAUNCH_QUEUE, message, mandatory=True,
                                                            timeout=timeout) for message in messages])
 
@@ -343,7 +341,7 @@ class RabbitClientTransport(ClientTransport):
                 elif probe is not None and message.message_id == probe:
                     found.set_result(None)
 
-            await queue.consume(read, arguments={"x-stream-offset": _stream_start(job_id)})
+            await queue.consume(read, arguments={"x-stream-offset": topology.records_offset(job_id)})
             if probe is not None:
                 await channel.default_exchange.publish(aio_pika.Message(
                     b"{}", content_type=codec.JSON, message_id=probe, type=PROBE_TYPE), RESULTS_STREAM)
@@ -389,10 +387,3 @@ class RabbitClientTransport(ClientTransport):
 
 
 
-
-def _stream_start(job_id: str) -> Any:
-    """Where a reader of the records stream starts for ``job_id``: its launch time, if known."""
-    launched = job_time(job_id)
-    if launched is None:
-        return "first"
-    return datetime.fromtimestamp(launched - RECORD_TIME_MARGIN, tz=timezone.utc)

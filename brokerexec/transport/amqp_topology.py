@@ -8,6 +8,7 @@ channel of anyone who declares an existing object with other arguments
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:  # aio-pika is imported where it is used: the one-shot CLI client
@@ -25,11 +26,13 @@ from ..constants import (
     KIWIPY_EXCHANGE,
     KIWIPY_MESSAGE_TTL_MS,
     LAUNCH_QUEUE,
+    RECORD_TIME_MARGIN,
     RESULTS_MAX_AGE,
     RESULTS_SEGMENT_BYTES,
     RESULTS_STREAM,
     WORKERS_EXCHANGE,
 )
+from ..protocol import job_time
 
 __all__ = [
     "BROADCAST_QUEUE_ARGUMENTS",
@@ -41,6 +44,7 @@ __all__ = [
     "RPC_QUEUE_ARGUMENTS",
     "declare_all",
     "expired",
+    "records_offset",
 ]
 
 #: (name, type, durable). kiwipy's exchange is topic, not durable, not auto-deleted,
@@ -86,3 +90,11 @@ def expired(message: aio_pika.abc.AbstractIncomingMessage) -> bool:
     now = time.time()
     return ((isinstance(deadline, int | float) and deadline < now)
             or (isinstance(deadline_ms, int) and deadline_ms < now * 1000))
+
+
+def records_offset(job_id: str) -> Any:
+    """Where a reader of the records stream starts for ``job_id``: its launch time, if known."""
+    launched = job_time(job_id)
+    if launched is None:
+        return "first"
+    return datetime.fromtimestamp(launched - RECORD_TIME_MARGIN, tz=timezone.utc)
