@@ -49,6 +49,15 @@ RECORD_TYPE: Final = "brokerexec.record"
 PROBE_TYPE: Final = "brokerexec.probe"
 #: AMQP ``type`` of the ``state_changed`` broadcasts jobs send for kiwipy tools.
 STATE_CHANGED_TYPE: Final = "brokerexec.state_changed"
+#: Workers hear kiwipy broadcasts through these, so that the broker, not each worker, drops
+#: the ``state_changed`` broadcasts of jobs (two per job, for every worker process): a
+#: headers exchange bound to kiwipy's with ``[broadcast]`` sends the messages carrying
+#: ``STATE_CHANGED_HEADER`` to a dead end and everything else, unroutable there, to its
+#: alternate exchange, a fanout the workers' broadcast queues are bound to.
+KIWIPY_FILTER_EXCHANGE: Final = "brokerexec.kiwipy-broadcasts"
+KIWIPY_OTHERS_EXCHANGE: Final = "brokerexec.kiwipy-broadcasts.others"
+DISCARD_EXCHANGE: Final = "brokerexec.discard"
+STATE_CHANGED_HEADER: Final = ("brokerexec-kind", "state_changed")
 #: Readers start at the job id's launch time minus this margin (clock skew, seconds).
 RECORD_TIME_MARGIN: Final = 60.0
 #: Per-job exclusive RPC queue prefix: ``brokerexec.rpc.<job id>`` (its exclusivity is

@@ -19,7 +19,6 @@ import concurrent.futures as cf
 import contextlib
 import logging
 import threading
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -27,11 +26,12 @@ from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
 import aio_pika
 import aio_pika.abc
-from pamqp import commands as spec
+import aiormq.abc
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
 
 from ..constants import DEFAULT_HEARTBEAT, DEFAULT_URL, MAX_MESSAGE_BYTES
 from ..errors import BrokerConnectionError
+from .amqp_outbox import Outbox, Outgoing
 from .base import redacted_url
 
 __all__ = ["AmqpConnection", "ConnectionSettings", "Outgoing", "Setup"]
@@ -87,27 +87,6 @@ class ConnectionSettings:
         return redacted_url(self.url)
 
 
-@dataclass
-class Outgoing:
-    """A message for :meth:`AmqpConnection.post` (fire-and-forget, ordered).
-
-    Body and AMQP properties as aiormq sends them: the outbox carries every event a job
-    emits, and building an ``aio_pika.Message`` for each cost a worker more than sending it.
-    """
-
-    exchange: str
-    routing_key: str
-    body: bytes
-    properties: spec.Basic.Properties
-
-    @classmethod
-    def json(cls, exchange: str, routing_key: str, body: bytes, **properties: Any) -> Outgoing:
-        """A JSON message, not persistent unless ``delivery_mode=2`` is given."""
-        properties.setdefault("delivery_mode", 1)
-        return cls(exchange, routing_key, body,
-                   spec.Basic.Properties(content_type="application/json", **properties))
-
-
 class _SetupState:
     def __init__(self, key: str, setup: Setup, prefetch: int | None, confirms: bool = False) -> None:
         self.key = key
@@ -121,22 +100,18 @@ class _SetupState:
 class AmqpConnection:
     """See the module docstring."""
 
-    OUTBOX_LIMIT = 10_000
-
     def __init__(self, settings: ConnectionSettings) -> None:
         self.settings = settings
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, daemon=True,
                                         name=f"brokerexec-amqp-{settings.name}")
         self._connection: aio_pika.abc.AbstractConnection | None = None
-        self._publisher: aio_pika.abc.AbstractChannel | None = None
+        self._publisher: aio_pika.abc.AbstractChannel | None = None  # confirms on
+        self._outbox_channel: aiormq.abc.AbstractChannel | None = None  # the outbox's
+        self._confirm_channel: aiormq.abc.AbstractChannel | None = None  # the outbox's
         self._connected: asyncio.Event | None = None
         self._setups: dict[str, _SetupState] = {}
-        self._outbox: deque[Outgoing] = deque()
-        self._posted: deque[Outgoing] = deque()  # from other threads, on the way to the outbox
-        self._post_scheduled = False
-        self._outbox_wakeup: asyncio.Event | None = None
-        self._dropped = 0
+        self.outbox = Outbox(self.loop, self.on_loop_thread)
         self._closing = False
         self._supervisor: asyncio.Task[None] | None = None
         self._drainer: asyncio.Task[None] | None = None
@@ -165,9 +140,14 @@ class AmqpConnection:
 
     def _start_supervisor(self, first: cf.Future[None]) -> None:
         self._connected = asyncio.Event()
-        self._outbox_wakeup = asyncio.Event()
         self._supervisor = self.loop.create_task(self._supervise(first))
-        self._drainer = self.loop.create_task(self._drain_outbox())
+        self._drainer = self.loop.create_task(
+            self.outbox.run(self._outbox_channels, self.settings.backoff_initial))
+
+    def _outbox_channels(self) -> tuple[aiormq.abc.AbstractChannel, aiormq.abc.AbstractChannel] | None:
+        if not self.connected or self._outbox_channel is None or self._confirm_channel is None:
+            return None
+        return self._outbox_channel, self._confirm_channel
 
     def close(self, flush: float = 5.0) -> None:
         """Flush the outbox (up to ``flush`` seconds), then close and stop the thread."""
@@ -175,17 +155,13 @@ class AmqpConnection:
             return
         if flush > 0:
             with contextlib.suppress(cf.TimeoutError, RuntimeError):
-                self.submit(self._wait_outbox_empty()).result(flush)
+                self.submit(self.outbox.wait_empty()).result(flush)
         with contextlib.suppress(cf.TimeoutError, RuntimeError):
             self.submit(self._shutdown()).result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
         if not self._thread.is_alive():
             self.loop.close()
-
-    async def _wait_outbox_empty(self) -> None:
-        while self._outbox:
-            await asyncio.sleep(0.01)
 
     async def _shutdown(self) -> None:
         self._closing = True
@@ -235,12 +211,16 @@ class AmqpConnection:
             try:
                 self._publisher = await connection.channel(publisher_confirms=True,
                                                            on_return_raises=True)
+                # The outbox's own channels: it numbers the publishes on the confirm one.
+                outbox_channel = await connection.channel(publisher_confirms=False)
+                self._outbox_channel = await outbox_channel.get_underlay_channel()
+                confirm_channel = await connection.channel(publisher_confirms=True)
+                self._confirm_channel = await confirm_channel.get_underlay_channel()
                 for state in list(self._setups.values()):
                     if not state.removed:
                         await self._open_or_retry_later(state)
                 self._connected.set()
-                if self._outbox_wakeup is not None:
-                    self._outbox_wakeup.set()
+                self.outbox.post_wakeup()
                 if not first.done():
                     first.set_result(None)
                 await closed.wait()
@@ -251,7 +231,7 @@ class AmqpConnection:
                             self.settings.redacted_url(), exc)
             finally:
                 self._connected.clear()
-                self._publisher = None
+                self._publisher = self._outbox_channel = self._confirm_channel = None
             if not self._closing:
                 self.reconnects += 1
                 log.warning("connection to %s lost; reconnecting", self.settings.redacted_url())
@@ -439,61 +419,20 @@ class AmqpConnection:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.backoff_max)
 
+    async def publish_confirmed(self, items: list[Outgoing], timeout: float = 30) -> None:
+        """Publish ``items`` with the outbox's next batch; return once all are confirmed.
+
+        The cheap form of :meth:`publish` for the hot path (a job's record). Raises
+        ``BrokerConnectionError`` if not connected or the connection goes before the confirms.
+        """
+        if not self.connected:
+            raise BrokerConnectionError("not connected")
+        confirms = [self.outbox.publish_confirmed(item) for item in items]
+        await _isolated(asyncio.wait_for(asyncio.gather(*confirms), timeout))
+
     def post(self, item: Outgoing) -> None:
         """Queue a fire-and-forget publish; ordered, kept across reconnects (any thread)."""
-        if self.on_loop_thread():
-            self._take_posted()  # keep the order of what other threads posted before
-            self._append(item)
-            return
-        # One wake-up of the loop for a burst of posts, not one each: waking the loop
-        # writes to its self-pipe, a system call per message otherwise.
-        self._posted.append(item)
-        if not self._post_scheduled:
-            self._post_scheduled = True
-            self.loop.call_soon_threadsafe(self._take_posted)
-
-    def _take_posted(self) -> None:
-        self._post_scheduled = False  # before taking: a post racing with us schedules again
-        while self._posted:
-            self._append(self._posted.popleft())
-
-    def _append(self, item: Outgoing) -> None:
-        if len(self._outbox) >= self.OUTBOX_LIMIT:
-            self._outbox.popleft()
-            self._dropped += 1
-            if self._dropped in (1, 10, 100) or self._dropped % 1000 == 0:
-                log.warning("outbox full: %d event(s) dropped so far", self._dropped)
-        self._outbox.append(item)
-        if self._outbox_wakeup is not None:
-            self._outbox_wakeup.set()
-
-    async def _publish_batch(self, batch: list[Outgoing]) -> None:
-        publisher = self._publisher
-        if publisher is None:
-            raise BrokerConnectionError("not connected")
-        channel = await publisher.get_underlay_channel()
-        await asyncio.gather(*[
-            channel.basic_publish(item.body, exchange=item.exchange, routing_key=item.routing_key,
-                                  properties=item.properties)
-            for item in batch])
-
-    async def _drain_outbox(self) -> None:
-        assert self._outbox_wakeup is not None
-        while not self._closing:
-            await self._outbox_wakeup.wait()
-            self._outbox_wakeup.clear()
-            while self._outbox and self.connected:
-                batch = [self._outbox.popleft() for _ in range(min(len(self._outbox), 200))]
-                try:
-                    # Pipelined: all publishes of a batch are in flight before any confirm;
-                    # one isolation and one deadline for the batch, not one per message.
-                    await _isolated(asyncio.wait_for(self._publish_batch(batch), 30))
-                except Exception as exc:
-                    log.warning("event publish failed (%r); %d kept for retry", exc, len(batch))
-                    self._outbox.extendleft(reversed(batch))
-                    await asyncio.sleep(self.settings.backoff_initial)
-                    self._outbox_wakeup.set()
-                    break
+        self.outbox.post(item)
 
 
 async def _isolated(coro: Coroutine[Any, Any, T]) -> T:

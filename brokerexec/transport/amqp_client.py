@@ -275,7 +275,7 @@ class RabbitClientTransport(ClientTransport):
         await queue.consume(self._on_record, no_ack=True)  # type: ignore[arg-type]
 
     def _on_record(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        job_id = message.correlation_id or ""
+        job_id = message.message_id or message.correlation_id or ""
         try:
             record, _ = codec.decode_object(message.body, message.content_type,
                                             max_bytes=self.settings.max_message_bytes)

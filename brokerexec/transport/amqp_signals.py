@@ -22,9 +22,8 @@ import aio_pika.abc
 
 from .. import codec
 from ..constants import (
-    BROADCAST_TOPIC,
     JOB_ID_HEADER,
-    KIWIPY_EXCHANGE,
+    KIWIPY_OTHERS_EXCHANGE,
     STATE_CHANGED_TYPE,
     WORKERS_EXCHANGE,
 )
@@ -126,13 +125,15 @@ class WorkerSignals(abc.ABC):
 
     async def _setup_broadcasts(self, channel: aio_pika.abc.AbstractChannel) -> None:
         queue = await channel.declare_queue(exclusive=True, arguments=topology.BROADCAST_QUEUE_ARGUMENTS)
-        exchange = await channel.get_exchange(KIWIPY_EXCHANGE, ensure=False)
-        await queue.bind(exchange, BROADCAST_TOPIC)
+        # Through the filter (constants.KIWIPY_FILTER_EXCHANGE), not from kiwipy's exchange
+        # directly: the broker drops the jobs' state_changed broadcasts on the way.
+        exchange = await channel.get_exchange(KIWIPY_OTHERS_EXCHANGE, ensure=False)
+        await queue.bind(exchange, "")
         await queue.consume(self._on_kiwipy_broadcast, no_ack=True)
 
     async def _on_kiwipy_broadcast(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         if message.type == STATE_CHANGED_TYPE:
-            return  # a job's state_changed: for kiwipy tools, never for workers
+            return  # a job's state_changed, if an older topology let it through
         try:
             body, _ = codec.decode_object(message.body, message.content_type,
                                           max_bytes=self.settings.max_message_bytes)

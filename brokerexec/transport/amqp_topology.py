@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # aio-pika is imported where it is used: the one-shot CLI cli
     import aio_pika.abc  # reads the arguments below without paying for it
 
 from ..constants import (
+    BROADCAST_TOPIC,
     CONTROL_EXCHANGE,
     CONTROL_MAX_AGE,
     CONTROL_STREAM,
@@ -22,14 +23,18 @@ from ..constants import (
     DEAD_LETTER_QUEUE,
     DEADLINE_HEADER,
     DEADLINE_MS_HEADER,
+    DISCARD_EXCHANGE,
     EVENTS_EXCHANGE,
     KIWIPY_EXCHANGE,
+    KIWIPY_FILTER_EXCHANGE,
     KIWIPY_MESSAGE_TTL_MS,
+    KIWIPY_OTHERS_EXCHANGE,
     LAUNCH_QUEUE,
     RECORD_TIME_MARGIN,
     RESULTS_MAX_AGE,
     RESULTS_SEGMENT_BYTES,
     RESULTS_STREAM,
+    STATE_CHANGED_HEADER,
     WORKERS_EXCHANGE,
 )
 from ..protocol import job_time
@@ -55,6 +60,8 @@ EXCHANGES: Final = (
     (CONTROL_EXCHANGE, "fanout", True),
     (WORKERS_EXCHANGE, "fanout", True),
     (DEAD_LETTER_EXCHANGE, "fanout", True),
+    (KIWIPY_OTHERS_EXCHANGE, "fanout", True),
+    (DISCARD_EXCHANGE, "fanout", True),
 )
 LAUNCH_QUEUE_ARGUMENTS: Final[dict[str, Any]] = {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}
 RESULTS_STREAM_ARGUMENTS: Final[dict[str, Any]] = {
@@ -81,6 +88,15 @@ async def declare_all(channel: aio_pika.abc.AbstractChannel) -> None:
                                           arguments=CONTROL_STREAM_ARGUMENTS)
     await control.bind(exchanges[CONTROL_EXCHANGE], "")
     await channel.declare_queue(RESULTS_STREAM, durable=True, arguments=RESULTS_STREAM_ARGUMENTS)
+    # The workers' view of kiwipy broadcasts, without the jobs' own state_changed ones
+    # (constants.KIWIPY_FILTER_EXCHANGE says how). The bindings from kiwipy's transient
+    # exchange go with a broker restart; this setup runs again after every reconnect.
+    kiwipy_filter = await channel.declare_exchange(
+        KIWIPY_FILTER_EXCHANGE, aio_pika.ExchangeType.HEADERS, durable=True,
+        arguments={"alternate-exchange": KIWIPY_OTHERS_EXCHANGE})
+    await kiwipy_filter.bind(exchanges[KIWIPY_EXCHANGE], BROADCAST_TOPIC)
+    await exchanges[DISCARD_EXCHANGE].bind(kiwipy_filter, arguments={
+        "x-match": "all", STATE_CHANGED_HEADER[0]: STATE_CHANGED_HEADER[1]})
 
 
 def expired(message: aio_pika.abc.AbstractIncomingMessage) -> bool:

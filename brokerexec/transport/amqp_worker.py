@@ -46,6 +46,7 @@ from ..constants import (
     LAUNCH_QUEUE,
     RECORD_TYPE,
     RESULTS_STREAM,
+    STATE_CHANGED_HEADER,
     STATE_CHANGED_TYPE,
     rpc_queue,
     rpc_routing_key,
@@ -134,7 +135,8 @@ class RabbitWorkerTransport(WorkerSignals, WorkerTransport):
                     "subject": f"state_changed.{event.data.get('from')}.{event.data.get('to')}"}
             # Typed, so workers (which hear every kiwipy broadcast) skip it undecoded.
             self.connection.post(Outgoing.json(KIWIPY_EXCHANGE, BROADCAST_TOPIC, codec.encode(body),
-                                               message_type=STATE_CHANGED_TYPE))
+                                               message_type=STATE_CHANGED_TYPE,
+                                               headers=dict([STATE_CHANGED_HEADER])))
 
     def finish(self, job_id: str, record: dict[str, Any]) -> cf.Future[None]:
         reply_to = self._refusal_reply_to.get(job_id)  # set while a launch is being prepared
@@ -158,10 +160,9 @@ class RabbitWorkerTransport(WorkerSignals, WorkerTransport):
         valid = self._delivery_valid(owned)
         delivery, owned.delivery = owned.delivery, None
         if delivery is not None and valid:
-            try:
-                await delivery.ack()
-            except Exception as exc:  # its channel went: it is redelivered and claimed there
-                log.warning("ack of the launch of %s failed: %r", owned.job.job_id, exc)
+            # With the next outbox batch; if its channel goes first, the launch is
+            # redelivered and claimed there.
+            self.connection.outbox.ack(delivery.channel, delivery.delivery_tag)
 
     async def _ensure_claimed(self, owned: _Owned) -> bool:
         """Claim ``owned`` once (callers share the attempt); False if it is someone else's."""
@@ -275,13 +276,13 @@ class RabbitWorkerTransport(WorkerSignals, WorkerTransport):
                 self._ended.popitem(last=False)
 
     async def _store_record(self, job_id: str, record: dict[str, Any], reply_to: str | None) -> None:
-        body = codec.encode(record)
-        await self.connection.publish("", RESULTS_STREAM, aio_pika.Message(
-            body, content_type=codec.JSON, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=job_id, type=RECORD_TYPE))
-        if reply_to:  # the launching client waits for it: spare it a read of the stream
-            self.connection.post(Outgoing.json("", reply_to, body, message_id=job_id,
-                                               correlation_id=job_id, message_type=RECORD_TYPE))
+        # One publish, one confirm: the launching client (waiting for it, spared a read of the
+        # stream) gets its copy by sender-selected distribution (BCC: an extra routing key
+        # the broker strips before delivery).
+        extra = {"headers": {"BCC": [reply_to]}} if reply_to else {}
+        await self.connection.publish_confirmed([Outgoing.json(
+            "", RESULTS_STREAM, codec.encode(record), delivery_mode=2, message_id=job_id,
+            correlation_id=job_id, message_type=RECORD_TYPE, **extra)])
 
     # ---- launches ------------------------------------------------------------------------
     #
