@@ -16,6 +16,7 @@ trouble into :class:`~brokerexec.BrokerConnectionError`, an unroutable RPC into
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -46,6 +47,8 @@ from .transport import amqp_topology as topology
 from .transport.base import ClientTransport, Subscription, redacted_url
 
 __all__ = ["PikaTransport"]
+
+log = logging.getLogger(__name__)
 
 _NOT_FOUND = 404
 #: pika ships no type hints: its BlockingChannel is ``Any`` to mypy.
@@ -200,7 +203,14 @@ class PikaTransport(ClientTransport):
         with self._errors():
             channel = self._open_channel()
             if not self._declared:
-                channel.queue_declare(LAUNCH_QUEUE, durable=True, arguments=topology.LAUNCH_QUEUE_ARGUMENTS)
+                try:
+                    channel.queue_declare(LAUNCH_QUEUE, durable=True,
+                                          arguments=topology.LAUNCH_QUEUE_ARGUMENTS)
+                except pika.exceptions.ChannelClosedByBroker as exc:
+                    if exc.reply_code != 406:  # PRECONDITION_FAILED: made by an older version
+                        raise
+                    log.warning(topology.OLD_LAUNCH_QUEUE_WARNING, LAUNCH_QUEUE, LAUNCH_QUEUE)
+                    channel = self._open_channel()
                 # Declared now, so the record has its stream even before any worker ran.
                 channel.queue_declare(RESULTS_STREAM, durable=True,
                                       arguments=topology.RESULTS_STREAM_ARGUMENTS)

@@ -27,6 +27,7 @@ from brokerexec.constants import (
     DEAD_LETTER_EXCHANGE,
     DIRECT_REPLY_TO,
     KIWIPY_EXCHANGE,
+    KIWIPY_OTHERS_EXCHANGE,
     LAUNCH_QUEUE,
     rpc_routing_key,
 )
@@ -602,6 +603,26 @@ def test_state_events_are_also_kiwipy_state_changed_broadcasts(make_worker: Any,
     ).encode(), pika.BasicProperties(content_type="application/json"))
     hooks.wait(lambda: bool(hooks.controls), "the kiwipy pause broadcast never arrived")
     assert [c["intent"] for c in hooks.controls] == ["pause"]
+
+
+def test_workers_hear_plumpy_broadcasts_but_not_the_jobs_state_changed(
+        make_worker: Any, raw: Raw) -> None:
+    worker, hooks = make_worker()
+    stock = raw.listen(KIWIPY_EXCHANGE, BROADCAST_TOPIC)  # what a kiwipy tool hears
+    filtered = raw.listen(KIWIPY_OTHERS_EXCHANGE)  # what workers hear
+    job_id = new_job_id()
+    worker.publish_event(event("state", "fake", job_id, {"from": "running", "to": "paused"}))
+    _, body = raw.get(stock, lambda p, b: job_id.encode() in b, 5.0)
+    assert yaml.safe_load(body)["subject"] == "state_changed.running.paused"
+    raw.channel.basic_publish(KIWIPY_EXCHANGE, BROADCAST_TOPIC, yaml.safe_dump(
+        {"body": None, "sender": None, "subject": "pause", "correlation_id": None}).encode(),
+        pika.BasicProperties(content_type="application/x-yaml"))
+    hooks.wait(lambda: bool(hooks.controls), "the plumpy pause never reached the worker")
+    # Routing is in order: the state_changed went first, and the filter held it back.
+    _, first = raw.get(filtered, lambda p, b: True, 5.0)
+    assert yaml.safe_load(first)["subject"] == "pause"
+    method, _, _ = raw.channel.basic_get(filtered, auto_ack=True)
+    assert method is None
 
 
 # ---- control and the jobs query ------------------------------------------------------------

@@ -109,6 +109,7 @@ class AmqpConnection:
         self._publisher: aio_pika.abc.AbstractChannel | None = None  # confirms on
         self._outbox_channel: aiormq.abc.AbstractChannel | None = None  # the outbox's
         self._confirm_channel: aiormq.abc.AbstractChannel | None = None  # the outbox's
+        self._outbox_reopening = False
         self._connected: asyncio.Event | None = None
         self._setups: dict[str, _SetupState] = {}
         self.outbox = Outbox(self.loop, self.on_loop_thread)
@@ -144,10 +145,49 @@ class AmqpConnection:
         self._drainer = self.loop.create_task(
             self.outbox.run(self._outbox_channels, self.settings.backoff_initial))
 
+    # ---- the outbox's channels -----------------------------------------------------------
+
+    async def _open_outbox_channels(self, connection: aio_pika.abc.AbstractConnection) -> None:
+        # Its own two channels: it numbers the publishes on the confirm one itself.
+        plain = await connection.channel(publisher_confirms=False)
+        confirming = await connection.channel(publisher_confirms=True)
+        self._outbox_channel = await plain.get_underlay_channel()
+        self._confirm_channel = await confirming.get_underlay_channel()
+
     def _outbox_channels(self) -> tuple[aiormq.abc.AbstractChannel, aiormq.abc.AbstractChannel] | None:
-        if not self.connected or self._outbox_channel is None or self._confirm_channel is None:
+        pair = self._outbox_channel, self._confirm_channel
+        if not self.connected or pair[0] is None or pair[1] is None:
             return None
-        return self._outbox_channel, self._confirm_channel
+        if pair[0].is_closed or pair[1].is_closed:
+            # A channel error closed one (a publish to an exchange deleted meanwhile, say):
+            # both open again shortly, unless the whole connection is going anyway.
+            if not self._outbox_reopening:
+                self._outbox_reopening = True
+                self._spawn(self._reopen_outbox_channels(self._generation))
+            return None
+        return pair[0], pair[1]
+
+    async def _reopen_outbox_channels(self, generation: int) -> None:
+        delay = self.settings.backoff_initial
+        try:
+            while generation == self._generation and not self._closing:
+                await asyncio.sleep(delay)
+                if generation != self._generation or not self.connected:
+                    return  # the next connection opens its own
+                try:
+                    for old in (self._outbox_channel, self._confirm_channel):
+                        if old is not None and not old.is_closed:
+                            await old.close()
+                    assert self._connection is not None
+                    await self._open_outbox_channels(self._connection)
+                    log.warning("outbox channels closed by the broker; opened again")
+                    self.outbox.post_wakeup()
+                    return
+                except Exception as exc:
+                    log.warning("reopening the outbox channels failed (%r); retrying", exc)
+                    delay = min(delay * 2, self.settings.backoff_max)
+        finally:
+            self._outbox_reopening = False
 
     def close(self, flush: float = 5.0) -> None:
         """Flush the outbox (up to ``flush`` seconds), then close and stop the thread."""
@@ -211,11 +251,7 @@ class AmqpConnection:
             try:
                 self._publisher = await connection.channel(publisher_confirms=True,
                                                            on_return_raises=True)
-                # The outbox's own channels: it numbers the publishes on the confirm one.
-                outbox_channel = await connection.channel(publisher_confirms=False)
-                self._outbox_channel = await outbox_channel.get_underlay_channel()
-                confirm_channel = await connection.channel(publisher_confirms=True)
-                self._confirm_channel = await confirm_channel.get_underlay_channel()
+                await self._open_outbox_channels(connection)
                 for state in list(self._setups.values()):
                     if not state.removed:
                         await self._open_or_retry_later(state)

@@ -166,8 +166,9 @@ class Outbox:
         """Send batches for as long as the loop runs.
 
         ``channels()`` gives the channel for fire-and-forget publishes and the confirm channel
-        (only the outbox publishes on either), or None while disconnected: messages wait,
-        acks are dropped, confirmed publishes fail (their callers retry).
+        (only the outbox publishes on either), or None while they are not open: messages
+        wait, confirmed publishes fail (their callers retry), acks wait unless their own
+        channel has closed. ``post_wakeup()`` when they are open again.
         """
         self._wakeup = asyncio.Event()
         while True:
@@ -176,7 +177,9 @@ class Outbox:
             while self._messages or self._acks or self._confirmed:
                 pair = channels()
                 if pair is None or pair[0].is_closed or pair[1].is_closed:
-                    self._acks.clear()  # their deliveries went with the connection
+                    # An ack of a closed channel is void (its delivery went back to the
+                    # queue); the others wait for the outbox's channels to open again.
+                    self._acks = [ack for ack in self._acks if not ack.channel.is_closed]
                     self._fail(self._confirmed)
                     self._confirmed = []
                     break
@@ -229,7 +232,7 @@ class Outbox:
             ChannelFrame(payload=b"".join(parts), should_close=False, drain_future=drained))
         # Written once the writer drained the socket; a connection that dies first never
         # says so, hence the wait on the channel's end too.
-        await asyncio.wait({drained, channel.closing}, timeout=30,  # type: ignore[attr-defined]
+        await asyncio.wait({drained, channel.closing}, timeout=30,
                            return_when=asyncio.FIRST_COMPLETED)
         if not drained.done():
             drained.cancel()

@@ -7,6 +7,7 @@ channel of anyone who declares an existing object with other arguments
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Final
@@ -45,12 +46,16 @@ __all__ = [
     "CONTROL_STREAM_ARGUMENTS",
     "EXCHANGES",
     "LAUNCH_QUEUE_ARGUMENTS",
+    "OLD_LAUNCH_QUEUE_ARGUMENTS",
+    "OLD_LAUNCH_QUEUE_WARNING",
     "RESULTS_STREAM_ARGUMENTS",
     "RPC_QUEUE_ARGUMENTS",
     "declare_all",
     "expired",
     "records_offset",
 ]
+
+log = logging.getLogger(__name__)
 
 #: (name, type, durable). kiwipy's exchange is topic, not durable, not auto-deleted,
 #: exactly as kiwipy 0.9 declares it.
@@ -63,7 +68,16 @@ EXCHANGES: Final = (
     (KIWIPY_OTHERS_EXCHANGE, "fanout", True),
     (DISCARD_EXCHANGE, "fanout", True),
 )
-LAUNCH_QUEUE_ARGUMENTS: Final[dict[str, Any]] = {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}
+#: A version-2 classic queue confirms a persistent launch in about half the time of a
+#: version-1 one (0.6 against 1.2 ms here, RabbitMQ 3.10), and costs the broker less CPU.
+LAUNCH_QUEUE_ARGUMENTS: Final[dict[str, Any]] = {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+                                                 "x-queue-version": 2}
+#: What a launch queue made before version 2 was asked for has; still accepted as it is.
+OLD_LAUNCH_QUEUE_ARGUMENTS: Final[dict[str, Any]] = {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}
+OLD_LAUNCH_QUEUE_WARNING: Final = (
+    "the queue %s is a version-1 classic queue, made by an older brokerexec: it works, but "
+    "launches take about twice as long to confirm. To upgrade it, stop the workers once it is "
+    "empty and delete it (rabbitmqctl delete_queue %s); the next worker declares it anew.")
 RESULTS_STREAM_ARGUMENTS: Final[dict[str, Any]] = {
     "x-queue-type": "stream", "x-max-age": RESULTS_MAX_AGE,
     "x-stream-max-segment-size-bytes": RESULTS_SEGMENT_BYTES}
@@ -81,7 +95,7 @@ async def declare_all(channel: aio_pika.abc.AbstractChannel) -> None:
     for name, kind, durable in EXCHANGES:
         exchanges[name] = await channel.declare_exchange(
             name, aio_pika.ExchangeType(kind), durable=durable, auto_delete=False)
-    await channel.declare_queue(LAUNCH_QUEUE, durable=True, arguments=LAUNCH_QUEUE_ARGUMENTS)
+    await _declare_launch_queue(channel)
     dead = await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True)
     await dead.bind(exchanges[DEAD_LETTER_EXCHANGE], "")
     control = await channel.declare_queue(CONTROL_STREAM, durable=True,
@@ -97,6 +111,23 @@ async def declare_all(channel: aio_pika.abc.AbstractChannel) -> None:
     await kiwipy_filter.bind(exchanges[KIWIPY_EXCHANGE], BROADCAST_TOPIC)
     await exchanges[DISCARD_EXCHANGE].bind(kiwipy_filter, arguments={
         "x-match": "all", STATE_CHANGED_HEADER[0]: STATE_CHANGED_HEADER[1]})
+
+
+async def _declare_launch_queue(channel: aio_pika.abc.AbstractChannel) -> None:
+    # On a channel of its own: a queue declared with other arguments before closes the
+    # channel that tries (PRECONDITION_FAILED), and this one must live on.
+    import aiormq.exceptions
+
+    connection = (await channel.get_underlay_channel()).connection
+    trial = await connection.channel(publisher_confirms=False)
+    try:
+        await trial.queue_declare(LAUNCH_QUEUE, durable=True, arguments=LAUNCH_QUEUE_ARGUMENTS)
+    except aiormq.exceptions.ChannelPreconditionFailed:
+        await channel.declare_queue(LAUNCH_QUEUE, durable=True, arguments=OLD_LAUNCH_QUEUE_ARGUMENTS)
+        log.warning(OLD_LAUNCH_QUEUE_WARNING, LAUNCH_QUEUE, LAUNCH_QUEUE)
+    finally:
+        if not trial.is_closed:
+            await trial.close()
 
 
 def expired(message: aio_pika.abc.AbstractIncomingMessage) -> bool:

@@ -159,7 +159,7 @@ class RabbitWorkerTransport(WorkerSignals, WorkerTransport):
     async def _ack_launch(self, owned: _Owned) -> None:
         valid = self._delivery_valid(owned)
         delivery, owned.delivery = owned.delivery, None
-        if delivery is not None and valid:
+        if delivery is not None and valid and delivery.delivery_tag is not None:
             # With the next outbox batch; if its channel goes first, the launch is
             # redelivered and claimed there.
             self.connection.outbox.ack(delivery.channel, delivery.delivery_tag)

@@ -1,0 +1,122 @@
+"""The outbox and the broker-side plumbing of the worker's wire path, against the real broker.
+
+* the outbox writes fire-and-forget publishes, acks and confirmed publishes in batches, in
+  order, and comes back by itself when the broker closes one of its channels;
+* a launch queue made by an older brokerexec (classic version 1) is still used, with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from test_rabbitmq_transport import Raw, settings_for
+
+from brokerexec.constants import LAUNCH_QUEUE
+from brokerexec.errors import BrokerConnectionError
+from brokerexec.protocol import launch_body, new_job_id
+from brokerexec.transport import amqp_topology as topology
+from brokerexec.transport.amqp import AmqpConnection
+from brokerexec.transport.amqp_client import RabbitClientTransport
+from brokerexec.transport.amqp_outbox import Outgoing
+
+pytestmark = pytest.mark.rabbitmq
+
+
+@pytest.fixture
+def connection(amqp_url: str, unique_name: str) -> Iterator[AmqpConnection]:
+    conn = AmqpConnection(settings_for(amqp_url, unique_name))
+    conn.start(timeout=20)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def raw(amqp_url: str) -> Iterator[Raw]:
+    peer = Raw(amqp_url)
+    yield peer
+    peer.close()
+
+
+def drain(raw: Raw, queue: str, count: int, within: float = 10.0) -> list[bytes]:
+    """The bodies of the first ``count`` messages on ``queue``."""
+    bodies: list[bytes] = []
+    deadline = time.monotonic() + within
+    while len(bodies) < count and time.monotonic() < deadline:
+        method, _, body = raw.channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            raw.connection.process_data_events(time_limit=0.02)
+        else:
+            bodies.append(body)
+    return bodies
+
+
+def test_posts_and_confirmed_publishes_arrive_in_order(connection: AmqpConnection, raw: Raw) -> None:
+    queue = str(raw.channel.queue_declare("", exclusive=True).method.queue)
+    confirmed_queue = str(raw.channel.queue_declare("", exclusive=True).method.queue)
+    for i in range(2000):  # more than one batch
+        connection.post(Outgoing.json("", queue, json.dumps(i).encode()))
+    records = [Outgoing.json("", confirmed_queue, json.dumps(i).encode(), delivery_mode=2)
+               for i in range(50)]
+    connection.submit(connection.publish_confirmed(records)).result(20)
+    assert [json.loads(b) for b in drain(raw, confirmed_queue, 50)] == list(range(50))
+    assert [json.loads(b) for b in drain(raw, queue, 2000)] == list(range(2000))
+
+
+def test_outbox_comes_back_after_the_broker_closes_its_channels(
+        connection: AmqpConnection, raw: Raw) -> None:
+    queue = str(raw.channel.queue_declare("", exclusive=True).method.queue)
+    missing = f"no-such-exchange-{uuid.uuid4().hex[:8]}"
+    # The broker closes the channel of a publish to an exchange that does not exist (404).
+    connection.post(Outgoing.json(missing, "x", b"{}"))
+    with pytest.raises(BrokerConnectionError):
+        connection.submit(connection.publish_confirmed(
+            [Outgoing.json(missing, "x", b"{}")])).result(20)
+    # Both kinds of publish work again by themselves, on new channels.
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            connection.submit(connection.publish_confirmed(
+                [Outgoing.json("", queue, b'"confirmed"')])).result(20)
+            break
+        except BrokerConnectionError:
+            assert time.monotonic() < deadline, "the confirm channel never came back"
+    connection.post(Outgoing.json("", queue, b'"posted"'))
+    assert drain(raw, queue, 2) == [b'"confirmed"', b'"posted"']
+    assert connection.connected and connection.reconnects == 0
+
+
+def test_a_version_1_launch_queue_from_an_older_brokerexec_is_used(
+        unique_name: str, caplog: pytest.LogCaptureFixture) -> None:
+    from conftest import AMQP_URL
+
+    if not shutil.which("rabbitmqctl"):
+        pytest.skip("needs rabbitmqctl to make a vhost of its own")
+    vhost = f"brokerexec-test-{uuid.uuid4().hex[:12]}"
+    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, capture_output=True)
+    subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+                   check=True, capture_output=True)
+    url = AMQP_URL.rstrip("/") + "/" + vhost
+    try:
+        old = Raw(url)
+        old.channel.queue_declare(LAUNCH_QUEUE, durable=True,
+                                  arguments=topology.OLD_LAUNCH_QUEUE_ARGUMENTS)
+        caplog.set_level(logging.WARNING)
+        client = RabbitClientTransport(settings_for(url, unique_name))
+        try:
+            job_id = new_job_id()
+            client.launch(launch_body("fake", {}, job_id=job_id))
+            method, props, _ = old.channel.basic_get(LAUNCH_QUEUE, auto_ack=True)
+            assert method is not None and props.message_id == job_id
+        finally:
+            client.close()
+        assert "version-1 classic queue" in caplog.text
+        old.close()
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], check=False, capture_output=True)
