@@ -6,6 +6,8 @@ with ``brokerexec worker``, and steer it from anywhere with :class:`Client`.
 
 from __future__ import annotations
 
+from typing import Any
+
 from .client import Client
 from .errors import (
     Aborted,
@@ -37,6 +39,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Aborted",
+    "AsyncClient",
+    "AsyncJob",
     "BrokerConnectionError",
     "BrokerExecError",
     "Client",
@@ -64,3 +68,12 @@ __all__ = [
     "WorkerSettings",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The asyncio twin on first use only: the CLI's one-shot verbs never pay for it.
+    if name in ("AsyncClient", "AsyncJob"):
+        from . import aio
+
+        return getattr(aio, name)
+    raise AttributeError(f"module 'brokerexec' has no attribute {name!r}")

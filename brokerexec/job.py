@@ -107,6 +107,10 @@ class Job:
         record = self.client.transport.fetch_result(self.id, timeout)
         if record is None:
             raise Timeout(f"job {self.id} did not end within {timeout} s")
+        return self.result_of(record)
+
+    def result_of(self, record: dict[str, Any]) -> Any:
+        """The result a final record stands for (raises as :meth:`result` does)."""
         if record["state"] == "failed":
             raise RemoteError.from_wire(record.get("error"))
         if record["state"] == "aborted":

@@ -8,6 +8,7 @@ consumes ``amq.rabbitmq.reply-to``, as mandatory, so a job no worker holds comes
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import contextlib
 import itertools
 import logging
@@ -85,6 +86,7 @@ class RabbitClientTransport(ClientTransport):
         self._records: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._launched_at: dict[str, int] = {}  # job id -> connection number at launch
         self._records_changed = threading.Condition()
+        self._record_futures: dict[str, list[cf.Future[dict[str, Any]]]] = {}  # aio waiters
         self.connection.start()
         self.connection.add_setup("topology", topology.declare_all).result(30)
         self.connection.add_setup("records", self._setup_records).result(30)
@@ -272,6 +274,12 @@ class RabbitClientTransport(ClientTransport):
         # Exclusive: it goes with our connection. Records pushed while it was gone are
         # found in the stream instead (fetch_result knows when to look there).
         queue = await channel.declare_queue(self._records_queue, exclusive=True)
+        with self._records_changed:  # a new connection: what waiters expected may be lost
+            waiting, self._record_futures = self._record_futures, {}
+        for futures in waiting.values():
+            for future in futures:
+                if not future.done():
+                    future.set_exception(ConnectionError("reconnected: read the records stream"))
         await queue.consume(self._on_record, no_ack=True)  # type: ignore[arg-type]
 
     def _on_record(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
@@ -288,6 +296,33 @@ class RabbitClientTransport(ClientTransport):
                 evicted, _ = self._records.popitem(last=False)
                 self._launched_at.pop(evicted, None)  # read from the stream from now on
             self._records_changed.notify_all()
+            futures = self._record_futures.pop(job_id, [])
+        for future in futures:
+            if not future.done():
+                future.set_result(record)
+
+    def record_future(self, job_id: str) -> cf.Future[dict[str, Any]] | None:
+        future: cf.Future[dict[str, Any]] = cf.Future()
+        with self._records_changed:
+            if job_id in self._records:
+                future.set_result(self._records[job_id])
+                return future
+            if (self._launched_at.get(job_id) != self.connection.reconnects
+                    or not self.connection.connected):
+                return None  # not launched on this connection: the stream has it
+            self._record_futures.setdefault(job_id, []).append(future)
+        future.add_done_callback(lambda f: self._forget_future(job_id, f))
+        return future
+
+    def _forget_future(self, job_id: str, future: cf.Future[dict[str, Any]]) -> None:
+        if not future.cancelled():
+            return  # resolved: already taken out of the table
+        with self._records_changed:
+            futures = self._record_futures.get(job_id, [])
+            if future in futures:
+                futures.remove(future)
+            if not futures:
+                self._record_futures.pop(job_id, None)
 
     def fetch_result(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
         deadline = None if timeout is None else time.monotonic() + timeout

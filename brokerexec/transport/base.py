@@ -143,6 +143,13 @@ class ClientTransport(abc.ABC):
     def fetch_result(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
         """The final record of a job, waiting up to ``timeout`` s (None: forever, 0: no wait)."""
 
+    def record_future(self, job_id: str) -> Future[dict[str, Any]] | None:
+        """A future of the job's final record, if it will come to this connection by itself
+        (``ConnectionError`` if the connection changes first); None if it will not, and
+        :meth:`fetch_result` must look for it. For waiting without a thread (``brokerexec.aio``).
+        """
+        return None
+
     @abc.abstractmethod
     def query_jobs(self, timeout: float) -> list[dict[str, Any]]:
         """Summaries of the jobs every worker runs, gathered for at most ``timeout`` s."""

@@ -1,0 +1,126 @@
+"""The asyncio twin (``brokerexec.aio``): the same behaviour as ``Client``, awaited.
+
+Run on the in-memory transport and against a real worker process over RabbitMQ; each test
+runs its own event loop (``asyncio.run``), and every wait is on an event, with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sample_services import ALL
+
+from brokerexec.aio import AsyncClient
+from brokerexec.errors import RemoteError
+from brokerexec.job import JobAborted
+from brokerexec.protocol import Event
+
+WAIT = 20.0
+
+
+@pytest.fixture(params=["memory", pytest.param("amqp", marks=pytest.mark.rabbitmq)])
+def make_client(request: pytest.FixtureRequest, unique_name: str) -> Iterator[Callable[[], AsyncClient]]:
+    if request.param == "memory":
+        yield lambda: AsyncClient(f"memory://{unique_name}", services=ALL, concurrency=8)
+        return
+    url = request.getfixturevalue("amqp_url")
+    request.getfixturevalue("worker_process")("--concurrency", "8")
+    yield lambda: AsyncClient(url)
+
+
+async def until_state(client: AsyncClient, job_id: str, state: str) -> None:
+    """Wait for the job's state event to ``state`` (or find it there already)."""
+    reached = asyncio.Event()
+
+    def on_event(event: Event) -> None:
+        if event.data.get("to") == state:
+            reached.set()
+
+    subscription = client.subscribe(f"state.*.{job_id}", on_event)
+    try:
+        while not reached.is_set():
+            if (await client.job(job_id).status())["state"] == state:
+                return
+            await asyncio.wait_for(reached.wait(), WAIT)
+    finally:
+        subscription.close()
+
+
+def test_steer_a_job_from_asyncio(make_client: Callable[[], AsyncClient]) -> None:
+    async def main() -> None:
+        async with make_client() as client:
+            job = await client.launch("forever", {"tick": 0.005})
+            await until_state(client, job.id, "running")
+            assert await job.set(value=7) == {"value": 7}
+            assert await job.invoke("current") == 7
+            assert await job.pause() is True
+            await until_state(client, job.id, "paused")
+            assert (await job.status())["state"] == "paused"
+            assert await job.resume() is True
+            await until_state(client, job.id, "running")
+            with pytest.raises(RemoteError) as refused:
+                await job.set(undeclared=1)
+            assert "undeclared" in str(refused.value)
+            await job.abort()
+            with pytest.raises(JobAborted):
+                await job.result(WAIT)
+
+    asyncio.run(main())
+
+
+def test_results_progress_and_subscriptions_come_to_the_loop(
+        make_client: Callable[[], AsyncClient]) -> None:
+    async def main() -> None:
+        async with make_client() as client:
+            loop = asyncio.get_running_loop()
+            seen_on: list[bool] = []
+
+            async def on_state(event: Event) -> None:  # a coroutine callback runs as a task
+                seen_on.append(asyncio.get_running_loop() is loop)
+
+            subscription = client.subscribe("state.counter.*", on_state)
+            jobs = await client.launch_many("echo", [{"value": i} for i in range(40)])
+            results = await asyncio.wait_for(asyncio.gather(*(job.result() for job in jobs)), WAIT)
+            assert results == list(range(40))
+
+            counter = await client.launch("counter", {"steps": 40, "delay": 0.01},
+                                          progress_delta=0.05)
+            progress = [p async for p in counter.progress(idle_timeout=WAIT)]
+            assert progress and all(0 <= p["fraction"] <= 1 for p in progress)
+            assert (await counter.result(WAIT))["count"] == 40
+            subscription.close()
+            assert seen_on and all(seen_on)
+
+            failing = await client.launch("counter", {"steps": 5, "fail_at": 2})
+            with pytest.raises(RemoteError) as failure:
+                await failing.result(WAIT)
+            assert "ValueError" in failure.value.remote_type
+            record: dict[str, Any] | None = await failing.record(0)
+            assert record is not None and record["state"] == "failed"
+
+    asyncio.run(main())
+
+
+def test_a_result_that_does_not_come_in_time_is_a_timeout(
+        make_client: Callable[[], AsyncClient]) -> None:
+    from brokerexec.errors import Timeout
+
+    async def main() -> None:
+        async with make_client() as client:
+            job = await client.launch("forever", {"tick": 0.005})
+            with pytest.raises(Timeout):
+                await job.result(0.3)
+            await job.abort()
+            with pytest.raises(JobAborted):
+                await job.result(WAIT)
+
+    asyncio.run(main())
+
+
+def test_using_a_client_before_connecting_says_so() -> None:
+    client = AsyncClient("memory://never-connected")
+    with pytest.raises(RuntimeError, match="not connected"):
+        client.job("0" * 32)
