@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from .client import Client
 from .constants import DEFAULT_RPC_TIMEOUT, DEFAULT_URL
 from .errors import Timeout
-from .job import Job
+from .job import Job, ends_job, quiet_ends
 from .protocol import Event
 from .transport.base import Subscription
 
@@ -37,7 +37,6 @@ T = TypeVar("T")
 
 #: Threads for the short blocking steps (launches, RPCs, queries), per client.
 BLOCKING_THREADS = 8
-_TERMINAL = ("finished", "failed", "aborted")
 
 
 class AsyncClient:
@@ -200,14 +199,12 @@ class AsyncJob:
                 try:
                     event = await asyncio.wait_for(inbox.get(), idle_timeout or 1.0)
                 except asyncio.TimeoutError:
-                    if await self.record(0) is not None:
+                    if quiet_ends(self.id, await self.record(0) is not None, idle_timeout):
                         return
-                    if idle_timeout:
-                        raise Timeout(f"no event from job {self.id} for {idle_timeout} s") from None
                     continue
                 if wanted is None or event.kind in wanted:
                     yield event
-                if event.kind == "state" and event.data.get("to") in _TERMINAL:
+                if ends_job(event):
                     return
         finally:
             subscription.close()

@@ -13,7 +13,7 @@ from .transport.base import Subscription
 if TYPE_CHECKING:
     from .client import Client
 
-__all__ = ["Job", "JobAborted"]
+__all__ = ["Job", "JobAborted", "ends_job", "quiet_ends"]
 
 
 class JobAborted(RemoteError):
@@ -141,14 +141,12 @@ class Job:
                 try:
                     event = inbox.get(timeout=idle_timeout if idle_timeout else 1.0)
                 except queue.Empty:
-                    if self.record(0) is not None:
+                    if quiet_ends(self.id, self.record(0) is not None, idle_timeout):
                         return
-                    if idle_timeout:
-                        raise Timeout(f"no event from job {self.id} for {idle_timeout} s") from None
                     continue
                 if wanted is None or event.kind in wanted:
                     yield event
-                if event.kind == "state" and event.data.get("to") in ("finished", "failed", "aborted"):
+                if ends_job(event):
                     return
         finally:
             subscription.close()
@@ -157,3 +155,18 @@ class Job:
         """Iterate over progress messages (their data) until the job ends."""
         for event in self.events(("progress",), idle_timeout):
             yield event.data
+
+
+def ends_job(event: Event) -> bool:
+    """True for a job's last event: its state event into a terminal state."""
+    return event.kind == "state" and event.data.get("to") in ("finished", "failed", "aborted")
+
+
+def quiet_ends(job_id: str, ended: bool, idle_timeout: float | None) -> bool:
+    """After a spell without events: True if the iteration is over (``ended``: the job's
+    record is there); raises ``Timeout`` if ``idle_timeout`` was given; False: keep waiting."""
+    if ended:
+        return True
+    if idle_timeout:
+        raise Timeout(f"no event from job {job_id} for {idle_timeout} s")
+    return False
