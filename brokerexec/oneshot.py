@@ -87,6 +87,7 @@ class PikaTransport(ClientTransport):
         except pika.exceptions.AMQPError as exc:
             raise BrokerConnectionError(
                 f"cannot reach the broker at {redacted_url(url)}: {_reason(exc)}") from exc
+        _send_frames_together(self.connection)
         self._channel: BlockingChannel = None
         self._declared = False  # the launch queue and records stream, once per connection
         self._replies: dict[str, list[dict[str, Any]]] = {}
@@ -318,3 +319,21 @@ def _reason(exc: BaseException) -> str:
             break
         exc = inner
     return str(exc) or type(exc).__name__
+
+
+def _send_frames_together(connection: pika.BlockingConnection) -> None:
+    """Make pika write a message's frames (method, header, body) with one ``send()``.
+
+    pika queues each frame as a buffer of its own and sends each with a system call: three
+    per publish, the largest single cost of a launch on the client. Joining them changes
+    nothing on the wire. Left as it is if pika's internals are not the ones expected.
+    """
+    impl = getattr(connection, "_impl", None)
+    output = getattr(impl, "_output_marshaled_frames", None)
+    if output is None:
+        return
+
+    def output_together(frames: Any) -> None:
+        output([b"".join(frames)] if len(frames) > 1 else frames)
+
+    impl._output_marshaled_frames = output_together  # type: ignore[union-attr]
