@@ -11,8 +11,8 @@ the send; the row is the median over the rounds, after a few untimed ones.
 Contenders (``CONTENDERS``): ``serve(url, subscribers, processes)`` is a context manager that
 starts the subscribers and yields the ``target`` the sender needs; ``drive(url, target,
 rounds)`` returns one latency (seconds) per round. To add one, write those two functions and
-add an entry; see ``bench/README.md``. (brokerexec's row will be ``pause_all`` until all jobs
-report paused.)
+add an entry; see ``bench/README.md``. brokerexec's row is ``pause_all`` until all jobs
+report paused; its like-for-like baseline is the hand-written ``aio-pika-jobs`` row.
 """
 
 from __future__ import annotations
@@ -169,6 +169,105 @@ def drive_aio_pika(url: str, target: Target, rounds: int) -> list[float]:
     return asyncio.run(_aio_pika_rounds(url, target, rounds))
 
 
+# ---- hand-written pause_all: aio-pika fanout to ticking jobs that report back -------------
+#
+# The like-for-like baseline for brokerexec's row: a fanout message to every process; each
+# of its "jobs" (a thread doing 5 ms of work between checks, as the brokerexec row's jobs
+# do) notices it at its next check, holds, and reports "paused" through the broker to the
+# sender, which stops the clock at the last report. What brokerexec adds on top is its own
+# machinery only: the retained control stream, the handler, state events, kiwipy broadcasts.
+
+TICK = 0.005
+
+
+def serve_aio_pika_jobs(ready: MpEvent, url: str, exchange: str, count: int,
+                        receipts: MpQueue[tuple[int, float]], reports: str) -> None:
+    """Subscriber process: one queue on the fanout, ``count`` job threads reporting back."""
+    import threading
+
+    import aio_pika
+
+    state = {"round": -1}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        connection = await aio_pika.connect(url)
+        channel = await connection.channel(publisher_confirms=False)
+        fanout = await channel.declare_exchange(exchange, aio_pika.ExchangeType.FANOUT, auto_delete=True)
+
+        async def report(round_no: int) -> None:
+            await channel.default_exchange.publish(
+                aio_pika.Message(json.dumps({"round": round_no, "to": "paused"}).encode()), reports)
+
+        def job() -> None:
+            seen = -1
+            while True:
+                time.sleep(TICK)  # the job's work between two checks
+                if state["round"] != seen:
+                    seen = state["round"]
+                    asyncio.run_coroutine_threadsafe(report(seen), loop)
+
+        async def on_pause(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            state["round"] = json.loads(message.body)["round"]
+
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(fanout)
+        await queue.consume(on_pause, no_ack=True)
+        for _ in range(count):
+            threading.Thread(target=job, daemon=True).start()
+        ready.set()
+        await asyncio.Future()  # serve until terminated
+
+    asyncio.run(main())
+
+
+@contextlib.contextmanager
+def aio_pika_jobs(url: str, subscribers: int, processes: int) -> Iterator[tuple[Target, str]]:
+    """Job processes, and the queue their reports come to (deleted at the end)."""
+    import pika
+
+    reports = unique_name("reports")
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    connection.channel().queue_declare(reports, auto_delete=False)
+    connection.close()
+    try:
+        with _subscribers(serve_aio_pika_jobs, url, unique_name("fanout"), subscribers, processes,
+                          reports) as target:
+            yield target, reports
+    finally:
+        delete_objects(url, queues=[reports])
+
+
+def drive_aio_pika_jobs(url: str, target: tuple[Target, str], rounds: int) -> list[float]:
+    """Publish a pause per round; the clock stops at the last job's report."""
+    import aio_pika
+
+    fanout_target, reports = target
+
+    async def main() -> list[float]:
+        connection = await aio_pika.connect(url)
+        try:
+            channel = await connection.channel(publisher_confirms=False)
+            fanout = await channel.declare_exchange(fanout_target.exchange, aio_pika.ExchangeType.FANOUT,
+                                                    auto_delete=True)
+            inbox: asyncio.Queue[int] = asyncio.Queue()
+            queue = await channel.get_queue(reports)
+            await queue.consume(lambda m: inbox.put_nowait(json.loads(m.body)["round"]), no_ack=True)
+            samples = []
+            for round_no in range(WARMUP + rounds):
+                start = time.monotonic()
+                await fanout.publish(aio_pika.Message(json.dumps({"round": round_no}).encode()), "")
+                got = 0
+                while got < fanout_target.subscribers:
+                    got += await asyncio.wait_for(inbox.get(), TIMEOUT) == round_no
+                samples.append(time.monotonic() - start)
+            return samples[WARMUP:]
+        finally:
+            await connection.close()
+
+    return asyncio.run(main())
+
+
 # ---- kiwipy broadcast: one communicator per process, subscribers added to it ---------------
 
 
@@ -222,6 +321,9 @@ CONTENDERS: dict[str, Contender] = {
                                  lambda url, subs, procs: aio_pika_fanout(url, subs, procs, True),
                                  drive_aio_pika),
     "kiwipy": Contender("kiwipy broadcast_send, a communicator per process", kiwipy_broadcast, drive_kiwipy),
+    "aio-pika-jobs": Contender("hand-written pause_all: aio-pika fanout to jobs checking every "
+                               "5 ms, each reporting `paused` back through the broker",
+                               aio_pika_jobs, drive_aio_pika_jobs),
 }
 CONTENDERS["brokerexec"] = _brokerexec.BROADCAST
 
