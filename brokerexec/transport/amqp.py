@@ -19,7 +19,7 @@ import concurrent.futures as cf
 import contextlib
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
@@ -32,16 +32,13 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 from ..constants import DEFAULT_HEARTBEAT, DEFAULT_URL, MAX_MESSAGE_BYTES
 from ..errors import BrokerConnectionError
 from .amqp_outbox import Outbox, Outgoing
+from .amqp_setups import Setup, Setups, SetupState
 from .base import redacted_url
 
 __all__ = ["AmqpConnection", "ConnectionSettings", "Outgoing", "Setup"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-#: A setup: declares what it needs on its own channel and starts its consumers.
-Setup = Callable[[aio_pika.abc.AbstractChannel], Awaitable[None]]
-
 
 @dataclass(frozen=True)
 class ConnectionSettings:
@@ -87,17 +84,7 @@ class ConnectionSettings:
         return redacted_url(self.url)
 
 
-class _SetupState:
-    def __init__(self, key: str, setup: Setup, prefetch: int | None, confirms: bool = False) -> None:
-        self.key = key
-        self.setup = setup
-        self.prefetch = prefetch
-        self.confirms = confirms
-        self.channel: aio_pika.abc.AbstractChannel | None = None
-        self.removed = False
-
-
-class AmqpConnection:
+class AmqpConnection(Setups):
     """See the module docstring."""
 
     def __init__(self, settings: ConnectionSettings) -> None:
@@ -111,7 +98,7 @@ class AmqpConnection:
         self._confirm_channel: aiormq.abc.AbstractChannel | None = None  # the outbox's
         self._outbox_reopening = False
         self._connected: asyncio.Event | None = None
-        self._setups: dict[str, _SetupState] = {}
+        self._setups: dict[str, SetupState] = {}
         self.outbox = Outbox(self.loop, self.on_loop_thread)
         self._closing = False
         self._supervisor: asyncio.Task[None] | None = None
@@ -295,112 +282,11 @@ class AmqpConnection:
                 return connection
         raise BrokerConnectionError("unreachable")  # pragma: no cover - tenacity reraises
 
-    # ---- setups --------------------------------------------------------------------------
-
-    def add_setup(self, key: str, setup: Setup, *, prefetch: int | None = None,
-                  confirms: bool = False) -> cf.Future[None]:
-        """Register and run a setup; the future fails if its first run fails.
-
-        ``confirms`` opens its channel in confirm mode with returns raised, for setups
-        that publish mandatory messages on their own channel (direct reply-to RPCs).
-        """
-        return self.submit(self._add_setup(key, setup, prefetch, confirms))
-
-    async def _add_setup(self, key: str, setup: Setup, prefetch: int | None,
-                         confirms: bool = False) -> None:
-        if key in self._setups:
-            raise ValueError(f"setup {key!r} exists")
-        state = _SetupState(key, setup, prefetch, confirms)
-        self._setups[key] = state
-        if not self.connected:
-            return  # it runs when the connection (re)opens
-        try:
-            await self._open(state)
-        except BaseException:
-            self._setups.pop(key, None)
-            raise
-
-    def remove_setup(self, key: str, teardown: Setup | None = None) -> cf.Future[None]:
-        """Stop re-running a setup and close its channel (after ``teardown`` on it)."""
-        return self.submit(self._remove_setup(key, teardown))
-
-    async def _remove_setup(self, key: str, teardown: Setup | None) -> None:
-        state = self._setups.pop(key, None)
-        if state is None:
-            return
-        state.removed = True
-        channel, state.channel = state.channel, None
-        if channel is not None and not channel.is_closed:
-            with contextlib.suppress(Exception):
-                if teardown is not None:
-                    await teardown(channel)
-                await channel.close()
-
-    def channel_of(self, key: str) -> aio_pika.abc.AbstractChannel | None:
-        """The live channel of a setup, if it has one now."""
-        state = self._setups.get(key)
-        return state.channel if state is not None else None
-
-    async def _open(self, state: _SetupState) -> None:
-        assert self._connection is not None
-        channel = await self._connection.channel(publisher_confirms=state.confirms,
-                                                 on_return_raises=state.confirms)
-        try:
-            if state.prefetch is not None:
-                await channel.set_qos(prefetch_count=state.prefetch)
-            await state.setup(channel)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await channel.close()
-            raise
-        state.channel = channel
-        channel.close_callbacks.add(lambda _ch, exc=None: self._on_channel_closed(state, channel, exc))
-
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """A background task of this connection, cancelled when it closes."""
         task = self.loop.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    def _on_channel_closed(self, state: _SetupState, channel: Any, exc: BaseException | None) -> None:
-        if state.removed or state.channel is not channel or self._closing:
-            return
-        state.channel = None
-        generation = self._generation
-
-        def reopen() -> None:
-            # Decided a moment later: when the whole connection is going, its channels close
-            # first, and the next connection re-runs every setup anyway.
-            if generation == self._generation and self.connected and state.channel is None:
-                log.warning("channel of %s closed (%r); opening it again", state.key, exc)
-                self._spawn(self._open_with_retry(state, generation))
-
-        self.loop.call_later(0.05, reopen)
-
-    async def _open_or_retry_later(self, state: _SetupState) -> None:
-        try:
-            await asyncio.wait_for(self._open(state), self.settings.connect_timeout * 2)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("setup %s failed (%r); retrying in the background", state.key, exc)
-            self._spawn(self._open_with_retry(state, self._generation))
-
-    async def _open_with_retry(self, state: _SetupState, generation: int) -> None:
-        """Re-run a setup until it works (e.g. the broker releases our old exclusive queue)."""
-        delay = self.settings.backoff_initial
-        while not state.removed and not self._closing and generation == self._generation:
-            try:
-                await asyncio.sleep(delay)
-                if generation != self._generation or state.channel is not None:
-                    return
-                await asyncio.wait_for(self._open(state), self.settings.connect_timeout * 2)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("setup %s failed (%r); retrying in %.1f s", state.key, exc, delay)
-                delay = min(delay * 2, self.settings.backoff_max)
 
     # ---- publishing ----------------------------------------------------------------------
 

@@ -13,9 +13,7 @@ import contextlib
 import itertools
 import logging
 import threading
-import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -33,9 +31,6 @@ from ..constants import (
     JOB_ID_HEADER,
     KIWIPY_EXCHANGE,
     LAUNCH_QUEUE,
-    PROBE_TYPE,
-    RECORD_TYPE,
-    RESULTS_STREAM,
     WORKERS_EXCHANGE,
     rpc_routing_key,
 )
@@ -43,6 +38,7 @@ from ..errors import BrokerConnectionError, DecodeError, JobNotFound, Timeout
 from ..protocol import Event, deadline_header, result_from_reply
 from . import amqp_topology as topology
 from .amqp import AmqpConnection, ConnectionSettings
+from .amqp_records import Records
 from .base import ClientTransport
 
 __all__ = ["RabbitClientTransport"]
@@ -68,9 +64,6 @@ class RabbitClientTransport(ClientTransport):
         locate_timeout: how long an RPC to a job not claimed yet waits for its worker.
     """
 
-    #: How many records of jobs launched here are kept for ``fetch_result``.
-    RECORDS_KEPT = 10_000
-
     def __init__(self, settings: ConnectionSettings, *,
                  locate_timeout: float = DEFAULT_LOCATE_TIMEOUT) -> None:
         self.settings = settings
@@ -81,15 +74,10 @@ class RabbitClientTransport(ClientTransport):
         self._local = threading.local()  # the fast RPC path: one pika channel per thread
         self._fast_all: list[Any] = []
         self._fast_lock = threading.Lock()
-        # Records of jobs launched here, pushed by their workers to our own queue.
-        self._records_queue = f"brokerexec.client.{uuid.uuid4().hex}"
-        self._records: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self._launched_at: dict[str, int] = {}  # job id -> connection number at launch
-        self._records_changed = threading.Condition()
-        self._record_futures: dict[str, list[cf.Future[dict[str, Any]]]] = {}  # aio waiters
+        self.records = Records(self.connection, settings)  # of jobs launched here
         self.connection.start()
         self.connection.add_setup("topology", topology.declare_all).result(30)
-        self.connection.add_setup("records", self._setup_records).result(30)
+        self.connection.add_setup("records", self.records.setup).result(30)
         self.connection.add_setup("rpc", self._setup_rpc, confirms=True).result(30)
 
     # ---- RPC -------------------------------------------------------------------------------
@@ -196,11 +184,11 @@ class RabbitClientTransport(ClientTransport):
     # ---- launch, control ---------------------------------------------------------------------
 
     def launch(self, body: dict[str, Any]) -> None:
-        self._note_launched([body])
+        self.records.note_launched([body])
         fast = self._fast_rpc()  # like RPCs: the calling thread's pika channel, no hop
         if fast is not None:
             try:
-                fast.launch(body, reply_to=self._records_queue)
+                fast.launch(body, reply_to=self.records.queue)
                 return
             except BrokerConnectionError:
                 self._local.pika = None
@@ -209,22 +197,14 @@ class RabbitClientTransport(ClientTransport):
         self._publish_launches([body])
 
     def launch_many(self, bodies: list[dict[str, Any]]) -> None:
-        self._note_launched(bodies)
+        self.records.note_launched(bodies)
         self._publish_launches(bodies)
-
-    def _note_launched(self, bodies: list[dict[str, Any]]) -> None:
-        """Remember the connection each job was launched on: its record is pushed to us."""
-        with self._records_changed:
-            for body in bodies:
-                self._launched_at[str(body.get("job_id"))] = self.connection.reconnects
-            while len(self._launched_at) > self.RECORDS_KEPT:
-                del self._launched_at[next(iter(self._launched_at))]
 
     def _publish_launches(self, bodies: list[dict[str, Any]]) -> None:
         """On the loop thread, all in flight at once, confirms awaited together."""
         messages = [aio_pika.Message(codec.encode(body), content_type=codec.JSON,
                                      delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                                     message_id=str(body.get("job_id")), reply_to=self._records_queue)
+                                     message_id=str(body.get("job_id")), reply_to=self.records.queue)
                     for body in bodies]
         timeout = self.settings.connect_timeout * 2 + len(messages) / 1000
 
@@ -268,125 +248,13 @@ class RabbitClientTransport(ClientTransport):
         self.connection.add_setup(key, setup).result(30)
         return _AmqpSubscription(self, key)
 
-    # ---- results and the jobs query ---------------------------------------------------------
-
-    async def _setup_records(self, channel: aio_pika.abc.AbstractChannel) -> None:
-        # Exclusive: it goes with our connection. Records pushed while it was gone are
-        # found in the stream instead (fetch_result knows when to look there).
-        queue = await channel.declare_queue(self._records_queue, exclusive=True)
-        with self._records_changed:  # a new connection: what waiters expected may be lost
-            waiting, self._record_futures = self._record_futures, {}
-        for futures in waiting.values():
-            for future in futures:
-                if not future.done():
-                    future.set_exception(ConnectionError("reconnected: read the records stream"))
-        await queue.consume(self._on_record, no_ack=True)  # type: ignore[arg-type]
-
-    def _on_record(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        job_id = message.message_id or message.correlation_id or ""
-        try:
-            record, _ = codec.decode_object(message.body, message.content_type,
-                                            max_bytes=self.settings.max_message_bytes)
-        except DecodeError as exc:
-            log.warning("record of %s refused: %s", job_id, exc)
-            return
-        with self._records_changed:
-            self._records[job_id] = record
-            while len(self._records) > self.RECORDS_KEPT:
-                evicted, _ = self._records.popitem(last=False)
-                self._launched_at.pop(evicted, None)  # read from the stream from now on
-            self._records_changed.notify_all()
-            futures = self._record_futures.pop(job_id, [])
-        for future in futures:
-            if not future.done():
-                future.set_result(record)
+    # ---- records and the jobs query ---------------------------------------------------------
 
     def record_future(self, job_id: str) -> cf.Future[dict[str, Any]] | None:
-        future: cf.Future[dict[str, Any]] = cf.Future()
-        with self._records_changed:
-            if job_id in self._records:
-                future.set_result(self._records[job_id])
-                return future
-            if (self._launched_at.get(job_id) != self.connection.reconnects
-                    or not self.connection.connected):
-                return None  # not launched on this connection: the stream has it
-            self._record_futures.setdefault(job_id, []).append(future)
-        future.add_done_callback(lambda f: self._forget_future(job_id, f))
-        return future
-
-    def _forget_future(self, job_id: str, future: cf.Future[dict[str, Any]]) -> None:
-        if not future.cancelled():
-            return  # resolved: already taken out of the table
-        with self._records_changed:
-            futures = self._record_futures.get(job_id, [])
-            if future in futures:
-                futures.remove(future)
-            if not futures:
-                self._record_futures.pop(job_id, None)
+        return self.records.future(job_id)
 
     def fetch_result(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._records_changed:
-            launched = self._launched_at.get(job_id)
-            # Launched here on the connection we still have: its worker pushes the record to
-            # us, so waiting here is enough. Otherwise the stream has it.
-            while launched == self.connection.reconnects and self.connection.connected:
-                if job_id in self._records:
-                    return self._records[job_id]
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if timeout == 0:
-                    break  # "has it ended?": the push may be on its way; the stream knows
-                if remaining is not None and remaining <= 0:
-                    return None
-                self._records_changed.wait(1.0 if remaining is None else min(remaining, 1.0))
-        remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
-        while True:  # a reconnect in the middle of reading: read again on the new connection
-            try:
-                return self.connection.submit(self._read_records(job_id, remaining)).result()
-            except (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
-                    RuntimeError, asyncio.TimeoutError) as exc:
-                log.warning("reading the record of %s interrupted (%r); again", job_id, exc)
-
-    async def _read_records(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
-        """Read the records stream from the job's launch time until its record shows.
-
-        Without a wait (``timeout == 0``) we append a probe and stop when we read it back:
-        a stream has no end marker over AMQP 0-9-1, and everything stored before the probe
-        comes before it.
-        """
-        await self.connection.wait_connected(self.settings.connect_timeout)
-        assert self.connection._connection is not None
-        channel = await asyncio.wait_for(
-            self.connection._connection.channel(publisher_confirms=False), 10)
-        try:
-            await channel.set_qos(prefetch_count=500)  # streams need a prefetch
-            queue = await channel.get_queue(RESULTS_STREAM, ensure=False)
-            found: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
-            probe = f"probe-{uuid.uuid4().hex}" if timeout == 0 else None
-
-            async def read(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-                await message.ack()
-                if found.done():
-                    return
-                if message.message_id == job_id and message.type == RECORD_TYPE:
-                    try:
-                        found.set_result(codec.decode_object(message.body, message.content_type)[0])
-                    except DecodeError as exc:
-                        found.set_exception(exc)
-                elif probe is not None and message.message_id == probe:
-                    found.set_result(None)
-
-            await queue.consume(read, arguments={"x-stream-offset": topology.records_offset(job_id)})
-            if probe is not None:
-                await channel.default_exchange.publish(aio_pika.Message(
-                    b"{}", content_type=codec.JSON, message_id=probe, type=PROBE_TYPE), RESULTS_STREAM)
-            try:
-                return await asyncio.wait_for(asyncio.shield(found), timeout if timeout else None)
-            except asyncio.TimeoutError:
-                return None
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(channel.close(), 5)
+        return self.records.fetch(job_id, timeout)
 
     def query_jobs(self, timeout: float) -> list[dict[str, Any]]:
         return self.connection.submit(self._query_jobs(timeout)).result(timeout + 30)

@@ -28,9 +28,7 @@ import asyncio
 import concurrent.futures as cf
 import contextlib
 import logging
-import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
@@ -43,7 +41,6 @@ from ..constants import (
     DEFAULT_CLAIM_AFTER,
     EVENTS_EXCHANGE,
     KIWIPY_EXCHANGE,
-    LAUNCH_QUEUE,
     RECORD_TYPE,
     RESULTS_STREAM,
     STATE_CHANGED_HEADER,
@@ -51,12 +48,12 @@ from ..constants import (
     rpc_queue,
     rpc_routing_key,
 )
-from ..errors import DecodeError
-from ..protocol import Event, parse_launch
+from ..protocol import Event
 from . import amqp_topology as topology
 from .amqp import AmqpConnection, ConnectionSettings, Outgoing
+from .amqp_launches import LaunchIntake, OwnedJob
 from .amqp_signals import WorkerSignals
-from .base import PreparedJob, WorkerHooks, WorkerTransport
+from .base import WorkerHooks, WorkerTransport
 
 __all__ = ["RabbitWorkerTransport"]
 
@@ -66,25 +63,8 @@ log = logging.getLogger(__name__)
 _ENDED_KEPT = 10_000
 
 
-@dataclass(eq=False)
-class _Owned:
-    """A job this worker runs, and what makes it this worker's."""
-
-    job: PreparedJob
-    delivery: aio_pika.abc.AbstractIncomingMessage | None  # the unacked launch, until claimed
-    generation: int  # of the launch channel that delivered it
-    reply_to: str | None
-    claimed: bool = False
-    claiming: asyncio.Task[bool] | None = None
-    superseded: bool = False
-    timer: asyncio.TimerHandle | None = None
-
-
-class RabbitWorkerTransport(WorkerSignals, WorkerTransport):
+class RabbitWorkerTransport(LaunchIntake, WorkerSignals, WorkerTransport):
     """See the module docstring."""
-
-    #: A launch that arrives while every slot is busy is held this long at most.
-    HOLD_SECONDS = 1.0
 
     def __init__(self, settings: ConnectionSettings, *, host_info: dict[str, Any],
                  claim_after: float = DEFAULT_CLAIM_AFTER) -> None:
@@ -99,7 +79,7 @@ class RabbitWorkerTransport(WorkerSignals, WorkerTransport):
         self._capacity = 1
         self._held: deque[tuple[aio_pika.abc.AbstractIncomingMessage, float]] = deque()
         self._taking_work = True
-        self._owned: dict[str, _Owned] = {}  # loop thread only
+        self._owned: dict[str, OwnedJob] = {}  # loop thread only
         self._silenced: set[str] = set()  # superseded jobs; read from computation threads
         self._launch_generation = 0
         self._refusal_reply_to: dict[str, str] = {}
@@ -151,12 +131,12 @@ class RabbitWorkerTransport(WorkerSignals, WorkerTransport):
 
     # ---- ownership ---------------------------------------------------------------------------
 
-    def _delivery_valid(self, owned: _Owned) -> bool:
+    def _delivery_valid(self, owned: OwnedJob) -> bool:
         channel = self.connection.channel_of("launch")
         return (owned.delivery is not None and owned.generation == self._launch_generation
                 and channel is not None and not channel.is_closed)
 
-    async def _ack_launch(self, owned: _Owned) -> None:
+    async def _ack_launch(self, owned: OwnedJob) -> None:
         valid = self._delivery_valid(owned)
         delivery, owned.delivery = owned.delivery, None
         if delivery is not None and valid and delivery.delivery_tag is not None:
@@ -164,7 +144,7 @@ class RabbitWorkerTransport(WorkerSignals, WorkerTransport):
             # redelivered and claimed there.
             self.connection.outbox.ack(delivery.channel, delivery.delivery_tag)
 
-    async def _ensure_claimed(self, owned: _Owned) -> bool:
+    async def _ensure_claimed(self, owned: OwnedJob) -> bool:
         """Claim ``owned`` once (callers share the attempt); False if it is someone else's."""
         if owned.claimed:
             return True
@@ -178,7 +158,7 @@ class RabbitWorkerTransport(WorkerSignals, WorkerTransport):
             if owned.claiming is not None and owned.claiming.done() and not owned.claimed:
                 owned.claiming = None  # a failed attempt may be tried again
 
-    async def _claim(self, owned: _Owned) -> bool:
+    async def _claim(self, owned: OwnedJob) -> bool:
         job_id = owned.job.job_id
 
         async def setup(channel: aio_pika.abc.AbstractChannel) -> None:
@@ -213,7 +193,7 @@ class RabbitWorkerTransport(WorkerSignals, WorkerTransport):
             log.warning("claim of %s on request failed: %r", job_id, exc)
             return False
 
-    def _claim_later(self, owned: _Owned, delay: float) -> None:
+    def _claim_later(self, owned: OwnedJob, delay: float) -> None:
         async def claim() -> None:
             try:
                 await self._ensure_claimed(owned)
@@ -225,7 +205,7 @@ class RabbitWorkerTransport(WorkerSignals, WorkerTransport):
         owned.timer = self.connection.loop.call_later(
             delay, lambda: self.connection._spawn(claim()))
 
-    def _supersede(self, owned: _Owned, reason: str) -> None:
+    def _supersede(self, owned: OwnedJob, reason: str) -> None:
         assert self.hooks is not None
         owned.superseded = True
         self._silenced.add(owned.job.job_id)
@@ -283,140 +263,3 @@ class RabbitWorkerTransport(WorkerSignals, WorkerTransport):
         await self.connection.publish_confirmed([Outgoing.json(
             "", RESULTS_STREAM, codec.encode(record), delivery_mode=2, message_id=job_id,
             correlation_id=job_id, message_type=RECORD_TYPE, **extra)])
-
-    # ---- launches ------------------------------------------------------------------------
-    #
-    # The consumer's prefetch is the worker's concurrency. A launch that arrives while every
-    # slot is busy is *held* (unacknowledged) for at most HOLD_SECONDS: short jobs free a slot
-    # long before that and the held launch starts without a broker round trip. If it is still
-    # held then, the worker is busy with long jobs: the held launches go back to the queue
-    # (for other workers) and the consumer is cancelled until a slot frees.
-
-    async def _setup_launch(self, channel: aio_pika.abc.AbstractChannel) -> None:
-        self._launch_generation += 1
-        self._consumer_tag = None
-        self._held.clear()  # deliveries of a dead channel are the broker's again
-        for owned in list(self._owned.values()):
-            if not owned.claimed and not owned.superseded:
-                # Its launch went back to the queue with the old channel: claim it before
-                # another worker takes the launch again (the loser of that race stops).
-                self._claim_later(owned, 0)
-        await channel.set_qos(prefetch_count=self._capacity)
-        await self._consume_launches(channel)
-
-    async def _consume_launches(self, channel: aio_pika.abc.AbstractChannel) -> None:
-        if self._consumer_tag is not None or self._free <= 0 or not self._taking_work:
-            return
-        queue = await channel.get_queue(LAUNCH_QUEUE, ensure=False)
-        self._consumer_tag = await queue.consume(self._on_launch)
-
-    def _set_free(self, free: int) -> None:
-        self._free = free if self._taking_work else 0
-        channel = self.connection.channel_of("launch")
-        if channel is None or channel.is_closed:
-            return
-        if not self._taking_work:
-            self.connection._spawn(self._give_back_held(channel, cancel=True))
-        elif self._free > 0 and self._held:
-            self.connection._spawn(self._start_held())
-        elif self._free > 0 and self._consumer_tag is None:
-            self.connection._spawn(self._consume_launches(channel))
-
-    async def _start_held(self) -> None:
-        while self._held and self._free > 0:
-            message, _ = self._held.popleft()
-            await self._take(message)
-
-    async def _give_back_held(self, channel: aio_pika.abc.AbstractChannel, *, cancel: bool) -> None:
-        if cancel and self._consumer_tag is not None:
-            tag, self._consumer_tag = self._consumer_tag, None
-            try:
-                queue = await channel.get_queue(LAUNCH_QUEUE, ensure=False)
-                await queue.cancel(tag)
-            except Exception as exc:  # the channel is going away: the setup re-runs
-                log.debug("cancel of launch consumer failed: %r", exc)
-        while self._held:
-            message, _ = self._held.popleft()
-            with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
-        if self._free > 0 and self._taking_work and not channel.is_closed:
-            await self._consume_launches(channel)  # a slot freed meanwhile
-
-    async def _expire_held(self) -> None:
-        await asyncio.sleep(self.HOLD_SECONDS)
-        now = time.monotonic()
-        if self._held and now - self._held[0][1] >= self.HOLD_SECONDS:
-            channel = self.connection.channel_of("launch")
-            if channel is not None:
-                await self._give_back_held(channel, cancel=self._free <= 0)
-
-    async def _on_launch(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        if message.message_id in self._owned or message.message_id in self._ended:
-            await message.ack()  # its job runs or ran here: a launch come back, or a duplicate
-            if message.message_id in self._owned:
-                self._claim_later(self._owned[message.message_id], 0)
-            return
-        if self._free <= 0 or not self._taking_work or self._held:
-            if not self._taking_work:
-                await message.nack(requeue=True)
-                return
-            self._held.append((message, time.monotonic()))
-            if len(self._held) == 1:
-                self.connection._spawn(self._expire_held())
-            return
-        await self._take(message)
-
-    async def _take(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        assert self.hooks is not None
-        try:
-            launch = parse_launch(codec.decode_object(
-                message.body, message.content_type, max_bytes=self.settings.max_message_bytes,
-                allow_yaml=False)[0])
-            if message.reply_to:  # a refusal's record goes to the launcher too
-                self._refusal_reply_to[launch["job_id"]] = message.reply_to
-            try:
-                job = self.hooks.prepare(launch)
-            finally:
-                self._refusal_reply_to.pop(launch["job_id"], None)
-        except DecodeError as exc:
-            log.warning("launch dead-lettered: %s", exc)
-            await message.reject(requeue=False)
-            return
-        except Exception:
-            log.exception("launch could not be prepared; dead-lettered")
-            await message.reject(requeue=False)
-            return
-        if job is None:
-            await message.ack()
-            return
-        existing = self._owned.get(job.job_id)
-        if existing is not None or job.job_id in self._ended:
-            # A duplicate, or our own launch back after a reconnect (held meanwhile, maybe).
-            self.hooks.cancel(job, "it runs or ran here already")
-            await message.ack()
-            if existing is not None and not existing.superseded:
-                self._claim_later(existing, 0)
-            return
-        owned = _Owned(job, message, self._launch_generation, message.reply_to)
-        self._owned[job.job_id] = owned
-        if message.redelivered or self.claim_after <= 0:
-            # Someone had it before (a worker that died or was cut off, or one that gave it
-            # back): claim first, so two workers never run it at once. (claim_after=0 asks
-            # for that for every job.)
-            try:
-                claimed = await self._ensure_claimed(owned)
-            except Exception as exc:
-                claimed = False
-                log.warning("claim of %s failed: %r", job.job_id, exc)
-                if not owned.superseded:
-                    with contextlib.suppress(Exception):
-                        await message.nack(requeue=True)
-            if not claimed:
-                self._owned.pop(job.job_id, None)
-                self._silenced.discard(job.job_id)
-                self.hooks.cancel(job, f"job {job.job_id} is claimed by another worker"
-                                  if owned.superseded else "claim failed")
-                return
-        else:
-            self._claim_later(owned, self.claim_after)
-        self.hooks.begin(job)
