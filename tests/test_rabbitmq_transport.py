@@ -438,6 +438,29 @@ def test_a_launch_redelivered_after_its_worker_was_cut_off_has_one_owner(
     assert client.fetch_result(job_id, 5) == record
 
 
+def test_a_launch_that_comes_back_after_its_job_ended_is_not_run_again(
+        make_worker: Any, client: RabbitClientTransport, raw: Raw) -> None:
+    # Given a young job that ended and stored its record, on a worker that is gone since
+    first_worker, first = make_worker(only=set(), claim_after=600)
+    job_id = launched(client, first)
+    record = {"v": 1, "job_id": job_id, "state": "finished", "result": 1}
+    first_worker.finish(job_id, record).result(WAIT)
+    first_worker.close()
+    # When its launch comes back redelivered (as when the ack is lost in a cut)
+    raw.channel.basic_publish("", LAUNCH_QUEUE, json.dumps(launch_body("fake", {}, job_id=job_id)).encode(),
+                              pika.BasicProperties(content_type="application/json", delivery_mode=2,
+                                                   message_id=job_id))
+    deadline = time.monotonic() + WAIT
+    while (taken := raw.channel.basic_get(LAUNCH_QUEUE, auto_ack=False))[0] is None:
+        assert time.monotonic() < deadline, "the launch never arrived"
+    raw.channel.basic_nack(taken[0].delivery_tag, requeue=True)
+    # Then the next worker claims it, finds the record, and does not run the job again
+    _, second = make_worker(only={job_id}, claim_after=600)
+    second.wait(lambda: bool(second.cancelled), "the launch that came back was never looked at")
+    assert job_id not in second.begun and "ended already" in second.cancelled[0][1]
+    assert client.fetch_result(job_id, 5) == record
+
+
 def test_launches_are_taken_only_while_there_is_free_capacity(
         make_worker: Any, client: RabbitClientTransport) -> None:
     worker, hooks = make_worker(capacity=1, only=set())

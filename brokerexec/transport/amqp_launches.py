@@ -26,6 +26,7 @@ from .. import codec
 from ..constants import LAUNCH_QUEUE
 from ..errors import DecodeError
 from ..protocol import parse_launch
+from .amqp_records import read_record
 from .base import PreparedJob, WorkerHooks
 
 if TYPE_CHECKING:
@@ -76,6 +77,8 @@ class LaunchIntake:
         def _claim_later(self, owned: OwnedJob, delay: float) -> None: ...
 
         async def _ensure_claimed(self, owned: OwnedJob) -> bool: ...
+
+        def _note_ended(self, job_id: str) -> None: ...
 
     async def _setup_launch(self, channel: aio_pika.abc.AbstractChannel) -> None:
         self._launch_generation += 1
@@ -202,6 +205,32 @@ class LaunchIntake:
                 self.hooks.cancel(job, f"job {job.job_id} is claimed by another worker"
                                   if owned.superseded else "claim failed")
                 return
+            if message.redelivered and await self._ended_elsewhere(owned):
+                return
         else:
             self._claim_later(owned, self.claim_after)
         self.hooks.begin(job)
+
+    async def _ended_elsewhere(self, owned: OwnedJob) -> bool:
+        """True (and the claim let go) if a redelivered launch's job has a record already.
+
+        That happens when a worker stored a short job's record but was cut off before its
+        ack reached the broker: the launch comes back, and must not run the job again.
+        """
+        assert self.hooks is not None
+        job_id = owned.job.job_id
+        try:
+            record = await read_record(self.connection, job_id, 0)
+        except Exception as exc:  # cannot tell: running it twice beats never running it
+            log.warning("could not look for a record of %s (%r); running it", job_id, exc)
+            return False
+        if record is None:
+            return False
+        worker = record.get("worker") or {}
+        log.warning("launch of %s came back, but the job ended already (%s, on %s): not run again",
+                    job_id, record.get("state"), worker.get("hostname", "another worker"))
+        self._owned.pop(job_id, None)
+        self._note_ended(job_id)
+        await self.connection._remove_setup(f"job:{job_id}", None)  # the claim, let go
+        self.hooks.cancel(owned.job, "it ended already")
+        return True

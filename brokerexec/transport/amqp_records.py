@@ -29,7 +29,7 @@ from ..errors import DecodeError
 from . import amqp_topology as topology
 from .amqp import AmqpConnection, ConnectionSettings
 
-__all__ = ["Records"]
+__all__ = ["Records", "read_record"]
 
 log = logging.getLogger(__name__)
 
@@ -132,48 +132,51 @@ class Records:
         remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
         while True:  # a reconnect in the middle of reading: read again on the new connection
             try:
-                return self.connection.submit(self._read_stream(job_id, remaining)).result()
+                return self.connection.submit(
+                    read_record(self.connection, job_id, remaining)).result()
             except (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
                     RuntimeError, asyncio.TimeoutError) as exc:
                 log.warning("reading the record of %s interrupted (%r); again", job_id, exc)
 
-    async def _read_stream(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
-        """Read the records stream from the job's launch time until its record shows.
 
-        Without a wait (``timeout == 0``) we append a probe and stop when we read it back:
-        a stream has no end marker over AMQP 0-9-1, and everything stored before the probe
-        comes before it.
-        """
-        await self.connection.wait_connected(self.settings.connect_timeout)
-        assert self.connection._connection is not None
-        channel = await asyncio.wait_for(
-            self.connection._connection.channel(publisher_confirms=False), 10)
+async def read_record(connection: AmqpConnection, job_id: str,
+                      timeout: float | None) -> dict[str, Any] | None:
+    """Read the records stream from the job's launch time until its record shows.
+
+    Without a wait (``timeout == 0``) we append a probe and stop when we read it back:
+    a stream has no end marker over AMQP 0-9-1, and everything stored before the probe
+    comes before it.
+    """
+    await connection.wait_connected(connection.settings.connect_timeout)
+    assert connection._connection is not None
+    channel = await asyncio.wait_for(
+        connection._connection.channel(publisher_confirms=False), 10)
+    try:
+        await channel.set_qos(prefetch_count=500)  # streams need a prefetch
+        queue = await channel.get_queue(RESULTS_STREAM, ensure=False)
+        found: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
+        probe = f"probe-{uuid.uuid4().hex}" if timeout == 0 else None
+
+        async def read(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            await message.ack()
+            if found.done():
+                return
+            if message.message_id == job_id and message.type == RECORD_TYPE:
+                try:
+                    found.set_result(codec.decode_object(message.body, message.content_type)[0])
+                except DecodeError as exc:
+                    found.set_exception(exc)
+            elif probe is not None and message.message_id == probe:
+                found.set_result(None)
+
+        await queue.consume(read, arguments={"x-stream-offset": topology.records_offset(job_id)})
+        if probe is not None:
+            await channel.default_exchange.publish(aio_pika.Message(
+                b"{}", content_type=codec.JSON, message_id=probe, type=PROBE_TYPE), RESULTS_STREAM)
         try:
-            await channel.set_qos(prefetch_count=500)  # streams need a prefetch
-            queue = await channel.get_queue(RESULTS_STREAM, ensure=False)
-            found: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
-            probe = f"probe-{uuid.uuid4().hex}" if timeout == 0 else None
-
-            async def read(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-                await message.ack()
-                if found.done():
-                    return
-                if message.message_id == job_id and message.type == RECORD_TYPE:
-                    try:
-                        found.set_result(codec.decode_object(message.body, message.content_type)[0])
-                    except DecodeError as exc:
-                        found.set_exception(exc)
-                elif probe is not None and message.message_id == probe:
-                    found.set_result(None)
-
-            await queue.consume(read, arguments={"x-stream-offset": topology.records_offset(job_id)})
-            if probe is not None:
-                await channel.default_exchange.publish(aio_pika.Message(
-                    b"{}", content_type=codec.JSON, message_id=probe, type=PROBE_TYPE), RESULTS_STREAM)
-            try:
-                return await asyncio.wait_for(asyncio.shield(found), timeout if timeout else None)
-            except asyncio.TimeoutError:
-                return None
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(channel.close(), 5)
+            return await asyncio.wait_for(asyncio.shield(found), timeout if timeout else None)
+        except asyncio.TimeoutError:
+            return None
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(channel.close(), 5)

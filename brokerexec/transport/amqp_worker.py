@@ -251,9 +251,12 @@ class RabbitWorkerTransport(LaunchIntake, WorkerSignals, WorkerTransport):
                     owned.timer.cancel()
                 self._owned.pop(job_id, None)
                 self._silenced.discard(job_id)
-            self._ended[job_id] = None
-            if len(self._ended) > _ENDED_KEPT:
-                self._ended.popitem(last=False)
+            self._note_ended(job_id)
+
+    def _note_ended(self, job_id: str) -> None:
+        self._ended[job_id] = None
+        if len(self._ended) > _ENDED_KEPT:
+            self._ended.popitem(last=False)
 
     async def _store_record(self, job_id: str, record: dict[str, Any], reply_to: str | None) -> None:
         # One publish, one confirm: the launching client (waiting for it, spared a read of the
