@@ -23,23 +23,36 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from .constants import DEFAULT_CLAIM_AFTER, DEFAULT_URL
-from .errors import (
-    BrokerConnectionError,
-    BrokerExecError,
-    ConfigurationError,
-    DecodeError,
-    JobNotFound,
-    RemoteError,
-    Timeout,
+from .cli_input import (
+    ask,
+    broker_option,
+    json_option,
+    json_value,
+    loads_strict,
+    need_amqp,
+    parse_request,
+    pool_options,
+    request_option,
 )
+from .cli_output import (
+    EPILOG,
+    EXIT_ABORTED,
+    EXIT_BROKER,
+    EXIT_FAILED,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    emit,
+    exit_on_errors,
+    fail,
+    finish,
+)
+from .constants import DEFAULT_CLAIM_AFTER
 
 if TYPE_CHECKING:
     from .client import Client
@@ -47,144 +60,14 @@ if TYPE_CHECKING:
 __all__ = ["EXIT_ABORTED", "EXIT_BROKER", "EXIT_FAILED", "EXIT_NOT_FOUND", "EXIT_OK",
            "EXIT_TIMEOUT", "EXIT_USAGE", "cli", "main"]
 
-T = TypeVar("T")
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_BROKER, EXIT_ABORTED = (
-    0, 1, 2, 3, 4, 5, 130)
-
-EPILOG = """Exit codes: 0 ok; 1 job failed or remote error; 2 usage or bad input;
-3 no worker holds the job; 4 time-out; 5 broker unreachable; 130 interrupted or aborted."""
-
-broker_option = click.option(
-    "--broker", envvar="BROKEREXEC_URL", default=DEFAULT_URL, show_default=True,
-    help="Broker URL (env BROKEREXEC_URL).")
-json_option = click.option("--json", "as_json", is_flag=True,
-                           help="Print exactly one JSON document on stdout.")
-request_option = click.option("--request", "request_text", default="{}", show_default=True,
-                              help="The request: a JSON object, or @file holding one.")
-pool_options = (
-    click.option("--pool", "pool_kind", type=click.Choice(["thread", "process"]), default="thread",
-                 show_default=True, help="Workers for handler.map/imap."),
-    click.option("--pool-size", type=click.IntRange(min=1), help="Pool workers (default: CPUs)."),
-)
-
-
-def _pool(command: Callable[..., Any]) -> Callable[..., Any]:
-    for option in reversed(pool_options):
-        command = option(command)
-    return command
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"brokerexec: {message}", err=True)
-    sys.exit(code)
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    """Turn brokerexec errors into a message on stderr and the documented exit code."""
-    try:
-        yield
-    except JobNotFound as exc:
-        _fail(str(exc), EXIT_NOT_FOUND)
-    except Timeout as exc:
-        _fail(str(exc), EXIT_TIMEOUT)
-    except BrokerConnectionError as exc:
-        _fail(str(exc), EXIT_BROKER)
-    except (ConfigurationError, DecodeError) as exc:
-        _fail(str(exc), EXIT_USAGE)
-    except RemoteError as exc:
-        if exc.remote_type == "brokerexec.Aborted":
-            _fail(str(exc), EXIT_ABORTED)
-        _fail(f"{exc.remote_type}: {exc.remote_message}", EXIT_FAILED)
-    except BrokerExecError as exc:
-        _fail(str(exc), EXIT_FAILED)
-
-
-def _loads(text: str) -> Any:
-    """Strict JSON: NaN and Infinity are refused here, as the wire codec would refuse them."""
-    def refuse(name: str) -> None:
-        raise ValueError(f"{name} is not JSON")
-
-    return json.loads(text, parse_constant=refuse)
-
-
-def _parse_request(text: str) -> dict[str, Any]:
-    """``--request``: a JSON object, or ``@path`` to a file holding one."""
-    source = "--request"
-    if text.startswith("@"):
-        source = text[1:]
-        try:
-            text = Path(source).read_text(encoding="utf-8")
-        except OSError as exc:
-            _fail(f"cannot read the request file {source}: {exc.strerror or exc}", EXIT_USAGE)
-    try:
-        value = _loads(text)
-    except ValueError as exc:
-        _fail(f"{source} is not valid JSON: {exc}", EXIT_USAGE)
-    if not isinstance(value, dict):
-        _fail(f"{source} must be a JSON object, not {type(value).__name__}", EXIT_USAGE)
-    return value
-
-
-def _json_value(text: str) -> Any:
-    """A command-line value: JSON when it parses, else the string itself."""
-    try:
-        return _loads(text)
-    except ValueError:
-        return text
-
-
-def _need_amqp(broker: str) -> None:
-    if not broker.startswith(("amqp://", "amqps://")):
-        scheme = broker.partition(":")[0] or broker
-        why = ("memory:// lives inside one process; use `brokerexec run` for local runs"
-               if scheme == "memory" else f"unsupported scheme {scheme!r}")
-        _fail(f"client verbs need an amqp:// or amqps:// broker URL ({why})", EXIT_USAGE)
-
-
-def _oneshot(broker: str) -> Client:
-    """A client on the fast blocking pika transport (no event-loop thread)."""
-    _need_amqp(broker)
-    from .client import Client
-    from .oneshot import PikaTransport
-
-    return Client.from_transport(PikaTransport(broker), url=broker)
-
-
-def _ask(broker: str, action: Callable[[Client], T]) -> T:
-    """Run ``action`` with a one-shot client; brokerexec errors become exit codes."""
-    with _errors():
-        client = _oneshot(broker)
-        try:
-            return action(client)
-        finally:
-            client.close()
-    raise AssertionError("unreachable: _errors() exits")
+#: Kept under its old name: tests reach it as ``brokerexec.cli._json_value``.
+_json_value = json_value
 
 
 def _signal(client: Client, job_id: str, body: dict[str, Any]) -> Any:
     """An RPC straight through the transport: ``Job.set(**attrs)`` and ``Job.invoke(**kwargs)``
     would take an attribute or argument called ``timeout`` as their own time-out."""
     return client.transport.rpc(client.job(job_id).id, body, client.timeout)
-
-
-def _emit(value: Any, as_json: bool, text: Callable[[Any], str] | None = None) -> None:
-    if as_json:
-        click.echo(json.dumps(value))
-    else:
-        from .display import pretty
-
-        click.echo(text(value) if text else pretty(value))
-
-
-def _finish(record: dict[str, Any] | None, as_json: bool) -> NoReturn:
-    """Print a final record (or its result) and exit with the code of its state."""
-    if record is None:  # the user stopped watching
-        sys.exit(EXIT_ABORTED)
-    from .display import show_record
-
-    show_record(record, as_json)
-    sys.exit({"finished": EXIT_OK, "failed": EXIT_FAILED}.get(str(record.get("state")), EXIT_ABORTED))
 
 
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -203,7 +86,7 @@ def cli() -> None:
 @click.option("--checkpoint-delta", type=click.FloatRange(min=0), help="Seconds between checkpoints.")
 @click.option("--improved-delta", type=click.FloatRange(min=0),
               help="At most one improved message per this many seconds.")
-@_pool
+@pool_options
 @json_option
 def run(service_spec: str, request_text: str, progress_delta: float | None,
         checkpoint_delta: float | None, improved_delta: float | None, pool_kind: str,
@@ -221,10 +104,10 @@ def run(service_spec: str, request_text: str, progress_delta: float | None,
     from .registry import load_service
     from .worker import WorkerSettings
 
-    request = _parse_request(request_text)
+    request = parse_request(request_text)
     # The embedded worker's warnings about a refused launch repeat what the record says.
     logging.getLogger("brokerexec.worker").setLevel(logging.ERROR)
-    with _errors():
+    with exit_on_errors():
         service = load_service(service_spec)
         settings = WorkerSettings(concurrency=1, pool_kind=pool_kind, pool_size=pool_size,
                                   abort_grace=5.0)
@@ -237,7 +120,7 @@ def run(service_spec: str, request_text: str, progress_delta: float | None,
                             launch=lambda: client.launch(
                                 service.name, request, job_id=job_id, progress_delta=progress_delta,
                                 checkpoint_delta=checkpoint_delta, improved_delta=improved_delta))
-    _finish(record, as_json)
+    finish(record, as_json)
 
 
 @cli.command(epilog=EPILOG)
@@ -247,7 +130,7 @@ def describe(service_spec: str, as_json: bool) -> None:
     """Show a service's inputs, settable attributes and invokable methods."""
     from .registry import load_service
 
-    with _errors():
+    with exit_on_errors():
         description = load_service(service_spec).describe()
     if as_json:
         click.echo(json.dumps(description))
@@ -266,7 +149,7 @@ def describe(service_spec: str, as_json: bool) -> None:
               help="A service to run (MODULE:Class or file.py:Class); repeat for more.")
 @click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
               help="Jobs at once.")
-@_pool
+@pool_options
 @click.option("--shutdown-grace", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds running jobs get to finish on SIGTERM before they are aborted.")
 @click.option("--heartbeat", type=click.IntRange(min=0), default=10, show_default=True,
@@ -291,11 +174,11 @@ def worker(broker: str, services: tuple[str, ...], concurrency: int, pool_kind: 
 
     from .registry import ServiceRegistry
 
-    _need_amqp(broker)
-    with _errors():
+    need_amqp(broker)
+    with exit_on_errors():
         registry = ServiceRegistry.from_specs(services)
     if not len(registry):
-        _fail("no services to run: give --service MODULE:Class (or file.py:Class), or install "
+        fail("no services to run: give --service MODULE:Class (or file.py:Class), or install "
               "a package with a 'brokerexec.services' entry point", EXIT_USAGE)
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s [%(threadName)s] %(name)s: %(message)s")
@@ -312,7 +195,7 @@ def worker(broker: str, services: tuple[str, ...], concurrency: int, pool_kind: 
     # processes forked later inherit this handler instead of dying on the terminal's Ctrl-C.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    with _errors():
+    with exit_on_errors():
         from .transport.amqp import ConnectionSettings
         from .transport.amqp_worker import RabbitWorkerTransport
         from .worker import Worker, WorkerSettings, host_info
@@ -348,13 +231,13 @@ def launch(name: str, request_text: str, follow: bool, broker: str, as_json: boo
     With --follow, behave like `watch` and print the result (or, with --json, the final
     record); Ctrl-C then stops following and leaves the job running.
     """
-    request = _parse_request(request_text)
+    request = parse_request(request_text)
     if not follow:
-        job = _ask(broker, lambda client: client.launch(name, request))
-        _emit({"job_id": job.id, "service": name}, as_json, lambda v: v["job_id"])
+        job = ask(broker, lambda client: client.launch(name, request))
+        emit({"job_id": job.id, "service": name}, as_json, lambda v: v["job_id"])
         return
-    _ask(broker, lambda client: None)  # fails fast (exit 5) when the broker is down
-    with _errors():
+    ask(broker, lambda client: None)  # fails fast (exit 5) when the broker is down
+    with exit_on_errors():
         from .client import Client
         from .display import follow as follow_job
         from .protocol import new_job_id
@@ -365,7 +248,7 @@ def launch(name: str, request_text: str, follow: bool, broker: str, as_json: boo
         with Client(broker) as full:
             record = follow_job(full, job_id, as_json=as_json, on_interrupt="detach",
                                 launch=lambda: full.launch(name, request, job_id=job_id))
-    _finish(record, as_json)
+    finish(record, as_json)
 
 
 @cli.command(epilog=EPILOG)
@@ -374,22 +257,22 @@ def launch(name: str, request_text: str, follow: bool, broker: str, as_json: boo
 @json_option
 def status(job_id: str, broker: str, as_json: bool) -> None:
     """Show a job's state and last progress (or its final record once it ended)."""
-    _emit(_ask(broker, lambda client: client.job(job_id).status()), as_json)
+    emit(ask(broker, lambda client: client.job(job_id).status()), as_json)
 
 
 def _steer(verb: str) -> click.Command:
     def command(job_id: str | None, all_jobs: bool, service: str | None, broker: str,
                 as_json: bool) -> None:
         if bool(job_id) == all_jobs:
-            _fail(f"{verb} needs a job id or --all (not both)", EXIT_USAGE)
+            fail(f"{verb} needs a job id or --all (not both)", EXIT_USAGE)
         if service is not None and not all_jobs:
-            _fail("--service only goes with --all", EXIT_USAGE)
+            fail("--service only goes with --all", EXIT_USAGE)
         if all_jobs:
-            _ask(broker, lambda client: getattr(client, f"{verb}_all")(service))
-            _emit({"sent": f"{verb}_all", "service": service}, as_json)
+            ask(broker, lambda client: getattr(client, f"{verb}_all")(service))
+            emit({"sent": f"{verb}_all", "service": service}, as_json)
         else:
-            accepted = _ask(broker, lambda client: getattr(client.job(str(job_id)), verb)())
-            _emit({"job_id": job_id, "accepted": accepted}, as_json)
+            accepted = ask(broker, lambda client: getattr(client.job(str(job_id)), verb)())
+            emit({"job_id": job_id, "accepted": accepted}, as_json)
 
     command.__name__ = verb
     command.__doc__ = (f"{verb.capitalize()} job JOB_ID, or every job on every worker (--all, "
@@ -417,9 +300,9 @@ def set_(job_id: str, assignments: tuple[str, ...], broker: str, as_json: bool) 
     for item in assignments:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            _fail(f"{item!r} is not key=value", EXIT_USAGE)
-        attrs[key] = _json_value(text)
-    _emit(_ask(broker, lambda client: _signal(client, job_id, {"intent": "set", "attrs": attrs})),
+            fail(f"{item!r} is not key=value", EXIT_USAGE)
+        attrs[key] = json_value(text)
+    emit(ask(broker, lambda client: _signal(client, job_id, {"intent": "set", "attrs": attrs})),
           as_json)
 
 
@@ -435,15 +318,15 @@ def invoke(job_id: str, method: str, arguments: str, broker: str, as_json: bool)
     ARGUMENTS is a JSON list (positional arguments) or a JSON object (keyword arguments).
     """
     try:
-        parsed = _loads(arguments)
+        parsed = loads_strict(arguments)
     except ValueError as exc:
-        _fail(f"ARGUMENTS is not valid JSON: {exc}", EXIT_USAGE)
+        fail(f"ARGUMENTS is not valid JSON: {exc}", EXIT_USAGE)
     if not isinstance(parsed, list | dict):
-        _fail("ARGUMENTS must be a JSON list (positional) or object (keywords), "
+        fail("ARGUMENTS must be a JSON list (positional) or object (keywords), "
               f"not {type(parsed).__name__}", EXIT_USAGE)
     args, kwargs = (parsed, {}) if isinstance(parsed, list) else ([], parsed)
     body = {"intent": "invoke", "method": method, "args": args, "kwargs": kwargs}
-    _emit(_ask(broker, lambda client: _signal(client, job_id, body)), as_json)
+    emit(ask(broker, lambda client: _signal(client, job_id, body)), as_json)
 
 
 @cli.command(epilog=EPILOG)
@@ -454,10 +337,10 @@ def invoke(job_id: str, method: str, arguments: str, broker: str, as_json: bool)
 @json_option
 def result(job_id: str, timeout: float | None, broker: str, as_json: bool) -> None:
     """Wait for a job to end; print its result (with --json, its final record)."""
-    record = _ask(broker, lambda client: client.job(job_id).record(timeout))
+    record = ask(broker, lambda client: client.job(job_id).record(timeout))
     if record is None:
-        _fail(f"job {job_id} did not end within {timeout} s", EXIT_TIMEOUT)
-    _finish(record, as_json)
+        fail(f"job {job_id} did not end within {timeout} s", EXIT_TIMEOUT)
+    finish(record, as_json)
 
 
 @cli.command(epilog=EPILOG)
@@ -470,14 +353,14 @@ def watch(job_id: str, broker: str, as_json: bool) -> None:
     Ctrl-C stops watching (exit 130); the job keeps running.
     """
     # Fast answers from the one-shot client for a down broker (5) or an unknown job (3).
-    _ask(broker, lambda client: client.job(job_id).record(0) or client.job(job_id).status())
-    with _errors():
+    ask(broker, lambda client: client.job(job_id).record(0) or client.job(job_id).status())
+    with exit_on_errors():
         from .client import Client
         from .display import follow
 
         with Client(broker) as client:
             record = follow(client, job_id, as_json=as_json, on_interrupt="detach")
-    _finish(record, as_json)
+    finish(record, as_json)
 
 
 @cli.command(epilog=EPILOG)
@@ -487,7 +370,7 @@ def watch(job_id: str, broker: str, as_json: bool) -> None:
 @json_option
 def jobs(timeout: float, broker: str, as_json: bool) -> None:
     """Running jobs on every worker: id, service, state, progress, worker host."""
-    listed = _ask(broker, lambda client: client.jobs(timeout))
+    listed = ask(broker, lambda client: client.jobs(timeout))
     if as_json:
         click.echo(json.dumps(listed))
         return

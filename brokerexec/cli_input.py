@@ -1,0 +1,115 @@
+"""From the command line to what a verb works with: shared options, checked input, and the
+one-shot client that ``--broker`` names.
+
+Bad input is a usage error (exit 2) with a message naming what was wrong, raised here before
+any broker is contacted. JSON from the command line is parsed as strictly as the wire codec
+would encode it, so a request that would be refused on the wire is refused at once.
+
+The one-shot client rides a plain blocking pika connection (:mod:`brokerexec.oneshot`);
+it and :mod:`brokerexec.client` are imported only when a verb asks for one, so that
+``brokerexec --help`` and a usage error stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from .cli_output import EXIT_USAGE, exit_on_errors, fail
+from .constants import DEFAULT_URL
+
+if TYPE_CHECKING:
+    from .client import Client
+
+__all__ = ["ask", "broker_option", "json_option", "json_value", "loads_strict", "need_amqp",
+           "oneshot_client", "parse_request", "pool_options", "request_option"]
+
+T = TypeVar("T")
+
+broker_option = click.option(
+    "--broker", envvar="BROKEREXEC_URL", default=DEFAULT_URL, show_default=True,
+    help="Broker URL (env BROKEREXEC_URL).")
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print exactly one JSON document on stdout.")
+request_option = click.option("--request", "request_text", default="{}", show_default=True,
+                              help="The request: a JSON object, or @file holding one.")
+_POOL_OPTIONS = (
+    click.option("--pool", "pool_kind", type=click.Choice(["thread", "process"]), default="thread",
+                 show_default=True, help="Workers for handler.map/imap."),
+    click.option("--pool-size", type=click.IntRange(min=1), help="Pool workers (default: CPUs)."),
+)
+
+
+def pool_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--pool`` and ``--pool-size`` (for ``run`` and ``worker``) in their help order."""
+    for option in reversed(_POOL_OPTIONS):
+        command = option(command)
+    return command
+
+
+def loads_strict(text: str) -> Any:
+    """Strict JSON: NaN and Infinity are refused here, as the wire codec would refuse them."""
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def parse_request(text: str) -> dict[str, Any]:
+    """``--request``: a JSON object, or ``@path`` to a file holding one."""
+    source = "--request"
+    if text.startswith("@"):
+        source = text[1:]
+        try:
+            text = Path(source).read_text(encoding="utf-8")
+        except OSError as exc:
+            fail(f"cannot read the request file {source}: {exc.strerror or exc}", EXIT_USAGE)
+    try:
+        value = loads_strict(text)
+    except ValueError as exc:
+        fail(f"{source} is not valid JSON: {exc}", EXIT_USAGE)
+    if not isinstance(value, dict):
+        fail(f"{source} must be a JSON object, not {type(value).__name__}", EXIT_USAGE)
+    return value
+
+
+def json_value(text: str) -> Any:
+    """A command-line value: JSON when it parses, else the string itself."""
+    try:
+        return loads_strict(text)
+    except ValueError:
+        return text
+
+
+def need_amqp(broker: str) -> None:
+    """Exit 2 unless ``broker`` is an amqp:// or amqps:// URL: the verbs that reach workers
+    cannot use ``memory://``, whose broker lives inside one process."""
+    if not broker.startswith(("amqp://", "amqps://")):
+        scheme = broker.partition(":")[0] or broker
+        why = ("memory:// lives inside one process; use `brokerexec run` for local runs"
+               if scheme == "memory" else f"unsupported scheme {scheme!r}")
+        fail(f"client verbs need an amqp:// or amqps:// broker URL ({why})", EXIT_USAGE)
+
+
+def oneshot_client(broker: str) -> Client:
+    """A client on the fast blocking pika transport (no event-loop thread)."""
+    need_amqp(broker)
+    from .client import Client
+    from .oneshot import PikaTransport
+
+    return Client.from_transport(PikaTransport(broker), url=broker)
+
+
+def ask(broker: str, action: Callable[[Client], T]) -> T:
+    """Run ``action`` with a one-shot client; brokerexec errors become exit codes."""
+    with exit_on_errors():
+        client = oneshot_client(broker)
+        try:
+            return action(client)
+        finally:
+            client.close()
+    raise AssertionError("unreachable: exit_on_errors() exits")

@@ -1,0 +1,86 @@
+"""What a CLI command prints, and the exit code it ends with.
+
+The codes are the documented ones (the table in :mod:`brokerexec.cli`'s docstring, ``EPILOG``
+in ``--help`` and ``docs/cli.md``): each verb ends through :func:`fail`, :func:`finish` or
+:func:`exit_on_errors`, so a brokerexec error always becomes the same code, whichever verb
+hit it. Answers go to stdout (exactly one JSON document with ``--json``); messages go to
+stderr. :mod:`brokerexec.display` is imported only when something is shown as text, because
+it pulls in rich, which one-shot verbs must not pay for.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+import click
+
+from .errors import (
+    BrokerConnectionError,
+    BrokerExecError,
+    ConfigurationError,
+    DecodeError,
+    JobNotFound,
+    RemoteError,
+    Timeout,
+)
+
+__all__ = ["EPILOG", "EXIT_ABORTED", "EXIT_BROKER", "EXIT_FAILED", "EXIT_NOT_FOUND", "EXIT_OK",
+           "EXIT_TIMEOUT", "EXIT_USAGE", "emit", "exit_on_errors", "fail", "finish"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_BROKER, EXIT_ABORTED = (
+    0, 1, 2, 3, 4, 5, 130)
+
+EPILOG = """Exit codes: 0 ok; 1 job failed or remote error; 2 usage or bad input;
+3 no worker holds the job; 4 time-out; 5 broker unreachable; 130 interrupted or aborted."""
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """Print ``brokerexec: message`` on stderr and exit with ``code``."""
+    click.echo(f"brokerexec: {message}", err=True)
+    sys.exit(code)
+
+
+@contextmanager
+def exit_on_errors() -> Iterator[None]:
+    """Turn brokerexec errors into a message on stderr and the documented exit code."""
+    try:
+        yield
+    except JobNotFound as exc:
+        fail(str(exc), EXIT_NOT_FOUND)
+    except Timeout as exc:
+        fail(str(exc), EXIT_TIMEOUT)
+    except BrokerConnectionError as exc:
+        fail(str(exc), EXIT_BROKER)
+    except (ConfigurationError, DecodeError) as exc:
+        fail(str(exc), EXIT_USAGE)
+    except RemoteError as exc:
+        if exc.remote_type == "brokerexec.Aborted":
+            fail(str(exc), EXIT_ABORTED)
+        fail(f"{exc.remote_type}: {exc.remote_message}", EXIT_FAILED)
+    except BrokerExecError as exc:
+        fail(str(exc), EXIT_FAILED)
+
+
+def emit(value: Any, as_json: bool, text: Callable[[Any], str] | None = None) -> None:
+    """Print a command's answer on stdout: JSON with ``--json``, else ``text(value)`` or a
+    pretty rendering."""
+    if as_json:
+        click.echo(json.dumps(value))
+    else:
+        from .display import pretty
+
+        click.echo(text(value) if text else pretty(value))
+
+
+def finish(record: dict[str, Any] | None, as_json: bool) -> NoReturn:
+    """Print a final record (or its result) and exit with the code of its state."""
+    if record is None:  # the user stopped watching
+        sys.exit(EXIT_ABORTED)
+    from .display import show_record
+
+    show_record(record, as_json)
+    sys.exit({"finished": EXIT_OK, "failed": EXIT_FAILED}.get(str(record.get("state")), EXIT_ABORTED))
