@@ -6,8 +6,6 @@ with ``brokerexec worker``, and steer it from anywhere with :class:`Client`.
 
 from __future__ import annotations
 
-from typing import Any
-
 from .client import Client
 from .errors import (
     Aborted,
@@ -70,7 +68,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     # The asyncio twin on first use only: the CLI's one-shot verbs never pay for it.
     if name in ("AsyncClient", "AsyncJob"):
         from . import aio

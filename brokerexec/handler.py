@@ -35,14 +35,16 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from . import codec
+from ._signals import HANDLER_SETTABLE as HANDLER_SETTABLE  # re-exported: the worker's import
+from ._signals import QueuedSignal, apply_queued, check_invoke, fail_pending, resolved, split_set, status_body
+from ._signals import check_delta as check_delta  # re-exported: the worker's import
 from .constants import DEFAULT_CHECKPOINT_DELTA, DEFAULT_IMPROVED_DELTA, DEFAULT_PROGRESS_DELTA
-from .errors import Aborted, InvalidState, SignalRefused, error_to_wire
+from .errors import Aborted, InvalidState, error_to_wire
 from .pool import WorkerPool
 from .pool import imap as pool_imap
-from .ports import check_type
 from .protocol import Intent, parse_signal
 from .runner import THREADS, Computation, Runner
-from .service import Service, apply_invoke, apply_set, check_invokable, check_set
+from .service import Service
 from .states import JobState, StateMachine, Transition
 
 __all__ = ["Emit", "ServiceHandler"]
@@ -51,26 +53,6 @@ log = logging.getLogger(__name__)
 
 #: ``emit(kind, data)``: called with "state", "progress", "improved" or "checkpoint".
 Emit = Callable[[str, dict[str, Any]], None]
-
-#: Attributes a ``set`` may change on the handler itself (park's onSignalSet).
-HANDLER_SETTABLE = ("progress_delta", "checkpoint_delta", "improved_delta")
-
-
-class _Queued:
-    """A set/invoke waiting for the next ``ready()``, with the future its sender awaits."""
-
-    __slots__ = ("body", "future", "intent")
-
-    def __init__(self, intent: Intent, body: dict[str, Any]) -> None:
-        self.intent = intent
-        self.body = body
-        self.future: cf.Future[Any] = cf.Future()
-
-
-def _done(value: Any) -> cf.Future[Any]:
-    future: cf.Future[Any] = cf.Future()
-    future.set_result(value)
-    return future
 
 
 class ServiceHandler:
@@ -113,7 +95,7 @@ class ServiceHandler:
                 setattr(self, attr, check_delta(attr, value))
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._queue: deque[_Queued] = deque()
+        self._queue: deque[QueuedSignal] = deque()
         # Read without the lock on the hot path; written under it.
         self._attention = False
         self._next_due = math.inf
@@ -187,9 +169,7 @@ class ServiceHandler:
             self._attention = False
         if final is not JobState.ABORTED and self._improved_pending is not None:
             self._send_improved(self._clock())  # the last improvement is never lost
-        for queued in pending:
-            queued.future.set_exception(InvalidState(
-                f"job {self.name} ended ({final.value}) before the {queued.intent.value} was applied"))
+        fail_pending(pending, self.name, final)
         self.states.try_transition(final)
         self.outcome.set_result({"state": final.value, "result": result, "error": error,
                                  "start": start, "end": self._wallclock()})
@@ -201,8 +181,10 @@ class ServiceHandler:
             if computation is None or not computation.is_alive() or self.outcome.done():
                 return
             self._abandoned = True
+            pending, self._queue = list(self._queue), deque()
         log.warning("job %s did not reach ready() within %.1f s of abort: abandoned",
                     self.name, self.abort_grace)
+        fail_pending(pending, self.name, JobState.ABORTED)  # no ready() will apply them now
         if self.states.state is JobState.PAUSED:
             self.states.try_transition(JobState.RUNNING)
         if self.states.try_transition(JobState.ABORTED) is not None:
@@ -243,23 +225,8 @@ class ServiceHandler:
             batch, self._queue = self._queue, deque()
             self._attention = self._pause_requested or self._abort_requested or self._reschedule
         for queued in batch:  # arrival order
-            self._apply_one(queued)
-
-    def _apply_one(self, queued: _Queued) -> None:
-        assert self.service is not None
-        body = queued.body
-        try:
-            if queued.intent is Intent.SET:
-                value = apply_set(self.service, body["attrs"])
-                value.update(body.get("handler_attrs", {}))
-            else:
-                value = apply_invoke(self.service, str(body.get("method")),
-                                     body.get("args") or [], body.get("kwargs") or {})
-                codec.encode(value)
-        except Exception as exc:
-            queued.future.set_exception(exc)
-        else:
-            queued.future.set_result(value)
+            assert self.service is not None
+            apply_queued(self.service, queued)
 
     def _hold(self) -> None:
         """Paused: stay here, still applying set/invoke, until resume or abort."""
@@ -349,22 +316,22 @@ class ServiceHandler:
     def _on_pause(self, body: dict[str, Any]) -> cf.Future[Any]:
         with self._lock:
             if self.states.state.terminal:
-                return _done(False)
+                return resolved(False)
             self._pause_requested = self._attention = True
-        return _done(True)
+        return resolved(True)
 
     def _on_resume(self, body: dict[str, Any]) -> cf.Future[Any]:
         with self._lock:
             if self.states.state.terminal:
-                return _done(False)
+                return resolved(False)
             self._pause_requested = False
             self._wake.notify_all()
-        return _done(True)
+        return resolved(True)
 
     def _on_abort(self, body: dict[str, Any]) -> cf.Future[Any]:
         with self._lock:
             if self.states.state.terminal:
-                return _done(False)
+                return resolved(False)
             first = not self._abort_requested
             self._abort_requested = self._attention = True
             self._wake.notify_all()
@@ -372,33 +339,21 @@ class ServiceHandler:
             timer = threading.Timer(self.abort_grace, self._abandon_if_stuck)
             timer.name, timer.daemon = f"brokerexec-abort-{self.name}", True
             timer.start()
-        return _done(True)
+        return resolved(True)
 
     def _on_set(self, body: dict[str, Any]) -> cf.Future[Any]:
-        attrs = body.get("attrs")
-        if not isinstance(attrs, dict) or not attrs:
-            raise SignalRefused("set needs a non-empty object 'attrs'")
-        mine = {key: check_delta(key, value) for key, value in attrs.items()
-                if key in HANDLER_SETTABLE}
-        rest = {key: value for key, value in attrs.items() if key not in HANDLER_SETTABLE}
-        if rest:  # refuse now, not at ready(): the sender learns at once, nothing half-applied
-            check_set(self._service_class(), rest)
+        mine, rest = split_set(body, self._service_class)  # refused here, or applied whole
         for key, value in mine.items():
             setattr(self, key, value)
         if mine:
             with self._lock:
                 self._reschedule = self._attention = True
         if not rest:
-            return _done(mine)
+            return resolved(mine)
         return self._enqueue(Intent.SET, {"attrs": rest, "handler_attrs": mine})
 
     def _on_invoke(self, body: dict[str, Any]) -> cf.Future[Any]:
-        method = body.get("method")
-        args, kwargs = body.get("args") or [], body.get("kwargs") or {}
-        if not isinstance(method, str) or not isinstance(args, list) or not isinstance(kwargs, dict):
-            raise SignalRefused("invoke needs 'method' (string), 'args' (list), 'kwargs' (object)")
-        check_invokable(self._service_class(), method)
-        return self._enqueue(Intent.INVOKE, {"method": method, "args": args, "kwargs": kwargs})
+        return self._enqueue(Intent.INVOKE, check_invoke(body, self._service_class))
 
     def _service_class(self) -> type[Service]:
         if self.service is None:
@@ -406,7 +361,7 @@ class ServiceHandler:
         return type(self.service)
 
     def _enqueue(self, intent: Intent, body: dict[str, Any]) -> cf.Future[Any]:
-        queued = _Queued(intent, body)
+        queued = QueuedSignal(intent, body)
         with self._lock:
             if self.states.state.terminal:
                 raise InvalidState(f"job {self.name} has ended ({self.states.state.value})")
@@ -422,19 +377,11 @@ class ServiceHandler:
 
     def status(self) -> dict[str, Any]:
         """A snapshot for ``status`` replies (safe from any thread)."""
-        state = self.states.state
-        return {
-            "state": state.value,
-            "paused": state is JobState.PAUSED,
-            "pause_requested": self._pause_requested,
-            "abort_requested": self._abort_requested,
-            "since": self.states.entered,
-            "queued_signals": len(self._queue),
-            "progress": self._last_progress,
-            "progress_delta": self.progress_delta,
-            "checkpoint_delta": self.checkpoint_delta,
-            "improved_delta": self.improved_delta,
-        }
+        return status_body(self.states, pause_requested=self._pause_requested,
+                           abort_requested=self._abort_requested, queued_signals=len(self._queue),
+                           progress=self._last_progress, progress_delta=self.progress_delta,
+                           checkpoint_delta=self.checkpoint_delta,
+                           improved_delta=self.improved_delta)
 
     # ---- outgoing messages ------------------------------------------------------------
 
@@ -451,13 +398,3 @@ class ServiceHandler:
             self._emit_fn(kind, data)
         except Exception:  # a failing transport must not end the computation unreported
             log.exception("job %s: emitting a %s message failed", self.name, kind)
-
-
-def check_delta(name: str, value: Any) -> float:
-    try:
-        number = check_type(value, float)
-    except TypeError as exc:
-        raise SignalRefused(f"{name}: {exc}") from exc
-    if not math.isfinite(number) or number < 0:
-        raise SignalRefused(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(number)

@@ -453,6 +453,7 @@ def test_a_computation_that_never_calls_ready_is_abandoned_at_the_abort_deadline
 
     class Deaf(Service):
         name = "deaf"
+        settable = {"x": int}
 
         def run(self, handler: ServiceHandler, request: dict[str, Any]) -> str:
             release.wait(WAIT)
@@ -460,9 +461,12 @@ def test_a_computation_that_never_calls_ready_is_abandoned_at_the_abort_deadline
 
     handler, recorder = start(Deaf(), abort_grace=0.2)
     recorder.wait_for(lambda: "running" in recorder.states())
+    queued = handler.put({"intent": "set", "attrs": {"x": 1}})
     handler.put({"intent": "abort"})
     outcome = handler.join(WAIT)
     assert outcome["state"] == "aborted" and outcome.get("abandoned") is True
+    with pytest.raises(InvalidState, match="ended"):  # its sender is told, not left waiting
+        queued.result(WAIT)
     release.set()  # the abandoned thread ends; its late result changes nothing
     assert handler.join(0)["state"] == "aborted"
     assert recorder.states() == ["running", "aborted"]
