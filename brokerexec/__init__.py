@@ -6,32 +6,37 @@ with ``brokerexec worker``, and steer it from anywhere with :class:`Client`.
 
 from __future__ import annotations
 
-from .client import Client
-from .errors import (
-    Aborted,
-    BrokerConnectionError,
-    BrokerExecError,
-    ConfigurationError,
-    DecodeError,
-    InvalidRequest,
-    InvalidState,
-    JobNotFound,
-    MessageTooLarge,
-    RemoteError,
-    ServiceError,
-    SignalRefused,
-    Timeout,
-    UnknownService,
-)
-from .handler import ServiceHandler
-from .job import Job, JobAborted
-from .pool import WorkerPool
-from .ports import Input
-from .protocol import Event
-from .registry import ServiceRegistry
-from .service import Service
-from .states import JobState
-from .worker import Worker, WorkerSettings
+import importlib as _importlib
+import typing as _typing
+
+if _typing.TYPE_CHECKING:  # what ``__getattr__`` below provides, for type checkers and IDEs
+    from .aio import AsyncClient, AsyncJob
+    from .client import Client
+    from .errors import (
+        Aborted,
+        BrokerConnectionError,
+        BrokerExecError,
+        ConfigurationError,
+        DecodeError,
+        InvalidRequest,
+        InvalidState,
+        JobNotFound,
+        MessageTooLarge,
+        RemoteError,
+        ServiceError,
+        SignalRefused,
+        Timeout,
+        UnknownService,
+    )
+    from .handler import ServiceHandler
+    from .job import Job, JobAborted
+    from .pool import WorkerPool
+    from .ports import Input
+    from .protocol import Event
+    from .registry import ServiceRegistry
+    from .service import Service
+    from .states import JobState
+    from .worker import Worker, WorkerSettings
 
 __version__ = "0.1.0"
 
@@ -68,10 +73,48 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    # The asyncio twin on first use only: the CLI's one-shot verbs never pay for it.
-    if name in ("AsyncClient", "AsyncJob"):
-        from . import aio
+#: Where each exported name lives. Imported on first use (PEP 562): ``import brokerexec``
+#: stays cheap, which a one-shot CLI verb (``brokerexec status ID``) feels on every call.
+_WHERE = {
+    "Aborted": "errors",
+    "AsyncClient": "aio",
+    "AsyncJob": "aio",
+    "BrokerConnectionError": "errors",
+    "BrokerExecError": "errors",
+    "Client": "client",
+    "ConfigurationError": "errors",
+    "DecodeError": "errors",
+    "Event": "protocol",
+    "Input": "ports",
+    "InvalidRequest": "errors",
+    "InvalidState": "errors",
+    "Job": "job",
+    "JobAborted": "job",
+    "JobNotFound": "errors",
+    "JobState": "states",
+    "MessageTooLarge": "errors",
+    "RemoteError": "errors",
+    "Service": "service",
+    "ServiceError": "errors",
+    "ServiceHandler": "handler",
+    "ServiceRegistry": "registry",
+    "SignalRefused": "errors",
+    "Timeout": "errors",
+    "UnknownService": "errors",
+    "Worker": "worker",
+    "WorkerPool": "pool",
+    "WorkerSettings": "worker",
+}
 
-        return getattr(aio, name)
-    raise AttributeError(f"module 'brokerexec' has no attribute {name!r}")
+
+def __getattr__(name: str) -> object:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'brokerexec' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

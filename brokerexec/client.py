@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from .constants import DEFAULT_RPC_TIMEOUT, DEFAULT_URL
 from .errors import ConfigurationError
 from .job import Job
 from .protocol import Event, check_name, launch_body
-from .registry import ServiceRegistry
-from .service import Service
 from .transport.base import ClientTransport, Subscription
-from .worker import Worker, WorkerSettings
+
+if TYPE_CHECKING:
+    from .service import Service
+    from .worker import Worker, WorkerSettings
 
 __all__ = ["Client"]
 
@@ -44,7 +45,10 @@ class Client:
         self._worker: Worker | None = None
         scheme = urlparse(url).scheme
         if scheme == "memory":
+            # The embedded worker's modules only here: a client of RabbitMQ never needs them.
+            from .registry import ServiceRegistry
             from .transport.memory import MemoryBroker, MemoryClientTransport, MemoryWorkerTransport
+            from .worker import Worker, WorkerSettings
 
             broker = MemoryBroker.named(urlparse(url).netloc)
             self.transport: ClientTransport = MemoryClientTransport(broker)

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from kiwipy.rmq.messages import BroadcastMessage
 from plumpy.process_comms import Intent, MessageBuilder
 
-from brokerexec import codec
+from brokerexec import codec, codec_yaml
 from brokerexec.constants import MAX_JSON_DEPTH, MAX_MESSAGE_BYTES
 from brokerexec.errors import DecodeError, MessageTooLarge
 
@@ -53,7 +53,7 @@ def _tripwire_untouched() -> Iterator[None]:
 def yaml_loader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run YAML tests with the libyaml-backed loader and with the pure-Python fallback."""
     if request.param == "pure-python":
-        monkeypatch.setattr(codec, "_LOADER", codec._PyLoader)
+        monkeypatch.setattr(codec_yaml, "_LOADER", codec_yaml._PyLoader)
     elif not yaml.__with_libyaml__:
         pytest.skip("PyYAML built without libyaml")
     return str(request.param)
@@ -350,10 +350,10 @@ def test_large_yaml_mappings_take_linear_time(yaml_loader: str) -> None:
 
 
 def test_the_codec_never_uses_pickle_or_an_unsafe_loader() -> None:
-    source = Path(codec.__file__).read_text()
+    source = Path(codec.__file__).read_text() + Path(codec_yaml.__file__).read_text()
     assert "import pickle" not in source
     assert not re.search(r"yaml\.(load|unsafe_load|full_load|load_all)\(|UnsafeLoader|FullLoader", source)
-    assert issubclass(codec._LOADER, yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader)
+    assert issubclass(codec_yaml._LOADER, yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader)
 
 
 # ---- properties ----------------------------------------------------------------------------
@@ -383,17 +383,17 @@ def test_any_json_value_round_trips_through_yaml(value: object) -> None:
 
 _content_types = st.sampled_from([None, codec.JSON, codec.YAML])
 #: Both YAML loaders; a function-scoped fixture cannot parametrize a hypothesis test.
-_loaders = st.sampled_from(sorted({codec._LOADER, codec._PyLoader}, key=lambda kind: kind.__name__))
+_loaders = st.sampled_from(sorted({codec_yaml._LOADER, codec_yaml._PyLoader}, key=lambda kind: kind.__name__))
 
 
 @contextlib.contextmanager
 def yaml_loader_set_to(loader: type) -> Iterator[None]:
-    saved = codec._LOADER
-    codec._LOADER = loader
+    saved = codec_yaml._LOADER
+    codec_yaml._LOADER = loader
     try:
         yield
     finally:
-        codec._LOADER = saved
+        codec_yaml._LOADER = saved
 
 
 @settings(max_examples=500, deadline=None)
