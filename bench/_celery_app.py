@@ -69,9 +69,15 @@ def worker(url: str, queue: str, pool: str, concurrency: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def client(url: str, queue: str) -> Iterator[Celery]:
-    """The timing side's app; its connections (and its rpc:// reply queue) closed at the end."""
+def client(url: str, queue: str, confirm: bool = False) -> Iterator[Celery]:
+    """The timing side's app; its connections (and its rpc:// reply queue) closed at the end.
+
+    ``confirm``: publisher confirms on (py-amqp's ``confirm_publish``), so each ``send_task``
+    returns once the broker holds the task, as brokerexec's ``launch()`` does.
+    """
     app = make_app(url, queue)
+    if confirm:
+        app.conf.broker_transport_options = {"confirm_publish": True}
     try:
         yield app
     finally:

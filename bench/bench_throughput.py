@@ -140,11 +140,11 @@ def celery_prefork(url: str, processes: int) -> Iterator[str]:
         yield queue
 
 
-def drive_celery(url: str, queue: str, n: int, batches: int) -> list[float]:
+def drive_celery(url: str, queue: str, n: int, batches: int, confirm: bool = False) -> list[float]:
     """Celery sender: ``send_task`` n times, then ``get()`` every result."""
     from bench import _celery_app
 
-    with _celery_app.client(url, queue) as app:
+    with _celery_app.client(url, queue, confirm=confirm) as app:
 
         def batch(count: int) -> float:
             start = time.perf_counter()
@@ -163,6 +163,10 @@ CONTENDERS: dict[str, Contender] = {
                                   lambda url, k: aio_pika_consumers(url, k, durable=True), drive_aio_pika),
     "celery": Contender("Celery prefork, rpc:// results (concurrency = process count)",
                         celery_prefork, drive_celery),
+    "celery-confirm": Contender("Celery prefork, rpc:// results, publisher confirms on "
+                                "(each `send_task` confirmed before the next)", celery_prefork,
+                                lambda url, queue, n, batches: drive_celery(url, queue, n, batches,
+                                                                            confirm=True)),
 }
 CONTENDERS["brokerexec"] = _brokerexec.THROUGHPUT
 CONTENDERS["brokerexec-many"] = _brokerexec.THROUGHPUT_MANY
