@@ -69,6 +69,17 @@ def test_posts_and_confirmed_publishes_arrive_in_order(connection: AmqpConnectio
     assert [json.loads(b) for b in drain(raw, queue, 2000)] == list(range(2000))
 
 
+def test_confirmed_publishes_fall_back_to_aiormq_if_its_internals_change(
+        connection: AmqpConnection, raw: Raw, monkeypatch: pytest.MonkeyPatch) -> None:
+    from brokerexec.transport import amqp_outbox
+
+    monkeypatch.setattr(amqp_outbox, "_numbers_its_confirms", lambda channel: False)
+    queue = str(raw.channel.queue_declare("", exclusive=True).method.queue)
+    connection.submit(connection.publish_confirmed(
+        [Outgoing.json("", queue, json.dumps(i).encode()) for i in range(20)])).result(20)
+    assert [json.loads(b) for b in drain(raw, queue, 20)] == list(range(20))
+
+
 def test_outbox_comes_back_after_the_broker_closes_its_channels(
         connection: AmqpConnection, raw: Raw) -> None:
     queue = str(raw.channel.queue_declare("", exclusive=True).method.queue)

@@ -221,7 +221,9 @@ class Outbox:
         number, max_content = channel.number, channel.max_content_size  # type: ignore[attr-defined]
         for item in batch:
             parts.extend(item.frames(number, max_content))
-        if confirmed:
+        if confirmed and not _numbers_its_confirms(confirm_channel):
+            self._publish_one_by_one(confirm_channel, confirmed)
+        elif confirmed:
             parts.extend(self._confirmed_frames(confirm_channel, confirmed))
         if not parts:
             return
@@ -237,6 +239,15 @@ class Outbox:
         if not drained.done():
             drained.cancel()
             raise ConnectionError("the connection ended before the batch was written")
+
+    def _publish_one_by_one(self, channel: Any,
+                            confirmed: list[tuple[Outgoing, asyncio.Future[None]]]) -> None:
+        """The slow, public way, should an aiormq release change what batching relies on."""
+        for item, done in confirmed:
+            publish = asyncio.ensure_future(channel.basic_publish(
+                item.body, exchange=item.exchange, routing_key=item.routing_key,
+                properties=item.properties))
+            publish.add_done_callback(lambda f, done=done: _settle(done, f))
 
     @staticmethod
     def _confirmed_frames(channel: Any, confirmed: list[tuple[Outgoing, asyncio.Future[None]]]
@@ -258,6 +269,11 @@ class Outbox:
             confirmation.add_done_callback(lambda f, done=done: _settle(done, f))
             parts.extend(item.frames(number, max_content))
         return parts
+
+
+def _numbers_its_confirms(channel: Any) -> bool:
+    """True if ``channel`` has the aiormq internals ``_confirmed_frames`` relies on."""
+    return all(hasattr(channel, name) for name in ("delivery_tag", "confirmations", "create_future"))
 
 
 def _settle(done: asyncio.Future[None], confirmation: asyncio.Future[Any]) -> None:
