@@ -124,3 +124,28 @@ def test_using_a_client_before_connecting_says_so() -> None:
     client = AsyncClient("memory://never-connected")
     with pytest.raises(RuntimeError, match="not connected"):
         client.job("0" * 32)
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.fault
+def test_a_result_awaited_across_a_dropped_connection_still_arrives(
+        amqp_url: str, worker_process: Any, unique_name: str) -> None:
+    # The record pushed to the client's own queue is lost with that queue; the wait
+    # falls back to the records stream on the new connection.
+    from test_rabbitmq_transport import close_connections_named
+
+    worker_process("--concurrency", "2")
+    name = f"{unique_name}-aio"
+
+    async def main() -> None:
+        async with AsyncClient(f"{amqp_url}?name={name}") as client:
+            job = await client.launch("forever", {"tick": 0.005})
+            await until_state(client, job.id, "running")
+            waiting = asyncio.ensure_future(job.result(WAIT))
+            await asyncio.sleep(0)  # the wait is registered before the cut
+            assert await asyncio.to_thread(close_connections_named, name) == 1
+            assert await job.abort() is True  # RPCs go on the calling thread's own channel
+            with pytest.raises(JobAborted):
+                await asyncio.wait_for(waiting, WAIT)
+
+    asyncio.run(main())
