@@ -127,7 +127,28 @@ def test_five_close_all_connections_in_a_row(transports: Any, client: RabbitClie
     finishes(client, worker, hooks)  # the launch consumer came back too
 
 
-def test_broker_application_restart(transports: Any, client: RabbitClientTransport) -> None:
+def kiwipy_play_broadcast(url: str) -> None:
+    """What plumpy's ``play_all`` sends; raises if kiwipy's exchange is not there (yet)."""
+    import pika
+    import pika.exceptions
+
+    from brokerexec import BrokerConnectionError
+    from brokerexec.constants import BROADCAST_TOPIC, KIWIPY_EXCHANGE
+
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(KIWIPY_EXCHANGE, BROADCAST_TOPIC,
+                              b"{body: null, correlation_id: null, sender: null, subject: play}\n")
+    except pika.exceptions.ChannelClosedByBroker as exc:  # 404: declared again soon
+        raise BrokerConnectionError(str(exc)) from exc
+    finally:
+        connection.close()
+
+
+def test_broker_application_restart(transports: Any, client: RabbitClientTransport,
+                                    amqp_url: str) -> None:
     worker, hooks = transports()
     job_id = launched(client, hooks)
     inbox = Inbox()
@@ -140,6 +161,12 @@ def test_broker_application_restart(transports: Any, client: RabbitClientTranspo
     control = {"intent": "pause", "note": new_job_id()}
     brokerctl.eventually(lambda: client.control(control), "control after the restart")
     hooks.wait(lambda: control in hooks.controls, "no control message after the restart")
+    # kiwipy broadcasts reach the worker again: kiwipy's transient exchange, and the
+    # binding of the workers' filter to it, went with the restart and were declared anew.
+    heard = len(hooks.controls)
+    brokerctl.eventually(lambda: kiwipy_play_broadcast(amqp_url), "kiwipy broadcast after the restart")
+    hooks.wait(lambda: len(hooks.controls) > heard, "no kiwipy broadcast after the restart")
+    assert hooks.controls[-1]["intent"] == "play"
     finishes(client, worker, hooks)
 
 
