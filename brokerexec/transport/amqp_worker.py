@@ -113,7 +113,8 @@ class RabbitWorkerTransport(LaunchIntake, WorkerSignals, WorkerTransport):
         if event.kind == "state":  # what plumpy processes broadcast, for kiwipy tools
             body = {"body": None, "sender": event.job_id, "correlation_id": None,
                     "subject": f"state_changed.{event.data.get('from')}.{event.data.get('to')}"}
-            # Typed, so workers (which hear every kiwipy broadcast) skip it undecoded.
+            # The header makes the broker drop it on the workers' side (constants.
+            # KIWIPY_FILTER_EXCHANGE); the type lets a worker skip it undecoded if it gets it.
             self.connection.post(Outgoing.json(KIWIPY_EXCHANGE, BROADCAST_TOPIC, codec.encode(body),
                                                message_type=STATE_CHANGED_TYPE,
                                                headers=dict([STATE_CHANGED_HEADER])))
