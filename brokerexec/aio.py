@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextlib
 import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -228,7 +229,7 @@ def _on_loop(loop: asyncio.AbstractEventLoop,
             task.add_done_callback(tasks.discard)
 
     def hop(event: Event) -> None:
-        if not loop.is_closed():
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody listens
             loop.call_soon_threadsafe(run, event)
 
     return hop
