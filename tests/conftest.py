@@ -19,6 +19,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 import pytest
@@ -99,6 +100,16 @@ def _broker_lock(request: pytest.FixtureRequest) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture
+def raw(amqp_url: str) -> Iterator[Any]:
+    """A raw pika peer (``test_rabbitmq_transport.Raw``): kiwipy tools, operators."""
+    from test_rabbitmq_transport import Raw
+
+    peer = Raw(amqp_url)
+    yield peer
+    peer.close()
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import time
@@ -35,13 +36,6 @@ def connection(amqp_url: str, unique_name: str) -> Iterator[AmqpConnection]:
     conn.start(timeout=20)
     yield conn
     conn.close()
-
-
-@pytest.fixture
-def raw(amqp_url: str) -> Iterator[Raw]:
-    peer = Raw(amqp_url)
-    yield peer
-    peer.close()
 
 
 def drain(raw: Raw, queue: str, count: int, within: float = 10.0) -> list[bytes]:
@@ -108,7 +102,10 @@ def test_a_version_1_launch_queue_from_an_older_brokerexec_is_used(
     from conftest import AMQP_URL
 
     if not shutil.which("rabbitmqctl"):
-        pytest.skip("needs rabbitmqctl to make a vhost of its own")
+        reason = "needs rabbitmqctl to make a vhost of its own"
+        if os.environ.get("CI"):
+            pytest.fail(reason)  # CI has the local broker: a skip there would hide a miss
+        pytest.skip(reason)
     vhost = f"brokerexec-test-{uuid.uuid4().hex[:12]}"
     subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, capture_output=True)
     subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],

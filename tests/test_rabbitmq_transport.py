@@ -282,13 +282,6 @@ def client(amqp_url: str, unique_name: str) -> Iterator[RabbitClientTransport]:
     transport.close()
 
 
-@pytest.fixture
-def raw(amqp_url: str) -> Iterator[Raw]:
-    peer = Raw(amqp_url)
-    yield peer
-    peer.close()
-
-
 def launched(client: RabbitClientTransport, hooks: FakeHooks, service: str = "fake") -> str:
     """Launch a job and wait until ``hooks`` began it; return its id."""
     job_id = new_job_id()

@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 
 #: How many ended job ids a worker remembers, to drop their launches if they come back.
 _ENDED_KEPT = 10_000
+#: The header of every state_changed broadcast (built once: it goes with every state event).
+_STATE_CHANGED_HEADERS = dict([STATE_CHANGED_HEADER])
 
 
 class RabbitWorkerTransport(LaunchIntake, WorkerSignals, WorkerTransport):
@@ -117,7 +119,7 @@ class RabbitWorkerTransport(LaunchIntake, WorkerSignals, WorkerTransport):
             # KIWIPY_FILTER_EXCHANGE); the type lets a worker skip it undecoded if it gets it.
             self.connection.post(Outgoing.json(KIWIPY_EXCHANGE, BROADCAST_TOPIC, codec.encode(body),
                                                message_type=STATE_CHANGED_TYPE,
-                                               headers=dict([STATE_CHANGED_HEADER])))
+                                               headers=_STATE_CHANGED_HEADERS))
 
     def finish(self, job_id: str, record: dict[str, Any]) -> cf.Future[None]:
         reply_to = self._refusal_reply_to.get(job_id)  # set while a launch is being prepared
