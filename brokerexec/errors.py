@@ -10,14 +10,22 @@
     ├── ServiceError              a service refused something
     │   ├── UnknownService        no service of that name is registered
     │   ├── InvalidRequest        a request does not match the service's declared inputs
-    │   └── SignalRefused         set/invoke of an undeclared or private name, bad argument types
+    │   └── SignalRefused         set/invoke of an undeclared or private name, bad arguments
     ├── InvalidState              the operation is not allowed in the current state
     ├── JobNotFound               no worker answers for that job id
     ├── RemoteError               the remote side failed: carries its type, message, traceback
+    │   └── JobAborted            the job was aborted (raised by ``Job.result``)
     └── Timeout                   something did not answer in time (also a TimeoutError)
 
     Aborted (BaseException, outside the tree): raised by ``ready()`` in the computation
     thread so that ``except Exception`` in user code cannot swallow an abort.
+
+**Errors cross the wire typed.** A worker sends an error as ``{"type", "message",
+"traceback"}`` (:func:`error_to_wire`). The caller raises it with :func:`error_from_wire`:
+one of brokerexec's own errors comes back as a class that is both a :class:`RemoteError`
+(remote type, message and traceback) and the error itself, so ``except SignalRefused`` or
+``except JobNotFound`` catches a refusal made on a worker; a user's own exception stays a
+plain :class:`RemoteError`.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ __all__ = [
     "DecodeError",
     "InvalidRequest",
     "InvalidState",
+    "JobAborted",
     "JobNotFound",
     "MessageTooLarge",
     "RemoteError",
@@ -39,8 +48,12 @@ __all__ = [
     "SignalRefused",
     "Timeout",
     "UnknownService",
+    "error_from_wire",
     "error_to_wire",
 ]
+
+#: How brokerexec's own error types are named on the wire: ``brokerexec.<Class>``.
+WIRE_PREFIX = "brokerexec."
 
 
 class BrokerExecError(Exception):
@@ -76,7 +89,7 @@ class InvalidRequest(ServiceError):
 
 
 class SignalRefused(ServiceError):
-    """A ``set`` or ``invoke`` names something the service does not expose, or has bad types."""
+    """A ``set`` or ``invoke`` names something the service does not expose, or has bad arguments."""
 
 
 class InvalidState(BrokerExecError):
@@ -106,28 +119,82 @@ class RemoteError(BrokerExecError):
         self.remote_message = remote_message
         self.remote_traceback = remote_traceback
 
-    @classmethod
-    def from_wire(cls, error: Any) -> RemoteError:
-        """Build from the ``error`` object of a reply or a state message."""
-        if isinstance(error, dict):
-            return cls(
-                str(error.get("type", "Exception")),
-                str(error.get("message", "")),
-                str(error.get("traceback", "") or ""),
-            )
-        return cls("Exception", str(error))
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable, for process pools and tests
+        return (error_from_wire, ({"type": self.remote_type, "message": self.remote_message,
+                                  "traceback": self.remote_traceback},))
+
+
+class JobAborted(RemoteError):
+    """The job was aborted; raised by ``Job.result``."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"{WIRE_PREFIX}Aborted", f"job {job_id} was aborted")
+        self.job_id = job_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (JobAborted, (self.job_id,))
 
 
 class Aborted(BaseException):
     """Raised in the computation thread by ``ready()`` when the job is aborted."""
 
 
+#: brokerexec's errors that may be raised remotely and are raised typed in the caller.
+_WIRE_TYPES: dict[str, type[BrokerExecError]] = {
+    f"{WIRE_PREFIX}{kind.__name__}": kind
+    for kind in (ConfigurationError, BrokerConnectionError, DecodeError, MessageTooLarge,
+                 ServiceError, UnknownService, InvalidRequest, SignalRefused, InvalidState,
+                 JobNotFound, Timeout)
+}
+
+
+_REMOTE_CLASSES: dict[type[BrokerExecError], type[RemoteError]] = {}
+
+
+def remote_class(kind: type[BrokerExecError]) -> type[RemoteError]:
+    """The class of ``kind`` raised remotely: a ``RemoteError`` that is also a ``kind``."""
+    cls = _REMOTE_CLASSES.get(kind)
+    if cls is None:
+        cls = _REMOTE_CLASSES[kind] = type(f"Remote{kind.__name__}", (RemoteError, kind), {
+            "__module__": __name__,
+            "__doc__": f"A {kind.__name__} raised on the remote side (see RemoteError).",
+        })
+    return cls
+
+
 def error_to_wire(exc: BaseException, traceback_text: str = "") -> dict[str, str]:
-    """The ``error`` object sent for an exception: its type, message and traceback."""
+    """The ``error`` object sent for an exception: its type, message and traceback.
+
+    brokerexec's own errors are named ``brokerexec.<Class>``, also when they were raised
+    remotely and pass through again; builtins by their bare name; the rest as
+    ``module.Class``.
+    """
+    if isinstance(exc, RemoteError):  # passed on: keep what the first side said
+        return {"type": exc.remote_type, "message": exc.remote_message,
+                "traceback": exc.remote_traceback or traceback_text}
     kind = type(exc)
-    name = kind.__qualname__ if kind.__module__ in ("builtins", __name__) else (
-        f"{kind.__module__}.{kind.__qualname__}"
-    )
     if kind.__module__ == __name__:
-        name = f"brokerexec.{kind.__qualname__}"
+        name = f"{WIRE_PREFIX}{kind.__qualname__}"
+    elif kind.__module__ == "builtins":
+        name = kind.__qualname__
+    else:
+        name = f"{kind.__module__}.{kind.__qualname__}"
     return {"type": name, "message": str(exc), "traceback": traceback_text}
+
+
+def error_from_wire(error: Any) -> RemoteError:
+    """The exception to raise for an ``error`` object of a reply or a record.
+
+    ``{"type": "brokerexec.SignalRefused", ...}`` gives an instance of both
+    :class:`RemoteError` and :class:`SignalRefused`; an unknown type a :class:`RemoteError`.
+    """
+    if not isinstance(error, dict):
+        return RemoteError("Exception", str(error))
+    remote_type = str(error.get("type", "Exception"))
+    message = str(error.get("message", ""))
+    traceback_text = str(error.get("traceback", "") or "")
+    if remote_type == f"{WIRE_PREFIX}Aborted":
+        return RemoteError(remote_type, message, traceback_text)
+    kind = _WIRE_TYPES.get(remote_type)
+    cls = remote_class(kind) if kind is not None else RemoteError
+    return cls(remote_type, message, traceback_text)

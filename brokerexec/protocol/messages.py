@@ -1,0 +1,279 @@
+"""The messages between clients and workers, as frozen dataclasses.
+
+Each has ``encode()`` (the JSON object that goes on the wire) and ``decode(body)`` (which
+raises :class:`~brokerexec.DecodeError` saying what was wrong). ``docs/protocol.md`` is the
+reference; this module is its code. Events and replies are in :mod:`.events` and
+:mod:`.replies`.
+
+* :class:`Launch` — queue ``brokerexec.launch``: start a job.
+* :class:`Signal` — an RPC to one job: ``{"intent": ..., <the intent's keys>}``.
+* :class:`Control` — exchange ``brokerexec.control``: pause, resume or abort every job.
+* :class:`JobsQuery` / :class:`WorkerJobs` / :class:`JobSummary` — the ``jobs`` query.
+* :class:`Record` — a job's final record: the one builder of every record.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+from ..errors import DecodeError, error_to_wire
+from ..states import TERMINAL, JobState
+from .intents import Intent
+from .names import PROTOCOL_VERSION, check_name, new_job_id
+
+__all__ = ["JobSummary", "JobsQuery", "Launch", "Record", "Signal", "WorkerJobs", "expect_object"]
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def expect_object(body: object, what: str) -> dict[str, Any]:
+    """``body`` if it is a JSON object, else a ``DecodeError`` naming ``what`` it should be."""
+    if not isinstance(body, dict):
+        raise DecodeError(f"{what} must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _check_version(body: dict[str, Any], what: str) -> None:
+    version = body.get("v", PROTOCOL_VERSION)
+    if version != PROTOCOL_VERSION:
+        raise DecodeError(f"unsupported protocol version {version!r} of a {what} "
+                          f"(this side speaks {PROTOCOL_VERSION})")
+
+
+def _number(body: dict[str, Any], key: str, default: float | None = None) -> float | None:
+    value = body.get(key, default)
+    if value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
+        return None if value is None else float(value)
+    raise DecodeError(f"{key!r} must be a number, got {value!r:.60}")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A request to run ``request`` through service ``service`` as job ``job_id``."""
+
+    job_id: str
+    service: str
+    request: dict[str, Any]
+    #: The handler's intervals for this job: ``progress_delta``, ``checkpoint_delta``,
+    #: ``improved_delta`` (checked by the worker, which refuses bad values).
+    settings: dict[str, Any]
+    sent: float
+
+    @classmethod
+    def new(cls, service: str, request: Mapping[str, Any] | None = None, *,
+            job_id: str | None = None, settings: Mapping[str, Any] | None = None) -> Launch:
+        """A launch sent now, with a fresh job id unless one is given."""
+        return cls(check_name("job id", job_id or new_job_id()), check_name("service name", service),
+                   dict(request or {}), dict(settings or {}), time.time())
+
+    def encode(self) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "job_id": self.job_id, "service": self.service,
+                "request": self.request, "settings": self.settings, "sent": self.sent}
+
+    @classmethod
+    def decode(cls, body: object) -> Launch:
+        body = expect_object(body, "a launch")
+        _check_version(body, "launch")
+        job_id = check_name("job id", body.get("job_id"))
+        service = check_name("service name", body.get("service"))
+        parts = {}
+        for key in ("request", "settings"):
+            part = body.get(key, {})
+            if part is None:
+                part = {}
+            if not isinstance(part, dict):
+                raise DecodeError(f"launch {key!r} must be a JSON object")
+            parts[key] = part
+        sent = _number(body, "sent", 0.0)
+        return cls(job_id, service, parts["request"], parts["settings"], sent or 0.0)
+
+
+@dataclass(frozen=True)
+class Signal:
+    """An RPC to one job: an intent and the keys that go with it (``docs/protocol.md``).
+
+    ``set``: ``attrs``; ``invoke``: ``method``, ``args``, ``kwargs``; ``pause``/``abort``:
+    an optional ``message``. The handler checks those keys; other keys are ignored.
+    """
+
+    intent: Intent
+    fields: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+
+    @classmethod
+    def of(cls, intent: Intent, **fields: Any) -> Signal:
+        return cls(intent, MappingProxyType(fields))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """One of the signal's keys."""
+        return self.fields.get(key, default)
+
+    def encode(self) -> dict[str, Any]:
+        return {"intent": self.intent.value, **self.fields}
+
+    def describe(self) -> str:
+        """For messages: the intent, and the method of an ``invoke``."""
+        method = self.fields.get("method")
+        return f"{self.intent.value!r} of {method!r}" if method is not None else repr(self.intent.value)
+
+    @classmethod
+    def decode(cls, body: object) -> Signal:
+        body = expect_object(body, "a signal")
+        intent = Intent.parse(body.get("intent"))
+        return cls(intent, MappingProxyType({k: v for k, v in body.items() if k != "intent"}))
+
+
+@dataclass(frozen=True)
+class Control:
+    """Pause, resume or abort every job (of one service), on every worker.
+
+    ``sent`` limits it to jobs that started before it: a worker reading the retained
+    control stream after a reconnect does not pause jobs launched since.
+    """
+
+    intent: Intent
+    service: str | None = None
+    sent: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.intent.spec.to_every_job:
+            raise DecodeError(f"a control message may pause, resume or abort every job, "
+                              f"not {self.intent.value}")
+
+    def applies_to(self, service: str, started: float) -> bool:
+        """True for a job of ``service`` that started at ``started`` (epoch seconds)."""
+        return ((self.service is None or self.service == service)
+                and (self.sent is None or started <= self.sent))
+
+    def encode(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"intent": self.intent.value}
+        if self.service is not None:
+            body["service"] = self.service
+        if self.sent is not None:
+            body["sent"] = self.sent
+        return body
+
+    @classmethod
+    def decode(cls, body: object) -> Control:
+        body = expect_object(body, "a control message")
+        service = body.get("service")
+        if service is not None:
+            check_name("service name", service)
+        return cls(Intent.parse(body.get("intent")), service, _number(body, "sent"))
+
+
+@dataclass(frozen=True)
+class JobsQuery:
+    """The ``jobs`` query, sent to every worker; each replies with :class:`WorkerJobs`."""
+
+    INTENT: ClassVar[str] = "jobs"
+
+    def encode(self) -> dict[str, Any]:
+        return {"intent": self.INTENT}
+
+    @classmethod
+    def is_query(cls, body: object) -> bool:
+        """True if ``body`` is a ``jobs`` query."""
+        return isinstance(body, dict) and body.get("intent") == cls.INTENT
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """One job in an answer to the ``jobs`` query."""
+
+    job_id: str
+    service: str
+    state: str
+    started: float
+    worker: dict[str, Any]
+    progress: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "service": self.service, "state": self.state,
+                "started": self.started, "worker": self.worker, "progress": self.progress}
+
+
+@dataclass(frozen=True)
+class WorkerJobs:
+    """One worker's answer to the ``jobs`` query: who it is and what it runs."""
+
+    worker: dict[str, Any]
+    jobs: list[dict[str, Any]]
+
+    def encode(self) -> dict[str, Any]:
+        return {"worker": self.worker, "jobs": self.jobs}
+
+    @classmethod
+    def decode(cls, value: object) -> WorkerJobs:
+        """Read an answer; jobs that are not objects are dropped, each names its worker."""
+        body = expect_object(value, "an answer to the jobs query")
+        worker = body["worker"] if isinstance(body.get("worker"), dict) else {}
+        jobs = [{**job, "worker": job.get("worker") or worker}
+                for job in body.get("jobs") or [] if isinstance(job, dict)]
+        return cls(worker, jobs)
+
+
+@dataclass(frozen=True)
+class Record:
+    """A job's final record: how it ended, with its result or error.
+
+    ``abandoned`` marks an aborted job whose computation never reached ``ready()`` within
+    the abort grace (``docs/architecture.md``).
+    """
+
+    job_id: str
+    service: str
+    state: JobState
+    result: Any = None
+    error: dict[str, str] | None = None
+    start: float = 0.0
+    end: float = 0.0
+    worker: dict[str, Any] = field(default_factory=dict)
+    abandoned: bool = False
+
+    def __post_init__(self) -> None:
+        if self.state not in TERMINAL:
+            raise DecodeError(f"a record's state must be finished, failed or aborted, not {self.state.value}")
+
+    @classmethod
+    def refusal(cls, job_id: str, service: str, worker: dict[str, Any], exc: BaseException) -> Record:
+        """The record of a launch refused before it ran (unknown service, invalid request)."""
+        now = time.time()
+        return cls(job_id, service, JobState.FAILED, None, error_to_wire(exc), now, now, worker)
+
+    @classmethod
+    def of_outcome(cls, job_id: str, service: str, worker: dict[str, Any],
+                   outcome: Mapping[str, Any]) -> Record:
+        """The record of a job that ran, from its handler's outcome."""
+        return cls(job_id, service, JobState(outcome["state"]), outcome.get("result"),
+                   outcome.get("error"), float(outcome.get("start") or 0.0),
+                   float(outcome.get("end") or 0.0), worker, bool(outcome.get("abandoned")))
+
+    def encode(self) -> dict[str, Any]:
+        body = {"v": PROTOCOL_VERSION, "job_id": self.job_id, "service": self.service,
+                "state": self.state.value, "result": self.result, "error": self.error,
+                "start": self.start, "end": self.end, "worker": self.worker}
+        if self.abandoned:
+            body["abandoned"] = True
+        return body
+
+    @classmethod
+    def decode(cls, body: object) -> Record:
+        body = expect_object(body, "a record")
+        _check_version(body, "record")
+        try:
+            state = JobState(body.get("state"))
+        except ValueError:
+            raise DecodeError(f"a record's state must be finished, failed or aborted, "
+                              f"not {body.get('state')!r}") from None
+        error = body.get("error")
+        if error is not None and not isinstance(error, dict):
+            raise DecodeError("a record's error must be an object or null")
+        worker = body.get("worker")
+        return cls(check_name("job id", body.get("job_id")), str(body.get("service", "")), state,
+                   body.get("result"), error, _number(body, "start", 0.0) or 0.0,
+                   _number(body, "end", 0.0) or 0.0, worker if isinstance(worker, dict) else {},
+                   bool(body.get("abandoned", False)))

@@ -1,0 +1,151 @@
+"""Every name on the wire: exchanges, queues, routing keys, headers, message types, job ids.
+
+``docs/protocol.md`` documents each of these; change them together. The arguments each
+object is declared with are in :mod:`brokerexec.protocol.topology`.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Mapping
+from typing import Final
+
+from ..errors import DecodeError
+
+#: Version of the wire protocol: the ``v`` key of launches, events and records.
+PROTOCOL_VERSION: Final = 1
+
+# --- kiwipy's shared exchange (declared exactly as kiwipy declares it) ----------------------
+#: kiwipy's message exchange: topic, not durable, not auto-deleted (kiwipy.rmq.defaults).
+KIWIPY_EXCHANGE: Final = "kiwipy.messages"
+#: Routing key prefix of RPCs to one subscriber: ``[rpc].<job id>``.
+RPC_TOPIC: Final = "[rpc]"
+#: Routing key of kiwipy broadcasts.
+BROADCAST_TOPIC: Final = "[broadcast]"
+#: kiwipy's queue arguments for RPC and broadcast queues (ms).
+KIWIPY_MESSAGE_TTL_MS: Final = 66_000
+
+# --- brokerexec's own objects ---------------------------------------------------------------
+#: Durable queue of launch requests, consumed by every worker (default exchange).
+LAUNCH_QUEUE: Final = "brokerexec.launch"
+#: Where launches that cannot be decoded or run are dead-lettered at once.
+DEAD_LETTER_EXCHANGE: Final = "brokerexec.dead"
+DEAD_LETTER_QUEUE: Final = "brokerexec.launch.dead"
+#: Topic exchange of job events; routing key ``<kind>.<service>.<job id>``.
+EVENTS_EXCHANGE: Final = "brokerexec.events"
+#: Fanout exchange and stream of retained control messages (pause_all, abort_all, ...).
+CONTROL_EXCHANGE: Final = "brokerexec.control"
+CONTROL_STREAM: Final = "brokerexec.control"
+#: Fanout exchange on which every worker answers the ``jobs`` query and RPCs to jobs that
+#: are not claimed yet.
+WORKERS_EXCHANGE: Final = "brokerexec.workers"
+#: Stream of every job's final record (``message_id`` = job id).
+#: One shared structure instead of a queue per job: creating and deleting a queue costs
+#: the broker about 2.4 ms of CPU, more than a whole trivial job may (docs/performance.md).
+RESULTS_STREAM: Final = "brokerexec.results"
+#: Workers hear kiwipy broadcasts through these, so that the broker, not each worker, drops
+#: the ``state_changed`` broadcasts of jobs (two per job, for every worker process): a
+#: headers exchange bound to kiwipy's with ``[broadcast]`` sends the messages carrying
+#: ``STATE_CHANGED_HEADER`` to a dead end and everything else, unroutable there, to its
+#: alternate exchange, a fanout the workers' broadcast queues are bound to.
+KIWIPY_FILTER_EXCHANGE: Final = "brokerexec.kiwipy-broadcasts"
+KIWIPY_OTHERS_EXCHANGE: Final = "brokerexec.kiwipy-broadcasts.others"
+DISCARD_EXCHANGE: Final = "brokerexec.discard"
+#: Per-job exclusive RPC queue prefix: ``brokerexec.rpc.<job id>`` (its exclusivity is
+#: the ownership token of a claimed job).
+RPC_QUEUE_PREFIX: Final = "brokerexec.rpc."
+#: A client's own queue, named in its launches' ``reply_to``: records are pushed there.
+CLIENT_QUEUE_PREFIX: Final = "brokerexec.client."
+#: RabbitMQ's direct reply-to pseudo queue.
+DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
+
+# --- headers and message types --------------------------------------------------------------
+#: Headers of a request: the job it is for (when sent to every worker) and its deadline.
+JOB_ID_HEADER: Final = "x-job-id"
+DEADLINE_HEADER: Final = "x-deadline"  # epoch seconds, int or float
+DEADLINE_MS_HEADER: Final = "x-deadline-ms"  # epoch milliseconds, int (pika sends no floats)
+#: RabbitMQ's sender-selected distribution: extra routing keys, stripped before delivery.
+BCC_HEADER: Final = "BCC"
+#: The header of the jobs' ``state_changed`` broadcasts that the workers' filter drops.
+STATE_CHANGED_HEADER: Final = ("brokerexec-kind", "state_changed")
+#: AMQP ``type`` of a record, and of a probe a reader appends to find the stream's end.
+RECORD_TYPE: Final = "brokerexec.record"
+PROBE_TYPE: Final = "brokerexec.probe"
+#: AMQP ``type`` of the ``state_changed`` broadcasts jobs send for kiwipy tools.
+STATE_CHANGED_TYPE: Final = "brokerexec.state_changed"
+#: Content type of every body brokerexec sends.
+JSON_CONTENT_TYPE: Final = "application/json"
+
+# --- job ids and service names --------------------------------------------------------------
+#: Service names and job ids are single routing-key words: no dots, no wildcards.
+NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9_\-]{1,100}$")
+#: Readers of the records stream start at the job id's launch time minus this (clock skew).
+RECORD_TIME_MARGIN: Final = 60.0
+
+
+def check_name(kind: str, value: object) -> str:
+    """Check a service name or job id is one routing-key word; return it."""
+    if not isinstance(value, str) or not NAME_PATTERN.match(value):
+        raise DecodeError(f"{kind} must be 1-100 letters, digits, '_' or '-'; got {value!r}")
+    return value
+
+
+def new_job_id() -> str:
+    """A fresh job id: 32 hex digits, one routing-key word.
+
+    The first 12 digits are the launch time in milliseconds (as in UUIDv7), the other 20
+    are random: a reader of the records stream starts there instead of at the beginning.
+    """
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
+
+
+def job_time(job_id: str) -> float | None:
+    """The launch time a brokerexec job id carries, or None (another id format)."""
+    if len(job_id) != 32:
+        return None
+    try:
+        stamp = int(job_id[:12], 16) / 1000
+    except ValueError:
+        return None
+    # uuid4 hex also parses: accept only plausible times (2020 .. a day ahead).
+    return stamp if 1.5e9 < stamp < time.time() + 86400 else None
+
+
+def rpc_routing_key(job_id: str) -> str:
+    """The kiwipy routing key that reaches job ``job_id``."""
+    return f"{RPC_TOPIC}.{job_id}"
+
+
+def rpc_queue(job_id: str) -> str:
+    """The exclusive queue that receives RPCs for job ``job_id``."""
+    return f"{RPC_QUEUE_PREFIX}{job_id}"
+
+
+def event_routing_key(kind: str, service: str, job_id: str) -> str:
+    """The events-exchange routing key of one event: ``<kind>.<service>.<job id>``."""
+    return f"{kind}.{service}.{job_id}"
+
+
+def job_events_pattern(job_id: str, kind: str = "*") -> str:
+    """The topic pattern of one job's events (of one kind, or ``*`` for all)."""
+    return f"{kind}.*.{job_id}"
+
+
+def deadline_ms(seconds: float) -> int:
+    """The ``x-deadline-ms`` header value ``seconds`` from now: epoch milliseconds.
+
+    An integer: pika cannot put floats in headers, and AMQP decimals are too narrow.
+    """
+    return int((time.time() + seconds) * 1000)
+
+
+def expired(headers: Mapping[str, object] | None, now: float | None = None) -> bool:
+    """True if ``x-deadline`` or ``x-deadline-ms`` in ``headers`` has passed."""
+    if not headers:
+        return False
+    now = time.time() if now is None else now
+    deadline, deadline_in_ms = headers.get(DEADLINE_HEADER), headers.get(DEADLINE_MS_HEADER)
+    return ((isinstance(deadline, int | float) and deadline < now)
+            or (isinstance(deadline_in_ms, int) and deadline_in_ms < now * 1000))
