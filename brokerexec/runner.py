@@ -1,7 +1,7 @@
 """Where a computation runs: the seam between a handler and its computation thread.
 
 A :class:`~brokerexec.handler.ServiceHandler` asks its runner to run one callable and keeps
-the :class:`Computation` handle it gets back, to learn whether the computation still runs
+the :class:`Running` handle it gets back, to learn whether the computation still runs
 (an abort of a computation that never reaches ``ready()`` abandons it after a grace period).
 A child-process runner, for computations that must be killable, implements the same two
 methods.
@@ -19,12 +19,12 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
-__all__ = ["THREADS", "Computation", "Runner", "ThreadRunner"]
+__all__ = ["THREADS", "Runner", "Running", "ThreadRunner"]
 
 log = logging.getLogger(__name__)
 
 
-class Computation(Protocol):
+class Running(Protocol):
     """A running computation, as its runner sees it."""
 
     def is_alive(self) -> bool:
@@ -34,7 +34,7 @@ class Computation(Protocol):
 class Runner(Protocol):
     """Runs computations; ``start`` returns at once."""
 
-    def start(self, fn: Callable[[], None], name: str) -> Computation:
+    def start(self, fn: Callable[[], None], name: str) -> Running:
         """Run ``fn()`` (which handles its own errors) apart from the caller."""
 
 
@@ -59,7 +59,7 @@ class ThreadRunner:
         self._lock = threading.Lock()
         self._idle: list[_Slot] = []
 
-    def start(self, fn: Callable[[], None], name: str) -> Computation:
+    def start(self, fn: Callable[[], None], name: str) -> Running:
         task = _Task(fn, name)
         with self._lock:
             slot = self._idle.pop() if self._idle else None

@@ -1,9 +1,14 @@
-"""What users subclass: :class:`Service`.
+"""What users subclass: :class:`Service`, and how its declarations are enforced.
 
 A service declares its name, its inputs, which attributes clients may ``set`` (with types)
 and which methods they may ``invoke``. Nothing else is reachable from the network: private
 and dunder names are refused even if declared, and the declarations are checked when the
 class is defined, so a typo fails at import time rather than at a client's call.
+
+A ``set`` or ``invoke`` is checked in full where it arrives, on the handler thread
+(:func:`check_set`, :func:`prepare_invoke`: names, types, arity), so a refusal reaches its
+sender at once and nothing is half-applied; the computation thread then only assigns the
+checked values or makes the prepared call, at ``ready()``.
 """
 
 from __future__ import annotations
@@ -11,16 +16,17 @@ from __future__ import annotations
 import inspect
 import typing
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import InvalidRequest, SignalRefused
 from .ports import Input, TypeSpec, check_type, type_name, validate_request
-from .protocol import NAME_PATTERN
+from .protocol.names import NAME_PATTERN
 
 if TYPE_CHECKING:
     from .handler import ServiceHandler
 
-__all__ = ["Service", "apply_invoke", "apply_set", "check_invokable", "check_set"]
+__all__ = ["PreparedInvoke", "Service", "apply_invoke", "apply_set", "check_set", "prepare_invoke"]
 
 #: Methods of the service life cycle: never invokable remotely.
 _LIFECYCLE = frozenset({"run", "progress", "checkpoint", "restore", "describe", "validate"})
@@ -104,6 +110,9 @@ class Service:
         return validate_request(cls.inputs, request, service=cls.name or cls.__qualname__)
 
 
+# ---- set: checked on the handler thread, assigned at ready() --------------------------------
+
+
 def check_set(service_cls: type[Service], attrs: Mapping[str, Any]) -> dict[str, Any]:
     """Check a ``set`` against the declarations; return the values to assign.
 
@@ -131,24 +140,64 @@ def apply_set(service: Service, attrs: Mapping[str, Any]) -> dict[str, Any]:
     return checked
 
 
-def check_invokable(service_cls: type[Service], method: object) -> str:
-    """Check ``method`` is declared invokable (never private); return it."""
-    if not isinstance(method, str) or method.startswith("_") or method not in service_cls.invokable:
+# ---- invoke: checked and bound on the handler thread, called at ready() -------------------
+
+
+@dataclass(frozen=True)
+class PreparedInvoke:
+    """A checked call of a declared method: names, arity and declared JSON types hold."""
+
+    method: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    def call(self, service: Service) -> Any:
+        """Make the call (computation thread)."""
+        return getattr(service, self.method)(*self.args, **self.kwargs)
+
+
+_SIGNATURES: dict[tuple[type[Service], str], tuple[inspect.Signature, dict[str, Any]]] = {}
+
+
+def _signature(service_cls: type[Service], method: str) -> tuple[inspect.Signature, dict[str, Any]]:
+    """The method's signature and type hints, read once per class and method."""
+    known = _SIGNATURES.get((service_cls, method))
+    if known is not None:
+        return known
+    function = getattr(service_cls, method)
+    signature = inspect.signature(function)
+    if inspect.isfunction(inspect.getattr_static(service_cls, method)):
+        # A plain method, read off the class: `self` is not one of the caller's parameters.
+        signature = signature.replace(parameters=list(signature.parameters.values())[1:])
+    try:
+        hints = typing.get_type_hints(function)
+    except Exception:  # an annotation that cannot be evaluated: check names and arity only
+        hints = {}
+    _SIGNATURES[(service_cls, method)] = signature, hints
+    return signature, hints
+
+
+def prepare_invoke(service_cls: type[Service], method: object, args: Sequence[Any],
+                   kwargs: Mapping[str, Any]) -> PreparedInvoke:
+    """Check an ``invoke`` of ``method`` with these arguments; return the call to make.
+
+    Arguments whose parameter is annotated with a JSON type (``int``, ``float``, ``str``,
+    ``bool``, ``list``, ``dict``) are checked against it (an ``int`` is accepted, and
+    converted, for a ``float``).
+
+    Raises:
+        SignalRefused: ``method`` is not declared invokable (or is private), or the
+            arguments do not fit its signature or its annotated types.
+    """
+    if (not isinstance(method, str) or method.startswith("_")
+            or method not in service_cls.invokable):
         allowed = ", ".join(service_cls.invokable) or "none"
         raise SignalRefused(f"cannot invoke {method!r} on {service_cls.name}: invokable are {allowed}")
-    return method
-
-
-def apply_invoke(service: Service, method: str, args: Sequence[Any],
-                 kwargs: Mapping[str, Any]) -> Any:
-    """Call a declared method of ``service`` after checking its arguments."""
-    check_invokable(type(service), method)
-    function = getattr(service, method)
+    signature, hints = _signature(service_cls, method)
     try:
-        bound = inspect.signature(function).bind(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
     except TypeError as exc:
         raise SignalRefused(f"invoke {method}: {exc}") from exc
-    hints = typing.get_type_hints(function)
     for param, value in bound.arguments.items():
         hint = hints.get(param)
         if hint in _JSON_TYPES:
@@ -156,4 +205,10 @@ def apply_invoke(service: Service, method: str, args: Sequence[Any],
                 bound.arguments[param] = check_type(value, hint)
             except TypeError as exc:
                 raise SignalRefused(f"invoke {method}: argument {param!r}: {exc}") from exc
-    return function(*bound.args, **bound.kwargs)
+    return PreparedInvoke(method, tuple(bound.args), dict(bound.kwargs))
+
+
+def apply_invoke(service: Service, method: str, args: Sequence[Any],
+                 kwargs: Mapping[str, Any]) -> Any:
+    """Call a declared method of ``service`` after checking its arguments."""
+    return prepare_invoke(type(service), method, args, kwargs).call(service)

@@ -22,13 +22,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import BrokerExecError, JobNotFound, error_to_wire
+from .errors import BrokerExecError, JobNotFound
 from .handler import HANDLER_SETTABLE, ServiceHandler, check_delta
-from .pool import WorkerPool
-from .protocol import Event, Intent, parse_launch
+from .pool import PoolKind, WorkerPool
+from .protocol.events import Event
+from .protocol.intents import Intent
+from .protocol.messages import Control, JobSummary, Launch, Record, Signal
 from .registry import ServiceRegistry
 from .service import Service
-from .states import JobState
 from .transport.base import PreparedJob, WorkerTransport
 
 __all__ = ["Worker", "WorkerSettings", "host_info"]
@@ -47,21 +48,27 @@ class WorkerSettings:
 
     concurrency: int = 1
     pool_size: int | None = None
-    pool_kind: str = "thread"
+    pool_kind: PoolKind = "thread"
     abort_grace: float = 10.0
     shutdown_grace: float = 30.0
     handler_defaults: dict[str, float] = field(default_factory=dict)
 
 
-class _RunningJob:
-    """One job on this worker: its handler and the sequence of its events."""
+@dataclass
+class _Prepared(PreparedJob):
+    """A launch this worker accepted: the service to make and the checked request."""
 
-    def __init__(self, job: PreparedJob, service_cls: type[Service], request: dict[str, Any],
-                 handler: ServiceHandler) -> None:
+    service_cls: type[Service] = Service
+    request: dict[str, Any] = field(default_factory=dict)
+    intervals: dict[str, float] = field(default_factory=dict)
+
+
+class _RunningJob:
+    """One job on this worker: its handler, and when it started."""
+
+    def __init__(self, job: _Prepared, handler: ServiceHandler) -> None:
         self.job_id = job.job_id
         self.service = job.service
-        self.service_cls = service_cls
-        self.request = request
         self.handler = handler
         self.started = time.time()
 
@@ -78,7 +85,7 @@ class Worker:
         self._lock = threading.Lock()
         self._reserved = 0
         self._jobs: dict[str, _RunningJob] = {}
-        self._pool = WorkerPool(self.settings.pool_size, self.settings.pool_kind)  # type: ignore[arg-type]
+        self._pool = WorkerPool(self.settings.pool_size, self.settings.pool_kind)
         self._idle = threading.Condition(self._lock)
         self._stopping = False
 
@@ -102,7 +109,7 @@ class Worker:
                 running = list(self._jobs.values())
             log.warning("shutdown grace of %.1f s over: aborting %d job(s)", grace, len(running))
             for job in running:
-                job.handler.put({"intent": "abort", "message": "worker shutting down"})
+                job.handler.put(Signal.of(Intent.ABORT, message="worker shutting down"))
             self.wait_idle(self.settings.abort_grace + 5)
         self.transport.close()
         self._pool.shutdown()
@@ -125,92 +132,86 @@ class Worker:
 
     # ---- hooks (transport thread, must not block) ----------------------------------------
 
-    def prepare(self, launch: dict[str, Any]) -> PreparedJob | None:
+    def prepare(self, launch: Launch) -> PreparedJob | None:
         """Check a launch and reserve a slot; record refusals as failed jobs."""
-        launch = parse_launch(launch)
-        job_id, name = launch["job_id"], launch["service"]
         try:
-            service_cls = self.registry.get(name)
-            request = service_cls.validate(launch.get("request"))
-            deltas = {key: check_delta(key, value)
-                      for key, value in (launch.get("settings") or {}).items()
-                      if key in HANDLER_SETTABLE}
+            service_cls = self.registry.get(launch.service)
+            request = service_cls.validate(launch.request)
+            intervals = {key: check_delta(key, value) for key, value in launch.settings.items()
+                         if key in HANDLER_SETTABLE}
         except BrokerExecError as exc:
-            log.warning("launch %s of %r refused: %s", job_id, name, exc)
-            self._record_refusal(job_id, name, exc)
+            log.warning("launch %s of %r refused: %s", launch.job_id, launch.service, exc)
+            self._record_refusal(launch, exc)
             return None
         with self._lock:
             self._reserved += 1
             free = self.settings.concurrency - self._reserved
         self.transport.set_free_capacity(max(free, 0))
-        return PreparedJob(job_id, name, launch,
-                           {"cls": service_cls, "request": request, "deltas": deltas})
+        return _Prepared(launch.job_id, launch.service, launch, service_cls, request, intervals)
 
     def begin(self, job: PreparedJob) -> None:
         """The claim succeeded: start the computation."""
+        assert isinstance(job, _Prepared)
         seq = itertools.count()
 
         def emit(kind: str, data: dict[str, Any]) -> None:
-            self.transport.publish_event(
-                Event(kind, job.job_id, job.service, next(seq), time.time(), data))
+            self.transport.publish_event(Event(kind, job.job_id, job.service, next(seq), time.time(), data))
 
-        options = {**self.settings.handler_defaults, **job.extra["deltas"]}
+        intervals = {**self.settings.handler_defaults, **job.intervals}
         handler = ServiceHandler(emit, workers=self._pool, abort_grace=self.settings.abort_grace,
-                                 name=job.job_id, **options)
-        running = _RunningJob(job, job.extra["cls"], job.extra["request"], handler)
+                                 name=job.job_id, progress_delta=intervals.get("progress_delta"),
+                                 checkpoint_delta=intervals.get("checkpoint_delta"),
+                                 improved_delta=intervals.get("improved_delta"))
+        running = _RunningJob(job, handler)
         with self._lock:
             self._jobs[job.job_id] = running
         handler.outcome.add_done_callback(lambda outcome: self._on_outcome(running, outcome))
         try:
-            handler.start(running.service_cls(), running.request)
+            service = job.service_cls()
         except Exception as exc:  # the service's __init__ failed: a failed job, not a dead worker
-            log.exception("job %s could not start", job.job_id)
-            handler.states.try_transition(JobState.FAILED)
-            handler.outcome.set_result({"state": "failed", "result": None, "start": time.time(),
-                                        "end": time.time(), "error": error_to_wire(exc)})
+            handler.fail_to_start(exc)
+            return
+        handler.start(service, job.request)
 
     def cancel(self, job: PreparedJob, reason: str) -> None:
         """The claim failed: give the slot back."""
         log.warning("job %s not run here: %s", job.job_id, reason)
         self._release_slot()
 
-    def on_rpc(self, job_id: str, body: dict[str, Any]) -> Any:
+    def on_rpc(self, job_id: str, signal: Signal) -> Any:
         """An RPC for one job goes to its handler."""
         with self._lock:
             job = self._jobs.get(job_id)
         if job is None:
             raise JobNotFound(f"job {job_id} is not running on this worker")
-        return job.handler.put(body)
+        return job.handler.put(signal)
 
-    def on_control(self, body: dict[str, Any]) -> None:
+    def on_control(self, control: Control) -> None:
         """Apply pause/resume/abort to every job here (of one service, if named)."""
-        intent = Intent.parse(body.get("intent"))
-        if intent not in (Intent.PAUSE, Intent.RESUME, Intent.ABORT):
-            raise BrokerExecError(f"control messages may pause, resume or abort, not {intent.value}")
-        service = body.get("service")
-        sent = body.get("sent")
         with self._lock:
-            jobs = [job for job in self._jobs.values()
-                    if (service is None or job.service == service)
-                    and (not isinstance(sent, int | float) or job.started <= sent)]
+            jobs = [job for job in self._jobs.values() if control.applies_to(job.service, job.started)]
+        signal = Signal.of(control.intent)
         for job in jobs:
-            job.handler.put({"intent": intent.value})
-        log.info("control %s (service %s) applied to %d job(s)", intent.value,
-                 service or "any", len(jobs))
+            job.handler.put(signal)
+        log.info("control %s (service %s) applied to %d job(s)", control.intent.value,
+                 control.service or "any", len(jobs))
 
-    def describe_jobs(self) -> list[dict[str, Any]]:
+    def describe_jobs(self) -> list[JobSummary]:
         """A summary of every job on this worker."""
         with self._lock:
             jobs = list(self._jobs.values())
-        return [{"job_id": job.job_id, "service": job.service, "worker": self.host,
-                 "started": job.started, **_summary(job.handler.status())} for job in jobs]
+        summaries = []
+        for job in jobs:
+            status = job.handler.status()
+            summaries.append(JobSummary(job.job_id, job.service, status["state"], job.started,
+                                        self.host, status.get("progress") or {}))
+        return summaries
 
     # ---- job ends ------------------------------------------------------------------------
 
     def _on_outcome(self, job: _RunningJob, outcome: cf.Future[dict[str, Any]]) -> None:
-        record = {"v": 1, "job_id": job.job_id, "service": job.service, "worker": self.host,
-                  **outcome.result()}
-        stored = self.transport.finish(job.job_id, record)
+        stored = self.transport.finish(Record.of_outcome(job.job_id, job.service, self.host,
+                                                         outcome.result()))
 
         def done(_: cf.Future[None]) -> None:
             with self._lock:
@@ -219,13 +220,11 @@ class Worker:
 
         stored.add_done_callback(done)
 
-    def _record_refusal(self, job_id: str, service: str, exc: BaseException) -> None:
-        now = time.time()
-        self.transport.publish_event(Event("state", job_id, service, 0, now, {
-            "from": "created", "to": "failed", "start": now, "end": now}))
-        self.transport.finish(job_id, {
-            "v": 1, "job_id": job_id, "service": service, "worker": self.host, "state": "failed",
-            "result": None, "error": error_to_wire(exc), "start": now, "end": now})
+    def _record_refusal(self, launch: Launch, exc: BaseException) -> None:
+        record = Record.refusal(launch.job_id, launch.service, self.host, exc)
+        self.transport.publish_event(Event("state", launch.job_id, launch.service, 0, record.end, {
+            "from": "created", "to": "failed", "start": record.start, "end": record.end}))
+        self.transport.finish(record)
 
     def _release_slot(self) -> None:
         with self._lock:
@@ -235,7 +234,3 @@ class Worker:
             self._idle.notify_all()
         if not stopping:
             self.transport.set_free_capacity(free)
-
-
-def _summary(status: dict[str, Any]) -> dict[str, Any]:
-    return {"state": status["state"], "progress": status.get("progress") or {}}

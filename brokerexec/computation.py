@@ -1,0 +1,254 @@
+"""The computation thread's side of a job: the service runs here, and so does ``ready()``.
+
+:class:`Computation` runs ``service.run(handler, request)`` through the handler's runner
+and does everything that happens at ``ready()`` (park's ``ready`` and ``onReady*``):
+
+* apply the signals posted across the :class:`~brokerexec.crossing.Crossing`, in arrival
+  order (a ``set`` assigns, an ``invoke`` calls, a ``checkpoint`` takes one);
+* hold while paused (still applying what is posted), raise :class:`~brokerexec.Aborted` on
+  abort (resuming first if paused, as park does);
+* emit progress every ``progress_delta``, a checkpoint every ``checkpoint_delta``, and
+  improved values at most once per ``improved_delta``.
+
+A computation that never calls ``ready()`` cannot be stopped from outside in thread mode.
+On abort the handler waits ``abort_grace`` seconds; if the computation has not ended by
+then it is *abandoned*: the job is reported ``aborted``, its queued signals fail, and the
+thread runs on unobserved, its later messages and result dropped.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import math
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from . import codec
+from .crossing import Crossing, Posted
+from .errors import Aborted, InvalidState, error_to_wire
+from .runner import Runner, Running
+from .service import Service
+from .signal_desk import Intervals
+from .states import JobState, StateMachine
+
+__all__ = ["Computation", "Outcome"]
+
+log = logging.getLogger(__name__)
+
+#: How a job ended: ``{"state", "result", "error", "start", "end"}`` (and ``"abandoned"``).
+Outcome = dict[str, Any]
+#: Sends one outgoing message: ``send(kind, data)``.
+Send = Callable[[str, dict[str, Any]], None]
+
+
+class Computation:
+    """See the module docstring. Made by :class:`~brokerexec.handler.ServiceHandler`."""
+
+    def __init__(self, job: str, crossing: Crossing, states: StateMachine, intervals: Intervals,
+                 send: Send, *, clock: Callable[[], float], wallclock: Callable[[], float],
+                 runner: Runner) -> None:
+        self.job = job
+        self.outcome: cf.Future[Outcome] = cf.Future()
+        self.service: Service | None = None
+        self._crossing = crossing
+        self._states = states
+        self._intervals = intervals
+        self._send = send
+        self._clock = clock
+        self._wallclock = wallclock
+        self._runner = runner
+        self._running: Running | None = None
+        self._end_lock = threading.Lock()
+        self._ended = self._abandoned = False
+        self._progress_due = self._checkpoint_due = self._improved_due = math.inf
+        self._improved_pending: dict[str, Any] | None = None
+        self._last_improved = -math.inf
+
+    @property
+    def started(self) -> bool:
+        return self._running is not None
+
+    def start(self, service: Service, run: Callable[[], Any], resume: bool,
+              state: dict[str, Any] | None) -> None:
+        """Call ``run()`` (the service's ``run``, bound to its handler and request) apart from
+        the caller, after ``service.restore(state)`` if ``resume``.
+
+        Raises:
+            InvalidState: started already.
+        """
+        if self._running is not None:
+            raise InvalidState(f"handler {self.job} is busy: one computation per handler")
+        self.service = service
+        self._running = self._runner.start(lambda: self._run(service, run, resume, state), self.job)
+
+    # ---- the life of the computation (computation thread) ----------------------------------
+
+    def _run(self, service: Service, run: Callable[[], Any], resume: bool,
+             state: dict[str, Any] | None) -> None:
+        start = self._wallclock()
+        self._states.transition(JobState.RUNNING)
+        self._schedule(self._clock())
+        result: Any = None
+        error: dict[str, str] | None = None
+        final = JobState.FINISHED
+        try:
+            if resume:
+                service.restore(state or {})
+            result = run()
+        except Aborted:
+            final = JobState.ABORTED
+        except BaseException as exc:  # the handler never dies with the computation
+            final, error = JobState.FAILED, error_to_wire(exc, traceback.format_exc())
+            log.info("job %s failed: %s", self.job, error["message"])
+        else:
+            try:  # a result that cannot be sent is the service's failure, reported as such
+                codec.encode(result)
+            except (TypeError, ValueError) as exc:
+                final, result = JobState.FAILED, None
+                error = error_to_wire(exc, "")
+                error["message"] = f"result is not JSON-able: {exc}"
+        self._end(final, result, error, start)
+
+    def _end(self, final: JobState, result: Any, error: dict[str, str] | None, start: float) -> None:
+        with self._end_lock:
+            if self._abandoned:
+                return
+            self._ended = True
+        pending = self._crossing.close(final.value)
+        if final is not JobState.ABORTED and self._improved_pending is not None:
+            self._send_improved(self._clock())  # the last improvement is never lost
+        _fail(pending, self.job, final)
+        self._states.try_transition(final)
+        self.outcome.set_result({"state": final.value, "result": result, "error": error,
+                                 "start": start, "end": self._wallclock()})
+
+    def fail_to_start(self, exc: BaseException) -> None:
+        """The service could not even be made (its ``__init__`` raised): a failed job."""
+        now = self._wallclock()
+        with self._end_lock:
+            self._ended = True
+        self._crossing.close(JobState.FAILED.value)
+        self._states.try_transition(JobState.FAILED)
+        self.outcome.set_result({"state": "failed", "result": None, "start": now, "end": now,
+                                 "error": error_to_wire(exc, traceback.format_exc())})
+
+    def abandon_if_stuck(self, grace: float) -> None:
+        """The abort grace is over: if the computation still runs, report it aborted and let
+        its thread run on unobserved (called from a timer thread)."""
+        with self._end_lock:
+            running = self._running
+            if self._ended or running is None or not running.is_alive():
+                return
+            self._abandoned = True
+        pending = self._crossing.close(JobState.ABORTED.value)
+        log.warning("job %s did not reach ready() within %.1f s of abort: abandoned", self.job, grace)
+        _fail(pending, self.job, JobState.ABORTED)  # no ready() will apply them now
+        if self._states.state is JobState.PAUSED:
+            self._states.try_transition(JobState.RUNNING)
+        if self._states.try_transition(JobState.ABORTED) is not None:
+            history = self._states.history
+            start = history[0].end if history else self._wallclock()
+            self.outcome.set_result({"state": "aborted", "result": None, "start": start,
+                                     "error": None, "end": self._wallclock(), "abandoned": True})
+
+    # ---- ready() (computation thread) ------------------------------------------------------
+
+    def at_ready(self) -> None:
+        """What ``ready()`` does when its one test says there is something to do."""
+        crossing = self._crossing
+        self._apply_posted()
+        if crossing.abort_requested:
+            raise Aborted(f"job {self.job} aborted")
+        if crossing.pause_requested:
+            self._hold()
+        now = self._clock()
+        if crossing.reschedule:
+            crossing.reschedule = False
+            self._schedule(now)
+        if now >= crossing.next_due:
+            self._emit_due(now)
+        self._update_next_due()
+
+    def _apply_posted(self) -> None:
+        service = self.service
+        assert service is not None
+        for posted in self._crossing.collect():  # arrival order
+            posted.apply(service)
+
+    def _hold(self) -> None:
+        """Paused: stay here, still applying what is posted, until resume or abort."""
+        if self._states.try_transition(JobState.PAUSED) is None:
+            return
+        self._apply_posted()
+        while self._crossing.wait_while_paused():
+            self._apply_posted()
+        self._states.try_transition(JobState.RUNNING)  # abort resumes first, as park does
+        if self._crossing.abort_requested:
+            raise Aborted(f"job {self.job} aborted")
+
+    # ---- periodic messages -------------------------------------------------------------------
+
+    def _schedule(self, now: float) -> None:
+        self._progress_due = now + self._intervals.progress_delta
+        self._checkpoint_due = now + self._intervals.checkpoint_delta
+        self._update_next_due()
+
+    def _update_next_due(self) -> None:
+        self._crossing.next_due = min(self._progress_due, self._checkpoint_due, self._improved_due)
+
+    def _emit_due(self, now: float) -> None:
+        if now >= self._progress_due:
+            self._progress_due = now + self._intervals.progress_delta
+            self._send_progress()
+        if now >= self._checkpoint_due:
+            self._checkpoint_due = now + self._intervals.checkpoint_delta
+            self.checkpoint_now()
+        if now >= self._improved_due:
+            self._send_improved(now)
+
+    def _send_progress(self) -> None:
+        assert self.service is not None
+        data = dict(self.service.progress())
+        data.setdefault("elapsed", self._wallclock() - self._states.history[0].end)
+        self._crossing.last_progress = data
+        self._emit("progress", data)
+
+    def checkpoint_now(self) -> dict[str, Any]:
+        """Take the service's checkpoint and publish it; return when it was taken."""
+        assert self.service is not None
+        taken = self._wallclock()
+        self._emit("checkpoint", {"state": self.service.checkpoint()})
+        return {"time": taken}
+
+    def improved(self, state: dict[str, Any]) -> None:
+        """Report a better intermediate result (see ``ServiceHandler.improved``)."""
+        now = self._clock()
+        self._improved_pending = state
+        delta = self._intervals.improved_delta
+        if delta <= 0 or now - self._last_improved >= delta:
+            self._send_improved(now)
+        else:
+            self._improved_due = self._last_improved + delta
+            self._crossing.next_due = min(self._crossing.next_due, self._improved_due)
+
+    def _send_improved(self, now: float) -> None:
+        state, self._improved_pending = self._improved_pending, None
+        self._improved_due = math.inf
+        if state is not None:
+            self._last_improved = now
+            self._emit("improved", {"state": state})
+
+    def _emit(self, kind: str, data: dict[str, Any]) -> None:
+        if not self._abandoned:
+            self._send(kind, data)
+
+
+def _fail(pending: list[Posted], job: str, final: JobState) -> None:
+    """Fail what a job ended before applying, so its senders do not wait for their time-out."""
+    for posted in pending:
+        posted.future.set_exception(InvalidState(
+            f"job {job} ended ({final.value}) before the {posted.intent.value} was applied"))
+

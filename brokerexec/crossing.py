@@ -1,0 +1,176 @@
+"""What crosses between a job's two threads, and nothing else.
+
+The **handler thread** (the transport's) takes signals at the :class:`~brokerexec.
+signal_desk.SignalDesk`; the **computation thread** runs the service and calls ``ready()``
+(:class:`~brokerexec.computation.Computation`). They share one :class:`Crossing`:
+
+* handler → computation: :meth:`Crossing.post` a checked ``set``/``invoke``/``checkpoint``
+  for the next ``ready()``; :meth:`~Crossing.request_pause`, :meth:`~Crossing.request_resume`,
+  :meth:`~Crossing.request_abort`, :meth:`~Crossing.request_reschedule` (the intervals changed);
+* computation → handler: :attr:`~Crossing.last_progress` (for ``status``), and
+  :meth:`~Crossing.close` when the job ends, after which posts are refused at once.
+
+``ready()`` with nothing to do reads :attr:`~Crossing.attention` and compares the clock with
+:attr:`~Crossing.next_due`: the handler thread raises ``attention`` whenever it posts or
+requests something, so everything else stays behind that one test. Those two are read
+without the lock (a stale read only delays the work to the next ``ready()``) and written
+under it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import math
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from . import codec
+from .errors import InvalidState
+from .protocol.intents import Intent
+
+if TYPE_CHECKING:
+    from .service import Service
+
+__all__ = ["Crossing", "Posted", "resolved"]
+
+
+def resolved(value: Any) -> cf.Future[Any]:
+    """A future already resolved to ``value``: the reply to a signal handled at once."""
+    future: cf.Future[Any] = cf.Future()
+    future.set_result(value)
+    return future
+
+
+class Posted:
+    """A checked signal waiting for the next ``ready()``: what to do there, and the future
+    its sender waits on. ``action`` runs on the computation thread only."""
+
+    __slots__ = ("action", "future", "intent")
+
+    def __init__(self, intent: Intent, action: Callable[[Service], Any]) -> None:
+        self.intent = intent
+        self.action = action
+        self.future: cf.Future[Any] = cf.Future()
+
+    def apply(self, service: Service) -> None:
+        """Run the action and resolve the sender's future with its value or its error.
+
+        A failure goes to the sender, never to the computation; a value that cannot be
+        sent back fails the signal here.
+        """
+        try:
+            value = self.action(service)
+            codec.encode(value)
+        except Exception as exc:
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(value)
+
+
+class Crossing:
+    """See the module docstring."""
+
+    __slots__ = ("_closed_as", "_lock", "_posted", "_wake", "abort_requested", "attention",
+                 "last_progress", "next_due", "pause_requested", "reschedule")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._posted: deque[Posted] = deque()
+        self._closed_as: str | None = None
+        self.attention = False
+        self.next_due = math.inf
+        self.pause_requested = False
+        self.abort_requested = False
+        self.reschedule = False
+        self.last_progress: dict[str, Any] = {}
+
+    @property
+    def closed(self) -> bool:
+        """True once the job has ended: nothing more is applied."""
+        return self._closed_as is not None
+
+    @property
+    def queued(self) -> int:
+        """How many signals wait for ``ready()``."""
+        return len(self._posted)
+
+    # ---- handler thread -> computation thread ----------------------------------------------
+
+    def post(self, posted: Posted, job: str) -> cf.Future[Any]:
+        """Queue ``posted`` for the next ``ready()``; return its sender's future.
+
+        Raises:
+            InvalidState: the job has ended.
+        """
+        with self._lock:
+            if self._closed_as is not None:
+                raise InvalidState(f"job {job} has ended ({self._closed_as})")
+            self._posted.append(posted)
+            self.attention = True
+            self._wake.notify_all()  # a paused computation applies it while holding
+        return posted.future
+
+    def request_pause(self) -> bool:
+        """Hold at the next ``ready()``; False if the job has ended."""
+        with self._lock:
+            if self._closed_as is not None:
+                return False
+            self.pause_requested = self.attention = True
+        return True
+
+    def request_resume(self) -> bool:
+        """Let a held computation go on; False if the job has ended."""
+        with self._lock:
+            if self._closed_as is not None:
+                return False
+            self.pause_requested = False
+            self._wake.notify_all()
+        return True
+
+    def request_abort(self) -> bool | None:
+        """Raise ``Aborted`` at the next ``ready()``: True the first time, None after that,
+        False if the job has ended."""
+        with self._lock:
+            if self._closed_as is not None:
+                return False
+            first = not self.abort_requested
+            self.abort_requested = self.attention = True
+            self._wake.notify_all()
+        return True if first else None
+
+    def request_reschedule(self) -> None:
+        """The intervals changed: the next ``ready()`` schedules the periodic messages anew."""
+        with self._lock:
+            self.reschedule = self.attention = True
+
+    # ---- computation thread ----------------------------------------------------------------
+
+    def collect(self) -> deque[Posted]:
+        """Take every posted signal, in arrival order; lower ``attention`` unless a pause,
+        abort or reschedule still wants the next ``ready()``."""
+        with self._lock:
+            batch, self._posted = self._posted, deque()
+            self.attention = self.pause_requested or self.abort_requested or self.reschedule
+        return batch
+
+    def wait_while_paused(self) -> bool:
+        """Block until something is posted, or a resume or abort comes; False once the
+        pause is over (resumed or aborted)."""
+        with self._lock:
+            if self.abort_requested or not self.pause_requested:
+                return False
+            if not self._posted:
+                self._wake.wait()
+            return True
+
+    def close(self, state: str) -> list[Posted]:
+        """The job ended in ``state``: refuse posts from now on; return what was never applied."""
+        with self._lock:
+            self._closed_as = state
+            pending, self._posted = list(self._posted), deque()
+            self.attention = False
+            self._wake.notify_all()
+        return pending
