@@ -1,62 +1,68 @@
-"""The client's side of the RabbitMQ transport (docs/protocol.md is its specification).
+"""The asyncio client transport, on aio-pika: what :class:`~brokerexec.AsyncClient` uses.
 
-RPCs use RabbitMQ's direct reply-to: requests are published on the very channel that
-consumes ``amq.rabbitmq.reply-to``, as mandatory, so a job no worker holds comes back as a
-``basic.return`` at once instead of a time-out.
+The connection lives on a thread and event loop of its own
+(:class:`~.amqp_connection.AmqpConnection`: it comes back by itself, and heartbeats never
+wait for the caller's loop). Each method runs there and is awaited from the caller's loop
+through a wrapped future: no thread is held while waiting, however long. Event callbacks are
+moved to the loop that subscribed.
+
+What a call does on the wire is decided in :mod:`brokerexec.protocol.calls`, the very calls
+the blocking transport (``pika_client.py``) drives; this module only moves the bytes. RPCs
+use RabbitMQ's direct reply-to on a channel of their own, in confirm mode with returns
+raised, so a job no worker holds comes back as a ``basic.return`` at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures as cf
 import contextlib
 import itertools
 import logging
-import threading
-import uuid
-from collections.abc import Callable
-from typing import Any
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import aio_pika
 import aio_pika.abc
+import aio_pika.exceptions
 import aiormq.exceptions
 
 from .. import codec
-from ..constants import (
-    CONTROL_EXCHANGE,
-    DEADLINE_MS_HEADER,
-    DEFAULT_LOCATE_TIMEOUT,
-    DIRECT_REPLY_TO,
-    EVENTS_EXCHANGE,
-    JOB_ID_HEADER,
-    KIWIPY_EXCHANGE,
-    LAUNCH_QUEUE,
-    WORKERS_EXCHANGE,
-    rpc_routing_key,
-)
-from ..errors import BrokerConnectionError, DecodeError, JobNotFound, Timeout
-from ..protocol import Event, deadline_header, result_from_reply
-from . import amqp_topology as topology
-from .amqp import AmqpConnection, ConnectionSettings
-from .amqp_records import Records
-from .base import ClientTransport
+from ..constants import DEFAULT_LOCATE_TIMEOUT
+from ..errors import BrokerConnectionError, DecodeError
+from ..protocol import calls
+from ..protocol.calls import Gather, Incoming, NextReply, Publish, Routed
+from ..protocol.events import Event
+from ..protocol.messages import Control, Launch, Signal
+from ..protocol.names import DIRECT_REPLY_TO, EVENTS_EXCHANGE
+from .amqp_connection import AmqpConnection
+from .amqp_declare import declare_all
+from .amqp_records import find_record
+from .amqp_settings import ConnectionSettings
+from .base import AsyncClientTransport, Subscription
+from .pushed_records import PushedRecords
 
 __all__ = ["RabbitClientTransport"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 _subscription_ids = itertools.count()
+
+#: What a connection that died under a call raises in aiormq and aio-pika.
+_LOST = (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
+         RuntimeError)
 
 
 class _AmqpSubscription:
-    def __init__(self, transport: RabbitClientTransport, key: str) -> None:
-        self._transport, self._key = transport, key
+    def __init__(self, connection: AmqpConnection, key: str) -> None:
+        self._connection, self._key = connection, key
 
     def close(self) -> None:
-        if self._transport.connection.loop.is_running():
-            self._transport.connection.remove_setup(self._key).result(10)
+        if self._connection.loop.is_running():
+            self._connection.submit(self._connection.setups.remove(self._key))
 
 
-class RabbitClientTransport(ClientTransport):
+class RabbitClientTransport(AsyncClientTransport):
     """See the module docstring.
 
     Parameters:
@@ -69,161 +75,132 @@ class RabbitClientTransport(ClientTransport):
         self.settings = settings
         self.locate_timeout = locate_timeout
         self.connection = AmqpConnection(settings)
-        #: correlation id -> what to do with each reply to it (on the loop thread)
-        self._waiting: dict[str, Callable[[dict[str, Any]], None]] = {}
-        self._local = threading.local()  # the fast RPC path: one pika channel per thread
-        self._fast_all: list[Any] = []
-        self._fast_lock = threading.Lock()
-        self.records = Records(self.connection, settings)  # of jobs launched here
-        self.connection.start()
-        self.connection.add_setup("topology", topology.declare_all).result(30)
-        self.connection.add_setup("records", self.records.setup).result(30)
-        self.connection.add_setup("rpc", self._setup_rpc, confirms=True).result(30)
+        self.records = PushedRecords()
+        self._replies: dict[str, deque[Incoming]] = {}
+        self._replied: dict[str, asyncio.Event] = {}
 
-    # ---- RPC -------------------------------------------------------------------------------
+    async def _on_connection(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the connection's loop; await it from the caller's."""
+        return await asyncio.wrap_future(self.connection.submit(coro))
+
+    async def connect(self) -> None:
+        connection = self.connection
+        await asyncio.to_thread(connection.start)
+        for key, setup, confirms in (("topology", declare_all, False),
+                                     ("records", self._setup_records, False),
+                                     ("rpc", self._setup_rpc, True)):
+            await self._on_connection(connection.setups.add(key, setup, confirms=confirms))
+
+    # ---- the records pushed to us, and the RPC replies ---------------------------------------
+
+    async def _setup_records(self, channel: aio_pika.abc.AbstractChannel) -> None:
+        self.records.disconnected()  # what was expected on an older connection: the stream has it
+        queue = await channel.declare_queue(self.records.connected(), exclusive=True)
+        await queue.consume(self._on_record, no_ack=True)  # type: ignore[arg-type]
+
+    def _on_record(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        job_id = message.message_id or message.correlation_id or ""
+        try:
+            record, _ = codec.decode_object(message.body, message.content_type,
+                                            max_bytes=self.settings.max_message_bytes)
+        except DecodeError as exc:
+            log.warning("record of %s refused: %s", job_id, exc)
+            return
+        self.records.arrived(job_id, record)
 
     async def _setup_rpc(self, channel: aio_pika.abc.AbstractChannel) -> None:
         queue = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
-        await queue.consume(self._on_reply, no_ack=True)
+        await queue.consume(self._on_reply, no_ack=True)  # type: ignore[arg-type]
 
-    def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> Any:
-        deliver = self._waiting.get(message.correlation_id or "")
-        if deliver is None:
-            return None
+    def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        correlation_id = message.correlation_id or ""
+        inbox = self._replies.get(correlation_id)
+        if inbox is None:
+            return  # a late reply to something we gave up on
+        inbox.append(Incoming(message.body, message.content_type))
+        self._replied[correlation_id].set()
+
+    # ---- moving the bytes of a call (loop thread) --------------------------------------------
+
+    async def _run(self, call: calls.Call[T], what: str) -> T:
+        correlation_ids: list[str] = []
+
+        async def act(command: Any) -> Any:
+            if isinstance(command, Publish):
+                for message in command.messages:
+                    if message.correlation_id and message.correlation_id not in self._replies:
+                        self._replies[message.correlation_id] = deque()
+                        self._replied[message.correlation_id] = asyncio.Event()
+                        correlation_ids.append(message.correlation_id)
+                return await asyncio.gather(*(self._publish(message, command.mandatory)
+                                              for message in command.messages))
+            inbox, replied = self._replies[command.correlation_id], self._replied[command.correlation_id]
+            if isinstance(command, NextReply):
+                if not inbox:
+                    replied.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(replied.wait(), command.seconds)
+                return inbox.popleft() if inbox else None
+            assert isinstance(command, Gather)
+            await asyncio.sleep(command.seconds)
+            gathered = list(inbox)
+            inbox.clear()
+            return gathered
+
         try:
-            body, _ = codec.decode_object(message.body, message.content_type,
-                                          max_bytes=self.settings.max_message_bytes)
-        except DecodeError as exc:
-            body = {"exception": f"undecodable reply: {exc}"}
-        deliver(body)
-        return None
-
-    async def _publish_rpc(self, exchange: str, routing_key: str, body: dict[str, Any],
-                           correlation_id: str, mandatory: bool,
-                           headers: dict[str, Any] | None = None) -> None:
-        await self.connection.wait_connected(self.settings.connect_timeout)
-        channel = self.connection.channel_of("rpc")
-        if channel is None:
-            raise BrokerConnectionError("the reply channel is not open (reconnecting)")
-        target = (channel.default_exchange if not exchange
-                  else await channel.get_exchange(exchange, ensure=False))
-        await target.publish(aio_pika.Message(
-            codec.encode(body), content_type=codec.JSON, correlation_id=correlation_id,
-            reply_to=DIRECT_REPLY_TO, delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
-            headers=headers), routing_key, mandatory=mandatory)
-
-    async def _rpc(self, job_id: str, body: dict[str, Any], timeout: float) -> Any:
-        correlation_id = uuid.uuid4().hex
-        final: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        answered = asyncio.Event()
-
-        def deliver(reply: dict[str, Any]) -> None:
-            # "pending" replies only say the final one follows; the deadline stays.
-            answered.set()
-            if "pending" not in reply and not final.done():
-                final.set_result(reply)
-
-        self._waiting[correlation_id] = deliver
-        not_found = JobNotFound(f"no worker holds job {job_id} (it ended, is still queued, "
-                                "or never existed)")
-        try:
-            try:
-                await self._publish_rpc(KIWIPY_EXCHANGE, rpc_routing_key(job_id), body,
-                                        correlation_id, mandatory=True)
-            except aiormq.exceptions.DeliveryError:  # returned unroutable: not claimed (yet)
-                # Ask every worker; the one running the job claims it and answers. The
-                # deadline makes a late worker drop it rather than act after we gave up.
-                headers = {JOB_ID_HEADER: job_id, DEADLINE_MS_HEADER: deadline_header(self.locate_timeout)}
-                try:
-                    await self._publish_rpc(WORKERS_EXCHANGE, "", body, correlation_id,
-                                            mandatory=True, headers=headers)
-                    await asyncio.wait_for(answered.wait(), self.locate_timeout + 0.3)
-                except (aiormq.exceptions.DeliveryError, asyncio.TimeoutError):
-                    raise not_found from None
-            return result_from_reply(await asyncio.wait_for(final, timeout))
-        except asyncio.TimeoutError:
-            raise Timeout(f"job {job_id} did not answer {body.get('intent')!r} "
-                          f"within {timeout} s") from None
-        except (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
-                RuntimeError) as exc:  # the connection died under the call: say so plainly
-            raise BrokerConnectionError(f"connection lost during {body.get('intent')!r} to job "
-                                        f"{job_id}: {exc!r}") from exc
+            return await calls.drive_async(call, act)
+        except _LOST as exc:  # the connection died under the call: say so plainly
+            raise BrokerConnectionError(f"connection lost during {what}: {exc!r}") from exc
         finally:
-            self._waiting.pop(correlation_id, None)
+            for correlation_id in correlation_ids:
+                self._replies.pop(correlation_id, None)
+                self._replied.pop(correlation_id, None)
 
-    def rpc(self, job_id: str, body: dict[str, Any], timeout: float) -> Any:
-        # Fast path: a blocking pika channel of the calling thread, used only during a call
-        # (so it needs no heartbeats), saves the hop to the loop thread and back: on par
-        # with raw aio-pika instead of about 1.4x (docs/performance.md).
-        fast = self._fast_rpc()
-        if fast is not None:
-            try:
-                return fast.rpc(job_id, body, timeout)
-            except BrokerConnectionError:
-                self._local.pika = None  # a fresh one next time
-                if body.get("intent") in ("set", "invoke"):
-                    raise  # it may have run: never send it twice
-        return self.connection.submit(self._rpc(job_id, body, timeout)).result(timeout + 30)
+    async def _publish(self, message: calls.Message, mandatory: bool) -> Routed:
+        await self.connection.wait_connected(self.settings.connect_timeout)
+        # Requests wanting a reply go on the channel that consumes the direct reply-to.
+        channel = self.connection.setups.channel_of("rpc") if message.reply_to == DIRECT_REPLY_TO else None
+        if message.reply_to == DIRECT_REPLY_TO and channel is None:
+            raise BrokerConnectionError("the reply channel is not open (reconnecting)")
+        body = aio_pika.Message(
+            message.body, content_type=message.content_type, correlation_id=message.correlation_id,
+            reply_to=message.reply_to, headers=dict(message.headers) if message.headers else None,
+            message_id=message.message_id, type=message.type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT if message.persistent
+            else aio_pika.DeliveryMode.NOT_PERSISTENT)
+        try:
+            if channel is None:
+                await self.connection.publish(message.exchange, message.routing_key, body,
+                                              mandatory=mandatory,
+                                              timeout=self.settings.connect_timeout * 2)
+            else:
+                target = (channel.default_exchange if not message.exchange
+                          else await channel.get_exchange(message.exchange, ensure=False))
+                await target.publish(body, message.routing_key, mandatory=mandatory)
+        except aio_pika.exceptions.DeliveryError:
+            return Routed.RETURNED
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return Routed.NO_EXCHANGE
+        return Routed.DELIVERED
 
-    def _fast_rpc(self) -> Any:
-        fast = getattr(self._local, "pika", None)
-        if fast is None and self.connection.connected:
-            from ..oneshot import PikaTransport  # pika: only loaded by clients that call
+    # ---- AsyncClientTransport ----------------------------------------------------------------
 
-            try:
-                fast = PikaTransport(self.settings.plain_url(), connect_timeout=self.settings.connect_timeout,
-                                     name=f"{self.settings.name}-rpc", heartbeat=0,
-                                     locate_timeout=self.locate_timeout)
-            except BrokerConnectionError:
-                return None
-            self._local.pika = fast
-            with self._fast_lock:
-                self._fast_all.append(fast)
-        return fast
+    async def launch(self, launches: list[Launch]) -> None:
+        reply_to = self.records.note_launched([launch.job_id for launch in launches])
+        await self._on_connection(self._run(calls.launches(launches, reply_to=reply_to),
+                                            f"the launch of {len(launches)} job(s)"))
 
-    # ---- launch, control ---------------------------------------------------------------------
+    async def rpc(self, job_id: str, signal: Signal, timeout: float) -> Any:
+        return await self._on_connection(self._run(calls.rpc(
+            job_id, signal, timeout=timeout, locate_timeout=self.locate_timeout,
+            max_bytes=self.settings.max_message_bytes), f"{signal.describe()} to job {job_id}"))
 
-    def launch(self, body: dict[str, Any]) -> None:
-        self.records.note_launched([body])
-        fast = self._fast_rpc()  # like RPCs: the calling thread's pika channel, no hop
-        if fast is not None:
-            try:
-                fast.launch(body, reply_to=self.records.queue)
-                return
-            except BrokerConnectionError:
-                self._local.pika = None
-                # Not confirmed: it may or may not be queued. Sending it again is safe: the
-                # job id is the same, and of two runs of it only one keeps going once claimed.
-        self._publish_launches([body])
+    async def control(self, control: Control) -> None:
+        await self._on_connection(self._run(calls.control(control), f"control {control.intent.value!r}"))
 
-    def launch_many(self, bodies: list[dict[str, Any]]) -> None:
-        self.records.note_launched(bodies)
-        self._publish_launches(bodies)
+    def subscribe(self, patterns: list[str], callback: Callable[[Event], None]) -> Subscription:
+        loop = asyncio.get_running_loop()
 
-    def _publish_launches(self, bodies: list[dict[str, Any]]) -> None:
-        """On the loop thread, all in flight at once, confirms awaited together."""
-        messages = [aio_pika.Message(codec.encode(body), content_type=codec.JSON,
-                                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                                     message_id=str(body.get("job_id")), reply_to=self.records.queue)
-                    for body in bodies]
-        timeout = self.settings.connect_timeout * 2 + len(messages) / 1000
-
-        async def send_all() -> None:
-            await asyncio.gather(*[self.connection.publish("", LAUNCH_QUEUE, message, mandatory=True,
-                                                           timeout=timeout) for message in messages])
-
-        self.connection.submit(send_all()).result()
-
-    def control(self, body: dict[str, Any]) -> None:
-        message = aio_pika.Message(codec.encode(body), content_type=codec.JSON,
-                                   delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                                   message_id=uuid.uuid4().hex)
-        self.connection.submit(self.connection.publish(
-            CONTROL_EXCHANGE, "", message, timeout=self.settings.connect_timeout * 2)).result()
-
-    # ---- events ----------------------------------------------------------------------------
-
-    def subscribe(self, patterns: list[str], callback: Callable[[Event], None]) -> _AmqpSubscription:
         def deliver(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             try:
                 body, _ = codec.decode_object(message.body, message.content_type,
@@ -232,10 +209,8 @@ class RabbitClientTransport(ClientTransport):
             except DecodeError as exc:
                 log.warning("event refused: %s", exc)
                 return
-            try:
-                callback(event)
-            except Exception:
-                log.exception("subscriber callback failed")
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody listens
+                loop.call_soon_threadsafe(callback, event)
 
         async def setup(channel: aio_pika.abc.AbstractChannel) -> None:
             queue = await channel.declare_queue(exclusive=True, auto_delete=True)
@@ -245,48 +220,37 @@ class RabbitClientTransport(ClientTransport):
             await queue.consume(deliver, no_ack=True)  # type: ignore[arg-type]
 
         key = f"subscription:{next(_subscription_ids)}"
-        self.connection.add_setup(key, setup).result(30)
-        return _AmqpSubscription(self, key)
+        # Bound before this returns, so no event after it is missed (a blocking step of one
+        # round trip on the caller's loop, as rare as subscriptions are).
+        self.connection.submit(self.connection.setups.add(key, setup)).result(30)
+        return _AmqpSubscription(self.connection, key)
 
-    # ---- records and the jobs query ---------------------------------------------------------
+    async def fetch_result(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        pushed = self.records.future(job_id)
+        if pushed is not None and pushed.done() and pushed.exception() is None:
+            return pushed.result()
+        if pushed is not None and timeout != 0:  # it comes to this connection: no thread
+            try:
+                return await asyncio.wait_for(asyncio.wrap_future(pushed), timeout)
+            except asyncio.TimeoutError:
+                return None
+            except ConnectionError:
+                pass  # the connection changed meanwhile: the stream has it
+        elif pushed is not None:
+            pushed.cancel()  # "has it ended?": the push may be on its way; the stream knows
+        remaining = None if timeout is None else max(timeout - (loop.time() - started), 0.0)
+        return await self._on_connection(find_record(self.connection, job_id, remaining))
 
-    def record_future(self, job_id: str) -> cf.Future[dict[str, Any]] | None:
-        return self.records.future(job_id)
+    async def query_jobs(self, timeout: float) -> list[dict[str, Any]]:
+        return await self._on_connection(self._run(calls.jobs_query(
+            timeout=timeout, max_bytes=self.settings.max_message_bytes), "the jobs query"))
 
-    def fetch_result(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
-        return self.records.fetch(job_id, timeout)
+    async def close(self) -> None:
+        await asyncio.to_thread(self.connection.close)
 
-    def query_jobs(self, timeout: float) -> list[dict[str, Any]]:
-        return self.connection.submit(self._query_jobs(timeout)).result(timeout + 30)
-
-    async def _query_jobs(self, timeout: float) -> list[dict[str, Any]]:
-        correlation_id = uuid.uuid4().hex
-        jobs: list[dict[str, Any]] = []
-
-        def deliver(reply: dict[str, Any]) -> None:
-            answer = reply.get("result")
-            if isinstance(answer, dict):
-                for job in answer.get("jobs") or []:
-                    job.setdefault("worker", answer.get("worker"))
-                    jobs.append(job)
-
-        self._waiting[correlation_id] = deliver
-        try:
-            await self._publish_rpc(WORKERS_EXCHANGE, "", {"intent": "jobs"}, correlation_id,
-                                    mandatory=False)
-            # Every worker answers once; their number is unknown, so gather for `timeout`.
-            await asyncio.sleep(timeout)
-        finally:
-            self._waiting.pop(correlation_id, None)
-        return jobs
-
-    def close(self) -> None:
-        with self._fast_lock:
-            fast_all, self._fast_all = self._fast_all, []
-        for fast in fast_all:
-            with contextlib.suppress(Exception):
-                fast.close()
-        self.connection.close()
-
-
-
+    @property
+    def reconnects(self) -> int:
+        """How many times the connection was lost and made again."""
+        return self.connection.reconnects

@@ -3,13 +3,19 @@
 Why not aio-pika's robust connection: after a reconnect it re-declares queues in one go,
 and a named exclusive queue still held by the broker for our dead previous connection
 (the broker notices only after missed heartbeats) makes that fail for good. Here topology
-and consumers are **setups**: coroutines that each get their own channel (so one failing
-declare cannot close another's channel) and are run again after every reconnect or channel
-loss, retrying with backoff until the broker has let go of the old connection.
+and consumers are **setups** (:class:`~.amqp_setups.SetupRegistry`): coroutines that each
+get their own channel (so one failing declare cannot close another's channel) and are run
+again after every reconnect or channel loss, retrying with backoff until the broker has let
+go of the old connection.
+
+The connection is made of parts with public interfaces: :attr:`AmqpConnection.setups`
+(topology and consumers), :attr:`AmqpConnection.outbox` (batched writes, on two channels of
+its own) and a confirm channel for the few publishes that wait for their confirm alone.
 
 Threads: everything AMQP happens on the loop thread (``brokerexec-amqp-<name>``); other
-threads cross over with :meth:`AmqpConnection.submit` or :meth:`AmqpConnection.post`.
-Heartbeats are answered by that loop, so a busy computation thread never starves them.
+threads cross over with :meth:`AmqpConnection.submit`, :meth:`~AmqpConnection.call` or
+:meth:`~AmqpConnection.post`. Heartbeats are answered by that loop, so a busy computation
+thread never starves them.
 """
 
 from __future__ import annotations
@@ -20,71 +26,24 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
 import aio_pika
 import aio_pika.abc
-import aiormq.abc
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
 
-from ..constants import DEFAULT_HEARTBEAT, DEFAULT_URL, MAX_MESSAGE_BYTES
 from ..errors import BrokerConnectionError
-from .amqp_outbox import Outbox, Outgoing
-from .amqp_setups import Setup, Setups, SetupState
-from .base import redacted_url
+from .amqp_outbox import Channels, Outbox, Outgoing
+from .amqp_settings import ConnectionSettings
+from .amqp_setups import SetupRegistry
 
-__all__ = ["AmqpConnection", "ConnectionSettings", "Outgoing", "Setup"]
+__all__ = ["AmqpConnection", "ConnectionSettings", "Outgoing"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-@dataclass(frozen=True)
-class ConnectionSettings:
-    """How to reach the broker and how hard to try.
 
-    Parameters:
-        url: ``amqp://user:pass@host:port/vhost``; a ``heartbeat`` query parameter wins.
-        heartbeat: seconds; a hung broker is detected after about two of these.
-        connect_timeout: seconds for one connection attempt.
-        backoff_initial, backoff_max: exponential backoff with jitter between attempts.
-        reconnect_deadline: give up after this many seconds without a connection
-            (None: never, as a worker should).
-        name: connection name shown by ``rabbitmqctl list_connections``; names threads.
-        max_message_bytes: larger incoming bodies are refused before decoding.
-    """
-
-    url: str = DEFAULT_URL
-    heartbeat: int = DEFAULT_HEARTBEAT
-    connect_timeout: float = 5.0
-    backoff_initial: float = 0.1
-    backoff_max: float = 5.0
-    reconnect_deadline: float | None = None
-    name: str = "brokerexec"
-    max_message_bytes: int = MAX_MESSAGE_BYTES
-
-    def connection_url(self) -> str:
-        """The URL with the heartbeat set (unless the URL sets one)."""
-        parts = urlparse(self.url)
-        query = dict(parse_qsl(parts.query))
-        query.setdefault("heartbeat", str(self.heartbeat))
-        # aio-pika takes the connection name from the URL and ignores client_properties.
-        query.setdefault("name", self.name)
-        return urlunparse(parts._replace(query=urlencode(query)))
-
-    def plain_url(self) -> str:
-        """The URL without aio-pika-only query parameters (``name``), for pika."""
-        parts = urlparse(self.url)
-        query = [(k, v) for k, v in parse_qsl(parts.query) if k != "name"]
-        return urlunparse(parts._replace(query=urlencode(query)))
-
-    def redacted_url(self) -> str:
-        """The URL without its password, for logs and errors."""
-        return redacted_url(self.url)
-
-
-class AmqpConnection(Setups):
+class AmqpConnection:
     """See the module docstring."""
 
     def __init__(self, settings: ConnectionSettings) -> None:
@@ -92,19 +51,19 @@ class AmqpConnection(Setups):
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, daemon=True,
                                         name=f"brokerexec-amqp-{settings.name}")
+        self.setups = SetupRegistry(self)
+        self.outbox = Outbox(self.loop, self.on_loop_thread)
+        #: How many times the connection was lost and made again.
+        self.reconnects = 0
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._publisher: aio_pika.abc.AbstractChannel | None = None  # confirms on
-        self._outbox_channel: aiormq.abc.AbstractChannel | None = None  # the outbox's
-        self._confirm_channel: aiormq.abc.AbstractChannel | None = None  # the outbox's
+        self._outbox_channels: Channels | None = None
         self._outbox_reopening = False
         self._connected: asyncio.Event | None = None
-        self._setups: dict[str, SetupState] = {}
-        self.outbox = Outbox(self.loop, self.on_loop_thread)
         self._closing = False
+        self._generation = 0  # one per connection: retries of an old one stop
         self._supervisor: asyncio.Task[None] | None = None
         self._drainer: asyncio.Task[None] | None = None
-        self.reconnects = 0
-        self._generation = 0  # one per connection: retries of an old one stop
         self._background: set[asyncio.Task[None]] = set()
 
     # ---- life cycle ----------------------------------------------------------------------
@@ -130,51 +89,7 @@ class AmqpConnection(Setups):
         self._connected = asyncio.Event()
         self._supervisor = self.loop.create_task(self._supervise(first))
         self._drainer = self.loop.create_task(
-            self.outbox.run(self._outbox_channels, self.settings.backoff_initial))
-
-    # ---- the outbox's channels -----------------------------------------------------------
-
-    async def _open_outbox_channels(self, connection: aio_pika.abc.AbstractConnection) -> None:
-        # Its own two channels: it numbers the publishes on the confirm one itself.
-        plain = await connection.channel(publisher_confirms=False)
-        confirming = await connection.channel(publisher_confirms=True)
-        self._outbox_channel = await plain.get_underlay_channel()
-        self._confirm_channel = await confirming.get_underlay_channel()
-
-    def _outbox_channels(self) -> tuple[aiormq.abc.AbstractChannel, aiormq.abc.AbstractChannel] | None:
-        pair = self._outbox_channel, self._confirm_channel
-        if not self.connected or pair[0] is None or pair[1] is None:
-            return None
-        if pair[0].is_closed or pair[1].is_closed:
-            # A channel error closed one (a publish to an exchange deleted meanwhile, say):
-            # both open again shortly, unless the whole connection is going anyway.
-            if not self._outbox_reopening:
-                self._outbox_reopening = True
-                self._spawn(self._reopen_outbox_channels(self._generation))
-            return None
-        return pair[0], pair[1]
-
-    async def _reopen_outbox_channels(self, generation: int) -> None:
-        delay = self.settings.backoff_initial
-        try:
-            while generation == self._generation and not self._closing:
-                await asyncio.sleep(delay)
-                if generation != self._generation or not self.connected:
-                    return  # the next connection opens its own
-                try:
-                    for old in (self._outbox_channel, self._confirm_channel):
-                        if old is not None and not old.is_closed:
-                            await old.close()
-                    assert self._connection is not None
-                    await self._open_outbox_channels(self._connection)
-                    log.warning("outbox channels closed by the broker; opened again")
-                    self.outbox.post_wakeup()
-                    return
-                except Exception as exc:
-                    log.warning("reopening the outbox channels failed (%r); retrying", exc)
-                    delay = min(delay * 2, self.settings.backoff_max)
-        finally:
-            self._outbox_reopening = False
+            self.outbox.run(self._live_outbox_channels, self.settings.backoff_initial))
 
     def close(self, flush: float = 5.0) -> None:
         """Flush the outbox (up to ``flush`` seconds), then close and stop the thread."""
@@ -204,6 +119,16 @@ class AmqpConnection(Setups):
         """True while a connection is up."""
         return self._connected is not None and self._connected.is_set()
 
+    @property
+    def closing(self) -> bool:
+        """True once :meth:`close` has begun: nothing is retried any more."""
+        return self._closing
+
+    @property
+    def generation(self) -> int:
+        """Counts connections made; what belongs to an older one is void."""
+        return self._generation
+
     # ---- crossing into the loop ----------------------------------------------------------
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> cf.Future[T]:
@@ -217,6 +142,12 @@ class AmqpConnection(Setups):
     def call(self, fn: Callable[..., Any], *args: Any) -> None:
         """Call ``fn(*args)`` on the loop thread soon (from any thread)."""
         self.loop.call_soon_threadsafe(fn, *args)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """A background task of this connection (loop thread), cancelled when it closes."""
+        task = self.loop.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # ---- the connection ------------------------------------------------------------------
 
@@ -238,10 +169,8 @@ class AmqpConnection(Setups):
             try:
                 self._publisher = await connection.channel(publisher_confirms=True,
                                                            on_return_raises=True)
-                await self._open_outbox_channels(connection)
-                for state in list(self._setups.values()):
-                    if not state.removed:
-                        await self._open_or_retry_later(state)
+                await self._open_outbox_channels()
+                await self.setups.run_all()
                 self._connected.set()
                 self.outbox.post_wakeup()
                 if not first.done():
@@ -254,7 +183,7 @@ class AmqpConnection(Setups):
                             self.settings.redacted_url(), exc)
             finally:
                 self._connected.clear()
-                self._publisher = self._outbox_channel = self._confirm_channel = None
+                self._publisher = self._outbox_channels = None
             if not self._closing:
                 self.reconnects += 1
                 log.warning("connection to %s lost; reconnecting", self.settings.redacted_url())
@@ -282,13 +211,12 @@ class AmqpConnection(Setups):
                 return connection
         raise BrokerConnectionError("unreachable")  # pragma: no cover - tenacity reraises
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        """A background task of this connection, cancelled when it closes."""
-        task = self.loop.create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    # ---- publishing ----------------------------------------------------------------------
+    async def open_channel(self, *, confirms: bool = False) -> aio_pika.abc.AbstractChannel:
+        """A new channel on the current connection (``confirms``: confirm mode, returns
+        raised); the caller closes it."""
+        if self._connection is None or self._connection.is_closed:
+            raise BrokerConnectionError(f"not connected to {self.settings.redacted_url()}")
+        return await self._connection.channel(publisher_confirms=confirms, on_return_raises=confirms)
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait for a connection; ``BrokerConnectionError`` after ``timeout``."""
@@ -300,6 +228,51 @@ class AmqpConnection(Setups):
         except asyncio.TimeoutError:
             raise BrokerConnectionError(
                 f"not connected to {self.settings.redacted_url()} after {timeout} s") from None
+
+    # ---- the outbox's channels -----------------------------------------------------------
+
+    async def _open_outbox_channels(self) -> None:
+        # Its own two channels: it numbers the publishes on the confirm one itself.
+        plain = await self.open_channel()
+        confirming = await self.open_channel(confirms=True)
+        self._outbox_channels = (await plain.get_underlay_channel(),
+                                 await confirming.get_underlay_channel())
+
+    def _live_outbox_channels(self) -> Channels | None:
+        pair = self._outbox_channels
+        if not self.connected or pair is None:
+            return None
+        if pair[0].is_closed or pair[1].is_closed:
+            # A channel error closed one (a publish to an exchange deleted meanwhile, say):
+            # both open again shortly, unless the whole connection is going anyway.
+            if not self._outbox_reopening:
+                self._outbox_reopening = True
+                self.spawn(self._reopen_outbox_channels(self._generation))
+            return None
+        return pair
+
+    async def _reopen_outbox_channels(self, generation: int) -> None:
+        delay = self.settings.backoff_initial
+        try:
+            while generation == self._generation and not self._closing:
+                await asyncio.sleep(delay)
+                if generation != self._generation or not self.connected:
+                    return  # the next connection opens its own
+                try:
+                    for old in self._outbox_channels or ():
+                        if not old.is_closed:
+                            await old.close()
+                    await self._open_outbox_channels()
+                    log.warning("outbox channels closed by the broker; opened again")
+                    self.outbox.post_wakeup()
+                    return
+                except Exception as exc:
+                    log.warning("reopening the outbox channels failed (%r); retrying", exc)
+                    delay = min(delay * 2, self.settings.backoff_max)
+        finally:
+            self._outbox_reopening = False
+
+    # ---- publishing ----------------------------------------------------------------------
 
     async def publish(self, exchange: str, routing_key: str, message: aio_pika.Message, *,
                       mandatory: bool = False, timeout: float | None = None) -> None:
@@ -320,27 +293,6 @@ class AmqpConnection(Setups):
         await asyncio.wait_for(target.publish(message, routing_key, mandatory=mandatory),
                                timeout if timeout is not None else 30)
 
-    async def publish_reliably(self, exchange: str, routing_key: str, message: aio_pika.Message,
-                               prepare: Setup | None = None) -> None:
-        """Publish until confirmed, across reconnects (``prepare`` runs first, each try)."""
-        delay = self.settings.backoff_initial
-        while True:
-            try:
-                await self.wait_connected()
-                if prepare is not None:
-                    assert self._publisher is not None
-                    await prepare(self._publisher)
-                await self.publish(exchange, routing_key, message)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if self._closing:
-                    raise
-                log.warning("publish to %s/%s failed (%r); retrying", exchange, routing_key, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.settings.backoff_max)
-
     async def publish_confirmed(self, items: list[Outgoing], timeout: float = 30) -> None:
         """Publish ``items`` with the outbox's next batch; return once all are confirmed.
 
@@ -355,6 +307,12 @@ class AmqpConnection(Setups):
     def post(self, item: Outgoing) -> None:
         """Queue a fire-and-forget publish; ordered, kept across reconnects (any thread)."""
         self.outbox.post(item)
+
+    def ack(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        """Acknowledge a delivery with the outbox's next batch (loop thread); void if its
+        channel has closed since (the delivery went back to its queue)."""
+        if message.delivery_tag is not None:
+            self.outbox.ack(message.channel, message.delivery_tag)
 
 
 async def _isolated(coro: Coroutine[Any, Any, T]) -> T:

@@ -1,26 +1,27 @@
 """The outbox: fire-and-forget publishes and acks, written to the socket in batches.
 
 A worker sends several small messages for every job (state events, kiwipy ``state_changed``
-broadcasts, the ack of its launch). Sent one by one through aio-pika, each costs a message
-object, a confirm future, a pass through aiormq's write queue and a ``send()`` system call:
-together the largest part of a trivial job's cost on the worker (``docs/performance.md``).
-Here every publish and ack waiting at the moment is marshalled with pamqp and handed to
-aiormq's writer as **one** frame batch: one queue pass and one ``send()`` for all of them.
+broadcasts, the ack of its launch). Here every publish and ack waiting at the moment is
+marshalled with pamqp and handed to aiormq's writer as **one** frame batch: one queue pass
+and one ``send()`` for all of them (``aiormq_internals.py`` says how, and what it falls back
+to should aiormq change).
 
 The publishes go on a channel of their own, **without publisher confirms**: what this carries
-is best-effort by design (events go to a topic exchange where nobody may listen; whatever must
-not be lost, like a job's record, is published with a confirm by the connection instead).
-A message still in the outbox when the connection drops is kept and sent on the next one;
-one in the batch being written when it drops is sent again (so it may arrive twice), and
-one already written but still in the kernel's buffers may be lost.
+is best-effort by design (events go to a topic exchange where nobody may listen). Whatever
+must not be lost, like a job's record, goes on a second channel of the outbox's own, in
+confirm mode (:meth:`Outbox.publish_confirmed`), in the same batch. A message still in the
+outbox when the connection drops is kept and sent on the next one; one in the batch being
+written when it drops is sent again (so it may arrive twice), and one already written but
+still in the kernel's buffers may be lost.
 
-Acks are for deliveries of one channel (``aiormq.Channel``); an ack whose channel has closed
-since is dropped (its delivery went back to the queue with the channel).
+Acks are for deliveries of one channel; an ack whose channel has closed since is dropped
+(its delivery went back to the queue with the channel).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from collections import deque
@@ -29,18 +30,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiormq
+import aiormq.abc
 import aiormq.exceptions
 import pamqp.frame
-from aiormq.abc import ChannelFrame
 from pamqp import commands as spec
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
 from ..errors import BrokerConnectionError
+from . import aiormq_internals as internals
 
 __all__ = ["Outbox", "Outgoing"]
 
 log = logging.getLogger(__name__)
+
+#: The outbox's two channels: for fire-and-forget publishes, and in confirm mode.
+Channels = tuple[aiormq.abc.AbstractChannel, aiormq.abc.AbstractChannel]
 
 
 @dataclass
@@ -82,8 +87,11 @@ class _Ack:
     delivery_tag: int
 
 
+_Confirmed = list[tuple[Outgoing, asyncio.Future[None]]]
+
+
 class Outbox:
-    """See the module docstring. Owned by one ``AmqpConnection``; runs on its loop."""
+    """See the module docstring. Owned by one connection; runs on its loop."""
 
     LIMIT = 10_000  # messages kept while disconnected; the oldest go first beyond that
     BATCH = 500  # messages per write
@@ -93,7 +101,7 @@ class Outbox:
         self._on_loop_thread = on_loop_thread
         self._messages: deque[Outgoing] = deque()
         self._acks: list[_Ack] = []
-        self._confirmed: list[tuple[Outgoing, asyncio.Future[None]]] = []
+        self._confirmed: _Confirmed = []
         self._posted: deque[Outgoing] = deque()  # from other threads, on the way in
         self._post_scheduled = False
         self._lock = threading.Lock()
@@ -160,9 +168,7 @@ class Outbox:
 
     # ---- sending -------------------------------------------------------------------------
 
-    async def run(self, channels: Callable[[], tuple[aiormq.abc.AbstractChannel,
-                                                     aiormq.abc.AbstractChannel] | None],
-                  retry_delay: float) -> None:
+    async def run(self, channels: Callable[[], Channels | None], retry_delay: float) -> None:
         """Send batches for as long as the loop runs.
 
         ``channels()`` gives the channel for fire-and-forget publishes and the confirm channel
@@ -188,7 +194,10 @@ class Outbox:
                 acks, self._acks = self._acks, []
                 confirmed, self._confirmed = self._confirmed, []
                 try:
-                    await self._write(*pair, batch, acks, confirmed)
+                    if internals.supported(pair[0]) and internals.supported(pair[1]):
+                        await self._write_batch(*pair, batch, acks, confirmed)
+                    else:
+                        await self._write_one_by_one(*pair, batch, acks, confirmed)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
@@ -205,75 +214,42 @@ class Outbox:
             await asyncio.sleep(0.01)
 
     @staticmethod
-    def _fail(confirmed: list[tuple[Outgoing, asyncio.Future[None]]]) -> None:
+    def _fail(confirmed: _Confirmed) -> None:
         for _, done in confirmed:
             if not done.done():
                 done.set_exception(BrokerConnectionError("not connected"))
 
-    async def _write(self, channel: aiormq.abc.AbstractChannel,
-                     confirm_channel: aiormq.abc.AbstractChannel, batch: list[Outgoing],
-                     acks: list[_Ack], confirmed: list[tuple[Outgoing, asyncio.Future[None]]]) -> None:
+    async def _write_batch(self, channel: aiormq.abc.AbstractChannel,
+                           confirm_channel: aiormq.abc.AbstractChannel, batch: list[Outgoing],
+                           acks: list[_Ack], confirmed: _Confirmed) -> None:
         parts: list[bytes] = []
         for ack in acks:
             if not ack.channel.is_closed:
                 parts.append(pamqp.frame.marshal(spec.Basic.Ack(delivery_tag=ack.delivery_tag),
                                                  ack.channel.number))
-        number, max_content = channel.number, channel.max_content_size  # type: ignore[attr-defined]
+        number, max_content = internals.frame_limits(channel)
         for item in batch:
             parts.extend(item.frames(number, max_content))
-        if confirmed and not _numbers_its_confirms(confirm_channel):
-            self._publish_one_by_one(confirm_channel, confirmed)
-        elif confirmed:
-            parts.extend(self._confirmed_frames(confirm_channel, confirmed))
-        if not parts:
-            return
-        # aiormq's writer sends each queued ChannelFrame with one write; its queue is
-        # bounded, so ``put`` waits while the socket is slow (backpressure from the broker).
-        drained = self._loop.create_future()
-        await channel.write_queue.put(  # type: ignore[attr-defined]
-            ChannelFrame(payload=b"".join(parts), should_close=False, drain_future=drained))
-        # Written once the writer drained the socket; a connection that dies first never
-        # says so, hence the wait on the channel's end too.
-        await asyncio.wait({drained, channel.closing}, timeout=30,
-                           return_when=asyncio.FIRST_COMPLETED)
-        if not drained.done():
-            drained.cancel()
-            raise ConnectionError("the connection ended before the batch was written")
-
-    def _publish_one_by_one(self, channel: Any,
-                            confirmed: list[tuple[Outgoing, asyncio.Future[None]]]) -> None:
-        """The slow, public way, should an aiormq release change what batching relies on."""
+        number, max_content = internals.frame_limits(confirm_channel)
         for item, done in confirmed:
-            publish = asyncio.ensure_future(channel.basic_publish(
-                item.body, exchange=item.exchange, routing_key=item.routing_key,
-                properties=item.properties))
-            publish.add_done_callback(lambda f, done=done: _settle(done, f))
-
-    @staticmethod
-    def _confirmed_frames(channel: Any, confirmed: list[tuple[Outgoing, asyncio.Future[None]]]
-                          ) -> list[bytes]:
-        """Frames of publishes whose confirms aiormq's reader will resolve.
-
-        What ``aiormq.Channel.basic_publish`` does per message, for a whole batch: number
-        the publish (the broker confirms by that number, in publish order) and register a
-        future under it, which aiormq resolves on the broker's ack (also ``multiple`` ones),
-        fails on a nack and rejects when the channel closes. Only the outbox publishes on
-        this channel, so the numbers and the order of the frames agree.
-        """
-        parts: list[bytes] = []
-        number, max_content = channel.number, channel.max_content_size
-        for item, done in confirmed:
-            channel.delivery_tag += 1
-            confirmation = channel.create_future()
-            channel.confirmations[channel.delivery_tag] = confirmation
-            confirmation.add_done_callback(lambda f, done=done: _settle(done, f))
+            internals.expect_confirm(confirm_channel).add_done_callback(functools.partial(_settle, done))
             parts.extend(item.frames(number, max_content))
-        return parts
+        if parts:
+            await internals.write_frames(channel, b"".join(parts))
 
-
-def _numbers_its_confirms(channel: Any) -> bool:
-    """True if ``channel`` has the aiormq internals ``_confirmed_frames`` relies on."""
-    return all(hasattr(channel, name) for name in ("delivery_tag", "confirmations", "create_future"))
+    async def _write_one_by_one(self, channel: aiormq.abc.AbstractChannel,
+                                confirm_channel: aiormq.abc.AbstractChannel, batch: list[Outgoing],
+                                acks: list[_Ack], confirmed: _Confirmed) -> None:
+        """The public API's way, should an aiormq release lack what batching relies on."""
+        for ack in acks:
+            if not ack.channel.is_closed:
+                await ack.channel.basic_ack(ack.delivery_tag)
+        for item in batch:
+            await internals.publish_public(channel, item.exchange, item.routing_key, item.body,
+                                           item.properties)
+        for item, done in confirmed:
+            internals.publish_public(confirm_channel, item.exchange, item.routing_key, item.body,
+                                     item.properties).add_done_callback(functools.partial(_settle, done))
 
 
 def _settle(done: asyncio.Future[None], confirmation: asyncio.Future[Any]) -> None:

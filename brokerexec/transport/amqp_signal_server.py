@@ -1,18 +1,23 @@
 """What a worker receives besides launches: RPCs to its jobs, broadcasts, control, queries.
 
 Everything here runs on the connection's loop thread, the worker's *handler thread*: it
-decodes, calls the worker's hooks (which never block) and publishes replies. The worker
-transport (:mod:`.amqp_worker`) builds on this and adds launches and job ownership.
+decodes into the protocol's objects, calls the worker's hooks (which never block) and
+publishes replies. Every failure is the sender's error reply (or, for a message without
+one, a log line), never the worker's end.
+
+* **RPCs** to a claimed job arrive on its queue (:meth:`SignalServer.deliver_rpc`).
+* **The workers exchange** carries the ``jobs`` query, and RPCs to jobs not claimed yet
+  (with an ``x-job-id`` header): only the worker that runs the job answers, after claiming it.
+* **Control** comes from the stream ``brokerexec.control``, read again from where it left
+  off after a reconnect, and from plumpy's ``pause_all``/``play_all``/``kill_all`` broadcasts.
 """
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import concurrent.futures as cf
 import logging
 import time
-import traceback
 from collections import OrderedDict
 from datetime import datetime, timezone
 from typing import Any
@@ -21,19 +26,24 @@ import aio_pika
 import aio_pika.abc
 
 from .. import codec
-from ..constants import (
+from ..errors import BrokerExecError, DecodeError
+from ..protocol import topology
+from ..protocol.intents import intent_for_subject
+from ..protocol.messages import Control, JobsQuery, Signal, WorkerJobs
+from ..protocol.names import (
+    CONTROL_STREAM,
     JOB_ID_HEADER,
     KIWIPY_OTHERS_EXCHANGE,
     STATE_CHANGED_TYPE,
     WORKERS_EXCHANGE,
+    expired,
 )
-from ..errors import BrokerExecError, DecodeError
-from ..protocol import reply_error, reply_pending, reply_result
-from . import amqp_topology as topology
-from .amqp import AmqpConnection, ConnectionSettings
+from ..protocol.replies import PENDING, Reply
+from .amqp_connection import AmqpConnection
+from .amqp_ownership import Ownership
 from .base import WorkerHooks
 
-__all__ = ["WorkerSignals"]
+__all__ = ["SignalServer"]
 
 log = logging.getLogger(__name__)
 
@@ -41,27 +51,35 @@ log = logging.getLogger(__name__)
 _RECENT = 4096
 
 
-class WorkerSignals(abc.ABC):
-    """RPC, broadcast, control-stream and ``jobs``-query handling of a worker transport."""
+class SignalServer:
+    """See the module docstring.
 
-    settings: ConnectionSettings
-    connection: AmqpConnection
-    hooks: WorkerHooks | None
-    host_info: dict[str, Any]
+    Parameters:
+        connection: the worker's connection.
+        ownership: asked to claim a job an RPC came for through every worker.
+        host_info: who this worker is, in answers to the ``jobs`` query.
+    """
 
-    def __init__(self) -> None:
+    def __init__(self, connection: AmqpConnection, ownership: Ownership,
+                 host_info: dict[str, Any]) -> None:
+        self.connection = connection
+        self.ownership = ownership
+        self.host_info = host_info
+        self.hooks: WorkerHooks | None = None
+        self._max_bytes = connection.settings.max_message_bytes
         self._recent: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._seen_control: OrderedDict[str, None] = OrderedDict()
         self._stream_offset: int | None = None
         self._listening_since: float | None = None
-        self._seen_control: OrderedDict[str, None] = OrderedDict()
 
-    @abc.abstractmethod
-    async def _locate(self, job_id: str) -> bool:
-        """Make ``job_id`` addressable if this worker runs it; False if it does not."""
+    def start(self, hooks: WorkerHooks) -> None:
+        """The hooks to call; the setups below then start consuming."""
+        self.hooks = hooks
 
     # ---- RPC -------------------------------------------------------------------------------
 
-    async def _on_rpc(self, job_id: str, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    async def deliver_rpc(self, job_id: str, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        """Answer one RPC to job ``job_id``: "pending" first if the answer comes later."""
         assert self.hooks is not None
         reply_to, correlation_id = message.reply_to, message.correlation_id or ""
         if not reply_to:
@@ -69,38 +87,37 @@ class WorkerSignals(abc.ABC):
             return
         fmt = "json"
         try:
-            body, fmt = codec.decode_object(message.body, message.content_type,
-                                            max_bytes=self.settings.max_message_bytes)
-            if topology.expired(message):
+            body, fmt = codec.decode_object(message.body, message.content_type, max_bytes=self._max_bytes)
+            if expired(message.headers):
                 log.info("RPC to job %s past its x-deadline: dropped", job_id)
                 return
             if self._seen_before(reply_to, correlation_id):
                 raise DecodeError(f"duplicate correlation id {correlation_id!r}")
-            answer = self.hooks.on_rpc(job_id, body)
-        except Exception as exc:  # every failure is the sender's error reply, never ours
+            answer = self.hooks.on_rpc(job_id, Signal.decode(body))
+        except Exception as exc:
             if not isinstance(exc, BrokerExecError):
                 log.info("RPC to job %s failed: %r", job_id, exc)
-            await self._reply(reply_to, correlation_id, reply_error(exc, _tb(exc)), fmt)
+            await self._reply(reply_to, correlation_id, Reply.failure(exc), fmt)
             return
-        if isinstance(answer, cf.Future):
-            await self._reply(reply_to, correlation_id, reply_pending(), fmt)
-            loop = asyncio.get_running_loop()
-            answer.add_done_callback(lambda done: loop.call_soon_threadsafe(
-                lambda: loop.create_task(self._reply_outcome(reply_to, correlation_id, done, fmt))))
-        else:
-            await self._reply(reply_to, correlation_id, reply_result(answer), fmt)
+        if not isinstance(answer, cf.Future):
+            await self._reply(reply_to, correlation_id, Reply.result(answer), fmt)
+            return
+        await self._reply(reply_to, correlation_id, PENDING, fmt)
+        loop = asyncio.get_running_loop()
 
-    async def _reply_outcome(self, reply_to: str, correlation_id: str, done: cf.Future[Any],
-                             fmt: str) -> None:
-        error = done.exception()
-        body = reply_error(error, _tb(error)) if error is not None else reply_result(done.result())
-        await self._reply(reply_to, correlation_id, body, fmt)
+        def answered(done: cf.Future[Any]) -> None:  # on the computation (or any) thread
+            error = done.exception()
+            reply = Reply.failure(error) if error is not None else Reply.result(done.result())
+            loop.call_soon_threadsafe(self.connection.spawn,
+                                      self._reply(reply_to, correlation_id, reply, fmt))
 
-    async def _reply(self, reply_to: str, correlation_id: str, body: dict[str, Any], fmt: str) -> None:
+        answer.add_done_callback(answered)
+
+    async def _reply(self, reply_to: str, correlation_id: str, reply: Reply, fmt: str) -> None:
         try:
-            encoded = codec.encode(body, fmt)
+            encoded = codec.encode(reply.encode(), fmt)
         except ValueError as exc:
-            encoded = codec.encode(reply_error(exc), fmt)
+            encoded = codec.encode(Reply.failure(exc).encode(), fmt)
         message = aio_pika.Message(encoded, content_type=codec.content_type_for(fmt),
                                    correlation_id=correlation_id)
         try:
@@ -116,17 +133,15 @@ class WorkerSignals(abc.ABC):
         key = (reply_to, correlation_id)
         if key in self._recent:
             return True
-        self._recent[key] = None
-        if len(self._recent) > _RECENT:
-            self._recent.popitem(last=False)
+        _remember(self._recent, key)
         return False
 
     # ---- kiwipy broadcasts and the control stream --------------------------------------------
 
-    async def _setup_broadcasts(self, channel: aio_pika.abc.AbstractChannel) -> None:
-        queue = await channel.declare_queue(exclusive=True, arguments=topology.BROADCAST_QUEUE_ARGUMENTS)
-        # Through the filter (constants.KIWIPY_FILTER_EXCHANGE), not from kiwipy's exchange
-        # directly: the broker drops the jobs' state_changed broadcasts on the way.
+    async def setup_broadcasts(self, channel: aio_pika.abc.AbstractChannel) -> None:
+        """kiwipy broadcasts, through the filter that drops the jobs' ``state_changed`` ones."""
+        queue = await channel.declare_queue(exclusive=True,
+                                            arguments=dict(topology.BROADCAST_QUEUE_ARGUMENTS))
         exchange = await channel.get_exchange(KIWIPY_OTHERS_EXCHANGE, ensure=False)
         await queue.bind(exchange, "")
         await queue.consume(self._on_kiwipy_broadcast, no_ack=True)
@@ -135,22 +150,20 @@ class WorkerSignals(abc.ABC):
         if message.type == STATE_CHANGED_TYPE:
             return  # a job's state_changed, if an older topology let it through
         try:
-            body, _ = codec.decode_object(message.body, message.content_type,
-                                          max_bytes=self.settings.max_message_bytes)
+            body, _ = codec.decode_object(message.body, message.content_type, max_bytes=self._max_bytes)
         except DecodeError as exc:
             log.debug("broadcast not for us or undecodable: %s", exc)  # plumpy tags !uuid etc.
             return
-        subject = body.get("subject")
-        if not isinstance(subject, str) or subject.startswith("state_changed"):
-            return
+        intent = intent_for_subject(body.get("subject"))
+        if intent is None:
+            return  # state_changed of a plumpy process, or anything else not for us
         inner = body.get("body")
-        control = {"intent": subject}
-        if isinstance(inner, dict) and isinstance(inner.get("service"), str):
-            control["service"] = inner["service"]
-        self._apply_control(control)
+        service = inner.get("service") if isinstance(inner, dict) else None
+        self._apply_control(Control(intent, service if isinstance(service, str) else None))
 
-    async def _setup_control(self, channel: aio_pika.abc.AbstractChannel) -> None:
-        queue = await channel.get_queue(topology.CONTROL_STREAM, ensure=False)
+    async def setup_control(self, channel: aio_pika.abc.AbstractChannel) -> None:
+        """The control stream, from where this worker left off."""
+        queue = await channel.get_queue(CONTROL_STREAM, ensure=False)
         # First start: only what comes next. After a reconnect: everything since the last
         # message seen (or, if none was, since we first listened), so a pause_all sent while
         # this worker was cut off still arrives. message_id dedupes the overlap.
@@ -171,27 +184,27 @@ class WorkerSignals(abc.ABC):
         if message.message_id:
             if message.message_id in self._seen_control:
                 return
-            self._seen_control[message.message_id] = None
-            if len(self._seen_control) > _RECENT:
-                self._seen_control.popitem(last=False)
+            _remember(self._seen_control, message.message_id)
         try:
             body, _ = codec.decode_object(message.body, message.content_type, allow_yaml=False,
-                                          max_bytes=self.settings.max_message_bytes)
+                                          max_bytes=self._max_bytes)
+            control = Control.decode(body)
         except DecodeError as exc:
             log.warning("control message refused: %s", exc)
             return
-        self._apply_control(body)
+        self._apply_control(control)
 
-    def _apply_control(self, body: dict[str, Any]) -> None:
+    def _apply_control(self, control: Control) -> None:
         assert self.hooks is not None
         try:
-            self.hooks.on_control(body)
+            self.hooks.on_control(control)
         except Exception as exc:
-            log.warning("control message %r refused: %s", body.get("intent"), exc)
+            log.warning("control message %r refused: %s", control.intent.value, exc)
 
     # ---- the workers exchange: the jobs query, and RPCs to jobs not yet claimed -------------
 
-    async def _setup_workers(self, channel: aio_pika.abc.AbstractChannel) -> None:
+    async def setup_workers(self, channel: aio_pika.abc.AbstractChannel) -> None:
+        """This worker's queue on the workers exchange."""
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         exchange = await channel.get_exchange(WORKERS_EXCHANGE, ensure=False)
         await queue.bind(exchange, "")
@@ -205,16 +218,26 @@ class WorkerSignals(abc.ABC):
         if isinstance(job_id, str):
             # An RPC its sender could not route: the job may be one of ours not claimed yet.
             # Only the worker that runs it answers (after claiming it); the others are silent.
-            if not topology.expired(message) and await self._locate(job_id):
-                await self._on_rpc(job_id, message)
+            if not expired(message.headers) and await self.ownership.locate(job_id):
+                await self.deliver_rpc(job_id, message)
             return
         if not message.reply_to:
             return
-        answer = reply_result({"worker": self.host_info, "jobs": self.hooks.describe_jobs()})
-        await self._reply(message.reply_to, message.correlation_id or "", answer, "json")
+        try:
+            body, fmt = codec.decode_object(message.body, message.content_type, max_bytes=self._max_bytes)
+        except DecodeError as exc:
+            await self._reply(message.reply_to, message.correlation_id or "", Reply.failure(exc), "json")
+            return
+        if not JobsQuery.is_query(body):
+            refusal = DecodeError(f"the workers exchange takes the jobs query or an RPC with an "
+                                  f"{JOB_ID_HEADER} header; got {body.get('intent')!r}")
+            await self._reply(message.reply_to, message.correlation_id or "", Reply.failure(refusal), fmt)
+            return
+        answer = WorkerJobs(self.host_info, [job.encode() for job in self.hooks.describe_jobs()])
+        await self._reply(message.reply_to, message.correlation_id or "", Reply.result(answer.encode()), fmt)
 
 
-def _tb(exc: BaseException | None) -> str:
-    if exc is None or exc.__traceback__ is None or isinstance(exc, BrokerExecError):
-        return ""
-    return "".join(traceback.format_exception(exc))
+def _remember(recent: OrderedDict[Any, None], key: Any) -> None:
+    recent[key] = None
+    if len(recent) > _RECENT:
+        recent.popitem(last=False)

@@ -1,13 +1,18 @@
 """The seams between brokerexec's logic and a transport.
 
 A worker transport *drives* the worker: it receives launches, claims each job's RPC endpoint
-(the claim is what makes one worker the only owner of a job id), and calls the
-:class:`WorkerHooks` synchronously on its own thread. Hooks never block: a hook whose answer
-comes later returns a :class:`concurrent.futures.Future`, and the transport replies "pending"
-first and the value when the future is done (kiwipy's convention, which plumpy relies on).
+(the claim is what makes one worker the only owner of a job id), decodes every message into
+the protocol's objects, and calls the :class:`WorkerHooks` synchronously on its own thread.
+Hooks never block: a hook whose answer comes later returns a
+:class:`concurrent.futures.Future`, and the transport replies "pending" first and the value
+when the future is done (kiwipy's convention, which plumpy relies on).
 
-Threads: hooks run on the transport thread. ``publish_event`` and ``finish`` are called from
-any thread (the computation thread among them) and must never block it.
+A client transport comes in two I/O models with the same methods: :class:`ClientTransport`
+(blocking, thread-safe) for :class:`~brokerexec.Client`, :class:`AsyncClientTransport`
+(awaited) for :class:`~brokerexec.AsyncClient`. Each transport implements every method.
+
+Threads: worker hooks run on the transport thread. ``publish_event`` and ``finish`` are
+called from any thread (the computation thread among them) and must never block it.
 """
 
 from __future__ import annotations
@@ -15,14 +20,15 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlparse, urlunparse
 
-from ..protocol import Event
+from ..protocol.events import Event
+from ..protocol.messages import Control, JobSummary, Launch, Record, Signal
 
-__all__ = ["ClientTransport", "PreparedJob", "Subscription", "WorkerHooks", "WorkerTransport",
-           "redacted_url"]
+__all__ = ["AsyncClientTransport", "ClientTransport", "PreparedJob", "Subscription", "WorkerHooks",
+           "WorkerTransport", "redacted_url"]
 
 
 def redacted_url(url: str) -> str:
@@ -38,23 +44,24 @@ def redacted_url(url: str) -> str:
 
 @dataclass
 class PreparedJob:
-    """A launch that was decoded, checked, and given a slot; not yet claimed."""
+    """A launch that was decoded, checked, and given a slot; not yet claimed.
+
+    The worker returns its own subclass, with what it needs to begin the job.
+    """
 
     job_id: str
     service: str
-    launch: dict[str, Any]
-    extra: dict[str, Any] = field(default_factory=dict)
+    launch: Launch
 
 
 class WorkerHooks(Protocol):
     """What a worker transport calls, on its own thread; none of these may block."""
 
-    def prepare(self, launch: dict[str, Any]) -> PreparedJob | None:
+    def prepare(self, launch: Launch) -> PreparedJob | None:
         """Check a launch and reserve a slot for it.
 
         Returns ``None`` when the launch was answered already (e.g. an unknown service: the
-        worker recorded the failure through ``finish``). Raises ``DecodeError`` for a launch
-        that is malformed; the transport then dead-letters it.
+        worker recorded the failure through ``finish``).
         """
 
     def begin(self, job: PreparedJob) -> None:
@@ -63,13 +70,13 @@ class WorkerHooks(Protocol):
     def cancel(self, job: PreparedJob, reason: str) -> None:
         """The claim failed (another worker owns the id): release the slot."""
 
-    def on_rpc(self, job_id: str, body: dict[str, Any]) -> Any:
+    def on_rpc(self, job_id: str, signal: Signal) -> Any:
         """Answer an RPC to a job: a value, or a ``Future`` of one; raise for an error reply."""
 
-    def on_control(self, body: dict[str, Any]) -> None:
+    def on_control(self, control: Control) -> None:
         """Apply a control message (pause_all, abort_all, ...) to the matching jobs."""
 
-    def describe_jobs(self) -> list[dict[str, Any]]:
+    def describe_jobs(self) -> list[JobSummary]:
         """One summary per job this worker runs, for the ``jobs`` query."""
 
 
@@ -86,10 +93,10 @@ class WorkerTransport(abc.ABC):
 
     @abc.abstractmethod
     def publish_event(self, event: Event) -> None:
-        """Publish an event: ordered, never blocking, kept and retried across reconnects."""
+        """Publish an event: ordered, never blocking, kept across reconnects (best-effort)."""
 
     @abc.abstractmethod
-    def finish(self, job_id: str, record: dict[str, Any]) -> Future[None]:
+    def finish(self, record: Record) -> Future[None]:
         """Store a job's final record durably, then release its RPC endpoint."""
 
     @abc.abstractmethod
@@ -109,27 +116,24 @@ class Subscription(Protocol):
 
 
 class ClientTransport(abc.ABC):
-    """The client's side of a transport. Every method is thread-safe and blocking."""
+    """The client's side of a transport, blocking. Every method is thread-safe."""
 
     @abc.abstractmethod
-    def launch(self, body: dict[str, Any]) -> None:
-        """Queue a launch durably; returns once the broker has it."""
-
-    def launch_many(self, bodies: list[dict[str, Any]]) -> None:
-        """Queue many launches durably; returns once the broker has them all."""
-        for body in bodies:
-            self.launch(body)
+    def launch(self, launches: list[Launch]) -> None:
+        """Queue launches durably; returns once the broker has them all (their confirms
+        awaited together)."""
 
     @abc.abstractmethod
-    def rpc(self, job_id: str, body: dict[str, Any], timeout: float) -> Any:
-        """Send an RPC to a job and return its final value (``pending`` replies are waited out).
+    def rpc(self, job_id: str, signal: Signal, timeout: float) -> Any:
+        """Send a signal to a job and return its final value (``pending`` replies are waited out).
 
-        Raises ``RemoteError`` for an error reply, ``JobNotFound`` when no worker holds the
-        job id, ``Timeout`` when nothing final arrives in ``timeout`` seconds.
+        Raises ``RemoteError`` (typed: ``SignalRefused``, ...) for an error reply,
+        ``JobNotFound`` when no worker holds the job id, ``Timeout`` when nothing final
+        arrives in ``timeout`` seconds.
         """
 
     @abc.abstractmethod
-    def control(self, body: dict[str, Any]) -> None:
+    def control(self, control: Control) -> None:
         """Send a control message to every worker, retained for those disconnected now."""
 
     @abc.abstractmethod
@@ -143,17 +147,43 @@ class ClientTransport(abc.ABC):
     def fetch_result(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
         """The final record of a job, waiting up to ``timeout`` s (None: forever, 0: no wait)."""
 
-    def record_future(self, job_id: str) -> Future[dict[str, Any]] | None:
-        """A future of the job's final record, if it will come to this connection by itself
-        (``ConnectionError`` if the connection changes first); None if it will not, and
-        :meth:`fetch_result` must look for it. For waiting without a thread (``brokerexec.aio``).
-        """
-        return None
-
     @abc.abstractmethod
     def query_jobs(self, timeout: float) -> list[dict[str, Any]]:
-        """Summaries of the jobs every worker runs, gathered for at most ``timeout`` s."""
+        """Summaries of the jobs every worker runs, gathered for ``timeout`` s."""
 
     @abc.abstractmethod
     def close(self) -> None:
         """Close the connection."""
+
+
+class AsyncClientTransport(abc.ABC):
+    """The client's side of a transport, for asyncio: :class:`ClientTransport`'s methods,
+    awaited. ``subscribe``'s callback runs on the caller's event loop."""
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Open the connection."""
+
+    @abc.abstractmethod
+    async def launch(self, launches: list[Launch]) -> None: ...
+
+    @abc.abstractmethod
+    async def rpc(self, job_id: str, signal: Signal, timeout: float) -> Any: ...
+
+    @abc.abstractmethod
+    async def control(self, control: Control) -> None: ...
+
+    @abc.abstractmethod
+    def subscribe(self, patterns: list[str], callback: Callable[[Event], None]) -> Subscription:
+        """Like ``ClientTransport.subscribe``, called on the caller's running loop, where the
+        callback then runs; returns once the broker binds (a short blocking step)."""
+
+    @abc.abstractmethod
+    async def fetch_result(self, job_id: str, timeout: float | None) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    async def query_jobs(self, timeout: float) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+

@@ -1,32 +1,39 @@
 """The in-memory transport: a whole brokerexec deployment inside one process.
 
 A :class:`MemoryBroker` stands in for RabbitMQ: a launch queue, per-job RPC endpoints with
-exclusive ownership, topic-matched event subscriptions, retained control messages and final
+exclusive ownership, topic-matched event subscriptions, control messages and final
 records. Everything that RabbitMQ would deliver is delivered on one dispatcher thread (the
-"handler thread" of every worker on it), and every body goes through the same JSON codec as
-on the wire, so what works here works over AMQP. ``memory://`` URLs share one broker per
-name (``memory://`` and ``memory://lab`` are two brokers).
+"handler thread" of every worker on it), and every message goes through the same codec and
+the same protocol objects as on the wire, so what works here works over AMQP.
+``memory://`` URLs share one broker per name (``memory://`` and ``memory://lab`` are two
+brokers).
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
+import contextlib
 import functools
 import logging
 import queue
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import codec
 from ..errors import DecodeError, JobNotFound, Timeout
-from ..protocol import Event, reply_error, reply_result, result_from_reply
-from .base import ClientTransport, WorkerHooks, WorkerTransport
+from ..protocol.events import Event
+from ..protocol.messages import Control, Launch, Record, Signal, WorkerJobs
+from ..protocol.replies import Reply
+from .base import AsyncClientTransport, ClientTransport, Subscription, WorkerHooks, WorkerTransport
 
-__all__ = ["MemoryBroker", "MemoryClientTransport", "MemoryWorkerTransport", "topic_matches"]
+__all__ = ["MemoryAsyncClientTransport", "MemoryBroker", "MemoryClientTransport",
+           "MemoryWorkerTransport", "topic_matches"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _brokers: dict[str, MemoryBroker] = {}
 _brokers_lock = threading.Lock()
@@ -59,7 +66,7 @@ class MemoryBroker:
         self.name = name
         self._lock = threading.Lock()
         self._results_changed = threading.Condition(self._lock)
-        self._launches: deque[dict[str, Any]] = deque()
+        self._launches: deque[Launch] = deque()
         self._workers: list[MemoryWorkerTransport] = []
         self._owners: dict[str, MemoryWorkerTransport] = {}
         self._results: dict[str, dict[str, Any]] = {}
@@ -90,9 +97,9 @@ class MemoryBroker:
 
     # ---- launches ------------------------------------------------------------------------
 
-    def enqueue_launch(self, body: dict[str, Any]) -> None:
+    def enqueue(self, launches: list[Launch]) -> None:
         with self._lock:
-            self._launches.append(_wire(body))
+            self._launches.extend(Launch.decode(_wire(launch.encode())) for launch in launches)
         self.call_soon(self._deliver_launches)
 
     def _deliver_launches(self) -> None:
@@ -111,12 +118,58 @@ class MemoryBroker:
             self._owners[job_id] = worker
             return True
 
+    # ---- RPC, control, the jobs query ------------------------------------------------------
+
+    def rpc(self, job_id: str, signal: Signal) -> cf.Future[Any]:
+        """Deliver ``signal`` to the job's owner; the future resolves with the final reply."""
+        reply: cf.Future[Any] = cf.Future()
+        request = Signal.decode(_wire(signal.encode()))
+
+        def deliver() -> None:
+            with self._lock:
+                worker = self._owners.get(job_id)
+            if worker is None or worker.hooks is None:
+                reply.set_exception(JobNotFound(f"no worker holds job {job_id}"))
+                return
+            try:
+                answer = worker.hooks.on_rpc(job_id, request)
+            except Exception as exc:
+                reply.set_result(Reply.failure(exc))
+                return
+            if isinstance(answer, cf.Future):
+                answer.add_done_callback(functools.partial(_settle, reply))
+            else:
+                reply.set_result(Reply.result(answer))
+
+        self.call_soon(deliver)
+        return reply
+
+    def control(self, control: Control) -> None:
+        message = Control.decode(_wire(control.encode()))
+        for worker in self.workers():
+            if worker.hooks is not None:
+                self.call_soon(functools.partial(worker.hooks.on_control, message))
+
+    def query_jobs(self) -> cf.Future[list[dict[str, Any]]]:
+        answer: cf.Future[list[dict[str, Any]]] = cf.Future()
+
+        def gather() -> None:
+            jobs = []
+            for worker in self.workers():
+                if worker.hooks is not None:
+                    summaries = [job.encode() for job in worker.hooks.describe_jobs()]
+                    jobs.extend(WorkerJobs.decode(_wire({"worker": {}, "jobs": summaries})).jobs)
+            answer.set_result(jobs)
+
+        self.call_soon(gather)
+        return answer
+
     # ---- results and events ------------------------------------------------------------
 
-    def store_result(self, job_id: str, record: dict[str, Any]) -> None:
+    def store_result(self, record: Record) -> None:
         with self._lock:
-            self._results[job_id] = _wire(record)
-            self._owners.pop(job_id, None)
+            self._results[record.job_id] = _wire(record.encode())
+            self._owners.pop(record.job_id, None)
             self._results_changed.notify_all()
 
     def wait_result(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
@@ -132,10 +185,6 @@ class MemoryBroker:
         for sub in targets:
             self.call_soon(functools.partial(sub.callback, Event.decode(body)))
 
-    def owner(self, job_id: str) -> MemoryWorkerTransport | None:
-        with self._lock:
-            return self._owners.get(job_id)
-
     def workers(self) -> list[MemoryWorkerTransport]:
         with self._lock:
             return list(self._workers)
@@ -149,14 +198,22 @@ class MemoryBroker:
             if worker in self._workers:
                 self._workers.remove(worker)
 
-    def add_subscription(self, sub: _MemorySubscription) -> None:
+    def subscribe(self, patterns: list[str], callback: Callable[[Event], None]) -> _MemorySubscription:
+        sub = _MemorySubscription(self, patterns, callback)
         with self._lock:
             self._subscriptions.append(sub)
+        return sub
 
-    def remove_subscription(self, sub: _MemorySubscription) -> None:
+    def unsubscribe(self, sub: _MemorySubscription) -> None:
         with self._lock:
             if sub in self._subscriptions:
                 self._subscriptions.remove(sub)
+
+
+def _settle(reply: cf.Future[Any], answer: cf.Future[Any]) -> None:
+    if not reply.done():
+        error = answer.exception()
+        reply.set_result(Reply.failure(error) if error is not None else Reply.result(answer.result()))
 
 
 class MemoryWorkerTransport(WorkerTransport):
@@ -178,13 +235,9 @@ class MemoryWorkerTransport(WorkerTransport):
         if free > 0:
             self.broker.call_soon(self.broker._deliver_launches)
 
-    def deliver_launch(self, launch: dict[str, Any]) -> None:
+    def deliver_launch(self, launch: Launch) -> None:
         assert self.hooks is not None
-        try:
-            job = self.hooks.prepare(launch)
-        except DecodeError as exc:
-            log.warning("launch dead-lettered: %s", exc)
-            return
+        job = self.hooks.prepare(launch)
         if job is None:
             return
         if self.broker.claim(job.job_id, self):
@@ -195,8 +248,8 @@ class MemoryWorkerTransport(WorkerTransport):
     def publish_event(self, event: Event) -> None:
         self.broker.publish(event)
 
-    def finish(self, job_id: str, record: dict[str, Any]) -> cf.Future[None]:
-        self.broker.store_result(job_id, record)
+    def finish(self, record: Record) -> cf.Future[None]:
+        self.broker.store_result(record)
         done: cf.Future[None] = cf.Future()
         done.set_result(None)
         return done
@@ -220,91 +273,96 @@ class _MemorySubscription:
         return any(topic_matches(pattern, key) for pattern in self._patterns)
 
     def close(self) -> None:
-        self.broker.remove_subscription(self)
+        self.broker.unsubscribe(self)
+
+
+def _final(job_id: str, signal: Signal, reply: cf.Future[Any], timeout: float) -> Any:
+    """The value of an RPC's final reply, through the wire's encoding (errors raise typed)."""
+    try:
+        answer: Reply = reply.result(timeout)
+    except cf.TimeoutError:
+        raise Timeout(f"job {job_id} did not answer {signal.describe()} within {timeout} s") from None
+    finally:
+        reply.cancel()
+    try:
+        return Reply.decode(_wire(answer.encode())).outcome()
+    except DecodeError:
+        raise
+    except ValueError as exc:  # a value the wire cannot carry, as a worker would say
+        return Reply.failure(exc).outcome()
 
 
 class MemoryClientTransport(ClientTransport):
-    """A client's side of a :class:`MemoryBroker`."""
+    """A client's side of a :class:`MemoryBroker`, blocking."""
 
     def __init__(self, broker: MemoryBroker) -> None:
         self.broker = broker
 
-    def launch(self, body: dict[str, Any]) -> None:
-        self.broker.enqueue_launch(body)
+    def launch(self, launches: list[Launch]) -> None:
+        self.broker.enqueue(launches)
 
-    def rpc(self, job_id: str, body: dict[str, Any], timeout: float) -> Any:
-        reply: cf.Future[Any] = cf.Future()
-        request = _wire(body)
+    def rpc(self, job_id: str, signal: Signal, timeout: float) -> Any:
+        return _final(job_id, signal, self.broker.rpc(job_id, signal), timeout)
 
-        def deliver() -> None:
-            worker = self.broker.owner(job_id)
-            if worker is None or worker.hooks is None:
-                reply.set_exception(JobNotFound(f"no worker holds job {job_id}"))
-                return
-            try:
-                answer = worker.hooks.on_rpc(job_id, request)
-            except Exception as exc:
-                reply.set_exception(exc)
-                return
-            if isinstance(answer, cf.Future):
-                answer.add_done_callback(lambda done: _copy_outcome(done, reply))
-            else:
-                reply.set_result(answer)
+    def control(self, control: Control) -> None:
+        self.broker.control(control)
 
-        self.broker.call_soon(deliver)
-        try:
-            return result_from_reply(_wire(_reply_body(reply, timeout, job_id, body)))
-        finally:
-            reply.cancel()
-
-    def control(self, body: dict[str, Any]) -> None:
-        message = _wire(body)
-        for worker in self.broker.workers():
-            if worker.hooks is not None:
-                self.broker.call_soon(functools.partial(worker.hooks.on_control, message))
-
-    def subscribe(self, patterns: list[str], callback: Callable[[Event], None]) -> _MemorySubscription:
-        sub = _MemorySubscription(self.broker, patterns, callback)
-        self.broker.add_subscription(sub)
-        return sub
+    def subscribe(self, patterns: list[str], callback: Callable[[Event], None]) -> Subscription:
+        return self.broker.subscribe(patterns, callback)
 
     def fetch_result(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
         return self.broker.wait_result(job_id, timeout)
 
     def query_jobs(self, timeout: float) -> list[dict[str, Any]]:
-        answer: cf.Future[list[dict[str, Any]]] = cf.Future()
-
-        def gather() -> None:
-            jobs = [job for worker in self.broker.workers() if worker.hooks is not None
-                    for job in worker.hooks.describe_jobs()]
-            answer.set_result(jobs)
-
-        self.broker.call_soon(gather)
-        return _wire(answer.result(timeout))  # type: ignore[no-any-return]
+        return self.broker.query_jobs().result(timeout)
 
     def close(self) -> None:
         pass
 
 
-def _copy_outcome(source: cf.Future[Any], target: cf.Future[Any]) -> None:
-    if target.done():
-        return
-    if source.exception() is not None:
-        target.set_exception(source.exception())
-    else:
-        target.set_result(source.result())
+class MemoryAsyncClientTransport(AsyncClientTransport):
+    """A client's side of a :class:`MemoryBroker`, for asyncio.
 
+    Waits hold no thread: the broker's futures are awaited on the caller's loop, and
+    event callbacks are moved to it; only a wait for a record uses a thread, since the
+    broker keeps records behind a condition.
+    """
 
-def _reply_body(reply: cf.Future[Any], timeout: float, job_id: str,
-                body: dict[str, Any]) -> dict[str, Any]:
-    """The reply as a wire body, so errors travel exactly as over AMQP."""
-    try:
-        return reply_result(reply.result(timeout))
-    except cf.TimeoutError:
-        raise Timeout(f"job {job_id} did not answer {body.get('intent')!r} "
-                      f"within {timeout} s") from None
-    except JobNotFound:
-        raise
-    except Exception as exc:
-        return reply_error(exc)
+    def __init__(self, broker: MemoryBroker) -> None:
+        self.broker = broker
+        self._sync = MemoryClientTransport(broker)
 
+    async def connect(self) -> None:
+        pass
+
+    async def launch(self, launches: list[Launch]) -> None:
+        self.broker.enqueue(launches)
+
+    async def rpc(self, job_id: str, signal: Signal, timeout: float) -> Any:
+        reply = self.broker.rpc(job_id, signal)
+        with contextlib.suppress(asyncio.TimeoutError):  # _final says so, as every transport does
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(reply)), timeout)
+        return _final(job_id, signal, reply, 0)
+
+    async def control(self, control: Control) -> None:
+        self.broker.control(control)
+
+    def subscribe(self, patterns: list[str], callback: Callable[[Event], None]) -> Subscription:
+        loop = asyncio.get_running_loop()
+
+        def hop(event: Event) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody listens
+                loop.call_soon_threadsafe(callback, event)
+
+        return self.broker.subscribe(patterns, hop)
+
+    async def fetch_result(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
+        if timeout == 0:
+            return self.broker.wait_result(job_id, 0)
+        return await asyncio.to_thread(self.broker.wait_result, job_id, timeout)
+
+    async def query_jobs(self, timeout: float) -> list[dict[str, Any]]:
+        return await asyncio.wait_for(asyncio.wrap_future(self.broker.query_jobs()), timeout)
+
+    async def close(self) -> None:
+        pass

@@ -1,0 +1,238 @@
+"""One thread's pika connection: what moves the bytes of the blocking client's calls.
+
+pika is not thread-safe, so each calling thread of a
+:class:`~.pika_client.PikaClientTransport` gets a :class:`Caller` of its own: a
+``BlockingConnection`` and one channel in confirm mode that also consumes RabbitMQ's
+direct reply-to, used only while a call runs. :meth:`Caller.run` drives a call of
+:mod:`brokerexec.protocol.calls`; :meth:`Caller.find_record` a
+:class:`~brokerexec.protocol.calls.RecordSearch`. Every pika error becomes one of ours:
+connection trouble :class:`Lost` (a :class:`~brokerexec.BrokerConnectionError`), a refusal
+by the broker :class:`~brokerexec.BrokerExecError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import pika
+import pika.exceptions
+
+from ..errors import BrokerConnectionError, BrokerExecError
+from ..protocol import calls, topology
+from ..protocol.calls import Call, Gather, Incoming, NextReply, Publish, RecordSearch, Routed
+from ..protocol.names import DIRECT_REPLY_TO, LAUNCH_QUEUE, RESULTS_STREAM
+from .base import redacted_url
+from .pika_internals import join_frame_writes
+
+__all__ = ["Caller", "Lost"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_NOT_FOUND, _PRECONDITION_FAILED = 404, 406
+_LOST = (pika.exceptions.AMQPConnectionError, pika.exceptions.ConnectionClosed,
+         pika.exceptions.StreamLostError, pika.exceptions.ChannelWrongStateError,
+         pika.exceptions.ConnectionWrongStateError, OSError)
+
+
+class Lost(BrokerConnectionError):
+    """The caller's connection broke during a call."""
+
+
+def _reason(exc: BaseException) -> str:
+    """pika nests the cause in args and ``.exception``; dig out something a person can read."""
+    for _ in range(5):
+        inner = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else None
+        inner = inner or getattr(exc, "exception", None)
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return str(exc) or type(exc).__name__
+
+
+class Caller:
+    """One thread's connection and confirm channel: moves the bytes of its calls."""
+
+    def __init__(self, parameters: pika.ConnectionParameters, url: str, max_bytes: int) -> None:
+        self.url = url
+        self.max_bytes = max_bytes
+        try:
+            self.connection = pika.BlockingConnection(parameters)
+        except pika.exceptions.AMQPError as exc:
+            raise BrokerConnectionError(
+                f"cannot reach the broker at {redacted_url(url)}: {_reason(exc)}") from exc
+        join_frame_writes(self.connection)
+        self.owner = threading.current_thread()
+        self._channel: Any = None
+        self._declared: set[str] = set()  # objects declared on this connection
+        self._replies: dict[str, deque[Incoming]] = {}
+
+    @property
+    def alive(self) -> bool:
+        """False once the connection is known broken; a connection the broker closed while
+        idle is noticed here, before anything is sent on it."""
+        if not self.connection.is_open:
+            return False
+        try:
+            self.connection.process_data_events(time_limit=0)
+        except _LOST:
+            return False
+        return bool(self.connection.is_open)
+
+    @contextlib.contextmanager
+    def errors(self) -> Iterator[None]:
+        """Turn pika's exceptions into brokerexec's (see the module docstring)."""
+        try:
+            yield
+        except BrokerExecError:
+            raise  # ours already (a Timeout is an OSError too)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            self._channel = None
+            raise BrokerExecError(f"the broker refused: {exc.reply_code} {exc.reply_text}") from exc
+        except pika.exceptions.NackError as exc:
+            raise BrokerConnectionError("the broker did not accept the message (nack)") from exc
+        except _LOST as exc:
+            raise Lost(f"lost the connection to {redacted_url(self.url)}: {_reason(exc)}") from exc
+
+    def channel(self) -> Any:
+        """The channel, (re)opened after the broker closed it: confirms on, replies consumed.
+
+        Direct reply-to only works on the channel that consumes it, so every request goes
+        through this one channel.
+        """
+        if self._channel is None or not self._channel.is_open:
+            channel = self.connection.channel()
+            channel.confirm_delivery()
+            channel.basic_consume(DIRECT_REPLY_TO, self._on_reply, auto_ack=True)
+            self._channel = channel
+        return self._channel
+
+    def _on_reply(self, _ch: Any, _method: Any, props: pika.BasicProperties, body: bytes) -> None:
+        waiting = self._replies.get(props.correlation_id or "")
+        if waiting is not None:  # else a late reply to something we gave up on
+            waiting.append(Incoming(body, props.content_type))
+
+    def pump(self, until: Callable[[], bool], timeout: float | None) -> bool:
+        """Pump the connection until ``until()`` or the time-out; True if it came true."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not until():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            self.connection.process_data_events(time_limit=min(0.05, remaining or 0.05))
+        return True
+
+    # ---- running a call ----------------------------------------------------------------------
+
+    def run(self, call: Call[T]) -> T:
+        """Drive ``call`` (``brokerexec.protocol.calls``) to its answer."""
+        correlation_ids: list[str] = []
+
+        def act(command: Any) -> Any:
+            if isinstance(command, Publish):
+                for message in command.messages:
+                    if message.correlation_id and message.correlation_id not in self._replies:
+                        self._replies[message.correlation_id] = deque()
+                        correlation_ids.append(message.correlation_id)
+                return [self._publish(message, command.mandatory) for message in command.messages]
+            inbox = self._replies.setdefault(command.correlation_id, deque())
+            if isinstance(command, NextReply):
+                self.pump(lambda: bool(inbox), command.seconds)
+                return inbox.popleft() if inbox else None
+            assert isinstance(command, Gather)
+            self.pump(lambda: False, command.seconds)
+            gathered = list(inbox)
+            inbox.clear()
+            return gathered
+
+        try:
+            with self.errors():
+                return calls.drive(call, act)
+        finally:
+            for correlation_id in correlation_ids:
+                self._replies.pop(correlation_id, None)
+
+    def _publish(self, message: calls.Message, mandatory: bool) -> Routed:
+        properties = pika.BasicProperties(
+            content_type=message.content_type, delivery_mode=2 if message.persistent else 1,
+            correlation_id=message.correlation_id, reply_to=message.reply_to,
+            message_id=message.message_id, type=message.type,
+            headers=dict(message.headers) if message.headers else None)
+        try:
+            self.channel().basic_publish(message.exchange, message.routing_key, message.body,
+                                         properties, mandatory=mandatory)
+        except pika.exceptions.UnroutableError:
+            return Routed.RETURNED
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != _NOT_FOUND:
+                raise
+            self._channel = None
+            return Routed.NO_EXCHANGE
+        return Routed.DELIVERED
+
+    # ---- declarations ------------------------------------------------------------------------
+
+    def declare_queue(self, spec: topology.QueueSpec) -> None:
+        """Declare a queue (and its bindings) once per connection, exactly as workers do."""
+        if spec.name in self._declared:
+            return
+        with self.errors():
+            channel = self.channel()
+            for exchange in topology.EXCHANGES:
+                if exchange.name in spec.bound_to:
+                    channel.exchange_declare(exchange.name, exchange.kind, durable=exchange.durable)
+            try:
+                channel.queue_declare(spec.name, durable=True, arguments=dict(spec.arguments))
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if spec.name != LAUNCH_QUEUE or exc.reply_code != _PRECONDITION_FAILED:
+                    raise
+                # Made by an older version: used as it is (amqp_declare.py does the same).
+                log.warning(topology.OLD_LAUNCH_QUEUE_WARNING, LAUNCH_QUEUE, LAUNCH_QUEUE)
+                self._channel = None
+                channel = self.channel()
+            for exchange_name in spec.bound_to:
+                channel.queue_bind(spec.name, exchange_name, "")
+        self._declared.add(spec.name)
+
+    # ---- the records stream ------------------------------------------------------------------
+
+    def find_record(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
+        """Drive a :class:`RecordSearch` on a channel of its own (a missing stream closes it)."""
+        search = RecordSearch(job_id, wait=timeout != 0)
+
+        def read(ch: Any, method: Any, props: pika.BasicProperties, body: bytes) -> None:
+            ch.basic_ack(method.delivery_tag)
+            search.feed(Incoming(body, props.content_type, props.message_id, props.type))
+
+        with self.errors():
+            channel = self.connection.channel()
+            try:
+                channel.basic_qos(prefetch_count=search.PREFETCH)
+                channel.basic_consume(RESULTS_STREAM, read, arguments={"x-stream-offset": search.offset})
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code == _NOT_FOUND:
+                    return None  # no worker or launch has ever declared it: no record
+                raise
+            try:
+                if search.probe is not None:
+                    probe = search.probe
+                    channel.basic_publish(probe.exchange, probe.routing_key, probe.body,
+                                          pika.BasicProperties(content_type=probe.content_type,
+                                                               message_id=probe.message_id,
+                                                               type=probe.type))
+                self.pump(lambda: search.done, None if search.probe is not None else timeout)
+            finally:
+                with contextlib.suppress(*_LOST, pika.exceptions.AMQPError):
+                    channel.close()
+        return search.record
+
+    def close(self) -> None:
+        with contextlib.suppress(*_LOST, pika.exceptions.AMQPError):
+            if self.connection.is_open:
+                self.connection.close()
