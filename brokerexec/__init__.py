@@ -20,6 +20,7 @@ if _typing.TYPE_CHECKING:  # what ``__getattr__`` below provides, for type check
         DecodeError,
         InvalidRequest,
         InvalidState,
+        JobAborted,
         JobNotFound,
         MessageTooLarge,
         RemoteError,
@@ -29,10 +30,11 @@ if _typing.TYPE_CHECKING:  # what ``__getattr__`` below provides, for type check
         UnknownService,
     )
     from .handler import ServiceHandler
-    from .job import Job, JobAborted
+    from .job import Job
     from .pool import WorkerPool
     from .ports import Input
-    from .protocol import Event
+    from .protocol.events import Event
+    from .protocol.intents import Intent
     from .registry import ServiceRegistry
     from .service import Service
     from .states import JobState
@@ -51,6 +53,7 @@ __all__ = [
     "DecodeError",
     "Event",
     "Input",
+    "Intent",
     "InvalidRequest",
     "InvalidState",
     "Job",
@@ -84,12 +87,13 @@ _WHERE = {
     "Client": "client",
     "ConfigurationError": "errors",
     "DecodeError": "errors",
-    "Event": "protocol",
+    "Event": "protocol.events",
     "Input": "ports",
+    "Intent": "protocol.intents",
     "InvalidRequest": "errors",
     "InvalidState": "errors",
     "Job": "job",
-    "JobAborted": "job",
+    "JobAborted": "errors",
     "JobNotFound": "errors",
     "JobState": "states",
     "MessageTooLarge": "errors",

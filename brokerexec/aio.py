@@ -9,35 +9,35 @@
             print(progress)
         print(await job.result())
 
-It drives the same transport as ``Client``, whose connection lives on a thread of its own
-(heartbeats never wait for the caller's event loop). Short blocking steps (a launch and its
-confirm, an RPC) run in a small thread pool; waiting, which may take hours, does not hold a
-thread: a job's record and events come to the caller's loop as callbacks.
+Over RabbitMQ it drives the asyncio transport (``transport/amqp_client.py``), whose
+connection lives on a thread of its own (heartbeats never wait for the caller's event
+loop); every call is awaited from the caller's loop, and no thread is held while waiting,
+however long. Event callbacks run on the caller's loop (a coroutine function as a task).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures as cf
-import contextlib
-import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
-from .client import Client
-from .constants import DEFAULT_RPC_TIMEOUT, DEFAULT_URL
-from .errors import Timeout
-from .job import Job, ends_job, quiet_ends
-from .protocol import Event
-from .transport.base import Subscription
+from .client import control_message, embedded, handler_settings
+from .constants import DEFAULT_JOBS_TIMEOUT, DEFAULT_RPC_TIMEOUT, DEFAULT_URL
+from .errors import ConfigurationError, JobNotFound, Timeout
+from .job import event_patterns, quiet_ends, result_of, status_of_record
+from .protocol.events import Event
+from .protocol.intents import Intent
+from .protocol.messages import Launch, Signal
+from .protocol.names import check_name
+from .transport.base import AsyncClientTransport, Subscription
+
+if TYPE_CHECKING:
+    from .service import Service
+    from .worker import Worker, WorkerSettings
 
 __all__ = ["AsyncClient", "AsyncJob"]
-
-T = TypeVar("T")
-
-#: Threads for the short blocking steps (launches, RPCs, queries), per client.
-BLOCKING_THREADS = 8
 
 
 class AsyncClient:
@@ -47,72 +47,105 @@ class AsyncClient:
     :meth:`connect`.
     """
 
-    def __init__(self, url: str = DEFAULT_URL, *, timeout: float = DEFAULT_RPC_TIMEOUT,
-                 **client_options: Any) -> None:
+    def __init__(self, url: str = DEFAULT_URL, *, services: Iterable[type[Service]] = (),
+                 concurrency: int = 4, timeout: float = DEFAULT_RPC_TIMEOUT, heartbeat: int = 10,
+                 worker_settings: WorkerSettings | None = None) -> None:
         self.url = url
         self.timeout = timeout
-        self._options = client_options
-        self._client: Client | None = None
-        self._pool = cf.ThreadPoolExecutor(BLOCKING_THREADS, thread_name_prefix="brokerexec-aio")
+        self._services, self._concurrency = list(services), concurrency
+        self._heartbeat, self._worker_settings = heartbeat, worker_settings
+        self._transport: AsyncClientTransport | None = None
+        self._worker: Worker | None = None
 
     async def connect(self) -> AsyncClient:
         """Open the connection (for ``memory://``: start the embedded worker)."""
-        if self._client is None:
-            self._client = await self._blocking(
-                Client, self.url, timeout=self.timeout, **self._options)
+        if self._transport is not None:
+            return self
+        scheme = urlparse(self.url).scheme
+        transport: AsyncClientTransport
+        if scheme == "memory":
+            from .transport.memory import MemoryAsyncClientTransport
+
+            broker, self._worker = embedded(self.url, self._services, self._concurrency,
+                                            self._worker_settings)
+            transport = MemoryAsyncClientTransport(broker)
+        elif scheme in ("amqp", "amqps"):
+            from .transport.amqp_client import RabbitClientTransport
+            from .transport.amqp_settings import ConnectionSettings
+
+            transport = RabbitClientTransport(ConnectionSettings(
+                url=self.url, heartbeat=self._heartbeat, name="brokerexec-aio-client",
+                reconnect_deadline=30.0))
+        else:
+            raise ConfigurationError(f"unsupported broker URL {self.url!r}: use amqp://, amqps:// or memory://")
+        await transport.connect()
+        self._transport = transport
         return self
 
     @property
-    def client(self) -> Client:
-        """The synchronous client underneath."""
-        if self._client is None:
+    def transport(self) -> AsyncClientTransport:
+        """The transport underneath."""
+        if self._transport is None:
             raise RuntimeError("not connected: use `async with AsyncClient(...)` or `await connect()`")
-        return self._client
-
-    async def _blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(
-            self._pool, functools.partial(fn, *args, **kwargs))
+        return self._transport
 
     # ---- Client's API ---------------------------------------------------------------------
 
-    async def launch(self, name: str, request: dict[str, Any] | None = None, **options: Any) -> AsyncJob:
+    async def launch(self, name: str, request: dict[str, Any] | None = None, *,
+                     job_id: str | None = None, progress_delta: float | None = None,
+                     checkpoint_delta: float | None = None,
+                     improved_delta: float | None = None) -> AsyncJob:
         """Queue a job; return its handle once the broker holds the launch."""
-        return AsyncJob(self, await self._blocking(self.client.launch, name, request, **options))
+        launch = Launch.new(name, request, job_id=job_id, settings=handler_settings(
+            progress_delta, checkpoint_delta, improved_delta))
+        await self.transport.launch([launch])
+        return AsyncJob(self, launch.job_id, name)
 
-    async def launch_many(self, name: str, requests: Iterable[dict[str, Any]],
-                          **options: Any) -> list[AsyncJob]:
+    async def launch_many(self, name: str, requests: Iterable[dict[str, Any]], *,
+                          progress_delta: float | None = None, checkpoint_delta: float | None = None,
+                          improved_delta: float | None = None) -> list[AsyncJob]:
         """Queue one job per request (a sweep), the launches in flight together."""
-        jobs = await self._blocking(self.client.launch_many, name, list(requests), **options)
-        return [AsyncJob(self, job) for job in jobs]
+        settings = handler_settings(progress_delta, checkpoint_delta, improved_delta)
+        launches = [Launch.new(name, request, settings=settings) for request in requests]
+        await self.transport.launch(launches)
+        return [AsyncJob(self, launch.job_id, name) for launch in launches]
 
     def job(self, job_id: str, service: str | None = None) -> AsyncJob:
         """A handle on an existing job."""
-        return AsyncJob(self, self.client.job(job_id, service))
+        self.transport  # noqa: B018 - says "not connected" now rather than at the first await
+        return AsyncJob(self, check_name("job id", job_id), service)
 
     def subscribe(self, pattern: str | list[str],
                   callback: Callable[[Event], Awaitable[None] | None]) -> Subscription:
         """Like ``Client.subscribe``; ``callback`` runs on this event loop (a coroutine
-        function is run as a task)."""
-        return self.client.subscribe(pattern, _on_loop(asyncio.get_running_loop(), callback))
+        function is run as a task). Returns once the broker binds."""
+        patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+        return self.transport.subscribe(patterns, _as_task(callback))
 
     async def pause_all(self, service: str | None = None) -> None:
-        await self._blocking(self.client.pause_all, service)
+        """Pause every running job (of one service, if given), on every worker."""
+        await self.transport.control(control_message(Intent.PAUSE, service))
 
     async def resume_all(self, service: str | None = None) -> None:
-        await self._blocking(self.client.resume_all, service)
+        """Resume every paused job (of one service, if given)."""
+        await self.transport.control(control_message(Intent.RESUME, service))
 
     async def abort_all(self, service: str | None = None) -> None:
-        await self._blocking(self.client.abort_all, service)
+        """Abort every running job (of one service, if given)."""
+        await self.transport.control(control_message(Intent.ABORT, service))
 
-    async def jobs(self, timeout: float = 0.5) -> list[dict[str, Any]]:
-        return await self._blocking(self.client.jobs, timeout)
+    async def jobs(self, timeout: float = DEFAULT_JOBS_TIMEOUT) -> list[dict[str, Any]]:
+        """Running jobs across all workers: id, service, state, progress, worker."""
+        return await self.transport.query_jobs(timeout)
 
     async def close(self) -> None:
-        """Close the connection; launches already confirmed stay queued."""
-        if self._client is not None:
-            client, self._client = self._client, None
-            await self._blocking(client.close)
-        self._pool.shutdown(wait=False)
+        """Close the connection (and stop an embedded worker); confirmed launches stay queued."""
+        transport, self._transport = self._transport, None
+        if self._worker is not None:
+            worker, self._worker = self._worker, None
+            await asyncio.to_thread(worker.stop, 0)
+        if transport is not None:
+            await transport.close()
 
     async def __aenter__(self) -> AsyncClient:
         return await self.connect()
@@ -124,74 +157,77 @@ class AsyncClient:
 class AsyncJob:
     """The asyncio twin of :class:`~brokerexec.Job`."""
 
-    def __init__(self, client: AsyncClient, job: Job) -> None:
-        self._client = client
-        self.sync = job
-
-    @property
-    def id(self) -> str:
-        return self.sync.id
-
-    @property
-    def service(self) -> str | None:
-        return self.sync.service
+    def __init__(self, client: AsyncClient, job_id: str, service: str | None = None) -> None:
+        self.client = client
+        self.id = job_id
+        self.service = service
 
     def __repr__(self) -> str:
         return f"AsyncJob({self.id!r}, service={self.service!r})"
 
+    async def signal(self, intent: Intent, timeout: float | None = None, **fields: Any) -> Any:
+        """Send ``intent`` (with its keys) to the job; return the final reply's value."""
+        return await self.client.transport.rpc(self.id, Signal.of(intent, **fields),
+                                               timeout or self.client.timeout)
+
     async def status(self, timeout: float | None = None) -> dict[str, Any]:
-        return await self._client._blocking(self.sync.status, timeout)
+        """As ``Job.status``."""
+        try:
+            status: dict[str, Any] = await self.signal(Intent.STATUS, timeout)
+            return status
+        except JobNotFound:
+            record = await self.record(0)
+            if record is None:
+                raise
+            return status_of_record(record)
 
     async def pause(self, timeout: float | None = None) -> bool:
-        return await self._client._blocking(self.sync.pause, timeout)
+        return bool(await self.signal(Intent.PAUSE, timeout))
 
     async def resume(self, timeout: float | None = None) -> bool:
-        return await self._client._blocking(self.sync.resume, timeout)
+        return bool(await self.signal(Intent.RESUME, timeout))
 
     async def abort(self, timeout: float | None = None) -> bool:
-        return await self._client._blocking(self.sync.abort, timeout)
+        return bool(await self.signal(Intent.ABORT, timeout))
+
+    async def checkpoint(self, timeout: float | None = None) -> dict[str, Any]:
+        """As ``Job.checkpoint``."""
+        taken: dict[str, Any] = await self.signal(Intent.CHECKPOINT, timeout)
+        return taken
 
     async def set(self, attrs: dict[str, Any] | None = None, /, *,
                   rpc_timeout: float | None = None, **more: Any) -> dict[str, Any]:
         """Set declared attributes; returns once applied at ``ready()`` (as ``Job.set``)."""
-        return await self._client._blocking(self.sync.set, attrs, rpc_timeout=rpc_timeout, **more)
+        applied: dict[str, Any] = await self.signal(Intent.SET, rpc_timeout, attrs={**(attrs or {}), **more})
+        return applied
 
     async def invoke(self, method: str, *args: Any, rpc_timeout: float | None = None,
                      **kwargs: Any) -> Any:
         """Call a declared method at the job's next ``ready()`` (as ``Job.invoke``)."""
-        return await self._client._blocking(self.sync.invoke, method, *args,
-                                            rpc_timeout=rpc_timeout, **kwargs)
+        return await self.signal(Intent.INVOKE, rpc_timeout, method=method, args=list(args), kwargs=kwargs)
 
     async def record(self, timeout: float | None = None) -> dict[str, Any] | None:
         """The job's final record, waiting up to ``timeout`` s (None: until it ends)."""
-        transport = self._client.client.transport
-        future = transport.record_future(self.id)
-        if future is not None and future.done() and future.exception() is None:
-            return future.result()
-        if future is not None and timeout != 0:  # it comes to this connection: no thread
-            try:
-                return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
-            except asyncio.TimeoutError:
-                return None
-            except ConnectionError:
-                pass  # the connection changed meanwhile: the stream has it
-        if future is not None and not future.done():
-            future.cancel()  # not waited on after all
-        return await self._client._blocking(transport.fetch_result, self.id, timeout)
+        return await self.client.transport.fetch_result(self.id, timeout)
 
     async def result(self, timeout: float | None = None) -> Any:
         """Wait for the job to end and return its result (raises as ``Job.result`` does)."""
         record = await self.record(timeout)
         if record is None:
             raise Timeout(f"job {self.id} did not end within {timeout} s")
-        return self.sync.result_of(record)
+        return result_of(self.id, record)
+
+    def subscribe(self, callback: Callable[[Event], Awaitable[None] | None],
+                  kinds: Iterable[str] = ("#",)) -> Subscription:
+        """Call ``callback(event)`` on this loop for this job's events of the given kinds."""
+        return self.client.subscribe(event_patterns(self.id, kinds), callback)
 
     async def events(self, kinds: Iterable[str] | None = None,
                      idle_timeout: float | None = None) -> AsyncIterator[Event]:
         """Iterate over this job's events until it ends (as ``Job.events``)."""
         wanted = set(kinds) if kinds is not None else None
         inbox: asyncio.Queue[Event] = asyncio.Queue()
-        subscription = self.sync.subscribe(_on_loop(asyncio.get_running_loop(), inbox.put_nowait))
+        subscription = self.subscribe(inbox.put_nowait)
         try:
             # Subscribed first, then checked: a job that ended before we listened is seen.
             if await self.record(0) is not None:
@@ -205,7 +241,7 @@ class AsyncJob:
                     continue
                 if wanted is None or event.kind in wanted:
                     yield event
-                if ends_job(event):
+                if event.ends_job:
                     return
         finally:
             subscription.close()
@@ -216,9 +252,8 @@ class AsyncJob:
             yield event.data
 
 
-def _on_loop(loop: asyncio.AbstractEventLoop,
-             callback: Callable[[Event], Awaitable[None] | None]) -> Callable[[Event], None]:
-    """``callback`` moved from the transport's thread to ``loop`` (a coroutine as a task)."""
+def _as_task(callback: Callable[[Event], Awaitable[None] | None]) -> Callable[[Event], None]:
+    """``callback``, run on the loop it is called on; what it returns, if awaitable, as a task."""
     tasks: set[asyncio.Task[Any]] = set()
 
     def run(event: Event) -> None:
@@ -228,8 +263,4 @@ def _on_loop(loop: asyncio.AbstractEventLoop,
             tasks.add(task)  # keep a reference until it ends
             task.add_done_callback(tasks.discard)
 
-    def hop(event: Event) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody listens
-            loop.call_soon_threadsafe(run, event)
-
-    return hop
+    return run

@@ -12,9 +12,10 @@ Exit codes (also in ``brokerexec --help``):
 130   interrupted (Ctrl-C), or the job was aborted
 ====  ==========================================================
 
-One-shot verbs (launch, status, pause, resume, abort, set, invoke, result, jobs) use a plain
-blocking pika connection (:mod:`brokerexec.oneshot`) and start fast: nothing heavy (rich,
-aio-pika, kiwipy) is imported at module level, only inside the commands that need it.
+One-shot verbs (launch, status, pause, resume, abort, set, invoke, checkpoint, result, jobs)
+use a plain blocking pika connection (:mod:`brokerexec.transport.pika_client`) and start
+fast: nothing heavy (rich, aio-pika) is imported at module level, only inside the commands
+that need it.
 ``run`` uses the embedded in-memory broker; ``worker``, ``watch`` and ``launch --follow``
 the full RabbitMQ transport.
 """
@@ -33,7 +34,6 @@ from .cli_input import (
     json_option,
     json_value,
     loads_strict,
-    need_amqp,
     parse_request,
     pool_options,
     request_option,
@@ -53,9 +53,11 @@ from .cli_output import (
     finish,
 )
 from .constants import DEFAULT_CLAIM_AFTER
+from .protocol.intents import Intent
 
 if TYPE_CHECKING:
     from .client import Client
+    from .pool import PoolKind
 
 __all__ = ["EXIT_ABORTED", "EXIT_BROKER", "EXIT_FAILED", "EXIT_NOT_FOUND", "EXIT_OK",
            "EXIT_TIMEOUT", "EXIT_USAGE", "cli", "main"]
@@ -64,10 +66,10 @@ __all__ = ["EXIT_ABORTED", "EXIT_BROKER", "EXIT_FAILED", "EXIT_NOT_FOUND", "EXIT
 _json_value = json_value
 
 
-def _signal(client: Client, job_id: str, body: dict[str, Any]) -> Any:
-    """An RPC straight through the transport: ``Job.set(**attrs)`` and ``Job.invoke(**kwargs)``
-    would take an attribute or argument called ``timeout`` as their own time-out."""
-    return client.transport.rpc(client.job(job_id).id, body, client.timeout)
+def _signal(client: Client, job_id: str, intent: Intent, **fields: Any) -> Any:
+    """``Job.signal``: ``Job.set(**attrs)`` and ``Job.invoke(**kwargs)`` would take an
+    attribute or argument called ``rpc_timeout`` as their own time-out."""
+    return client.job(job_id).signal(intent, **fields)
 
 
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -89,7 +91,7 @@ def cli() -> None:
 @pool_options
 @json_option
 def run(service_spec: str, request_text: str, progress_delta: float | None,
-        checkpoint_delta: float | None, improved_delta: float | None, pool_kind: str,
+        checkpoint_delta: float | None, improved_delta: float | None, pool_kind: PoolKind,
         pool_size: int | None, as_json: bool) -> None:
     """Run one service here, on the embedded broker, showing its progress.
 
@@ -100,7 +102,7 @@ def run(service_spec: str, request_text: str, progress_delta: float | None,
 
     from .client import Client
     from .display import follow
-    from .protocol import new_job_id
+    from .protocol.names import new_job_id
     from .registry import load_service
     from .worker import WorkerSettings
 
@@ -159,7 +161,7 @@ def describe(service_spec: str, as_json: bool) -> None:
               "(stock kiwipy tools can reach it from then on; brokerexec clients always can).")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               default="INFO", show_default=True)
-def worker(broker: str, services: tuple[str, ...], concurrency: int, pool_kind: str,
+def worker(broker: str, services: tuple[str, ...], concurrency: int, pool_kind: PoolKind,
            pool_size: int | None, shutdown_grace: float, heartbeat: int, claim_after: float,
            log_level: str) -> None:
     """Run jobs launched on the broker until SIGTERM or Ctrl-C, then stop gracefully.
@@ -167,53 +169,11 @@ def worker(broker: str, services: tuple[str, ...], concurrency: int, pool_kind: 
     Stopping takes no new jobs, lets running ones finish within --shutdown-grace, aborts
     the rest, and stores every final record. A second signal exits at once.
     """
-    import logging
-    import os
-    import signal
-    import threading
+    from .cli_worker import serve
 
-    from .registry import ServiceRegistry
-
-    need_amqp(broker)
-    with exit_on_errors():
-        registry = ServiceRegistry.from_specs(services)
-    if not len(registry):
-        fail("no services to run: give --service MODULE:Class (or file.py:Class), or install "
-              "a package with a 'brokerexec.services' entry point", EXIT_USAGE)
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s [%(threadName)s] %(name)s: %(message)s")
-    log = logging.getLogger("brokerexec.cli")
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        if stop.is_set():
-            os.write(2, b"brokerexec: second signal, exiting without waiting for jobs\n")
-            os._exit(EXIT_ABORTED)
-        stop.set()
-
-    # Installed before the connection starts: an early SIGTERM still stops cleanly, and pool
-    # processes forked later inherit this handler instead of dying on the terminal's Ctrl-C.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-    with exit_on_errors():
-        from .transport.amqp import ConnectionSettings
-        from .transport.amqp_worker import RabbitWorkerTransport
-        from .worker import Worker, WorkerSettings, host_info
-
-        info = host_info()
-        transport = RabbitWorkerTransport(ConnectionSettings(
-            url=broker, heartbeat=heartbeat, reconnect_deadline=None,
-            name=f"brokerexec-worker-{info['hostname']}-{info['pid']}"), host_info=info,
-            claim_after=claim_after)
-        running = Worker(transport, registry, WorkerSettings(
-            concurrency=concurrency, pool_kind=pool_kind, pool_size=pool_size,
-            shutdown_grace=shutdown_grace)).start()
-    click.echo(f"worker ready: {', '.join(registry.names())}", err=True)
-    while not stop.wait(1.0):  # a timed wait: signal handlers run promptly on every Python
-        pass
-    log.info("stopping: no new jobs; running ones get %.0f s to finish", shutdown_grace)
-    running.stop()
-    log.info("stopped")
+    serve(broker, services, concurrency=concurrency, pool_kind=pool_kind, pool_size=pool_size,
+          shutdown_grace=shutdown_grace, heartbeat=heartbeat, claim_after=claim_after,
+          log_level=log_level)
 
 
 # ---- client verbs --------------------------------------------------------------------------------
@@ -240,7 +200,7 @@ def launch(name: str, request_text: str, follow: bool, broker: str, as_json: boo
     with exit_on_errors():
         from .client import Client
         from .display import follow as follow_job
-        from .protocol import new_job_id
+        from .protocol.names import new_job_id
 
         job_id = new_job_id()
         if not as_json:
@@ -302,8 +262,7 @@ def set_(job_id: str, assignments: tuple[str, ...], broker: str, as_json: bool) 
         if not sep or not key:
             fail(f"{item!r} is not key=value", EXIT_USAGE)
         attrs[key] = json_value(text)
-    emit(ask(broker, lambda client: _signal(client, job_id, {"intent": "set", "attrs": attrs})),
-          as_json)
+    emit(ask(broker, lambda client: _signal(client, job_id, Intent.SET, attrs=attrs)), as_json)
 
 
 @cli.command(epilog=EPILOG)
@@ -325,8 +284,18 @@ def invoke(job_id: str, method: str, arguments: str, broker: str, as_json: bool)
         fail("ARGUMENTS must be a JSON list (positional) or object (keywords), "
               f"not {type(parsed).__name__}", EXIT_USAGE)
     args, kwargs = (parsed, {}) if isinstance(parsed, list) else ([], parsed)
-    body = {"intent": "invoke", "method": method, "args": args, "kwargs": kwargs}
-    emit(ask(broker, lambda client: _signal(client, job_id, body)), as_json)
+    emit(ask(broker, lambda client: _signal(client, job_id, Intent.INVOKE, method=method, args=args,
+                                            kwargs=kwargs)), as_json)
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("job_id")
+@broker_option
+@json_option
+def checkpoint(job_id: str, broker: str, as_json: bool) -> None:
+    """Take a checkpoint of a running job at its next ready(); print when it was taken."""
+    taken = ask(broker, lambda client: client.job(job_id).checkpoint())
+    emit({"job_id": job_id, **taken}, as_json, lambda v: f"checkpoint of {job_id} taken at {v['time']}")
 
 
 @cli.command(epilog=EPILOG)

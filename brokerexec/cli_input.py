@@ -5,9 +5,9 @@ Bad input is a usage error (exit 2) with a message naming what was wrong, raised
 any broker is contacted. JSON from the command line is parsed as strictly as the wire codec
 would encode it, so a request that would be refused on the wire is refused at once.
 
-The one-shot client rides a plain blocking pika connection (:mod:`brokerexec.oneshot`);
-it and :mod:`brokerexec.client` are imported only when a verb asks for one, so that
-``brokerexec --help`` and a usage error stay fast.
+The one-shot client is :class:`~brokerexec.Client` on the blocking pika transport
+(:mod:`brokerexec.transport.pika_client`) without its listener thread; both are imported
+only when a verb asks for one, so that ``brokerexec --help`` and a usage error stay fast.
 """
 
 from __future__ import annotations
@@ -96,12 +96,13 @@ def need_amqp(broker: str) -> None:
 
 
 def oneshot_client(broker: str) -> Client:
-    """A client on the fast blocking pika transport (no event-loop thread)."""
+    """A client on the blocking pika transport, for one or two round trips: one connection,
+    no listener thread, records read from the stream."""
     need_amqp(broker)
     from .client import Client
-    from .oneshot import PikaTransport
+    from .transport.pika_client import PikaClientTransport
 
-    return Client.from_transport(PikaTransport(broker), url=broker)
+    return Client(broker, transport=PikaClientTransport(broker, name="brokerexec-cli"))
 
 
 def ask(broker: str, action: Callable[[Client], T]) -> T:

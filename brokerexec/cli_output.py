@@ -23,13 +23,15 @@ from .errors import (
     BrokerExecError,
     ConfigurationError,
     DecodeError,
+    JobAborted,
     JobNotFound,
     RemoteError,
     Timeout,
 )
 
-__all__ = ["EPILOG", "EXIT_ABORTED", "EXIT_BROKER", "EXIT_FAILED", "EXIT_NOT_FOUND", "EXIT_OK",
-           "EXIT_TIMEOUT", "EXIT_USAGE", "emit", "exit_on_errors", "fail", "finish"]
+__all__ = ["EPILOG", "EXIT_ABORTED", "EXIT_BROKER", "EXIT_CODES", "EXIT_FAILED", "EXIT_NOT_FOUND",
+           "EXIT_OK", "EXIT_TIMEOUT", "EXIT_USAGE", "emit", "exit_code", "exit_on_errors", "fail",
+           "finish", "message_of"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_BROKER, EXIT_ABORTED = (
     0, 1, 2, 3, 4, 5, 130)
@@ -49,20 +51,34 @@ def exit_on_errors() -> Iterator[None]:
     """Turn brokerexec errors into a message on stderr and the documented exit code."""
     try:
         yield
-    except JobNotFound as exc:
-        fail(str(exc), EXIT_NOT_FOUND)
-    except Timeout as exc:
-        fail(str(exc), EXIT_TIMEOUT)
-    except BrokerConnectionError as exc:
-        fail(str(exc), EXIT_BROKER)
-    except (ConfigurationError, DecodeError) as exc:
-        fail(str(exc), EXIT_USAGE)
-    except RemoteError as exc:
-        if exc.remote_type == "brokerexec.Aborted":
-            fail(str(exc), EXIT_ABORTED)
-        fail(f"{exc.remote_type}: {exc.remote_message}", EXIT_FAILED)
     except BrokerExecError as exc:
-        fail(str(exc), EXIT_FAILED)
+        fail(message_of(exc), exit_code(exc))
+
+
+#: Exit codes by error class, the first match wins: a remote refusal raised typed
+#: (``RemoteJobNotFound`` is a ``JobNotFound``) gets the code of what it is.
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (JobAborted, EXIT_ABORTED),
+    (JobNotFound, EXIT_NOT_FOUND),
+    (Timeout, EXIT_TIMEOUT),
+    (BrokerConnectionError, EXIT_BROKER),
+    (RemoteError, EXIT_FAILED),  # a remote refusal or failure; the job's own is exit 1 too
+    (ConfigurationError, EXIT_USAGE),
+    (DecodeError, EXIT_USAGE),
+    (BrokerExecError, EXIT_FAILED),
+)
+
+
+def exit_code(exc: BaseException) -> int:
+    """The documented exit code of an error."""
+    return next((code for kind, code in EXIT_CODES if isinstance(exc, kind)), EXIT_FAILED)
+
+
+def message_of(exc: BaseException) -> str:
+    """What the CLI says of an error: a remote one names its remote type."""
+    if isinstance(exc, RemoteError) and not isinstance(exc, JobAborted):
+        return f"{exc.remote_type}: {exc.remote_message}"
+    return str(exc)
 
 
 def emit(value: Any, as_json: bool, text: Callable[[Any], str] | None = None) -> None:

@@ -1,28 +1,33 @@
 """The client: launch jobs, steer them, watch them, over any transport.
 
-``Client("amqp://...")`` talks to workers through RabbitMQ. ``Client("memory://")`` starts
-an in-process worker on the in-memory transport and offers exactly the same API: the
-embedded default, for laptops, notebooks and tests.
+``Client("amqp://...")`` talks to workers through RabbitMQ, on the blocking pika transport
+(``transport/pika_client.py``). ``Client("memory://")`` starts an in-process worker on the
+in-memory transport and offers exactly the same API: the embedded default, for laptops,
+notebooks and tests. :class:`~brokerexec.AsyncClient` is the same API for asyncio.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from .constants import DEFAULT_RPC_TIMEOUT, DEFAULT_URL
+from .constants import DEFAULT_JOBS_TIMEOUT, DEFAULT_RPC_TIMEOUT, DEFAULT_URL
 from .errors import ConfigurationError
 from .job import Job
-from .protocol import Event, check_name, launch_body
+from .protocol.events import Event
+from .protocol.intents import Intent
+from .protocol.messages import Control, Launch
+from .protocol.names import check_name
 from .transport.base import ClientTransport, Subscription
 
 if TYPE_CHECKING:
     from .service import Service
+    from .transport.memory import MemoryBroker
     from .worker import Worker, WorkerSettings
 
-__all__ = ["Client"]
+__all__ = ["Client", "handler_settings"]
 
 
 class Client:
@@ -34,47 +39,38 @@ class Client:
             ``brokerexec.services`` entry points are added).
         concurrency: for ``memory://``: how many jobs the embedded worker runs at once.
         timeout: default seconds to wait for a job's answer to a signal.
-        heartbeat: AMQP heartbeat in seconds.
+        heartbeat: AMQP heartbeat in seconds (of the connection that receives events).
+        worker_settings: for ``memory://``: the embedded worker's settings.
+        transport: a transport made elsewhere (``url`` is then only a label).
+
+    Raises:
+        BrokerConnectionError: the broker cannot be reached.
+        ConfigurationError: the URL's scheme is not amqp, amqps or memory.
     """
 
     def __init__(self, url: str = DEFAULT_URL, *, services: Iterable[type[Service]] = (),
                  concurrency: int = 4, timeout: float = DEFAULT_RPC_TIMEOUT,
-                 heartbeat: int = 10, worker_settings: WorkerSettings | None = None) -> None:
+                 heartbeat: int = 10, worker_settings: WorkerSettings | None = None,
+                 transport: ClientTransport | None = None) -> None:
         self.url = url
         self.timeout = timeout
         self._worker: Worker | None = None
         scheme = urlparse(url).scheme
-        if scheme == "memory":
-            # The embedded worker's modules only here: a client of RabbitMQ never needs them.
-            from .registry import ServiceRegistry
-            from .transport.memory import MemoryBroker, MemoryClientTransport, MemoryWorkerTransport
-            from .worker import Worker, WorkerSettings
+        if transport is not None:
+            self.transport = transport
+        elif scheme == "memory":
+            from .transport.memory import MemoryClientTransport
 
-            broker = MemoryBroker.named(urlparse(url).netloc)
-            self.transport: ClientTransport = MemoryClientTransport(broker)
-            registry = ServiceRegistry.from_specs([])
-            for service in services:
-                registry.add(service)
-            settings = worker_settings or WorkerSettings(concurrency=concurrency)
-            self._worker = Worker(MemoryWorkerTransport(broker), registry, settings).start()
+            broker, self._worker = embedded(url, services, concurrency, worker_settings)
+            self.transport = MemoryClientTransport(broker)
         elif scheme in ("amqp", "amqps"):
-            from .transport.amqp import ConnectionSettings
-            from .transport.amqp_client import RabbitClientTransport
+            from .transport.pika_client import PikaClientTransport  # pika: only for RabbitMQ
 
-            self.transport = RabbitClientTransport(
-                ConnectionSettings(url=url, heartbeat=heartbeat, name="brokerexec-client",
-                                   reconnect_deadline=30.0))
+            # Callers' connections are used only during a call: no heartbeats to miss.
+            self.transport = PikaClientTransport(url, heartbeat=0, push_records=True,
+                                                 listener_heartbeat=heartbeat)
         else:
             raise ConfigurationError(f"unsupported broker URL {url!r}: use amqp://, amqps:// or memory://")
-
-    @classmethod
-    def from_transport(cls, transport: ClientTransport, *, url: str = "",
-                       timeout: float = DEFAULT_RPC_TIMEOUT) -> Client:
-        """A client on a transport made elsewhere (e.g. the CLI's one-shot pika client)."""
-        client = cls.__new__(cls)
-        client.url, client.timeout, client._worker = url, timeout, None
-        client.transport = transport
-        return client
 
     @property
     def worker(self) -> Worker | None:
@@ -85,29 +81,28 @@ class Client:
                job_id: str | None = None, progress_delta: float | None = None,
                checkpoint_delta: float | None = None,
                improved_delta: float | None = None) -> Job:
-        """Queue a job of service ``name``; return its handle at once.
+        """Queue a job of service ``name``; return its handle once the broker holds it.
 
         A refusal (unknown service, invalid request) is reported by the worker as a failed
         job: :meth:`Job.result` raises it.
         """
-        settings = _handler_settings(progress_delta, checkpoint_delta, improved_delta)
-        body = launch_body(name, request or {}, job_id=job_id, settings=settings)
-        self.transport.launch(body)
-        return Job(self, body["job_id"], name)
+        settings = handler_settings(progress_delta, checkpoint_delta, improved_delta)
+        launch = Launch.new(name, request, job_id=job_id, settings=settings)
+        self.transport.launch([launch])
+        return Job(self, launch.job_id, name)
 
     def launch_many(self, name: str, requests: Iterable[dict[str, Any]], *,
                     progress_delta: float | None = None, checkpoint_delta: float | None = None,
                     improved_delta: float | None = None) -> list[Job]:
         """Queue one job of service ``name`` per request (a sweep); return their handles.
 
-        Returns once the broker holds every launch. Over RabbitMQ the launches are in flight
-        together, so this is much faster than calling :meth:`launch` in a loop, which waits
-        for each launch's confirm in turn.
+        Returns once the broker holds every launch; the launches are in flight together, so
+        this is faster than :meth:`launch` in a loop, which waits for each launch in turn.
         """
-        settings = _handler_settings(progress_delta, checkpoint_delta, improved_delta)
-        bodies = [launch_body(name, request, settings=settings) for request in requests]
-        self.transport.launch_many(bodies)
-        return [Job(self, body["job_id"], name) for body in bodies]
+        settings = handler_settings(progress_delta, checkpoint_delta, improved_delta)
+        launches = [Launch.new(name, request, settings=settings) for request in requests]
+        self.transport.launch(launches)
+        return [Job(self, launch.job_id, name) for launch in launches]
 
     def job(self, job_id: str, service: str | None = None) -> Job:
         """A handle on an existing job."""
@@ -117,30 +112,24 @@ class Client:
         """Receive events whose ``<kind>.<service>.<job id>`` key matches the pattern(s).
 
         Examples: ``"*.*.<job id>"`` (one job), ``"*.fit.*"`` (one service),
-        ``"progress.#"`` (one kind everywhere). The broker filters, not the client.
+        ``"progress.#"`` (one kind everywhere). The broker filters, not the client. The
+        callback runs on a transport thread and must return quickly.
         """
-        patterns = [pattern] if isinstance(pattern, str) else list(pattern)
-        return self.transport.subscribe(patterns, callback)
-
-    def _control(self, intent: str, service: str | None) -> None:
-        body: dict[str, Any] = {"intent": intent, "sent": time.time()}
-        if service is not None:
-            body["service"] = check_name("service name", service)
-        self.transport.control(body)
+        return self.transport.subscribe([pattern] if isinstance(pattern, str) else list(pattern), callback)
 
     def pause_all(self, service: str | None = None) -> None:
         """Pause every running job (of one service, if given), on every worker."""
-        self._control("pause", service)
+        self.transport.control(control_message(Intent.PAUSE, service))
 
     def resume_all(self, service: str | None = None) -> None:
         """Resume every paused job (of one service, if given)."""
-        self._control("resume", service)
+        self.transport.control(control_message(Intent.RESUME, service))
 
     def abort_all(self, service: str | None = None) -> None:
         """Abort every running job (of one service, if given)."""
-        self._control("abort", service)
+        self.transport.control(control_message(Intent.ABORT, service))
 
-    def jobs(self, timeout: float = 0.5) -> list[dict[str, Any]]:
+    def jobs(self, timeout: float = DEFAULT_JOBS_TIMEOUT) -> list[dict[str, Any]]:
         """Running jobs across all workers: id, service, state, progress, worker."""
         return self.transport.query_jobs(timeout)
 
@@ -158,9 +147,31 @@ class Client:
         self.close()
 
 
-def _handler_settings(progress_delta: float | None, checkpoint_delta: float | None,
-                      improved_delta: float | None) -> dict[str, float]:
-    """The launch's ``settings``: the intervals given, and only those."""
+def embedded(url: str, services: Iterable[type[Service]], concurrency: int,
+             settings: WorkerSettings | None) -> tuple[MemoryBroker, Worker]:
+    """The in-memory broker of ``url``, with a worker running ``services`` on it, started."""
+    # The embedded worker's modules only here: a client of RabbitMQ never needs them.
+    from .registry import ServiceRegistry
+    from .transport.memory import MemoryBroker, MemoryWorkerTransport
+    from .worker import Worker, WorkerSettings
+
+    broker = MemoryBroker.named(urlparse(url).netloc)
+    registry = ServiceRegistry.from_specs([])
+    for service in services:
+        registry.add(service)
+    worker = Worker(MemoryWorkerTransport(broker), registry,
+                    settings or WorkerSettings(concurrency=concurrency)).start()
+    return broker, worker
+
+
+def control_message(intent: Intent, service: str | None) -> Control:
+    """The control message of ``pause_all`` and friends, limited to jobs started before now."""
+    return Control(intent, None if service is None else check_name("service name", service), time.time())
+
+
+def handler_settings(progress_delta: float | None, checkpoint_delta: float | None,
+                     improved_delta: float | None) -> Mapping[str, float]:
+    """A launch's ``settings``: the intervals given, and only those."""
     return {key: value for key, value in (("progress_delta", progress_delta),
                                          ("checkpoint_delta", checkpoint_delta),
                                          ("improved_delta", improved_delta))

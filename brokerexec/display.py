@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import JobNotFound, Timeout
-from .protocol import Event
+from .protocol.events import Event
 
 if TYPE_CHECKING:
     from .client import Client

@@ -6,21 +6,17 @@ import queue
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from .errors import JobNotFound, RemoteError, Timeout
-from .protocol import Event
+from .errors import JobAborted, JobNotFound, Timeout, error_from_wire
+from .protocol.events import Event
+from .protocol.intents import Intent
+from .protocol.messages import Signal
+from .protocol.names import job_events_pattern
 from .transport.base import Subscription
 
 if TYPE_CHECKING:
     from .client import Client
 
-__all__ = ["Job", "JobAborted", "ends_job", "quiet_ends"]
-
-
-class JobAborted(RemoteError):
-    """The job was aborted; raised by :meth:`Job.result`."""
-
-    def __init__(self, job_id: str) -> None:
-        super().__init__("brokerexec.Aborted", f"job {job_id} was aborted")
+__all__ = ["Job", "event_patterns", "quiet_ends", "result_of", "status_of_record"]
 
 
 class Job:
@@ -39,8 +35,9 @@ class Job:
     def __repr__(self) -> str:
         return f"Job({self.id!r}, service={self.service!r})"
 
-    def _rpc(self, body: dict[str, Any], timeout: float | None) -> Any:
-        return self.client.transport.rpc(self.id, body, timeout or self.client.timeout)
+    def signal(self, intent: Intent, timeout: float | None = None, **fields: Any) -> Any:
+        """Send ``intent`` (with its keys) to the job; return the final reply's value."""
+        return self.client.transport.rpc(self.id, Signal.of(intent, **fields), timeout or self.client.timeout)
 
     def status(self, timeout: float | None = None) -> dict[str, Any]:
         """The job's state and last progress, from its worker; for an ended job, its record.
@@ -49,25 +46,31 @@ class Job:
             JobNotFound: no worker holds the job and it has no final record.
         """
         try:
-            status: dict[str, Any] = self._rpc({"intent": "status"}, timeout)
+            status: dict[str, Any] = self.signal(Intent.STATUS, timeout)
             return status
         except JobNotFound:
             record = self.client.transport.fetch_result(self.id, 0)
             if record is None:
                 raise
-            return {"state": record["state"], "paused": False, "record": record}
+            return status_of_record(record)
 
     def pause(self, timeout: float | None = None) -> bool:
         """Ask the job to hold at its next ``ready()``; True if accepted."""
-        return bool(self._rpc({"intent": "pause"}, timeout))
+        return bool(self.signal(Intent.PAUSE, timeout))
 
     def resume(self, timeout: float | None = None) -> bool:
         """Let a paused job continue from where it held; True if accepted."""
-        return bool(self._rpc({"intent": "resume"}, timeout))
+        return bool(self.signal(Intent.RESUME, timeout))
 
     def abort(self, timeout: float | None = None) -> bool:
         """Abort the job at its next ``ready()`` (resuming it first if paused)."""
-        return bool(self._rpc({"intent": "abort"}, timeout))
+        return bool(self.signal(Intent.ABORT, timeout))
+
+    def checkpoint(self, timeout: float | None = None) -> dict[str, Any]:
+        """Take a checkpoint at the job's next ``ready()``; returns ``{"time": ...}``, when it
+        was taken (it is published as the job's checkpoint event)."""
+        taken: dict[str, Any] = self.signal(Intent.CHECKPOINT, timeout)
+        return taken
 
     def set(self, attrs: dict[str, Any] | None = None, /, *, rpc_timeout: float | None = None,
             **more: Any) -> dict[str, Any]:
@@ -77,10 +80,9 @@ class Job:
         identifiers. ``rpc_timeout`` bounds the wait (default: the client's timeout).
 
         Raises:
-            RemoteError: the worker refused (undeclared attribute, wrong type, ...).
+            SignalRefused: the worker refused (undeclared attribute, wrong type, ...).
         """
-        values = {**(attrs or {}), **more}
-        applied: dict[str, Any] = self._rpc({"intent": "set", "attrs": values}, rpc_timeout)
+        applied: dict[str, Any] = self.signal(Intent.SET, rpc_timeout, attrs={**(attrs or {}), **more})
         return applied
 
     def invoke(self, method: str, *args: Any, rpc_timeout: float | None = None,
@@ -88,9 +90,11 @@ class Job:
         """Call a declared method in the computation thread at its next ``ready()``.
 
         Every keyword but ``rpc_timeout`` goes to the method.
+
+        Raises:
+            SignalRefused: not an invokable method, or arguments that do not fit it.
         """
-        body = {"intent": "invoke", "method": method, "args": list(args), "kwargs": kwargs}
-        return self._rpc(body, rpc_timeout)
+        return self.signal(Intent.INVOKE, rpc_timeout, method=method, args=list(args), kwargs=kwargs)
 
     def record(self, timeout: float | None = 0) -> dict[str, Any] | None:
         """The final record (state, result, error, start, end, worker), if the job ended."""
@@ -107,21 +111,12 @@ class Job:
         record = self.client.transport.fetch_result(self.id, timeout)
         if record is None:
             raise Timeout(f"job {self.id} did not end within {timeout} s")
-        return self.result_of(record)
-
-    def result_of(self, record: dict[str, Any]) -> Any:
-        """The result a final record stands for (raises as :meth:`result` does)."""
-        if record["state"] == "failed":
-            raise RemoteError.from_wire(record.get("error"))
-        if record["state"] == "aborted":
-            raise JobAborted(self.id)
-        return record.get("result")
+        return result_of(self.id, record)
 
     def subscribe(self, callback: Callable[[Event], None],
                   kinds: Iterable[str] = ("#",)) -> Subscription:
         """Call ``callback(event)`` for this job's events of the given kinds."""
-        return self.client.subscribe([f"{kind}.*.{self.id}" if kind != "#" else f"*.*.{self.id}"
-                                      for kind in kinds], callback)
+        return self.client.subscribe(event_patterns(self.id, kinds), callback)
 
     def events(self, kinds: Iterable[str] | None = None,
                idle_timeout: float | None = None) -> Iterator[Event]:
@@ -146,7 +141,7 @@ class Job:
                     continue
                 if wanted is None or event.kind in wanted:
                     yield event
-                if ends_job(event):
+                if event.ends_job:
                     return
         finally:
             subscription.close()
@@ -157,9 +152,27 @@ class Job:
             yield event.data
 
 
-def ends_job(event: Event) -> bool:
-    """True for a job's last event: its state event into a terminal state."""
-    return event.kind == "state" and event.data.get("to") in ("finished", "failed", "aborted")
+# ---- shared with AsyncJob ------------------------------------------------------------------
+
+
+def event_patterns(job_id: str, kinds: Iterable[str]) -> list[str]:
+    """The topic patterns of one job's events of these kinds (``#``: all)."""
+    return [job_events_pattern(job_id) if kind == "#" else job_events_pattern(job_id, kind)
+            for kind in kinds]
+
+
+def result_of(job_id: str, record: dict[str, Any]) -> Any:
+    """The result a final record stands for: raises its (typed) error, or ``JobAborted``."""
+    if record["state"] == "failed":
+        raise error_from_wire(record.get("error"))
+    if record["state"] == "aborted":
+        raise JobAborted(job_id)
+    return record.get("result")
+
+
+def status_of_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The status of a job that has ended: its state, and its record."""
+    return {"state": record["state"], "paused": False, "record": record}
 
 
 def quiet_ends(job_id: str, ended: bool, idle_timeout: float | None) -> bool:
