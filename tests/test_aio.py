@@ -14,9 +14,8 @@ import pytest
 from sample_services import ALL
 
 from brokerexec.aio import AsyncClient
-from brokerexec.errors import RemoteError
-from brokerexec.job import JobAborted
-from brokerexec.protocol import Event
+from brokerexec.errors import JobAborted, RemoteError
+from brokerexec.protocol.events import Event
 
 WAIT = 20.0
 

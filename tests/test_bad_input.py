@@ -15,9 +15,8 @@ import pytest
 import sample_services
 
 from brokerexec import Client, JobNotFound, RemoteError, ServiceRegistry, Worker, WorkerSettings
-from brokerexec.constants import DEAD_LETTER_QUEUE, LAUNCH_QUEUE
-from brokerexec.protocol import new_job_id
-from brokerexec.transport.amqp import ConnectionSettings
+from brokerexec.protocol.names import DEAD_LETTER_QUEUE, LAUNCH_QUEUE, new_job_id
+from brokerexec.transport.amqp_settings import ConnectionSettings
 from brokerexec.transport.amqp_worker import RabbitWorkerTransport
 from brokerexec.worker import host_info
 

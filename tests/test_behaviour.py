@@ -6,6 +6,7 @@ What a user sees through ``Client`` and ``Job`` must not depend on the transport
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,15 +17,18 @@ import sample_services
 from brokerexec import (
     Client,
     Event,
+    InvalidRequest,
     Job,
     JobAborted,
     JobNotFound,
     RemoteError,
     ServiceRegistry,
+    SignalRefused,
+    UnknownService,
     Worker,
     WorkerSettings,
 )
-from brokerexec.protocol import new_job_id
+from brokerexec.protocol.names import new_job_id
 
 WAIT = 20.0
 
@@ -36,7 +40,7 @@ def _memory_client(concurrency: int) -> Iterator[Client]:
 
 
 def _amqp_client(url: str, concurrency: int) -> Iterator[Client]:
-    from brokerexec.transport.amqp import ConnectionSettings
+    from brokerexec.transport.amqp_settings import ConnectionSettings
     from brokerexec.transport.amqp_worker import RabbitWorkerTransport
     from brokerexec.worker import host_info
 
@@ -276,3 +280,33 @@ def _launch_subscribed(client: Client, inbox: Inbox) -> Job:
     job_id = new_job_id()
     client.subscribe(f"*.*.{job_id}", inbox)
     return client.launch("forever", {"tick": 0.005}, job_id=job_id)
+
+
+def test_checkpoint_on_request_is_taken_at_ready_and_published(make_client: Callable[[int], Client]) -> None:
+    client = make_client(4)
+    inbox = Inbox()
+    job = launch_watched(client, inbox, "counter", {"steps": 100_000, "delay": 0.001})
+    before = time.time()
+    taken = job.checkpoint()  # checkpoint_delta is an hour: this one is the one asked for
+    assert before <= taken["time"] <= time.time()
+    inbox.wait_for(lambda events: any(e.kind == "checkpoint" for e in events))
+    (event,) = [e for e in inbox.events if e.kind == "checkpoint"]
+    assert event.data["state"]["count"] >= 0  # the service's checkpoint()
+    job.abort()
+    with pytest.raises(JobAborted):
+        job.result(WAIT)
+
+
+def test_refusals_raise_as_their_own_class(make_client: Callable[[int], Client]) -> None:
+    client = make_client(4)
+    job = _wait_running(client, "forever", {"tick": 0.005})
+    with pytest.raises(SignalRefused) as refused:
+        job.set(nope=1)
+    assert isinstance(refused.value, RemoteError) and refused.value.remote_type == "brokerexec.SignalRefused"
+    with pytest.raises(SignalRefused, match="too many positional arguments"):
+        job.invoke("loops", 1, 2)  # refused on the worker's handler thread, at once
+    job.abort()
+    with pytest.raises(UnknownService, match="no service 'nosuch'"):
+        client.launch("nosuch", {}).result(WAIT)
+    with pytest.raises(InvalidRequest, match="unknown input 'bogus'"):
+        client.launch("counter", {"bogus": 1}).result(WAIT)

@@ -180,7 +180,7 @@ def test_run_in_process_prints_only_the_result_on_stdout() -> None:
 def test_one_shot_verbs_import_nothing_heavy() -> None:
     # Given a fresh interpreter, when the CLI module and the one-shot client are imported,
     # then neither aio-pika, kiwipy nor rich is loaded (they cost most of a second).
-    code = ("import sys, brokerexec.cli, brokerexec.oneshot; "
+    code = ("import sys, brokerexec.cli, brokerexec.transport.pika_client; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & "
             "{'aio_pika', 'aiormq', 'kiwipy', 'rich', 'plumpy', 'tenacity'}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -355,6 +355,8 @@ def test_steering_a_job_of_a_worker_process_from_the_command_line(
     # (progress_delta is the handler's: no progress message comes while the fit is perturbed)
     assert be("set", job_id, "progress_delta=3600") == {"progress_delta": 3600.0}
     assert len(be("invoke", job_id, "perturb", '{"scale": 0.1}')) == 3
+    taken = be("checkpoint", job_id)  # taken while it holds: a paused job still applies signals
+    assert taken["job_id"] == job_id and taken["time"] > 0
     assert "SignalRefused" in be("set", job_id, "cost=1", code=1)
     assert "SignalRefused" in be("invoke", job_id, "run", code=1)
     listed = be("jobs")
@@ -377,7 +379,7 @@ def test_steering_a_job_of_a_worker_process_from_the_command_line(
 def test_unknown_jobs_exit_3(amqp_url: str, worker: Worker) -> None:
     unknown = "0" * 32
     for args in (["status", unknown], ["pause", unknown], ["abort", unknown], ["set", unknown, "x=1"],
-                 ["invoke", unknown, "m"], ["watch", unknown]):
+                 ["invoke", unknown, "m"], ["checkpoint", unknown], ["watch", unknown]):
         done = brokerexec(*args, "--broker", amqp_url)
         assert done.returncode == 3, (args, done.stderr)
         assert "no worker holds job 00000000" in done.stderr

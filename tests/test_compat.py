@@ -21,7 +21,7 @@ import sample_services
 from plumpy.futures import unwrap_kiwi_future
 
 from brokerexec import Client, Event, JobAborted, ServiceRegistry, Worker, WorkerSettings
-from brokerexec.transport.amqp import ConnectionSettings
+from brokerexec.transport.amqp_settings import ConnectionSettings
 from brokerexec.transport.amqp_worker import RabbitWorkerTransport
 from brokerexec.worker import host_info
 

@@ -24,7 +24,7 @@ from brokerexec import (
     JobNotFound,
     Timeout,
 )
-from brokerexec.protocol import new_job_id
+from brokerexec.protocol.names import new_job_id
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.fault, pytest.mark.timeout(180)]
 WAIT = 60.0
@@ -112,7 +112,7 @@ def test_broker_application_restart(client: Client, worker_process: Callable[...
     job = launch(client, watch, "forever", {"tick": 0.01}, progress_delta=0.1)
     counter = launch(client, watch, "counter", {"steps": 200, "delay": 0.02})
     with brokerctl.app_stopped():
-        brokerctl.wait_until(lambda: not client.transport.connection.connected, 30,  # type: ignore[attr-defined]
+        brokerctl.wait_until(lambda: not client.transport.connected, 30,  # type: ignore[attr-defined]
                           "the client to notice the broker is gone")
     assert counter.result(WAIT) == {"count": 200, "label": ""}
     before = watch.count(job.id, "progress")

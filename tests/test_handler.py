@@ -189,11 +189,13 @@ def test_invoke_argument_errors_and_method_errors_reach_the_sender_only() -> Non
     service = Stepped()
     handler, _ = start(service, {"rounds": 1})
     service.wait_log("gate0")
-    wrong_arity = handler.put({"intent": "invoke", "method": "record", "args": [1, 2, 3]})
+    # A wrong number of arguments is refused at once, on the handler thread (nothing is
+    # queued for ready()); a method that raises fails its own invoke, not the computation.
+    with pytest.raises(SignalRefused, match="too many"):
+        handler.put({"intent": "invoke", "method": "record", "args": [1, 2, 3]})
+    assert handler.status()["queued_signals"] == 0
     raising = handler.put({"intent": "invoke", "method": "explode"})
     service.gate.release()
-    with pytest.raises(SignalRefused, match="too many"):
-        wrong_arity.result(WAIT)
     with pytest.raises(RuntimeError, match="invoked method failed"):
         raising.result(WAIT)
     assert handler.join(WAIT)["state"] == "finished"
@@ -536,3 +538,23 @@ def test_a_failing_emit_never_ends_the_computation_unreported() -> None:
     handler.start(_Quick(), {})
     outcome = handler.outcome.result(WAIT)  # the transitions' emits failed; the job still ended
     assert outcome["state"] == "finished" and outcome["result"] == 7
+
+
+def test_a_checkpoint_asked_for_is_taken_at_the_next_ready_and_published() -> None:
+    service = Stepped()
+    handler, recorder = start(service, {"rounds": 2}, wallclock=lambda: 1234.5)
+    service.wait_log("gate0")
+    taken = handler.put({"intent": "checkpoint"})
+    assert not taken.done() and recorder.of("checkpoint") == []  # nothing before ready()
+    service.gate.release()
+    assert taken.result(WAIT) == {"time": 1234.5}
+    assert recorder.of("checkpoint") == [{"state": {}}]  # Stepped's (the default) checkpoint()
+    service.gate.release()
+    handler.join(WAIT)
+    with pytest.raises(InvalidState, match="has ended"):
+        handler.put({"intent": "checkpoint"})
+
+
+def test_a_checkpoint_before_there_is_a_service_is_refused() -> None:
+    with pytest.raises(InvalidState, match="no service yet"):
+        ServiceHandler().put({"intent": "checkpoint"})

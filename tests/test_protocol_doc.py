@@ -24,7 +24,7 @@ WAIT = 20.0
 @pytest.fixture
 def worker(amqp_url: str) -> Iterator[None]:
     from brokerexec import ServiceRegistry, Worker, WorkerSettings
-    from brokerexec.transport.amqp import ConnectionSettings
+    from brokerexec.transport.amqp_settings import ConnectionSettings
     from brokerexec.transport.amqp_worker import RabbitWorkerTransport
     from brokerexec.worker import host_info
 

@@ -1,7 +1,7 @@
 """The RabbitMQ transport comes back by itself: consumers, subscriptions and job claims.
 
 Transport level, real broker: a ``RabbitWorkerTransport`` with the recording hooks of
-``test_rabbitmq_transport.py`` and a ``RabbitClientTransport``. After each fault an RPC
+``test_rabbitmq_transport.py`` and a ``PikaClientTransport``. After each fault an RPC
 must round-trip to the job and an event must reach the subscriber, with nothing done by
 the test but waiting. Each fault test leaves the broker running (``faults`` restores it).
 """
@@ -23,20 +23,30 @@ from urllib.parse import urlparse, urlunparse
 
 import brokerctl
 import pytest
-from test_rabbitmq_transport import FakeHooks, Inbox, event, launched, settings_for
+from test_rabbitmq_transport import (
+    STATUS,
+    FakeHooks,
+    Inbox,
+    client_for,
+    event,
+    finished,
+    launched,
+    settings_for,
+)
 
-from brokerexec.protocol import new_job_id
-from brokerexec.transport.amqp_client import RabbitClientTransport
+from brokerexec.protocol.intents import Intent
+from brokerexec.protocol.messages import Control
 from brokerexec.transport.amqp_worker import RabbitWorkerTransport
+from brokerexec.transport.pika_client import PikaClientTransport
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.fault, pytest.mark.timeout(180)]
 WAIT = 60.0
 
 
-def round_trip(client: RabbitClientTransport, worker: RabbitWorkerTransport, job_id: str,
+def round_trip(client: PikaClientTransport, worker: RabbitWorkerTransport, job_id: str,
                inbox: Inbox, what: str) -> None:
     """An RPC answers, then an event published now reaches the subscription."""
-    status = brokerctl.eventually(lambda: client.rpc(job_id, {"intent": "status"}, 2), f"RPC {what}")
+    status = brokerctl.eventually(lambda: client.rpc(job_id, STATUS, 2), f"RPC {what}")
     assert status["job_id"] == job_id
     # The subscription's queue may come back a moment after the RPC path: publish until
     # one event gets through (events sent while no queue is bound are dropped by design).
@@ -79,8 +89,8 @@ def transports(amqp_url: str, unique_name: str
 
 
 @pytest.fixture
-def client(amqp_url: str, unique_name: str) -> Iterator[RabbitClientTransport]:
-    transport = RabbitClientTransport(settings_for(amqp_url, f"{unique_name}-client"))
+def client(amqp_url: str, unique_name: str) -> Iterator[PikaClientTransport]:
+    transport = client_for(amqp_url, f"{unique_name}-client")
     yield transport
     transport.close()
 
@@ -99,15 +109,15 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
     brokerctl.wait_until(condition, WAIT, what)
 
 
-def finishes(client: RabbitClientTransport, worker: RabbitWorkerTransport, hooks: FakeHooks) -> None:
+def finishes(client: PikaClientTransport, worker: RabbitWorkerTransport, hooks: FakeHooks) -> None:
     """A new launch is taken, and its final record is stored and read back."""
     job_id = launched(client, hooks)
-    record = {"v": 1, "job_id": job_id, "state": "finished", "result": 1}
-    worker.finish(job_id, record).result(WAIT)
-    assert client.fetch_result(job_id, 10) == record
+    record = finished(job_id, 1)
+    worker.finish(record).result(WAIT)
+    assert client.fetch_result(job_id, 10) == record.encode()
 
 
-def test_five_close_all_connections_in_a_row(transports: Any, client: RabbitClientTransport,
+def test_five_close_all_connections_in_a_row(transports: Any, client: PikaClientTransport,
                                             amqp_url: str) -> None:
     worker, hooks = transports()
     job_id = launched(client, hooks)
@@ -115,11 +125,11 @@ def test_five_close_all_connections_in_a_row(transports: Any, client: RabbitClie
     client.subscribe([f"*.*.{job_id}"], inbox)
     round_trip(client, worker, job_id, inbox, "before any drop")
     for drop in range(5):
-        seen = (worker.connection.reconnects, client.connection.reconnects)
+        seen = (worker.connection.reconnects, client.reconnects)
         close_all_connections(amqp_url, f"brokerexec test drop {drop}")
         def noticed(seen: tuple[int, int] = seen) -> bool:
             return (worker.connection.reconnects > seen[0]
-                    and client.connection.reconnects > seen[1])
+                    and client.reconnects > seen[1])
 
         wait_until(noticed, f"both sides to notice drop {drop}")
         round_trip(client, worker, job_id, inbox, f"after drop {drop}")
@@ -133,7 +143,7 @@ def kiwipy_play_broadcast(url: str) -> None:
     import pika.exceptions
 
     from brokerexec import BrokerConnectionError
-    from brokerexec.constants import BROADCAST_TOPIC, KIWIPY_EXCHANGE
+    from brokerexec.protocol.names import BROADCAST_TOPIC, KIWIPY_EXCHANGE
 
     connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
@@ -147,18 +157,18 @@ def kiwipy_play_broadcast(url: str) -> None:
         connection.close()
 
 
-def test_broker_application_restart(transports: Any, client: RabbitClientTransport,
+def test_broker_application_restart(transports: Any, client: PikaClientTransport,
                                     amqp_url: str) -> None:
     worker, hooks = transports()
     job_id = launched(client, hooks)
     inbox = Inbox()
     client.subscribe([f"progress.*.{job_id}"], inbox)
     with brokerctl.app_stopped():
-        wait_until(lambda: not (worker.connection.connected or client.connection.connected),
+        wait_until(lambda: not (worker.connection.connected or client.connected),
                    "both sides to notice the broker is gone")
     round_trip(client, worker, job_id, inbox, "after the restart")
     # The control stream consumer is back too.
-    control = {"intent": "pause", "note": new_job_id()}
+    control = Control(Intent.PAUSE, sent=time.time())
     brokerctl.eventually(lambda: client.control(control), "control after the restart")
     hooks.wait(lambda: control in hooks.controls, "no control message after the restart")
     # kiwipy broadcasts reach the worker again: kiwipy's transient exchange, and the
@@ -166,7 +176,7 @@ def test_broker_application_restart(transports: Any, client: RabbitClientTranspo
     heard = len(hooks.controls)
     brokerctl.eventually(lambda: kiwipy_play_broadcast(amqp_url), "kiwipy broadcast after the restart")
     hooks.wait(lambda: len(hooks.controls) > heard, "no kiwipy broadcast after the restart")
-    assert hooks.controls[-1]["intent"] == "play"
+    assert hooks.controls[-1].intent is Intent.RESUME
     finishes(client, worker, hooks)
 
 
@@ -252,7 +262,7 @@ class HalfOpenProxy:
 
 
 def test_job_queue_is_reclaimed_once_the_broker_lets_go_of_the_dead_connection(
-        transports: Any, client: RabbitClientTransport, amqp_url: str,
+        transports: Any, client: PikaClientTransport, amqp_url: str,
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="brokerexec")
     proxy = HalfOpenProxy()

@@ -1,0 +1,256 @@
+"""The protocol, free of I/O: the intent table, the messages, typed errors, and the client's
+calls driven by a scripted broker (the sans-I/O style: no sockets, no threads)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import brokerexec
+from brokerexec import cli as cli_module
+from brokerexec.errors import (
+    BrokerConnectionError,
+    DecodeError,
+    InvalidRequest,
+    JobNotFound,
+    RemoteError,
+    SignalRefused,
+    Timeout,
+    UnknownService,
+    error_from_wire,
+    error_to_wire,
+)
+from brokerexec.job import Job
+from brokerexec.protocol import calls
+from brokerexec.protocol.calls import Gather, Incoming, NextReply, Publish, RecordSearch, Routed
+from brokerexec.protocol.intents import INTENTS, Answered, Intent, intent_for_subject
+from brokerexec.protocol.messages import Control, Launch, Record, Signal, WorkerJobs
+from brokerexec.protocol.names import (
+    DEADLINE_MS_HEADER,
+    JOB_ID_HEADER,
+    KIWIPY_EXCHANGE,
+    PROBE_TYPE,
+    RECORD_TYPE,
+    WORKERS_EXCHANGE,
+    new_job_id,
+    rpc_routing_key,
+)
+from brokerexec.protocol.replies import PENDING, Reply
+from brokerexec.signal_desk import SignalDesk
+from brokerexec.states import JobState
+
+# ---- the intent table ----------------------------------------------------------------------
+
+
+def test_every_intent_has_a_row_a_handler_method_a_client_method_and_a_cli_verb() -> None:
+    assert set(INTENTS) == set(Intent)
+    assert set(SignalDesk.BY_INTENT) == set(Intent)
+    verbs = set(cli_module.cli.commands)
+    for intent in Intent:
+        assert callable(getattr(Job, intent.value)), intent
+        assert callable(getattr(brokerexec.AsyncJob, intent.value)), intent
+        assert intent.value in verbs, intent
+
+
+def test_what_the_table_says() -> None:
+    # Answered at once: only what the handler knows without the computation.
+    assert {i for i, s in INTENTS.items() if s.answered is Answered.AT_ONCE} == {
+        Intent.STATUS, Intent.PAUSE, Intent.RESUME, Intent.ABORT}
+    # Never sent twice: what the computation applies and may have applied already.
+    assert {i for i, s in INTENTS.items() if not s.resendable} == {Intent.SET, Intent.INVOKE}
+    assert [i for i, s in INTENTS.items() if not s.pending_first] == [Intent.STATUS]
+    assert {i for i, s in INTENTS.items() if s.to_every_job} == {Intent.PAUSE, Intent.RESUME, Intent.ABORT}
+
+
+def test_plumpy_names_and_broadcast_subjects() -> None:
+    assert Intent.parse("play") is Intent.RESUME and Intent.parse("kill") is Intent.ABORT
+    assert Intent.parse("checkpoint") is Intent.CHECKPOINT
+    assert [intent_for_subject(s) for s in ("pause", "play", "kill", "state_changed.a.b", None)] == [
+        Intent.PAUSE, Intent.RESUME, Intent.ABORT, None, None]
+    with pytest.raises(DecodeError, match="unknown intent 'format_disk'; expected one of: abort, "):
+        Intent.parse("format_disk")
+
+
+# ---- messages ----------------------------------------------------------------------------
+
+
+def test_messages_survive_the_wire() -> None:
+    launch = Launch.new("fit", {"points": 3}, settings={"progress_delta": 0.5})
+    assert Launch.decode(json.loads(json.dumps(launch.encode()))) == launch
+    signal = Signal.of(Intent.SET, attrs={"x": 1})
+    assert Signal.decode(signal.encode()) == signal
+    assert signal.encode() == {"intent": "set", "attrs": {"x": 1}}
+    control = Control(Intent.PAUSE, "fit", 1.5)
+    assert Control.decode(control.encode()) == control
+    error = {"type": "X", "message": "m", "traceback": ""}
+    record = Record(new_job_id(), "fit", JobState.FAILED, None, error, 1.0, 2.0, {"hostname": "h"},
+                    abandoned=True)
+    assert Record.decode(json.loads(json.dumps(record.encode()))) == record
+
+
+@pytest.mark.parametrize(("decode", "body", "says"), [
+    (Launch.decode, [], "a launch must be a JSON object, got list"),
+    (Launch.decode, {"v": 2, "job_id": "a", "service": "b"}, "unsupported protocol version 2"),
+    (Launch.decode, {"job_id": "a.b", "service": "s"}, "job id must be 1-100 letters"),
+    (Launch.decode, {"job_id": "a", "service": "s", "request": [1]},
+     "launch 'request' must be a JSON object"),
+    (Launch.decode, {"job_id": "a", "service": "s", "sent": "now"}, "'sent' must be a number"),
+    (Signal.decode, {"intent": 3}, "unknown intent 3"),
+    (Control.decode, {"intent": "set"}, "may pause, resume or abort every job, not set"),
+    (Control.decode, {"intent": "pause", "service": "a b"}, "service name must be"),
+    (Record.decode, {"job_id": "a", "state": "running"},
+     "finished, failed or aborted, not running"),
+    (Reply.decode, {"weird": 1}, "none of result/error/exception/pending"),
+])
+def test_decode_says_what_was_wrong(decode: Callable[[Any], Any], body: Any, says: str) -> None:
+    with pytest.raises(DecodeError, match=says):
+        decode(body)
+
+
+def test_a_jobs_answer_names_the_worker_of_each_job() -> None:
+    answer = WorkerJobs.decode({"worker": {"hostname": "h"}, "jobs": [{"job_id": "a"}, "junk",
+                                                                      {"job_id": "b", "worker": {"x": 1}}]})
+    assert answer.jobs == [{"job_id": "a", "worker": {"hostname": "h"}}, {"job_id": "b", "worker": {"x": 1}}]
+
+
+# ---- typed errors --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", [SignalRefused, UnknownService, InvalidRequest, JobNotFound, Timeout,
+                                  DecodeError, brokerexec.InvalidState])
+def test_our_errors_raised_remotely_raise_as_themselves(kind: type[Exception]) -> None:
+    raised = error_from_wire(error_to_wire(kind("no"), "Traceback ..."))
+    assert isinstance(raised, kind) and isinstance(raised, RemoteError)
+    assert (raised.remote_type, raised.remote_message, raised.remote_traceback) == (
+        f"brokerexec.{kind.__name__}", "no", "Traceback ...")
+    # and pass through a second hop unchanged
+    assert error_to_wire(raised) == error_to_wire(kind("no"), "Traceback ...")
+
+
+def test_a_users_own_exception_stays_a_remote_error() -> None:
+    raised = error_from_wire(error_to_wire(KeyError("k")))
+    assert type(raised) is RemoteError and raised.remote_type == "KeyError"
+    assert not isinstance(raised, brokerexec.ServiceError)
+
+
+def test_the_cli_maps_classes_to_exit_codes() -> None:
+    from brokerexec.cli_output import exit_code
+
+    assert exit_code(error_from_wire(error_to_wire(JobNotFound("x")))) == 3
+    assert exit_code(error_from_wire(error_to_wire(SignalRefused("x")))) == 1
+    assert exit_code(brokerexec.JobAborted("x")) == 130
+    assert exit_code(Timeout("x")) == 4 and exit_code(BrokerConnectionError("x")) == 5
+    assert exit_code(DecodeError("x")) == 2 and exit_code(brokerexec.ConfigurationError("x")) == 2
+
+
+# ---- the client's calls, against a scripted broker ----------------------------------------
+
+
+class Script:
+    """Answers a call's commands from a list, and records them."""
+
+    def __init__(self, *answers: Any) -> None:
+        self.answers = list(answers)
+        self.commands: list[Any] = []
+
+    def __call__(self, command: Any) -> Any:
+        self.commands.append(command)
+        assert self.answers, f"unexpected command {command}"
+        return self.answers.pop(0)
+
+
+def reply(body: dict[str, Any]) -> Incoming:
+    return Incoming(json.dumps(body).encode(), "application/json")
+
+
+def rpc(job_id: str, signal: Signal, script: Script, timeout: float = 5.0) -> Any:
+    return calls.drive(calls.rpc(job_id, signal, timeout=timeout, locate_timeout=0.5, max_bytes=10_000,
+                                 correlation_id="c1"), script)
+
+
+def test_an_rpc_to_a_claimed_job_skips_pending_and_returns_the_value() -> None:
+    job_id = new_job_id()
+    script = Script([Routed.DELIVERED], reply(PENDING.encode()), reply({"result": {"x": 2}}))
+    assert rpc(job_id, Signal.of(Intent.SET, attrs={"x": 2}), script) == {"x": 2}
+    publish = script.commands[0]
+    assert isinstance(publish, Publish) and publish.mandatory
+    (message,) = publish.messages
+    assert (message.exchange, message.routing_key, message.correlation_id) == (
+        KIWIPY_EXCHANGE, rpc_routing_key(job_id), "c1")
+    assert json.loads(message.body) == {"intent": "set", "attrs": {"x": 2}}
+    assert all(isinstance(c, NextReply) and c.correlation_id == "c1" for c in script.commands[1:])
+
+
+def test_an_unroutable_rpc_goes_to_every_worker_with_the_job_id_and_a_deadline() -> None:
+    job_id = new_job_id()
+    script = Script([Routed.RETURNED], [Routed.DELIVERED], reply({"result": "ok"}))
+    assert rpc(job_id, Signal.of(Intent.STATUS), script) == "ok"
+    (located,) = script.commands[1].messages
+    assert located.exchange == WORKERS_EXCHANGE and located.headers[JOB_ID_HEADER] == job_id
+    assert isinstance(located.headers[DEADLINE_MS_HEADER], int)
+    assert script.commands[2].seconds == pytest.approx(0.5 + calls.LOCATE_SLACK)
+
+
+@pytest.mark.parametrize(("answers", "says"), [
+    (([Routed.RETURNED], [Routed.DELIVERED], None), "it ended, is still queued, or never existed"),
+    (([Routed.RETURNED], [Routed.RETURNED]), "it ended, is still queued, or never existed"),
+    (([Routed.NO_EXCHANGE],), "no worker has run on this broker yet"),
+])
+def test_no_worker_owning_up_is_job_not_found(answers: tuple[Any, ...], says: str) -> None:
+    with pytest.raises(JobNotFound, match=says):
+        rpc(new_job_id(), Signal.of(Intent.STATUS), Script(*answers))
+
+
+def test_an_rpc_without_a_final_reply_times_out_naming_the_job_and_the_intent() -> None:
+    job_id = new_job_id()
+    with pytest.raises(Timeout, match=f"job {job_id} did not answer 'invoke' of 'slow' within 5.0 s"):
+        rpc(job_id, Signal.of(Intent.INVOKE, method="slow"),
+            Script([Routed.DELIVERED], reply(PENDING.encode()), None))
+
+
+def test_a_refusal_comes_back_typed_and_an_undecodable_reply_says_so() -> None:
+    refusal = Reply.failure(SignalRefused("cannot set 'x'")).encode()
+    with pytest.raises(SignalRefused, match="cannot set 'x'"):
+        rpc(new_job_id(), Signal.of(Intent.SET, attrs={"x": 1}), Script([Routed.DELIVERED], reply(refusal)))
+    with pytest.raises(DecodeError, match="undecodable reply"):
+        rpc(new_job_id(), Signal.of(Intent.STATUS),
+            Script([Routed.DELIVERED], Incoming(b"\x80", "application/json")))
+
+
+def test_the_jobs_query_gathers_every_answer() -> None:
+    answers = [reply({"result": {"worker": {"pid": n}, "jobs": [{"job_id": f"j{n}"}]}}) for n in (1, 2)]
+    script = Script([Routed.DELIVERED], [*answers, reply({"exception": "x"})])
+    jobs = calls.drive(calls.jobs_query(timeout=0.5, max_bytes=10_000), script)
+    assert jobs == [{"job_id": "j1", "worker": {"pid": 1}}, {"job_id": "j2", "worker": {"pid": 2}}]
+    assert isinstance(script.commands[1], Gather) and script.commands[1].seconds == 0.5
+    assert calls.drive(calls.jobs_query(timeout=0.5, max_bytes=10_000), Script([Routed.NO_EXCHANGE])) == []
+
+
+def test_launches_are_persistent_mandatory_and_a_returned_one_is_an_error() -> None:
+    batch = [Launch.new("fit"), Launch.new("fit")]
+    script = Script([Routed.DELIVERED, Routed.DELIVERED])
+    calls.drive(calls.launches(batch, reply_to="brokerexec.client.me"), script)
+    messages = script.commands[0].messages
+    assert [m.message_id for m in messages] == [launch.job_id for launch in batch]
+    assert all(m.persistent and m.reply_to == "brokerexec.client.me" for m in messages)
+    with pytest.raises(BrokerConnectionError, match=f"launch of job {batch[1].job_id} was not routed"):
+        calls.drive(calls.launches(batch), Script([Routed.DELIVERED, Routed.RETURNED]))
+
+
+def test_a_record_search_starts_at_the_launch_time_and_stops_at_its_probe() -> None:
+    job_id = new_job_id()
+    search = RecordSearch(job_id, wait=False)
+    assert search.probe is not None and search.probe.type == PROBE_TYPE
+    launched = brokerexec.protocol.job_time(job_id)
+    assert launched is not None and search.offset.timestamp() == pytest.approx(launched - 60)  # type: ignore[union-attr]
+    assert not search.feed(Incoming(b"{}", None, "other-job", RECORD_TYPE))
+    assert not search.feed(Incoming(b"{}", None, job_id, "something else"))
+    assert search.feed(Incoming(b"{}", None, search.probe.message_id, PROBE_TYPE))
+    assert search.record is None
+    found = RecordSearch(job_id, wait=True)
+    assert found.probe is None and RecordSearch("not-a-brokerexec-id", wait=True).offset == "first"
+    assert found.feed(Incoming(b'{"state": "finished"}', "application/json", job_id, RECORD_TYPE))
+    assert found.record == {"state": "finished"}
