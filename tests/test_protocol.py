@@ -25,7 +25,7 @@ from brokerexec.errors import (
 )
 from brokerexec.job import Job
 from brokerexec.protocol import calls
-from brokerexec.protocol.calls import Gather, Incoming, NextReply, Publish, RecordSearch, Routed
+from brokerexec.protocol.calls import Gather, Incoming, NextReply, RecordSearch, Request, Routed
 from brokerexec.protocol.intents import INTENTS, Answered, Intent, intent_for_subject
 from brokerexec.protocol.messages import Control, Launch, Record, Signal, WorkerJobs
 from brokerexec.protocol.names import (
@@ -173,11 +173,11 @@ def rpc(job_id: str, signal: Signal, script: Script, timeout: float = 5.0) -> An
 
 def test_an_rpc_to_a_claimed_job_skips_pending_and_returns_the_value() -> None:
     job_id = new_job_id()
-    script = Script([Routed.DELIVERED], reply(PENDING.encode()), reply({"result": {"x": 2}}))
+    script = Script(reply(PENDING.encode()), reply({"result": {"x": 2}}))
     assert rpc(job_id, Signal.of(Intent.SET, attrs={"x": 2}), script) == {"x": 2}
-    publish = script.commands[0]
-    assert isinstance(publish, Publish) and publish.mandatory
-    (message,) = publish.messages
+    request = script.commands[0]
+    assert isinstance(request, Request) and request.seconds == 5.0
+    message = request.message
     assert (message.exchange, message.routing_key, message.correlation_id) == (
         KIWIPY_EXCHANGE, rpc_routing_key(job_id), "c1")
     assert json.loads(message.body) == {"intent": "set", "attrs": {"x": 2}}
@@ -186,18 +186,18 @@ def test_an_rpc_to_a_claimed_job_skips_pending_and_returns_the_value() -> None:
 
 def test_an_unroutable_rpc_goes_to_every_worker_with_the_job_id_and_a_deadline() -> None:
     job_id = new_job_id()
-    script = Script([Routed.RETURNED], [Routed.DELIVERED], reply({"result": "ok"}))
+    script = Script(Routed.RETURNED, reply({"result": "ok"}))
     assert rpc(job_id, Signal.of(Intent.STATUS), script) == "ok"
-    (located,) = script.commands[1].messages
+    located = script.commands[1].message
     assert located.exchange == WORKERS_EXCHANGE and located.headers[JOB_ID_HEADER] == job_id
     assert isinstance(located.headers[DEADLINE_MS_HEADER], int)
-    assert script.commands[2].seconds == pytest.approx(0.5 + calls.LOCATE_SLACK)
+    assert script.commands[1].seconds == pytest.approx(0.5 + calls.LOCATE_SLACK)
 
 
 @pytest.mark.parametrize(("answers", "says"), [
-    (([Routed.RETURNED], [Routed.DELIVERED], None), "it ended, is still queued, or never existed"),
-    (([Routed.RETURNED], [Routed.RETURNED]), "it ended, is still queued, or never existed"),
-    (([Routed.NO_EXCHANGE],), "no worker has run on this broker yet"),
+    ((Routed.RETURNED, None), "it ended, is still queued, or never existed"),  # none owned up
+    ((Routed.RETURNED, Routed.RETURNED), "it ended, is still queued, or never existed"),  # no worker
+    ((Routed.NO_EXCHANGE,), "no worker has run on this broker yet"),
 ])
 def test_no_worker_owning_up_is_job_not_found(answers: tuple[Any, ...], says: str) -> None:
     with pytest.raises(JobNotFound, match=says):
@@ -208,25 +208,27 @@ def test_an_rpc_without_a_final_reply_times_out_naming_the_job_and_the_intent() 
     job_id = new_job_id()
     with pytest.raises(Timeout, match=f"job {job_id} did not answer 'invoke' of 'slow' within 5.0 s"):
         rpc(job_id, Signal.of(Intent.INVOKE, method="slow"),
-            Script([Routed.DELIVERED], reply(PENDING.encode()), None))
+            Script(reply(PENDING.encode()), None))
 
 
 def test_a_refusal_comes_back_typed_and_an_undecodable_reply_says_so() -> None:
     refusal = Reply.failure(SignalRefused("cannot set 'x'")).encode()
     with pytest.raises(SignalRefused, match="cannot set 'x'"):
-        rpc(new_job_id(), Signal.of(Intent.SET, attrs={"x": 1}), Script([Routed.DELIVERED], reply(refusal)))
+        rpc(new_job_id(), Signal.of(Intent.SET, attrs={"x": 1}), Script(reply(refusal)))
     with pytest.raises(DecodeError, match="undecodable reply"):
         rpc(new_job_id(), Signal.of(Intent.STATUS),
-            Script([Routed.DELIVERED], Incoming(b"\x80", "application/json")))
+            Script(Incoming(b"\x80", "application/json")))
 
 
 def test_the_jobs_query_gathers_every_answer() -> None:
     answers = [reply({"result": {"worker": {"pid": n}, "jobs": [{"job_id": f"j{n}"}]}}) for n in (1, 2)]
-    script = Script([Routed.DELIVERED], [*answers, reply({"exception": "x"})])
+    script = Script(answers[0], [answers[1], reply({"exception": "x"})])
     jobs = calls.drive(calls.jobs_query(timeout=0.5, max_bytes=10_000), script)
     assert jobs == [{"job_id": "j1", "worker": {"pid": 1}}, {"job_id": "j2", "worker": {"pid": 2}}]
-    assert isinstance(script.commands[1], Gather) and script.commands[1].seconds == 0.5
-    assert calls.drive(calls.jobs_query(timeout=0.5, max_bytes=10_000), Script([Routed.NO_EXCHANGE])) == []
+    assert isinstance(script.commands[1], Gather) and 0 < script.commands[1].seconds <= 0.5
+    # No worker there (returned), none ever (no exchange), none answering: nothing, at once.
+    for first in (Routed.RETURNED, Routed.NO_EXCHANGE, None):
+        assert calls.drive(calls.jobs_query(timeout=0.5, max_bytes=10_000), Script(first)) == []
 
 
 def test_launches_are_persistent_mandatory_and_a_returned_one_is_an_error() -> None:

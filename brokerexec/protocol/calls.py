@@ -1,9 +1,10 @@
 """What a client does on the wire, decided once and free of I/O ("sans-I/O", as h11 does).
 
-A *call* is a generator. It yields commands — :class:`Publish` these messages, wait for the
-:class:`NextReply`, :class:`Gather` replies for a while — and is sent back what happened:
-whether the broker routed a message, the reply that came (or None on time-out). It returns
-the answer, or raises brokerexec's error. The blocking adapter (``transport/pika_client.py``)
+A *call* is a generator. It yields commands — :class:`Publish` these messages (confirmed),
+send a :class:`Request` and wait for what comes back first, wait for the :class:`NextReply`,
+:class:`Gather` replies for a while — and is sent back what happened: whether the broker
+routed a message, the reply that came (or None on time-out). It returns the answer, or
+raises brokerexec's error. The blocking adapter (``transport/pika_client.py``)
 and the asyncio adapter (``transport/amqp_client.py``) drive the same calls and differ only
 in how bytes move. :class:`RecordSearch` is the same idea for reading the records stream,
 which is fed messages as they come rather than asked for them.
@@ -16,7 +17,8 @@ The decisions that live here, and only here:
   no worker runs it: :class:`~brokerexec.JobNotFound`;
 * an RPC skips any number of ``pending`` replies; a reply's error is raised typed;
 * kiwipy's exchange missing (``NOT_FOUND``) means no worker has ever run on the broker;
-* the ``jobs`` query gathers every worker's answer for as long as the caller waits;
+* the ``jobs`` query gathers every worker's answer for as long as the caller waits (and
+  returns at once when no worker is there to answer);
 * a record is read from the stream from its job's launch time; without waiting, a probe
   appended to the stream marks where to stop.
 """
@@ -53,7 +55,7 @@ from .names import (
 )
 from .replies import Reply
 
-__all__ = ["Call", "Gather", "Incoming", "Message", "NextReply", "Publish", "RecordSearch",
+__all__ = ["Call", "Gather", "Incoming", "Message", "NextReply", "Publish", "RecordSearch", "Request",
            "Routed", "control", "drive", "drive_async", "jobs_query", "launches", "rpc"]
 
 T = TypeVar("T")
@@ -106,6 +108,20 @@ class Publish:
 
 
 @dataclass(frozen=True)
+class Request:
+    """Publish ``message`` (mandatory) and wait up to ``seconds`` for what comes back first.
+
+    Answered with the first reply (:class:`Incoming`), ``Routed.RETURNED`` (no queue took
+    it), ``Routed.NO_EXCHANGE``, or None (nothing within ``seconds``). The reply, or the
+    return, is the broker's answer: a request needs no publisher confirm, which saves a
+    round trip on the way to the reply.
+    """
+
+    message: Message
+    seconds: float | None
+
+
+@dataclass(frozen=True)
 class NextReply:
     """Wait up to ``seconds`` (None: forever) for the next reply with ``correlation_id``;
     answered with the :class:`Incoming` reply, or None on time-out."""
@@ -122,7 +138,7 @@ class Gather:
     seconds: float
 
 
-Command = Publish | NextReply | Gather
+Command = Publish | Request | NextReply | Gather
 #: A call: yields commands, is sent their outcomes, returns the answer.
 Call = Generator[Command, Any, T]
 
@@ -155,22 +171,16 @@ def rpc(job_id: str, signal: Signal, *, timeout: float, locate_timeout: float, m
     """
     correlation_id = correlation_id or uuid.uuid4().hex
     request = _request(KIWIPY_EXCHANGE, rpc_routing_key(job_id), signal.encode(), correlation_id)
-    (routed,) = yield Publish([request], mandatory=True)
-    if routed is Routed.NO_EXCHANGE:
+    incoming = yield Request(request, timeout)
+    if incoming is Routed.NO_EXCHANGE:
         raise JobNotFound(f"no worker holds job {job_id}: no worker has run on this broker yet")
-    if routed is Routed.RETURNED:  # not claimed (yet): ask every worker
-        not_found = JobNotFound(f"no worker holds job {job_id} (it ended, is still queued, "
-                                "or never existed)")
+    if incoming is Routed.RETURNED:  # not claimed (yet): ask every worker
         headers = {JOB_ID_HEADER: job_id, DEADLINE_MS_HEADER: deadline_ms(locate_timeout)}
-        (located,) = yield Publish([replace(request, exchange=WORKERS_EXCHANGE, routing_key="",
-                                            headers=headers)], mandatory=True)
-        if located is not Routed.DELIVERED:
-            raise not_found  # no worker at all
-        incoming = yield NextReply(correlation_id, locate_timeout + LOCATE_SLACK)
-        if incoming is None:
-            raise not_found
-    else:
-        incoming = yield NextReply(correlation_id, timeout)
+        incoming = yield Request(replace(request, exchange=WORKERS_EXCHANGE, routing_key="",
+                                         headers=headers), locate_timeout + LOCATE_SLACK)
+        if not isinstance(incoming, Incoming):  # no worker at all, or none owned up in time
+            raise JobNotFound(f"no worker holds job {job_id} (it ended, is still queued, "
+                              "or never existed)")
     deadline = clock() + timeout
     reply = None if incoming is None else read_reply(incoming, max_bytes)
     while reply is not None and reply.pending:
@@ -181,16 +191,18 @@ def rpc(job_id: str, signal: Signal, *, timeout: float, locate_timeout: float, m
     return reply.outcome()
 
 
-def jobs_query(*, timeout: float, max_bytes: int,
-               correlation_id: str | None = None) -> Call[list[dict[str, Any]]]:
+def jobs_query(*, timeout: float, max_bytes: int, correlation_id: str | None = None,
+               clock: Callable[[], float] = time.monotonic) -> Call[list[dict[str, Any]]]:
     """Summaries of the jobs every worker runs, gathered for ``timeout`` seconds."""
     correlation_id = correlation_id or uuid.uuid4().hex
-    (routed,) = yield Publish([_request(WORKERS_EXCHANGE, "", JobsQuery().encode(), correlation_id)])
-    if routed is Routed.NO_EXCHANGE:
-        return []  # no worker has ever declared the exchange
+    started = clock()
+    first = yield Request(_request(WORKERS_EXCHANGE, "", JobsQuery().encode(), correlation_id), timeout)
+    if not isinstance(first, Incoming):
+        return []  # no worker is there (or has ever run), or none answered in time
     # Every worker answers once; their number is unknown, so gather for `timeout`.
     jobs: list[dict[str, Any]] = []
-    for incoming in (yield Gather(correlation_id, timeout)):
+    rest = yield Gather(correlation_id, max(timeout - (clock() - started), 0.0))
+    for incoming in [first, *rest]:
         reply = read_reply(incoming, max_bytes)
         if reply.error is None and isinstance(reply.value, dict):
             jobs.extend(WorkerJobs.decode(reply.value).jobs)

@@ -31,7 +31,7 @@ from .. import codec
 from ..constants import DEFAULT_LOCATE_TIMEOUT
 from ..errors import BrokerConnectionError, DecodeError
 from ..protocol import calls
-from ..protocol.calls import Gather, Incoming, NextReply, Publish, Routed
+from ..protocol.calls import Gather, Incoming, NextReply, Publish, Request, Routed
 from ..protocol.events import Event
 from ..protocol.messages import Control, Launch, Signal
 from ..protocol.names import DIRECT_REPLY_TO, EVENTS_EXCHANGE
@@ -125,22 +125,31 @@ class RabbitClientTransport(AsyncClientTransport):
     async def _run(self, call: calls.Call[T], what: str) -> T:
         correlation_ids: list[str] = []
 
+        async def next_reply(correlation_id: str, seconds: float | None) -> Incoming | None:
+            inbox, replied = self._replies[correlation_id], self._replied[correlation_id]
+            if not inbox:
+                replied.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(replied.wait(), seconds)
+            return inbox.popleft() if inbox else None
+
         async def act(command: Any) -> Any:
             if isinstance(command, Publish):
-                for message in command.messages:
-                    if message.correlation_id and message.correlation_id not in self._replies:
-                        self._replies[message.correlation_id] = deque()
-                        self._replied[message.correlation_id] = asyncio.Event()
-                        correlation_ids.append(message.correlation_id)
                 return await asyncio.gather(*(self._publish(message, command.mandatory)
                                               for message in command.messages))
-            inbox, replied = self._replies[command.correlation_id], self._replied[command.correlation_id]
+            if isinstance(command, Request):
+                correlation_id = command.message.correlation_id or ""
+                if correlation_id not in self._replies:
+                    self._replies[correlation_id] = deque()
+                    self._replied[correlation_id] = asyncio.Event()
+                    correlation_ids.append(correlation_id)
+                # Confirmed here: aio-pika tells a return only to a confirm-mode channel.
+                routed = await self._publish(command.message, mandatory=True)
+                return routed if routed is not Routed.DELIVERED else await next_reply(
+                    correlation_id, command.seconds)
             if isinstance(command, NextReply):
-                if not inbox:
-                    replied.clear()
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(replied.wait(), command.seconds)
-                return inbox.popleft() if inbox else None
+                return await next_reply(command.correlation_id, command.seconds)
+            inbox = self._replies[command.correlation_id]
             assert isinstance(command, Gather)
             await asyncio.sleep(command.seconds)
             gathered = list(inbox)

@@ -68,6 +68,13 @@ class Outgoing:
         return cls(exchange, routing_key, body,
                    spec.Basic.Properties(content_type="application/json", **properties))
 
+    @classmethod
+    def reply(cls, reply_to: str, body: bytes, content_type: str, correlation_id: str) -> Outgoing:
+        """A reply to a request: by the default exchange, to its ``reply_to`` (kiwipy's reply
+        queues and RabbitMQ's direct reply-to alike)."""
+        return cls("", reply_to, body, spec.Basic.Properties(
+            content_type=content_type, correlation_id=correlation_id, delivery_mode=1))
+
     def frames(self, channel_number: int, max_content: int) -> list[bytes]:
         """This publish as marshalled AMQP frames (method, header, body in pieces)."""
         frames = [pamqp.frame.marshal(spec.Basic.Publish(exchange=self.exchange,

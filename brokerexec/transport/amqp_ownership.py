@@ -29,10 +29,12 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import aio_pika.abc
+import aiormq.abc
 import aiormq.exceptions
 
 from .. import codec
@@ -58,7 +60,7 @@ log = logging.getLogger(__name__)
 ENDED_KEPT = 10_000
 
 #: Delivers one RPC message to a claimed job (the signal server's).
-DeliverRpc = Callable[[str, aio_pika.abc.AbstractIncomingMessage], Awaitable[None]]
+DeliverRpc = Callable[[str, aiormq.abc.DeliveredMessage], Coroutine[Any, Any, None]]
 #: Aborts this worker's copy of a job, silently (the worker's hooks).
 AbortCopy = Callable[[str, str], None]
 
@@ -175,7 +177,10 @@ class Ownership:
                                                 arguments=dict(topology.RPC_QUEUE_ARGUMENTS))
             exchange = await channel.get_exchange(KIWIPY_EXCHANGE, ensure=False)
             await queue.bind(exchange, rpc_routing_key(job_id))
-            await queue.consume(lambda message: self._deliver_rpc(job_id, message), no_ack=True)
+            # Consumed through aiormq's own basic_consume: one task per message, not two.
+            underlay = await channel.get_underlay_channel()
+            await underlay.basic_consume(queue.name, lambda message: self._deliver_rpc(job_id, message),
+                                         no_ack=True)
 
         await self.connection.wait_connected()
         try:

@@ -14,16 +14,18 @@ one, a log line), never the worker's end.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures as cf
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import aio_pika
 import aio_pika.abc
+import aiormq.abc
 
 from .. import codec
 from ..errors import BrokerExecError, DecodeError
@@ -39,16 +41,40 @@ from ..protocol.names import (
     expired,
 )
 from ..protocol.replies import PENDING, Reply
-from .amqp_connection import AmqpConnection
+from .amqp_connection import AmqpConnection, Outgoing
 from .amqp_ownership import Ownership
 from .base import WorkerHooks
 
-__all__ = ["SignalServer"]
+__all__ = ["Request", "SignalServer"]
 
 log = logging.getLogger(__name__)
 
 #: How many (reply_to, correlation_id) pairs, and control message ids, are remembered.
 _RECENT = 4096
+
+
+@dataclass(frozen=True)
+class Request:
+    """An incoming request as the signal server reads it, whichever consumer delivered it."""
+
+    body: bytes
+    content_type: str | None
+    reply_to: str | None
+    correlation_id: str
+    headers: Mapping[str, Any] | None
+
+    @classmethod
+    def of_aiormq(cls, message: aiormq.abc.DeliveredMessage) -> Request:
+        """From aiormq's delivery: the job queues consume there, without aio-pika's wrapper
+        and its task per message (the RPC round trip feels both)."""
+        props = message.header.properties
+        return cls(message.body, props.content_type, props.reply_to, props.correlation_id or "",
+                   props.headers)
+
+    @classmethod
+    def of_aio_pika(cls, message: aio_pika.abc.AbstractIncomingMessage) -> Request:
+        return cls(message.body, message.content_type, message.reply_to,
+                   message.correlation_id or "", message.headers)
 
 
 class SignalServer:
@@ -78,10 +104,10 @@ class SignalServer:
 
     # ---- RPC -------------------------------------------------------------------------------
 
-    async def deliver_rpc(self, job_id: str, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    def deliver_rpc(self, job_id: str, message: Request) -> None:
         """Answer one RPC to job ``job_id``: "pending" first if the answer comes later."""
         assert self.hooks is not None
-        reply_to, correlation_id = message.reply_to, message.correlation_id or ""
+        reply_to, correlation_id = message.reply_to, message.correlation_id
         if not reply_to:
             log.warning("RPC to job %s without reply_to: dropped, nothing executed", job_id)
             return
@@ -97,35 +123,29 @@ class SignalServer:
         except Exception as exc:
             if not isinstance(exc, BrokerExecError):
                 log.info("RPC to job %s failed: %r", job_id, exc)
-            await self._reply(reply_to, correlation_id, Reply.failure(exc), fmt)
+            self._reply(reply_to, correlation_id, Reply.failure(exc), fmt)
             return
         if not isinstance(answer, cf.Future):
-            await self._reply(reply_to, correlation_id, Reply.result(answer), fmt)
+            self._reply(reply_to, correlation_id, Reply.result(answer), fmt)
             return
-        await self._reply(reply_to, correlation_id, PENDING, fmt)
-        loop = asyncio.get_running_loop()
+        self._reply(reply_to, correlation_id, PENDING, fmt)
 
         def answered(done: cf.Future[Any]) -> None:  # on the computation (or any) thread
             error = done.exception()
             reply = Reply.failure(error) if error is not None else Reply.result(done.result())
-            loop.call_soon_threadsafe(self.connection.spawn,
-                                      self._reply(reply_to, correlation_id, reply, fmt))
+            self._reply(reply_to, correlation_id, reply, fmt)  # the outbox takes any thread's
 
         answer.add_done_callback(answered)
 
-    async def _reply(self, reply_to: str, correlation_id: str, reply: Reply, fmt: str) -> None:
+    def _reply(self, reply_to: str, correlation_id: str, reply: Reply, fmt: str) -> None:
         try:
             encoded = codec.encode(reply.encode(), fmt)
         except ValueError as exc:
             encoded = codec.encode(Reply.failure(exc).encode(), fmt)
-        message = aio_pika.Message(encoded, content_type=codec.content_type_for(fmt),
-                                   correlation_id=correlation_id)
-        try:
-            # Replies go through the default exchange: that reaches kiwipy's reply queues
-            # and RabbitMQ's direct reply-to alike.
-            await self.connection.publish("", reply_to, message, timeout=10)
-        except Exception as exc:
-            log.warning("reply to %s lost: %r", reply_to, exc)
+        # With the outbox's next batch, unconfirmed: a reply is its own acknowledgement, and
+        # one lost with a connection leaves its caller to its time-out either way.
+        self.connection.post(Outgoing.reply(reply_to, encoded, codec.content_type_for(fmt),
+                                            correlation_id))
 
     def _seen_before(self, reply_to: str, correlation_id: str) -> bool:
         if not correlation_id:
@@ -219,22 +239,22 @@ class SignalServer:
             # An RPC its sender could not route: the job may be one of ours not claimed yet.
             # Only the worker that runs it answers (after claiming it); the others are silent.
             if not expired(message.headers) and await self.ownership.locate(job_id):
-                await self.deliver_rpc(job_id, message)
+                self.deliver_rpc(job_id, Request.of_aio_pika(message))
             return
         if not message.reply_to:
             return
         try:
             body, fmt = codec.decode_object(message.body, message.content_type, max_bytes=self._max_bytes)
         except DecodeError as exc:
-            await self._reply(message.reply_to, message.correlation_id or "", Reply.failure(exc), "json")
+            self._reply(message.reply_to, message.correlation_id or "", Reply.failure(exc), "json")
             return
         if not JobsQuery.is_query(body):
             refusal = DecodeError(f"the workers exchange takes the jobs query or an RPC with an "
                                   f"{JOB_ID_HEADER} header; got {body.get('intent')!r}")
-            await self._reply(message.reply_to, message.correlation_id or "", Reply.failure(refusal), fmt)
+            self._reply(message.reply_to, message.correlation_id or "", Reply.failure(refusal), fmt)
             return
         answer = WorkerJobs(self.host_info, [job.encode() for job in self.hooks.describe_jobs()])
-        await self._reply(message.reply_to, message.correlation_id or "", Reply.result(answer.encode()), fmt)
+        self._reply(message.reply_to, message.correlation_id or "", Reply.result(answer.encode()), fmt)
 
 
 def _remember(recent: OrderedDict[Any, None], key: Any) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 from typing import Any
 
-import aio_pika.abc
+import aiormq.abc
 
 from .. import codec
 from ..constants import DEFAULT_CLAIM_AFTER
@@ -33,7 +33,7 @@ from .amqp_connection import AmqpConnection, ConnectionSettings, Outgoing
 from .amqp_declare import declare_all
 from .amqp_intake import LaunchIntake
 from .amqp_ownership import Ownership
-from .amqp_signal_server import SignalServer
+from .amqp_signal_server import Request, SignalServer
 from .base import WorkerHooks, WorkerTransport
 
 __all__ = ["RabbitWorkerTransport"]
@@ -110,8 +110,8 @@ class RabbitWorkerTransport(WorkerTransport):
 
     # ---- wiring ----------------------------------------------------------------------------
 
-    async def _deliver_rpc(self, job_id: str, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        await self.signals.deliver_rpc(job_id, message)
+    async def _deliver_rpc(self, job_id: str, message: aiormq.abc.DeliveredMessage) -> None:
+        self.signals.deliver_rpc(job_id, Request.of_aiormq(message))
 
     def _abort_copy(self, job_id: str, reason: str) -> None:
         assert self.hooks is not None

@@ -2,8 +2,11 @@
 
 pika is not thread-safe, so each calling thread of a
 :class:`~.pika_client.PikaClientTransport` gets a :class:`Caller` of its own: a
-``BlockingConnection`` and one channel in confirm mode that also consumes RabbitMQ's
-direct reply-to, used only while a call runs. :meth:`Caller.run` drives a call of
+``BlockingConnection`` used only while a call runs, with two channels. Requests (RPCs, the
+``jobs`` query) go on one that consumes RabbitMQ's direct reply-to, without publisher
+confirms: the reply, or the return of an unroutable request, is the broker's answer, and
+waiting for a confirm first would cost a round trip. Launches and control messages, which
+must be stored, go on a channel in confirm mode. :meth:`Caller.run` drives a call of
 :mod:`brokerexec.protocol.calls`; :meth:`Caller.find_record` a
 :class:`~brokerexec.protocol.calls.RecordSearch`. Every pika error becomes one of ours:
 connection trouble :class:`Lost` (a :class:`~brokerexec.BrokerConnectionError`), a refusal
@@ -25,7 +28,7 @@ import pika.exceptions
 
 from ..errors import BrokerConnectionError, BrokerExecError
 from ..protocol import calls, topology
-from ..protocol.calls import Call, Gather, Incoming, NextReply, Publish, RecordSearch, Routed
+from ..protocol.calls import Call, Gather, Incoming, NextReply, Publish, RecordSearch, Request, Routed
 from ..protocol.names import DIRECT_REPLY_TO, LAUNCH_QUEUE, RESULTS_STREAM
 from .base import redacted_url
 from .pika_internals import join_frame_writes
@@ -69,16 +72,24 @@ class Caller:
                 f"cannot reach the broker at {redacted_url(url)}: {_reason(exc)}") from exc
         join_frame_writes(self.connection)
         self.owner = threading.current_thread()
-        self._channel: Any = None
+        self._requests: Any = None  # no confirms; consumes direct reply-to
+        self._confirming: Any = None  # confirm mode, for what must be stored
         self._declared: set[str] = set()  # objects declared on this connection
         self._replies: dict[str, deque[Incoming]] = {}
+        self._returned: set[str] = set()  # correlation ids of requests that came back
+        self._idle_since = time.monotonic()
+
+    #: A connection idle this long is checked before a call: one the broker closed
+    #: meanwhile is then noticed before anything is sent on it.
+    IDLE_CHECK = 1.0
 
     @property
     def alive(self) -> bool:
-        """False once the connection is known broken; a connection the broker closed while
-        idle is noticed here, before anything is sent on it."""
+        """False once the connection is known broken."""
         if not self.connection.is_open:
             return False
+        if time.monotonic() - self._idle_since < self.IDLE_CHECK:
+            return True  # pumped a moment ago: a close sent before then was seen
         try:
             self.connection.process_data_events(time_limit=0)
         except _LOST:
@@ -93,30 +104,42 @@ class Caller:
         except BrokerExecError:
             raise  # ours already (a Timeout is an OSError too)
         except pika.exceptions.ChannelClosedByBroker as exc:
-            self._channel = None
+            self._confirming = None
             raise BrokerExecError(f"the broker refused: {exc.reply_code} {exc.reply_text}") from exc
         except pika.exceptions.NackError as exc:
             raise BrokerConnectionError("the broker did not accept the message (nack)") from exc
         except _LOST as exc:
             raise Lost(f"lost the connection to {redacted_url(self.url)}: {_reason(exc)}") from exc
 
-    def channel(self) -> Any:
-        """The channel, (re)opened after the broker closed it: confirms on, replies consumed.
+    def requests(self) -> Any:
+        """The request channel, (re)opened after the broker closed it.
 
         Direct reply-to only works on the channel that consumes it, so every request goes
         through this one channel.
         """
-        if self._channel is None or not self._channel.is_open:
+        if self._requests is None or not self._requests.is_open:
+            channel = self.connection.channel()
+            channel.basic_consume(DIRECT_REPLY_TO, self._on_reply, auto_ack=True)
+            channel.add_on_return_callback(self._on_return)
+            self._requests = channel
+        return self._requests
+
+    def confirming(self) -> Any:
+        """The confirm-mode channel, (re)opened after the broker closed it."""
+        if self._confirming is None or not self._confirming.is_open:
             channel = self.connection.channel()
             channel.confirm_delivery()
-            channel.basic_consume(DIRECT_REPLY_TO, self._on_reply, auto_ack=True)
-            self._channel = channel
-        return self._channel
+            self._confirming = channel
+        return self._confirming
 
     def _on_reply(self, _ch: Any, _method: Any, props: pika.BasicProperties, body: bytes) -> None:
         waiting = self._replies.get(props.correlation_id or "")
         if waiting is not None:  # else a late reply to something we gave up on
             waiting.append(Incoming(body, props.content_type))
+
+    def _on_return(self, _ch: Any, _method: Any, props: pika.BasicProperties, _body: bytes) -> None:
+        if props.correlation_id in self._replies:
+            self._returned.add(props.correlation_id)
 
     def pump(self, until: Callable[[], bool], timeout: float | None) -> bool:
         """Pump the connection until ``until()`` or the time-out; True if it came true."""
@@ -126,6 +149,7 @@ class Caller:
             if remaining is not None and remaining <= 0:
                 return False
             self.connection.process_data_events(time_limit=min(0.05, remaining or 0.05))
+        self._idle_since = time.monotonic()
         return True
 
     # ---- running a call ----------------------------------------------------------------------
@@ -136,11 +160,12 @@ class Caller:
 
         def act(command: Any) -> Any:
             if isinstance(command, Publish):
-                for message in command.messages:
-                    if message.correlation_id and message.correlation_id not in self._replies:
-                        self._replies[message.correlation_id] = deque()
-                        correlation_ids.append(message.correlation_id)
                 return [self._publish(message, command.mandatory) for message in command.messages]
+            if isinstance(command, Request):
+                if command.message.correlation_id not in self._replies:
+                    self._replies[command.message.correlation_id or ""] = deque()
+                    correlation_ids.append(command.message.correlation_id or "")
+                return self._request(command)
             inbox = self._replies.setdefault(command.correlation_id, deque())
             if isinstance(command, NextReply):
                 self.pump(lambda: bool(inbox), command.seconds)
@@ -157,24 +182,52 @@ class Caller:
         finally:
             for correlation_id in correlation_ids:
                 self._replies.pop(correlation_id, None)
+                self._returned.discard(correlation_id)
 
     def _publish(self, message: calls.Message, mandatory: bool) -> Routed:
-        properties = pika.BasicProperties(
-            content_type=message.content_type, delivery_mode=2 if message.persistent else 1,
-            correlation_id=message.correlation_id, reply_to=message.reply_to,
-            message_id=message.message_id, type=message.type,
-            headers=dict(message.headers) if message.headers else None)
+        """A confirmed publish (launches, control)."""
         try:
-            self.channel().basic_publish(message.exchange, message.routing_key, message.body,
-                                         properties, mandatory=mandatory)
+            self.confirming().basic_publish(message.exchange, message.routing_key, message.body,
+                                            _properties(message), mandatory=mandatory)
         except pika.exceptions.UnroutableError:
             return Routed.RETURNED
         except pika.exceptions.ChannelClosedByBroker as exc:
             if exc.reply_code != _NOT_FOUND:
                 raise
-            self._channel = None
+            self._confirming = None
             return Routed.NO_EXCHANGE
         return Routed.DELIVERED
+
+    def _request(self, command: Request) -> Incoming | Routed | None:
+        """Publish a request (mandatory, unconfirmed); wait for its reply or its return."""
+        message, correlation_id = command.message, command.message.correlation_id or ""
+        inbox, channel = self._replies[correlation_id], self.requests()
+        self._returned.discard(correlation_id)  # a locate resends what came back just now
+        channel.basic_publish(message.exchange, message.routing_key, message.body,
+                              _properties(message), mandatory=True)
+        self.pump(lambda: bool(inbox) or correlation_id in self._returned or not channel.is_open,
+                  command.seconds)
+        if inbox:
+            return inbox.popleft()
+        if correlation_id in self._returned:
+            return Routed.RETURNED
+        if not channel.is_open:  # the broker closed it: the exchange is missing, or a refusal
+            return self._why_closed(message.exchange)
+        return None
+
+    def _why_closed(self, exchange: str) -> Routed:
+        """The request channel was closed by the broker after a publish to ``exchange``:
+        NO_EXCHANGE if that exchange does not exist; else the refusal, raised."""
+        probe = self.connection.channel()
+        try:
+            probe.exchange_declare(exchange, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == _NOT_FOUND:
+                return Routed.NO_EXCHANGE
+            raise
+        with contextlib.suppress(*_LOST, pika.exceptions.AMQPError):
+            probe.close()
+        raise BrokerExecError(f"the broker closed the channel of a request to {exchange!r}")
 
     # ---- declarations ------------------------------------------------------------------------
 
@@ -183,7 +236,7 @@ class Caller:
         if spec.name in self._declared:
             return
         with self.errors():
-            channel = self.channel()
+            channel = self.confirming()
             for exchange in topology.EXCHANGES:
                 if exchange.name in spec.bound_to:
                     channel.exchange_declare(exchange.name, exchange.kind, durable=exchange.durable)
@@ -194,8 +247,8 @@ class Caller:
                     raise
                 # Made by an older version: used as it is (amqp_declare.py does the same).
                 log.warning(topology.OLD_LAUNCH_QUEUE_WARNING, LAUNCH_QUEUE, LAUNCH_QUEUE)
-                self._channel = None
-                channel = self.channel()
+                self._confirming = None
+                channel = self.confirming()
             for exchange_name in spec.bound_to:
                 channel.queue_bind(spec.name, exchange_name, "")
         self._declared.add(spec.name)
@@ -236,3 +289,11 @@ class Caller:
         with contextlib.suppress(*_LOST, pika.exceptions.AMQPError):
             if self.connection.is_open:
                 self.connection.close()
+
+
+def _properties(message: calls.Message) -> pika.BasicProperties:
+    return pika.BasicProperties(
+        content_type=message.content_type, delivery_mode=2 if message.persistent else 1,
+        correlation_id=message.correlation_id, reply_to=message.reply_to,
+        message_id=message.message_id, type=message.type,
+        headers=dict(message.headers) if message.headers else None)
