@@ -25,7 +25,8 @@ import aiormq
 import aiormq.abc
 from pamqp import commands as spec
 
-__all__ = ["expect_confirm", "frame_limits", "publish_public", "supported", "write_frames"]
+__all__ = ["expect_confirm", "frame_limits", "publish_public", "supported", "write_frames",
+           "write_now"]
 
 _NEEDED = ("write_queue", "delivery_tag", "confirmations", "create_future", "number",
            "max_content_size")
@@ -60,6 +61,16 @@ async def write_frames(channel: Any, payload: bytes, timeout: float = 30) -> Non
     if not drained.done():
         drained.cancel()
         raise ConnectionError("the connection ended before the batch was written")
+
+
+def write_now(channel: Any, payload: bytes) -> bool:
+    """Hand ``payload`` to the writer without waiting for the socket (fire and forget);
+    False if the writer's queue is full (the caller then waits its turn instead)."""
+    try:
+        channel.write_queue.put_nowait(aiormq.abc.ChannelFrame(payload=payload, should_close=False))
+    except asyncio.QueueFull:
+        return False
+    return True
 
 
 def expect_confirm(channel: Any) -> asyncio.Future[Any]:

@@ -308,6 +308,14 @@ class AmqpConnection:
         """Queue a fire-and-forget publish; ordered, kept across reconnects (any thread)."""
         self.outbox.post(item)
 
+    def send(self, item: Outgoing) -> None:
+        """A fire-and-forget publish written at once when it can be (from the loop thread),
+        else posted: for replies, which someone waits for (any thread)."""
+        if self.on_loop_thread():
+            self.outbox.send_now(item, self._live_outbox_channels())
+        else:
+            self.outbox.post(item)
+
     def ack(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         """Acknowledge a delivery with the outbox's next batch (loop thread); void if its
         channel has closed since (the delivery went back to its queue)."""

@@ -135,6 +135,19 @@ class Outbox:
             self._post_scheduled = True
         self._loop.call_soon_threadsafe(self._take_posted)
 
+    def send_now(self, item: Outgoing, channels: Channels | None) -> None:
+        """Write ``item`` to the socket at once if nothing waits before it (loop thread): a
+        reply, which its caller is waiting for, skips the wait for the next batch. Else, or
+        while the outbox's channel is not open, it is posted."""
+        channel = channels[0] if channels is not None else None
+        if (channel is None or channel.is_closed or self._messages or self._posted
+                or not internals.supported(channel)):
+            self.post(item)
+            return
+        number, max_content = internals.frame_limits(channel)
+        if not internals.write_now(channel, b"".join(item.frames(number, max_content))):
+            self.post(item)
+
     def publish_confirmed(self, item: Outgoing) -> asyncio.Future[None]:
         """Publish with the next batch on the confirm channel (loop thread); the future
         completes on the broker's confirm, or fails (``BrokerConnectionError``, or

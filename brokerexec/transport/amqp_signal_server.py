@@ -142,9 +142,9 @@ class SignalServer:
             encoded = codec.encode(reply.encode(), fmt)
         except ValueError as exc:
             encoded = codec.encode(Reply.failure(exc).encode(), fmt)
-        # With the outbox's next batch, unconfirmed: a reply is its own acknowledgement, and
-        # one lost with a connection leaves its caller to its time-out either way.
-        self.connection.post(Outgoing.reply(reply_to, encoded, codec.content_type_for(fmt),
+        # Unconfirmed, written at once: a reply is its own acknowledgement, and one lost with
+        # a connection leaves its caller to its time-out either way.
+        self.connection.send(Outgoing.reply(reply_to, encoded, codec.content_type_for(fmt),
                                             correlation_id))
 
     def _seen_before(self, reply_to: str, correlation_id: str) -> bool:

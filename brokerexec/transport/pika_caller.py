@@ -74,6 +74,8 @@ class Caller:
         self.owner = threading.current_thread()
         self._requests: Any = None  # no confirms; consumes direct reply-to
         self._confirming: Any = None  # confirm mode, for what must be stored
+        self._transacting: Any = None  # a transaction: many stored with one round trip
+        self._returned_ids: set[str] = set()  # message ids of a transaction's returns
         self._declared: set[str] = set()  # objects declared on this connection
         self._replies: dict[str, deque[Incoming]] = {}
         self._returned: set[str] = set()  # correlation ids of requests that came back
@@ -159,6 +161,8 @@ class Caller:
         correlation_ids: list[str] = []
 
         def act(command: Any) -> Any:
+            if isinstance(command, Publish) and len(command.messages) > 1:
+                return self._publish_together(command)
             if isinstance(command, Publish):
                 return [self._publish(message, command.mandatory) for message in command.messages]
             if isinstance(command, Request):
@@ -197,6 +201,35 @@ class Caller:
             self._confirming = None
             return Routed.NO_EXCHANGE
         return Routed.DELIVERED
+
+    def _publish_together(self, command: Publish) -> list[Routed]:
+        """Many publishes in flight together, with one round trip for all: a transaction.
+
+        pika's blocking channel waits for each confirm in turn; ``tx.commit`` answers once
+        every message of the transaction is stored (as a confirm would, for all at once).
+        Returns of mandatory messages arrive before the ``commit-ok``.
+        """
+        if self._transacting is None or not self._transacting.is_open:
+            channel = self.connection.channel()
+            channel.tx_select()
+            channel.add_on_return_callback(
+                lambda _ch, _m, props, _b: self._returned_ids.add(props.message_id or ""))
+            self._transacting = channel
+        channel = self._transacting
+        self._returned_ids.clear()
+        try:
+            for message in command.messages:
+                channel.basic_publish(message.exchange, message.routing_key, message.body,
+                                      _properties(message), mandatory=command.mandatory)
+            channel.tx_commit()
+            self.connection.process_data_events(time_limit=0)  # the returns, dispatched
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            self._transacting = None
+            if exc.reply_code != _NOT_FOUND:
+                raise
+            return [Routed.NO_EXCHANGE] * len(command.messages)
+        return [Routed.RETURNED if (m.message_id or "") in self._returned_ids else Routed.DELIVERED
+                for m in command.messages]
 
     def _request(self, command: Request) -> Incoming | Routed | None:
         """Publish a request (mandatory, unconfirmed); wait for its reply or its return."""
