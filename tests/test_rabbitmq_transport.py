@@ -753,3 +753,29 @@ def test_the_pinned_pika_has_the_internals_frame_joining_relies_on(amqp_url: str
         assert method is not None and body == b"x" * 300_000
     finally:
         connection.close()
+
+
+def test_a_record_found_early_in_a_long_stream_leaves_the_clients_connection_alone(
+        client: PikaClientTransport, raw: Raw) -> None:
+    # Given a record followed by thousands of others (more than a reader's prefetch)
+    from brokerexec.protocol import topology
+    from brokerexec.protocol.names import RECORD_TYPE, RESULTS_STREAM
+
+    raw.channel.queue_declare(RESULTS_STREAM, durable=True, arguments=dict(topology.RESULTS.arguments))
+    target = finished(new_job_id(), "early")
+    for record in [target, *(finished(new_job_id(), n) for n in range(3000))]:
+        properties = pika.BasicProperties(content_type="application/json", message_id=record.job_id,
+                                          type=RECORD_TYPE, delivery_mode=2)
+        raw.channel.basic_publish("", RESULTS_STREAM, json.dumps(record.encode()).encode(), properties)
+    # When it is looked up, with and without waiting
+    client.query_jobs(0.1)
+    connections = client.connections_made
+    started = time.monotonic()
+    assert client.fetch_result(target.job_id, 0) == target.encode()
+    assert client.fetch_result(target.job_id, 5) == target.encode()
+    assert time.monotonic() - started < 5
+    # Then the client's own connection is fine (a stream refuses the rejects pika sends for
+    # deliveries it still holds by closing the whole connection: not the caller's)
+    assert client.query_jobs(0.2) == []  # round trip on the same thread's connection
+    client.launch(launch_of(new_job_id(), "nobody-runs-this"))
+    assert client.connections_made == connections

@@ -30,9 +30,9 @@ async def find_record(connection: AmqpConnection, job_id: str,
         over: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         async def read(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            await message.ack()
             if over.done():
-                return
+                return  # not acknowledged: each ack would let the broker send more
+            await message.ack()
             try:
                 if search.feed(Incoming(message.body, message.content_type, message.message_id,
                                         message.type)):

@@ -65,6 +65,7 @@ class Caller:
     def __init__(self, parameters: pika.ConnectionParameters, url: str, max_bytes: int) -> None:
         self.url = url
         self.max_bytes = max_bytes
+        self._parameters = parameters
         try:
             self.connection = pika.BlockingConnection(parameters)
         except pika.exceptions.AMQPError as exc:
@@ -143,14 +144,15 @@ class Caller:
         if props.correlation_id in self._replies:
             self._returned.add(props.correlation_id)
 
-    def pump(self, until: Callable[[], bool], timeout: float | None) -> bool:
+    def pump(self, until: Callable[[], bool], timeout: float | None, connection: Any = None) -> bool:
         """Pump the connection until ``until()`` or the time-out; True if it came true."""
+        connection = connection or self.connection
         deadline = None if timeout is None else time.monotonic() + timeout
         while not until():
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return False
-            self.connection.process_data_events(time_limit=min(0.05, remaining or 0.05))
+            connection.process_data_events(time_limit=min(0.05, remaining or 0.05))
         self._idle_since = time.monotonic()
         return True
 
@@ -289,33 +291,43 @@ class Caller:
     # ---- the records stream ------------------------------------------------------------------
 
     def find_record(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
-        """Drive a :class:`RecordSearch` on a channel of its own (a missing stream closes it)."""
+        """Drive a :class:`RecordSearch`, on a connection of its own.
+
+        Of its own because of how pika ends a consumer: it rejects the deliveries it holds
+        but has not dispatched yet, and RabbitMQ answers a reject on a stream by closing the
+        whole connection (540 NOT_IMPLEMENTED). So the search's connection is closed with it,
+        and the caller's RPC connection never sees that. Once the search is over, nothing
+        more is acknowledged: each ack would let the broker send more, read in the same pass.
+        """
         search = RecordSearch(job_id, wait=timeout != 0)
 
         def read(ch: Any, method: Any, props: pika.BasicProperties, body: bytes) -> None:
-            ch.basic_ack(method.delivery_tag)
-            search.feed(Incoming(body, props.content_type, props.message_id, props.type))
+            if not search.done:
+                ch.basic_ack(method.delivery_tag)
+                search.feed(Incoming(body, props.content_type, props.message_id, props.type))
 
         with self.errors():
-            channel = self.connection.channel()
+            connection = pika.BlockingConnection(self._parameters)
             try:
-                channel.basic_qos(prefetch_count=search.PREFETCH)
-                channel.basic_consume(RESULTS_STREAM, read, arguments={"x-stream-offset": search.offset})
-            except pika.exceptions.ChannelClosedByBroker as exc:
-                if exc.reply_code == _NOT_FOUND:
-                    return None  # no worker or launch has ever declared it: no record
-                raise
-            try:
+                channel = connection.channel()
+                try:
+                    channel.basic_qos(prefetch_count=search.PREFETCH)
+                    channel.basic_consume(RESULTS_STREAM, read, arguments={"x-stream-offset": search.offset})
+                except pika.exceptions.ChannelClosedByBroker as exc:
+                    if exc.reply_code == _NOT_FOUND:
+                        return None  # no worker or launch has ever declared it: no record
+                    raise
                 if search.probe is not None:
                     probe = search.probe
                     channel.basic_publish(probe.exchange, probe.routing_key, probe.body,
                                           pika.BasicProperties(content_type=probe.content_type,
                                                                message_id=probe.message_id,
                                                                type=probe.type))
-                self.pump(lambda: search.done, None if search.probe is not None else timeout)
+                self.pump(lambda: search.done, None if search.probe is not None else timeout,
+                          connection)
             finally:
                 with contextlib.suppress(*_LOST, pika.exceptions.AMQPError):
-                    channel.close()
+                    connection.close()
         return search.record
 
     def close(self) -> None:

@@ -82,6 +82,8 @@ class PikaClientTransport(ClientTransport):
         self._local = threading.local()
         self._lock = threading.Lock()
         self._callers: list[Caller] = []
+        #: How many callers' connections were made (one per thread, and one per broken one).
+        self.connections_made = 0
         self.records = PushedRecords() if push_records else None
         self._listener: PikaListener | None = None
         self._caller()  # connect now: an unreachable broker fails here, fast
@@ -112,6 +114,7 @@ class PikaClientTransport(ClientTransport):
             self._local.caller = caller
             with self._lock:
                 self._callers.append(caller)
+                self.connections_made += 1
         return caller
 
     def _forget(self, caller: Caller) -> None:
