@@ -28,8 +28,8 @@ from .constants import DEFAULT_JOBS_TIMEOUT, DEFAULT_RPC_TIMEOUT, DEFAULT_URL
 from .errors import ConfigurationError, JobNotFound, Timeout
 from .job import event_patterns, quiet_ends, result_of, status_of_record
 from .protocol.events import Event
-from .protocol.intents import Intent
-from .protocol.messages import Launch, Signal
+from .protocol.intents import Intent, Signal
+from .protocol.messages import Launch
 from .protocol.names import check_name
 from .transport.base import AsyncClientTransport, Subscription
 

@@ -53,11 +53,11 @@ from .cli_output import (
     finish,
 )
 from .constants import DEFAULT_CLAIM_AFTER
-from .protocol.intents import Intent
 
 if TYPE_CHECKING:
     from .client import Client
     from .pool import PoolKind
+    from .protocol.intents import Intent
 
 __all__ = ["EXIT_ABORTED", "EXIT_BROKER", "EXIT_FAILED", "EXIT_NOT_FOUND", "EXIT_OK",
            "EXIT_TIMEOUT", "EXIT_USAGE", "cli", "main"]
@@ -262,6 +262,8 @@ def set_(job_id: str, assignments: tuple[str, ...], broker: str, as_json: bool) 
         if not sep or not key:
             fail(f"{item!r} is not key=value", EXIT_USAGE)
         attrs[key] = json_value(text)
+    from .protocol.intents import Intent
+
     emit(ask(broker, lambda client: _signal(client, job_id, Intent.SET, attrs=attrs)), as_json)
 
 
@@ -284,6 +286,8 @@ def invoke(job_id: str, method: str, arguments: str, broker: str, as_json: bool)
         fail("ARGUMENTS must be a JSON list (positional) or object (keywords), "
               f"not {type(parsed).__name__}", EXIT_USAGE)
     args, kwargs = (parsed, {}) if isinstance(parsed, list) else ([], parsed)
+    from .protocol.intents import Intent
+
     emit(ask(broker, lambda client: _signal(client, job_id, Intent.INVOKE, method=method, args=args,
                                             kwargs=kwargs)), as_json)
 

@@ -16,14 +16,14 @@ from urllib.parse import urlparse
 from .constants import DEFAULT_JOBS_TIMEOUT, DEFAULT_RPC_TIMEOUT, DEFAULT_URL
 from .errors import ConfigurationError
 from .job import Job
-from .protocol.events import Event
 from .protocol.intents import Intent
-from .protocol.messages import Control, Launch
 from .protocol.names import check_name
-from .transport.base import ClientTransport, Subscription
 
 if TYPE_CHECKING:
+    from .protocol.events import Event
+    from .protocol.messages import Control
     from .service import Service
+    from .transport.base import ClientTransport, Subscription
     from .transport.memory import MemoryBroker
     from .worker import Worker, WorkerSettings
 
@@ -86,6 +86,8 @@ class Client:
         A refusal (unknown service, invalid request) is reported by the worker as a failed
         job: :meth:`Job.result` raises it.
         """
+        from .protocol.messages import Launch  # messages: not for a one-shot `status`
+
         settings = handler_settings(progress_delta, checkpoint_delta, improved_delta)
         launch = Launch.new(name, request, job_id=job_id, settings=settings)
         self.transport.launch([launch])
@@ -99,6 +101,8 @@ class Client:
         Returns once the broker holds every launch; the launches are in flight together, so
         this is faster than :meth:`launch` in a loop, which waits for each launch in turn.
         """
+        from .protocol.messages import Launch
+
         settings = handler_settings(progress_delta, checkpoint_delta, improved_delta)
         launches = [Launch.new(name, request, settings=settings) for request in requests]
         self.transport.launch(launches)
@@ -166,6 +170,8 @@ def embedded(url: str, services: Iterable[type[Service]], concurrency: int,
 
 def control_message(intent: Intent, service: str | None) -> Control:
     """The control message of ``pause_all`` and friends, limited to jobs started before now."""
+    from .protocol.messages import Control
+
     return Control(intent, None if service is None else check_name("service name", service), time.time())
 
 

@@ -17,11 +17,12 @@ import json
 import math
 import re
 from itertools import accumulate
+from typing import Any
 
 from .constants import MAX_JSON_DEPTH, MAX_MESSAGE_BYTES
 from .errors import DecodeError, MessageTooLarge
 
-__all__ = ["JSON", "YAML", "content_type_for", "decode", "decode_object", "encode"]
+__all__ = ["JSON", "YAML", "content_type_for", "decode", "decode_object", "encode", "expect_object"]
 
 #: The content type brokerexec sends.
 JSON = "application/json"
@@ -140,6 +141,14 @@ def decode_object(body: bytes, content_type: str | None, *, max_bytes: int = MAX
         kind = "null" if value is None else type(value).__name__
         raise DecodeError(f"expected a JSON object, got {kind}")
     return value, codec
+
+
+def expect_object(body: object, what: str) -> dict[str, Any]:
+    """``body`` if it is a JSON object, else a ``DecodeError`` naming ``what`` it should be."""
+    if not isinstance(body, dict):
+        raise DecodeError(f"{what} must be a JSON object, got {type(body).__name__}")
+    return body
+
 
 
 def _media_type(content_type: str) -> str:

@@ -37,7 +37,7 @@ from .crossing import Crossing
 from .errors import InvalidState
 from .pool import WorkerPool
 from .pool import imap as pool_imap
-from .protocol.messages import Signal
+from .protocol.intents import Signal
 from .runner import THREADS, Runner
 from .service import Service
 from .signal_desk import HANDLER_SETTABLE, Intervals, SignalDesk, check_delta

@@ -7,14 +7,13 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .errors import JobAborted, JobNotFound, Timeout, error_from_wire
-from .protocol.events import Event
-from .protocol.intents import Intent
-from .protocol.messages import Signal
+from .protocol.intents import Intent, Signal
 from .protocol.names import job_events_pattern
-from .transport.base import Subscription
 
 if TYPE_CHECKING:
     from .client import Client
+    from .protocol.events import Event
+    from .transport.base import Subscription
 
 __all__ = ["Job", "event_patterns", "quiet_ends", "result_of", "status_of_record"]
 

@@ -27,8 +27,7 @@ from .constants import DEFAULT_CHECKPOINT_DELTA, DEFAULT_IMPROVED_DELTA, DEFAULT
 from .crossing import Crossing, Posted, resolved
 from .errors import SignalRefused
 from .ports import check_type
-from .protocol.intents import Answered, Intent
-from .protocol.messages import Signal
+from .protocol.intents import Answered, Intent, Signal
 from .service import Service, check_set, prepare_invoke
 from .states import JobState, StateMachine
 

@@ -26,8 +26,8 @@ from .errors import BrokerExecError, JobNotFound
 from .handler import HANDLER_SETTABLE, ServiceHandler, check_delta
 from .pool import PoolKind, WorkerPool
 from .protocol.events import Event
-from .protocol.intents import Intent
-from .protocol.messages import Control, JobSummary, Launch, Record, Signal
+from .protocol.intents import Intent, Signal
+from .protocol.messages import Control, JobSummary, Launch, Record
 from .registry import ServiceRegistry
 from .service import Service
 from .transport.base import PreparedJob, WorkerTransport

@@ -26,8 +26,8 @@ from brokerexec.errors import (
 from brokerexec.job import Job
 from brokerexec.protocol import calls
 from brokerexec.protocol.calls import Gather, Incoming, NextReply, RecordSearch, Request, Routed
-from brokerexec.protocol.intents import INTENTS, Answered, Intent, intent_for_subject
-from brokerexec.protocol.messages import Control, Launch, Record, Signal, WorkerJobs
+from brokerexec.protocol.intents import INTENTS, Answered, Intent, Signal, intent_for_subject
+from brokerexec.protocol.messages import Control, Launch, Record, WorkerJobs
 from brokerexec.protocol.names import (
     DEADLINE_MS_HEADER,
     JOB_ID_HEADER,

@@ -24,8 +24,8 @@ import yaml
 
 from brokerexec.errors import DecodeError, JobNotFound, RemoteError, Timeout
 from brokerexec.protocol.events import Event
-from brokerexec.protocol.intents import Intent
-from brokerexec.protocol.messages import Control, JobSummary, Launch, Record, Signal
+from brokerexec.protocol.intents import Intent, Signal
+from brokerexec.protocol.messages import Control, JobSummary, Launch, Record
 from brokerexec.protocol.names import (
     BROADCAST_TOPIC,
     DEAD_LETTER_EXCHANGE,

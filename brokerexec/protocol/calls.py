@@ -1,5 +1,7 @@
 """What a client does on the wire, decided once and free of I/O ("sans-I/O", as h11 does).
 
+The commands are named tuples: cheap to define, and imported by every one-shot CLI verb.
+
 A *call* is a generator. It yields commands — :class:`Publish` these messages (confirmed),
 send a :class:`Request` and wait for what comes back first, wait for the :class:`NextReply`,
 :class:`Gather` replies for a while — and is sent back what happened: whether the broker
@@ -29,13 +31,12 @@ import enum
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
-from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from .. import codec
 from ..errors import BrokerConnectionError, DecodeError, JobNotFound, Timeout
-from .messages import Control, JobsQuery, Launch, Signal, WorkerJobs
+from .intents import Signal
 from .names import (
     CONTROL_EXCHANGE,
     DEADLINE_MS_HEADER,
@@ -55,6 +56,9 @@ from .names import (
 )
 from .replies import Reply
 
+if TYPE_CHECKING:
+    from .messages import Control, Launch
+
 __all__ = ["Call", "Gather", "Incoming", "Message", "NextReply", "Publish", "RecordSearch", "Request",
            "Routed", "control", "drive", "drive_async", "jobs_query", "launches", "rpc"]
 
@@ -65,8 +69,7 @@ T = TypeVar("T")
 LOCATE_SLACK = 0.3
 
 
-@dataclass(frozen=True)
-class Message:
+class Message(NamedTuple):
     """An outgoing AMQP message, with the properties brokerexec uses."""
 
     exchange: str
@@ -81,8 +84,7 @@ class Message:
     content_type: str = JSON_CONTENT_TYPE
 
 
-@dataclass(frozen=True)
-class Incoming:
+class Incoming(NamedTuple):
     """A delivered message as a call sees it: body and the properties it reads."""
 
     body: bytes
@@ -99,16 +101,14 @@ class Routed(enum.Enum):
     NO_EXCHANGE = "no exchange"  # the exchange does not exist (NOT_FOUND)
 
 
-@dataclass(frozen=True)
-class Publish:
+class Publish(NamedTuple):
     """Publish ``messages`` (confirmed, in flight together); answered with a ``Routed`` each."""
 
     messages: Sequence[Message]
     mandatory: bool = False
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     """Publish ``message`` (mandatory) and wait up to ``seconds`` for what comes back first.
 
     Answered with the first reply (:class:`Incoming`), ``Routed.RETURNED`` (no queue took
@@ -121,8 +121,7 @@ class Request:
     seconds: float | None
 
 
-@dataclass(frozen=True)
-class NextReply:
+class NextReply(NamedTuple):
     """Wait up to ``seconds`` (None: forever) for the next reply with ``correlation_id``;
     answered with the :class:`Incoming` reply, or None on time-out."""
 
@@ -130,8 +129,7 @@ class NextReply:
     seconds: float | None
 
 
-@dataclass(frozen=True)
-class Gather:
+class Gather(NamedTuple):
     """Collect every reply with ``correlation_id`` for ``seconds``; answered with a list."""
 
     correlation_id: str
@@ -176,8 +174,8 @@ def rpc(job_id: str, signal: Signal, *, timeout: float, locate_timeout: float, m
         raise JobNotFound(f"no worker holds job {job_id}: no worker has run on this broker yet")
     if incoming is Routed.RETURNED:  # not claimed (yet): ask every worker
         headers = {JOB_ID_HEADER: job_id, DEADLINE_MS_HEADER: deadline_ms(locate_timeout)}
-        incoming = yield Request(replace(request, exchange=WORKERS_EXCHANGE, routing_key="",
-                                         headers=headers), locate_timeout + LOCATE_SLACK)
+        incoming = yield Request(request._replace(exchange=WORKERS_EXCHANGE, routing_key="",
+                                                  headers=headers), locate_timeout + LOCATE_SLACK)
         if not isinstance(incoming, Incoming):  # no worker at all, or none owned up in time
             raise JobNotFound(f"no worker holds job {job_id} (it ended, is still queued, "
                               "or never existed)")
@@ -194,6 +192,8 @@ def rpc(job_id: str, signal: Signal, *, timeout: float, locate_timeout: float, m
 def jobs_query(*, timeout: float, max_bytes: int, correlation_id: str | None = None,
                clock: Callable[[], float] = time.monotonic) -> Call[list[dict[str, Any]]]:
     """Summaries of the jobs every worker runs, gathered for ``timeout`` seconds."""
+    from .messages import JobsQuery, WorkerJobs  # a status needs neither: one-shot verbs skip them
+
     correlation_id = correlation_id or uuid.uuid4().hex
     started = clock()
     first = yield Request(_request(WORKERS_EXCHANGE, "", JobsQuery().encode(), correlation_id), timeout)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
+from ..codec import expect_object
 from ..errors import DecodeError
-from .messages import expect_object
 from .names import PROTOCOL_VERSION, event_routing_key
 
 __all__ = ["EVENT_KINDS", "Event"]

@@ -1,4 +1,5 @@
-"""What a signal asks of a job, and the one table that says how each intent behaves.
+"""What a signal asks of a job, the one table that says how each intent behaves, and the
+:class:`Signal` message itself (an RPC to one job).
 
 Every other module asks :data:`INTENTS` instead of testing intent names: the handler
 (answered at once, or queued until ``ready()``), the transports (may a call be sent again
@@ -12,13 +13,14 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Final
+from typing import Any, Final, NamedTuple
 
+from ..codec import expect_object
 from ..errors import DecodeError
 
-__all__ = ["INTENTS", "Answered", "Intent", "IntentSpec", "intent_for_subject"]
+__all__ = ["INTENTS", "Answered", "Intent", "IntentSpec", "Signal", "intent_for_subject"]
 
 
 class Intent(str, enum.Enum):
@@ -54,8 +56,7 @@ class Answered(str, enum.Enum):
     AT_READY = "at ready()"  # queued; the computation thread applies it at its next ready()
 
 
-@dataclass(frozen=True)
-class IntentSpec:
+class IntentSpec(NamedTuple):
     """How one intent behaves.
 
     Attributes:
@@ -107,3 +108,40 @@ _BY_SUBJECT: Final[dict[str, Intent]] = {
 def intent_for_subject(subject: object) -> Intent | None:
     """The intent a kiwipy broadcast subject stands for (``pause``, ``play``, ``kill``), or None."""
     return _BY_SUBJECT.get(subject) if isinstance(subject, str) else None
+
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class Signal:
+    """An RPC to one job: an intent and the keys that go with it (``docs/protocol.md``).
+
+    ``set``: ``attrs``; ``invoke``: ``method``, ``args``, ``kwargs``; ``pause``/``abort``:
+    an optional ``message``. The handler checks those keys; other keys are ignored.
+    """
+
+    intent: Intent
+    fields: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+
+    @classmethod
+    def of(cls, intent: Intent, **fields: Any) -> Signal:
+        return cls(intent, MappingProxyType(fields))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """One of the signal's keys."""
+        return self.fields.get(key, default)
+
+    def encode(self) -> dict[str, Any]:
+        return {"intent": self.intent.value, **self.fields}
+
+    def describe(self) -> str:
+        """For messages: the intent, and the method of an ``invoke``."""
+        method = self.fields.get("method")
+        return f"{self.intent.value!r} of {method!r}" if method is not None else repr(self.intent.value)
+
+    @classmethod
+    def decode(cls, body: object) -> Signal:
+        body = expect_object(body, "a signal")
+        intent = Intent.parse(body.get("intent"))
+        return cls(intent, MappingProxyType({k: v for k, v in body.items() if k != "intent"}))

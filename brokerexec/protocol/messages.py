@@ -3,10 +3,9 @@
 Each has ``encode()`` (the JSON object that goes on the wire) and ``decode(body)`` (which
 raises :class:`~brokerexec.DecodeError` saying what was wrong). ``docs/protocol.md`` is the
 reference; this module is its code. Events and replies are in :mod:`.events` and
-:mod:`.replies`.
+:mod:`.replies`; the RPC to one job, :class:`~.intents.Signal`, in :mod:`.intents`.
 
 * :class:`Launch` — queue ``brokerexec.launch``: start a job.
-* :class:`Signal` — an RPC to one job: ``{"intent": ..., <the intent's keys>}``.
 * :class:`Control` — exchange ``brokerexec.control``: pause, resume or abort every job.
 * :class:`JobsQuery` / :class:`WorkerJobs` / :class:`JobSummary` — the ``jobs`` query.
 * :class:`Record` — a job's final record: the one builder of every record.
@@ -17,25 +16,15 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, ClassVar
 
+from ..codec import expect_object
 from ..errors import DecodeError, error_to_wire
 from ..states import TERMINAL, JobState
 from .intents import Intent
 from .names import PROTOCOL_VERSION, check_name, new_job_id
 
-__all__ = ["JobSummary", "JobsQuery", "Launch", "Record", "Signal", "WorkerJobs", "expect_object"]
-
-_EMPTY: Mapping[str, Any] = MappingProxyType({})
-
-
-def expect_object(body: object, what: str) -> dict[str, Any]:
-    """``body`` if it is a JSON object, else a ``DecodeError`` naming ``what`` it should be."""
-    if not isinstance(body, dict):
-        raise DecodeError(f"{what} must be a JSON object, got {type(body).__name__}")
-    return body
-
+__all__ = ["JobSummary", "JobsQuery", "Launch", "Record", "WorkerJobs"]
 
 def _check_version(body: dict[str, Any], what: str) -> None:
     version = body.get("v", PROTOCOL_VERSION)
@@ -90,40 +79,6 @@ class Launch:
             parts[key] = part
         sent = _number(body, "sent", 0.0)
         return cls(job_id, service, parts["request"], parts["settings"], sent or 0.0)
-
-
-@dataclass(frozen=True)
-class Signal:
-    """An RPC to one job: an intent and the keys that go with it (``docs/protocol.md``).
-
-    ``set``: ``attrs``; ``invoke``: ``method``, ``args``, ``kwargs``; ``pause``/``abort``:
-    an optional ``message``. The handler checks those keys; other keys are ignored.
-    """
-
-    intent: Intent
-    fields: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
-
-    @classmethod
-    def of(cls, intent: Intent, **fields: Any) -> Signal:
-        return cls(intent, MappingProxyType(fields))
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """One of the signal's keys."""
-        return self.fields.get(key, default)
-
-    def encode(self) -> dict[str, Any]:
-        return {"intent": self.intent.value, **self.fields}
-
-    def describe(self) -> str:
-        """For messages: the intent, and the method of an ``invoke``."""
-        method = self.fields.get("method")
-        return f"{self.intent.value!r} of {method!r}" if method is not None else repr(self.intent.value)
-
-    @classmethod
-    def decode(cls, body: object) -> Signal:
-        body = expect_object(body, "a signal")
-        intent = Intent.parse(body.get("intent"))
-        return cls(intent, MappingProxyType({k: v for k, v in body.items() if k != "intent"}))
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ object is declared with are in :mod:`brokerexec.protocol.topology`.
 
 from __future__ import annotations
 
+import os
 import re
-import secrets
 import time
 from collections.abc import Mapping
 from typing import Final
@@ -98,7 +98,8 @@ def new_job_id() -> str:
     The first 12 digits are the launch time in milliseconds (as in UUIDv7), the other 20
     are random: a reader of the records stream starts there instead of at the beginning.
     """
-    return f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
+    # os.urandom, not secrets: the same source, without importing hashlib and random.
+    return f"{int(time.time() * 1000):012x}{os.urandom(10).hex()}"
 
 
 def job_time(job_id: str) -> float | None:

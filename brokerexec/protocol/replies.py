@@ -16,8 +16,8 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
+from ..codec import expect_object
 from ..errors import BrokerExecError, DecodeError, RemoteError, error_from_wire, error_to_wire
-from .messages import expect_object
 
 __all__ = ["Reply"]
 

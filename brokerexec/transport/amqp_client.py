@@ -33,7 +33,8 @@ from ..errors import BrokerConnectionError, DecodeError
 from ..protocol import calls
 from ..protocol.calls import Gather, Incoming, NextReply, Publish, Request, Routed
 from ..protocol.events import Event
-from ..protocol.messages import Control, Launch, Signal
+from ..protocol.intents import Signal
+from ..protocol.messages import Control, Launch
 from ..protocol.names import DIRECT_REPLY_TO, EVENTS_EXCHANGE
 from .amqp_connection import AmqpConnection
 from .amqp_declare import declare_all

@@ -30,8 +30,8 @@ import aiormq.abc
 from .. import codec
 from ..errors import BrokerExecError, DecodeError
 from ..protocol import topology
-from ..protocol.intents import intent_for_subject
-from ..protocol.messages import Control, JobsQuery, Signal, WorkerJobs
+from ..protocol.intents import Signal, intent_for_subject
+from ..protocol.messages import Control, JobsQuery, WorkerJobs
 from ..protocol.names import (
     CONTROL_STREAM,
     JOB_ID_HEADER,

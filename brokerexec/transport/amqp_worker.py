@@ -20,8 +20,8 @@ import aiormq.abc
 from .. import codec
 from ..constants import DEFAULT_CLAIM_AFTER
 from ..protocol.events import Event
-from ..protocol.intents import Intent
-from ..protocol.messages import Record, Signal
+from ..protocol.intents import Intent, Signal
+from ..protocol.messages import Record
 from ..protocol.names import (
     BROADCAST_TOPIC,
     EVENTS_EXCHANGE,

@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlparse, urlunparse
 
-from ..protocol.events import Event
-from ..protocol.messages import Control, JobSummary, Launch, Record, Signal
+if TYPE_CHECKING:  # annotations only: a one-shot CLI verb imports this module
+    from concurrent.futures import Future
+
+    from ..protocol.events import Event
+    from ..protocol.intents import Signal
+    from ..protocol.messages import Control, JobSummary, Launch, Record
 
 __all__ = ["AsyncClientTransport", "ClientTransport", "PreparedJob", "Subscription", "WorkerHooks",
            "WorkerTransport", "redacted_url"]

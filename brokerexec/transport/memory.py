@@ -25,7 +25,8 @@ from typing import Any, TypeVar
 from .. import codec
 from ..errors import DecodeError, JobNotFound, Timeout
 from ..protocol.events import Event
-from ..protocol.messages import Control, Launch, Record, Signal, WorkerJobs
+from ..protocol.intents import Signal
+from ..protocol.messages import Control, Launch, Record, WorkerJobs
 from ..protocol.replies import Reply
 from .base import AsyncClientTransport, ClientTransport, Subscription, WorkerHooks, WorkerTransport
 

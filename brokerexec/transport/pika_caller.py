@@ -21,17 +21,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pika
 import pika.exceptions
 
 from ..errors import BrokerConnectionError, BrokerExecError
-from ..protocol import calls, topology
+from ..protocol import calls
 from ..protocol.calls import Call, Gather, Incoming, NextReply, Publish, RecordSearch, Request, Routed
 from ..protocol.names import DIRECT_REPLY_TO, LAUNCH_QUEUE, RESULTS_STREAM
 from .base import redacted_url
 from .pika_internals import join_frame_writes
+
+if TYPE_CHECKING:
+    from ..protocol.topology import QueueSpec
 
 __all__ = ["Caller", "Lost"]
 
@@ -266,10 +269,11 @@ class Caller:
 
     # ---- declarations ------------------------------------------------------------------------
 
-    def declare_queue(self, spec: topology.QueueSpec) -> None:
+    def declare_queue(self, spec: QueueSpec) -> None:
         """Declare a queue (and its bindings) once per connection, exactly as workers do."""
         if spec.name in self._declared:
             return
+        from ..protocol import topology  # only launches and control declare: not a status
         with self.errors():
             channel = self.confirming()
             for exchange in topology.EXCHANGES:

@@ -21,20 +21,24 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
 import pika
 
 from ..constants import DEFAULT_LOCATE_TIMEOUT, MAX_MESSAGE_BYTES
 from ..errors import BrokerConnectionError
-from ..protocol import calls, topology
-from ..protocol.events import Event
-from ..protocol.messages import Control, Launch, Signal
-from .base import ClientTransport, Subscription
+from ..protocol import calls
+from .base import ClientTransport
 from .pika_caller import Caller, Lost
-from .pika_listener import PikaListener
-from .pushed_records import PushedRecords
+
+if TYPE_CHECKING:
+    from ..protocol.events import Event
+    from ..protocol.intents import Signal
+    from ..protocol.messages import Control, Launch
+    from .base import Subscription
+    from .pika_listener import PikaListener
+    from .pushed_records import PushedRecords
 
 __all__ = ["PikaClientTransport"]
 
@@ -84,7 +88,11 @@ class PikaClientTransport(ClientTransport):
         self._callers: list[Caller] = []
         #: How many callers' connections were made (one per thread, and one per broken one).
         self.connections_made = 0
-        self.records = PushedRecords() if push_records else None
+        self.records: PushedRecords | None = None
+        if push_records:
+            from .pushed_records import PushedRecords
+
+            self.records = PushedRecords()
         self._listener: PikaListener | None = None
         self._caller()  # connect now: an unreachable broker fails here, fast
 
@@ -139,6 +147,8 @@ class PikaClientTransport(ClientTransport):
         return act(self._caller())
 
     def _listening(self) -> PikaListener:
+        from .pika_listener import PikaListener  # a one-shot CLI verb never needs it
+
         with self._lock:
             if self._listener is None:
                 listener = PikaListener(self._listener_parameters, records=self.records,
@@ -154,6 +164,8 @@ class PikaClientTransport(ClientTransport):
         if self.records is not None:
             self._listening()
             reply_to = self.records.note_launched([launch.job_id for launch in launches])
+
+        from ..protocol import topology  # not imported by verbs that launch nothing
 
         def act(caller: Caller) -> None:
             caller.declare_queue(topology.LAUNCH)
@@ -171,6 +183,8 @@ class PikaClientTransport(ClientTransport):
             what=f"{signal.describe()} to job {job_id}")
 
     def control(self, control: Control) -> None:
+        from ..protocol import topology
+
         def act(caller: Caller) -> None:
             # The exchange and its stream may not exist yet if no worker has run: declared
             # exactly as workers do, so the message is kept for the first one.
