@@ -24,11 +24,12 @@ import math
 import threading
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from . import codec
 from .crossing import Crossing, Posted
 from .errors import Aborted, InvalidState, error_to_wire
+from .protocol.intents import Intent
 from .runner import Runner, Running
 from .service import Service
 from .signal_desk import Intervals
@@ -173,10 +174,30 @@ class Computation:
         self._update_next_due()
 
     def _apply_posted(self) -> None:
-        service = self.service
-        assert service is not None
         for posted in self._crossing.collect():  # arrival order
-            posted.apply(service)
+            posted.settle(self.apply)
+
+    def apply(self, posted: Posted) -> Any:
+        """Carry out one posted signal, checked already (computation thread); its value."""
+        return self.APPLY[posted.intent](self, posted.payload)
+
+    def _assign(self, payload: dict[str, Any]) -> dict[str, Any]:
+        assert self.service is not None
+        for attr, value in payload["attrs"].items():
+            setattr(self.service, attr, value)
+        return {**payload["attrs"], **payload.get("handler_attrs", {})}
+
+    def _invoke(self, payload: dict[str, Any]) -> Any:
+        assert self.service is not None
+        return getattr(self.service, payload["method"])(*payload["args"], **payload["kwargs"])
+
+    def _checkpoint(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return self.checkpoint_now()
+
+    #: What ``ready()`` does with each intent that waits for it (``INTENTS``' ``AT_READY`` rows).
+    APPLY: ClassVar[dict[Intent, Callable[[Computation, dict[str, Any]], Any]]] = {
+        Intent.SET: _assign, Intent.INVOKE: _invoke, Intent.CHECKPOINT: _checkpoint,
+    }
 
     def _hold(self) -> None:
         """Paused: stay here, still applying what is posted, until resume or abort."""

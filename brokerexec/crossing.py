@@ -24,14 +24,11 @@ import math
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import codec
 from .errors import InvalidState
 from .protocol.intents import Intent
-
-if TYPE_CHECKING:
-    from .service import Service
 
 __all__ = ["Crossing", "Posted", "resolved"]
 
@@ -44,24 +41,27 @@ def resolved(value: Any) -> cf.Future[Any]:
 
 
 class Posted:
-    """A checked signal waiting for the next ``ready()``: what to do there, and the future
-    its sender waits on. ``action`` runs on the computation thread only."""
+    """A checked signal waiting for the next ``ready()``, and the future its sender waits on.
 
-    __slots__ = ("action", "future", "intent")
+    ``payload`` is what the computation needs to apply it, checked already and JSON-able (so
+    it can cross to a computation in a child process too): a ``set``'s checked ``attrs`` (and
+    the ``handler_attrs`` set at once, for the reply), an ``invoke``'s bound ``method``,
+    ``args`` and ``kwargs``, nothing for a ``checkpoint``.
+    """
 
-    def __init__(self, intent: Intent, action: Callable[[Service], Any]) -> None:
+    __slots__ = ("future", "intent", "payload")
+
+    def __init__(self, intent: Intent, payload: dict[str, Any]) -> None:
         self.intent = intent
-        self.action = action
+        self.payload = payload
         self.future: cf.Future[Any] = cf.Future()
 
-    def apply(self, service: Service) -> None:
-        """Run the action and resolve the sender's future with its value or its error.
-
-        A failure goes to the sender, never to the computation; a value that cannot be
-        sent back fails the signal here.
-        """
+    def settle(self, apply: Callable[[Posted], Any]) -> None:
+        """``apply(self)`` (computation thread), and resolve the sender's future with its
+        value or its error: a failure goes to the sender, never to the computation; a value
+        that cannot be sent back fails the signal here."""
         try:
-            value = self.action(service)
+            value = apply(self)
             codec.encode(value)
         except Exception as exc:
             self.future.set_exception(exc)

@@ -72,19 +72,16 @@ class SignalDesk:
         intervals: changed by a ``set`` of the handler's own attributes.
         service_class: the running service's class; raises ``InvalidState`` before there is one.
         on_abort: called on the first abort (starts the abort grace).
-        checkpoint_now: takes a checkpoint; run by a posted ``checkpoint`` at ``ready()``.
     """
 
     def __init__(self, job: str, crossing: Crossing, states: StateMachine, intervals: Intervals,
-                 service_class: Callable[[], type[Service]], on_abort: Callable[[], None],
-                 checkpoint_now: Callable[[], dict[str, Any]]) -> None:
+                 service_class: Callable[[], type[Service]], on_abort: Callable[[], None]) -> None:
         self.job = job
         self._crossing = crossing
         self._states = states
         self._intervals = intervals
         self._service_class = service_class
         self._abort_started = on_abort
-        self._checkpoint_now = checkpoint_now
 
     def take(self, signal: Signal) -> Any:
         """Handle one signal: return its reply value, or a ``Future`` of it.
@@ -133,13 +130,7 @@ class SignalDesk:
             self._crossing.request_reschedule()
         if not checked:
             return resolved(mine)
-
-        def assign(service: Service) -> dict[str, Any]:
-            for attr, value in checked.items():
-                setattr(service, attr, value)
-            return {**checked, **mine}
-
-        return self._post(Intent.SET, assign)
+        return self._post(Intent.SET, {"attrs": checked, "handler_attrs": mine})
 
     def _on_invoke(self, signal: Signal) -> cf.Future[Any]:
         method = signal.get("method")
@@ -147,14 +138,15 @@ class SignalDesk:
         if not isinstance(method, str) or not isinstance(args, list) or not isinstance(kwargs, dict):
             raise SignalRefused("invoke needs 'method' (string), 'args' (list), 'kwargs' (object)")
         prepared = prepare_invoke(self._service_class(), method, args, kwargs)
-        return self._post(Intent.INVOKE, prepared.call)
+        return self._post(Intent.INVOKE, {"method": prepared.method, "args": list(prepared.args),
+                                          "kwargs": prepared.kwargs})
 
     def _on_checkpoint(self, signal: Signal) -> cf.Future[Any]:
         self._service_class()  # refused before there is a service
-        return self._post(Intent.CHECKPOINT, lambda _service: self._checkpoint_now())
+        return self._post(Intent.CHECKPOINT, {})
 
-    def _post(self, intent: Intent, action: Callable[[Service], Any]) -> cf.Future[Any]:
-        return self._crossing.post(Posted(intent, action), self.job)
+    def _post(self, intent: Intent, payload: dict[str, Any]) -> cf.Future[Any]:
+        return self._crossing.post(Posted(intent, payload), self.job)
 
     BY_INTENT: ClassVar[dict[Intent, Callable[[SignalDesk, Signal], Any]]] = {
         Intent.STATUS: _on_status, Intent.PAUSE: _on_pause, Intent.RESUME: _on_resume,

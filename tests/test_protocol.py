@@ -11,6 +11,7 @@ import pytest
 
 import brokerexec
 from brokerexec import cli as cli_module
+from brokerexec.computation import Computation
 from brokerexec.errors import (
     BrokerConnectionError,
     DecodeError,
@@ -48,6 +49,8 @@ from brokerexec.states import JobState
 def test_every_intent_has_a_row_a_handler_method_a_client_method_and_a_cli_verb() -> None:
     assert set(INTENTS) == set(Intent)
     assert set(SignalDesk.BY_INTENT) == set(Intent)
+    # and what waits for ready() has a way to be applied there
+    assert set(Computation.APPLY) == {i for i, s in INTENTS.items() if s.answered is Answered.AT_READY}
     verbs = set(cli_module.cli.commands)
     for intent in Intent:
         assert callable(getattr(Job, intent.value)), intent
