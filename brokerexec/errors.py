@@ -12,7 +12,10 @@
     │   ├── InvalidRequest        a request does not match the service's declared inputs
     │   └── SignalRefused         set/invoke of an undeclared or private name, bad arguments
     ├── InvalidState              the operation is not allowed in the current state
-    ├── JobNotFound               no worker answers for that job id
+    │   └── NotApplied            a set/invoke was accepted, but its execution was lost first
+    ├── CheckpointFailed          a checkpoint could not be stored (too large, broker gone)
+    ├── WorkerLost                a job's worker was lost and its service does not restart
+    ├── JobNotFound               no worker holds that job id and the journal has no trace of it
     ├── RemoteError               the remote side failed: carries its type, message, traceback
     │   └── JobAborted            the job was aborted (raised by ``Job.result``)
     └── Timeout                   something did not answer in time (also a TimeoutError)
@@ -36,6 +39,7 @@ __all__ = [
     "Aborted",
     "BrokerConnectionError",
     "BrokerExecError",
+    "CheckpointFailed",
     "ConfigurationError",
     "DecodeError",
     "InvalidRequest",
@@ -43,11 +47,13 @@ __all__ = [
     "JobAborted",
     "JobNotFound",
     "MessageTooLarge",
+    "NotApplied",
     "RemoteError",
     "ServiceError",
     "SignalRefused",
     "Timeout",
     "UnknownService",
+    "WorkerLost",
     "error_from_wire",
     "error_to_wire",
 ]
@@ -96,8 +102,24 @@ class InvalidState(BrokerExecError):
     """The operation is not allowed in the current state (e.g. starting a busy handler)."""
 
 
+class NotApplied(InvalidState):
+    """A ``set``, ``invoke`` or ``checkpoint`` was accepted (its sender got "pending"), but the
+    execution that held it was lost (its worker died, or handed the job over) before it was
+    applied: it was not applied, and is not carried to the job's next execution."""
+
+
+class CheckpointFailed(BrokerExecError):
+    """A checkpoint could not be stored: over the size limit, or the broker did not take it.
+    The job goes on; its previous checkpoint stays the one it resumes from."""
+
+
+class WorkerLost(BrokerExecError):
+    """The worker running a job was lost, and the job could not resume from a checkpoint
+    while its service says ``on_lost = "fail"``: the reason in its failed record."""
+
+
 class JobNotFound(BrokerExecError):
-    """No worker answers for that job id."""
+    """No worker holds that job id, and the journal has no trace of it."""
 
 
 class Timeout(BrokerExecError, TimeoutError):
@@ -144,7 +166,7 @@ _WIRE_TYPES: dict[str, type[BrokerExecError]] = {
     f"{WIRE_PREFIX}{kind.__name__}": kind
     for kind in (ConfigurationError, BrokerConnectionError, DecodeError, MessageTooLarge,
                  ServiceError, UnknownService, InvalidRequest, SignalRefused, InvalidState,
-                 JobNotFound, Timeout)
+                 NotApplied, CheckpointFailed, WorkerLost, JobNotFound, Timeout)
 }
 
 

@@ -17,6 +17,7 @@ from brokerexec.errors import (
     DecodeError,
     InvalidRequest,
     JobNotFound,
+    NotApplied,
     RemoteError,
     SignalRefused,
     Timeout,
@@ -26,16 +27,15 @@ from brokerexec.errors import (
 )
 from brokerexec.job import Job
 from brokerexec.protocol import calls
-from brokerexec.protocol.calls import Gather, Incoming, NextReply, RecordSearch, Request, Routed
+from brokerexec.protocol.calls import Gather, Incoming, NextReply, QueueExists, Request, Routed
 from brokerexec.protocol.intents import INTENTS, Answered, Intent, Signal, intent_for_subject
 from brokerexec.protocol.messages import Control, Launch, Record, WorkerJobs
 from brokerexec.protocol.names import (
     DEADLINE_MS_HEADER,
     JOB_ID_HEADER,
     KIWIPY_EXCHANGE,
-    PROBE_TYPE,
-    RECORD_TYPE,
     WORKERS_EXCHANGE,
+    journal_stream,
     new_job_id,
     rpc_routing_key,
 )
@@ -169,9 +169,9 @@ def reply(body: dict[str, Any]) -> Incoming:
     return Incoming(json.dumps(body).encode(), "application/json")
 
 
-def rpc(job_id: str, signal: Signal, script: Script, timeout: float = 5.0) -> Any:
+def rpc(job_id: str, signal: Signal, script: Script, timeout: float = 5.0, **more: Any) -> Any:
     return calls.drive(calls.rpc(job_id, signal, timeout=timeout, locate_timeout=0.5, max_bytes=10_000,
-                                 correlation_id="c1"), script)
+                                 correlation_id="c1", **more), script)
 
 
 def test_an_rpc_to_a_claimed_job_skips_pending_and_returns_the_value() -> None:
@@ -211,7 +211,45 @@ def test_an_rpc_without_a_final_reply_times_out_naming_the_job_and_the_intent() 
     job_id = new_job_id()
     with pytest.raises(Timeout, match=f"job {job_id} did not answer 'invoke' of 'slow' within 5.0 s"):
         rpc(job_id, Signal.of(Intent.INVOKE, method="slow"),
-            Script(reply(PENDING.encode()), None))
+            Script(reply(PENDING.encode()), None), probe_every=0)
+
+
+class Clock:
+    """A clock that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(("probe", "lost"), [
+    (reply({"result": {"state": "running", "attempt": 3}}), True),  # resumed meanwhile: attempt 3
+    (Routed.NO_EXCHANGE, True),  # no worker holds it
+    (reply({"result": {"state": "running", "attempt": 2}}), False),  # still the same execution
+])
+def test_a_set_whose_execution_is_lost_while_it_waits_is_not_applied(probe: Any, lost: bool) -> None:
+    job_id, clock = new_job_id(), Clock()
+    pending = reply(Reply.pending_in(2).encode())
+    script = Script(pending, None, probe, reply({"result": {"x": 1}}))
+    call = calls.rpc(job_id, Signal.of(Intent.SET, attrs={"x": 1}), timeout=30, locate_timeout=0.5,
+                     max_bytes=10_000, clock=clock, correlation_id="c1")
+    if lost:
+        with pytest.raises(NotApplied, match=f"job {job_id}'s execution was lost before the 'set'"):
+            calls.drive(call, script)
+    else:
+        assert calls.drive(call, script) == {"x": 1}
+    waits = [c for c in script.commands if isinstance(c, NextReply) and c.correlation_id != "c1"]
+    assert script.commands[1].seconds == calls.PROBE_EVERY and not waits
+    assert json.loads(script.commands[2].message.body) == {"intent": "status"}
+
+
+def test_status_and_pause_never_probe() -> None:
+    script = Script(reply(PENDING.encode()), None)
+    with pytest.raises(Timeout):
+        rpc(new_job_id(), Signal.of(Intent.PAUSE), script)
+    assert script.commands[1].seconds == pytest.approx(5.0, abs=0.1)
 
 
 def test_a_refusal_comes_back_typed_and_an_undecodable_reply_says_so() -> None:
@@ -224,38 +262,42 @@ def test_a_refusal_comes_back_typed_and_an_undecodable_reply_says_so() -> None:
 
 
 def test_the_jobs_query_gathers_every_answer() -> None:
-    answers = [reply({"result": {"worker": {"pid": n}, "jobs": [{"job_id": f"j{n}"}]}}) for n in (1, 2)]
+    answers = [reply({"result": {"worker": {"pid": n}, "jobs": [{"job_id": f"j{n}"}], "services": ["fit"]}})
+               for n in (1, 2)]
     script = Script(answers[0], [answers[1], reply({"exception": "x"})])
-    jobs = calls.drive(calls.jobs_query(timeout=0.5, max_bytes=10_000), script)
-    assert jobs == [{"job_id": "j1", "worker": {"pid": 1}}, {"job_id": "j2", "worker": {"pid": 2}}]
+    fleet = calls.drive(calls.fleet_query(timeout=0.5, max_bytes=10_000), script)
+    assert fleet.jobs == [{"job_id": "j1", "worker": {"pid": 1}}, {"job_id": "j2", "worker": {"pid": 2}}]
+    assert fleet.workers == [{"pid": 1, "services": ["fit"], "running": 1},
+                             {"pid": 2, "services": ["fit"], "running": 1}]
+    assert fleet.services == {"fit"}
     assert isinstance(script.commands[1], Gather) and 0 < script.commands[1].seconds <= 0.5
     # No worker there (returned), none ever (no exchange), none answering: nothing, at once.
     for first in (Routed.RETURNED, Routed.NO_EXCHANGE, None):
-        assert calls.drive(calls.jobs_query(timeout=0.5, max_bytes=10_000), Script(first)) == []
+        assert calls.drive(calls.fleet_query(timeout=0.5, max_bytes=10_000), Script(first)).jobs == []
 
 
-def test_launches_are_persistent_mandatory_and_a_returned_one_is_an_error() -> None:
+def test_launches_go_to_their_services_queue_and_to_their_journal_stream() -> None:
     batch = [Launch.new("fit"), Launch.new("fit")]
-    script = Script([Routed.DELIVERED, Routed.DELIVERED])
-    calls.drive(calls.launches(batch, reply_to="brokerexec.client.me"), script)
-    messages = script.commands[0].messages
+    offered: set[str] = set()
+    script = Script(True, [Routed.DELIVERED, Routed.DELIVERED])
+    calls.drive(calls.launches(batch, reply_to="brokerexec.client.me", offered=offered), script)
+    assert script.commands[0] == QueueExists("brokerexec.launches.fit") and offered == {"fit"}
+    messages = script.commands[1].messages
     assert [m.message_id for m in messages] == [launch.job_id for launch in batch]
     assert all(m.persistent and m.reply_to == "brokerexec.client.me" for m in messages)
-    with pytest.raises(BrokerConnectionError, match=f"launch of job {batch[1].job_id} was not routed"):
-        calls.drive(calls.launches(batch), Script([Routed.DELIVERED, Routed.RETURNED]))
+    assert all((m.exchange, m.routing_key) == ("brokerexec.launches", "fit") for m in messages)
+    assert [m.headers["CC"] for m in messages] == [[journal_stream(launch.job_id)] for launch in batch]
+    # Known offered now: the next launch asks nothing first.
+    again = Script([Routed.DELIVERED])
+    calls.drive(calls.launches([Launch.new("fit")], offered=offered), again)
+    assert len(again.commands) == 1
 
 
-def test_a_record_search_starts_at_the_launch_time_and_stops_at_its_probe() -> None:
-    job_id = new_job_id()
-    search = RecordSearch(job_id, wait=False)
-    assert search.probe is not None and search.probe.type == PROBE_TYPE
-    launched = brokerexec.protocol.job_time(job_id)
-    assert launched is not None and search.offset.timestamp() == pytest.approx(launched - 60)  # type: ignore[union-attr]
-    assert not search.feed(Incoming(b"{}", None, "other-job", RECORD_TYPE))
-    assert not search.feed(Incoming(b"{}", None, job_id, "something else"))
-    assert search.feed(Incoming(b"{}", None, search.probe.message_id, PROBE_TYPE))
-    assert search.record is None
-    found = RecordSearch(job_id, wait=True)
-    assert found.probe is None and RecordSearch("not-a-brokerexec-id", wait=True).offset == "first"
-    assert found.feed(Incoming(b'{"state": "finished"}', "application/json", job_id, RECORD_TYPE))
-    assert found.record == {"state": "finished"}
+def test_a_service_no_worker_ever_offered_is_refused_before_anything_is_sent() -> None:
+    script = Script(False)
+    with pytest.raises(UnknownService, match="no worker has ever offered service 'nosuch'"):
+        calls.drive(calls.launches([Launch.new("nosuch")]), script)
+    assert len(script.commands) == 1
+    with pytest.raises(UnknownService, match="not routed"):
+        calls.drive(calls.launches([Launch.new("fit"), Launch.new("fit")], offered={"fit"}),
+                    Script([Routed.DELIVERED, Routed.RETURNED]))

@@ -1,57 +1,70 @@
 """What a client does on the wire, decided once and free of I/O ("sans-I/O", as h11 does).
 
-The commands are named tuples: cheap to define, and imported by every one-shot CLI verb.
-
-A *call* is a generator. It yields commands — :class:`Publish` these messages (confirmed),
-send a :class:`Request` and wait for what comes back first, wait for the :class:`NextReply`,
-:class:`Gather` replies for a while — and is sent back what happened: whether the broker
-routed a message, the reply that came (or None on time-out). It returns the answer, or
-raises brokerexec's error. The blocking adapter (``transport/pika_client.py``)
-and the asyncio adapter (``transport/amqp_client.py``) drive the same calls and differ only
-in how bytes move. :class:`RecordSearch` is the same idea for reading the records stream,
-which is fed messages as they come rather than asked for them.
+A *call* is a generator that yields the commands of :mod:`.commands` and is sent back what
+happened; the blocking adapter (``transport/pika_caller.py``) and the asyncio adapter
+(``transport/amqp_client.py``) drive the same calls and differ only in how bytes move.
+The calls that read the journal (``status``, ``abort`` of a queued job, ``result``, the
+listing) are in :mod:`.lookups`.
 
 The decisions that live here, and only here:
 
+* a launch goes to the launches exchange, routed by its service to that service's queue,
+  and by its ``CC`` key to its job's journal stream (one publish, one confirm); a service
+  whose queue does not exist was never offered by any worker: :class:`~brokerexec.
+  UnknownService`, at once;
 * an RPC to a job that is not claimed yet comes back unroutable: it goes once more to every
   worker, with the job id and a deadline in its headers, and the worker that runs the job
   claims it and answers; no answer (not even ``pending``) shortly after the deadline means
   no worker runs it: :class:`~brokerexec.JobNotFound`;
-* an RPC skips any number of ``pending`` replies; a reply's error is raised typed;
+* an RPC skips any number of ``pending`` replies; a reply's error is raised typed; a
+  ``set``/``invoke``/``checkpoint`` whose job's execution is lost while it waits (its
+  worker died: the job is resumed elsewhere, or its attempt changed) is
+  :class:`~brokerexec.NotApplied`, found by asking the job's status now and then;
 * kiwipy's exchange missing (``NOT_FOUND``) means no worker has ever run on the broker;
 * the ``jobs`` query gathers every worker's answer for as long as the caller waits (and
-  returns at once when no worker is there to answer);
-* a record is read from the stream from its job's launch time; without waiting, a probe
-  appended to the stream marks where to stop.
+  returns at once when no worker is there to answer).
 """
 
 from __future__ import annotations
 
-import enum
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from collections.abc import Callable, Mapping, MutableSet, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from .. import codec
-from ..errors import BrokerConnectionError, DecodeError, JobNotFound, Timeout
-from .intents import Signal
+from ..errors import BrokerConnectionError, DecodeError, JobNotFound, NotApplied, Timeout, UnknownService
+from .commands import (
+    Browse,
+    Call,
+    Command,
+    Gather,
+    Incoming,
+    Message,
+    NextReply,
+    Publish,
+    QueueExists,
+    ReadJournal,
+    Request,
+    Routed,
+    drive,
+    drive_async,
+)
+from .intents import Answered, Intent, Signal
 from .names import (
+    CC_HEADER,
     CONTROL_EXCHANGE,
     DEADLINE_MS_HEADER,
     DIRECT_REPLY_TO,
     JOB_ID_HEADER,
-    JSON_CONTENT_TYPE,
     KIWIPY_EXCHANGE,
-    LAUNCH_QUEUE,
-    PROBE_TYPE,
-    RECORD_TIME_MARGIN,
-    RECORD_TYPE,
-    RESULTS_STREAM,
+    LAUNCH_TYPE,
+    LAUNCHES_EXCHANGE,
     WORKERS_EXCHANGE,
     deadline_ms,
-    job_time,
+    journal_stream,
+    launch_queue,
     rpc_routing_key,
 )
 from .replies import Reply
@@ -59,86 +72,16 @@ from .replies import Reply
 if TYPE_CHECKING:
     from .messages import Control, Launch
 
-__all__ = ["Call", "Gather", "Incoming", "Message", "NextReply", "Publish", "RecordSearch", "Request",
-           "Routed", "control", "drive", "drive_async", "jobs_query", "launches", "rpc"]
-
-T = TypeVar("T")
+__all__ = ["Browse", "Call", "Command", "Fleet", "Gather", "Incoming", "Message", "NextReply",
+           "Publish", "QueueExists", "ReadJournal", "Request", "Routed", "control", "drive",
+           "drive_async", "fleet_query", "launches", "rpc"]
 
 #: How long after its deadline a located RPC may still get its first reply (the worker
 #: that runs the job claims it first: a queue declare and a bind).
 LOCATE_SLACK = 0.3
-
-
-class Message(NamedTuple):
-    """An outgoing AMQP message, with the properties brokerexec uses."""
-
-    exchange: str
-    routing_key: str
-    body: bytes
-    correlation_id: str | None = None
-    reply_to: str | None = None
-    headers: Mapping[str, Any] | None = None
-    persistent: bool = False
-    message_id: str | None = None
-    type: str | None = None
-    content_type: str = JSON_CONTENT_TYPE
-
-
-class Incoming(NamedTuple):
-    """A delivered message as a call sees it: body and the properties it reads."""
-
-    body: bytes
-    content_type: str | None = None
-    message_id: str | None = None
-    type: str | None = None
-
-
-class Routed(enum.Enum):
-    """What the broker did with a published message."""
-
-    DELIVERED = "delivered"  # confirmed, routed to at least one queue
-    RETURNED = "returned"  # mandatory, and routed nowhere (basic.return)
-    NO_EXCHANGE = "no exchange"  # the exchange does not exist (NOT_FOUND)
-
-
-class Publish(NamedTuple):
-    """Publish ``messages`` (confirmed, in flight together); answered with a ``Routed`` each."""
-
-    messages: Sequence[Message]
-    mandatory: bool = False
-
-
-class Request(NamedTuple):
-    """Publish ``message`` (mandatory) and wait up to ``seconds`` for what comes back first.
-
-    Answered with the first reply (:class:`Incoming`), ``Routed.RETURNED`` (no queue took
-    it), ``Routed.NO_EXCHANGE``, or None (nothing within ``seconds``). The reply, or the
-    return, is the broker's answer: a request needs no publisher confirm, which saves a
-    round trip on the way to the reply.
-    """
-
-    message: Message
-    seconds: float | None
-
-
-class NextReply(NamedTuple):
-    """Wait up to ``seconds`` (None: forever) for the next reply with ``correlation_id``;
-    answered with the :class:`Incoming` reply, or None on time-out."""
-
-    correlation_id: str
-    seconds: float | None
-
-
-class Gather(NamedTuple):
-    """Collect every reply with ``correlation_id`` for ``seconds``; answered with a list."""
-
-    correlation_id: str
-    seconds: float
-
-
-Command = Publish | Request | NextReply | Gather
-#: A call: yields commands, is sent their outcomes, returns the answer.
-Call = Generator[Command, Any, T]
+#: While a set/invoke/checkpoint waits for ``ready()``, its job's status is asked this often
+#: (seconds without a reply), to learn whether the execution holding it is still there.
+PROBE_EVERY = 2.0
 
 
 def _request(exchange: str, routing_key: str, body: dict[str, Any], correlation_id: str,
@@ -158,12 +101,18 @@ def read_reply(incoming: Incoming, max_bytes: int) -> Reply:
 
 
 def rpc(job_id: str, signal: Signal, *, timeout: float, locate_timeout: float, max_bytes: int,
-        correlation_id: str | None = None,
-        clock: Callable[[], float] = time.monotonic) -> Call[Any]:
+        correlation_id: str | None = None, clock: Callable[[], float] = time.monotonic,
+        probe_every: float = PROBE_EVERY,
+        unclaimed: Callable[[], Call[Any]] | None = None) -> Call[Any]:
     """Send ``signal`` to job ``job_id``; return its final value (see the module docstring).
+
+    ``unclaimed``: a call made when no claimed job answers, before asking every worker; if
+    it returns something other than None, that is the answer (``status`` reads the journal
+    there: an ended job needs no worker).
 
     Raises:
         JobNotFound: no worker runs the job (it ended, is still queued, or never existed).
+        NotApplied: accepted, but the execution holding it was lost before applying it.
         Timeout: no final reply within ``timeout`` seconds.
         RemoteError: the job refused or failed (typed: ``SignalRefused``, ...).
     """
@@ -173,6 +122,10 @@ def rpc(job_id: str, signal: Signal, *, timeout: float, locate_timeout: float, m
     if incoming is Routed.NO_EXCHANGE:
         raise JobNotFound(f"no worker holds job {job_id}: no worker has run on this broker yet")
     if incoming is Routed.RETURNED:  # not claimed (yet): ask every worker
+        if unclaimed is not None:
+            answer = yield from unclaimed()
+            if answer is not None:
+                return answer
         headers = {JOB_ID_HEADER: job_id, DEADLINE_MS_HEADER: deadline_ms(locate_timeout)}
         incoming = yield Request(request._replace(exchange=WORKERS_EXCHANGE, routing_key="",
                                                   headers=headers), locate_timeout + LOCATE_SLACK)
@@ -181,50 +134,110 @@ def rpc(job_id: str, signal: Signal, *, timeout: float, locate_timeout: float, m
                               "or never existed)")
     deadline = clock() + timeout
     reply = None if incoming is None else read_reply(incoming, max_bytes)
+    held_by = reply.attempt if reply is not None else None
+    # Only what waits for ready() can be lost with its execution; the rest is answered at once.
+    probing = signal.intent.spec.answered is Answered.AT_READY and probe_every > 0
     while reply is not None and reply.pending:
-        incoming = yield NextReply(correlation_id, max(deadline - clock(), 0.0))
+        remaining = max(deadline - clock(), 0.0)
+        incoming = yield NextReply(correlation_id, min(remaining, probe_every) if probing else remaining)
+        if incoming is None and probing and clock() < deadline:
+            if (yield from _execution_lost(job_id, held_by, locate_timeout, max_bytes)):
+                raise NotApplied(f"job {job_id}'s execution was lost before the {signal.describe()} "
+                                 "was applied: it was not applied")
+            continue
         reply = None if incoming is None else read_reply(incoming, max_bytes)
     if reply is None:
         raise Timeout(f"job {job_id} did not answer {signal.describe()} within {timeout} s")
     return reply.outcome()
 
 
-def jobs_query(*, timeout: float, max_bytes: int, correlation_id: str | None = None,
-               clock: Callable[[], float] = time.monotonic) -> Call[list[dict[str, Any]]]:
-    """Summaries of the jobs every worker runs, gathered for ``timeout`` seconds."""
+def _execution_lost(job_id: str, attempt: int | None, locate_timeout: float,
+                    max_bytes: int) -> Call[bool]:
+    """True if the execution of job ``job_id`` that holds a signal (``attempt``) is gone."""
+    try:
+        status = yield from rpc(job_id, Signal.of(Intent.STATUS), timeout=PROBE_EVERY,
+                                locate_timeout=locate_timeout, max_bytes=max_bytes, probe_every=0)
+    except JobNotFound:
+        return True  # no worker holds it: ended (then the reply is on its way) or lost
+    except Timeout:
+        return False  # cannot tell: keep waiting
+    now = status.get("attempt") if isinstance(status, dict) else None
+    return attempt is not None and isinstance(now, int) and now != attempt
+
+
+@dataclass
+class Fleet:
+    """The workers that answered the ``jobs`` query, and the jobs they run."""
+
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def services(self) -> set[str]:
+        """Every service some answering worker offers."""
+        return {name for worker in self.workers for name in worker.get("services") or ()
+                if isinstance(name, str)}
+
+
+def fleet_query(*, timeout: float, max_bytes: int, correlation_id: str | None = None,
+                clock: Callable[[], float] = time.monotonic) -> Call[Fleet]:
+    """Every worker's answer to the ``jobs`` query, gathered for ``timeout`` seconds."""
     from .messages import JobsQuery, WorkerJobs  # a status needs neither: one-shot verbs skip them
 
     correlation_id = correlation_id or uuid.uuid4().hex
     started = clock()
     first = yield Request(_request(WORKERS_EXCHANGE, "", JobsQuery().encode(), correlation_id), timeout)
+    fleet = Fleet()
     if not isinstance(first, Incoming):
-        return []  # no worker is there (or has ever run), or none answered in time
+        return fleet  # no worker is there (or has ever run), or none answered in time
     # Every worker answers once; their number is unknown, so gather for `timeout`.
-    jobs: list[dict[str, Any]] = []
     rest = yield Gather(correlation_id, max(timeout - (clock() - started), 0.0))
     for incoming in [first, *rest]:
         reply = read_reply(incoming, max_bytes)
         if reply.error is None and isinstance(reply.value, dict):
-            jobs.extend(WorkerJobs.decode(reply.value).jobs)
-    return jobs
+            answer = WorkerJobs.decode(reply.value)
+            fleet.workers.append({**answer.worker, "services": answer.services,
+                                  "running": len(answer.jobs)})
+            fleet.jobs.extend(answer.jobs)
+    return fleet
 
 
-def launches(batch: Sequence[Launch], *, reply_to: str | None = None) -> Call[None]:
+def launches(batch: Sequence[Launch], *, reply_to: str | None = None,
+             offered: MutableSet[str] | None = None) -> Call[None]:
     """Queue launches durably (persistent, confirmed, in flight together).
 
     ``reply_to``: a queue of the caller's that each job's final record is pushed to.
+    ``offered``: services known to have a launch queue (the caller's cache, added to here).
+
+    Raises:
+        UnknownService: no worker has ever offered one of the services (nothing was sent).
     """
-    messages = [Message("", LAUNCH_QUEUE, codec.encode(launch.encode()), persistent=True,
-                        message_id=launch.job_id, reply_to=reply_to) for launch in batch]
+    offered = set() if offered is None else offered
+    for service in sorted({launch.service for launch in batch} - set(offered)):
+        if not (yield QueueExists(launch_queue(service))):
+            raise UnknownService(f"no worker has ever offered service {service!r} on this broker "
+                                 f"(there is no queue {launch_queue(service)})")
+        offered.add(service)
+    messages = [Message(LAUNCHES_EXCHANGE, launch.service, codec.encode(launch.encode()),
+                        persistent=True, message_id=launch.job_id, reply_to=reply_to,
+                        type=LAUNCH_TYPE, headers={CC_HEADER: [journal_stream(launch.job_id)]})
+                for launch in batch]
     outcomes = yield Publish(messages, mandatory=True)
     for launch, routed in zip(batch, outcomes, strict=True):
         if routed is not Routed.DELIVERED:
-            raise BrokerConnectionError(f"the launch of job {launch.job_id} was not routed "
-                                        f"({routed.value})")
+            offered.discard(launch.service)
+            raise UnknownService(f"the launch of job {launch.job_id} was not routed "
+                                 f"({routed.value}): no queue of service {launch.service!r}")
 
 
 def control(message: Control) -> Call[None]:
-    """Send a control message to every worker, kept in the control stream for an hour."""
+    """Send a control message to every worker, kept in the control stream for an hour.
+
+    Raises:
+        UnknownService: it names a service no worker has ever offered.
+    """
+    if message.service is not None and not (yield QueueExists(launch_queue(message.service))):
+        raise UnknownService(f"no worker has ever offered service {message.service!r} on this broker")
     body = codec.encode(message.encode())
     (routed,) = yield Publish([Message(CONTROL_EXCHANGE, "", body, persistent=True,
                                        message_id=uuid.uuid4().hex)])
@@ -232,62 +245,3 @@ def control(message: Control) -> Call[None]:
         raise BrokerConnectionError(f"the control message was not routed ({routed.value})")
 
 
-class RecordSearch:
-    """Find job ``job_id``'s final record in the records stream.
-
-    Consume ``RESULTS_STREAM`` from :attr:`offset` with a prefetch of :attr:`PREFETCH`
-    (RabbitMQ requires one for streams), acknowledging every message, and :meth:`feed` each
-    one until it returns True. Without ``wait``, publish :attr:`probe` once consuming has
-    started: a stream has no end marker over AMQP 0-9-1, and everything stored before the
-    probe comes before it. Then :attr:`record` is the record, or None if it is not there.
-    """
-
-    PREFETCH = 500
-
-    def __init__(self, job_id: str, *, wait: bool) -> None:
-        self.job_id = job_id
-        self.record: dict[str, Any] | None = None
-        self.done = False
-        self.probe: Message | None = None
-        if not wait:
-            self.probe = Message("", RESULTS_STREAM, b"{}", message_id=f"probe-{uuid.uuid4().hex}",
-                                 type=PROBE_TYPE)
-
-    @property
-    def offset(self) -> datetime | str:
-        """Where to start: the job's launch time (less a margin for clock skew), if known."""
-        launched = job_time(self.job_id)
-        if launched is None:
-            return "first"
-        return datetime.fromtimestamp(launched - RECORD_TIME_MARGIN, tz=timezone.utc)
-
-    def feed(self, message: Incoming) -> bool:
-        """Look at one message of the stream; True once the search is over."""
-        if self.done:
-            return True
-        if message.message_id == self.job_id and message.type == RECORD_TYPE:
-            self.record, _ = codec.decode_object(message.body, message.content_type)
-            self.done = True
-        elif self.probe is not None and message.message_id == self.probe.message_id:
-            self.done = True
-        return self.done
-
-
-def drive(call: Call[T], act: Callable[[Command], Any]) -> T:
-    """Run ``call`` to its end, answering each command with ``act(command)`` (blocking I/O)."""
-    try:
-        command = next(call)
-        while True:
-            command = call.send(act(command))
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
-
-
-async def drive_async(call: Call[T], act: Callable[[Command], Awaitable[Any]]) -> T:
-    """Run ``call`` to its end, answering each command with ``await act(command)``."""
-    try:
-        command = next(call)
-        while True:
-            command = call.send(await act(command))
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]

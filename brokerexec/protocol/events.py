@@ -17,7 +17,7 @@ from .names import PROTOCOL_VERSION, event_routing_key
 __all__ = ["EVENT_KINDS", "Event"]
 
 #: The first word of an event's routing key.
-EVENT_KINDS: Final = ("state", "progress", "improved", "checkpoint")
+EVENT_KINDS: Final = ("state", "progress", "improved", "checkpoint", "error")
 _TERMINAL_STATES: Final = frozenset({"finished", "failed", "aborted"})
 
 
@@ -26,8 +26,9 @@ class Event:
     """One job event.
 
     Attributes:
-        kind: ``state``, ``progress``, ``improved`` or ``checkpoint``.
-        seq: counts the job's events from 0, so readers can drop repeats.
+        kind: ``state``, ``progress``, ``improved``, ``checkpoint`` or ``error`` (something
+            failed that did not end the job: ``{"during": "checkpoint", "error": {...}}``).
+        seq: counts the job's events from 0 (in each attempt), so readers can drop repeats.
         time: when it was emitted (epoch seconds).
         data: ``state``: ``{"from", "to", "start", "end"}``; ``progress``: the service's
             progress plus ``elapsed``; ``improved`` and ``checkpoint``: ``{"state": ...}``.
@@ -39,6 +40,8 @@ class Event:
     seq: int
     time: float
     data: dict[str, Any]
+    #: The execution that sent it: readers drop events of attempts older than one seen.
+    attempt: int = 1
 
     @property
     def routing_key(self) -> str:
@@ -52,7 +55,8 @@ class Event:
 
     def encode(self) -> dict[str, Any]:
         return {"v": PROTOCOL_VERSION, "kind": self.kind, "job_id": self.job_id,
-                "service": self.service, "seq": self.seq, "time": self.time, "data": self.data}
+                "service": self.service, "seq": self.seq, "time": self.time, "data": self.data,
+                "attempt": self.attempt}
 
     @classmethod
     def decode(cls, body: object) -> Event:
@@ -63,6 +67,6 @@ class Event:
         try:
             return cls(kind=kind, job_id=str(body["job_id"]), service=str(body["service"]),
                        seq=int(body.get("seq", 0)), time=float(body.get("time", 0.0)),
-                       data=dict(body.get("data") or {}))
+                       data=dict(body.get("data") or {}), attempt=int(body.get("attempt", 1)))
         except (KeyError, TypeError, ValueError) as exc:
             raise DecodeError(f"malformed event: {exc!r}") from exc

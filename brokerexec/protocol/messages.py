@@ -5,7 +5,9 @@ raises :class:`~brokerexec.DecodeError` saying what was wrong). ``docs/protocol.
 reference; this module is its code. Events and replies are in :mod:`.events` and
 :mod:`.replies`; the RPC to one job, :class:`~.intents.Signal`, in :mod:`.intents`.
 
-* :class:`Launch` — queue ``brokerexec.launch``: start a job.
+* :class:`Launch` — exchange ``brokerexec.launches``, key = service: start a job.
+* :class:`Lease` — a worker's proof of a claimed job, and the launch it becomes again if
+  the worker dies (with the attempt and where its last checkpoint is).
 * :class:`Control` — exchange ``brokerexec.control``: pause, resume or abort every job.
 * :class:`JobsQuery` / :class:`WorkerJobs` / :class:`JobSummary` — the ``jobs`` query.
 * :class:`Record` — a job's final record: the one builder of every record.
@@ -24,7 +26,7 @@ from ..states import TERMINAL, JobState
 from .intents import Intent
 from .names import PROTOCOL_VERSION, check_name, new_job_id
 
-__all__ = ["JobSummary", "JobsQuery", "Launch", "Record", "WorkerJobs"]
+__all__ = ["JobSummary", "JobsQuery", "Launch", "Lease", "Record", "WorkerJobs"]
 
 def _check_version(body: dict[str, Any], what: str) -> None:
     version = body.get("v", PROTOCOL_VERSION)
@@ -82,6 +84,61 @@ class Launch:
 
 
 @dataclass(frozen=True)
+class Lease:
+    """A claimed job's lease (see ``names.LEASES_EXCHANGE``): what a worker that resumes the
+    job needs, should its holder die; and, sent straight to the launch queue, a job handed
+    over by a worker that stops gracefully (``handed_over``).
+
+    ``attempt`` is the holder's execution; ``started`` when that execution began (epoch
+    seconds); ``checkpoint`` where the job's newest stored checkpoint is in the journal
+    (``{"time", "attempt"}``), or None; ``reply_to`` the launching client's queue.
+    """
+
+    launch: Launch
+    attempt: int
+    worker: dict[str, Any]
+    started: float
+    reply_to: str | None = None
+    checkpoint: dict[str, Any] | None = None
+    handed_over: bool = False
+
+    @property
+    def since(self) -> float:
+        """Where a resuming worker starts reading the job's journal: the holder's start, or
+        its checkpoint if older (one of an earlier attempt)."""
+        if self.checkpoint is not None:
+            return min(self.started, float(self.checkpoint["time"]))
+        return self.started
+
+    def encode(self) -> dict[str, Any]:
+        body = {"v": PROTOCOL_VERSION, "launch": self.launch.encode(), "attempt": self.attempt,
+                "worker": self.worker, "started": self.started, "reply_to": self.reply_to,
+                "checkpoint": self.checkpoint}
+        if self.handed_over:
+            body["handed_over"] = True
+        return body
+
+    @classmethod
+    def decode(cls, body: object) -> Lease:
+        body = expect_object(body, "a lease")
+        _check_version(body, "lease")
+        attempt = body.get("attempt")
+        if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
+            raise DecodeError(f"a lease's attempt must be a positive integer, got {attempt!r}")
+        reply_to, checkpoint, worker = body.get("reply_to"), body.get("checkpoint"), body.get("worker")
+        if reply_to is not None and not isinstance(reply_to, str):
+            raise DecodeError("a lease's reply_to must be a string or null")
+        if checkpoint is not None and not (isinstance(checkpoint, dict)
+                                           and isinstance(checkpoint.get("time"), int | float)):
+            raise DecodeError("a lease's checkpoint must be null or an object with a time")
+        started = _number(body, "started")
+        if started is None:
+            raise DecodeError("a lease must say when its execution started")
+        return cls(Launch.decode(body.get("launch")), attempt, worker if isinstance(worker, dict) else {},
+                   started, reply_to, checkpoint, bool(body.get("handed_over", False)))
+
+
+@dataclass(frozen=True)
 class Control:
     """Pause, resume or abort every job (of one service), on every worker.
 
@@ -92,15 +149,18 @@ class Control:
     intent: Intent
     service: str | None = None
     sent: float | None = None
+    #: One job only (an abort of a job that is still queued: its launch must never run).
+    job_id: str | None = None
 
     def __post_init__(self) -> None:
         if not self.intent.spec.to_every_job:
             raise DecodeError(f"a control message may pause, resume or abort every job, "
                               f"not {self.intent.value}")
 
-    def applies_to(self, service: str, started: float) -> bool:
-        """True for a job of ``service`` that started at ``started`` (epoch seconds)."""
-        return ((self.service is None or self.service == service)
+    def applies_to(self, job_id: str, service: str, started: float) -> bool:
+        """True for job ``job_id`` of ``service``, started (or launched) at ``started``."""
+        return ((self.job_id is None or self.job_id == job_id)
+                and (self.service is None or self.service == service)
                 and (self.sent is None or started <= self.sent))
 
     def encode(self) -> dict[str, Any]:
@@ -109,15 +169,19 @@ class Control:
             body["service"] = self.service
         if self.sent is not None:
             body["sent"] = self.sent
+        if self.job_id is not None:
+            body["job_id"] = self.job_id
         return body
 
     @classmethod
     def decode(cls, body: object) -> Control:
         body = expect_object(body, "a control message")
-        service = body.get("service")
+        service, job_id = body.get("service"), body.get("job_id")
         if service is not None:
             check_name("service name", service)
-        return cls(Intent.parse(body.get("intent")), service, _number(body, "sent"))
+        if job_id is not None:
+            check_name("job id", job_id)
+        return cls(Intent.parse(body.get("intent")), service, _number(body, "sent"), job_id)
 
 
 @dataclass(frozen=True)
@@ -145,10 +209,12 @@ class JobSummary:
     started: float
     worker: dict[str, Any]
     progress: dict[str, Any] = field(default_factory=dict)
+    attempt: int = 1
 
     def encode(self) -> dict[str, Any]:
         return {"job_id": self.job_id, "service": self.service, "state": self.state,
-                "started": self.started, "worker": self.worker, "progress": self.progress}
+                "started": self.started, "worker": self.worker, "progress": self.progress,
+                "attempt": self.attempt}
 
 
 @dataclass(frozen=True)
@@ -157,9 +223,11 @@ class WorkerJobs:
 
     worker: dict[str, Any]
     jobs: list[dict[str, Any]]
+    #: The services it offers.
+    services: list[str] = field(default_factory=list)
 
     def encode(self) -> dict[str, Any]:
-        return {"worker": self.worker, "jobs": self.jobs}
+        return {"worker": self.worker, "jobs": self.jobs, "services": self.services}
 
     @classmethod
     def decode(cls, value: object) -> WorkerJobs:
@@ -168,7 +236,8 @@ class WorkerJobs:
         worker = body["worker"] if isinstance(body.get("worker"), dict) else {}
         jobs = [{**job, "worker": job.get("worker") or worker}
                 for job in body.get("jobs") or [] if isinstance(job, dict)]
-        return cls(worker, jobs)
+        services = [name for name in body.get("services") or [] if isinstance(name, str)]
+        return cls(worker, jobs, services)
 
 
 @dataclass(frozen=True)
@@ -188,6 +257,10 @@ class Record:
     end: float = 0.0
     worker: dict[str, Any] = field(default_factory=dict)
     abandoned: bool = False
+    #: The execution that ended (1 unless the job was resumed after losing its worker).
+    attempt: int = 1
+    #: Why it ended so, where that is not in ``error`` (``"cancelled while queued"``).
+    reason: str | None = None
 
     def __post_init__(self) -> None:
         if self.state not in TERMINAL:
@@ -201,11 +274,19 @@ class Record:
 
     @classmethod
     def of_outcome(cls, job_id: str, service: str, worker: dict[str, Any],
-                   outcome: Mapping[str, Any]) -> Record:
+                   outcome: Mapping[str, Any], attempt: int = 1) -> Record:
         """The record of a job that ran, from its handler's outcome."""
         return cls(job_id, service, JobState(outcome["state"]), outcome.get("result"),
                    outcome.get("error"), float(outcome.get("start") or 0.0),
-                   float(outcome.get("end") or 0.0), worker, bool(outcome.get("abandoned")))
+                   float(outcome.get("end") or 0.0), worker, bool(outcome.get("abandoned")),
+                   attempt, outcome.get("reason"))
+
+    @classmethod
+    def cancelled(cls, job_id: str, service: str, by: dict[str, Any], attempt: int = 1) -> Record:
+        """The record of a job aborted while no worker held it (queued, or resuming)."""
+        now = time.time()
+        return cls(job_id, service, JobState.ABORTED, None, None, now, now, by,
+                   attempt=max(attempt, 1), reason="cancelled while queued")
 
     def encode(self) -> dict[str, Any]:
         body = {"v": PROTOCOL_VERSION, "job_id": self.job_id, "service": self.service,
@@ -213,6 +294,10 @@ class Record:
                 "start": self.start, "end": self.end, "worker": self.worker}
         if self.abandoned:
             body["abandoned"] = True
+        if self.attempt != 1:
+            body["attempt"] = self.attempt
+        if self.reason is not None:
+            body["reason"] = self.reason
         return body
 
     @classmethod
@@ -227,8 +312,10 @@ class Record:
         error = body.get("error")
         if error is not None and not isinstance(error, dict):
             raise DecodeError("a record's error must be an object or null")
-        worker = body.get("worker")
+        worker, attempt, reason = body.get("worker"), body.get("attempt", 1), body.get("reason")
         return cls(check_name("job id", body.get("job_id")), str(body.get("service", "")), state,
                    body.get("result"), error, _number(body, "start", 0.0) or 0.0,
                    _number(body, "end", 0.0) or 0.0, worker if isinstance(worker, dict) else {},
-                   bool(body.get("abandoned", False)))
+                   bool(body.get("abandoned", False)),
+                   attempt if isinstance(attempt, int) and attempt > 0 else 1,
+                   reason if isinstance(reason, str) else None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import time
+import zlib
 from collections.abc import Mapping
 from typing import Final
 
@@ -28,9 +29,12 @@ BROADCAST_TOPIC: Final = "[broadcast]"
 KIWIPY_MESSAGE_TTL_MS: Final = 66_000
 
 # --- brokerexec's own objects ---------------------------------------------------------------
-#: Durable queue of launch requests, consumed by every worker (default exchange).
-LAUNCH_QUEUE: Final = "brokerexec.launch"
-#: Where launches that cannot be decoded or run are dead-lettered at once.
+#: Direct exchange of launches, routing key = the service's name, to the service's own
+#: durable queue ``brokerexec.launches.<service>``: a worker consumes the queues of the
+#: services it offers, so a fleet of workers with different services shares one broker.
+LAUNCHES_EXCHANGE: Final = "brokerexec.launches"
+LAUNCH_QUEUE_PREFIX: Final = "brokerexec.launches."
+#: Where launches that cannot be decoded (and carry no readable job id) are dead-lettered.
 DEAD_LETTER_EXCHANGE: Final = "brokerexec.dead"
 DEAD_LETTER_QUEUE: Final = "brokerexec.launch.dead"
 #: Topic exchange of job events; routing key ``<kind>.<service>.<job id>``.
@@ -41,10 +45,23 @@ CONTROL_STREAM: Final = "brokerexec.control"
 #: Fanout exchange on which every worker answers the ``jobs`` query and RPCs to jobs that
 #: are not claimed yet.
 WORKERS_EXCHANGE: Final = "brokerexec.workers"
-#: Stream of every job's final record (``message_id`` = job id).
-#: One shared structure instead of a queue per job: creating and deleting a queue costs
-#: the broker about 2.4 ms of CPU, more than a whole trivial job may (docs/performance.md).
-RESULTS_STREAM: Final = "brokerexec.results"
+#: The journal: every job's life, from its launch to its final record, in one of
+#: ``JOURNAL_BUCKETS`` streams ``brokerexec.jobs.<bucket>`` chosen by the job id
+#: (:func:`journal_stream`). Shared structures instead of a queue per job (creating and
+#: deleting a queue costs the broker about 2.4 ms of CPU, more than a whole trivial job may).
+#: A look-up reads its job's stream from the job's launch time up to its record, so its cost
+#: does not grow with what ended since. Few of them: each stream holds two files open on the
+#: broker, and each reader two more (a broker at the default limit of 1024 runs out of file
+#: descriptors with 256 streams and a scan of them all).
+JOURNAL_PREFIX: Final = "brokerexec.jobs."
+JOURNAL_BUCKETS: Final = 16
+#: Direct exchange of the workers' leases; each worker's lease queue
+#: ``brokerexec.leases.<worker id>`` is bound with its own name. A worker holds one lease
+#: per claimed job, unacknowledged; when the worker dies they come back, expire at once and
+#: are dead-lettered, by their ``CC`` routing key, into the service's launch queue: the job
+#: is launched again, to be resumed from its last checkpoint.
+LEASES_EXCHANGE: Final = "brokerexec.leases"
+LEASE_QUEUE_PREFIX: Final = "brokerexec.leases."
 #: Workers hear kiwipy broadcasts through these, so that the broker, not each worker, drops
 #: the ``state_changed`` broadcasts of jobs (two per job, for every worker process): a
 #: headers exchange bound to kiwipy's with ``[broadcast]`` sends the messages carrying
@@ -66,13 +83,23 @@ DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
 JOB_ID_HEADER: Final = "x-job-id"
 DEADLINE_HEADER: Final = "x-deadline"  # epoch seconds, int or float
 DEADLINE_MS_HEADER: Final = "x-deadline-ms"  # epoch milliseconds, int (pika sends no floats)
-#: RabbitMQ's sender-selected distribution: extra routing keys, stripped before delivery.
+#: RabbitMQ's sender-selected distribution: extra routing keys (``CC`` kept, ``BCC`` stripped
+#: before delivery; both used again when a message is dead-lettered).
+CC_HEADER: Final = "CC"
 BCC_HEADER: Final = "BCC"
+#: The attempt (execution epoch) a journal entry, lease or event belongs to.
+ATTEMPT_HEADER: Final = "x-attempt"
 #: The header of the jobs' ``state_changed`` broadcasts that the workers' filter drops.
 STATE_CHANGED_HEADER: Final = ("brokerexec-kind", "state_changed")
-#: AMQP ``type`` of a record, and of a probe a reader appends to find the stream's end.
+#: AMQP ``type`` of each kind of journal entry, and of a probe a reader appends to find a
+#: stream's end (``protocol/journal.py``).
+LAUNCH_TYPE: Final = "brokerexec.launch"
+STARTED_TYPE: Final = "brokerexec.started"
+CHECKPOINT_TYPE: Final = "brokerexec.checkpoint"
 RECORD_TYPE: Final = "brokerexec.record"
 PROBE_TYPE: Final = "brokerexec.probe"
+#: AMQP ``type`` of a lease (and of the launch it becomes when its worker dies).
+LEASE_TYPE: Final = "brokerexec.lease"
 #: AMQP ``type`` of the ``state_changed`` broadcasts jobs send for kiwipy tools.
 STATE_CHANGED_TYPE: Final = "brokerexec.state_changed"
 #: Content type of every body brokerexec sends.
@@ -112,6 +139,30 @@ def job_time(job_id: str) -> float | None:
         return None
     # uuid4 hex also parses: accept only plausible times (2020 .. a day ahead).
     return stamp if 1.5e9 < stamp < time.time() + 86400 else None
+
+
+def launch_queue(service: str) -> str:
+    """The durable queue of service ``service``'s launches."""
+    return f"{LAUNCH_QUEUE_PREFIX}{service}"
+
+
+def journal_bucket(job_id: str) -> int:
+    """Which journal stream holds job ``job_id``'s entries (crc32: any id, evenly)."""
+    return zlib.crc32(job_id.encode("utf-8")) % JOURNAL_BUCKETS
+
+
+def journal_stream(job_id: str) -> str:
+    """The journal stream of job ``job_id``."""
+    return journal_stream_of_bucket(journal_bucket(job_id))
+
+
+def journal_stream_of_bucket(bucket: int) -> str:
+    return f"{JOURNAL_PREFIX}{bucket:02x}"
+
+
+def lease_queue(worker_id: str) -> str:
+    """The lease queue of one worker."""
+    return f"{LEASE_QUEUE_PREFIX}{worker_id}"
 
 
 def rpc_routing_key(job_id: str) -> str:

@@ -2,7 +2,7 @@
 
 ::
 
-    {"pending": null}                          the final reply follows
+    {"pending": null, "attempt": 2}            the final reply follows (from attempt 2)
     {"result": <value>}                        done
     {"exception": "<type>: <message>", "error": {"type", "message", "traceback"}}
 
@@ -29,6 +29,14 @@ class Reply:
     pending: bool = False
     value: Any = None
     error: dict[str, str] | None = None
+    #: Of a pending reply: the job's execution that holds the signal (None: not said). If
+    #: the job's attempt has changed when the final reply is due, it will never come.
+    attempt: int | None = None
+
+    @classmethod
+    def pending_in(cls, attempt: int | None) -> Reply:
+        """The pending reply of a job's execution ``attempt``."""
+        return PENDING if attempt is None else cls(pending=True, attempt=attempt)
 
     @classmethod
     def result(cls, value: Any) -> Reply:
@@ -44,7 +52,8 @@ class Reply:
 
     def encode(self) -> dict[str, Any]:
         if self.pending:
-            return {"pending": None}
+            return {"pending": None} if self.attempt is None else {"pending": None,
+                                                                   "attempt": self.attempt}
         if self.error is not None:
             return {"exception": f"{self.error['type']}: {self.error['message']}", "error": self.error}
         return {"result": self.value}
@@ -53,7 +62,8 @@ class Reply:
     def decode(cls, body: object) -> Reply:
         reply = expect_object(body, "a reply")
         if "pending" in reply:
-            return PENDING
+            attempt = reply.get("attempt")
+            return Reply.pending_in(attempt if isinstance(attempt, int) and attempt > 0 else None)
         if "result" in reply:
             return cls(value=reply["result"])
         if isinstance(reply.get("error"), dict):

@@ -20,14 +20,18 @@ from .names import (
     DEAD_LETTER_QUEUE,
     DISCARD_EXCHANGE,
     EVENTS_EXCHANGE,
+    JOURNAL_BUCKETS,
     KIWIPY_EXCHANGE,
     KIWIPY_FILTER_EXCHANGE,
     KIWIPY_MESSAGE_TTL_MS,
     KIWIPY_OTHERS_EXCHANGE,
-    LAUNCH_QUEUE,
-    RESULTS_STREAM,
+    LAUNCHES_EXCHANGE,
+    LEASES_EXCHANGE,
     STATE_CHANGED_HEADER,
     WORKERS_EXCHANGE,
+    journal_stream_of_bucket,
+    launch_queue,
+    lease_queue,
 )
 
 __all__ = [
@@ -35,15 +39,14 @@ __all__ = [
     "CONTROL",
     "EXCHANGES",
     "EXCHANGE_BINDINGS",
-    "LAUNCH",
-    "OLD_LAUNCH_QUEUE_ARGUMENTS",
-    "OLD_LAUNCH_QUEUE_WARNING",
+    "JOURNAL",
     "QUEUES",
-    "RESULTS",
     "RPC_QUEUE_ARGUMENTS",
     "ExchangeBinding",
     "ExchangeSpec",
     "QueueSpec",
+    "launch_queue_spec",
+    "lease_queue_spec",
 ]
 
 _Arguments = MappingProxyType[str, Any]
@@ -70,6 +73,8 @@ class QueueSpec:
     name: str
     arguments: _Arguments = field(default_factory=_frozen)
     bound_to: tuple[str, ...] = ()
+    #: The routing key of those bindings.
+    routing_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -92,31 +97,55 @@ EXCHANGES: Final = (
     ExchangeSpec(DEAD_LETTER_EXCHANGE, "fanout"),
     ExchangeSpec(KIWIPY_OTHERS_EXCHANGE, "fanout"),
     ExchangeSpec(DISCARD_EXCHANGE, "fanout"),
+    ExchangeSpec(LAUNCHES_EXCHANGE, "direct"),
+    ExchangeSpec(LEASES_EXCHANGE, "direct"),
     # The workers' view of kiwipy broadcasts, without the jobs' own state_changed ones
     # (names.KIWIPY_FILTER_EXCHANGE says how).
     ExchangeSpec(KIWIPY_FILTER_EXCHANGE, "headers",
                  arguments=_frozen(**{"alternate-exchange": KIWIPY_OTHERS_EXCHANGE})),
 )
 
-#: A version-2 classic queue confirms a persistent launch in about half the time of a
-#: version-1 one (0.6 against 1.2 ms here, RabbitMQ 3.10), and costs the broker less CPU.
-LAUNCH: Final = QueueSpec(LAUNCH_QUEUE, _frozen(**{"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
-                                                   "x-queue-version": 2}))
-#: What a launch queue made before version 2 was asked for has; still accepted as it is.
-OLD_LAUNCH_QUEUE_ARGUMENTS: Final = _frozen(**{"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE})
-OLD_LAUNCH_QUEUE_WARNING: Final = (
-    "the queue %s is a version-1 classic queue, made by an older brokerexec: it works, but "
-    "launches take about twice as long to confirm. To upgrade it, stop the workers once it is "
-    "empty and delete it (rabbitmqctl delete_queue %s); the next worker declares it anew.")
 DEAD_LETTERS: Final = QueueSpec(DEAD_LETTER_QUEUE, bound_to=(DEAD_LETTER_EXCHANGE,))
-#: Retention applies per segment: small segments let old records go close to their age.
-RESULTS: Final = QueueSpec(RESULTS_STREAM, _frozen(**{
-    "x-queue-type": "stream", "x-max-age": "24h", "x-stream-max-segment-size-bytes": 8_000_000}))
 CONTROL: Final = QueueSpec(CONTROL_STREAM, _frozen(**{"x-queue-type": "stream", "x-max-age": "1h"}),
                            bound_to=(CONTROL_EXCHANGE,))
-#: The launch queue apart: a queue made by an older version must not close the channel
-#: that declares the others (``transport/amqp_declare.py``).
-QUEUES: Final = (DEAD_LETTERS, CONTROL, RESULTS)
+#: The journal streams, each bound to the launches exchange with its own name: a launch
+#: reaches its job's stream too, by the ``CC`` routing key it carries (one publish, one
+#: confirm). Retention applies per segment: small segments let old entries go close to
+#: their age.
+JOURNAL_ARGUMENTS: Final = _frozen(**{"x-queue-type": "stream", "x-max-age": "24h",
+                                      "x-stream-max-segment-size-bytes": 4_000_000})
+JOURNAL: Final = tuple(
+    QueueSpec(name, JOURNAL_ARGUMENTS, bound_to=(LAUNCHES_EXCHANGE,), routing_key=name)
+    for name in (journal_stream_of_bucket(bucket) for bucket in range(JOURNAL_BUCKETS)))
+#: The shared queues besides the journal (declared apart, JOURNAL).
+QUEUES: Final = (DEAD_LETTERS, CONTROL)
+
+
+def launch_queue_spec(service: str) -> QueueSpec:
+    """A service's launch queue. A version-2 classic queue confirms a persistent launch in
+    about half the time of a version-1 one (0.6 against 1.2 ms here, RabbitMQ 3.10)."""
+    name = launch_queue(service)
+    return QueueSpec(name, _frozen(**{"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+                                      "x-queue-version": 2}),
+                     bound_to=(LAUNCHES_EXCHANGE,), routing_key=service)
+
+
+#: How long a lease lives once nobody holds it: it expires at once, since its time-to-live
+#: counts from when it was published.
+LEASE_TTL_MS: Final = 1_000
+#: A worker's lease queue is dropped this long after its worker last consumed it.
+LEASE_QUEUE_EXPIRES_MS: Final = 3_600_000
+
+
+def lease_queue_spec(worker_id: str) -> QueueSpec:
+    """One worker's lease queue: a quorum queue, so that leases survive a broker restart and
+    are dead-lettered at least once (into the launch queue their ``CC`` key names)."""
+    name = lease_queue(worker_id)
+    return QueueSpec(name, _frozen(**{
+        "x-queue-type": "quorum", "x-message-ttl": LEASE_TTL_MS,
+        "x-dead-letter-exchange": LAUNCHES_EXCHANGE, "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish", "x-expires": LEASE_QUEUE_EXPIRES_MS}),
+        bound_to=(LEASES_EXCHANGE,), routing_key=name)
 
 EXCHANGE_BINDINGS: Final = (
     # kiwipy's transient exchange loses this binding with a broker restart: declared again

@@ -1,0 +1,150 @@
+"""The commands a client call yields to its transport, and the loops that answer them.
+
+A *call* (:mod:`.calls`, :mod:`.lookups`) is a generator. It yields commands — publish these
+messages, send a request and wait for what comes back, read the journal — and is sent back
+what happened. The blocking adapter (``transport/pika_caller.py``) and the asyncio adapter
+(``transport/amqp_client.py``) answer the same commands and differ only in how bytes move.
+
+The commands are named tuples: cheap to define, and imported by every one-shot CLI verb.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+
+from .names import JSON_CONTENT_TYPE
+
+if TYPE_CHECKING:
+    from .journal import JournalReader
+
+__all__ = ["Browse", "Call", "Command", "Gather", "Incoming", "Message", "NextReply", "Publish",
+           "QueueExists", "ReadJournal", "Request", "Routed", "drive", "drive_async"]
+
+T = TypeVar("T")
+
+
+class Message(NamedTuple):
+    """An outgoing AMQP message, with the properties brokerexec uses."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    headers: Mapping[str, Any] | None = None
+    persistent: bool = False
+    message_id: str | None = None
+    type: str | None = None
+    content_type: str = JSON_CONTENT_TYPE
+
+
+class Incoming(NamedTuple):
+    """A delivered message as a call sees it: body and the properties it reads."""
+
+    body: bytes
+    content_type: str | None = None
+    message_id: str | None = None
+    type: str | None = None
+    reply_to: str | None = None
+
+
+class Routed(enum.Enum):
+    """What the broker did with a published message."""
+
+    DELIVERED = "delivered"  # confirmed, routed to at least one queue
+    RETURNED = "returned"  # mandatory, and routed nowhere (basic.return)
+    NO_EXCHANGE = "no exchange"  # the exchange does not exist (NOT_FOUND)
+
+
+class Publish(NamedTuple):
+    """Publish ``messages`` (confirmed, in flight together); answered with a ``Routed`` each."""
+
+    messages: Sequence[Message]
+    mandatory: bool = False
+
+
+class Request(NamedTuple):
+    """Publish ``message`` (mandatory) and wait up to ``seconds`` for what comes back first.
+
+    Answered with the first reply (:class:`Incoming`), ``Routed.RETURNED`` (no queue took
+    it), ``Routed.NO_EXCHANGE``, or None (nothing within ``seconds``). The reply, or the
+    return, is the broker's answer: a request needs no publisher confirm, which saves a
+    round trip on the way to the reply.
+    """
+
+    message: Message
+    seconds: float | None
+
+
+class NextReply(NamedTuple):
+    """Wait up to ``seconds`` (None: forever) for the next reply with ``correlation_id``;
+    answered with the :class:`Incoming` reply, or None on time-out."""
+
+    correlation_id: str
+    seconds: float | None
+
+
+class Gather(NamedTuple):
+    """Collect every reply with ``correlation_id`` for ``seconds``; answered with a list."""
+
+    correlation_id: str
+    seconds: float
+
+
+class QueueExists(NamedTuple):
+    """Does queue ``name`` exist? (a passive declare); answered True or False."""
+
+    name: str
+
+
+class ReadJournal(NamedTuple):
+    """Feed ``reader`` (:mod:`.journal`) the journal streams it names until it is done, or
+    for ``seconds`` (None: no limit); answered with the reader.
+
+    The adapter consumes each of ``reader.streams`` from ``reader.offset`` with a prefetch
+    of ``reader.PREFETCH`` (RabbitMQ requires one for streams), acknowledging each message
+    while the reader is not done, and publishes each probe of ``reader.probes`` to its stream
+    once it consumes. A stream that does not exist holds nothing: ``reader.missing(stream)``.
+    """
+
+    reader: JournalReader
+    seconds: float | None
+
+
+class Browse(NamedTuple):
+    """The messages waiting in ``queues`` (at most ``limit`` of each), left where they are;
+    answered with ``{queue: [Incoming, ...]}`` (a missing queue has none).
+
+    Taken unacknowledged and given back: each comes back marked redelivered, which costs its
+    worker a claim before it starts (``transport/amqp_ownership.py``).
+    """
+
+    queues: Sequence[str]
+    limit: int
+
+
+Command = Publish | Request | NextReply | Gather | QueueExists | ReadJournal | Browse
+#: A call: yields commands, is sent their outcomes, returns the answer.
+Call = Generator[Command, Any, T]
+
+
+def drive(call: Call[T], act: Callable[[Command], Any]) -> T:
+    """Run ``call`` to its end, answering each command with ``act(command)`` (blocking I/O)."""
+    try:
+        command = next(call)
+        while True:
+            command = call.send(act(command))
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+async def drive_async(call: Call[T], act: Callable[[Command], Awaitable[Any]]) -> T:
+    """Run ``call`` to its end, answering each command with ``await act(command)``."""
+    try:
+        command = next(call)
+        while True:
+            command = call.send(await act(command))
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]

@@ -1,0 +1,279 @@
+"""The journal: every job's life in the broker, from its launch to its final record.
+
+Each job's entries go to one of the journal streams, chosen by its id
+(:func:`~.names.journal_stream`), with ``message_id`` = the job id, the kind as the AMQP
+``type`` and the attempt in the ``x-attempt`` header:
+
+==============  ======================================  =================================
+type            body                                    written by
+==============  ======================================  =================================
+``launch``      the :class:`~.messages.Launch`           the client: the launch itself,
+                                                        routed here by its ``CC`` key
+``started``     ``{job_id, service, attempt, worker,    the worker, when it claims the job
+                time}``                                 (a job that ends sooner has none)
+``checkpoint``  ``{job_id, service, attempt, time,      the worker, each checkpoint
+                state}``
+``record``      the :class:`~.messages.Record`           the worker at the end (or the client
+                                                        that cancels a queued job)
+==============  ======================================  =================================
+
+:class:`JobHistory` folds one job's entries into what is known of it; newer attempts fence
+older ones: an entry of an attempt older than the newest one started is ignored.
+:class:`JournalSearch` reads one job's entries and :class:`JournalScan` the records of
+every job that ended lately: sans-I/O readers, like the calls of :mod:`.calls`, that a
+transport feeds (:class:`~.commands.ReadJournal`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Final, Protocol
+
+from .. import codec
+from ..errors import DecodeError
+from .commands import Incoming, Message
+from .names import (
+    CHECKPOINT_TYPE,
+    JOURNAL_BUCKETS,
+    LAUNCH_TYPE,
+    PROBE_TYPE,
+    RECORD_TIME_MARGIN,
+    RECORD_TYPE,
+    STARTED_TYPE,
+    job_time,
+    journal_stream,
+    journal_stream_of_bucket,
+)
+
+__all__ = ["ENTRY_TYPES", "JobHistory", "JournalReader", "JournalScan", "JournalSearch",
+           "checkpoint_entry", "probe_message", "started_entry"]
+
+#: The kinds of journal entry a reader takes in; anything else in the stream is skipped.
+ENTRY_TYPES: Final = frozenset({LAUNCH_TYPE, STARTED_TYPE, CHECKPOINT_TYPE, RECORD_TYPE})
+
+
+def started_entry(job_id: str, service: str, attempt: int, worker: dict[str, Any],
+                  time: float) -> dict[str, Any]:
+    """The body of a ``started`` entry."""
+    return {"v": 1, "job_id": job_id, "service": service, "attempt": attempt, "worker": worker,
+            "time": time}
+
+
+def checkpoint_entry(job_id: str, service: str, attempt: int, time: float,
+                     state: Any) -> dict[str, Any]:
+    """The body of a ``checkpoint`` entry."""
+    return {"v": 1, "job_id": job_id, "service": service, "attempt": attempt, "time": time,
+            "state": state}
+
+
+def _attempt(body: dict[str, Any]) -> int:
+    attempt = body.get("attempt", 1)
+    return attempt if isinstance(attempt, int) and not isinstance(attempt, bool) and attempt > 0 else 1
+
+
+@dataclass
+class JobHistory:
+    """What the journal says of one job (see the module docstring)."""
+
+    job_id: str
+    launch: dict[str, Any] | None = None
+    started: dict[str, Any] | None = None  # the newest attempt's
+    checkpoint: dict[str, Any] | None = None  # the newest, of the newest attempt that has one
+    record: dict[str, Any] | None = None
+    attempt: int = 0  # the newest attempt started (0: none seen)
+    entries: int = field(default=0, repr=False)
+
+    def add(self, kind: str, body: dict[str, Any]) -> None:
+        """Take in one entry of this job, in stream order (one that names another job in its
+        body is ignored: nobody can make a job resume from another job's checkpoint)."""
+        named = body.get("job_id")
+        if named is not None and named != self.job_id:
+            return
+        self.entries += 1
+        attempt = _attempt(body)
+        if kind == LAUNCH_TYPE:
+            self.launch = self.launch or body
+        elif kind == STARTED_TYPE and attempt >= self.attempt:
+            self.attempt, self.started = attempt, body
+            if self.record is not None and _attempt(self.record) < attempt:
+                self.record = None  # an older attempt's record, fenced off
+        elif kind == CHECKPOINT_TYPE and attempt >= self.attempt:
+            if self.checkpoint is None or attempt >= _attempt(self.checkpoint):
+                self.checkpoint = body
+        elif kind == RECORD_TYPE and attempt >= self.attempt and self.record is None:
+            self.record = body  # the first record of the newest attempt: delivered once
+
+    @property
+    def known(self) -> bool:
+        """True if the journal has anything of the job (it was launched)."""
+        return self.entries > 0
+
+    def status(self) -> dict[str, Any] | None:
+        """The job's status as the journal tells it, or None if it knows nothing of it.
+
+        ``queued``: launched, not taken yet; ``resuming``: started, no record, and (the
+        caller found) no worker answering for it; else the record's state.
+        """
+        if self.record is not None:
+            return {"state": self.record.get("state"), "paused": False, "record": self.record,
+                    "attempt": _attempt(self.record)}
+        service = (self.started or self.launch or {}).get("service")
+        if self.started is not None:
+            return {"state": "resuming", "paused": False, "service": service, "attempt": self.attempt,
+                    "since": self.started.get("time"), "worker": self.started.get("worker")}
+        if self.launch is not None:
+            return {"state": "queued", "paused": False, "service": service, "attempt": 0,
+                    "since": self.launch.get("sent")}
+        return None
+
+
+
+class JournalReader(Protocol):
+    """What :class:`~.commands.ReadJournal` drives: a reader of some journal streams."""
+
+    PREFETCH: int
+    streams: tuple[str, ...]
+    #: ``{stream: message id}`` of the probe to publish to each stream once consuming.
+    probes: dict[str, str]
+    done: bool
+
+    @property
+    def offset(self) -> datetime | str:
+        """Where to start reading each stream (a time, or ``"first"``)."""
+
+    def feed(self, stream: str, message: Incoming) -> bool:
+        """Take in one message of ``stream``; True once the reading is over."""
+
+    def missing(self, stream: str) -> bool:
+        """``stream`` does not exist: nothing was ever written there; True if over."""
+
+
+def _offset(start: float | None) -> datetime | str:
+    if start is None or start < 1.5e9:  # not a time this century: read it all
+        return "first"
+    return datetime.fromtimestamp(start - RECORD_TIME_MARGIN, tz=timezone.utc)
+
+
+def _probe_id() -> str:
+    return f"probe-{os.urandom(12).hex()}"
+
+
+def probe_message(stream: str, probe_id: str) -> Message:
+    """The probe a reader appends to ``stream``: a stream has no end marker over AMQP 0-9-1,
+    and everything stored before the probe comes before it."""
+    return Message("", stream, b"{}", message_id=probe_id, type=PROBE_TYPE)
+
+
+class JournalSearch:
+    """Read job ``job_id``'s entries from its journal stream into :attr:`history`.
+
+    Over at the job's record: what ended since is never read, so a look-up of an ended job
+    costs the same whatever the history holds. Without a record, over at the probe, unless
+    ``wait``: then at the probe only if the journal knows nothing of the job
+    (:attr:`not_found`: never launched, or its history expired). ``since`` starts later than
+    the launch (epoch seconds: where a lease says its attempt started or its last checkpoint
+    is).
+    """
+
+    PREFETCH = 500
+
+    def __init__(self, job_id: str, *, wait: bool, since: float | None = None) -> None:
+        self.job_id = job_id
+        self.stream = journal_stream(job_id)
+        self.streams: tuple[str, ...] = (self.stream,)
+        self.history = JobHistory(job_id)
+        self.done = False
+        self.probe_seen = False
+        self._wait = wait
+        self._start = since if since is not None else job_time(job_id)
+        self.probes = {self.stream: _probe_id()}
+
+    @property
+    def offset(self) -> datetime | str:
+        """``since``, or the job's launch time (from its id), less a margin for clock skew;
+        from the first entry for ids that carry no time."""
+        return _offset(self._start)
+
+    def feed(self, stream: str, message: Incoming) -> bool:
+        """Look at one message of the stream; True once the search is over.
+
+        Raises:
+            DecodeError: an entry of this job that cannot be decoded.
+        """
+        if self.done:
+            return True
+        if message.message_id == self.job_id and message.type in ENTRY_TYPES:
+            entry, _ = codec.decode_object(message.body, message.content_type)
+            if message.type == LAUNCH_TYPE and self.history.launch is None:
+                self.launch_reply_to = message.reply_to
+            self.history.add(message.type, entry)
+            if self.history.record is not None:
+                self.done = True  # nothing after a record changes how the job ended
+        elif message.message_id == self.probes[self.stream]:
+            self.probe_seen = True
+            if not self._wait or not self.history.known:
+                self.done = True
+        return self.done
+
+    def missing(self, stream: str) -> bool:
+        self.probe_seen = self.done = True
+        return True
+
+    #: The launching client's queue, from the launch entry (where its record is pushed).
+    launch_reply_to: str | None = None
+
+    @property
+    def record(self) -> dict[str, Any] | None:
+        return self.history.record
+
+    @property
+    def not_found(self) -> bool:
+        """Read to the probe, and nothing of the job was there."""
+        return self.probe_seen and not self.history.known
+
+
+class JournalScan:
+    """The records of every job that ended since ``since`` (epoch seconds), from all the
+    journal streams: :attr:`records`, the newest first, at most ``limit`` of them."""
+
+    PREFETCH = 200
+
+    def __init__(self, since: float, limit: int) -> None:
+        self.streams = tuple(journal_stream_of_bucket(b) for b in range(JOURNAL_BUCKETS))
+        self.probes = {stream: _probe_id() for stream in self.streams}
+        self.done = False
+        self.limit = limit
+        self._since = since
+        self._found: dict[str, dict[str, Any]] = {}
+        self._open = set(self.streams)
+
+    @property
+    def offset(self) -> datetime | str:
+        return _offset(self._since)
+
+    def feed(self, stream: str, message: Incoming) -> bool:
+        if self.done or stream not in self._open:
+            return self.done
+        if message.type == RECORD_TYPE and message.message_id:
+            try:
+                record, _ = codec.decode_object(message.body, message.content_type)
+            except DecodeError:
+                return False  # listing what ended: one bad entry hides nothing else
+            end = record.get("end")
+            if isinstance(end, int | float) and end >= self._since:
+                self._found.setdefault(message.message_id, record)  # the first record counts
+        elif message.message_id == self.probes[stream]:
+            return self.missing(stream)
+        return False
+
+    def missing(self, stream: str) -> bool:
+        self._open.discard(stream)
+        self.done = not self._open
+        return self.done
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        ordered = sorted(self._found.values(), key=lambda r: r.get("end") or 0.0, reverse=True)
+        return ordered[:self.limit]

@@ -1,0 +1,191 @@
+"""The client's calls that read the journal: a job's status and result wherever it is in its
+life, the abort of a job that has not started, and the listing of the fleet's jobs.
+
+Sans-I/O, like :mod:`.calls` (whose commands they yield): the blocking and the asyncio
+transports drive them alike.
+
+* ``status``: the job's worker answers if one holds it; else the journal tells: ended (its
+  record), ``queued`` (launched, not started), ``resuming`` (its worker was lost, or handed
+  it over; another takes it from its last checkpoint); else :class:`~brokerexec.JobNotFound`.
+  An ended job is answered from the journal without asking every worker.
+* ``abort``: a job that no worker holds yet is *cancelled*: a control message tells every
+  worker never to start it, and an aborted record ends it in the journal now, pushed to its
+  launching client too.
+* ``result``: the record, from the journal; an id the journal does not know is
+  :class:`~brokerexec.JobNotFound` at once, not a wait.
+* ``listing``: the running jobs (every worker answers), the queued ones (browsed in the
+  launch queues of the services offered), and with ``ended_since`` the records since then.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import codec
+from ..errors import DecodeError, InvalidState, JobNotFound
+from .calls import Fleet, fleet_query, rpc
+from .commands import Browse, Call, Incoming, Message, Publish, ReadJournal, Routed
+from .intents import Intent, Signal
+from .journal import JournalScan, JournalSearch
+from .names import (
+    BCC_HEADER,
+    CONTROL_EXCHANGE,
+    LEASE_TYPE,
+    RECORD_TYPE,
+    journal_stream,
+    launch_queue,
+    new_job_id,
+)
+
+__all__ = ["Listing", "abort", "listing", "result", "status"]
+
+#: How long a read of the journal to its probe may take at most (seconds): it ends at the
+#: probe, in milliseconds, unless the broker is in trouble.
+READ_LIMIT = 30.0
+
+
+def _unknown(job_id: str) -> JobNotFound:
+    return JobNotFound(f"no job {job_id}: no worker holds it and the journal has no trace of it "
+                       "(never launched, or ended over 24 h ago)")
+
+
+def _read(job_id: str, seconds: float | None, *, wait: bool = False) -> Call[JournalSearch]:
+    search = yield ReadJournal(JournalSearch(job_id, wait=wait), seconds)
+    assert isinstance(search, JournalSearch)
+    return search
+
+
+def status(job_id: str, *, timeout: float, locate_timeout: float, max_bytes: int) -> Call[dict[str, Any]]:
+    """The job's status, from its worker or from the journal (see the module docstring)."""
+    read: list[JournalSearch] = []
+
+    def ended() -> Call[dict[str, Any] | None]:
+        search = yield from _read(job_id, timeout)
+        read.append(search)
+        return search.history.status() if search.record is not None else None
+
+    try:
+        value: dict[str, Any] = yield from rpc(job_id, Signal.of(Intent.STATUS), timeout=timeout,
+                                               locate_timeout=locate_timeout, max_bytes=max_bytes,
+                                               unclaimed=ended)
+        return value
+    except JobNotFound:
+        search = read[0] if read else (yield from _read(job_id, timeout))
+    answer = search.history.status()
+    if answer is None:
+        raise _unknown(job_id) from None
+    return answer
+
+
+def abort(job_id: str, *, timeout: float, locate_timeout: float, max_bytes: int,
+          by: dict[str, Any]) -> Call[bool]:
+    """Abort the job where it runs; cancel it if no worker holds it yet (module docstring).
+
+    Raises:
+        InvalidState: it has ended already.
+        JobNotFound: the journal has no trace of it.
+    """
+    from .messages import Control, Record  # not for a one-shot status
+
+    try:
+        return bool((yield from rpc(job_id, Signal.of(Intent.ABORT), timeout=timeout,
+                                    locate_timeout=locate_timeout, max_bytes=max_bytes)))
+    except JobNotFound:
+        search = yield from _read(job_id, timeout)
+    history = search.history
+    if not history.known:
+        raise _unknown(job_id) from None
+    if history.record is not None:
+        raise InvalidState(f"job {job_id} has ended ({history.record.get('state')}): nothing to abort")
+    service = str((history.started or history.launch or {}).get("service", ""))
+    record = Record.cancelled(job_id, service, by, history.attempt)
+    headers = {BCC_HEADER: [search.launch_reply_to]} if search.launch_reply_to else None
+    control = Control(Intent.ABORT, service or None, time.time(), job_id)
+    outcomes = yield Publish([
+        Message(CONTROL_EXCHANGE, "", codec.encode(control.encode()), persistent=True,
+                message_id=new_job_id()),
+        Message("", journal_stream(job_id), codec.encode(record.encode()), persistent=True,
+                message_id=job_id, correlation_id=job_id, type=RECORD_TYPE, headers=headers)])
+    return all(routed is Routed.DELIVERED for routed in outcomes)
+
+
+def result(job_id: str, timeout: float | None) -> Call[dict[str, Any] | None]:
+    """The job's final record, waiting up to ``timeout`` s (0: none; None: no limit); None
+    if it has not ended by then.
+
+    Raises:
+        JobNotFound: the journal has no trace of the job.
+    """
+    # Not waiting (0), the read still lasts until its probe comes back.
+    search = yield from _read(job_id, READ_LIMIT if timeout == 0 else timeout, wait=timeout != 0)
+    if search.record is not None:
+        return search.record
+    if search.not_found:
+        raise _unknown(job_id)
+    return None
+
+
+@dataclass
+class Listing:
+    """What ``jobs`` shows: the workers that answered and the jobs across the fleet."""
+
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    running: list[dict[str, Any]] = field(default_factory=list)
+    queued: list[dict[str, Any]] = field(default_factory=list)
+    ended: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def jobs(self) -> list[dict[str, Any]]:
+        """Running, then queued (and resuming), then ended jobs; each job once."""
+        seen: set[str] = set()
+        jobs = []
+        for job in (*self.running, *self.queued, *self.ended):
+            if job.get("job_id") not in seen:
+                seen.add(job.get("job_id", ""))
+                jobs.append(job)
+        return jobs
+
+
+def _waiting(incoming: Incoming) -> dict[str, Any] | None:
+    """A queued launch, or a lease back in its queue (a job to resume), as a summary."""
+    from .messages import Launch, Lease
+
+    try:
+        body, _ = codec.decode_object(incoming.body, incoming.content_type)
+        if incoming.type == LEASE_TYPE:
+            lease = Lease.decode(body)
+            return {"job_id": lease.launch.job_id, "service": lease.launch.service,
+                    "state": "resuming", "attempt": lease.attempt, "since": lease.launch.sent,
+                    "worker": lease.worker}
+        launch = Launch.decode(body)
+    except DecodeError:
+        return None  # its worker will refuse it, with a record
+    return {"job_id": launch.job_id, "service": launch.service, "state": "queued", "attempt": 0,
+            "since": launch.sent, "worker": {}}
+
+
+def _ended(record: dict[str, Any]) -> dict[str, Any]:
+    return {"job_id": record.get("job_id"), "service": record.get("service"),
+            "state": record.get("state"), "start": record.get("start"), "end": record.get("end"),
+            "worker": record.get("worker") or {}, "attempt": record.get("attempt", 1)}
+
+
+def listing(*, timeout: float, max_bytes: int, services: Iterable[str] = (),
+            ended_since: float | None = None, limit: int = 1000) -> Call[Listing]:
+    """The fleet's jobs (see the module docstring); ``services`` adds launch queues to look
+    in beyond those of the services the answering workers offer."""
+    fleet: Fleet = yield from fleet_query(timeout=timeout, max_bytes=max_bytes)
+    answer = Listing(fleet.workers, fleet.jobs)
+    names = sorted(fleet.services | set(services))
+    if names:
+        waiting = yield Browse([launch_queue(name) for name in names], limit)
+        for messages in waiting.values():
+            answer.queued.extend(job for job in map(_waiting, messages) if job is not None)
+    if ended_since is not None:
+        scan = yield ReadJournal(JournalScan(ended_since, limit), None)
+        assert isinstance(scan, JournalScan)
+        answer.ended = [_ended(record) for record in scan.records]
+    return answer
