@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from .client import control_message, embedded, handler_settings
 from .constants import DEFAULT_JOBS_TIMEOUT, DEFAULT_RPC_TIMEOUT, DEFAULT_URL
-from .errors import ConfigurationError, JobNotFound, Timeout
-from .job import event_patterns, quiet_ends, result_of, status_of_record
+from .errors import ConfigurationError, Timeout
+from .job import Attempts, event_patterns, quiet_ends, result_of
 from .protocol.events import Event
 from .protocol.intents import Intent, Signal
 from .protocol.messages import Launch
@@ -34,6 +35,7 @@ from .protocol.names import check_name
 from .transport.base import AsyncClientTransport, Subscription
 
 if TYPE_CHECKING:
+    from .protocol.lookups import Listing
     from .service import Service
     from .worker import Worker, WorkerSettings
 
@@ -64,7 +66,7 @@ class AsyncClient:
         scheme = urlparse(self.url).scheme
         transport: AsyncClientTransport
         if scheme == "memory":
-            from .transport.memory import MemoryAsyncClientTransport
+            from .transport.memory_clients import MemoryAsyncClientTransport
 
             broker, self._worker = embedded(self.url, self._services, self._concurrency,
                                             self._worker_settings)
@@ -134,9 +136,16 @@ class AsyncClient:
         """Abort every running job (of one service, if given)."""
         await self.transport.control(control_message(Intent.ABORT, service))
 
-    async def jobs(self, timeout: float = DEFAULT_JOBS_TIMEOUT) -> list[dict[str, Any]]:
-        """Running jobs across all workers: id, service, state, progress, worker."""
-        return await self.transport.query_jobs(timeout)
+    async def jobs(self, timeout: float = DEFAULT_JOBS_TIMEOUT, *, ended_within: float | None = None,
+                   services: Iterable[str] = ()) -> list[dict[str, Any]]:
+        """As ``Client.jobs``."""
+        return (await self.listing(timeout, ended_within=ended_within, services=services)).jobs
+
+    async def listing(self, timeout: float = DEFAULT_JOBS_TIMEOUT, *,
+                      ended_within: float | None = None, services: Iterable[str] = ()) -> Listing:
+        """As ``Client.listing``."""
+        since = None if ended_within is None else time.time() - ended_within
+        return await self.transport.list_jobs(timeout, services=services, ended_since=since)
 
     async def close(self) -> None:
         """Close the connection (and stop an embedded worker); confirmed launches stay queued."""
@@ -172,14 +181,7 @@ class AsyncJob:
 
     async def status(self, timeout: float | None = None) -> dict[str, Any]:
         """As ``Job.status``."""
-        try:
-            status: dict[str, Any] = await self.signal(Intent.STATUS, timeout)
-            return status
-        except JobNotFound:
-            record = await self.record(0)
-            if record is None:
-                raise
-            return status_of_record(record)
+        return await self.client.transport.status(self.id, timeout or self.client.timeout)
 
     async def pause(self, timeout: float | None = None) -> bool:
         return bool(await self.signal(Intent.PAUSE, timeout))
@@ -188,7 +190,8 @@ class AsyncJob:
         return bool(await self.signal(Intent.RESUME, timeout))
 
     async def abort(self, timeout: float | None = None) -> bool:
-        return bool(await self.signal(Intent.ABORT, timeout))
+        """As ``Job.abort``: a job no worker holds yet is cancelled."""
+        return await self.client.transport.abort(self.id, timeout or self.client.timeout)
 
     async def checkpoint(self, timeout: float | None = None) -> dict[str, Any]:
         """As ``Job.checkpoint``."""
@@ -226,6 +229,7 @@ class AsyncJob:
                      idle_timeout: float | None = None) -> AsyncIterator[Event]:
         """Iterate over this job's events until it ends (as ``Job.events``)."""
         wanted = set(kinds) if kinds is not None else None
+        attempts = Attempts()
         inbox: asyncio.Queue[Event] = asyncio.Queue()
         subscription = self.subscribe(inbox.put_nowait)
         try:
@@ -238,6 +242,8 @@ class AsyncJob:
                 except asyncio.TimeoutError:
                     if quiet_ends(self.id, await self.record(0) is not None, idle_timeout):
                         return
+                    continue
+                if not attempts.fresh(event):
                     continue
                 if wanted is None or event.kind in wanted:
                     yield event

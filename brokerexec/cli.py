@@ -52,7 +52,7 @@ from .cli_output import (
     fail,
     finish,
 )
-from .constants import DEFAULT_CLAIM_AFTER
+from .constants import DEFAULT_CLAIM_AFTER, DEFAULT_LEASE_RENEW, DEFAULT_RESUME_GRACE, MAX_CHECKPOINT_BYTES
 
 if TYPE_CHECKING:
     from .client import Client
@@ -159,21 +159,35 @@ def describe(service_spec: str, as_json: bool) -> None:
 @click.option("--claim-after", type=click.FloatRange(min=0), default=DEFAULT_CLAIM_AFTER,
               show_default=True, help="Seconds a job runs before it gets its own RPC queue "
               "(stock kiwipy tools can reach it from then on; brokerexec clients always can).")
+@click.option("--lease-renew", type=click.FloatRange(min=0.1), default=DEFAULT_LEASE_RENEW,
+              show_default=True, help="Seconds between renewals of each running job's lease; "
+              "keep it below half the broker's consumer_timeout.")
+@click.option("--resume-grace", type=click.FloatRange(min=0), default=DEFAULT_RESUME_GRACE,
+              show_default=True, help="Seconds before a job whose worker was lost is claimed "
+              "here (its worker may only be reconnecting).")
+@click.option("--max-checkpoint-bytes", type=click.IntRange(min=1024), default=MAX_CHECKPOINT_BYTES,
+              show_default=True, help="Largest checkpoint stored; a larger one fails the "
+              "checkpoint (an error event), not the job.")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               default="INFO", show_default=True)
 def worker(broker: str, services: tuple[str, ...], concurrency: int, pool_kind: PoolKind,
            pool_size: int | None, shutdown_grace: float, heartbeat: int, claim_after: float,
+           lease_renew: float, resume_grace: float, max_checkpoint_bytes: int,
            log_level: str) -> None:
     """Run jobs launched on the broker until SIGTERM or Ctrl-C, then stop gracefully.
 
-    Stopping takes no new jobs, lets running ones finish within --shutdown-grace, aborts
-    the rest, and stores every final record. A second signal exits at once.
+    Stopping takes no new jobs; running jobs whose service can resume store a checkpoint at
+    their next ready() and go back to be resumed by another worker; the others finish
+    within --shutdown-grace or are aborted then. Every record is stored. A second signal
+    exits at once. Should this worker die instead, its jobs are resumed elsewhere from
+    their last checkpoint.
     """
     from .cli_worker import serve
 
     serve(broker, services, concurrency=concurrency, pool_kind=pool_kind, pool_size=pool_size,
           shutdown_grace=shutdown_grace, heartbeat=heartbeat, claim_after=claim_after,
-          log_level=log_level)
+          lease_renew=lease_renew, resume_grace=resume_grace,
+          max_checkpoint_bytes=max_checkpoint_bytes, log_level=log_level)
 
 
 # ---- client verbs --------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s [%(threadName)s] %(name)s: %(message)s"
 
 def serve(broker: str, services: tuple[str, ...], *, concurrency: int, pool_kind: PoolKind,
           pool_size: int | None, shutdown_grace: float, heartbeat: int, claim_after: float,
-          log_level: str) -> None:
+          lease_renew: float, resume_grace: float, max_checkpoint_bytes: int, log_level: str) -> None:
     """Run a worker until SIGTERM or Ctrl-C, then stop it gracefully (see ``worker --help``)."""
     need_amqp(broker)
     with exit_on_errors():
@@ -58,13 +58,15 @@ def serve(broker: str, services: tuple[str, ...], *, concurrency: int, pool_kind
         transport = RabbitWorkerTransport(ConnectionSettings(
             url=broker, heartbeat=heartbeat, reconnect_deadline=None,
             name=f"brokerexec-worker-{info['hostname']}-{info['pid']}"), host_info=info,
-            claim_after=claim_after)
+            claim_after=claim_after, lease_renew=lease_renew, resume_grace=resume_grace,
+            max_checkpoint_bytes=max_checkpoint_bytes)
         running = Worker(transport, registry, WorkerSettings(
             concurrency=concurrency, pool_kind=pool_kind, pool_size=pool_size,
             shutdown_grace=shutdown_grace)).start()
     click.echo(f"worker ready: {', '.join(registry.names())}", err=True)
     while not stop.wait(1.0):  # a timed wait: signal handlers run promptly on every Python
         pass
-    log.info("stopping: no new jobs; running ones get %.0f s to finish", shutdown_grace)
+    log.info("stopping: no new jobs; running ones are handed over or get %.0f s to finish",
+             shutdown_grace)
     running.stop()
     log.info("stopped")

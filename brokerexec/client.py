@@ -21,6 +21,7 @@ from .protocol.names import check_name
 
 if TYPE_CHECKING:
     from .protocol.events import Event
+    from .protocol.lookups import Listing
     from .protocol.messages import Control
     from .service import Service
     from .transport.base import ClientTransport, Subscription
@@ -59,7 +60,7 @@ class Client:
         if transport is not None:
             self.transport = transport
         elif scheme == "memory":
-            from .transport.memory import MemoryClientTransport
+            from .transport.memory_clients import MemoryClientTransport
 
             broker, self._worker = embedded(url, services, concurrency, worker_settings)
             self.transport = MemoryClientTransport(broker)
@@ -83,8 +84,12 @@ class Client:
                improved_delta: float | None = None) -> Job:
         """Queue a job of service ``name``; return its handle once the broker holds it.
 
-        A refusal (unknown service, invalid request) is reported by the worker as a failed
-        job: :meth:`Job.result` raises it.
+        It waits in the service's queue until a worker that offers the service takes it.
+        An invalid request is reported by that worker as a failed job: :meth:`Job.result`
+        raises it.
+
+        Raises:
+            UnknownService: no worker has ever offered ``name`` on this broker.
         """
         from .protocol.messages import Launch  # messages: not for a one-shot `status`
 
@@ -133,9 +138,20 @@ class Client:
         """Abort every running job (of one service, if given)."""
         self.transport.control(control_message(Intent.ABORT, service))
 
-    def jobs(self, timeout: float = DEFAULT_JOBS_TIMEOUT) -> list[dict[str, Any]]:
-        """Running jobs across all workers: id, service, state, progress, worker."""
-        return self.transport.query_jobs(timeout)
+    def jobs(self, timeout: float = DEFAULT_JOBS_TIMEOUT, *, ended_within: float | None = None,
+             services: Iterable[str] = ()) -> list[dict[str, Any]]:
+        """Jobs across the fleet: running ones (id, service, state, progress, worker, attempt,
+        from every worker that answers within ``timeout`` s), then queued and resuming ones
+        (in the launch queues of the services those workers offer, and of ``services``), then,
+        with ``ended_within`` (seconds), those that ended that recently (state, start, end,
+        worker, attempt)."""
+        return self.listing(timeout, ended_within=ended_within, services=services).jobs
+
+    def listing(self, timeout: float = DEFAULT_JOBS_TIMEOUT, *, ended_within: float | None = None,
+                services: Iterable[str] = ()) -> Listing:
+        """As :meth:`jobs`, with the workers that answered and the jobs apart by kind."""
+        since = None if ended_within is None else time.time() - ended_within
+        return self.transport.list_jobs(timeout, services=services, ended_since=since)
 
     def close(self) -> None:
         """Close the connection (and stop an embedded worker)."""
@@ -156,7 +172,8 @@ def embedded(url: str, services: Iterable[type[Service]], concurrency: int,
     """The in-memory broker of ``url``, with a worker running ``services`` on it, started."""
     # The embedded worker's modules only here: a client of RabbitMQ never needs them.
     from .registry import ServiceRegistry
-    from .transport.memory import MemoryBroker, MemoryWorkerTransport
+    from .transport.memory import MemoryBroker
+    from .transport.memory_worker import MemoryWorkerTransport
     from .worker import Worker, WorkerSettings
 
     broker = MemoryBroker.named(urlparse(url).netloc)

@@ -7,8 +7,13 @@ and does everything that happens at ``ready()`` (park's ``ready`` and ``onReady*
   order (a ``set`` assigns, an ``invoke`` calls, a ``checkpoint`` takes one);
 * hold while paused (still applying what is posted), raise :class:`~brokerexec.Aborted` on
   abort (resuming first if paused, as park does);
-* emit progress every ``progress_delta``, a checkpoint every ``checkpoint_delta``, and
-  improved values at most once per ``improved_delta``.
+* emit progress every ``progress_delta``, a checkpoint every ``checkpoint_delta`` (and on
+  pause), and improved values at most once per ``improved_delta``;
+* hand the job over when the worker stops gracefully: checkpoint, then end without a final
+  state, to be resumed elsewhere.
+
+A checkpoint goes to the handler's ``store`` when it has one (a worker's: durably, in the
+broker), and its event is published once it is stored; without one it is only published.
 
 A computation that never calls ``ready()`` cannot be stopped from outside in thread mode.
 On abort the handler waits ``abort_grace`` seconds; if the computation has not ended by
@@ -28,7 +33,7 @@ from typing import Any, ClassVar
 
 from . import codec
 from .crossing import Crossing, Posted
-from .errors import Aborted, InvalidState, error_to_wire
+from .errors import Aborted, CheckpointFailed, InvalidState, NotApplied, error_to_wire
 from .protocol.intents import Intent
 from .runner import Runner, Running
 from .service import Service
@@ -43,6 +48,15 @@ log = logging.getLogger(__name__)
 Outcome = dict[str, Any]
 #: Sends one outgoing message: ``send(kind, data)``.
 Send = Callable[[str, dict[str, Any]], None]
+#: Stores a checkpoint's state durably; the future fails with ``CheckpointFailed``.
+Store = Callable[[Any], "cf.Future[None]"]
+#: How long a checkpoint that must be stored before going on may take (seconds).
+STORE_TIMEOUT = 60.0
+
+
+class HandedOver(BaseException):
+    """Raised by ``ready()`` when the job is handed over (like ``Aborted``, outside the tree:
+    user code cannot swallow it)."""
 
 
 class Computation:
@@ -50,7 +64,7 @@ class Computation:
 
     def __init__(self, job: str, crossing: Crossing, states: StateMachine, intervals: Intervals,
                  send: Send, *, clock: Callable[[], float], wallclock: Callable[[], float],
-                 runner: Runner) -> None:
+                 runner: Runner, store: Store | None = None) -> None:
         self.job = job
         self.outcome: cf.Future[Outcome] = cf.Future()
         self.service: Service | None = None
@@ -61,6 +75,7 @@ class Computation:
         self._clock = clock
         self._wallclock = wallclock
         self._runner = runner
+        self._store = store
         self._running: Running | None = None
         self._end_lock = threading.Lock()
         self._ended = self._abandoned = False
@@ -101,6 +116,9 @@ class Computation:
             result = run()
         except Aborted:
             final = JobState.ABORTED
+        except HandedOver:
+            self._end_handed_over(start)
+            return
         except BaseException as exc:  # the handler never dies with the computation
             final, error = JobState.FAILED, error_to_wire(exc, traceback.format_exc())
             log.info("job %s failed: %s", self.job, error["message"])
@@ -124,6 +142,18 @@ class Computation:
         _fail(pending, self.job, final)
         self._states.try_transition(final)
         self.outcome.set_result({"state": final.value, "result": result, "error": error,
+                                 "start": start, "end": self._wallclock()})
+
+    def _end_handed_over(self, start: float) -> None:
+        with self._end_lock:
+            if self._abandoned:
+                return
+            self._ended = True
+        for posted in self._crossing.close("handed over"):
+            posted.future.set_exception(NotApplied(
+                f"job {self.job} was handed over to another worker before the "
+                f"{posted.intent.value} was applied: it was not applied"))
+        self.outcome.set_result({"state": "handed_over", "result": None, "error": None,
                                  "start": start, "end": self._wallclock()})
 
     def fail_to_start(self, exc: BaseException) -> None:
@@ -163,6 +193,8 @@ class Computation:
         self._apply_posted()
         if crossing.abort_requested:
             raise Aborted(f"job {self.job} aborted")
+        if crossing.handover_requested:
+            self._hand_over()
         if crossing.pause_requested:
             self._hold()
         now = self._clock()
@@ -192,7 +224,7 @@ class Computation:
         return getattr(self.service, payload["method"])(*payload["args"], **payload["kwargs"])
 
     def _checkpoint(self, payload: dict[str, Any]) -> dict[str, Any]:
-        return self.checkpoint_now()
+        return self.checkpoint_now(wait=True)  # its sender learns it is stored
 
     #: What ``ready()`` does with each intent that waits for it (``INTENTS``' ``AT_READY`` rows).
     APPLY: ClassVar[dict[Intent, Callable[[Computation, dict[str, Any]], Any]]] = {
@@ -203,12 +235,27 @@ class Computation:
         """Paused: stay here, still applying what is posted, until resume or abort."""
         if self._states.try_transition(JobState.PAUSED) is None:
             return
+        if self.stores_checkpoints:
+            self.checkpoint_now()  # a paused job may well be resumed elsewhere
         self._apply_posted()
         while self._crossing.wait_while_paused():
             self._apply_posted()
         self._states.try_transition(JobState.RUNNING)  # abort resumes first, as park does
         if self._crossing.abort_requested:
             raise Aborted(f"job {self.job} aborted")
+        if self._crossing.handover_requested:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """The worker stops: store a checkpoint, then end (``HandedOver``) to be resumed by
+        another worker. If the checkpoint cannot be stored, the job runs on here."""
+        self._crossing.handover_requested = False
+        try:
+            self.checkpoint_now(wait=True)
+        except CheckpointFailed as exc:
+            log.warning("job %s not handed over: %s", self.job, exc)
+            return
+        raise HandedOver(self.job)
 
     # ---- periodic messages -------------------------------------------------------------------
 
@@ -237,12 +284,50 @@ class Computation:
         self._crossing.last_progress = data
         self._emit("progress", data)
 
-    def checkpoint_now(self) -> dict[str, Any]:
-        """Take the service's checkpoint and publish it; return when it was taken."""
+    @property
+    def stores_checkpoints(self) -> bool:
+        """True if checkpoints are stored: the handler has a store, the service a state."""
+        return (self._store is not None and self.service is not None
+                and type(self.service).checkpoint is not Service.checkpoint)
+
+    def checkpoint_now(self, *, wait: bool = False) -> dict[str, Any]:
+        """Take the service's checkpoint, store it (waiting for that with ``wait``) and
+        publish it; return when it was taken.
+
+        Raises:
+            CheckpointFailed: with ``wait``, it could not be stored. Without, the failure is
+                logged and published as an ``error`` event, and the job goes on.
+        """
         assert self.service is not None
         taken = self._wallclock()
-        self._emit("checkpoint", {"state": self.service.checkpoint()})
-        return {"time": taken}
+        data = {"state": self.service.checkpoint()}
+        if not self.stores_checkpoints:
+            self._emit("checkpoint", data)
+            return {"time": taken}
+        assert self._store is not None
+        stored = self._store(data["state"])
+        if not wait:
+            stored.add_done_callback(lambda done: self._stored(done, data))
+            return {"time": taken}
+        try:
+            stored.result(STORE_TIMEOUT)
+        except cf.TimeoutError:
+            raise CheckpointFailed(f"job {self.job}: storing the checkpoint took over "
+                                   f"{STORE_TIMEOUT:.0f} s") from None
+        except CheckpointFailed:
+            raise
+        except Exception as exc:
+            raise CheckpointFailed(f"job {self.job}: the checkpoint was not stored: {exc}") from exc
+        self._emit("checkpoint", data)
+        return {"time": taken, "stored": True}
+
+    def _stored(self, done: cf.Future[None], data: dict[str, Any]) -> None:
+        error = done.exception()
+        if error is None:
+            self._emit("checkpoint", data)
+            return
+        log.warning("job %s: checkpoint not stored: %s", self.job, error)
+        self._emit("error", {"during": "checkpoint", "error": error_to_wire(error)})
 
     def improved(self, state: dict[str, Any]) -> None:
         """Report a better intermediate result (see ``ServiceHandler.improved``)."""

@@ -13,6 +13,10 @@ MEMORY_URL: Final = "memory://"
 
 # --- limits ---------------------------------------------------------------------------------
 MAX_MESSAGE_BYTES: Final = 1024 * 1024
+#: The largest checkpoint a worker stores (its JSON, with the entry's few fields). RabbitMQ's
+#: own limit is ``max_message_size`` (128 MiB by default on 3.10); every checkpoint is held
+#: in the journal for a day, so keep them far below it.
+MAX_CHECKPOINT_BYTES: Final = 8 * 1024 * 1024
 MAX_JSON_DEPTH: Final = 64
 
 # --- a job's periodic messages (seconds; park's ServiceHandler defaults) --------------------
@@ -26,6 +30,12 @@ DEFAULT_HEARTBEAT: Final = 10
 #: A job is claimed (given its exclusive RPC queue) once it has run this long, or at once
 #: when someone asks for it; shorter jobs never pay for a queue (docs/architecture.md).
 DEFAULT_CLAIM_AFTER: Final = 1.0
+#: A worker replaces each lease it holds this often (seconds): a delivery held longer than
+#: RabbitMQ's ``consumer_timeout`` (30 min by default) closes its channel.
+DEFAULT_LEASE_RENEW: Final = 300.0
+#: How long a worker waits before it claims a job whose worker was lost (seconds): a worker
+#: that only reconnects (a broker restart) claims its jobs again within that time.
+DEFAULT_RESUME_GRACE: Final = 2.0
 #: How long a client waits for some worker to own up to an unclaimed job (seconds).
 DEFAULT_LOCATE_TIMEOUT: Final = 0.5
 #: How long the ``jobs`` query gathers the workers' answers (seconds).

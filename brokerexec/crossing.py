@@ -6,7 +6,8 @@ signal_desk.SignalDesk`; the **computation thread** runs the service and calls `
 
 * handler → computation: :meth:`Crossing.post` a checked ``set``/``invoke``/``checkpoint``
   for the next ``ready()``; :meth:`~Crossing.request_pause`, :meth:`~Crossing.request_resume`,
-  :meth:`~Crossing.request_abort`, :meth:`~Crossing.request_reschedule` (the intervals changed);
+  :meth:`~Crossing.request_abort`, :meth:`~Crossing.request_reschedule` (the intervals
+  changed), :meth:`~Crossing.request_handover` (the worker stops: checkpoint and go);
 * computation → handler: :attr:`~Crossing.last_progress` (for ``status``), and
   :meth:`~Crossing.close` when the job ends, after which posts are refused at once.
 
@@ -73,7 +74,7 @@ class Crossing:
     """See the module docstring."""
 
     __slots__ = ("_closed_as", "_lock", "_posted", "_wake", "abort_requested", "attention",
-                 "last_progress", "next_due", "pause_requested", "reschedule")
+                 "handover_requested", "last_progress", "next_due", "pause_requested", "reschedule")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -84,6 +85,7 @@ class Crossing:
         self.next_due = math.inf
         self.pause_requested = False
         self.abort_requested = False
+        self.handover_requested = False
         self.reschedule = False
         self.last_progress: dict[str, Any] = {}
 
@@ -141,6 +143,16 @@ class Crossing:
             self._wake.notify_all()
         return True if first else None
 
+    def request_handover(self) -> bool:
+        """Checkpoint at the next ``ready()`` and end, to be resumed elsewhere (a graceful stop
+        of the worker); False if the job has ended."""
+        with self._lock:
+            if self._closed_as is not None:
+                return False
+            self.handover_requested = self.attention = True
+            self._wake.notify_all()  # a paused job is handed over too
+        return True
+
     def request_reschedule(self) -> None:
         """The intervals changed: the next ``ready()`` schedules the periodic messages anew."""
         with self._lock:
@@ -153,14 +165,15 @@ class Crossing:
         abort or reschedule still wants the next ``ready()``."""
         with self._lock:
             batch, self._posted = self._posted, deque()
-            self.attention = self.pause_requested or self.abort_requested or self.reschedule
+            self.attention = (self.pause_requested or self.abort_requested or self.reschedule
+                              or self.handover_requested)
         return batch
 
     def wait_while_paused(self) -> bool:
         """Block until something is posted, or a resume or abort comes; False once the
         pause is over (resumed or aborted)."""
         with self._lock:
-            if self.abort_requested or not self.pause_requested:
+            if self.abort_requested or self.handover_requested or not self.pause_requested:
                 return False
             if not self._posted:
                 self._wake.wait()

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from .computation import Computation, Outcome
+from .computation import Computation, Outcome, Store
 from .crossing import Crossing
 from .errors import InvalidState
 from .pool import WorkerPool
@@ -67,6 +67,8 @@ class ServiceHandler:
         name: names the computation thread and log lines (the worker uses the job id).
         runner: where the computation runs (default: reused threads,
             :data:`brokerexec.runner.THREADS`).
+        store: stores a checkpoint's state durably (a worker's; the future fails with
+            ``CheckpointFailed``). Without one, checkpoints are only published.
     """
 
     def __init__(self, emit: Emit | None = None, *, workers: WorkerPool | int | None = None,
@@ -74,7 +76,7 @@ class ServiceHandler:
                  wallclock: Callable[[], float] = time.time, abort_grace: float = 10.0,
                  progress_delta: float | None = None, checkpoint_delta: float | None = None,
                  improved_delta: float | None = None, name: str = "job",
-                 runner: Runner | None = None) -> None:
+                 runner: Runner | None = None, store: Store | None = None) -> None:
         self._emit_fn: Emit = emit or (lambda kind, data: None)
         self.workers = workers if isinstance(workers, WorkerPool) else WorkerPool(workers)
         self.abort_grace = abort_grace
@@ -91,7 +93,7 @@ class ServiceHandler:
         self.states = StateMachine(self._on_transition, wallclock)
         self._computation = Computation(name, self._crossing, self.states, self.intervals,
                                         self._send, clock=clock, wallclock=wallclock,
-                                        runner=runner or THREADS)
+                                        runner=runner or THREADS, store=store)
         self.desk = SignalDesk(name, self._crossing, self.states, self.intervals,
                                self._service_class, self._start_abort_grace)
         #: Resolves when the job ends: ``{"state", "result", "error", "start", "end"}``.
@@ -144,6 +146,14 @@ class ServiceHandler:
     def status(self) -> dict[str, Any]:
         """A snapshot for ``status`` replies (safe from any thread)."""
         return self.desk.status()
+
+    def hand_over(self) -> bool:
+        """The worker stops gracefully: at its next ``ready()`` the job stores a checkpoint
+        and ends with the outcome ``{"state": "handed_over"}``, to be resumed elsewhere.
+        False if it has ended, or stores no checkpoints (it then runs on)."""
+        if not self._computation.stores_checkpoints:
+            return False
+        return self._crossing.request_handover()
 
     # ---- the computation's side ------------------------------------------------------------
 

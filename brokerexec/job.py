@@ -6,7 +6,7 @@ import queue
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from .errors import JobAborted, JobNotFound, Timeout, error_from_wire
+from .errors import JobAborted, Timeout, error_from_wire
 from .protocol.intents import Intent, Signal
 from .protocol.names import job_events_pattern
 
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from .protocol.events import Event
     from .transport.base import Subscription
 
-__all__ = ["Job", "event_patterns", "quiet_ends", "result_of", "status_of_record"]
+__all__ = ["Attempts", "Job", "event_patterns", "quiet_ends", "result_of", "status_of_record"]
 
 
 class Job:
@@ -39,19 +39,15 @@ class Job:
         return self.client.transport.rpc(self.id, Signal.of(intent, **fields), timeout or self.client.timeout)
 
     def status(self, timeout: float | None = None) -> dict[str, Any]:
-        """The job's state and last progress, from its worker; for an ended job, its record.
+        """The job's state wherever it is in its life: from its worker while it runs (state,
+        last progress, ``attempt``, ``worker``); ``queued`` before it starts; ``resuming``
+        (with the ``attempt`` that was lost) between a lost worker and its next execution;
+        for an ended job, its state and ``record``.
 
         Raises:
-            JobNotFound: no worker holds the job and it has no final record.
+            JobNotFound: nothing knows the job (never launched, or ended over 24 h ago).
         """
-        try:
-            status: dict[str, Any] = self.signal(Intent.STATUS, timeout)
-            return status
-        except JobNotFound:
-            record = self.client.transport.fetch_result(self.id, 0)
-            if record is None:
-                raise
-            return status_of_record(record)
+        return self.client.transport.status(self.id, timeout or self.client.timeout)
 
     def pause(self, timeout: float | None = None) -> bool:
         """Ask the job to hold at its next ``ready()``; True if accepted."""
@@ -62,12 +58,22 @@ class Job:
         return bool(self.signal(Intent.RESUME, timeout))
 
     def abort(self, timeout: float | None = None) -> bool:
-        """Abort the job at its next ``ready()`` (resuming it first if paused)."""
-        return bool(self.signal(Intent.ABORT, timeout))
+        """Abort the job at its next ``ready()`` (resuming it first if paused). A job that no
+        worker holds yet (queued, or resuming) is cancelled: it never starts again, and its
+        record says aborted.
+
+        Raises:
+            InvalidState: the job has ended already.
+        """
+        return self.client.transport.abort(self.id, timeout or self.client.timeout)
 
     def checkpoint(self, timeout: float | None = None) -> dict[str, Any]:
-        """Take a checkpoint at the job's next ``ready()``; returns ``{"time": ...}``, when it
-        was taken (it is published as the job's checkpoint event)."""
+        """Take a checkpoint at the job's next ``ready()``; returns once it is stored, with
+        ``{"time": ...}`` when it was taken (it is published as the job's checkpoint event).
+
+        Raises:
+            CheckpointFailed: it could not be stored (too large, say); the job goes on.
+        """
         taken: dict[str, Any] = self.signal(Intent.CHECKPOINT, timeout)
         return taken
 
@@ -96,7 +102,12 @@ class Job:
         return self.signal(Intent.INVOKE, rpc_timeout, method=method, args=list(args), kwargs=kwargs)
 
     def record(self, timeout: float | None = 0) -> dict[str, Any] | None:
-        """The final record (state, result, error, start, end, worker), if the job ended."""
+        """The final record (state, result, error, start, end, worker, attempt), if the job
+        ended (waiting up to ``timeout`` s for it).
+
+        Raises:
+            JobNotFound: nothing knows the job.
+        """
         return self.client.transport.fetch_result(self.id, timeout)
 
     def result(self, timeout: float | None = None) -> Any:
@@ -106,6 +117,7 @@ class Job:
             RemoteError: the job failed (remote type, message and traceback).
             JobAborted: the job was aborted.
             Timeout: it did not end within ``timeout`` seconds.
+            JobNotFound: nothing knows the job (at once, not after ``timeout``).
         """
         record = self.client.transport.fetch_result(self.id, timeout)
         if record is None:
@@ -122,9 +134,12 @@ class Job:
         """Iterate over this job's events until it ends (its final state event included).
 
         ``kinds`` filters what is yielded (state events always end the iteration).
-        ``idle_timeout`` raises ``Timeout`` if nothing arrives for that long.
+        ``idle_timeout`` raises ``Timeout`` if nothing arrives for that long. A job resumed
+        after losing its worker goes on, as its next attempt: what an older attempt sends
+        once a newer one was heard is dropped.
         """
         wanted = set(kinds) if kinds is not None else None
+        attempts = Attempts()
         inbox: queue.SimpleQueue[Event] = queue.SimpleQueue()
         subscription = self.subscribe(inbox.put)
         try:
@@ -137,6 +152,8 @@ class Job:
                 except queue.Empty:
                     if quiet_ends(self.id, self.record(0) is not None, idle_timeout):
                         return
+                    continue
+                if not attempts.fresh(event):
                     continue
                 if wanted is None or event.kind in wanted:
                     yield event
@@ -171,7 +188,22 @@ def result_of(job_id: str, record: dict[str, Any]) -> Any:
 
 def status_of_record(record: dict[str, Any]) -> dict[str, Any]:
     """The status of a job that has ended: its state, and its record."""
-    return {"state": record["state"], "paused": False, "record": record}
+    return {"state": record["state"], "paused": False, "record": record,
+            "attempt": record.get("attempt", 1)}
+
+
+class Attempts:
+    """Drops the events of executions older than the newest one heard (fencing, on the
+    readers' side: a worker cut off and back may have sent some before it learnt)."""
+
+    def __init__(self) -> None:
+        self.newest = 0
+
+    def fresh(self, event: Event) -> bool:
+        if event.attempt < self.newest:
+            return False
+        self.newest = event.attempt
+        return True
 
 
 def quiet_ends(job_id: str, ended: bool, idle_timeout: float | None) -> bool:

@@ -17,7 +17,7 @@ import inspect
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from .errors import InvalidRequest, SignalRefused
 from .ports import Input, TypeSpec, check_type, type_name, validate_request
@@ -46,15 +46,21 @@ class Service:
         inputs: the declared :class:`~brokerexec.Input` list; requests are checked first.
         settable: attribute name -> type, for remote ``set``.
         invokable: method names for remote ``invoke``.
+        on_lost: what happens to a job whose worker was lost (or stopped) when it cannot
+            resume from a checkpoint (none was stored, or the service has no
+            :meth:`restore`): ``"restart"`` from the beginning on another worker (the
+            default), or ``"fail"``, with a record that says the worker was lost.
 
     Override :meth:`run` (required), and optionally :meth:`progress`, :meth:`checkpoint`
-    and :meth:`restore`.
+    and :meth:`restore`. A service with both :meth:`checkpoint` and :meth:`restore` is
+    resumed from its last checkpoint after a crash, and handed over at a graceful stop.
     """
 
     name: ClassVar[str] = ""
     inputs: ClassVar[Sequence[Input]] = ()
     settable: ClassVar[Mapping[str, TypeSpec]] = {}
     invokable: ClassVar[Sequence[str]] = ()
+    on_lost: ClassVar[Literal["restart", "fail"]] = "restart"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -70,6 +76,14 @@ class Service:
         names = [port.name for port in cls.inputs]
         if len(names) != len(set(names)):
             raise TypeError(f"{owner}: duplicate input names in {names}")
+        if cls.on_lost not in ("restart", "fail"):
+            raise TypeError(f"{owner}: on_lost must be 'restart' or 'fail', not {cls.on_lost!r}")
+
+    @classmethod
+    def can_resume(cls) -> bool:
+        """True if the service saves (:meth:`checkpoint`) and restores (:meth:`restore`)
+        its state, so that a job can continue on another worker."""
+        return cls.checkpoint is not Service.checkpoint and cls.restore is not Service.restore
 
     def run(self, handler: ServiceHandler, request: dict[str, Any]) -> Any:
         """Do the work in the computation thread; return a JSON-able result.

@@ -5,9 +5,19 @@ The worker is transport-agnostic logic; the transport drives it through the
 never block. Each job gets its own :class:`~brokerexec.handler.ServiceHandler` and so its own
 computation thread; the worker keeps at most ``concurrency`` of them.
 
-Shutdown (SIGTERM, :meth:`Worker.stop`): stop taking launches, let running jobs finish
-within the grace period, then abort what remains; every job's final record is stored before
-the connection closes, so nothing is lost.
+A job resumed after its worker was lost (``PreparedJob.resumed``) continues from its
+newest stored checkpoint through ``service.restore(state)``; a service that cannot, or a
+job that never stored one, restarts from the beginning or fails, as the service's
+``on_lost`` says.
+
+Shutdown (SIGTERM, :meth:`Worker.stop`): stop taking launches; jobs whose service can resume
+are *handed over* at their next ``ready()`` (checkpoint, then back to the launch queue for
+another worker); the others finish within the grace period or are aborted after it. Every
+record and handover is stored before the connection closes, so nothing is lost.
+
+Control messages are remembered for as long as the control stream keeps them (an hour):
+a launch older than an abort that applies to it is never started (it was aborted while
+queued), and one older than a pause starts paused.
 """
 
 from __future__ import annotations
@@ -19,10 +29,12 @@ import os
 import socket
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import BrokerExecError, JobNotFound
+from .errors import BrokerExecError, JobNotFound, WorkerLost
 from .handler import HANDLER_SETTABLE, ServiceHandler, check_delta
 from .pool import PoolKind, WorkerPool
 from .protocol.events import Event
@@ -37,9 +49,14 @@ __all__ = ["Worker", "WorkerSettings", "host_info"]
 log = logging.getLogger(__name__)
 
 
+#: How long control messages are remembered for the launches still queued (seconds): as
+#: long as the control stream keeps them.
+CONTROLS_KEPT = 3600.0
+
+
 def host_info() -> dict[str, Any]:
-    """Who this worker is: host name and process id."""
-    return {"hostname": socket.gethostname(), "pid": os.getpid()}
+    """Who this worker is: host name, process id and a random id of this worker process."""
+    return {"hostname": socket.gethostname(), "pid": os.getpid(), "id": os.urandom(6).hex()}
 
 
 @dataclass(frozen=True)
@@ -66,11 +83,15 @@ class _Prepared(PreparedJob):
 class _RunningJob:
     """One job on this worker: its handler, and when it started."""
 
-    def __init__(self, job: _Prepared, handler: ServiceHandler) -> None:
+    def __init__(self, job: _Prepared, handler: ServiceHandler,
+                 emit: Callable[[str, dict[str, Any]], None]) -> None:
         self.job_id = job.job_id
+        self.emit = emit
         self.service = job.service
+        self.attempt = job.attempt
         self.handler = handler
         self.started = time.time()
+        self.launched = job.launch.sent or self.started
 
 
 class Worker:
@@ -81,19 +102,21 @@ class Worker:
         self.transport = transport
         self.registry = registry
         self.settings = settings or WorkerSettings()
-        self.host = host_info()
+        # The transport's identity if it has one: its leases and journal entries name it.
+        self.host = dict(getattr(transport, "host_info", None) or host_info())
         self._lock = threading.Lock()
         self._reserved = 0
         self._jobs: dict[str, _RunningJob] = {}
         self._pool = WorkerPool(self.settings.pool_size, self.settings.pool_kind)
         self._idle = threading.Condition(self._lock)
         self._stopping = False
+        self._controls: deque[Control] = deque()  # newest last
 
     # ---- life cycle ----------------------------------------------------------------------
 
     def start(self) -> Worker:
         """Start consuming launches; return once the transport consumes."""
-        self.transport.serve(self, self.settings.concurrency)
+        self.transport.serve(self, self.settings.concurrency, self.registry.names())
         log.info("worker %s ready: services %s, concurrency %d", self.host["hostname"],
                  ", ".join(self.registry.names()) or "none", self.settings.concurrency)
         return self
@@ -103,7 +126,11 @@ class Worker:
         grace = self.settings.shutdown_grace if grace is None else grace
         with self._lock:
             self._stopping = True
+            running = list(self._jobs.values())
         self.transport.stop_taking_work()
+        handed = sum(job.handler.hand_over() for job in running) if grace > 0 else 0
+        if handed:
+            log.info("stopping: %d job(s) to hand over at their next ready()", handed)
         if not self.wait_idle(grace):
             with self._lock:
                 running = list(self._jobs.values())
@@ -133,7 +160,14 @@ class Worker:
     # ---- hooks (transport thread, must not block) ----------------------------------------
 
     def prepare(self, launch: Launch) -> PreparedJob | None:
-        """Check a launch and reserve a slot; record refusals as failed jobs."""
+        """Check a launch and reserve a slot; record refusals as failed jobs, and launches
+        aborted while they were queued as aborted ones."""
+        cancelled = self._aborted_while_queued(launch)
+        if cancelled is not None:
+            log.info("job %s of %s not started: aborted while queued", launch.job_id, launch.service)
+            if cancelled.job_id is None:  # an abort of many: this worker writes the record
+                self.transport.finish(Record.cancelled(launch.job_id, launch.service, self.host))
+            return None  # one aborted by id has its record from the client that aborted it
         try:
             service_cls = self.registry.get(launch.service)
             request = service_cls.validate(launch.request)
@@ -147,22 +181,28 @@ class Worker:
             self._reserved += 1
             free = self.settings.concurrency - self._reserved
         self.transport.set_free_capacity(max(free, 0))
-        return _Prepared(launch.job_id, launch.service, launch, service_cls, request, intervals)
+        return _Prepared(launch.job_id, launch.service, launch, service_cls=service_cls,
+                         request=request, intervals=intervals)
 
     def begin(self, job: PreparedJob) -> None:
-        """The claim succeeded: start the computation."""
+        """The claim succeeded: start the computation (from its checkpoint, if resumed)."""
         assert isinstance(job, _Prepared)
         seq = itertools.count()
+        attempt = job.attempt
 
         def emit(kind: str, data: dict[str, Any]) -> None:
-            self.transport.publish_event(Event(kind, job.job_id, job.service, next(seq), time.time(), data))
+            self.transport.publish_event(Event(kind, job.job_id, job.service, next(seq), time.time(),
+                                               data, attempt))
+
+        def store(state: Any) -> cf.Future[None]:
+            return self.transport.store_checkpoint(job.job_id, state)
 
         intervals = {**self.settings.handler_defaults, **job.intervals}
         handler = ServiceHandler(emit, workers=self._pool, abort_grace=self.settings.abort_grace,
                                  name=job.job_id, progress_delta=intervals.get("progress_delta"),
                                  checkpoint_delta=intervals.get("checkpoint_delta"),
-                                 improved_delta=intervals.get("improved_delta"))
-        running = _RunningJob(job, handler)
+                                 improved_delta=intervals.get("improved_delta"), store=store)
+        running = _RunningJob(job, handler, emit)
         with self._lock:
             self._jobs[job.job_id] = running
         handler.outcome.add_done_callback(lambda outcome: self._on_outcome(running, outcome))
@@ -171,7 +211,20 @@ class Worker:
         except Exception as exc:  # the service's __init__ failed: a failed job, not a dead worker
             handler.fail_to_start(exc)
             return
-        handler.start(service, job.request)
+        resumed, resume, state = job.resumed, False, None
+        if resumed is not None:
+            resume = resumed.has_checkpoint and job.service_cls.can_resume()
+            state = resumed.state if resume else None
+            if not resume and job.service_cls.on_lost == "fail":
+                lost = resumed.previous_worker or {}
+                handler.fail_to_start(WorkerLost(
+                    f"the worker running job {job.job_id} ({lost.get('hostname', '?')}, pid "
+                    f"{lost.get('pid', '?')}) was lost, and service {job.service} does not restart "
+                    "(on_lost = 'fail')"))
+                return
+        if self._paused_while_queued(job.launch):
+            handler.put(Signal.of(Intent.PAUSE))
+        handler.start(service, job.request, resume, state=state)
 
     def cancel(self, job: PreparedJob, reason: str) -> None:
         """The claim failed: give the slot back."""
@@ -179,22 +232,57 @@ class Worker:
         self._release_slot()
 
     def on_rpc(self, job_id: str, signal: Signal) -> Any:
-        """An RPC for one job goes to its handler."""
+        """An RPC for one job goes to its handler; a status says which execution answers."""
         with self._lock:
             job = self._jobs.get(job_id)
         if job is None:
             raise JobNotFound(f"job {job_id} is not running on this worker")
-        return job.handler.put(signal)
+        answer = job.handler.put(signal)
+        if signal.intent is Intent.STATUS and isinstance(answer, dict):
+            answer = {**answer, "attempt": job.attempt, "worker": self.host}
+        return answer
+
+    def superseded(self, job_id: str, reason: str) -> None:
+        """Another execution owns the job: abort this copy (the transport mutes it)."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is not None:
+            job.handler.put(Signal.of(Intent.ABORT, message=reason))
 
     def on_control(self, control: Control) -> None:
-        """Apply pause/resume/abort to every job here (of one service, if named)."""
+        """Apply pause/resume/abort to every job here (of one service, if named); remember it
+        for the launches still queued."""
         with self._lock:
-            jobs = [job for job in self._jobs.values() if control.applies_to(job.service, job.started)]
+            self._remember(control)
+            jobs = [job for job in self._jobs.values()
+                    if control.applies_to(job.job_id, job.service, job.started)]
         signal = Signal.of(control.intent)
         for job in jobs:
             job.handler.put(signal)
-        log.info("control %s (service %s) applied to %d job(s)", control.intent.value,
-                 control.service or "any", len(jobs))
+        log.info("control %s (%s) applied to %d job(s)", control.intent.value,
+                 f"job {control.job_id}" if control.job_id else f"service {control.service or 'any'}",
+                 len(jobs))
+
+    def _remember(self, control: Control) -> None:
+        if control.sent is None:
+            return  # a plumpy broadcast: for the jobs running now only
+        self._controls.append(control)
+        horizon = time.time() - CONTROLS_KEPT
+        while self._controls and (self._controls[0].sent or 0) < horizon:
+            self._controls.popleft()
+
+    def _aborted_while_queued(self, launch: Launch) -> Control | None:
+        with self._lock:
+            return next((control for control in reversed(self._controls)
+                         if control.intent is Intent.ABORT
+                         and control.applies_to(launch.job_id, launch.service, launch.sent)), None)
+
+    def _paused_while_queued(self, launch: Launch) -> bool:
+        with self._lock:
+            latest = next((control for control in reversed(self._controls)
+                           if control.intent in (Intent.PAUSE, Intent.RESUME)
+                           and control.applies_to(launch.job_id, launch.service, launch.sent)), None)
+        return latest is not None and latest.intent is Intent.PAUSE
 
     def describe_jobs(self) -> list[JobSummary]:
         """A summary of every job on this worker."""
@@ -204,14 +292,21 @@ class Worker:
         for job in jobs:
             status = job.handler.status()
             summaries.append(JobSummary(job.job_id, job.service, status["state"], job.started,
-                                        self.host, status.get("progress") or {}))
+                                        self.host, status.get("progress") or {}, job.attempt))
         return summaries
 
     # ---- job ends ------------------------------------------------------------------------
 
     def _on_outcome(self, job: _RunningJob, outcome: cf.Future[dict[str, Any]]) -> None:
-        stored = self.transport.finish(Record.of_outcome(job.job_id, job.service, self.host,
-                                                         outcome.result()))
+        ended = outcome.result()
+        if ended["state"] == "handed_over":
+            # Not a final state: its watchers see the job go on, as another attempt.
+            job.emit("state", {"from": job.handler.states.state.value, "to": "resuming",
+                               "start": job.handler.states.entered, "end": ended["end"]})
+            stored = self.transport.hand_over(job.job_id)
+        else:
+            stored = self.transport.finish(Record.of_outcome(job.job_id, job.service, self.host,
+                                                             ended, job.attempt))
 
         def done(_: cf.Future[None]) -> None:
             with self._lock:

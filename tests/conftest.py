@@ -125,13 +125,16 @@ SAMPLES = os.path.join(ROOT, "tests", "sample_services.py")
 class WorkerProcess:
     """A ``brokerexec worker`` in its own process, as users run it."""
 
-    def __init__(self, url: str, *args: str, name: str = "worker") -> None:
+    #: The sample services a worker offers unless told otherwise.
+    SERVICES = ("Counter", "Forever", "Improver", "Sleeper", "NoReady", "Steps", "Fragile")
+
+    def __init__(self, url: str, *args: str, name: str = "worker",
+                 services: tuple[str, ...] = SERVICES) -> None:
         import sys
         import threading
 
         command = [sys.executable, "-m", "brokerexec", "worker", "--broker", url,
-                   *[f"--service={SAMPLES}:{cls}" for cls in ("Counter", "Forever", "Improver",
-                                                              "Sleeper", "NoReady")], *args]
+                   *[f"--service={SAMPLES}:{cls}" for cls in services], *args]
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         self.lines: list[str] = []
         self._ready = threading.Event()
@@ -171,12 +174,14 @@ class WorkerProcess:
 
 @pytest.fixture
 def worker_process(amqp_url: str) -> Iterator[object]:
-    """Factory: ``worker_process(*cli_args, url=None)`` starts a worker process; all are
-    stopped (SIGTERM, then SIGKILL) at the end."""
+    """Factory: ``worker_process(*cli_args, url=None, services=...)`` starts a worker
+    process (offering those sample services, by class name); all are stopped (SIGTERM, then
+    SIGKILL) at the end."""
     started: list[WorkerProcess] = []
 
-    def start(*args: str, url: str | None = None) -> WorkerProcess:
-        worker = WorkerProcess(url or amqp_url, *args, name=f"worker{len(started)}")
+    def start(*args: str, url: str | None = None,
+              services: tuple[str, ...] = WorkerProcess.SERVICES) -> WorkerProcess:
+        worker = WorkerProcess(url or amqp_url, *args, name=f"worker{len(started)}", services=services)
         started.append(worker)
         return worker
 

@@ -156,4 +156,57 @@ class Sleeper(Service):
         return request["value"]
 
 
-ALL = [Counter, Forever, Gated, NoReady, Improver, Sleeper]
+class Steps(Service):
+    """Takes ``steps`` steps of ``delay`` seconds, calling ready() before each; resumes from
+    its checkpoint (how many steps were done), and says where it resumed from."""
+
+    name = "steps"
+    inputs = (Input("steps", int, default=100), Input("delay", float, default=0.01))
+    settable = {"note": str}
+    invokable = ("position",)
+
+    def __init__(self) -> None:
+        self.done = 0
+        self.total = 0
+        self.note = ""
+        self.resumed_from: int | None = None
+
+    def run(self, handler: ServiceHandler, request: dict[str, Any]) -> dict[str, Any]:
+        self.total = request["steps"]
+        while self.done < self.total:
+            handler.ready()
+            time.sleep(request["delay"])  # the workload
+            self.done += 1
+        handler.ready()
+        return {"done": self.done, "resumed_from": self.resumed_from, "note": self.note}
+
+    def position(self) -> int:
+        return self.done
+
+    def progress(self) -> dict[str, Any]:
+        return {"done": self.done, "total": self.total,
+                "fraction": self.done / self.total if self.total else 1.0}
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"done": self.done}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.done = self.resumed_from = state["done"]
+
+
+class Fragile(Service):
+    """Sleeps ``seconds`` between ready() calls; cannot resume, and fails if its worker is lost."""
+
+    name = "fragile"
+    inputs = (Input("seconds", float, default=30.0),)
+    on_lost = "fail"
+
+    def run(self, handler: ServiceHandler, request: dict[str, Any]) -> str:
+        deadline = time.monotonic() + request["seconds"]
+        while time.monotonic() < deadline:
+            handler.ready()
+            time.sleep(0.01)  # the workload
+        return "done"
+
+
+ALL = [Counter, Forever, Gated, NoReady, Improver, Sleeper, Steps, Fragile]

@@ -14,8 +14,15 @@ import pika
 import pytest
 import sample_services
 
-from brokerexec import Client, JobNotFound, RemoteError, ServiceRegistry, Worker, WorkerSettings
-from brokerexec.protocol.names import DEAD_LETTER_QUEUE, LAUNCH_QUEUE, new_job_id
+from brokerexec import (
+    Client,
+    JobNotFound,
+    ServiceRegistry,
+    UnknownService,
+    Worker,
+    WorkerSettings,
+)
+from brokerexec.protocol.names import DEAD_LETTER_QUEUE, launch_queue, new_job_id
 from brokerexec.transport.amqp_settings import ConnectionSettings
 from brokerexec.transport.amqp_worker import RabbitWorkerTransport
 from brokerexec.worker import host_info
@@ -177,8 +184,13 @@ def test_unknown_job_and_unknown_service(setup: tuple[Client, Any]) -> None:
     with pytest.raises(JobNotFound):
         client.job(new_job_id()).status()
     assert time.monotonic() - started < 1.0
-    with pytest.raises(RemoteError, match="no service 'nope_service'"):
-        client.launch("nope_service", {}).result(WAIT)
+    with pytest.raises(UnknownService, match="no worker has ever offered service 'nope_service'"):
+        client.launch("nope_service", {})
+    assert time.monotonic() - started < 1.5
+    started = time.monotonic()
+    with pytest.raises(JobNotFound):
+        client.job(new_job_id()).result(WAIT)  # at once, not after WAIT
+    assert time.monotonic() - started < 1.0
 
 
 def test_undecodable_launch_is_dead_lettered_at_once(setup: tuple[Client, Any], amqp_url: str) -> None:
@@ -190,8 +202,9 @@ def test_undecodable_launch_is_dead_lettered_at_once(setup: tuple[Client, Any], 
         for body, content_type in ((b"{broken", "application/json"),
                                    (pickle.dumps({"x": 1}), "application/x-python-serialize"),
                                    (b'{"v": 1, "service": "counter"}', "application/json")):
-            channel.basic_publish("", LAUNCH_QUEUE, body, pika.BasicProperties(
-                content_type=content_type, message_id=marker, delivery_mode=2))
+            # No job id (message_id) to say what failed: dead-lettered, with nobody to tell.
+            channel.basic_publish("", launch_queue("counter"), body, pika.BasicProperties(
+                content_type=content_type, correlation_id=marker, delivery_mode=2))
         found = 0
         deadline = time.monotonic() + 2.0
         while found < 3 and time.monotonic() < deadline:
@@ -202,7 +215,7 @@ def test_undecodable_launch_is_dead_lettered_at_once(setup: tuple[Client, Any], 
             # Another test's dead letters (this run's own vhost) go too: put back, they
             # would come first again and hide ours.
             channel.basic_ack(method.delivery_tag)
-            found += props.message_id == marker
+            found += props.correlation_id == marker
         assert found == 3
         # and the worker still takes good launches
         assert client.launch("counter", {"steps": 2}).result(WAIT)["count"] == 2

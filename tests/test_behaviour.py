@@ -127,8 +127,9 @@ def test_a_failed_job_raises_remote_error_with_type_and_traceback(
 def test_unknown_service_and_invalid_request_are_clear_failures(
         make_client: Callable[[int], Client]) -> None:
     client = make_client(4)
-    with pytest.raises(RemoteError, match="no service 'nonesuch'"):
-        client.launch("nonesuch").result(WAIT)
+    # Refused at the client, at once: no worker has ever offered it on this broker.
+    with pytest.raises(UnknownService, match="no worker has ever offered service 'nonesuch'"):
+        client.launch("nonesuch")
     with pytest.raises(RemoteError, match="steps"):
         client.launch("counter", {"steps": "many"}).result(WAIT)
     # and the worker keeps going
@@ -264,8 +265,10 @@ def test_concurrency_bounds_running_jobs(make_client: Callable[[int], Client]) -
     inbox = Inbox()
     jobs = [_launch_subscribed(client, inbox) for _ in range(3)]
     inbox.wait_for(lambda _: sum("running" in inbox.states(j.id) for j in jobs) == 2)
-    assert len(client.jobs()) == 2
     waiting = next(j for j in jobs if "running" not in inbox.states(j.id))
+    listed = {job["job_id"]: job["state"] for job in client.jobs()}
+    assert listed == {**{j.id: "running" for j in jobs if j is not waiting}, waiting.id: "queued"}
+    assert waiting.status()["state"] == "queued"
     next(j for j in jobs if j is not waiting).abort()
     inbox.wait_for(lambda _: "running" in inbox.states(waiting.id))
     for job in jobs:
@@ -306,7 +309,7 @@ def test_refusals_raise_as_their_own_class(make_client: Callable[[int], Client])
     with pytest.raises(SignalRefused, match="too many positional arguments"):
         job.invoke("loops", 1, 2)  # refused on the worker's handler thread, at once
     job.abort()
-    with pytest.raises(UnknownService, match="no service 'nosuch'"):
-        client.launch("nosuch", {}).result(WAIT)
+    with pytest.raises(UnknownService, match="no worker has ever offered service 'nosuch'"):
+        client.launch("nosuch", {})
     with pytest.raises(InvalidRequest, match="unknown input 'bogus'"):
         client.launch("counter", {"bogus": 1}).result(WAIT)

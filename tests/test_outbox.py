@@ -8,10 +8,6 @@
 from __future__ import annotations
 
 import json
-import logging
-import os
-import shutil
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,12 +17,8 @@ import pytest
 from test_rabbitmq_transport import Raw, settings_for
 
 from brokerexec.errors import BrokerConnectionError
-from brokerexec.protocol import topology
-from brokerexec.protocol.messages import Launch
-from brokerexec.protocol.names import LAUNCH_QUEUE, new_job_id
 from brokerexec.transport.amqp_connection import AmqpConnection
 from brokerexec.transport.amqp_outbox import Outgoing
-from brokerexec.transport.pika_client import PikaClientTransport
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -122,34 +114,3 @@ def test_outbox_comes_back_after_the_broker_closes_its_channels(
     assert connection.connected and connection.reconnects == 0
 
 
-def test_a_version_1_launch_queue_from_an_older_brokerexec_is_used(
-        unique_name: str, caplog: pytest.LogCaptureFixture) -> None:
-    from conftest import AMQP_URL
-
-    if not shutil.which("rabbitmqctl"):
-        reason = "needs rabbitmqctl to make a vhost of its own"
-        if os.environ.get("CI"):
-            pytest.fail(reason)  # CI has the local broker: a skip there would hide a miss
-        pytest.skip(reason)
-    vhost = f"brokerexec-test-{uuid.uuid4().hex[:12]}"
-    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, capture_output=True)
-    subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
-                   check=True, capture_output=True)
-    url = AMQP_URL.rstrip("/") + "/" + vhost
-    try:
-        old = Raw(url)
-        old.channel.queue_declare(LAUNCH_QUEUE, durable=True,
-                                  arguments=topology.OLD_LAUNCH_QUEUE_ARGUMENTS)
-        caplog.set_level(logging.WARNING)
-        client = PikaClientTransport(url, name=unique_name)
-        try:
-            job_id = new_job_id()
-            client.launch([Launch.new("fake", job_id=job_id)])
-            method, props, _ = old.channel.basic_get(LAUNCH_QUEUE, auto_ack=True)
-            assert method is not None and props.message_id == job_id
-        finally:
-            client.close()
-        assert "version-1 classic queue" in caplog.text
-        old.close()
-    finally:
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], check=False, capture_output=True)

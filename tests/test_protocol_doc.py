@@ -10,6 +10,7 @@ import json
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,6 +37,11 @@ def worker(amqp_url: str) -> Iterator[None]:
     worker.stop(grace=5)
 
 
+def journal_stream(job_id: str) -> str:
+    """The journal stream of a job: ``brokerexec.jobs.`` and two hex digits, crc32 mod 16."""
+    return f"brokerexec.jobs.{zlib.crc32(job_id.encode()) % 16:02x}"
+
+
 class RawClient:
     """Speaks docs/protocol.md with a pika BlockingConnection."""
 
@@ -58,9 +64,12 @@ class RawClient:
         job_id = uuid.uuid4().hex
         body = {"v": 1, "job_id": job_id, "service": service, "request": request,
                 "settings": {"progress_delta": 0.05}, "sent": time.time()}
+        # To the service's queue, and by the CC key to the job's journal stream.
         self.channel.basic_publish(
-            "", "brokerexec.launch", json.dumps(body).encode(),
-            pika.BasicProperties(content_type="application/json", delivery_mode=2))
+            "brokerexec.launches", service, json.dumps(body).encode(),
+            pika.BasicProperties(content_type="application/json", delivery_mode=2,
+                                 message_id=job_id, type="brokerexec.launch",
+                                 headers={"CC": [journal_stream(job_id)]}), mandatory=True)
         return job_id
 
     def rpc(self, job_id: str, request: dict[str, Any]) -> Any:
@@ -103,7 +112,7 @@ class RawClient:
         raise AssertionError(f"{request} never gave the wanted reply")
 
     def record(self, job_id: str) -> dict[str, Any]:
-        """Read the stream brokerexec.results from the start until the job's record."""
+        """Read the job's journal stream from the start until its record."""
         channel = self.connection.channel()
         channel.basic_qos(prefetch_count=100)
         found: list[dict[str, Any]] = []
@@ -113,7 +122,7 @@ class RawClient:
             if props.message_id == job_id and props.type == "brokerexec.record":
                 found.append(json.loads(body))
 
-        channel.basic_consume("brokerexec.results", read, arguments={"x-stream-offset": "first"})
+        channel.basic_consume(journal_stream(job_id), read, arguments={"x-stream-offset": "first"})
         deadline = time.monotonic() + WAIT
         while not found and time.monotonic() < deadline:
             self.connection.process_data_events(time_limit=0.05)

@@ -22,7 +22,7 @@ import pika
 import pytest
 import yaml
 
-from brokerexec.errors import DecodeError, JobNotFound, RemoteError, Timeout
+from brokerexec.errors import DecodeError, JobNotFound, RemoteError, Timeout, UnknownService
 from brokerexec.protocol.events import Event
 from brokerexec.protocol.intents import Intent, Signal
 from brokerexec.protocol.messages import Control, JobSummary, Launch, Record
@@ -32,7 +32,8 @@ from brokerexec.protocol.names import (
     DIRECT_REPLY_TO,
     KIWIPY_EXCHANGE,
     KIWIPY_OTHERS_EXCHANGE,
-    LAUNCH_QUEUE,
+    journal_stream,
+    launch_queue,
     new_job_id,
     rpc_routing_key,
 )
@@ -117,6 +118,7 @@ class FakeHooks:
         self.pending: list[cf.Future[Any]] = []
         self.active: set[str] = set()
         self.most_active = 0
+        self.born = time.time()
 
     def _changed(self) -> None:
         self.cond.notify_all()
@@ -184,6 +186,8 @@ class FakeHooks:
         raise DecodeError(f"the fake job does not {what!r}")
 
     def on_control(self, control: Control) -> None:
+        if control.sent is not None and control.sent < self.born:
+            return  # replayed from the control stream (the last hour): a worker only notes it
         with self.cond:
             self.controls.append(control)
             self._changed()
@@ -191,6 +195,13 @@ class FakeHooks:
     def describe_jobs(self) -> list[JobSummary]:
         with self.cond:
             return [JobSummary(job_id, "fake", "running", 0.0, {}) for job_id in self.begun]
+
+    def superseded(self, job_id: str, reason: str) -> None:
+        # What the real worker does: abort its copy (recorded as an RPC, as tests expect).
+        with self.cond:
+            self.rpcs.append((job_id, "abort"))
+            self.superseded_as = reason
+            self._changed()
 
 
 class Inbox:
@@ -274,6 +285,10 @@ class Raw:
 # ---- fixtures ------------------------------------------------------------------------------
 
 
+#: The fake services every test worker offers.
+SERVICES = ("fake", "undecodable")
+
+
 @pytest.fixture
 def make_worker(amqp_url: str, unique_name: str
                 ) -> Iterator[Callable[..., tuple[RabbitWorkerTransport, FakeHooks]]]:
@@ -285,14 +300,16 @@ def make_worker(amqp_url: str, unique_name: str
     started: list[RabbitWorkerTransport] = []
 
     def make(capacity: int = 8, only: set[str] | None = None, url: str | None = None,
-             claim_after: float = 0, **settings: Any) -> tuple[RabbitWorkerTransport, FakeHooks]:
+             claim_after: float = 0, services: tuple[str, ...] = SERVICES,
+             **settings: Any) -> tuple[RabbitWorkerTransport, FakeHooks]:
         name = f"{unique_name}-w{len(started)}"
         transport = RabbitWorkerTransport(settings_for(url or amqp_url, name, **settings),
-                                          host_info={"name": name}, claim_after=claim_after)
+                                          host_info={"name": name}, claim_after=claim_after,
+                                          resume_grace=0.2)
         hooks = FakeHooks(name, capacity, only)
         hooks.transport = transport
         started.append(transport)
-        transport.serve(hooks, capacity)
+        transport.serve(hooks, capacity, services)
         return transport, hooks
 
     yield make
@@ -345,11 +362,14 @@ def test_launch_claim_begin_finish_and_fetch_result(make_worker: Any, client: Pi
         client.rpc(job_id, STATUS, 5)
 
 
-def test_result_of_a_job_never_launched_is_none(client: PikaClientTransport) -> None:
-    assert client.fetch_result(new_job_id(), 0) is None
+def test_result_of_a_job_never_launched_is_not_found_at_once(
+        make_worker: Any, client: PikaClientTransport) -> None:
+    make_worker(capacity=0)  # the journal exists: a worker has run
     started = time.monotonic()
-    assert client.fetch_result(new_job_id(), 0.3) is None
-    assert time.monotonic() - started >= 0.3
+    for timeout in (0, 30, None):
+        with pytest.raises(JobNotFound, match="no trace of it"):
+            client.fetch_result(new_job_id(), timeout)
+    assert time.monotonic() - started < 2.0
 
 
 def test_a_second_worker_cannot_claim_a_claimed_job(make_worker: Any, client: PikaClientTransport) -> None:
@@ -428,7 +448,8 @@ def test_a_young_job_finishes_without_a_claim_and_its_launch_is_acked(
     hooks.release(second)
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     try:
-        assert connection.channel().queue_declare(LAUNCH_QUEUE, passive=True).method.message_count == 0
+        declared = connection.channel().queue_declare(launch_queue("fake"), passive=True)
+        assert declared.method.message_count == 0
     finally:
         connection.close()
 
@@ -470,17 +491,18 @@ def test_a_launch_that_comes_back_after_its_job_ended_is_not_run_again(
     first_worker.close()
     # When its launch comes back redelivered (as when the ack is lost in a cut)
     body = json.dumps(Launch.new("fake", job_id=job_id).encode()).encode()
-    raw.channel.basic_publish("", LAUNCH_QUEUE, body,
+    raw.channel.basic_publish("", launch_queue("fake"), body,
                               pika.BasicProperties(content_type="application/json", delivery_mode=2,
                                                    message_id=job_id))
     deadline = time.monotonic() + WAIT
-    while (taken := raw.channel.basic_get(LAUNCH_QUEUE, auto_ack=False))[0] is None:
+    while (taken := raw.channel.basic_get(launch_queue("fake"), auto_ack=False))[0] is None:
         assert time.monotonic() < deadline, "the launch never arrived"
     raw.channel.basic_nack(taken[0].delivery_tag, requeue=True)
     # Then the next worker claims it, finds the record, and does not run the job again
     _, second = make_worker(only={job_id}, claim_after=600)
     second.wait(lambda: bool(second.cancelled), "the launch that came back was never looked at")
     assert job_id not in second.begun and "ended already" in second.cancelled[0][1]
+    assert client.fetch_result(job_id, 0) == record.encode()
     assert client.fetch_result(job_id, 5) == record.encode()
 
 
@@ -507,22 +529,49 @@ def test_undecodable_launches_are_dead_lettered_at_once(
     marker = uuid.uuid4().hex
     bad = [(b"{not json", "application/json"),
            (b"\x80\x04K\x01.", "application/x-python-serialize"),
-           (b'{"v": 1, "service": "fake", "job_id": "no.dots.allowed"}', "application/json"),
-           (json.dumps(Launch.new("undecodable").encode()).encode(), "application/json")]
+           (b'{"v": 1, "service": "fake", "job_id": "no.dots.allowed"}', "application/json")]
     started = time.monotonic()
-    for body, content_type in bad:
-        raw.channel.basic_publish("", LAUNCH_QUEUE, body, pika.BasicProperties(
-            content_type=content_type, message_id=marker, delivery_mode=2))
+    for body, content_type in bad:  # without a job id: nobody to tell
+        raw.channel.basic_publish("", launch_queue("fake"), body, pika.BasicProperties(
+            content_type=content_type, correlation_id=marker, delivery_mode=2))
     for body, _ in bad:
         def dead_lettered(props: pika.BasicProperties, got: bytes, body: bytes = body) -> bool:
-            return bool(props.message_id == marker and got == body)
+            return bool(props.correlation_id == marker and got == body)
 
         props, _ = raw.get(dead, dead_lettered, 2.0)
         death = props.headers["x-death"][0]
-        assert (death["queue"], death["reason"]) == (LAUNCH_QUEUE, "rejected")
+        assert (death["queue"], death["reason"]) == (launch_queue("fake"), "rejected")
     assert time.monotonic() - started < 2.0
     # The worker keeps taking good launches.
     launched(client, hooks)
+
+
+def test_a_launch_that_cannot_run_but_names_its_job_ends_with_a_failed_record(
+        make_worker: Any, client: PikaClientTransport, raw: Raw) -> None:
+    _, hooks = make_worker(only=set())
+    too_big = json.dumps({**Launch.new("fake").encode(), "request": {"x": "y" * 1_100_000}}).encode()
+    cases = {new_job_id(): (b"{not json", "fake", "JSON"),
+             new_job_id(): (too_big, "fake", "over the limit"),
+             new_job_id(): (json.dumps(Launch.new("undecodable").encode()).encode(), "undecodable",
+                            "refused by prepare")}
+    for job_id, (body, service, _) in cases.items():
+        raw.channel.basic_publish("brokerexec.launches", service, body, pika.BasicProperties(
+            content_type="application/json", message_id=job_id, delivery_mode=2,
+            headers={"CC": [journal_stream(job_id)]}))
+    for job_id, (_, service, says) in cases.items():
+        record = client.fetch_result(job_id, WAIT)
+        assert record is not None and record["state"] == "failed", job_id
+        assert record["service"] == service and says in record["error"]["message"]
+    launched(client, hooks)
+
+
+def test_a_launch_of_a_service_no_worker_offers_is_refused_at_the_client(
+        make_worker: Any, client: PikaClientTransport) -> None:
+    make_worker(capacity=0)
+    started = time.monotonic()
+    with pytest.raises(UnknownService, match="no worker has ever offered service 'nobody-offers-this'"):
+        client.launch(launch_of(new_job_id(), "nobody-offers-this"))
+    assert time.monotonic() - started < 1.0
 
 
 # ---- RPC -----------------------------------------------------------------------------------
@@ -586,7 +635,8 @@ def test_pending_goes_out_at_once_and_replies_use_the_request_codec(
     # A stock kiwipy client speaks YAML and decodes replies as YAML.
     correlation_id = raw.request(job_id, yaml.safe_dump({"intent": "invoke", "method": "slow"}).encode(),
                                  "application/x-yaml")
-    assert raw.next_reply(correlation_id) == ("application/x-yaml", {"pending": None})
+    # kiwipy reads "pending" and ignores the attempt beside it (brokerexec clients use it).
+    assert raw.next_reply(correlation_id) == ("application/x-yaml", {"pending": None, "attempt": 1})
     hooks.wait(lambda: bool(hooks.pending), "the slow RPC never reached the hooks")
     hooks.pending[0].set_result(7)
     assert raw.next_reply(correlation_id) == ("application/x-yaml", {"result": 7})
@@ -698,8 +748,8 @@ def test_query_jobs_gathers_every_workers_jobs(make_worker: Any, client: PikaCli
     _, second = make_worker(only=set())
     job_b = launched(client, second)
     started = time.monotonic()
-    jobs = client.query_jobs(1.0)
-    assert time.monotonic() - started < 2.0
+    jobs = client.list_jobs(1.0).jobs
+    assert time.monotonic() - started < 3.0
     by_id = {job["job_id"]: job for job in jobs}
     assert {job_a, job_b} <= set(by_id)
     assert by_id[job_a]["state"] == by_id[job_b]["state"] == "running"
@@ -708,8 +758,8 @@ def test_query_jobs_gathers_every_workers_jobs(make_worker: Any, client: PikaCli
 def test_query_jobs_names_the_worker_of_each_job(make_worker: Any, client: PikaClientTransport) -> None:
     _, hooks = make_worker(only=set())
     job_id = launched(client, hooks)
-    jobs = [job for job in client.query_jobs(1.0) if job["job_id"] == job_id]
-    assert [job.get("worker") for job in jobs] == [{"name": hooks.name}]
+    jobs = [job for job in client.list_jobs(1.0).jobs if job["job_id"] == job_id]
+    assert [job.get("worker", {}).get("name") for job in jobs] == [hooks.name]
 
 
 def test_control_sent_while_a_worker_was_disconnected_is_applied_on_reconnect(
@@ -756,19 +806,20 @@ def test_the_pinned_pika_has_the_internals_frame_joining_relies_on(amqp_url: str
 
 
 def test_a_record_found_early_in_a_long_stream_leaves_the_clients_connection_alone(
-        client: PikaClientTransport, raw: Raw) -> None:
-    # Given a record followed by thousands of others (more than a reader's prefetch)
-    from brokerexec.protocol import topology
-    from brokerexec.protocol.names import RECORD_TYPE, RESULTS_STREAM
+        make_worker: Any, client: PikaClientTransport, raw: Raw) -> None:
+    # Given a record followed by thousands of others in its journal stream (more than a
+    # reader's prefetch)
+    from brokerexec.protocol.names import RECORD_TYPE
 
-    raw.channel.queue_declare(RESULTS_STREAM, durable=True, arguments=dict(topology.RESULTS.arguments))
+    make_worker(capacity=0)
     target = finished(new_job_id(), "early")
+    stream = journal_stream(target.job_id)
     for record in [target, *(finished(new_job_id(), n) for n in range(3000))]:
         properties = pika.BasicProperties(content_type="application/json", message_id=record.job_id,
                                           type=RECORD_TYPE, delivery_mode=2)
-        raw.channel.basic_publish("", RESULTS_STREAM, json.dumps(record.encode()).encode(), properties)
+        raw.channel.basic_publish("", stream, json.dumps(record.encode()).encode(), properties)
     # When it is looked up, with and without waiting
-    client.query_jobs(0.1)
+    client.list_jobs(0.1)
     connections = client.connections_made
     started = time.monotonic()
     assert client.fetch_result(target.job_id, 0) == target.encode()
@@ -776,6 +827,6 @@ def test_a_record_found_early_in_a_long_stream_leaves_the_clients_connection_alo
     assert time.monotonic() - started < 5
     # Then the client's own connection is fine (a stream refuses the rejects pika sends for
     # deliveries it still holds by closing the whole connection: not the caller's)
-    assert client.query_jobs(0.2) == []  # round trip on the same thread's connection
-    client.launch(launch_of(new_job_id(), "nobody-runs-this"))
+    client.list_jobs(0.2)  # round trip on the same thread's connection
+    client.launch(launch_of(new_job_id(), "fake"))
     assert client.connections_made == connections

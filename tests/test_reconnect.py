@@ -24,6 +24,7 @@ from urllib.parse import urlparse, urlunparse
 import brokerctl
 import pytest
 from test_rabbitmq_transport import (
+    SERVICES,
     STATUS,
     FakeHooks,
     Inbox,
@@ -80,7 +81,7 @@ def transports(amqp_url: str, unique_name: str
         hooks = FakeHooks(name, only=set())
         hooks.transport = transport
         started.append(transport)
-        transport.serve(hooks, hooks.capacity)
+        transport.serve(hooks, hooks.capacity, SERVICES)
         return transport, hooks
 
     yield make

@@ -81,7 +81,8 @@ def test_sigterm_lets_running_jobs_finish_and_takes_no_new_work(
     ends = Ends()
     with Client(amqp_url) as client:
         client.subscribe("state.#", ends)
-        running = client.launch("counter", {"steps": 40, "delay": 0.05})
+        # (a service that cannot resume: one that can is handed over, test_durable.py)
+        running = client.launch("fragile", {"seconds": 2})
         ends.wait(running.id, "running")
         queued = client.launch("counter", {"steps": 3})
         assert worker.terminate(timeout=WAIT) == 0  # returns once the running job finished

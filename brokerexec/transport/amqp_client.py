@@ -19,7 +19,7 @@ import contextlib
 import itertools
 import logging
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 import aio_pika
@@ -30,17 +30,28 @@ import aiormq.exceptions
 from .. import codec
 from ..constants import DEFAULT_LOCATE_TIMEOUT
 from ..errors import BrokerConnectionError, DecodeError
-from ..protocol import calls
-from ..protocol.calls import Gather, Incoming, NextReply, Publish, Request, Routed
+from ..protocol import calls, lookups
+from ..protocol.commands import (
+    Browse,
+    Gather,
+    Incoming,
+    NextReply,
+    Publish,
+    QueueExists,
+    ReadJournal,
+    Request,
+    Routed,
+)
 from ..protocol.events import Event
 from ..protocol.intents import Signal
+from ..protocol.lookups import Listing
 from ..protocol.messages import Control, Launch
 from ..protocol.names import DIRECT_REPLY_TO, EVENTS_EXCHANGE
 from .amqp_connection import AmqpConnection
-from .amqp_declare import declare_all
-from .amqp_records import find_record
+from .amqp_declare import declare_for_clients
+from .amqp_journal import browse, queue_exists, read_journal
 from .amqp_settings import ConnectionSettings
-from .base import AsyncClientTransport, Subscription
+from .base import AsyncClientTransport, Subscription, client_info
 from .pushed_records import PushedRecords
 
 __all__ = ["RabbitClientTransport"]
@@ -79,6 +90,7 @@ class RabbitClientTransport(AsyncClientTransport):
         self.records = PushedRecords()
         self._replies: dict[str, deque[Incoming]] = {}
         self._replied: dict[str, asyncio.Event] = {}
+        self._offered: set[str] = set()  # services known to have a launch queue
 
     async def _on_connection(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the connection's loop; await it from the caller's."""
@@ -87,7 +99,7 @@ class RabbitClientTransport(AsyncClientTransport):
     async def connect(self) -> None:
         connection = self.connection
         await asyncio.to_thread(connection.start)
-        for key, setup, confirms in (("topology", declare_all, False),
+        for key, setup, confirms in (("topology", declare_for_clients, False),
                                      ("records", self._setup_records, False),
                                      ("rpc", self._setup_rpc, True)):
             await self._on_connection(connection.setups.add(key, setup, confirms=confirms))
@@ -135,6 +147,9 @@ class RabbitClientTransport(AsyncClientTransport):
             return inbox.popleft() if inbox else None
 
         async def act(command: Any) -> Any:
+            reading = self._reading(command)
+            if reading is not None:
+                return await reading
             if isinstance(command, Publish):
                 return await asyncio.gather(*(self._publish(message, command.mandatory)
                                               for message in command.messages))
@@ -165,6 +180,16 @@ class RabbitClientTransport(AsyncClientTransport):
             for correlation_id in correlation_ids:
                 self._replies.pop(correlation_id, None)
                 self._replied.pop(correlation_id, None)
+
+    def _reading(self, command: Any) -> Coroutine[Any, Any, Any] | None:
+        """The commands that read the broker's state rather than exchange messages."""
+        if isinstance(command, QueueExists):
+            return queue_exists(self.connection, command.name)
+        if isinstance(command, ReadJournal):
+            return read_journal(self.connection, command.reader, command.seconds)
+        if isinstance(command, Browse):
+            return browse(self.connection, command.queues, command.limit)
+        return None
 
     async def _publish(self, message: calls.Message, mandatory: bool) -> Routed:
         await self.connection.wait_connected(self.settings.connect_timeout)
@@ -197,13 +222,24 @@ class RabbitClientTransport(AsyncClientTransport):
 
     async def launch(self, launches: list[Launch]) -> None:
         reply_to = self.records.note_launched([launch.job_id for launch in launches])
-        await self._on_connection(self._run(calls.launches(launches, reply_to=reply_to),
+        await self._on_connection(self._run(calls.launches(launches, reply_to=reply_to,
+                                                           offered=self._offered),
                                             f"the launch of {len(launches)} job(s)"))
 
     async def rpc(self, job_id: str, signal: Signal, timeout: float) -> Any:
         return await self._on_connection(self._run(calls.rpc(
             job_id, signal, timeout=timeout, locate_timeout=self.locate_timeout,
             max_bytes=self.settings.max_message_bytes), f"{signal.describe()} to job {job_id}"))
+
+    async def status(self, job_id: str, timeout: float) -> dict[str, Any]:
+        return await self._on_connection(self._run(lookups.status(
+            job_id, timeout=timeout, locate_timeout=self.locate_timeout,
+            max_bytes=self.settings.max_message_bytes), f"the status of job {job_id}"))
+
+    async def abort(self, job_id: str, timeout: float) -> bool:
+        return await self._on_connection(self._run(lookups.abort(
+            job_id, timeout=timeout, locate_timeout=self.locate_timeout,
+            max_bytes=self.settings.max_message_bytes, by=client_info()), f"the abort of job {job_id}"))
 
     async def control(self, control: Control) -> None:
         await self._on_connection(self._run(calls.control(control), f"control {control.intent.value!r}"))
@@ -251,11 +287,14 @@ class RabbitClientTransport(AsyncClientTransport):
         elif pushed is not None:
             pushed.cancel()  # "has it ended?": the push may be on its way; the stream knows
         remaining = None if timeout is None else max(timeout - (loop.time() - started), 0.0)
-        return await self._on_connection(find_record(self.connection, job_id, remaining))
+        return await self._on_connection(self._run(lookups.result(job_id, remaining),
+                                                   f"the look-up of job {job_id}'s record"))
 
-    async def query_jobs(self, timeout: float) -> list[dict[str, Any]]:
-        return await self._on_connection(self._run(calls.jobs_query(
-            timeout=timeout, max_bytes=self.settings.max_message_bytes), "the jobs query"))
+    async def list_jobs(self, timeout: float, *, services: Iterable[str] = (),
+                        ended_since: float | None = None, limit: int = 1000) -> Listing:
+        return await self._on_connection(self._run(lookups.listing(
+            timeout=timeout, max_bytes=self.settings.max_message_bytes, services=tuple(services),
+            ended_since=ended_since, limit=limit), "the jobs listing"))
 
     async def close(self) -> None:
         await asyncio.to_thread(self.connection.close)

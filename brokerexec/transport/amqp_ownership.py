@@ -1,26 +1,26 @@
 """Who owns a job, and the proof of it in the broker: the one home of job ownership.
 
-A job belongs to exactly one worker, and the proof of it lives in the broker, so it dies
-with the worker's connection:
+A job belongs to exactly one execution, numbered by its **attempt**; the proof lives in the
+broker, so it dies with the worker's connection: at first the unacknowledged delivery of its
+launch; once **claimed**, the exclusive queue ``brokerexec.rpc.<job id>`` (which receives the
+job's RPCs), a ``started`` entry in the journal and a held **lease** (``amqp_leases.py``) that
+comes back as a launch to resume the job if this worker dies. The launch is acked then.
 
-* at first, the unacknowledged delivery of its launch (RabbitMQ hands a message to one
-  consumer at a time, and gives it back if that consumer's channel goes);
-* once **claimed**, the exclusive queue ``brokerexec.rpc.<job id>``, which also receives the
-  job's RPCs. The launch is acknowledged right after the claim.
+A job is claimed when it has run ``claim_after`` seconds, when a client asks for it, when it
+checkpoints, when its launch comes back redelivered or as a lease (before it starts), and
+after a reconnect. A job shorter than ``claim_after`` never pays for a queue, an entry or a
+lease: together they cost the broker more than a trivial job.
 
-A job is claimed when it has run ``claim_after`` seconds, when a client asks for it (an
-RPC it could not route, sent to every worker), when its launch comes back redelivered
-(claimed before it starts, so two workers never run it at once), and after a reconnect
-(its delivery is void then). A job shorter than ``claim_after`` never pays for a queue: a
-queue costs the broker more CPU than the rest of a trivial job together. Launches stay
-unacknowledged at most ``claim_after`` plus a claim, far below ``consumer_timeout``.
+**Fencing.** An exclusive queue alone is a hint, not a fence: after a reconnect (a network
+cut healed, a SIGSTOPped process continued) this worker may claim again a job that was
+resumed, and maybe finished, elsewhere meanwhile. So a claim made again reads the job's
+journal first: a record, or a ``started`` entry of a newer attempt (or of the same attempt
+by another worker), means this copy is **superseded**: it stops at its next ``ready()``,
+publishes nothing (no events, record or checkpoint) and lets its lease go. Until its claim
+is verified again on the new connection, a job's events are held.
 
-A worker that loses a claim race (someone else claimed the job while this one was cut off)
-is *superseded*: it aborts its copy silently, with no events and no record; the owner's are
-the job's. A job ends here with :meth:`Ownership.finish`: its record is stored (confirmed),
-then the claim is let go (or the launch acknowledged).
-
-Everything here runs on the connection's loop thread, except :meth:`Ownership.silenced`.
+Everything here runs on the connection's loop thread, except :meth:`Ownership.speak` and
+:meth:`Ownership.silenced`.
 """
 
 from __future__ import annotations
@@ -30,29 +30,24 @@ import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 import aio_pika.abc
 import aiormq.abc
 import aiormq.exceptions
 
-from .. import codec
+from ..errors import BrokerConnectionError
 from ..protocol import topology
-from ..protocol.messages import Record
-from ..protocol.names import (
-    BCC_HEADER,
-    KIWIPY_EXCHANGE,
-    RECORD_TYPE,
-    RESULTS_STREAM,
-    rpc_queue,
-    rpc_routing_key,
-)
+from ..protocol.messages import Lease
+from ..protocol.names import KIWIPY_EXCHANGE, rpc_queue, rpc_routing_key
 from .amqp_connection import AmqpConnection, Outgoing
-from .amqp_records import find_record
+from .amqp_entries import JournalWriter
+from .amqp_leases import Leases
+from .amqp_owned_job import OwnedJob
+from .amqp_setups import Setup
 from .base import PreparedJob
 
-__all__ = ["OwnedJob", "Ownership"]
+__all__ = ["OwnedJob", "Ownership"]  # OwnedJob: amqp_owned_job.py
 
 log = logging.getLogger(__name__)
 
@@ -61,22 +56,8 @@ ENDED_KEPT = 10_000
 
 #: Delivers one RPC message to a claimed job (the signal server's).
 DeliverRpc = Callable[[str, aiormq.abc.DeliveredMessage], Coroutine[Any, Any, None]]
-#: Aborts this worker's copy of a job, silently (the worker's hooks).
+#: Stops this worker's copy of a job, silently (the worker's hooks).
 AbortCopy = Callable[[str, str], None]
-
-
-@dataclass(eq=False)
-class OwnedJob:
-    """A job this worker runs, and what makes it this worker's."""
-
-    job: PreparedJob
-    delivery: aio_pika.abc.AbstractIncomingMessage | None  # the unacked launch, until claimed
-    generation: int  # of the launch channel that delivered it
-    reply_to: str | None
-    claimed: bool = False
-    claiming: asyncio.Task[bool] | None = None
-    superseded: bool = False
-    timer: asyncio.TimerHandle | None = None
 
 
 class Ownership:
@@ -86,13 +67,17 @@ class Ownership:
         connection: the worker's connection.
         claim_after: seconds a job runs before it is claimed (0: claim before it starts).
         deliver_rpc: where a claimed job's RPC queue delivers.
-        abort_copy: stops this worker's copy of a job that another worker claimed.
+        abort_copy: stops this worker's copy of a job that another execution owns.
+        leases: this worker's leases.
+        journal: this worker's writes to the journal.
     """
 
-    def __init__(self, connection: AmqpConnection, *, claim_after: float,
-                 deliver_rpc: DeliverRpc, abort_copy: AbortCopy) -> None:
+    def __init__(self, connection: AmqpConnection, *, claim_after: float, deliver_rpc: DeliverRpc,
+                 abort_copy: AbortCopy, leases: Leases, journal: JournalWriter) -> None:
         self.connection = connection
         self.claim_after = claim_after
+        self.leases = leases
+        self.journal = journal
         self._deliver_rpc = deliver_rpc
         self._abort_copy = abort_copy
         self._owned: dict[str, OwnedJob] = {}
@@ -109,6 +94,9 @@ class Ownership:
         """The job, if it runs here."""
         return self._owned.get(job_id)
 
+    def jobs(self) -> list[OwnedJob]:
+        return list(self._owned.values())  # every job owned here now
+
     def ran_here(self, job_id: str) -> bool:
         """True if the job runs here now or ended here."""
         return job_id in self._owned or job_id in self._ended
@@ -117,28 +105,62 @@ class Ownership:
         """True for a copy that lost its claim: the owner speaks for the job (any thread)."""
         return job_id in self._silenced
 
+    def attempt_of(self, job_id: str) -> int | None:
+        """The execution of the job that runs here."""
+        owned = self._owned.get(job_id)
+        return owned.job.attempt if owned is not None else None
+
+    def speak(self, job_id: str, items: list[Outgoing]) -> None:
+        """Publish the job's events (any thread): now while its proof holds on this connection;
+        held while its claim is verified again after a reconnect; dropped if superseded."""
+        owned = self._owned.get(job_id)
+        if owned is None:
+            if job_id not in self._silenced:
+                for item in items:
+                    self.connection.post(item)
+            return
+        owned.speak(items, lambda: self._proof_valid(owned), self.connection.post)
+
+    def _verified(self, owned: OwnedJob) -> None:
+        """The claim holds on this connection: the job may speak, what it held goes out."""
+        owned.verified = self.connection.generation
+        owned.changed.set()
+        owned.flush(self.connection.post)
+
+    def _proof_valid(self, owned: OwnedJob) -> bool:
+        if owned.claimed:
+            return owned.verified == self.connection.generation
+        if owned.locked:
+            return not owned.check_journal
+        return self._delivery_valid(owned)
+
     # ---- taking jobs -----------------------------------------------------------------------
 
     def launch_channel_opened(self, channel: aio_pika.abc.AbstractChannel) -> None:
-        """The launch consumer's channel is (re)opened: deliveries of the old one are void, so
-        every job that ran on one is claimed now, before another worker takes its launch
-        again (the loser of that race stops)."""
+        """The launch channel is (re)opened: deliveries of the old one are void, so every job
+        that ran on one is claimed now, its journal read first (another may have run it)."""
         self._launch_channel = channel
         self._launch_generation += 1
         for owned in list(self._owned.values()):
-            if not owned.claimed and not owned.superseded:
+            if not owned.locked and not owned.superseded:
+                owned.check_journal = True
                 self.claim_later(owned, 0)
 
-    def take(self, job: PreparedJob, delivery: aio_pika.abc.AbstractIncomingMessage) -> OwnedJob:
+    def take(self, job: PreparedJob, delivery: aio_pika.abc.AbstractIncomingMessage,
+             reply_to: str | None = None) -> OwnedJob:
         """Own ``job`` on the strength of its unacknowledged launch ``delivery``."""
-        owned = OwnedJob(job, delivery, self._launch_generation, delivery.reply_to)
+        owned = OwnedJob(job, delivery, self._launch_generation, reply_to or delivery.reply_to)
         self._owned[job.job_id] = owned
         return owned
 
     def drop(self, job_id: str) -> None:
-        """Forget a job that will not run here after all (its claim failed)."""
-        self._owned.pop(job_id, None)
+        """Forget a job that will not run here after all."""
+        owned = self._owned.pop(job_id, None)
         self._silenced.discard(job_id)
+        if owned is not None:
+            self._ack_launch(owned)
+            if owned.locked:
+                self.connection.spawn(self.connection.setups.remove(_claim_key(job_id)))
 
     def _delivery_valid(self, owned: OwnedJob) -> bool:
         channel = self._launch_channel
@@ -148,12 +170,61 @@ class Ownership:
     def _ack_launch(self, owned: OwnedJob) -> None:
         valid = self._delivery_valid(owned)
         delivery, owned.delivery = owned.delivery, None
-        if delivery is not None and valid:
-            # With the next outbox batch; if its channel goes first, the launch is
-            # redelivered and claimed there.
+        if delivery is not None and valid:  # with the next outbox batch
             self.connection.ack(delivery)
 
     # ---- claims ----------------------------------------------------------------------------
+
+    async def lock(self, owned: OwnedJob, *, tries: int = 1) -> bool:
+        """Take the job's exclusive queue (callers share the attempt); False (and the copy
+        superseded) if another holds it after ``tries`` attempts, half a second apart."""
+        if owned.locking is None and not owned.locked:
+            owned.locking = asyncio.get_running_loop().create_task(self._lock(owned, tries))
+        if owned.locking is None:
+            return True
+        try:
+            return await asyncio.shield(owned.locking)
+        finally:
+            if owned.locking is not None and owned.locking.done():
+                owned.locking = None
+
+    async def _lock(self, owned: OwnedJob, tries: int) -> bool:
+        await self.connection.wait_connected()
+        for attempt in range(tries):
+            try:
+                await self.connection.setups.add(_claim_key(owned.job_id), self._claim_setup(owned))
+                owned.locked = True
+                return True
+            except aiormq.exceptions.ChannelLockedResource:
+                if attempt + 1 < tries:
+                    await asyncio.sleep(0.5)
+        self.supersede(owned, "another worker claimed it")
+        self._ack_launch(owned)  # a duplicate launch, or a lease its holder still holds
+        return False
+
+    def _claim_setup(self, owned: OwnedJob) -> Setup:
+        job_id = owned.job_id
+
+        async def setup(channel: aio_pika.abc.AbstractChannel) -> None:
+            rerun = owned.lock_runs > 0
+            owned.lock_runs += 1
+            try:
+                queue = await channel.declare_queue(rpc_queue(job_id), exclusive=True, auto_delete=True,
+                                                    arguments=dict(topology.RPC_QUEUE_ARGUMENTS))
+            except aiormq.exceptions.ChannelLockedResource:
+                if rerun:  # our dead connection's, not let go yet, or another execution's
+                    self.connection.spawn(self._reverify(owned, locked_out=True))
+                raise
+            exchange = await channel.get_exchange(KIWIPY_EXCHANGE, ensure=False)
+            await queue.bind(exchange, rpc_routing_key(job_id))
+            # Consumed through aiormq's own basic_consume: one task per message, not two.
+            underlay = await channel.get_underlay_channel()
+            await underlay.basic_consume(queue.name, lambda message: self._deliver_rpc(job_id, message),
+                                         no_ack=True)
+            if rerun and owned.claimed:
+                self.connection.spawn(self._reverify(owned, locked_out=False))
+
+        return setup
 
     async def ensure_claimed(self, owned: OwnedJob) -> bool:
         """Claim ``owned`` once (callers share the attempt); False if it is someone else's."""
@@ -170,41 +241,74 @@ class Ownership:
                 owned.claiming = None  # a failed attempt may be tried again
 
     async def _claim(self, owned: OwnedJob) -> bool:
-        job_id = owned.job.job_id
-
-        async def setup(channel: aio_pika.abc.AbstractChannel) -> None:
-            queue = await channel.declare_queue(rpc_queue(job_id), exclusive=True, auto_delete=True,
-                                                arguments=dict(topology.RPC_QUEUE_ARGUMENTS))
-            exchange = await channel.get_exchange(KIWIPY_EXCHANGE, ensure=False)
-            await queue.bind(exchange, rpc_routing_key(job_id))
-            # Consumed through aiormq's own basic_consume: one task per message, not two.
-            underlay = await channel.get_underlay_channel()
-            await underlay.basic_consume(queue.name, lambda message: self._deliver_rpc(job_id, message),
-                                         no_ack=True)
-
-        await self.connection.wait_connected()
-        try:
-            await self.connection.setups.add(_claim_key(job_id), setup)
-        except aiormq.exceptions.ChannelLockedResource:
-            self.supersede(owned, "another worker claimed it")
-            self._ack_launch(owned)  # a duplicate launch: dropped
+        if not await self.lock(owned):
             return False
+        if owned.check_journal:
+            lost = await self._lost_to_another(owned)
+            if lost:
+                await self._let_go(owned, lost)
+                return False
+            owned.check_journal = False
+        if owned.ending or self._owned.get(owned.job_id) is not owned:
+            return True  # it ends now: its record needs the lock, not a lease
+        job = owned.job
+        if not owned.started_at:
+            owned.started_at = await self.journal.started(job.job_id, job.service, job.attempt)
+        await self.leases.hold(job.job_id, self.lease_of(owned))
         owned.claimed = True
+        self._verified(owned)
         if owned.timer is not None:
             owned.timer.cancel()
         self._ack_launch(owned)
-        if self._owned.get(job_id) is not owned:  # it ended while we claimed: let go at once
-            await self.connection.setups.remove(_claim_key(job_id))
         return True
+
+    async def _reverify(self, owned: OwnedJob, *, locked_out: bool) -> None:
+        """The claim's setup ran again (a reconnect): is the job still this execution's?"""
+        try:
+            lost = await self._lost_to_another(owned)
+            if lost:
+                await self._let_go(owned, lost)
+                return
+            if locked_out:
+                return  # still ours: the setup retries until the broker lets go of the old queue
+            await self.leases.hold(owned.job_id, self.lease_of(owned))
+            self._verified(owned)
+        except Exception as exc:  # the journal or the lease could not be reached: again soon
+            if owned.job_id in self._owned and not owned.superseded:
+                log.warning("verifying the claim of %s failed (%r); again in 1 s", owned.job_id, exc)
+                self.connection.loop.call_later(1.0, lambda: self.connection.spawn(
+                    self._reverify(owned, locked_out=locked_out)))
+
+    async def _lost_to_another(self, owned: OwnedJob) -> str:
+        """Why the job is not this execution's any more, as the journal shows it ("" if it is):
+        it ended, or it ran in another execution since ours."""
+        search = await self.journal.history(owned.job_id, since=owned.started_at or None)
+        history = search.history
+        if history.record is not None:
+            return f"it ended already ({history.record.get('state')})"
+        worker = (history.started or {}).get("worker") or {}
+        if history.attempt > owned.job.attempt:
+            return f"it was resumed elsewhere (attempt {history.attempt}, on {worker.get('hostname', '?')})"
+        if history.attempt == owned.job.attempt and worker.get("id") != self.journal.worker.get("id"):
+            return f"another worker ({worker.get('hostname', '?')}) started it"
+        return ""
+
+    async def _let_go(self, owned: OwnedJob, reason: str) -> None:
+        self.supersede(owned, reason)
+        await self.unlock(owned)
+
+    def lease_of(self, owned: OwnedJob, *, handed_over: bool = False) -> Lease:
+        """The job's lease as it stands (its attempt, its newest checkpoint)."""
+        job = owned.job
+        return Lease(job.launch, job.attempt, self.journal.worker, owned.started_at, owned.reply_to,
+                     owned.checkpoint, handed_over)
 
     async def locate(self, job_id: str) -> bool:
         """An RPC came for ``job_id`` through every worker: claim it if it runs here, so it
         can answer; False if it does not run here (or is someone else's)."""
         owned = self._owned.get(job_id)
-        if owned is None:
-            return False
         try:
-            return await self.ensure_claimed(owned)
+            return owned is not None and await self.ensure_claimed(owned)
         except Exception as exc:
             log.warning("claim of %s on request failed: %r", job_id, exc)
             return False
@@ -215,8 +319,8 @@ class Ownership:
             try:
                 await self.ensure_claimed(owned)
             except Exception as exc:
-                if owned.job.job_id in self._owned:
-                    log.warning("claim of %s failed (%r); again in 1 s", owned.job.job_id, exc)
+                if owned.job_id in self._owned and not owned.superseded:
+                    log.warning("claim of %s failed (%r); again in 1 s", owned.job_id, exc)
                     self.claim_later(owned, 1.0)
 
         if owned.timer is not None:
@@ -224,92 +328,68 @@ class Ownership:
         owned.timer = self.connection.loop.call_later(delay, lambda: self.connection.spawn(claim()))
 
     def supersede(self, owned: OwnedJob, reason: str) -> None:
-        """Another worker owns the job: stop this copy, which publishes nothing from now on."""
-        owned.superseded = True
-        self._silenced.add(owned.job.job_id)
+        """Another execution owns the job: stop this copy, which publishes nothing from now on."""
+        if owned.superseded:
+            return
+        owned.mute(reason)
+        self._silenced.add(owned.job_id)
+        self.leases.release(owned.job_id)
         if owned.timer is not None:
             owned.timer.cancel()
-        log.warning("job %s stopped here: %s", owned.job.job_id, reason)
+        log.warning("job %s stopped here: %s", owned.job_id, reason)
         with contextlib.suppress(Exception):
-            self._abort_copy(owned.job.job_id, reason)
+            self._abort_copy(owned.job_id, reason)
 
-    # ---- the end of a job ------------------------------------------------------------------
+    async def until_valid(self, owned: OwnedJob) -> bool:
+        """Wait until this copy may publish for the job; False if it is superseded."""
+        while not owned.superseded:
+            if self.connection.closing:
+                raise BrokerConnectionError("the connection is closing")
+            if self._proof_valid(owned):
+                return True
+            if not owned.claimed:
+                if not await self.ensure_claimed(owned):
+                    return False
+                continue
+            owned.changed.clear()  # a claim verified again on the new connection sets it
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(owned.changed.wait(), 1.0)
+        return False
 
-    async def ended_elsewhere(self, owned: OwnedJob) -> bool:
-        """True (and the claim let go) if a redelivered launch's job has a record already.
+    # ---- the end of a job here (amqp_job_end.py) -------------------------------------------
 
-        That happens when a worker stored a short job's record but was cut off before its
-        ack reached the broker: the launch comes back, and must not run the job again.
-        """
-        job_id = owned.job.job_id
-        try:
-            record = await find_record(self.connection, job_id, 0)
-        except Exception as exc:  # cannot tell: running it twice beats never running it
-            log.warning("could not look for a record of %s (%r); running it", job_id, exc)
-            return False
-        if record is None:
-            return False
-        worker = record.get("worker") or {}
-        log.warning("launch of %s came back, but the job ended already (%s, on %s): not run again",
-                    job_id, record.get("state"), worker.get("hostname", "another worker"))
-        self._owned.pop(job_id, None)
-        self._note_ended(job_id)
-        await self.connection.setups.remove(_claim_key(job_id))  # the claim, let go
-        return True
+    async def unlock(self, owned: OwnedJob) -> None:
+        """Let go of the job's queue, deleted before this returns: the job id is unroutable
+        and free to claim from here on (closing its channel alone would delete it a moment
+        later, as an auto-delete queue whose consumer went)."""
+        if owned.locked:
+            name = rpc_queue(owned.job_id)
 
-    async def finish(self, record: Record, reply_to: str | None = None) -> None:
-        """Store ``record`` (confirmed, retried across reconnects), then let the job go.
+            async def delete(channel: aio_pika.abc.AbstractChannel) -> None:
+                await (await channel.get_underlay_channel()).queue_delete(name)
 
-        A copy that lost its claim stores nothing. ``reply_to``: where the record also goes
-        for a job that never ran here (a launch refused as it came).
-        """
-        job_id = record.job_id
-        owned = self._owned.get(job_id)
-        delay = self.connection.settings.backoff_initial
-        try:
-            while True:
-                if owned is not None and owned.superseded:
-                    return
-                try:
-                    # A delivery that went with its connection proves nothing; a claim does.
-                    if (owned is not None and not owned.claimed and not self._delivery_valid(owned)
-                            and not await self.ensure_claimed(owned)):
-                        return
-                    await self._store(record, owned.reply_to if owned else reply_to)
-                    break
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    if self.connection.closing:
-                        raise
-                    log.warning("storing the record of %s failed (%r); retrying", job_id, exc)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, self.connection.settings.backoff_max)
-            if owned is not None and owned.claimed:
-                # Closing the job's channel cancels its consumer, and RabbitMQ deletes the
-                # auto-delete queue with it: the job id is free and unroutable from here on.
-                await self.connection.setups.remove(_claim_key(job_id))
-            elif owned is not None:
-                self._ack_launch(owned)
-        finally:
-            if owned is not None:
-                if owned.timer is not None:
-                    owned.timer.cancel()
-                self._owned.pop(job_id, None)
+            await self.connection.setups.remove(_claim_key(owned.job_id), delete)
+            owned.locked = False
+
+    async def release(self, owned: OwnedJob | None) -> None:
+        """Let go of the job's proofs: its lease, its queue (or its launch's delivery)."""
+        if owned is None:
+            return
+        self.leases.release(owned.job_id)
+        if owned.locked:
+            await self.unlock(owned)
+        else:
+            self._ack_launch(owned)
+
+    def forget(self, job_id: str, owned: OwnedJob | None) -> None:
+        """The job ended here (or went elsewhere): remember it ended, forget the rest."""
+        if owned is not None:
+            if owned.timer is not None:
+                owned.timer.cancel()
+            if self._owned.get(job_id) is owned:
+                del self._owned[job_id]
+            if not owned.superseded:  # a superseded copy may still be running: it stays mute
                 self._silenced.discard(job_id)
-            self._note_ended(job_id)
-
-    async def _store(self, record: Record, reply_to: str | None) -> None:
-        # One publish, one confirm: the launching client (waiting for it, spared a read of the
-        # stream) gets its copy by sender-selected distribution (BCC: an extra routing key
-        # the broker strips before delivery).
-        extra = {"headers": {BCC_HEADER: [reply_to]}} if reply_to else {}
-        await self.connection.publish_confirmed([Outgoing.json(
-            "", RESULTS_STREAM, codec.encode(record.encode()), delivery_mode=2,
-            message_id=record.job_id, correlation_id=record.job_id, message_type=RECORD_TYPE,
-            **extra)])
-
-    def _note_ended(self, job_id: str) -> None:
         self._ended[job_id] = None
         if len(self._ended) > ENDED_KEPT:
             self._ended.popitem(last=False)

@@ -8,8 +8,10 @@ one, a log line), never the worker's end.
 * **RPCs** to a claimed job arrive on its queue (:meth:`SignalServer.deliver_rpc`).
 * **The workers exchange** carries the ``jobs`` query, and RPCs to jobs not claimed yet
   (with an ``x-job-id`` header): only the worker that runs the job answers, after claiming it.
-* **Control** comes from the stream ``brokerexec.control``, read again from where it left
-  off after a reconnect, and from plumpy's ``pause_all``/``play_all``/``kill_all`` broadcasts.
+* **Control** comes from the stream ``brokerexec.control`` — at the worker's start from an
+  hour back (all the stream keeps), so that it knows which queued jobs were aborted before
+  it came; after a reconnect from where it left off — and from plumpy's
+  ``pause_all``/``play_all``/``kill_all`` broadcasts.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import concurrent.futures as cf
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -40,7 +42,7 @@ from ..protocol.names import (
     WORKERS_EXCHANGE,
     expired,
 )
-from ..protocol.replies import PENDING, Reply
+from ..protocol.replies import Reply
 from .amqp_connection import AmqpConnection, Outgoing
 from .amqp_ownership import Ownership
 from .base import WorkerHooks
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 
 #: How many (reply_to, correlation_id) pairs, and control message ids, are remembered.
 _RECENT = 4096
+#: How far back a worker reads the control stream when it starts (its retention, x-max-age).
+CONTROL_REPLAY = 3600.0
 
 
 @dataclass(frozen=True)
@@ -87,20 +91,23 @@ class SignalServer:
     """
 
     def __init__(self, connection: AmqpConnection, ownership: Ownership,
-                 host_info: dict[str, Any]) -> None:
+                 host_info: dict[str, Any],
+                 held: Callable[[], list[dict[str, Any]]] = lambda: []) -> None:
         self.connection = connection
+        self._held = held
         self.ownership = ownership
         self.host_info = host_info
         self.hooks: WorkerHooks | None = None
+        self.services: list[str] = []
         self._max_bytes = connection.settings.max_message_bytes
         self._recent: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._seen_control: OrderedDict[str, None] = OrderedDict()
         self._stream_offset: int | None = None
         self._listening_since: float | None = None
 
-    def start(self, hooks: WorkerHooks) -> None:
-        """The hooks to call; the setups below then start consuming."""
-        self.hooks = hooks
+    def start(self, hooks: WorkerHooks, services: Sequence[str] = ()) -> None:
+        """The hooks to call and the services offered; the setups below then start consuming."""
+        self.hooks, self.services = hooks, list(services)
 
     # ---- RPC -------------------------------------------------------------------------------
 
@@ -128,7 +135,8 @@ class SignalServer:
         if not isinstance(answer, cf.Future):
             self._reply(reply_to, correlation_id, Reply.result(answer), fmt)
             return
-        self._reply(reply_to, correlation_id, PENDING, fmt)
+        # The attempt lets its sender learn, should this execution be lost, that it never will.
+        self._reply(reply_to, correlation_id, Reply.pending_in(self.ownership.attempt_of(job_id)), fmt)
 
         def answered(done: cf.Future[Any]) -> None:  # on the computation (or any) thread
             error = done.exception()
@@ -184,16 +192,18 @@ class SignalServer:
     async def setup_control(self, channel: aio_pika.abc.AbstractChannel) -> None:
         """The control stream, from where this worker left off."""
         queue = await channel.get_queue(CONTROL_STREAM, ensure=False)
-        # First start: only what comes next. After a reconnect: everything since the last
-        # message seen (or, if none was, since we first listened), so a pause_all sent while
-        # this worker was cut off still arrives. message_id dedupes the overlap.
+        # First start: the last hour (what the stream keeps), for the aborts of jobs still
+        # queued. After a reconnect: everything since the last message seen (or, if none was,
+        # since we first listened), so a pause_all sent while this worker was cut off still
+        # arrives. message_id dedupes the overlap.
         offset: Any
         if self._stream_offset is not None:
             offset = self._stream_offset + 1
         elif self._listening_since is not None:
             offset = datetime.fromtimestamp(self._listening_since - 1, tz=timezone.utc)
         else:
-            offset, self._listening_since = "next", time.time()
+            self._listening_since = time.time()
+            offset = datetime.fromtimestamp(self._listening_since - CONTROL_REPLAY, tz=timezone.utc)
         await queue.consume(self._on_control, arguments={"x-stream-offset": offset})
 
     async def _on_control(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
@@ -253,7 +263,8 @@ class SignalServer:
                                   f"{JOB_ID_HEADER} header; got {body.get('intent')!r}")
             self._reply(message.reply_to, message.correlation_id or "", Reply.failure(refusal), fmt)
             return
-        answer = WorkerJobs(self.host_info, [job.encode() for job in self.hooks.describe_jobs()])
+        jobs = [job.encode() for job in self.hooks.describe_jobs()] + self._held()
+        answer = WorkerJobs(self.host_info, jobs, self.services)
         self._reply(message.reply_to, message.correlation_id or "", Reply.result(answer.encode()), fmt)
 
 

@@ -3,8 +3,11 @@
 Made of parts, each with a public interface and a module of its own:
 
 * :class:`~.amqp_connection.AmqpConnection` — the connection, its setups and its outbox;
-* :class:`~.amqp_intake.LaunchIntake` — takes launches (prefetch, holding, giving back);
-* :class:`~.amqp_ownership.Ownership` — which jobs are this worker's, claims, the end of a job;
+* :class:`~.amqp_intake.LaunchIntake` — takes launches and leases to resume;
+* :class:`~.amqp_ownership.Ownership` — which jobs are this worker's, claims, fencing;
+* :class:`~.amqp_leases.Leases` — the held leases that come back as launches if it dies;
+* :class:`~.amqp_entries.JournalWriter` — started, checkpoint and record entries;
+* :class:`~.amqp_job_end.JobEnds` — checkpoints, records and handovers, once ownership holds;
 * :class:`~.amqp_signal_server.SignalServer` — RPCs, broadcasts, control, the ``jobs`` query.
 
 This module only wires them together and publishes a job's events.
@@ -13,14 +16,18 @@ This module only wires them together and publishes a job's events.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import os
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import aiormq.abc
 
 from .. import codec
-from ..constants import DEFAULT_CLAIM_AFTER
+from ..constants import DEFAULT_CLAIM_AFTER, DEFAULT_LEASE_RENEW, DEFAULT_RESUME_GRACE, MAX_CHECKPOINT_BYTES
+from ..errors import CheckpointFailed
 from ..protocol.events import Event
-from ..protocol.intents import Intent, Signal
 from ..protocol.messages import Record
 from ..protocol.names import (
     BROADCAST_TOPIC,
@@ -31,7 +38,10 @@ from ..protocol.names import (
 )
 from .amqp_connection import AmqpConnection, ConnectionSettings, Outgoing
 from .amqp_declare import declare_all
+from .amqp_entries import JournalWriter
 from .amqp_intake import LaunchIntake
+from .amqp_job_end import JobEnds
+from .amqp_leases import Leases
 from .amqp_ownership import Ownership
 from .amqp_signal_server import Request, SignalServer
 from .base import WorkerHooks, WorkerTransport
@@ -42,37 +52,61 @@ __all__ = ["RabbitWorkerTransport"]
 _STATE_CHANGED_HEADERS = dict([STATE_CHANGED_HEADER])
 
 
+def _failed(exc: BaseException) -> cf.Future[None]:
+    future: cf.Future[None] = cf.Future()
+    future.set_exception(exc)
+    return future
+
+
 class RabbitWorkerTransport(WorkerTransport):
     """See the module docstring.
 
     Parameters:
         settings: how to reach the broker.
-        host_info: who this worker is (in records and in answers to the ``jobs`` query).
-        claim_after: seconds a job runs before it gets its own RPC queue.
+        host_info: who this worker is (in records, leases and answers to the ``jobs``
+            query); its ``id`` names the lease queue.
+        claim_after: seconds a job runs before it is claimed (its own RPC queue, a
+            ``started`` entry and a lease).
+        lease_renew: seconds between renewals of each lease (below half ``consumer_timeout``).
+        resume_grace: seconds before a job whose worker was lost is claimed here.
+        max_checkpoint_bytes: the largest checkpoint stored.
     """
 
     def __init__(self, settings: ConnectionSettings, *, host_info: dict[str, Any],
-                 claim_after: float = DEFAULT_CLAIM_AFTER) -> None:
+                 claim_after: float = DEFAULT_CLAIM_AFTER, lease_renew: float = DEFAULT_LEASE_RENEW,
+                 resume_grace: float = DEFAULT_RESUME_GRACE,
+                 max_checkpoint_bytes: int = MAX_CHECKPOINT_BYTES) -> None:
         self.settings = settings
-        self.connection = AmqpConnection(settings)
+        self.host_info = {**host_info, "id": host_info.get("id") or os.urandom(6).hex()}
+        self.connection = connection = AmqpConnection(settings)
         self.hooks: WorkerHooks | None = None
-        self.ownership = Ownership(self.connection, claim_after=claim_after,
-                                   deliver_rpc=self._deliver_rpc, abort_copy=self._abort_copy)
-        self.intake = LaunchIntake(self.connection, self.ownership)
-        self.signals = SignalServer(self.connection, self.ownership, host_info)
+        self.leases = Leases(connection, self.host_info["id"], renew_every=lease_renew,
+                             reopened=self._hold_leases_again)
+        self.journal = JournalWriter(connection, self.host_info, max_checkpoint_bytes=max_checkpoint_bytes)
+        self.ownership = Ownership(connection, claim_after=claim_after, deliver_rpc=self._deliver_rpc,
+                                   abort_copy=self._abort_copy, leases=self.leases, journal=self.journal)
+        self.ends = JobEnds(self.ownership)
+        self.intake = LaunchIntake(connection, self.ownership, finish=self.ends.finish,
+                                   host_info=self.host_info, resume_grace=resume_grace)
+        self.signals = SignalServer(connection, self.ownership, self.host_info, held=self.intake.held)
 
     # ---- WorkerTransport -----------------------------------------------------------------
 
-    def serve(self, hooks: WorkerHooks, capacity: int) -> None:
+    def serve(self, hooks: WorkerHooks, capacity: int, services: Sequence[str] = ()) -> None:
         self.hooks = hooks
-        self.intake.start(hooks, capacity)
-        self.signals.start(hooks)
+        self.intake.start(hooks, capacity, services)
+        self.signals.start(hooks, services)
         connection = self.connection
         connection.start()
-        for key, setup, prefetch in (("topology", declare_all, None),
+
+        async def topology(channel: Any) -> None:
+            await declare_all(channel, services)
+
+        for key, setup, prefetch in (("topology", topology, None),
                                      ("broadcasts", self.signals.setup_broadcasts, None),
                                      ("control", self.signals.setup_control, 100),
                                      ("workers", self.signals.setup_workers, None),
+                                     ("leases", self.leases.setup, None),
                                      ("launch", self.intake.setup, None)):
             connection.submit(connection.setups.add(key, setup, prefetch=prefetch)).result(30)
 
@@ -83,29 +117,44 @@ class RabbitWorkerTransport(WorkerTransport):
             self.connection.call(self.intake.set_free, free)
 
     def publish_event(self, event: Event) -> None:
-        if self.ownership.silenced(event.job_id):
-            return  # a copy that lost its claim: the owner speaks for the job
-        self.connection.post(Outgoing.json(EVENTS_EXCHANGE, event.routing_key,
-                                           codec.encode(event.encode())))
+        items = [Outgoing.json(EVENTS_EXCHANGE, event.routing_key, codec.encode(event.encode()))]
         if event.kind == "state":  # what plumpy processes broadcast, for kiwipy tools
             body = {"body": None, "sender": event.job_id, "correlation_id": None,
                     "subject": f"state_changed.{event.data.get('from')}.{event.data.get('to')}"}
             # The header makes the broker drop it on the workers' side (names.
             # KIWIPY_FILTER_EXCHANGE); the type lets a worker skip it undecoded if it gets it.
-            self.connection.post(Outgoing.json(KIWIPY_EXCHANGE, BROADCAST_TOPIC, codec.encode(body),
-                                               message_type=STATE_CHANGED_TYPE,
-                                               headers=_STATE_CHANGED_HEADERS))
+            items.append(Outgoing.json(KIWIPY_EXCHANGE, BROADCAST_TOPIC, codec.encode(body),
+                                       message_type=STATE_CHANGED_TYPE, headers=_STATE_CHANGED_HEADERS))
+        # Ownership says when: now, once its claim is verified again, or never (superseded).
+        self.ownership.speak(event.job_id, items)
 
     def finish(self, record: Record) -> cf.Future[None]:
         # Read now, on the caller's thread: for a refused launch it is set only while the
         # launch is being prepared.
         reply_to = self.intake.reply_to_of(record.job_id)
-        return self.connection.submit(self.ownership.finish(record, reply_to))
+        return self.connection.submit(self.ends.finish(record, reply_to))
+
+    def store_checkpoint(self, job_id: str, state: Any) -> cf.Future[None]:
+        owned = self.ownership.get(job_id)
+        if owned is None:
+            return _failed(CheckpointFailed(f"job {job_id} does not run here: checkpoint not stored"))
+        taken = time.time()
+        try:  # encoded here, on the computation thread: the loop thread never waits for it
+            body = self.journal.encode_checkpoint(job_id, owned.job.service, owned.job.attempt, state)
+        except CheckpointFailed as exc:
+            return _failed(exc)
+        return self.connection.submit(self.ends.store_checkpoint(job_id, body, taken))
+
+    def hand_over(self, job_id: str) -> cf.Future[None]:
+        return self.connection.submit(self.ends.hand_over(job_id))
 
     def stop_taking_work(self) -> None:
         self.connection.call(self.intake.stop_taking_work)
 
     def close(self) -> None:
+        if self.connection.loop.is_running():
+            with contextlib.suppress(Exception):  # closing anyway
+                self.connection.submit(self.leases.close()).result(5)
         self.connection.close()
 
     # ---- wiring ----------------------------------------------------------------------------
@@ -115,4 +164,18 @@ class RabbitWorkerTransport(WorkerTransport):
 
     def _abort_copy(self, job_id: str, reason: str) -> None:
         assert self.hooks is not None
-        self.hooks.on_rpc(job_id, Signal.of(Intent.ABORT, message=reason))
+        self.hooks.superseded(job_id, reason)
+
+    def _hold_leases_again(self) -> None:
+        """The lease channel opened again (alone): hold every verified claim's lease anew;
+        claims made again after a reconnect hold theirs when they are verified."""
+        generation = self.connection.generation
+        for owned in self.ownership.jobs():
+            if owned.claimed and not owned.superseded and owned.verified == generation:
+                self.connection.spawn(self._hold(owned.job_id))
+
+    async def _hold(self, job_id: str) -> None:
+        owned = self.ownership.get(job_id)
+        if owned is not None:
+            with contextlib.suppress(Exception):  # the lease setup runs again, and this with it
+                await self.leases.hold(job_id, self.ownership.lease_of(owned))

@@ -18,7 +18,9 @@ called from any thread (the computation thread among them) and must never block 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+import os
+import socket
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlparse, urlunparse
@@ -28,10 +30,16 @@ if TYPE_CHECKING:  # annotations only: a one-shot CLI verb imports this module
 
     from ..protocol.events import Event
     from ..protocol.intents import Signal
+    from ..protocol.lookups import Listing
     from ..protocol.messages import Control, JobSummary, Launch, Record
 
-__all__ = ["AsyncClientTransport", "ClientTransport", "PreparedJob", "Subscription", "WorkerHooks",
-           "WorkerTransport", "redacted_url"]
+__all__ = ["AsyncClientTransport", "ClientTransport", "PreparedJob", "Resumed", "Subscription",
+           "WorkerHooks", "WorkerTransport", "client_info", "redacted_url"]
+
+
+def client_info() -> dict[str, Any]:
+    """Who this client is, in the records it writes (a job it cancelled)."""
+    return {"hostname": socket.gethostname(), "pid": os.getpid(), "client": True}
 
 
 def redacted_url(url: str) -> str:
@@ -45,16 +53,33 @@ def redacted_url(url: str) -> str:
     return urlunparse(parts._replace(netloc=netloc, query=""))
 
 
+@dataclass(frozen=True)
+class Resumed:
+    """What a job resumed on this worker continues from: its previous execution was lost
+    (its worker died or was cut off) or handed it over (a graceful stop)."""
+
+    #: The newest stored checkpoint's state, if ``has_checkpoint``.
+    state: Any = None
+    has_checkpoint: bool = False
+    #: The worker that held it before.
+    previous_worker: dict[str, Any] | None = None
+    handed_over: bool = False
+
+
 @dataclass
 class PreparedJob:
     """A launch that was decoded, checked, and given a slot; not yet claimed.
 
-    The worker returns its own subclass, with what it needs to begin the job.
+    The worker returns its own subclass, with what it needs to begin the job. The transport
+    sets ``attempt`` (which execution of the job this is) and, for a job it resumes,
+    ``resumed``, before :meth:`WorkerHooks.begin`.
     """
 
     job_id: str
     service: str
     launch: Launch
+    attempt: int = 1
+    resumed: Resumed | None = None
 
 
 class WorkerHooks(Protocol):
@@ -82,13 +107,18 @@ class WorkerHooks(Protocol):
     def describe_jobs(self) -> list[JobSummary]:
         """One summary per job this worker runs, for the ``jobs`` query."""
 
+    def superseded(self, job_id: str, reason: str) -> None:
+        """Another execution of the job owns it now: stop this copy at its next ``ready()``,
+        silently (no events, no record)."""
+
 
 class WorkerTransport(abc.ABC):
     """The worker's side of a transport."""
 
     @abc.abstractmethod
-    def serve(self, hooks: WorkerHooks, capacity: int) -> None:
-        """Start consuming launches, control messages and queries; return once consuming."""
+    def serve(self, hooks: WorkerHooks, capacity: int, services: Sequence[str]) -> None:
+        """Start consuming the launches of ``services``, control messages and queries;
+        return once consuming."""
 
     @abc.abstractmethod
     def set_free_capacity(self, free: int) -> None:
@@ -101,6 +131,17 @@ class WorkerTransport(abc.ABC):
     @abc.abstractmethod
     def finish(self, record: Record) -> Future[None]:
         """Store a job's final record durably, then release its RPC endpoint."""
+
+    @abc.abstractmethod
+    def store_checkpoint(self, job_id: str, state: Any) -> Future[None]:
+        """Store a checkpoint of a running job durably (atomic: the previous one stays the
+        one to resume from until this one is stored), and publish its checkpoint event.
+        Thread-safe; the future fails with ``CheckpointFailed``."""
+
+    @abc.abstractmethod
+    def hand_over(self, job_id: str) -> Future[None]:
+        """Give a running job back, to be resumed by another worker from its last stored
+        checkpoint (a graceful stop); no record. Thread-safe."""
 
     @abc.abstractmethod
     def stop_taking_work(self) -> None:
@@ -136,6 +177,21 @@ class ClientTransport(abc.ABC):
         """
 
     @abc.abstractmethod
+    def status(self, job_id: str, timeout: float) -> dict[str, Any]:
+        """The job's status wherever it is in its life (``protocol/lookups.py``): from its
+        worker, or ``queued``, ``resuming`` or ended, from the journal.
+
+        Raises ``JobNotFound`` if nothing knows the job.
+        """
+
+    @abc.abstractmethod
+    def abort(self, job_id: str, timeout: float) -> bool:
+        """Abort the job; one that no worker holds yet is cancelled (it never starts).
+
+        Raises ``InvalidState`` if it has ended, ``JobNotFound`` if nothing knows it.
+        """
+
+    @abc.abstractmethod
     def control(self, control: Control) -> None:
         """Send a control message to every worker, retained for those disconnected now."""
 
@@ -148,11 +204,14 @@ class ClientTransport(abc.ABC):
 
     @abc.abstractmethod
     def fetch_result(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
-        """The final record of a job, waiting up to ``timeout`` s (None: forever, 0: no wait)."""
+        """The final record of a job, waiting up to ``timeout`` s (None: forever, 0: no
+        wait); None if it has not ended by then. Raises ``JobNotFound`` if nothing knows it."""
 
     @abc.abstractmethod
-    def query_jobs(self, timeout: float) -> list[dict[str, Any]]:
-        """Summaries of the jobs every worker runs, gathered for ``timeout`` s."""
+    def list_jobs(self, timeout: float, *, services: Iterable[str] = (),
+                  ended_since: float | None = None, limit: int = 1000) -> Listing:
+        """The jobs across the fleet: running (the workers' answers, gathered for
+        ``timeout`` s), queued, and those ended since ``ended_since`` (epoch seconds)."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -174,6 +233,12 @@ class AsyncClientTransport(abc.ABC):
     async def rpc(self, job_id: str, signal: Signal, timeout: float) -> Any: ...
 
     @abc.abstractmethod
+    async def status(self, job_id: str, timeout: float) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    async def abort(self, job_id: str, timeout: float) -> bool: ...
+
+    @abc.abstractmethod
     async def control(self, control: Control) -> None: ...
 
     @abc.abstractmethod
@@ -185,7 +250,8 @@ class AsyncClientTransport(abc.ABC):
     async def fetch_result(self, job_id: str, timeout: float | None) -> dict[str, Any] | None: ...
 
     @abc.abstractmethod
-    async def query_jobs(self, timeout: float) -> list[dict[str, Any]]: ...
+    async def list_jobs(self, timeout: float, *, services: Iterable[str] = (),
+                        ended_since: float | None = None, limit: int = 1000) -> Listing: ...
 
     @abc.abstractmethod
     async def close(self) -> None: ...

@@ -1,40 +1,47 @@
 """The in-memory transport: a whole brokerexec deployment inside one process.
 
-A :class:`MemoryBroker` stands in for RabbitMQ: a launch queue, per-job RPC endpoints with
-exclusive ownership, topic-matched event subscriptions, control messages and final
-records. Everything that RabbitMQ would deliver is delivered on one dispatcher thread (the
-"handler thread" of every worker on it), and every message goes through the same codec and
-the same protocol objects as on the wire, so what works here works over AMQP.
-``memory://`` URLs share one broker per name (``memory://`` and ``memory://lab`` are two
-brokers).
+A :class:`MemoryBroker` stands in for RabbitMQ: a launch queue per service, per-job RPC
+endpoints with exclusive ownership, topic-matched event subscriptions, control messages,
+stored checkpoints and final records, and what the journal tells of a job (queued,
+running, resuming, ended). Everything that RabbitMQ would deliver is delivered on one
+dispatcher thread (the "handler thread" of every worker on it), and every message goes
+through the same codec and the same protocol objects as on the wire, so what works here
+works over AMQP. ``memory://`` URLs share one broker per name (``memory://`` and
+``memory://lab`` are two brokers). The workers' side is in ``memory_worker.py``, the
+clients' in ``memory_clients.py``.
+
+A process cannot lose a worker the way a fleet does, so nothing here resumes a job after a
+crash; a worker that stops gracefully hands its resumable jobs over, and another worker on
+the same broker resumes them from their last checkpoint, as over RabbitMQ.
 """
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures as cf
-import contextlib
 import functools
 import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from .. import codec
-from ..errors import DecodeError, JobNotFound, Timeout
+from ..errors import InvalidState, JobNotFound, UnknownService
 from ..protocol.events import Event
 from ..protocol.intents import Signal
+from ..protocol.lookups import Listing
 from ..protocol.messages import Control, Launch, Record, WorkerJobs
 from ..protocol.replies import Reply
-from .base import AsyncClientTransport, ClientTransport, Subscription, WorkerHooks, WorkerTransport
+from .base import Resumed
 
-__all__ = ["MemoryAsyncClientTransport", "MemoryBroker", "MemoryClientTransport",
-           "MemoryWorkerTransport", "topic_matches"]
+if TYPE_CHECKING:
+    from .memory_worker import MemoryWorkerTransport
+
+__all__ = ["MemoryBroker", "topic_matches"]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 _brokers: dict[str, MemoryBroker] = {}
 _brokers_lock = threading.Lock()
@@ -54,10 +61,29 @@ def _match(pattern: tuple[str, ...], words: tuple[str, ...]) -> bool:
     return bool(words) and head in ("*", words[0]) and _match(rest, words[1:])
 
 
-def _wire(body: Any) -> Any:
+def wire(body: Any) -> Any:
     """Encode and decode as the wire would, so the same rules apply here."""
     value, _ = codec.decode(codec.encode(body), codec.JSON)
     return value
+
+
+@dataclass
+class Waiting:
+    """A launch in its service's queue; a handed-over job carries what it resumes from."""
+
+    launch: Launch
+    attempt: int = 0
+    resumed: Resumed | None = None
+
+
+@dataclass
+class _Known:
+    """What the journal would say of a job."""
+
+    service: str
+    sent: float
+    state: str = "queued"
+    attempt: int = 0
 
 
 class MemoryBroker:
@@ -67,9 +93,11 @@ class MemoryBroker:
         self.name = name
         self._lock = threading.Lock()
         self._results_changed = threading.Condition(self._lock)
-        self._launches: deque[Launch] = deque()
+        self._queues: dict[str, deque[Waiting]] = {}
         self._workers: list[MemoryWorkerTransport] = []
         self._owners: dict[str, MemoryWorkerTransport] = {}
+        self._known: dict[str, _Known] = {}
+        self._checkpoints: dict[str, Any] = {}
         self._results: dict[str, dict[str, Any]] = {}
         self._subscriptions: list[_MemorySubscription] = []
         self._tasks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
@@ -98,33 +126,71 @@ class MemoryBroker:
 
     # ---- launches ------------------------------------------------------------------------
 
-    def enqueue(self, launches: list[Launch]) -> None:
+    def offer(self, services: Sequence[str]) -> None:
+        """A worker offers these services: their queues exist from now on."""
         with self._lock:
-            self._launches.extend(Launch.decode(_wire(launch.encode())) for launch in launches)
+            for service in services:
+                self._queues.setdefault(service, deque())
+
+    def enqueue(self, launches: list[Launch]) -> None:
+        """Queue launches; every service must have a queue (some worker offered it)."""
+        with self._lock:
+            for service in {launch.service for launch in launches}:
+                if service not in self._queues:
+                    raise UnknownService(f"no worker has ever offered service {service!r} "
+                                         f"on broker memory://{self.name}")
+            for launch in launches:
+                self._queues[launch.service].append(Waiting(Launch.decode(wire(launch.encode()))))
+                self._known.setdefault(launch.job_id, _Known(launch.service, launch.sent))
         self.call_soon(self._deliver_launches)
 
     def _deliver_launches(self) -> None:
         while True:
             with self._lock:
-                worker = next((w for w in self._workers if w.free > 0 and w.consuming), None)
-                if worker is None or not self._launches:
+                taken = None
+                for worker in self._workers:
+                    if worker.free <= 0 or not worker.consuming:
+                        continue
+                    waiting = next((self._queues[s] for s in worker.services if self._queues.get(s)), None)
+                    if waiting:
+                        taken = worker, waiting.popleft()
+                        break
+                if taken is None:
                     return
-                launch = self._launches.popleft()
-            worker.deliver_launch(launch)
+            taken[0].deliver_launch(taken[1])
 
-    def claim(self, job_id: str, worker: MemoryWorkerTransport) -> bool:
+    def claim(self, job_id: str, worker: MemoryWorkerTransport, attempt: int) -> bool:
         with self._lock:
-            if job_id in self._owners:
+            if job_id in self._owners or job_id in self._results:
                 return False
             self._owners[job_id] = worker
+            known = self._known.get(job_id)
+            if known is not None:
+                known.state, known.attempt = "running", attempt
             return True
+
+    def hand_back(self, job_id: str, launch: Launch, attempt: int) -> None:
+        """A worker stopping gracefully gives a job back, to resume from its checkpoint."""
+        with self._lock:
+            self._owners.pop(job_id, None)
+            state = self._checkpoints.get(job_id)
+            resumed = Resumed(state, job_id in self._checkpoints, None, handed_over=True)
+            self._queues.setdefault(launch.service, deque()).appendleft(Waiting(launch, attempt, resumed))
+            known = self._known.get(job_id)
+            if known is not None:
+                known.state = "resuming"
+        self.call_soon(self._deliver_launches)
+
+    def store_checkpoint(self, job_id: str, state: Any) -> None:
+        with self._lock:
+            self._checkpoints[job_id] = wire(state)
 
     # ---- RPC, control, the jobs query ------------------------------------------------------
 
     def rpc(self, job_id: str, signal: Signal) -> cf.Future[Any]:
         """Deliver ``signal`` to the job's owner; the future resolves with the final reply."""
         reply: cf.Future[Any] = cf.Future()
-        request = Signal.decode(_wire(signal.encode()))
+        request = Signal.decode(wire(signal.encode()))
 
         def deliver() -> None:
             with self._lock:
@@ -145,22 +211,71 @@ class MemoryBroker:
         self.call_soon(deliver)
         return reply
 
+    def journal_status(self, job_id: str) -> dict[str, Any]:
+        """What the journal says of a job no worker holds (``protocol/lookups.py``)."""
+        with self._lock:
+            record, known = self._results.get(job_id), self._known.get(job_id)
+        if record is not None:
+            return {"state": record["state"], "paused": False, "record": record,
+                    "attempt": record.get("attempt", 1)}
+        if known is None:
+            raise JobNotFound(f"no job {job_id}: no worker holds it and the journal has no trace of it")
+        return {"state": known.state, "paused": False, "service": known.service,
+                "attempt": known.attempt, "since": known.sent}
+
+    def cancel(self, job_id: str, by: dict[str, Any]) -> bool:
+        """Abort a job no worker holds: out of its queue, an aborted record in its place."""
+        with self._lock:
+            known = self._known.get(job_id)
+            if job_id in self._results:
+                raise InvalidState(f"job {job_id} has ended ({self._results[job_id]['state']}): "
+                                   "nothing to abort")
+            if known is None:
+                raise JobNotFound(f"no job {job_id}: no worker holds it and the journal has no trace of it")
+            waiting = self._queues.get(known.service, deque())
+            for item in list(waiting):
+                if item.launch.job_id == job_id:
+                    waiting.remove(item)
+        self.store_result(Record.cancelled(job_id, known.service, by, known.attempt))
+        return True
+
     def control(self, control: Control) -> None:
-        message = Control.decode(_wire(control.encode()))
+        message = Control.decode(wire(control.encode()))
+        if message.service is not None:
+            with self._lock:
+                if message.service not in self._queues:
+                    raise UnknownService(f"no worker has ever offered service {message.service!r}")
         for worker in self.workers():
             if worker.hooks is not None:
                 self.call_soon(functools.partial(worker.hooks.on_control, message))
 
-    def query_jobs(self) -> cf.Future[list[dict[str, Any]]]:
-        answer: cf.Future[list[dict[str, Any]]] = cf.Future()
+    def list_jobs(self, ended_since: float | None, limit: int) -> cf.Future[Listing]:
+        answer: cf.Future[Listing] = cf.Future()
 
         def gather() -> None:
-            jobs = []
+            listing = Listing()
             for worker in self.workers():
                 if worker.hooks is not None:
                     summaries = [job.encode() for job in worker.hooks.describe_jobs()]
-                    jobs.extend(WorkerJobs.decode(_wire({"worker": {}, "jobs": summaries})).jobs)
-            answer.set_result(jobs)
+                    reply = WorkerJobs.decode(wire({"worker": {}, "jobs": summaries,
+                                                    "services": list(worker.services)}))
+                    listing.workers.append({**reply.worker, "services": reply.services,
+                                            "running": len(reply.jobs)})
+                    listing.running.extend(reply.jobs)
+            with self._lock:
+                for waiting in self._queues.values():
+                    listing.queued.extend(
+                        {"job_id": item.launch.job_id, "service": item.launch.service,
+                         "state": "resuming" if item.resumed else "queued", "attempt": item.attempt,
+                         "since": item.launch.sent, "worker": {}} for item in list(waiting)[:limit])
+                if ended_since is not None:
+                    ended = sorted((r for r in self._results.values() if r.get("end", 0) >= ended_since),
+                                   key=lambda r: r.get("end", 0), reverse=True)[:limit]
+                    listing.ended = [{"job_id": r["job_id"], "service": r["service"], "state": r["state"],
+                                      "start": r.get("start"), "end": r.get("end"),
+                                      "worker": r.get("worker") or {}, "attempt": r.get("attempt", 1)}
+                                     for r in ended]
+            answer.set_result(listing)
 
         self.call_soon(gather)
         return answer
@@ -169,17 +284,21 @@ class MemoryBroker:
 
     def store_result(self, record: Record) -> None:
         with self._lock:
-            self._results[record.job_id] = _wire(record.encode())
+            self._results.setdefault(record.job_id, wire(record.encode()))  # the first one counts
             self._owners.pop(record.job_id, None)
+            self._checkpoints.pop(record.job_id, None)
+            self._known.setdefault(record.job_id, _Known(record.service, record.start))
             self._results_changed.notify_all()
 
     def wait_result(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
         with self._lock:
+            if job_id not in self._known and job_id not in self._results:
+                raise JobNotFound(f"no job {job_id}: no worker holds it and the journal has no trace of it")
             self._results_changed.wait_for(lambda: job_id in self._results, timeout)
             return self._results.get(job_id)
 
     def publish(self, event: Event) -> None:
-        body = _wire(event.encode())
+        body = wire(event.encode())
         key = event.routing_key
         with self._lock:
             targets = [sub for sub in self._subscriptions if sub.matches(key)]
@@ -217,52 +336,6 @@ def _settle(reply: cf.Future[Any], answer: cf.Future[Any]) -> None:
         reply.set_result(Reply.failure(error) if error is not None else Reply.result(answer.result()))
 
 
-class MemoryWorkerTransport(WorkerTransport):
-    """A worker's side of a :class:`MemoryBroker`."""
-
-    def __init__(self, broker: MemoryBroker) -> None:
-        self.broker = broker
-        self.hooks: WorkerHooks | None = None
-        self.free = 0
-        self.consuming = False
-
-    def serve(self, hooks: WorkerHooks, capacity: int) -> None:
-        self.hooks, self.free, self.consuming = hooks, capacity, True
-        self.broker.add_worker(self)
-        self.broker.call_soon(self.broker._deliver_launches)
-
-    def set_free_capacity(self, free: int) -> None:
-        self.free = free
-        if free > 0:
-            self.broker.call_soon(self.broker._deliver_launches)
-
-    def deliver_launch(self, launch: Launch) -> None:
-        assert self.hooks is not None
-        job = self.hooks.prepare(launch)
-        if job is None:
-            return
-        if self.broker.claim(job.job_id, self):
-            self.hooks.begin(job)
-        else:
-            self.hooks.cancel(job, f"job {job.job_id} is owned by another worker")
-
-    def publish_event(self, event: Event) -> None:
-        self.broker.publish(event)
-
-    def finish(self, record: Record) -> cf.Future[None]:
-        self.broker.store_result(record)
-        done: cf.Future[None] = cf.Future()
-        done.set_result(None)
-        return done
-
-    def stop_taking_work(self) -> None:
-        self.consuming = False
-
-    def close(self) -> None:
-        self.consuming = False
-        self.broker.remove_worker(self)
-
-
 class _MemorySubscription:
     def __init__(self, broker: MemoryBroker, patterns: list[str],
                  callback: Callable[[Event], None]) -> None:
@@ -275,95 +348,3 @@ class _MemorySubscription:
 
     def close(self) -> None:
         self.broker.unsubscribe(self)
-
-
-def _final(job_id: str, signal: Signal, reply: cf.Future[Any], timeout: float) -> Any:
-    """The value of an RPC's final reply, through the wire's encoding (errors raise typed)."""
-    try:
-        answer: Reply = reply.result(timeout)
-    except cf.TimeoutError:
-        raise Timeout(f"job {job_id} did not answer {signal.describe()} within {timeout} s") from None
-    finally:
-        reply.cancel()
-    try:
-        return Reply.decode(_wire(answer.encode())).outcome()
-    except DecodeError:
-        raise
-    except ValueError as exc:  # a value the wire cannot carry, as a worker would say
-        return Reply.failure(exc).outcome()
-
-
-class MemoryClientTransport(ClientTransport):
-    """A client's side of a :class:`MemoryBroker`, blocking."""
-
-    def __init__(self, broker: MemoryBroker) -> None:
-        self.broker = broker
-
-    def launch(self, launches: list[Launch]) -> None:
-        self.broker.enqueue(launches)
-
-    def rpc(self, job_id: str, signal: Signal, timeout: float) -> Any:
-        return _final(job_id, signal, self.broker.rpc(job_id, signal), timeout)
-
-    def control(self, control: Control) -> None:
-        self.broker.control(control)
-
-    def subscribe(self, patterns: list[str], callback: Callable[[Event], None]) -> Subscription:
-        return self.broker.subscribe(patterns, callback)
-
-    def fetch_result(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
-        return self.broker.wait_result(job_id, timeout)
-
-    def query_jobs(self, timeout: float) -> list[dict[str, Any]]:
-        return self.broker.query_jobs().result(timeout)
-
-    def close(self) -> None:
-        pass
-
-
-class MemoryAsyncClientTransport(AsyncClientTransport):
-    """A client's side of a :class:`MemoryBroker`, for asyncio.
-
-    Waits hold no thread: the broker's futures are awaited on the caller's loop, and
-    event callbacks are moved to it; only a wait for a record uses a thread, since the
-    broker keeps records behind a condition.
-    """
-
-    def __init__(self, broker: MemoryBroker) -> None:
-        self.broker = broker
-        self._sync = MemoryClientTransport(broker)
-
-    async def connect(self) -> None:
-        pass
-
-    async def launch(self, launches: list[Launch]) -> None:
-        self.broker.enqueue(launches)
-
-    async def rpc(self, job_id: str, signal: Signal, timeout: float) -> Any:
-        reply = self.broker.rpc(job_id, signal)
-        with contextlib.suppress(asyncio.TimeoutError):  # _final says so, as every transport does
-            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(reply)), timeout)
-        return _final(job_id, signal, reply, 0)
-
-    async def control(self, control: Control) -> None:
-        self.broker.control(control)
-
-    def subscribe(self, patterns: list[str], callback: Callable[[Event], None]) -> Subscription:
-        loop = asyncio.get_running_loop()
-
-        def hop(event: Event) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody listens
-                loop.call_soon_threadsafe(callback, event)
-
-        return self.broker.subscribe(patterns, hop)
-
-    async def fetch_result(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
-        if timeout == 0:
-            return self.broker.wait_result(job_id, 0)
-        return await asyncio.to_thread(self.broker.wait_result, job_id, timeout)
-
-    async def query_jobs(self, timeout: float) -> list[dict[str, Any]]:
-        return await asyncio.wait_for(asyncio.wrap_future(self.broker.query_jobs()), timeout)
-
-    async def close(self) -> None:
-        pass

@@ -7,8 +7,8 @@ pika is not thread-safe, so each calling thread of a
 confirms: the reply, or the return of an unroutable request, is the broker's answer, and
 waiting for a confirm first would cost a round trip. Launches and control messages, which
 must be stored, go on a channel in confirm mode. :meth:`Caller.run` drives a call of
-:mod:`brokerexec.protocol.calls`; :meth:`Caller.find_record` a
-:class:`~brokerexec.protocol.calls.RecordSearch`. Every pika error becomes one of ours:
+:mod:`brokerexec.protocol.calls` or :mod:`~brokerexec.protocol.lookups`; reading the journal
+and browsing queues are in ``pika_journal.py``. Every pika error becomes one of ours:
 connection trouble :class:`Lost` (a :class:`~brokerexec.BrokerConnectionError`), a refusal
 by the broker :class:`~brokerexec.BrokerExecError`.
 """
@@ -28,10 +28,22 @@ import pika.exceptions
 
 from ..errors import BrokerConnectionError, BrokerExecError
 from ..protocol import calls
-from ..protocol.calls import Call, Gather, Incoming, NextReply, Publish, RecordSearch, Request, Routed
-from ..protocol.names import DIRECT_REPLY_TO, LAUNCH_QUEUE, RESULTS_STREAM
+from ..protocol.commands import (
+    Browse,
+    Call,
+    Gather,
+    Incoming,
+    NextReply,
+    Publish,
+    QueueExists,
+    ReadJournal,
+    Request,
+    Routed,
+)
+from ..protocol.names import DIRECT_REPLY_TO
 from .base import redacted_url
 from .pika_internals import join_frame_writes
+from .pika_journal import browse, read_journal
 
 if TYPE_CHECKING:
     from ..protocol.topology import QueueSpec
@@ -41,7 +53,7 @@ __all__ = ["Caller", "Lost"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_NOT_FOUND, _PRECONDITION_FAILED = 404, 406
+_NOT_FOUND = 404
 _LOST = (pika.exceptions.AMQPConnectionError, pika.exceptions.ConnectionClosed,
          pika.exceptions.StreamLostError, pika.exceptions.ChannelWrongStateError,
          pika.exceptions.ConnectionWrongStateError, OSError)
@@ -79,6 +91,7 @@ class Caller:
         self._requests: Any = None  # no confirms; consumes direct reply-to
         self._confirming: Any = None  # confirm mode, for what must be stored
         self._transacting: Any = None  # a transaction: many stored with one round trip
+        self._passive: Any = None  # passive declares: a missing queue closes it
         self._returned_ids: set[str] = set()  # message ids of a transaction's returns
         self._declared: set[str] = set()  # objects declared on this connection
         self._replies: dict[str, deque[Incoming]] = {}
@@ -170,6 +183,12 @@ class Caller:
                 return self._publish_together(command)
             if isinstance(command, Publish):
                 return [self._publish(message, command.mandatory) for message in command.messages]
+            if isinstance(command, QueueExists):
+                return self.queue_exists(command.name)
+            if isinstance(command, ReadJournal):
+                return read_journal(self._parameters, command.reader, command.seconds, self.pump)
+            if isinstance(command, Browse):
+                return browse(self.connection, command.queues, command.limit, self.pump)
             if isinstance(command, Request):
                 if command.message.correlation_id not in self._replies:
                     self._replies[command.message.correlation_id or ""] = deque()
@@ -269,70 +288,33 @@ class Caller:
 
     # ---- declarations ------------------------------------------------------------------------
 
+    def queue_exists(self, name: str) -> bool:
+        """True if queue ``name`` exists (a passive declare)."""
+        if self._passive is None or not self._passive.is_open:
+            self._passive = self.connection.channel()
+        try:
+            self._passive.queue_declare(name, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            self._passive = None
+            if exc.reply_code != _NOT_FOUND:
+                raise
+            return False
+        return True
+
     def declare_queue(self, spec: QueueSpec) -> None:
         """Declare a queue (and its bindings) once per connection, exactly as workers do."""
         if spec.name in self._declared:
             return
-        from ..protocol import topology  # only launches and control declare: not a status
+        from ..protocol import topology  # only control declares: not a status
         with self.errors():
             channel = self.confirming()
             for exchange in topology.EXCHANGES:
                 if exchange.name in spec.bound_to:
                     channel.exchange_declare(exchange.name, exchange.kind, durable=exchange.durable)
-            try:
-                channel.queue_declare(spec.name, durable=True, arguments=dict(spec.arguments))
-            except pika.exceptions.ChannelClosedByBroker as exc:
-                if spec.name != LAUNCH_QUEUE or exc.reply_code != _PRECONDITION_FAILED:
-                    raise
-                # Made by an older version: used as it is (amqp_declare.py does the same).
-                log.warning(topology.OLD_LAUNCH_QUEUE_WARNING, LAUNCH_QUEUE, LAUNCH_QUEUE)
-                self._confirming = None
-                channel = self.confirming()
+            channel.queue_declare(spec.name, durable=True, arguments=dict(spec.arguments))
             for exchange_name in spec.bound_to:
-                channel.queue_bind(spec.name, exchange_name, "")
+                channel.queue_bind(spec.name, exchange_name, spec.routing_key)
         self._declared.add(spec.name)
-
-    # ---- the records stream ------------------------------------------------------------------
-
-    def find_record(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
-        """Drive a :class:`RecordSearch`, on a connection of its own.
-
-        Of its own because of how pika ends a consumer: it rejects the deliveries it holds
-        but has not dispatched yet, and RabbitMQ answers a reject on a stream by closing the
-        whole connection (540 NOT_IMPLEMENTED). So the search's connection is closed with it,
-        and the caller's RPC connection never sees that. Once the search is over, nothing
-        more is acknowledged: each ack would let the broker send more, read in the same pass.
-        """
-        search = RecordSearch(job_id, wait=timeout != 0)
-
-        def read(ch: Any, method: Any, props: pika.BasicProperties, body: bytes) -> None:
-            if not search.done:
-                ch.basic_ack(method.delivery_tag)
-                search.feed(Incoming(body, props.content_type, props.message_id, props.type))
-
-        with self.errors():
-            connection = pika.BlockingConnection(self._parameters)
-            try:
-                channel = connection.channel()
-                try:
-                    channel.basic_qos(prefetch_count=search.PREFETCH)
-                    channel.basic_consume(RESULTS_STREAM, read, arguments={"x-stream-offset": search.offset})
-                except pika.exceptions.ChannelClosedByBroker as exc:
-                    if exc.reply_code == _NOT_FOUND:
-                        return None  # no worker or launch has ever declared it: no record
-                    raise
-                if search.probe is not None:
-                    probe = search.probe
-                    channel.basic_publish(probe.exchange, probe.routing_key, probe.body,
-                                          pika.BasicProperties(content_type=probe.content_type,
-                                                               message_id=probe.message_id,
-                                                               type=probe.type))
-                self.pump(lambda: search.done, None if search.probe is not None else timeout,
-                          connection)
-            finally:
-                with contextlib.suppress(*_LOST, pika.exceptions.AMQPError):
-                    connection.close()
-        return search.record
 
     def close(self) -> None:
         with contextlib.suppress(*_LOST, pika.exceptions.AMQPError):

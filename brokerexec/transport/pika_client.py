@@ -28,13 +28,16 @@ import pika
 
 from ..constants import DEFAULT_LOCATE_TIMEOUT, MAX_MESSAGE_BYTES
 from ..errors import BrokerConnectionError
-from ..protocol import calls
-from .base import ClientTransport
+from ..protocol import calls, lookups
+from .base import ClientTransport, client_info
 from .pika_caller import Caller, Lost
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from ..protocol.events import Event
     from ..protocol.intents import Signal
+    from ..protocol.lookups import Listing
     from ..protocol.messages import Control, Launch
     from .base import Subscription
     from .pika_listener import PikaListener
@@ -94,6 +97,7 @@ class PikaClientTransport(ClientTransport):
 
             self.records = PushedRecords()
         self._listener: PikaListener | None = None
+        self._offered: set[str] = set()  # services known to have a launch queue
         self._caller()  # connect now: an unreachable broker fails here, fast
 
     @staticmethod
@@ -164,23 +168,27 @@ class PikaClientTransport(ClientTransport):
         if self.records is not None:
             self._listening()
             reply_to = self.records.note_launched([launch.job_id for launch in launches])
-
-        from ..protocol import topology  # not imported by verbs that launch nothing
-
-        def act(caller: Caller) -> None:
-            caller.declare_queue(topology.LAUNCH)
-            # Declared now, so the record has its stream even before any worker ran.
-            caller.declare_queue(topology.RESULTS)
-            caller.run(calls.launches(launches, reply_to=reply_to))
-
         # Sending a launch again is safe: a job id runs once, its duplicates stop at the claim.
-        self._run(act, resendable=True, what=f"the launch of {len(launches)} job(s)")
+        self._run(lambda caller: caller.run(calls.launches(launches, reply_to=reply_to,
+                                                           offered=self._offered)),
+                  resendable=True, what=f"the launch of {len(launches)} job(s)")
 
     def rpc(self, job_id: str, signal: Signal, timeout: float) -> Any:
         return self._run(lambda caller: caller.run(calls.rpc(
             job_id, signal, timeout=timeout, locate_timeout=self.locate_timeout,
             max_bytes=self.max_message_bytes)), resendable=signal.intent.spec.resendable,
             what=f"{signal.describe()} to job {job_id}")
+
+    def status(self, job_id: str, timeout: float) -> dict[str, Any]:
+        return self._run(lambda caller: caller.run(lookups.status(
+            job_id, timeout=timeout, locate_timeout=self.locate_timeout,
+            max_bytes=self.max_message_bytes)), resendable=True, what=f"the status of job {job_id}")
+
+    def abort(self, job_id: str, timeout: float) -> bool:
+        return self._run(lambda caller: caller.run(lookups.abort(
+            job_id, timeout=timeout, locate_timeout=self.locate_timeout,
+            max_bytes=self.max_message_bytes, by=client_info())), resendable=True,
+            what=f"the abort of job {job_id}")
 
     def control(self, control: Control) -> None:
         from ..protocol import topology
@@ -203,12 +211,14 @@ class PikaClientTransport(ClientTransport):
             if decided or record is not None:
                 return record
         remaining = None if timeout is None else max(timeout - (time.monotonic() - started), 0.0)
-        return self._run(lambda caller: caller.find_record(job_id, remaining), resendable=True,
-                         what=f"the look-up of job {job_id}'s record")
+        return self._run(lambda caller: caller.run(lookups.result(job_id, remaining)),
+                         resendable=True, what=f"the look-up of job {job_id}'s record")
 
-    def query_jobs(self, timeout: float) -> list[dict[str, Any]]:
-        return self._run(lambda caller: caller.run(calls.jobs_query(
-            timeout=timeout, max_bytes=self.max_message_bytes)), resendable=True, what="the jobs query")
+    def list_jobs(self, timeout: float, *, services: Iterable[str] = (),
+                  ended_since: float | None = None, limit: int = 1000) -> Listing:
+        return self._run(lambda caller: caller.run(lookups.listing(
+            timeout=timeout, max_bytes=self.max_message_bytes, services=tuple(services),
+            ended_since=ended_since, limit=limit)), resendable=True, what="the jobs listing")
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,102 @@
+"""Reading the journal, and browsing launch queues, with pika: the byte-moving half of
+:class:`~brokerexec.protocol.commands.ReadJournal` and :class:`~brokerexec.protocol.
+commands.Browse` for the blocking client (``pika_caller.py``)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pika
+import pika.exceptions
+
+from ..protocol.commands import Incoming
+from ..protocol.journal import JournalReader, probe_message
+
+__all__ = ["browse", "read_journal"]
+
+_NOT_FOUND = 404
+#: How long a browse waits for the messages a queue said it holds.
+BROWSE_SECONDS = 1.0
+
+Pump = Callable[[Callable[[], bool], "float | None", Any], bool]
+
+
+def _incoming(props: pika.BasicProperties, body: bytes) -> Incoming:
+    return Incoming(body, props.content_type, props.message_id, props.type, props.reply_to)
+
+
+def read_journal(parameters: pika.ConnectionParameters, reader: JournalReader,
+                 seconds: float | None, pump: Pump) -> JournalReader:
+    """Feed ``reader`` from its streams, on a connection of its own, closed afterwards.
+
+    Of its own because of how pika ends a consumer: it rejects the deliveries it holds but
+    has not dispatched yet, and RabbitMQ answers a reject on a stream by closing the whole
+    connection (540 NOT_IMPLEMENTED). Once the reader is done, nothing more is acknowledged:
+    each ack would let the broker send more, read in the same pass. The journal's streams
+    are declared together, by every worker: if one is missing, no worker has ever run and
+    all of them are.
+    """
+    def read(stream: str, ch: Any, method: Any, props: pika.BasicProperties, body: bytes) -> None:
+        if not reader.done:
+            ch.basic_ack(method.delivery_tag)
+            reader.feed(stream, _incoming(props, body))
+
+    connection = pika.BlockingConnection(parameters)
+    try:
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=reader.PREFETCH)
+        try:
+            for stream in reader.streams:
+                channel.basic_consume(stream, functools.partial(read, stream),
+                                      arguments={"x-stream-offset": reader.offset})
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != _NOT_FOUND:
+                raise
+            for stream in reader.streams:
+                reader.missing(stream)
+            return reader
+        for stream, probe_id in reader.probes.items():
+            probe = probe_message(stream, probe_id)
+            channel.basic_publish(probe.exchange, probe.routing_key, probe.body,
+                                  pika.BasicProperties(content_type=probe.content_type,
+                                                       message_id=probe.message_id, type=probe.type))
+        pump(lambda: reader.done, seconds, connection)
+    finally:
+        with contextlib.suppress(Exception):
+            connection.close()
+    return reader
+
+
+def browse(connection: pika.BlockingConnection, queues: Sequence[str], limit: int,
+           pump: Pump) -> dict[str, list[Incoming]]:
+    """The messages waiting in ``queues`` (at most ``limit`` each), taken unacknowledged on a
+    channel of their own and given back when it closes."""
+    found: dict[str, list[Incoming]] = {name: [] for name in queues}
+    expected: dict[str, int] = {}
+    channel = connection.channel()
+    try:
+        for name in queues:
+            try:
+                declared = channel.queue_declare(name, passive=True)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code != _NOT_FOUND:
+                    raise
+                channel = connection.channel()  # that one closed: the queue is not there
+                continue
+            expected[name] = min(declared.method.message_count, limit)
+        channel.basic_qos(prefetch_count=max(limit, 1))
+        for name, count in expected.items():
+            if count:
+                channel.basic_consume(name, functools.partial(
+                    lambda name, _ch, _m, props, body: found[name].append(_incoming(props, body)), name))
+        deadline = time.monotonic() + BROWSE_SECONDS
+        pump(lambda: all(len(found[n]) >= c for n, c in expected.items()),
+             max(deadline - time.monotonic(), 0.0), connection)
+    finally:
+        with contextlib.suppress(Exception):
+            channel.close()  # every message taken goes back to its queue
+    return found
