@@ -46,6 +46,8 @@ class Service:
         inputs: the declared :class:`~brokerexec.Input` list; requests are checked first.
         settable: attribute name -> type, for remote ``set``.
         invokable: method names for remote ``invoke``.
+        runner: ``"thread"`` (the default: the worker's runner decides) or ``"process"``
+            (always a child process of its own, even on a worker run with threads).
 
     Override :meth:`run` (required), and optionally :meth:`progress`, :meth:`checkpoint`
     and :meth:`restore`.
@@ -55,12 +57,15 @@ class Service:
     inputs: ClassVar[Sequence[Input]] = ()
     settable: ClassVar[Mapping[str, TypeSpec]] = {}
     invokable: ClassVar[Sequence[str]] = ()
+    runner: ClassVar[str] = "thread"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         owner = cls.__qualname__
         if cls.name and not NAME_PATTERN.match(cls.name):
             raise TypeError(f"{owner}: service name {cls.name!r} must match {NAME_PATTERN.pattern}")
+        if cls.runner not in ("thread", "process"):
+            raise TypeError(f"{owner}: runner {cls.runner!r} must be 'thread' or 'process'")
         for attr in cls.settable:
             _check_public("settable attribute", attr, owner)
         for method in cls.invokable:
