@@ -35,7 +35,7 @@ from .service import Service
 from .signal_desk import Intervals
 from .states import JobState, StateMachine
 
-__all__ = ["Computation", "Outcome"]
+__all__ = ["Computation", "Outcome", "Send", "fail_unapplied"]
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class Computation:
         pending = self._crossing.close(final.value)
         if final is not JobState.ABORTED and self._improved_pending is not None:
             self._send_improved(self._clock())  # the last improvement is never lost
-        _fail(pending, self.job, final)
+        fail_unapplied(pending, self.job, final)
         self._states.try_transition(final)
         self.outcome.set_result({"state": final.value, "result": result, "error": error,
                                  "start": start, "end": self._wallclock()})
@@ -146,7 +146,7 @@ class Computation:
             self._abandoned = True
         pending = self._crossing.close(JobState.ABORTED.value)
         log.warning("job %s did not reach ready() within %.1f s of abort: abandoned", self.job, grace)
-        _fail(pending, self.job, JobState.ABORTED)  # no ready() will apply them now
+        fail_unapplied(pending, self.job, JobState.ABORTED)  # no ready() will apply them now
         if self._states.state is JobState.PAUSED:
             self._states.try_transition(JobState.RUNNING)
         if self._states.try_transition(JobState.ABORTED) is not None:
@@ -267,7 +267,7 @@ class Computation:
             self._send(kind, data)
 
 
-def _fail(pending: list[Posted], job: str, final: JobState) -> None:
+def fail_unapplied(pending: list[Posted], job: str, final: JobState) -> None:
     """Fail what a job ended before applying, so its senders do not wait for their time-out."""
     for posted in pending:
         posted.future.set_exception(InvalidState(
