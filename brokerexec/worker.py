@@ -3,11 +3,13 @@
 The worker is transport-agnostic logic; the transport drives it through the
 :class:`~brokerexec.transport.WorkerHooks` methods, which run on the transport's thread and
 never block. Each job gets its own :class:`~brokerexec.handler.ServiceHandler` and so its own
-computation thread; the worker keeps at most ``concurrency`` of them.
+computation thread, or, with ``runner="process"`` (or a service declaring
+``runner = "process"``), a child process of its own; the worker keeps at most
+``concurrency`` of them.
 
 Shutdown (SIGTERM, :meth:`Worker.stop`): stop taking launches, let running jobs finish
 within the grace period, then abort what remains; every job's final record is stored before
-the connection closes, so nothing is lost.
+the connection closes, so nothing is lost. No child process outlives the stop.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from .errors import BrokerExecError, JobNotFound
+from .child_runner import Limits, ProcessRunner
+from .errors import BrokerExecError, ConfigurationError, JobNotFound
 from .handler import HANDLER_SETTABLE, ServiceHandler, check_delta
 from .pool import PoolKind, WorkerPool
 from .protocol.events import Event
@@ -32,9 +35,12 @@ from .registry import ServiceRegistry
 from .service import Service
 from .transport.base import PreparedJob, WorkerTransport
 
-__all__ = ["Worker", "WorkerSettings", "host_info"]
+__all__ = ["RunnerKind", "Worker", "WorkerSettings", "host_info"]
 
 log = logging.getLogger(__name__)
+
+#: Where a worker runs its computations: threads of its own, or a child process each.
+RunnerKind = Literal["thread", "process"]
 
 
 def host_info() -> dict[str, Any]:
@@ -44,7 +50,15 @@ def host_info() -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    """How a worker runs its jobs."""
+    """How a worker runs its jobs.
+
+    ``runner="process"`` runs every computation in a child process of its own (a service
+    declaring ``runner = "process"`` gets one on any worker); only those have limits:
+    ``job_time_limit`` (seconds of wall time, then aborted and killed ``abort_grace``
+    later; the record fails with ``brokerexec.LimitExceeded``) and ``job_memory_limit_mb``
+    (address space, ``RLIMIT_AS``; past it allocations raise ``MemoryError``, and the
+    record's message names the limit). See ``brokerexec.child_runner.Limits``.
+    """
 
     concurrency: int = 1
     pool_size: int | None = None
@@ -52,6 +66,19 @@ class WorkerSettings:
     abort_grace: float = 10.0
     shutdown_grace: float = 30.0
     handler_defaults: dict[str, float] = field(default_factory=dict)
+    runner: RunnerKind = "thread"
+    job_time_limit: float | None = None
+    job_memory_limit_mb: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.runner not in ("thread", "process"):
+            raise ConfigurationError(f"runner must be 'thread' or 'process', not {self.runner!r}")
+        self.limits()  # checked now, not at the first job
+
+    def limits(self) -> Limits:
+        """The limits of each computation run in a child process."""
+        memory = self.job_memory_limit_mb
+        return Limits(self.job_time_limit, None if memory is None else int(memory * 2**20))
 
 
 @dataclass
@@ -88,6 +115,7 @@ class Worker:
         self._pool = WorkerPool(self.settings.pool_size, self.settings.pool_kind)
         self._idle = threading.Condition(self._lock)
         self._stopping = False
+        self._children: ProcessRunner | None = None
 
     # ---- life cycle ----------------------------------------------------------------------
 
@@ -111,6 +139,9 @@ class Worker:
             for job in running:
                 job.handler.put(Signal.of(Intent.ABORT, message="worker shutting down"))
             self.wait_idle(self.settings.abort_grace + 5)
+        if self._children is not None:
+            self._children.close()  # no child process outlives its worker
+            self.wait_idle(5)  # the records of the jobs it killed
         self.transport.close()
         self._pool.shutdown()
 
@@ -161,17 +192,23 @@ class Worker:
         handler = ServiceHandler(emit, workers=self._pool, abort_grace=self.settings.abort_grace,
                                  name=job.job_id, progress_delta=intervals.get("progress_delta"),
                                  checkpoint_delta=intervals.get("checkpoint_delta"),
-                                 improved_delta=intervals.get("improved_delta"))
+                                 improved_delta=intervals.get("improved_delta"),
+                                 runner=self._runner_for(job.service_cls))
         running = _RunningJob(job, handler)
         with self._lock:
             self._jobs[job.job_id] = running
         handler.outcome.add_done_callback(lambda outcome: self._on_outcome(running, outcome))
-        try:
-            service = job.service_cls()
-        except Exception as exc:  # the service's __init__ failed: a failed job, not a dead worker
-            handler.fail_to_start(exc)
-            return
-        handler.start(service, job.request)
+        # The service is made where it runs: a failing __init__ fails the job, not the worker.
+        handler.start(job.service_cls, job.request)
+
+    def _runner_for(self, service_cls: type[Service]) -> ProcessRunner | None:
+        """The child-process runner if ``service_cls`` runs in one here; None: threads."""
+        if self.settings.runner != "process" and service_cls.runner != "process":
+            return None
+        with self._lock:
+            if self._children is None:
+                self._children = ProcessRunner(self.settings.limits())
+            return self._children
 
     def cancel(self, job: PreparedJob, reason: str) -> None:
         """The claim failed: give the slot back."""
