@@ -37,7 +37,8 @@ from typing import Any
 from . import codec
 from .errors import DecodeError
 
-__all__ = ["Channel", "Decoder", "Message", "QueuedSender", "Requested", "ToChild", "ToParent"]
+__all__ = ["Channel", "Decoder", "Message", "QueuedSender", "Requested", "ToChild", "ToParent",
+           "read_rest", "read_some"]
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +157,7 @@ class Channel:
     def receive(self) -> Message | None:
         """The next message; None once the other end has closed (from one thread only)."""
         while not self._received:
-            try:
-                data = self.sock.recv(1 << 16)
-            except ConnectionResetError:
-                data = b""
+            data = read_some(self.sock)
             if not data:
                 return None
             self._received.extend(self._decoder.feed(data))
@@ -204,3 +202,28 @@ class QueuedSender:
             except OSError as exc:  # the child is gone: its reader reports how it ended
                 log.debug("back-channel write failed: %r", exc)
                 return
+
+
+def read_some(sock: socket.socket) -> bytes:
+    """What the other end has written, once the socket is readable; b"" at its end."""
+    try:
+        return sock.recv(1 << 16)
+    except ConnectionResetError:
+        return b""
+
+
+def read_rest(sock: socket.socket) -> bytes:
+    """Everything readable now, without waiting: what a child wrote before it exited
+    (a grandchild that inherited its end may keep the socket from ever ending)."""
+    sock.setblocking(False)
+    chunks = []
+    while data := _read_now(sock):
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def _read_now(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(1 << 16)
+    except (BlockingIOError, ConnectionResetError):
+        return b""

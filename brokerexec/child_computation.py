@@ -44,7 +44,16 @@ import traceback
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from .back_channel import Decoder, Message, QueuedSender, Requested, ToChild, ToParent
+from .back_channel import (
+    Decoder,
+    Message,
+    QueuedSender,
+    Requested,
+    ToChild,
+    ToParent,
+    read_rest,
+    read_some,
+)
 from .child_runner import ChildProcess, ProcessRunner, describe_exit
 from .computation import Outcome, Send, fail_unapplied
 from .crossing import Crossing, Posted
@@ -211,7 +220,7 @@ class ChildComputation:
                     timeout = max(0.0, min(timeout or math.inf, deadline - time.monotonic()))
                 readable, _, _ = select.select(waits, [], [], timeout)
                 if sock in readable:
-                    data = _recv(sock)
+                    data = read_some(sock)
                     if data:
                         received = self._take(decoder.feed(data)) or received
                     else:
@@ -222,7 +231,7 @@ class ChildComputation:
                     deadline = math.inf
                     child.kill("its process did not exit after its computation ended")
             if reading:
-                received = self._take(decoder.feed(_drain(sock))) or received
+                received = self._take(decoder.feed(read_rest(sock))) or received
         except Exception as exc:  # a bad message or a bug here: the job must still end
             log.exception("job %s: reading its child process failed", self.job)
             child.kill(f"its back-channel failed: {exc!r}")
@@ -357,24 +366,3 @@ class ChildComputation:
         self._states.try_transition(final)
         self.outcome.set_result(outcome)
 
-
-def _recv(sock: socket.socket) -> bytes:
-    try:
-        return sock.recv(1 << 16)
-    except ConnectionResetError:
-        return b""
-
-
-def _drain(sock: socket.socket) -> bytes:
-    """What the child wrote before it exited (a grandchild may hold its end open)."""
-    sock.setblocking(False)
-    chunks = []
-    while True:
-        try:
-            data = sock.recv(1 << 16)
-        except (BlockingIOError, ConnectionResetError):
-            break
-        if not data:
-            break
-        chunks.append(data)
-    return b"".join(chunks)
