@@ -163,6 +163,7 @@ class ChildComputation:
 
     def _forward(self) -> None:
         crossing = self._crossing
+        unsendable: list[tuple[Posted, ValueError]] = []
         with self._lock:  # one forwarder at a time, so the child sees requests in order
             sender = self._sender
             if sender is None or self._ended:
@@ -173,7 +174,7 @@ class ChildComputation:
                     sender.send(ToChild.POST.value, {"id": key, "intent": posted.intent.value,
                                                      "payload": posted.payload})
                 except ValueError as exc:
-                    posted.future.set_exception(exc)
+                    unsendable.append((posted, exc))
                 else:
                     self._in_flight[key] = posted
             if crossing.pause_requested != self._pause_sent:
@@ -186,6 +187,8 @@ class ChildComputation:
             if crossing.reschedule:
                 crossing.reschedule = False
                 sender.send(ToChild.INTERVALS.value, {"intervals": dataclasses.asdict(self._intervals)})
+        for posted, error in unsendable:  # outside the lock: a sender's callback may post again
+            posted.future.set_exception(error)
 
     # ---- from the child (its watcher thread) -------------------------------------------------
 

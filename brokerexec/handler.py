@@ -118,11 +118,6 @@ class ServiceHandler:
         return self._computation.service
 
     @property
-    def in_child(self) -> bool:
-        """True when the computation runs in a child process."""
-        return isinstance(self._computation, ChildComputation)
-
-    @property
     def crossing(self) -> Crossing:
         """What crosses to the computation: for a reader standing in for the handler thread
         (the child process's, :mod:`brokerexec.child_main`)."""

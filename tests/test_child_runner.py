@@ -306,3 +306,15 @@ def _record_error(errors: list[BaseException], fn: Callable[..., Any], *args: An
         fn(*args)
     except BaseException as exc:
         errors.append(exc)
+
+
+def test_closing_the_runner_kills_what_still_runs() -> None:
+    runner = ProcessRunner()
+    handler = ServiceHandler(runner=runner, name="left-running")
+    handler.start(sample_services.Blocked, {"seconds": 600})
+    wait_until(lambda: len(child_pids()) == 1)
+    runner.close()
+    outcome = handler.join(WAIT)
+    assert outcome["state"] == "failed"
+    assert outcome["error"]["message"] == "computation process died of SIGKILL: the worker stopped"
+    assert runner.live == 0 and child_pids() == set()
