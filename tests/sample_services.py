@@ -240,20 +240,28 @@ class Blocked(Service):
 
 
 class GilHog(Service):
-    """Holds the GIL for about ``seconds`` in one C call: a catastrophic regex, sized here."""
+    """Holds the GIL for about ``seconds`` in one C call: a backtracking regex, sized here.
+
+    ``a*a*a*a*c`` against ``"a" * n`` tries every split of the a's, some power of n steps
+    inside ``re`` (which never releases the GIL), so the size can be tuned continuously.
+    """
 
     name = "gil-hog"
     inputs = (Input("seconds", float, default=60.0),)
+    PATTERN = re.compile(r"a*a*a*a*c")
 
     def run(self, handler: ServiceHandler, request: dict[str, Any]) -> dict[str, Any]:
-        start = time.monotonic()
-        re.match(r"(a+)+$", "a" * 22 + "b")  # each extra "a" doubles the time
-        size = 22 + max(0, round(math.log2(request["seconds"] / (time.monotonic() - start))))
-        self.size = size
+        # Two probes fit the cost's power of n; each the least disturbed of three runs.
+        small, large = (min(self._hold(n) for _ in range(3)) for n in (200, 320))
+        power = math.log(large / small) / math.log(320 / 200)
+        size = round(320 * (request["seconds"] / large) ** (1 / power))
         handler.ready()  # progress_delta 0: the test learns the hold begins now
+        return {"size": size, "held": self._hold(size)}
+
+    def _hold(self, size: int) -> float:
         start = time.monotonic()
-        re.match(r"(a+)+$", "a" * size + "b")
-        return {"size": size, "held": time.monotonic() - start}
+        self.PATTERN.match("a" * size)
+        return time.monotonic() - start
 
     def progress(self) -> dict[str, Any]:
         return {"holding": True, "pid": os.getpid()}

@@ -118,7 +118,7 @@ def test_the_worker_keeps_its_connection_while_a_child_holds_its_gil_for_a_minut
             asked = time.monotonic()
             assert job.status(timeout=5)["state"] == "running"
             answered.append(time.monotonic() - asked)
-    assert result["held"] >= 40, result
+    assert result["held"] >= 45, result  # about a minute, in one C call
     assert len(answered) >= 6 and max(answered) < 2, answered
     # and the worker's connection is the one it had: never lost, never reopened
     assert not [line for line in worker.lines if "lost" in line or "reconnect" in line], worker.lines
