@@ -142,7 +142,7 @@ def test_set_invoke_progress_and_pause_cross_to_the_child(client_with: Callable[
     assert job.abort() is True
     with pytest.raises(JobAborted):
         job.result(WAIT)
-    assert inbox.states() == ["running", "paused", "running", "aborted"]
+    inbox.wait_for(lambda _: inbox.states() == ["running", "paused", "running", "aborted"])
 
 
 def test_improved_checkpoint_and_the_result_cross_back(client_with: Callable[..., Client]) -> None:
@@ -194,7 +194,7 @@ def test_abort_of_a_job_blocked_in_c_kills_it_after_the_grace(client_with: Calla
     assert "did not reach ready() within 0.5 s of abort" in record["error"]["message"]
     assert "SIGTERM" in record["error"]["message"]
     assert is_gone(child) and child_pids() == set()
-    assert inbox.states() == ["running", "aborted"]
+    inbox.wait_for(lambda _: inbox.states() == ["running", "aborted"])
 
 
 def test_the_group_goes_with_the_computation(client_with: Callable[..., Client]) -> None:

@@ -89,7 +89,7 @@ def test_abort_of_a_job_blocked_in_c_kills_its_process_after_the_grace(
         assert record["state"] == "aborted"
         assert "did not reach ready() within 10.0 s of abort" in record["error"]["message"]
         assert is_gone(child) and child_pids(worker.pid) == set()
-        assert inbox.states() == ["running", "aborted"]
+        inbox.wait_for(lambda _: inbox.states() == ["running", "aborted"], WAIT)
 
 
 @pytest.mark.timeout(300)
