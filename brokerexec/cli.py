@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from .client import Client
     from .pool import PoolKind
     from .protocol.intents import Intent
+    from .worker import RunnerKind
 
 __all__ = ["EXIT_ABORTED", "EXIT_BROKER", "EXIT_FAILED", "EXIT_NOT_FOUND", "EXIT_OK",
            "EXIT_TIMEOUT", "EXIT_USAGE", "cli", "main"]
@@ -154,6 +155,9 @@ def describe(service_spec: str, as_json: bool) -> None:
 @pool_options
 @click.option("--shutdown-grace", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds running jobs get to finish on SIGTERM before they are aborted.")
+@click.option("--runner", type=click.Choice(["thread", "process"]), default="thread",
+              show_default=True, help="Where computations run: threads of the worker, or a "
+              "child process each (killable; a crash or a GIL-holding C call stays there).")
 @click.option("--heartbeat", type=click.IntRange(min=0), default=10, show_default=True,
               help="AMQP heartbeat (s).")
 @click.option("--claim-after", type=click.FloatRange(min=0), default=DEFAULT_CLAIM_AFTER,
@@ -171,9 +175,9 @@ def describe(service_spec: str, as_json: bool) -> None:
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               default="INFO", show_default=True)
 def worker(broker: str, services: tuple[str, ...], concurrency: int, pool_kind: PoolKind,
-           pool_size: int | None, shutdown_grace: float, heartbeat: int, claim_after: float,
-           lease_renew: float, resume_grace: float, max_checkpoint_bytes: int,
-           log_level: str) -> None:
+           pool_size: int | None, shutdown_grace: float, runner: RunnerKind, heartbeat: int,
+           claim_after: float, lease_renew: float, resume_grace: float,
+           max_checkpoint_bytes: int, log_level: str) -> None:
     """Run jobs launched on the broker until SIGTERM or Ctrl-C, then stop gracefully.
 
     Stopping takes no new jobs; running jobs whose service can resume store a checkpoint at
@@ -185,8 +189,8 @@ def worker(broker: str, services: tuple[str, ...], concurrency: int, pool_kind: 
     from .cli_worker import serve
 
     serve(broker, services, concurrency=concurrency, pool_kind=pool_kind, pool_size=pool_size,
-          shutdown_grace=shutdown_grace, heartbeat=heartbeat, claim_after=claim_after,
-          lease_renew=lease_renew, resume_grace=resume_grace,
+          shutdown_grace=shutdown_grace, runner=runner, heartbeat=heartbeat,
+          claim_after=claim_after, lease_renew=lease_renew, resume_grace=resume_grace,
           max_checkpoint_bytes=max_checkpoint_bytes, log_level=log_level)
 
 

@@ -22,7 +22,7 @@ from .pool import PoolKind
 from .registry import ServiceRegistry
 from .transport.amqp_settings import ConnectionSettings
 from .transport.amqp_worker import RabbitWorkerTransport
-from .worker import Worker, WorkerSettings, host_info
+from .worker import RunnerKind, Worker, WorkerSettings, host_info
 
 __all__ = ["serve"]
 
@@ -31,7 +31,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s [%(threadName)s] %(name)s: %(message)s"
 
 def serve(broker: str, services: tuple[str, ...], *, concurrency: int, pool_kind: PoolKind,
           pool_size: int | None, shutdown_grace: float, heartbeat: int, claim_after: float,
-          lease_renew: float, resume_grace: float, max_checkpoint_bytes: int, log_level: str) -> None:
+          lease_renew: float, resume_grace: float, max_checkpoint_bytes: int, log_level: str,
+          runner: RunnerKind = "thread") -> None:
     """Run a worker until SIGTERM or Ctrl-C, then stop it gracefully (see ``worker --help``)."""
     need_amqp(broker)
     with exit_on_errors():
@@ -62,7 +63,7 @@ def serve(broker: str, services: tuple[str, ...], *, concurrency: int, pool_kind
             max_checkpoint_bytes=max_checkpoint_bytes)
         running = Worker(transport, registry, WorkerSettings(
             concurrency=concurrency, pool_kind=pool_kind, pool_size=pool_size,
-            shutdown_grace=shutdown_grace)).start()
+            shutdown_grace=shutdown_grace, runner=runner)).start()
     click.echo(f"worker ready: {', '.join(registry.names())}", err=True)
     while not stop.wait(1.0):  # a timed wait: signal handlers run promptly on every Python
         pass

@@ -40,7 +40,7 @@ from .service import Service
 from .signal_desk import Intervals
 from .states import JobState, StateMachine
 
-__all__ = ["Computation", "Outcome"]
+__all__ = ["Computation", "Outcome", "Send", "Store", "fail_unapplied"]
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class Computation:
         pending = self._crossing.close(final.value)
         if final is not JobState.ABORTED and self._improved_pending is not None:
             self._send_improved(self._clock())  # the last improvement is never lost
-        _fail(pending, self.job, final)
+        fail_unapplied(pending, self.job, final)
         self._states.try_transition(final)
         self.outcome.set_result({"state": final.value, "result": result, "error": error,
                                  "start": start, "end": self._wallclock()})
@@ -149,10 +149,7 @@ class Computation:
             if self._abandoned:
                 return
             self._ended = True
-        for posted in self._crossing.close("handed over"):
-            posted.future.set_exception(NotApplied(
-                f"job {self.job} was handed over to another worker before the "
-                f"{posted.intent.value} was applied: it was not applied"))
+        fail_unapplied(self._crossing.close("handed over"), self.job, None)
         self.outcome.set_result({"state": "handed_over", "result": None, "error": None,
                                  "start": start, "end": self._wallclock()})
 
@@ -176,7 +173,7 @@ class Computation:
             self._abandoned = True
         pending = self._crossing.close(JobState.ABORTED.value)
         log.warning("job %s did not reach ready() within %.1f s of abort: abandoned", self.job, grace)
-        _fail(pending, self.job, JobState.ABORTED)  # no ready() will apply them now
+        fail_unapplied(pending, self.job, JobState.ABORTED)  # no ready() will apply them now
         if self._states.state is JobState.PAUSED:
             self._states.try_transition(JobState.RUNNING)
         if self._states.try_transition(JobState.ABORTED) is not None:
@@ -352,9 +349,13 @@ class Computation:
             self._send(kind, data)
 
 
-def _fail(pending: list[Posted], job: str, final: JobState) -> None:
-    """Fail what a job ended before applying, so its senders do not wait for their time-out."""
+def fail_unapplied(pending: list[Posted], job: str, final: JobState | None) -> None:
+    """Fail what a job ended before applying, so its senders do not wait for their time-out
+    (``final`` None: the job was handed over, to go on elsewhere without them)."""
     for posted in pending:
-        posted.future.set_exception(InvalidState(
-            f"job {job} ended ({final.value}) before the {posted.intent.value} was applied"))
+        posted.future.set_exception(
+            NotApplied(f"job {job} was handed over to another worker before the "
+                       f"{posted.intent.value} was applied: it was not applied")
+            if final is None else
+            InvalidState(f"job {job} ended ({final.value}) before the {posted.intent.value} was applied"))
 

@@ -16,6 +16,11 @@ signal_desk.SignalDesk`; the **computation thread** runs the service and calls `
 requests something, so everything else stays behind that one test. Those two are read
 without the lock (a stale read only delays the work to the next ``ready()``) and written
 under it.
+
+A computation in a child process cannot watch ``attention``: its worker-side bridge
+(:mod:`brokerexec.child_computation`) asks to be told of every post and request
+(:meth:`~Crossing.relay_to`), takes the posted signals across (:meth:`~Crossing.hand_over`)
+and raises the same flags on the child's own crossing.
 """
 
 from __future__ import annotations
@@ -73,14 +78,17 @@ class Posted:
 class Crossing:
     """See the module docstring."""
 
-    __slots__ = ("_closed_as", "_lock", "_posted", "_wake", "abort_requested", "attention",
-                 "handover_requested", "last_progress", "next_due", "pause_requested", "reschedule")
+    __slots__ = ("_away", "_closed_as", "_lock", "_posted", "_relay", "_wake", "abort_requested",
+                 "attention", "handover_requested", "last_progress", "next_due", "pause_requested",
+                 "reschedule")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._posted: deque[Posted] = deque()
         self._closed_as: str | None = None
+        self._relay: Callable[[], None] | None = None
+        self._away = 0
         self.attention = False
         self.next_due = math.inf
         self.pause_requested = False
@@ -96,8 +104,18 @@ class Crossing:
 
     @property
     def queued(self) -> int:
-        """How many signals wait for ``ready()``."""
-        return len(self._posted)
+        """How many signals wait for ``ready()`` (here, or handed over and not yet settled)."""
+        return len(self._posted) + self._away
+
+    def relay_to(self, relay: Callable[[], None]) -> None:
+        """Call ``relay()`` after every post and request, on the thread that made it: for a
+        computation elsewhere (a child process), which cannot poll :attr:`attention`."""
+        self._relay = relay
+
+    def _relayed(self) -> None:
+        relay = self._relay
+        if relay is not None:
+            relay()
 
     # ---- handler thread -> computation thread ----------------------------------------------
 
@@ -113,6 +131,7 @@ class Crossing:
             self._posted.append(posted)
             self.attention = True
             self._wake.notify_all()  # a paused computation applies it while holding
+        self._relayed()
         return posted.future
 
     def request_pause(self) -> bool:
@@ -121,6 +140,7 @@ class Crossing:
             if self._closed_as is not None:
                 return False
             self.pause_requested = self.attention = True
+        self._relayed()
         return True
 
     def request_resume(self) -> bool:
@@ -130,6 +150,7 @@ class Crossing:
                 return False
             self.pause_requested = False
             self._wake.notify_all()
+        self._relayed()
         return True
 
     def request_abort(self) -> bool | None:
@@ -141,6 +162,7 @@ class Crossing:
             first = not self.abort_requested
             self.abort_requested = self.attention = True
             self._wake.notify_all()
+        self._relayed()
         return True if first else None
 
     def request_handover(self) -> bool:
@@ -151,12 +173,30 @@ class Crossing:
                 return False
             self.handover_requested = self.attention = True
             self._wake.notify_all()  # a paused job is handed over too
+        self._relayed()
         return True
 
     def request_reschedule(self) -> None:
         """The intervals changed: the next ``ready()`` schedules the periodic messages anew."""
         with self._lock:
             self.reschedule = self.attention = True
+        self._relayed()
+
+    # ---- handler thread -> a computation elsewhere -----------------------------------------
+
+    def hand_over(self) -> deque[Posted]:
+        """Take every posted signal, in arrival order, to carry to a computation elsewhere;
+        each still counts in :attr:`queued` until its future is settled."""
+        with self._lock:
+            batch, self._posted = self._posted, deque()
+            self._away += len(batch)
+        for posted in batch:
+            posted.future.add_done_callback(self._settled_away)
+        return batch
+
+    def _settled_away(self, _: cf.Future[Any]) -> None:
+        with self._lock:
+            self._away -= 1
 
     # ---- computation thread ----------------------------------------------------------------
 

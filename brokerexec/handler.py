@@ -19,8 +19,12 @@ worker calls :meth:`start`, :meth:`put`, :meth:`status` and :meth:`join`. The pi
 :mod:`brokerexec.computation` (computation thread).
 
 ``ready()`` with nothing to do costs one flag test and one clock read. Where the
-computation runs is the handler's :class:`~brokerexec.runner.Runner`: reused threads by
-default; a child-process runner can stand in behind the same seam.
+computation runs is the handler's runner: reused threads by default
+(:class:`~brokerexec.runner.Runner`), or a child process of its own
+(:class:`~brokerexec.child_runner.ProcessRunner`). Then a
+:class:`~brokerexec.child_computation.ChildComputation` stands where the ``Computation``
+stands: the handler thread's side is the same, and the service, ``ready()`` and a real
+``Computation`` run in the child (:mod:`brokerexec.child_main`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from .child_computation import ChildComputation
+from .child_runner import ProcessRunner
 from .computation import Computation, Outcome, Store
 from .crossing import Crossing
 from .errors import InvalidState
@@ -65,8 +71,9 @@ class ServiceHandler:
             messages, between checkpoints, and at least between improved messages
             (defaults 1, 3600 and 0, as park's).
         name: names the computation thread and log lines (the worker uses the job id).
-        runner: where the computation runs (default: reused threads,
-            :data:`brokerexec.runner.THREADS`).
+        runner: where the computation runs: reused threads (the default,
+            :data:`brokerexec.runner.THREADS`), or a child process each
+            (a :class:`~brokerexec.child_runner.ProcessRunner`).
         store: stores a checkpoint's state durably (a worker's; the future fails with
             ``CheckpointFailed``). Without one, checkpoints are only published.
     """
@@ -76,7 +83,7 @@ class ServiceHandler:
                  wallclock: Callable[[], float] = time.time, abort_grace: float = 10.0,
                  progress_delta: float | None = None, checkpoint_delta: float | None = None,
                  improved_delta: float | None = None, name: str = "job",
-                 runner: Runner | None = None, store: Store | None = None) -> None:
+                 runner: Runner | ProcessRunner | None = None, store: Store | None = None) -> None:
         self._emit_fn: Emit = emit or (lambda kind, data: None)
         self.workers = workers if isinstance(workers, WorkerPool) else WorkerPool(workers)
         self.abort_grace = abort_grace
@@ -91,9 +98,16 @@ class ServiceHandler:
         self._start_lock = threading.Lock()
         self._crossing = Crossing()
         self.states = StateMachine(self._on_transition, wallclock)
-        self._computation = Computation(name, self._crossing, self.states, self.intervals,
-                                        self._send, clock=clock, wallclock=wallclock,
-                                        runner=runner or THREADS, store=store)
+        self._service_cls: type[Service] | None = None
+        self._computation: Computation | ChildComputation
+        if isinstance(runner, ProcessRunner):
+            self._computation = ChildComputation(
+                name, self._crossing, self.states, self.intervals, self._send, runner=runner,
+                pool=self.workers, abort_grace=abort_grace, wallclock=wallclock, store=store)
+        else:
+            self._computation = Computation(name, self._crossing, self.states, self.intervals,
+                                            self._send, clock=clock, wallclock=wallclock,
+                                            runner=runner or THREADS, store=store)
         self.desk = SignalDesk(name, self._crossing, self.states, self.intervals,
                                self._service_class, self._start_abort_grace)
         #: Resolves when the job ends: ``{"state", "result", "error", "start", "end"}``.
@@ -102,22 +116,46 @@ class ServiceHandler:
 
     @property
     def service(self) -> Service | None:
-        """The running service, once started."""
+        """The running service, once started (None when it runs in a child process)."""
         return self._computation.service
+
+    @property
+    def crossing(self) -> Crossing:
+        """What crosses to the computation: for a reader standing in for the handler thread
+        (the child process's, :mod:`brokerexec.child_main`)."""
+        return self._crossing
 
     # ---- the worker's side -----------------------------------------------------------------
 
-    def start(self, service: Service, request: dict[str, Any], resume: bool = False, *,
-              state: dict[str, Any] | None = None) -> None:
+    def start(self, service: Service | type[Service], request: dict[str, Any],
+              resume: bool = False, *, state: dict[str, Any] | None = None) -> None:
         """Run ``request`` through ``service`` in the computation thread; return at once.
 
         With ``resume=True`` the service's :meth:`~Service.restore` gets ``state`` first.
+        ``service`` may be a class: it is made here, and a failing ``__init__`` fails the
+        job. In a child process the service is always made anew there, from its class
+        (an instance given here is used only for its class).
 
         Raises:
             InvalidState: a computation was started on this handler already.
         """
         with self._start_lock:
-            self._computation.start(service, lambda: service.run(self, request), resume, state)
+            if self._computation.started:
+                raise InvalidState(f"handler {self.name} is busy: one computation per handler")
+            cls = service if isinstance(service, type) else type(service)
+            self._service_cls = cls
+            computation = self._computation
+            if isinstance(computation, ChildComputation):
+                computation.start(cls, request, resume, state)
+                return
+            if isinstance(service, type):
+                try:
+                    service = service()
+                except Exception as exc:  # a failed job, not a dead worker
+                    self.fail_to_start(exc)
+                    return
+            made = service
+            computation.start(made, lambda: made.run(self, request), resume, state)
 
     def fail_to_start(self, exc: BaseException) -> None:
         """End the job as failed before it ran (its service could not be made)."""
@@ -203,10 +241,9 @@ class ServiceHandler:
     # ---- plumbing ----------------------------------------------------------------------------
 
     def _service_class(self) -> type[Service]:
-        service = self._computation.service
-        if service is None:
+        if self._service_cls is None:
             raise InvalidState(f"job {self.name} has no service yet")
-        return type(service)
+        return self._service_cls
 
     def _start_abort_grace(self) -> None:
         if not self._computation.started:

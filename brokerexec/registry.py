@@ -3,6 +3,10 @@
 Services come from ``--service MODULE:Class`` (or ``path/to/file.py:Class``) and from the
 ``brokerexec.services`` entry-point group. A launch naming anything else is refused with
 ``UnknownService``; no name from the network is ever imported.
+
+A child process that runs a computation (``runner = "process"``) loads its class again, by
+the spec it was loaded with here (:func:`service_spec`): the same file or module, never a
+pickle.
 """
 
 from __future__ import annotations
@@ -17,16 +21,23 @@ from pathlib import Path
 from .errors import ConfigurationError, UnknownService
 from .service import Service
 
-__all__ = ["ENTRY_POINT_GROUP", "ServiceRegistry", "load_service"]
+__all__ = ["ENTRY_POINT_GROUP", "ServiceRegistry", "load_service", "service_spec"]
 
 ENTRY_POINT_GROUP = "brokerexec.services"
 
+#: The spec each class was loaded by, for a child process to load it the same way.
+_SPECS: dict[type[Service], str] = {}
+
 
 def load_service(spec: str) -> type[Service]:
-    """Import ``module:Class`` or ``path/file.py:Class`` and check it is a named Service."""
+    """Import ``module:Class`` or ``path/file.py:Class`` and check it is a named Service.
+
+    ``Class`` may be dotted (``Outer.Inner``).
+    """
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
         raise ConfigurationError(f"service spec {spec!r} must look like module:Class or file.py:Class")
+    path: Path | None = None
     try:
         if target.endswith(".py"):
             path = Path(target).resolve()
@@ -39,12 +50,35 @@ def load_service(spec: str) -> type[Service]:
             module_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(target)
-        cls = getattr(module, attr)
+        cls: object = module
+        for part in attr.split("."):
+            cls = getattr(cls, part)
     except (ImportError, AttributeError, OSError) as exc:
         raise ConfigurationError(f"cannot load service {spec!r}: {exc}") from exc
     if not (isinstance(cls, type) and issubclass(cls, Service)) or not cls.name:
         raise ConfigurationError(f"{spec!r} is not a brokerexec.Service subclass with a name")
+    _SPECS.setdefault(cls, f"{path}:{attr}" if path is not None else spec)
     return cls
+
+
+def service_spec(cls: type[Service]) -> str:
+    """The spec that loads ``cls`` in another interpreter: the one it was loaded by, or
+    ``module:QualName`` for a class registered as an object.
+
+    Raises:
+        ConfigurationError: ``cls`` cannot be loaded from elsewhere (defined in a function).
+    """
+    known = _SPECS.get(cls)
+    if known is not None:
+        return known
+    if "<locals>" in cls.__qualname__:
+        raise ConfigurationError(f"service {cls.name!r} ({cls.__qualname__}) is defined inside a "
+                                 "function: a child process cannot load it")
+    module = sys.modules.get(cls.__module__)
+    main_file = getattr(module, "__file__", None) if cls.__module__ == "__main__" else None
+    if main_file:  # the worker's own script: load that file, as multiprocessing's spawn does
+        return f"{Path(main_file).resolve()}:{cls.__qualname__}"
+    return f"{cls.__module__}:{cls.__qualname__}"
 
 
 class ServiceRegistry:

@@ -50,6 +50,8 @@ class Service:
             resume from a checkpoint (none was stored, or the service has no
             :meth:`restore`): ``"restart"`` from the beginning on another worker (the
             default), or ``"fail"``, with a record that says the worker was lost.
+        runner: ``"thread"`` (the default: the worker's runner decides) or ``"process"``
+            (always a child process of its own, even on a worker run with threads).
 
     Override :meth:`run` (required), and optionally :meth:`progress`, :meth:`checkpoint`
     and :meth:`restore`. A service with both :meth:`checkpoint` and :meth:`restore` is
@@ -61,12 +63,15 @@ class Service:
     settable: ClassVar[Mapping[str, TypeSpec]] = {}
     invokable: ClassVar[Sequence[str]] = ()
     on_lost: ClassVar[Literal["restart", "fail"]] = "restart"
+    runner: ClassVar[str] = "thread"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         owner = cls.__qualname__
         if cls.name and not NAME_PATTERN.match(cls.name):
             raise TypeError(f"{owner}: service name {cls.name!r} must match {NAME_PATTERN.pattern}")
+        if cls.runner not in ("thread", "process"):
+            raise TypeError(f"{owner}: runner {cls.runner!r} must be 'thread' or 'process'")
         for attr in cls.settable:
             _check_public("settable attribute", attr, owner)
         for method in cls.invokable:

@@ -168,6 +168,7 @@ class SignalDesk:
             "paused": state is JobState.PAUSED,
             "pause_requested": crossing.pause_requested,
             "abort_requested": crossing.abort_requested,
+            "handover_requested": crossing.handover_requested,
             "since": self._states.entered,
             "queued_signals": crossing.queued,
             "progress": crossing.last_progress,

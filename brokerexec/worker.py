@@ -3,7 +3,9 @@
 The worker is transport-agnostic logic; the transport drives it through the
 :class:`~brokerexec.transport.WorkerHooks` methods, which run on the transport's thread and
 never block. Each job gets its own :class:`~brokerexec.handler.ServiceHandler` and so its own
-computation thread; the worker keeps at most ``concurrency`` of them.
+computation thread, or, with ``runner="process"`` (or a service declaring
+``runner = "process"``), a child process of its own; the worker keeps at most
+``concurrency`` of them.
 
 A job resumed after its worker was lost (``PreparedJob.resumed``) continues from its
 newest stored checkpoint through ``service.restore(state)``; a service that cannot, or a
@@ -13,7 +15,8 @@ job that never stored one, restarts from the beginning or fails, as the service'
 Shutdown (SIGTERM, :meth:`Worker.stop`): stop taking launches; jobs whose service can resume
 are *handed over* at their next ``ready()`` (checkpoint, then back to the launch queue for
 another worker); the others finish within the grace period or are aborted after it. Every
-record and handover is stored before the connection closes, so nothing is lost.
+record and handover is stored before the connection closes, so nothing is lost. No child
+process outlives the stop.
 
 Control messages are remembered for as long as the control stream keeps them (an hour):
 a launch older than an abort that applies to it is never started (it was aborted while
@@ -32,9 +35,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from .errors import BrokerExecError, JobNotFound, WorkerLost
+from .child_runner import Limits, ProcessRunner
+from .errors import BrokerExecError, ConfigurationError, JobNotFound, WorkerLost
 from .handler import HANDLER_SETTABLE, ServiceHandler, check_delta
 from .pool import PoolKind, WorkerPool
 from .protocol.events import Event
@@ -44,9 +48,12 @@ from .registry import ServiceRegistry
 from .service import Service
 from .transport.base import PreparedJob, WorkerTransport
 
-__all__ = ["Worker", "WorkerSettings", "host_info"]
+__all__ = ["RunnerKind", "Worker", "WorkerSettings", "host_info"]
 
 log = logging.getLogger(__name__)
+
+#: Where a worker runs its computations: threads of its own, or a child process each.
+RunnerKind = Literal["thread", "process"]
 
 
 #: How long control messages are remembered for the launches still queued (seconds): as
@@ -61,7 +68,15 @@ def host_info() -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    """How a worker runs its jobs."""
+    """How a worker runs its jobs.
+
+    ``runner="process"`` runs every computation in a child process of its own (a service
+    declaring ``runner = "process"`` gets one on any worker); only those have limits:
+    ``job_time_limit`` (seconds of wall time, then aborted and killed ``abort_grace``
+    later; the record fails with ``brokerexec.LimitExceeded``) and ``job_memory_limit_mb``
+    (address space, ``RLIMIT_AS``; past it allocations raise ``MemoryError``, and the
+    record's message names the limit). See ``brokerexec.child_runner.Limits``.
+    """
 
     concurrency: int = 1
     pool_size: int | None = None
@@ -69,6 +84,19 @@ class WorkerSettings:
     abort_grace: float = 10.0
     shutdown_grace: float = 30.0
     handler_defaults: dict[str, float] = field(default_factory=dict)
+    runner: RunnerKind = "thread"
+    job_time_limit: float | None = None
+    job_memory_limit_mb: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.runner not in ("thread", "process"):
+            raise ConfigurationError(f"runner must be 'thread' or 'process', not {self.runner!r}")
+        self.limits()  # checked now, not at the first job
+
+    def limits(self) -> Limits:
+        """The limits of each computation run in a child process."""
+        memory = self.job_memory_limit_mb
+        return Limits(self.job_time_limit, None if memory is None else int(memory * 2**20))
 
 
 @dataclass
@@ -111,6 +139,7 @@ class Worker:
         self._idle = threading.Condition(self._lock)
         self._stopping = False
         self._controls: deque[Control] = deque()  # newest last
+        self._children: ProcessRunner | None = None
 
     # ---- life cycle ----------------------------------------------------------------------
 
@@ -138,6 +167,9 @@ class Worker:
             for job in running:
                 job.handler.put(Signal.of(Intent.ABORT, message="worker shutting down"))
             self.wait_idle(self.settings.abort_grace + 5)
+        if self._children is not None:
+            self._children.close()  # no child process outlives its worker
+            self.wait_idle(5)  # the records of the jobs it killed
         self.transport.close()
         self._pool.shutdown()
 
@@ -201,16 +233,12 @@ class Worker:
         handler = ServiceHandler(emit, workers=self._pool, abort_grace=self.settings.abort_grace,
                                  name=job.job_id, progress_delta=intervals.get("progress_delta"),
                                  checkpoint_delta=intervals.get("checkpoint_delta"),
-                                 improved_delta=intervals.get("improved_delta"), store=store)
+                                 improved_delta=intervals.get("improved_delta"), store=store,
+                                 runner=self._runner_for(job.service_cls))
         running = _RunningJob(job, handler, emit)
         with self._lock:
             self._jobs[job.job_id] = running
         handler.outcome.add_done_callback(lambda outcome: self._on_outcome(running, outcome))
-        try:
-            service = job.service_cls()
-        except Exception as exc:  # the service's __init__ failed: a failed job, not a dead worker
-            handler.fail_to_start(exc)
-            return
         resumed, resume, state = job.resumed, False, None
         if resumed is not None:
             resume = resumed.has_checkpoint and job.service_cls.can_resume()
@@ -224,7 +252,17 @@ class Worker:
                 return
         if self._paused_while_queued(job.launch):
             handler.put(Signal.of(Intent.PAUSE))
-        handler.start(service, job.request, resume, state=state)
+        # The service is made where it runs: a failing __init__ fails the job, not the worker.
+        handler.start(job.service_cls, job.request, resume, state=state)
+
+    def _runner_for(self, service_cls: type[Service]) -> ProcessRunner | None:
+        """The child-process runner if ``service_cls`` runs in one here; None: threads."""
+        if self.settings.runner != "process" and service_cls.runner != "process":
+            return None
+        with self._lock:
+            if self._children is None:
+                self._children = ProcessRunner(self.settings.limits())
+            return self._children
 
     def cancel(self, job: PreparedJob, reason: str) -> None:
         """The claim failed: give the slot back."""

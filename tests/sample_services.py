@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -210,3 +217,128 @@ class Fragile(Service):
 
 
 ALL = [Counter, Forever, Gated, NoReady, Improver, Sleeper, Steps, Fragile]
+
+
+# ---- for the child-process runner (tests/test_child_runner*.py) -------------------------------
+
+
+class Where(Service):
+    """Calls ready() until aborted; says which process it runs in, and can start a grandchild."""
+
+    name = "where"
+    settable = {"value": int}
+    invokable = ("pid", "parent", "grandchild", "current")
+
+    def __init__(self) -> None:
+        self.value = 0
+        self.loops = 0
+
+    def run(self, handler: ServiceHandler, request: dict[str, Any]) -> int:
+        while True:
+            handler.ready()
+            self.loops += 1
+            time.sleep(0.005)  # the workload
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def parent(self) -> int:
+        return os.getppid()
+
+    def current(self) -> int:
+        return self.value
+
+    def grandchild(self) -> int:
+        """Start a process of the computation's own (a solver binary, say); its pid."""
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]).pid
+
+    def progress(self) -> dict[str, Any]:
+        return {"loops": self.loops, "value": self.value, "pid": os.getpid()}
+
+
+class WhereAlone(Where):
+    """``Where``, declaring that it always runs in a child process of its own."""
+
+    name = "where-alone"
+    runner = "process"
+
+
+class Crasher(Service):
+    """Calls ready() ``steps`` times, then dies: "segv", "exit" (os._exit(3)) or "kill" (SIGKILL)."""
+
+    name = "crasher"
+    inputs = (Input("how", str, default="segv"), Input("steps", int, default=1))
+
+    def run(self, handler: ServiceHandler, request: dict[str, Any]) -> str:
+        for _ in range(request["steps"]):
+            handler.ready()
+        if request["how"] == "segv":
+            ctypes.string_at(0)
+        elif request["how"] == "exit":
+            os._exit(3)
+        elif request["how"] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return "survived"
+
+
+class Blocked(Service):
+    """Never calls ready(): one C call (time.sleep) of ``seconds``."""
+
+    name = "blocked"
+    inputs = (Input("seconds", float, default=600.0),)
+
+    def run(self, handler: ServiceHandler, request: dict[str, Any]) -> str:
+        time.sleep(request["seconds"])
+        return "woke up"
+
+
+class GilHog(Service):
+    """Holds the GIL for about ``seconds`` in one C call: a backtracking regex, sized here.
+
+    ``a*a*a*a*c`` against ``"a" * n`` tries every split of the a's, some power of n steps
+    inside ``re`` (which never releases the GIL), so the size can be tuned continuously.
+    """
+
+    name = "gil-hog"
+    inputs = (Input("seconds", float, default=60.0),)
+    PATTERN = re.compile(r"a*a*a*a*c")
+
+    def run(self, handler: ServiceHandler, request: dict[str, Any]) -> dict[str, Any]:
+        # Two probes fit the cost's power of n; each the least disturbed of three runs.
+        small, large = (min(self._hold(n) for _ in range(3)) for n in (200, 320))
+        power = math.log(large / small) / math.log(320 / 200)
+        size = round(320 * (request["seconds"] / large) ** (1 / power))
+        handler.ready()  # progress_delta 0: the test learns the hold begins now
+        return {"size": size, "held": self._hold(size)}
+
+    def _hold(self, size: int) -> float:
+        start = time.monotonic()
+        self.PATTERN.match("a" * size)
+        return time.monotonic() - start
+
+    def progress(self) -> dict[str, Any]:
+        return {"holding": True, "pid": os.getpid()}
+
+
+class Greedy(Service):
+    """Allocates ``mb`` MiB at once."""
+
+    name = "greedy"
+    inputs = (Input("mb", int, default=1024),)
+
+    def run(self, handler: ServiceHandler, request: dict[str, Any]) -> int:
+        handler.ready()
+        return len(bytearray(request["mb"] * 2**20))
+
+
+class Unmakeable(Service):
+    """Its __init__ raises."""
+
+    name = "unmakeable"
+
+    def __init__(self) -> None:
+        raise RuntimeError("cannot make this one")
+
+
+#: The services of the child-process tests.
+CHILD = [Where, WhereAlone, Crasher, Blocked, GilHog, Greedy, Unmakeable, Counter, Forever, Improver]

@@ -132,13 +132,14 @@ def test_abort_all_reaches_jobs_still_queued(client: Client, worker_process: Cal
 # ---- resumed after a crash, fenced after a comeback ---------------------------------------------
 
 
+@pytest.mark.parametrize("runner", ["thread", "process"])
 def test_a_sigkilled_workers_job_resumes_elsewhere_from_its_last_checkpoint(
-        client: Client, worker_process: Callable[..., Any]) -> None:
-    first = worker_process(*FAST, services=("Steps",))
+        client: Client, worker_process: Callable[..., Any], runner: str) -> None:
+    first = worker_process(*FAST, "--runner", runner, services=("Steps",))
     watch = Watch()
     job = steps(client, watch, 200, 0.02)
     watch.wait(lambda: last_done(watch, job.id) >= 40, "the job never got going")
-    second = worker_process(*FAST, services=("Steps",))
+    second = worker_process(*FAST, "--runner", runner, services=("Steps",))
     killed_at = last_done(watch, job.id)
     os.kill(first.pid, signal.SIGKILL)
     died = time.monotonic()
@@ -240,13 +241,18 @@ def test_a_black_holed_worker_is_fenced_when_the_network_heals(
 # ---- graceful handover, broker restarts, long jobs -----------------------------------------------
 
 
-def test_a_rolling_restart_loses_no_work(client: Client, worker_process: Callable[..., Any]) -> None:
-    workers = [worker_process(*FAST, "--concurrency", "3", services=("Steps",)) for _ in range(2)]
+@pytest.mark.parametrize("runner", ["thread", "process"])
+def test_a_rolling_restart_loses_no_work(client: Client, worker_process: Callable[..., Any],
+                                         runner: str) -> None:
+    def fresh() -> Any:
+        return worker_process(*FAST, "--concurrency", "3", "--runner", runner, services=("Steps",))
+
+    workers = [fresh() for _ in range(2)]
     watch = Watch()
     jobs = [steps(client, watch, 150, 0.02, checkpoint_delta=3600) for _ in range(4)]
     everyone = list(workers)
     for _ in range(3):  # SIGTERM one at a time, a fresh worker in its place
-        workers.append(worker_process(*FAST, "--concurrency", "3", services=("Steps",)))
+        workers.append(fresh())
         everyone.append(workers[-1])
         assert workers.pop(0).terminate(timeout=30) == 0
     for job in jobs:

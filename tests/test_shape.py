@@ -16,7 +16,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "brokerexec"
 AMQP_LIBRARIES = {"pika", "aio_pika", "aiormq", "pamqp"}
 #: The core: what runs a job, knowing nothing of how messages travel.
 CORE = {"service", "ports", "states", "crossing", "signal_desk", "computation", "handler",
-        "runner", "pool", "registry", "errors", "constants", "codec", "codec_yaml"}
+        "runner", "pool", "registry", "errors", "constants", "codec", "codec_yaml",
+        "back_channel", "child_runner", "child_computation", "child_main"}
 MAX_LINES = 400
 
 
