@@ -177,7 +177,8 @@ class JournalSearch:
     is).
     """
 
-    PREFETCH = 500
+    #: Small: what the broker pushes past the record is read (and parsed) before the end.
+    PREFETCH = 200
 
     def __init__(self, job_id: str, *, wait: bool, since: float | None = None) -> None:
         self.job_id = job_id

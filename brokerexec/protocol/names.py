@@ -108,8 +108,11 @@ JSON_CONTENT_TYPE: Final = "application/json"
 # --- job ids and service names --------------------------------------------------------------
 #: Service names and job ids are single routing-key words: no dots, no wildcards.
 NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9_\-]{1,100}$")
-#: Readers of the records stream start at the job id's launch time minus this (clock skew).
-RECORD_TIME_MARGIN: Final = 60.0
+#: Readers of the journal start at the job id's launch time minus this: the launch time is
+#: the client's clock, the stream's timestamps the broker's. Clocks further apart than this
+#: make a queued job look unknown (its launch entry is before where the reader starts);
+#: every entry the reader passes before the job's own costs the look-up its time.
+RECORD_TIME_MARGIN: Final = 10.0
 
 
 def check_name(kind: str, value: object) -> str:

@@ -23,11 +23,35 @@ __all__ = ["browse", "queue_exists", "read_journal"]
 Consumer = Callable[[aio_pika.abc.AbstractIncomingMessage], Awaitable[None]]
 #: How long a browse waits for the messages a queue said it holds.
 BROWSE_SECONDS = 1.0
+#: A journal reader acknowledges every this many deliveries (less than its prefetch), at once.
+ACK_EVERY = 50
 
 
 def _incoming(message: aio_pika.abc.AbstractIncomingMessage) -> Incoming:
     return Incoming(message.body, message.content_type, message.message_id, message.type,
                     message.reply_to)
+
+
+class _Feeder:
+    """Feeds a reader the deliveries of its streams until ``over`` is done."""
+
+    def __init__(self, reader: JournalReader, over: asyncio.Future[None]) -> None:
+        self.reader, self.over, self.read = reader, over, 0
+
+    def of(self, stream: str) -> Consumer:
+        async def read(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            if self.over.done():
+                return
+            self.read += 1
+            if self.read % ACK_EVERY == 0:  # credit back for many at once
+                await message.ack(multiple=True)
+            try:
+                if self.reader.feed(stream, _incoming(message)) and not self.over.done():
+                    self.over.set_result(None)
+            except Exception as exc:  # an undecodable entry: say so rather than wait
+                if not self.over.done():
+                    self.over.set_exception(exc)
+        return read
 
 
 async def read_journal(connection: AmqpConnection, reader: JournalReader,
@@ -44,23 +68,11 @@ async def read_journal(connection: AmqpConnection, reader: JournalReader,
     try:
         await channel.set_qos(prefetch_count=reader.PREFETCH)
 
-        def reading(stream: str) -> Consumer:
-            async def read(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-                if over.done():
-                    return
-                await message.ack()
-                try:
-                    if reader.feed(stream, _incoming(message)) and not over.done():
-                        over.set_result(None)
-                except Exception as exc:  # an undecodable entry: say so rather than wait
-                    if not over.done():
-                        over.set_exception(exc)
-            return read
-
+        feeder = _Feeder(reader, over)
         try:
             for stream in reader.streams:
                 queue = await channel.get_queue(stream, ensure=False)
-                await queue.consume(reading(stream), arguments={"x-stream-offset": reader.offset})
+                await queue.consume(feeder.of(stream), arguments={"x-stream-offset": reader.offset})
         except aiormq.exceptions.ChannelNotFoundEntity:
             for stream in reader.streams:
                 reader.missing(stream)
