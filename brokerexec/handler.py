@@ -67,9 +67,9 @@ class ServiceHandler:
         wallclock: wall clock for the times reported in messages.
         abort_grace: seconds an aborted computation may take to reach ``ready()`` before
             it is reported aborted and abandoned.
-        progress_delta, checkpoint_delta, improved_delta: seconds between progress
-            messages, between checkpoints, and at least between improved messages
-            (defaults 1, 3600 and 0, as park's).
+        progress_delta: seconds between progress messages (default 1, as park's).
+        checkpoint_delta: seconds between checkpoints (default 3600).
+        improved_delta: seconds at least between improved messages (default 0).
         name: names the computation thread and log lines (the worker uses the job id).
         runner: where the computation runs: reused threads (the default,
             :data:`brokerexec.runner.THREADS`), or a child process each
@@ -195,10 +195,14 @@ class ServiceHandler:
 
     # ---- the computation's side ------------------------------------------------------------
 
-    #: ``ready()``: apply queued signals, hold while paused, raise ``Aborted``, emit what is
-    #: due. Made per handler (:func:`_ready_check`): with nothing to do it is one flag test
-    #: and one clock read, on values held in its closure rather than looked up on ``self``.
+    # Made per handler (_ready_check): with nothing to do it is one flag test and one clock
+    # read, on values held in its closure rather than looked up on ``self``.
     ready: Callable[[], None]
+    """``ready()``: apply queued signals, hold while paused, raise ``Aborted``, emit what is due.
+
+    Call it often from ``Service.run`` (the computation thread): it is where ``set``,
+    ``invoke`` and ``checkpoint`` are applied, where a pause holds and where an abort raises.
+    """
 
     def improved(self, state: dict[str, Any]) -> None:
         """Report a better intermediate result (computation thread).
