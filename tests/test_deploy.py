@@ -18,8 +18,8 @@ from typing import Any
 import click
 import pytest
 import yaml
+from cli_lines import envvars_read_by, parse_command
 
-from brokerexec.cli import cli
 from brokerexec.protocol.names import launch_queue
 from brokerexec.registry import load_service
 
@@ -27,27 +27,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 #: Seconds a stop needs beyond --shutdown-grace: the last records and the connection's close.
 STOP_MARGIN = 15
-
-
-def parse_command(argv: list[str]) -> tuple[str, dict[str, Any]]:
-    """Parse ``brokerexec VERB ...`` as the CLI would; return the verb and its parameters.
-
-    Raises click.UsageError (NoSuchOption, BadParameter, ...) for anything the CLI refuses.
-    """
-    assert Path(argv[0]).name == "brokerexec", argv
-    assert len(argv) > 1, "no verb"
-    root = click.Context(cli, info_name="brokerexec")
-    command = cli.get_command(root, argv[1])
-    if command is None:
-        raise click.UsageError(f"no such command {argv[1]!r}")
-    with command.make_context(argv[1], list(argv[2:]), parent=root) as context:
-        return argv[1], dict(context.params)
-
-
-def envvars_read_by(verb: str) -> set[str]:
-    command = cli.get_command(click.Context(cli), verb)
-    assert command is not None
-    return {p.envvar for p in command.params if isinstance(p.envvar, str)}
 
 
 def check_worker(argv: list[str]) -> dict[str, Any]:
