@@ -1,4 +1,5 @@
-"""The Python examples in README.md and docs/ run as written (a doc that lies is a bug)."""
+"""The examples in README.md and docs/ hold: Python blocks run as written, every brokerexec
+command in a shell block parses with the real CLI, TOML blocks parse (a doc that lies is a bug)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ from pathlib import Path
 
 import click
 import pytest
+import tomllib
 from cli_lines import brokerexec_commands, parse_command
+
+from brokerexec.registry import ENTRY_POINT_GROUP
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
 SHELL = re.compile(r"```sh\n(.*?)```", re.DOTALL)
+TOML = re.compile(r"```toml\n(.*?)```", re.DOTALL)
 
 
 def _python_blocks(path: Path) -> list[str]:
@@ -47,6 +52,16 @@ def test_shell_examples_are_commands_the_cli_accepts(path: Path) -> None:
                 parse_command(argv)
             except click.UsageError as exc:
                 pytest.fail(f"{path.name}: {line!r}: {exc.format_message()}")
+
+
+@pytest.mark.parametrize("path", [p for p in DOCS if TOML.findall(p.read_text(encoding="utf-8"))],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_toml_examples_parse_and_name_the_real_entry_point_group(path: Path) -> None:
+    for block in TOML.findall(path.read_text(encoding="utf-8")):
+        groups = tomllib.loads(block).get("project", {}).get("entry-points", {})
+        for group, points in groups.items():
+            assert group == ENTRY_POINT_GROUP, group
+            assert all(":" in target for target in points.values())
 
 
 def test_readme_commands_are_the_ones_ci_runs() -> None:
