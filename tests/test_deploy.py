@@ -12,6 +12,8 @@ import configparser
 import json
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,19 @@ def test_systemd_unit_runs_a_valid_worker_and_stops_gracefully() -> None:
     assert int(service["TimeoutStopSec"]) >= params["shutdown_grace"] + STOP_MARGIN
     assert service["Restart"] == "on-failure"
     assert "2" in service["RestartPreventExitStatus"].split()  # a usage error is not retried
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_accepts_every_setting_of_the_unit(tmp_path: Path) -> None:
+    # systemd's own parser: a misspelt key or value is only a warning (rc 0), so any output
+    # fails. The unit's brokerexec is not installed here: the copy runs /bin/true instead.
+    text = (DEPLOY / "systemd" / "brokerexec-worker.service").read_text(encoding="utf-8")
+    unit = tmp_path / "brokerexec-worker.service"
+    unit.write_text(re.sub(r"^ExecStart=\S+", "ExecStart=/bin/true", text, flags=re.MULTILINE),
+                    encoding="utf-8")
+    verified = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                              text=True, timeout=60)
+    assert (verified.returncode, verified.stdout + verified.stderr) == (0, "")
 
 
 def test_systemd_environment_file_sets_only_what_the_worker_reads() -> None:
