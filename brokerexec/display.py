@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from .client import Client
     from .job import Job
 
-__all__ = ["EXIT_INTERRUPTED", "describe_text", "follow", "jobs_table", "pretty", "show_record"]
+__all__ = ["EXIT_INTERRUPTED", "Pace", "clock", "describe_text", "follow", "fraction_of", "label", "pretty",
+           "show_record"]
 
 TERMINAL = ("finished", "failed", "aborted")
 EXIT_INTERRUPTED = 130
@@ -53,10 +54,81 @@ def fraction_of(data: dict[str, Any]) -> float | None:
     return None
 
 
-def _summary(data: dict[str, Any]) -> str:
-    return ", ".join(f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value}"
-                     for key, value in data.items()
-                     if key not in ("fraction", "elapsed") and not isinstance(value, dict | list))[:80]
+def _value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, list) and all(isinstance(v, int | float) for v in value):
+        return "[" + ", ".join(f"{v:.4g}" for v in value) + "]"
+    return str(value)
+
+
+def _summary(data: dict[str, Any], limit: int = 80) -> str:
+    """``key=value, ...`` of what can be shown on a line (short lists of numbers included)."""
+    return ", ".join(f"{key}={_value(value)}" for key, value in data.items()
+                     if key not in ("fraction", "elapsed") and not isinstance(value, dict)
+                     and not (isinstance(value, list) and len(value) > 8))[:limit]
+
+
+def label(job_id: str) -> str:
+    """A job's short name: the random tail of its id (its head is the launch time, the same
+    for every job launched within a minute)."""
+    return f"job …{job_id[-8:]}"
+
+
+def clock(seconds: float | None) -> str:
+    """``1:02:03``, ``2:03``; ``-:--`` when unknown."""
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "-:--"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class Pace:
+    """Where a job is: its start (wall clock), the fractions it reported and when, so that
+    the bar moves between reports at the measured rate (no stall until the next one) and an
+    ETA is known once two reports tell a rate."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self._first: tuple[float, float] | None = None  # (time, fraction) of the first report
+        self._last: tuple[float, float] | None = None
+
+    def started(self, when: float | None) -> None:
+        """The job's start, from its status, a state event or a progress event."""
+        if isinstance(when, int | float) and when > 0 and (self.start is None or when < self.start):
+            self.start = float(when)
+
+    def report(self, when: float, fraction: float) -> None:
+        if self._first is None or fraction < self._first[1]:  # a restart from the beginning
+            self._first = (when, fraction)
+        self._last = (when, fraction)
+
+    def elapsed(self, now: float) -> float | None:
+        return None if self.start is None else max(0.0, now - self.start)
+
+    def rate(self) -> float | None:
+        """Fraction per second since the first report (or since the start)."""
+        if self._last is None:
+            return None
+        origin = self._first if self._first is not None and self._first[0] < self._last[0] else None
+        if origin is None and self.start is not None and self._last[0] > self.start:
+            origin = (self.start, 0.0)
+        if origin is None or self._last[1] <= origin[1]:
+            return None
+        return (self._last[1] - origin[1]) / (self._last[0] - origin[0])
+
+    def fraction(self, now: float) -> float | None:
+        """The last fraction, moved on at the measured rate, never past 99% before the end."""
+        if self._last is None:
+            return None
+        rate = self.rate()
+        moved = self._last[1] + (rate or 0.0) * max(0.0, now - self._last[0])
+        return max(self._last[1], min(moved, 0.99))
+
+    def eta(self, now: float) -> float | None:
+        rate, fraction = self.rate(), self.fraction(now)
+        return None if not rate or fraction is None else (1.0 - fraction) / rate
 
 
 class _View:
@@ -65,8 +137,11 @@ class _View:
     def __init__(self, job_id: str, bar: bool) -> None:
         self.bar = bar
         self.job_id = job_id
+        self.pace = Pace()
         self._progress: Any = None
         self._task: Any = None
+        self._info = "waiting"
+        self._ended = False
 
     @contextlib.contextmanager
     def shown(self) -> Iterator[_View]:
@@ -74,39 +149,64 @@ class _View:
             yield self
             return
         from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            Progress,
-            SpinnerColumn,
-            TaskProgressColumn,
-            TextColumn,
-            TimeElapsedColumn,
-        )
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 
         self._progress = Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-            TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=Console(stderr=True))
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+            TextColumn("{task.fields[percent]}"), TextColumn("{task.fields[times]}"),
+            TextColumn("{task.fields[info]}"), console=Console(stderr=True))
         with self._progress:
-            self._task = self._progress.add_task(f"job {self.job_id[:8]}", total=None, info="queued")
+            self._task = self._progress.add_task(label(self.job_id), total=None, percent="",
+                                                 times="", info=self._info)
+            self.tick()
             yield self
 
-    def progress(self, data: dict[str, Any]) -> None:
+    def _times(self, now: float) -> str:
+        elapsed = self.pace.elapsed(now)
+        eta = None if self._ended else self.pace.eta(now)
+        text = "" if elapsed is None else f"elapsed {clock(elapsed)}"
+        return f"{text}, ETA {clock(eta)}" if eta is not None else text
+
+    def tick(self) -> None:
+        """Redraw: the bar moves on between reports, the clocks count."""
+        if self._progress is None:
+            return
+        now = time.time()
+        fraction = 1.0 if self._ended and self._info == "finished" else self.pace.fraction(now)
+        fields = {"times": self._times(now), "info": self._info,
+                  "percent": "" if fraction is None else f"{100 * fraction:3.0f}%"}
+        if fraction is None:
+            self._progress.update(self._task, **fields)
+        else:
+            self._progress.update(self._task, total=1.0, completed=fraction, **fields)
+
+    def progress(self, data: dict[str, Any], when: float) -> None:
+        elapsed = data.get("elapsed")
+        if isinstance(elapsed, int | float) and not isinstance(elapsed, bool):
+            self.pace.started(when - elapsed)
         fraction = fraction_of(data)
+        if fraction is not None:
+            self.pace.report(when, fraction)
+        self._info = _summary(data)
         if self._progress is None:
             percent = "" if fraction is None else f"{100 * fraction:5.1f}% "
-            self.say(f"progress: {percent}{_summary(data)}".rstrip())
-        elif fraction is None:
-            self._progress.update(self._task, info=_summary(data))
-        else:
-            self._progress.update(self._task, total=1.0, completed=fraction, info=_summary(data))
+            times = self._times(when)
+            self.say(f"progress: {percent}{self._info}{f' ({times})' if times else ''}".rstrip())
+        self.tick()
 
-    def state(self, state: str) -> None:
+    def state(self, state: str, data: dict[str, Any]) -> None:
+        self.pace.started(data.get("start"))
+        self._ended = state in TERMINAL
+        self._info = state
         if self._progress is None:
             self.say(f"state: {state}")
-        elif state == "finished":  # the last progress message may have said 93%
-            self._progress.update(self._task, total=1.0, completed=1.0, info=state)
-        else:
-            self._progress.update(self._task, info=state)
+        self.tick()
+
+    def improved(self, state: Any, when: float) -> None:
+        """An improved value, printed above the bar, with when it came in the job's time."""
+        shown = _summary(state, 200) if isinstance(state, dict) and _summary(state) else json.dumps(state)
+        elapsed = self.pace.elapsed(when)
+        self.say(f"improved: {shown}{f' (at {clock(elapsed)})' if elapsed is not None else ''}")
 
     def say(self, text: str) -> None:
         """One line above the bar, or on stderr."""
@@ -168,7 +268,10 @@ def follow(client: Client, job_id: str, *, as_json: bool = False,
                 record = job.record(0)
                 if record is not None:
                     return record
-                job.status()  # raises JobNotFound for an id no worker holds
+                known = job.status()  # raises JobNotFound for an id no worker holds
+                # Elapsed time counts from the job's start, not from when watching began.
+                view.pace.started(known.get("start") or (
+                    known.get("since") if known.get("state") == "running" else None))
             with view.shown():
                 ended = _pump(job, inbox, view, on_interrupt)
             if not ended:
@@ -193,6 +296,7 @@ def _pump(job: Job, inbox: queue.SimpleQueue[Event | None], view: _View,
             event = inbox.get(timeout=0.5)
         except queue.Empty:
             event = None
+            view.tick()
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + RECORD_CHECK_INTERVAL
                 if job.record(0) is not None:
@@ -212,11 +316,11 @@ def _pump(job: Job, inbox: queue.SimpleQueue[Event | None], view: _View,
 def _show(view: _View, event: Event) -> bool:
     """Draw one event; True if it is the job's final state."""
     if event.kind == "progress":
-        view.progress(event.data)
+        view.progress(event.data, event.time)
     elif event.kind == "improved":
-        view.say(f"improved: {json.dumps(event.data.get('state'))}")
+        view.improved(event.data.get("state"), event.time)
     elif event.kind == "state":
-        view.state(str(event.data.get("to", "")))
+        view.state(str(event.data.get("to", "")), event.data)
         return event.data.get("to") in TERMINAL
     return False
 
@@ -265,22 +369,3 @@ def describe_text(description: dict[str, Any]) -> str:
     lines.append(f"settable: {settable or 'none'}")
     lines.append(f"invokable: {', '.join(description['invokable']) or 'none'}")
     return "\n".join(lines)
-
-
-def jobs_table(jobs: list[dict[str, Any]]) -> None:
-    """Print the jobs of all workers as a table on stdout."""
-    if not jobs:
-        print("no running jobs")
-        return
-    from rich.console import Console
-    from rich.table import Column, Table
-
-    table = Table(Column("job id", no_wrap=True, min_width=32),  # an id is never cut short
-                  "service", "state", "progress", "worker")
-    for job in sorted(jobs, key=lambda j: (str(j.get("service", "")), str(j.get("job_id", "")))):
-        fraction = fraction_of(job.get("progress") or {})
-        worker = job.get("worker") or {}
-        table.add_row(str(job.get("job_id", "")), str(job.get("service", "")), str(job.get("state", "")),
-                      "" if fraction is None else f"{100 * fraction:.0f}%",
-                      f"{worker.get('hostname', '?')}:{worker.get('pid', '?')}")
-    Console().print(table)
