@@ -100,7 +100,7 @@ def status_panel(job_id: str, status: dict[str, Any]) -> None:
     grid.add_column()
     for name, value in status_rows(job_id, status):
         grid.add_row(name, value)
-    service = status.get("service") or (status.get("record") or {}).get("service") or "job"
+    service = status.get("service") or (status.get("record") or {}).get("service") or "status"
     Console(highlight=False).print(Panel(grid, title=str(service), title_align="left", expand=False))
 
 
@@ -125,9 +125,12 @@ def jobs_table(listing: Listing, ended: bool = False) -> None:
     from rich.table import Column, Table
 
     console = Console(highlight=False)
+    if not console.is_terminal:  # a pipe or a file: whole rows, not rich's 80 columns
+        console.width = 200
     jobs = listing.jobs
     if jobs:
-        columns: list[Column | str] = [Column("job id", no_wrap=True, min_width=32),  # an id is never cut short
+        # min_width: an id is never cut short
+        columns: list[Column | str] = [Column("job id", no_wrap=True, min_width=32),
                    "service", "state", "progress", "worker"]
         if ended:
             columns += ["start", "end", "attempts"]

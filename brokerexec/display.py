@@ -41,6 +41,9 @@ EXIT_INTERRUPTED = 130
 RECORD_CHECK_INTERVAL = 5.0
 
 OnInterrupt = Literal["abort", "detach"]
+BAR_WIDTH = 20
+#: Columns the live bar's spinner, label, bar, percentage and clocks take, with padding.
+FIXED_COLUMNS = 2 + 15 + BAR_WIDTH + 1 + 5 + 23
 
 
 def fraction_of(data: dict[str, Any]) -> float | None:
@@ -150,11 +153,16 @@ class _View:
             return
         from rich.console import Console
         from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
+        from rich.table import Column
 
+        # Fixed widths for what must stay readable; the service's own values take the rest.
         self._progress = Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-            TextColumn("{task.fields[percent]}"), TextColumn("{task.fields[times]}"),
-            TextColumn("{task.fields[info]}"), console=Console(stderr=True))
+            SpinnerColumn(), TextColumn("{task.description}", table_column=Column(no_wrap=True)),
+            BarColumn(bar_width=BAR_WIDTH),
+            TextColumn("{task.fields[percent]}", table_column=Column(width=4, no_wrap=True)),
+            TextColumn("{task.fields[times]}", table_column=Column(min_width=22, no_wrap=True)),
+            TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis")),
+            console=Console(stderr=True))
         with self._progress:
             self._task = self._progress.add_task(label(self.job_id), total=None, percent="",
                                                  times="", info=self._info)
@@ -173,12 +181,16 @@ class _View:
             return
         now = time.time()
         fraction = 1.0 if self._ended and self._info == "finished" else self.pace.fraction(now)
-        fields = {"times": self._times(now), "info": self._info,
+        # The service's values get what the fixed columns leave: they, not the bar, are cut.
+        room = max(self._progress.console.width - FIXED_COLUMNS, 0)
+        info = self._info if len(self._info) <= room else self._info[:max(room - 1, 0)] + "…"
+        fields = {"times": self._times(now), "info": info,
                   "percent": "" if fraction is None else f"{100 * fraction:3.0f}%"}
         if fraction is None:
             self._progress.update(self._task, **fields)
         else:
             self._progress.update(self._task, total=1.0, completed=fraction, **fields)
+        self._progress.refresh()  # else a line printed above redraws the bar as it last was
 
     def progress(self, data: dict[str, Any], when: float) -> None:
         elapsed = data.get("elapsed")
