@@ -336,7 +336,8 @@ def test_steering_a_job_of_a_worker_process_from_the_command_line(
         done = brokerexec(*args, "--broker", amqp_url, "--json")
         assert done.returncode == code, (args, done.stdout, done.stderr)
         document = json.loads(done.stdout)  # errors too are one JSON document
-        return document["error"]["message"] if "error" in document else document
+        failed = isinstance(document, dict) and set(document) == {"error"}
+        return document["error"]["message"] if failed else document
 
     def state() -> str:
         done = brokerexec("status", job_id, "--broker", amqp_url, "--json")

@@ -84,6 +84,22 @@ def test_the_shell_completion_script_is_produced() -> None:
     assert "plain,--all" in done.stdout.split()
 
 
+def test_docs_cli_names_every_verb_and_option_and_nothing_else() -> None:
+    import re
+
+    from brokerexec.cli import cli
+
+    page = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    options = {"--version"}
+    for name, command in cli.commands.items():
+        assert f"brokerexec {name}" in page, name
+        options |= {opt for param in command.params for opt in param.opts if opt.startswith("--")}
+    options.add("--help")
+    documented = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", page))
+    assert options - documented == set(), "options docs/cli.md does not mention"
+    assert documented - options == set(), "options docs/cli.md names that no verb has"
+
+
 # ---- the human views, from their data ------------------------------------------------------------
 
 
