@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from .display import clock, fraction_of, label
+from .display import clock, fraction_of, label, summary
 
 if TYPE_CHECKING:
     from .protocol.lookups import Listing
@@ -77,9 +77,7 @@ def status_rows(job_id: str, status: dict[str, Any], now: float | None = None) -
     if progress:
         fraction = fraction_of(progress)
         shown = {key: value for key, value in progress.items() if key not in ("fraction", "elapsed")}
-        from .display import _summary
-
-        detail = _summary(shown, 60)
+        detail = summary(shown, 60)
         rows.append(("progress", f"{bar(fraction)}  {detail}".rstrip() if fraction is not None else detail))
     rows.append(("worker", worker_name(source.get("worker") or status.get("worker"))))
     rows.append(("attempt", str(status.get("attempt", source.get("attempt", "-")))))

@@ -31,8 +31,8 @@ if TYPE_CHECKING:
     from .client import Client
     from .job import Job
 
-__all__ = ["EXIT_INTERRUPTED", "Pace", "clock", "describe_text", "follow", "fraction_of", "label", "pretty",
-           "show_record"]
+__all__ = ["EXIT_INTERRUPTED", "Pace", "clock", "describe_text", "follow", "fraction_of", "label",
+           "pretty", "show_record", "summary"]
 
 TERMINAL = ("finished", "failed", "aborted")
 EXIT_INTERRUPTED = 130
@@ -65,7 +65,7 @@ def _value(value: Any) -> str:
     return str(value)
 
 
-def _summary(data: dict[str, Any], limit: int = 80) -> str:
+def summary(data: dict[str, Any], limit: int = 80) -> str:
     """``key=value, ...`` of what can be shown on a line (short lists of numbers included)."""
     return ", ".join(f"{key}={_value(value)}" for key, value in data.items()
                      if key not in ("fraction", "elapsed") and not isinstance(value, dict)
@@ -199,7 +199,7 @@ class _View:
         fraction = fraction_of(data)
         if fraction is not None:
             self.pace.report(when, fraction)
-        self._info = _summary(data)
+        self._info = summary(data)
         if self._progress is None:
             percent = "" if fraction is None else f"{100 * fraction:5.1f}% "
             times = self._times(when)
@@ -216,7 +216,7 @@ class _View:
 
     def improved(self, state: Any, when: float) -> None:
         """An improved value, printed above the bar, with when it came in the job's time."""
-        shown = _summary(state, 200) if isinstance(state, dict) and _summary(state) else json.dumps(state)
+        shown = summary(state, 200) if isinstance(state, dict) and summary(state) else json.dumps(state)
         elapsed = self.pace.elapsed(when)
         self.say(f"improved: {shown}{f' (at {clock(elapsed)})' if elapsed is not None else ''}")
 
