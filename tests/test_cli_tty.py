@@ -135,6 +135,22 @@ def test_run_draws_a_bar_with_eta_and_improved_values_above_it(terminals: list[T
     assert '"iterations": 12000' in text
 
 
+def test_the_bar_moves_on_between_progress_reports(terminals: list[Terminal]) -> None:
+    # Given reports 1.5 s apart, the bar is redrawn twice a second in between:
+    terminal = Terminal("run", FIT, "--progress-delta", "1.5", "--request",
+                        json.dumps({"max_iterations": 15000, "tolerance": 0}))
+    terminals.append(terminal)
+    assert terminal.wait(90) == 0, terminal.text()
+    drawn = re.findall(r" (\d+)% elapsed [\d:]+, ETA [\d:-]+ +iteration=(\d+)", terminal.text())
+    by_report: dict[str, set[int]] = {}
+    for percent, iteration in drawn:
+        by_report.setdefault(iteration, set()).add(int(percent))
+    # then one report is shown at several, growing percentages (no stall until the next),
+    assert any(len(percents) > 1 for percents in by_report.values()), drawn
+    # never 100% before the end.
+    assert all(int(percent) < 100 for percent, _ in drawn), drawn
+
+
 @pytest.mark.rabbitmq
 def test_watch_counts_elapsed_time_from_the_jobs_start(amqp_url: str, terminals: list[Terminal]) -> None:
     worker = Worker(amqp_url, "--shutdown-grace", "5")
