@@ -185,7 +185,8 @@ class _View:
         room = max(self._progress.console.width - FIXED_COLUMNS, 0)
         info = self._info if len(self._info) <= room else self._info[:max(room - 1, 0)] + "…"
         fields = {"times": self._times(now), "info": info,
-                  "percent": "" if fraction is None else f"{100 * fraction:3.0f}%"}
+                  # floored: 99.6% is not "100%" while it runs
+                  "percent": "" if fraction is None else f"{int(100 * fraction):3d}%"}
         if fraction is None:
             self._progress.update(self._task, **fields)
         else:

@@ -115,11 +115,12 @@ def test_labels_tell_jobs_launched_together_apart() -> None:
     assert label(same_millisecond[0]) == "job …11111111"
 
 
+@pytest.mark.timeout(120)
 def test_run_draws_a_bar_with_eta_and_improved_values_above_it(terminals: list[Terminal]) -> None:
     terminal = Terminal("run", FIT, "--progress-delta", "0.2", "--request",
-                        json.dumps({"max_iterations": 12000, "tolerance": 0}))
+                        json.dumps({"max_iterations": 4000, "tolerance": 0}))
     terminals.append(terminal)
-    assert terminal.wait(60) == 0, terminal.text()
+    assert terminal.wait(110) == 0, terminal.text()
     text = terminal.text()
     lines = text.splitlines()
     # the improved values are lines of their own above the bar, in the job's time
@@ -132,23 +133,24 @@ def test_run_draws_a_bar_with_eta_and_improved_values_above_it(terminals: list[T
                for line in drawn), drawn
     # it ends at 100% with the state, then the result
     assert re.search(r"100% elapsed 0:\d\d +finished", text), text
-    assert '"iterations": 12000' in text
+    assert '"iterations": 4000' in text
 
 
+@pytest.mark.timeout(120)  # a few seconds of fitting, on a machine that may be busy
 def test_the_bar_moves_on_between_progress_reports(terminals: list[Terminal]) -> None:
-    # Given reports 1.5 s apart, the bar is redrawn twice a second in between:
-    terminal = Terminal("run", FIT, "--progress-delta", "1.5", "--request",
-                        json.dumps({"max_iterations": 15000, "tolerance": 0}))
+    # Given reports 1 s apart, the bar is redrawn twice a second in between:
+    terminal = Terminal("run", FIT, "--progress-delta", "1", "--request",
+                        json.dumps({"max_iterations": 6000, "tolerance": 0}))
     terminals.append(terminal)
-    assert terminal.wait(90) == 0, terminal.text()
+    assert terminal.wait(110) == 0, terminal.text()
     drawn = re.findall(r" (\d+)% elapsed [\d:]+, ETA [\d:-]+ +iteration=(\d+)", terminal.text())
     by_report: dict[str, set[int]] = {}
     for percent, iteration in drawn:
         by_report.setdefault(iteration, set()).add(int(percent))
     # then one report is shown at several, growing percentages (no stall until the next),
     assert any(len(percents) > 1 for percents in by_report.values()), drawn
-    # never 100% before the end.
-    assert all(int(percent) < 100 for percent, _ in drawn), drawn
+    # never 100% before the end (unless the service itself reports all 6000 iterations done).
+    assert all(int(percent) < 100 or iteration == "6000" for percent, iteration in drawn), drawn
 
 
 @pytest.mark.rabbitmq
