@@ -12,7 +12,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from .display import clock, fraction_of, label, summary
+from .display import label, summary
+from .pace import clock, fraction_of
 
 if TYPE_CHECKING:
     from .protocol.lookups import Listing

@@ -25,14 +25,14 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import JobNotFound, Timeout
+from .pace import Pace, clock, fraction_of
 from .protocol.events import Event
 
 if TYPE_CHECKING:
     from .client import Client
     from .job import Job
 
-__all__ = ["EXIT_INTERRUPTED", "Pace", "clock", "describe_text", "follow", "fraction_of", "label",
-           "pretty", "show_record", "summary"]
+__all__ = ["EXIT_INTERRUPTED", "describe_text", "follow", "label", "pretty", "show_record", "summary"]
 
 TERMINAL = ("finished", "failed", "aborted")
 EXIT_INTERRUPTED = 130
@@ -44,17 +44,6 @@ OnInterrupt = Literal["abort", "detach"]
 BAR_WIDTH = 20
 #: Columns the live bar's spinner, label, bar, percentage and clocks take, with padding.
 FIXED_COLUMNS = 2 + 15 + BAR_WIDTH + 1 + 5 + 23
-
-
-def fraction_of(data: dict[str, Any]) -> float | None:
-    """``data["fraction"]``, else ``done / total``, else None (progress of unknown extent)."""
-    fraction = data.get("fraction")
-    if isinstance(fraction, int | float) and not isinstance(fraction, bool):
-        return max(0.0, min(float(fraction), 1.0))
-    done, total = data.get("done"), data.get("total")
-    if isinstance(done, int | float) and isinstance(total, int | float) and total:
-        return max(0.0, min(float(done) / float(total), 1.0))
-    return None
 
 
 def _value(value: Any) -> str:
@@ -76,62 +65,6 @@ def label(job_id: str) -> str:
     """A job's short name: the random tail of its id (its head is the launch time, the same
     for every job launched within a minute)."""
     return f"job …{job_id[-8:]}"
-
-
-def clock(seconds: float | None) -> str:
-    """``1:02:03``, ``2:03``; ``-:--`` when unknown."""
-    if seconds is None or seconds != seconds or seconds < 0:
-        return "-:--"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-class Pace:
-    """Where a job is: its start (wall clock), the fractions it reported and when, so that
-    the bar moves between reports at the measured rate (no stall until the next one) and an
-    ETA is known once two reports tell a rate."""
-
-    def __init__(self) -> None:
-        self.start: float | None = None
-        self._first: tuple[float, float] | None = None  # (time, fraction) of the first report
-        self._last: tuple[float, float] | None = None
-
-    def started(self, when: float | None) -> None:
-        """The job's start, from its status, a state event or a progress event."""
-        if isinstance(when, int | float) and when > 0 and (self.start is None or when < self.start):
-            self.start = float(when)
-
-    def report(self, when: float, fraction: float) -> None:
-        if self._first is None or fraction < self._first[1]:  # a restart from the beginning
-            self._first = (when, fraction)
-        self._last = (when, fraction)
-
-    def elapsed(self, now: float) -> float | None:
-        return None if self.start is None else max(0.0, now - self.start)
-
-    def rate(self) -> float | None:
-        """Fraction per second since the first report (or since the start)."""
-        if self._last is None:
-            return None
-        origin = self._first if self._first is not None and self._first[0] < self._last[0] else None
-        if origin is None and self.start is not None and self._last[0] > self.start:
-            origin = (self.start, 0.0)
-        if origin is None or self._last[1] <= origin[1]:
-            return None
-        return (self._last[1] - origin[1]) / (self._last[0] - origin[0])
-
-    def fraction(self, now: float) -> float | None:
-        """The last fraction, moved on at the measured rate, never past 99% before the end."""
-        if self._last is None:
-            return None
-        rate = self.rate()
-        moved = self._last[1] + (rate or 0.0) * max(0.0, now - self._last[0])
-        return max(self._last[1], min(moved, 0.99))
-
-    def eta(self, now: float) -> float | None:
-        rate, fraction = self.rate(), self.fraction(now)
-        return None if not rate or fraction is None else (1.0 - fraction) / rate
 
 
 class _View:
