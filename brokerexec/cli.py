@@ -12,6 +12,10 @@ Exit codes (also in ``brokerexec --help``):
 130   interrupted (Ctrl-C), or the job was aborted
 ====  ==========================================================
 
+The verbs about one job live in :mod:`brokerexec.cli_jobs`, those about many jobs
+(``pause``/``resume``/``abort``, ``jobs``) in :mod:`brokerexec.cli_fleet`; this module holds
+the group, the local verbs (``run``, ``describe``), ``worker`` and the entry point.
+
 One-shot verbs (launch, status, pause, resume, abort, set, invoke, checkpoint, result, jobs)
 use a plain blocking pika connection (:mod:`brokerexec.transport.pika_client`) and start
 fast: nothing heavy (rich, aio-pika) is imported at module level, only inside the commands
@@ -24,20 +28,12 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
-from .cli_input import (
-    ask,
-    broker_option,
-    json_option,
-    json_value,
-    loads_strict,
-    parse_request,
-    pool_options,
-    request_option,
-)
+from . import cli_fleet, cli_jobs
+from .cli_input import broker_option, json_option, json_value, parse_request, pool_options, request_option
 from .cli_output import (
     EPILOG,
     EXIT_ABORTED,
@@ -47,17 +43,14 @@ from .cli_output import (
     EXIT_OK,
     EXIT_TIMEOUT,
     EXIT_USAGE,
-    emit,
+    error_document,
     exit_on_errors,
-    fail,
     finish,
 )
 from .constants import DEFAULT_CLAIM_AFTER, DEFAULT_LEASE_RENEW, DEFAULT_RESUME_GRACE, MAX_CHECKPOINT_BYTES
 
 if TYPE_CHECKING:
-    from .client import Client
     from .pool import PoolKind
-    from .protocol.intents import Intent
     from .worker import RunnerKind
 
 __all__ = ["EXIT_ABORTED", "EXIT_BROKER", "EXIT_FAILED", "EXIT_NOT_FOUND", "EXIT_OK",
@@ -65,12 +58,6 @@ __all__ = ["EXIT_ABORTED", "EXIT_BROKER", "EXIT_FAILED", "EXIT_NOT_FOUND", "EXIT
 
 #: Kept under its old name: tests reach it as ``brokerexec.cli._json_value``.
 _json_value = json_value
-
-
-def _signal(client: Client, job_id: str, intent: Intent, **fields: Any) -> Any:
-    """``Job.signal``: ``Job.set(**attrs)`` and ``Job.invoke(**kwargs)`` would take an
-    attribute or argument called ``rpc_timeout`` as their own time-out."""
-    return client.job(job_id).signal(intent, **fields)
 
 
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -194,180 +181,10 @@ def worker(broker: str, services: tuple[str, ...], concurrency: int, pool_kind: 
           max_checkpoint_bytes=max_checkpoint_bytes, log_level=log_level)
 
 
-# ---- client verbs --------------------------------------------------------------------------------
+# ---- client verbs: one job (cli_jobs), many jobs (cli_fleet) --------------------------------------
 
-
-@cli.command(epilog=EPILOG)
-@click.argument("name")
-@request_option
-@click.option("--follow", is_flag=True, help="Watch the job until it ends, then print its result.")
-@broker_option
-@json_option
-def launch(name: str, request_text: str, follow: bool, broker: str, as_json: bool) -> None:
-    """Launch a job of service NAME on whichever worker takes it; print its id.
-
-    With --follow, behave like `watch` and print the result (or, with --json, the final
-    record); Ctrl-C then stops following and leaves the job running.
-    """
-    request = parse_request(request_text)
-    if not follow:
-        job = ask(broker, lambda client: client.launch(name, request))
-        emit({"job_id": job.id, "service": name}, as_json, lambda v: v["job_id"])
-        return
-    ask(broker, lambda client: None)  # fails fast (exit 5) when the broker is down
-    with exit_on_errors():
-        from .client import Client
-        from .display import follow as follow_job
-        from .protocol.names import new_job_id
-
-        job_id = new_job_id()
-        if not as_json:
-            click.echo(f"job {job_id}", err=True)
-        with Client(broker) as full:
-            record = follow_job(full, job_id, as_json=as_json, on_interrupt="detach",
-                                launch=lambda: full.launch(name, request, job_id=job_id))
-    finish(record, as_json)
-
-
-@cli.command(epilog=EPILOG)
-@click.argument("job_id")
-@broker_option
-@json_option
-def status(job_id: str, broker: str, as_json: bool) -> None:
-    """Show a job's state and last progress (or its final record once it ended)."""
-    emit(ask(broker, lambda client: client.job(job_id).status()), as_json)
-
-
-def _steer(verb: str) -> click.Command:
-    def command(job_id: str | None, all_jobs: bool, service: str | None, broker: str,
-                as_json: bool) -> None:
-        if bool(job_id) == all_jobs:
-            fail(f"{verb} needs a job id or --all (not both)", EXIT_USAGE)
-        if service is not None and not all_jobs:
-            fail("--service only goes with --all", EXIT_USAGE)
-        if all_jobs:
-            ask(broker, lambda client: getattr(client, f"{verb}_all")(service))
-            emit({"sent": f"{verb}_all", "service": service}, as_json)
-        else:
-            accepted = ask(broker, lambda client: getattr(client.job(str(job_id)), verb)())
-            emit({"job_id": job_id, "accepted": accepted}, as_json)
-
-    command.__name__ = verb
-    command.__doc__ = (f"{verb.capitalize()} job JOB_ID, or every job on every worker (--all, "
-                       f"optionally only those of one --service).")
-    decorators = [cli.command(name=verb, epilog=EPILOG), click.argument("job_id", required=False),
-                  click.option("--all", "all_jobs", is_flag=True, help="Every job on every worker."),
-                  click.option("--service", help="With --all: only jobs of this service."),
-                  broker_option, json_option]
-    for decorator in reversed(decorators):
-        command = decorator(command)
-    return command  # type: ignore[return-value]
-
-
-pause, resume, abort = _steer("pause"), _steer("resume"), _steer("abort")
-
-
-@cli.command(name="set", epilog=EPILOG)
-@click.argument("job_id")
-@click.argument("assignments", nargs=-1, required=True, metavar="KEY=VALUE...")
-@broker_option
-@json_option
-def set_(job_id: str, assignments: tuple[str, ...], broker: str, as_json: bool) -> None:
-    """Set attributes of a running job (values are JSON when they parse, else strings)."""
-    attrs = {}
-    for item in assignments:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            fail(f"{item!r} is not key=value", EXIT_USAGE)
-        attrs[key] = json_value(text)
-    from .protocol.intents import Intent
-
-    emit(ask(broker, lambda client: _signal(client, job_id, Intent.SET, attrs=attrs)), as_json)
-
-
-@cli.command(epilog=EPILOG)
-@click.argument("job_id")
-@click.argument("method")
-@click.argument("arguments", required=False, default="[]")
-@broker_option
-@json_option
-def invoke(job_id: str, method: str, arguments: str, broker: str, as_json: bool) -> None:
-    """Call a declared METHOD of a running job.
-
-    ARGUMENTS is a JSON list (positional arguments) or a JSON object (keyword arguments).
-    """
-    try:
-        parsed = loads_strict(arguments)
-    except ValueError as exc:
-        fail(f"ARGUMENTS is not valid JSON: {exc}", EXIT_USAGE)
-    if not isinstance(parsed, list | dict):
-        fail("ARGUMENTS must be a JSON list (positional) or object (keywords), "
-              f"not {type(parsed).__name__}", EXIT_USAGE)
-    args, kwargs = (parsed, {}) if isinstance(parsed, list) else ([], parsed)
-    from .protocol.intents import Intent
-
-    emit(ask(broker, lambda client: _signal(client, job_id, Intent.INVOKE, method=method, args=args,
-                                            kwargs=kwargs)), as_json)
-
-
-@cli.command(epilog=EPILOG)
-@click.argument("job_id")
-@broker_option
-@json_option
-def checkpoint(job_id: str, broker: str, as_json: bool) -> None:
-    """Take a checkpoint of a running job at its next ready(); print when it was taken."""
-    taken = ask(broker, lambda client: client.job(job_id).checkpoint())
-    emit({"job_id": job_id, **taken}, as_json, lambda v: f"checkpoint of {job_id} taken at {v['time']}")
-
-
-@cli.command(epilog=EPILOG)
-@click.argument("job_id")
-@click.option("--timeout", type=click.FloatRange(min=0), default=None,
-              help="Seconds to wait (default: until the job ends).")
-@broker_option
-@json_option
-def result(job_id: str, timeout: float | None, broker: str, as_json: bool) -> None:
-    """Wait for a job to end; print its result (with --json, its final record)."""
-    record = ask(broker, lambda client: client.job(job_id).record(timeout))
-    if record is None:
-        fail(f"job {job_id} did not end within {timeout} s", EXIT_TIMEOUT)
-    finish(record, as_json)
-
-
-@cli.command(epilog=EPILOG)
-@click.argument("job_id")
-@broker_option
-@json_option
-def watch(job_id: str, broker: str, as_json: bool) -> None:
-    """Show a job's progress bar and improved values until it ends, then its final state.
-
-    Ctrl-C stops watching (exit 130); the job keeps running.
-    """
-    # Fast answers from the one-shot client for a down broker (5) or an unknown job (3).
-    ask(broker, lambda client: client.job(job_id).record(0) or client.job(job_id).status())
-    with exit_on_errors():
-        from .client import Client
-        from .display import follow
-
-        with Client(broker) as client:
-            record = follow(client, job_id, as_json=as_json, on_interrupt="detach")
-    finish(record, as_json)
-
-
-@cli.command(epilog=EPILOG)
-@click.option("--timeout", type=click.FloatRange(min=0), default=0.5, show_default=True,
-              help="Seconds to gather the workers' answers.")
-@broker_option
-@json_option
-def jobs(timeout: float, broker: str, as_json: bool) -> None:
-    """Running jobs on every worker: id, service, state, progress, worker host."""
-    listed = ask(broker, lambda client: client.jobs(timeout))
-    if as_json:
-        click.echo(json.dumps(listed))
-        return
-    from .display import jobs_table
-
-    jobs_table(listed)
+for _command in (*cli_jobs.COMMANDS, *cli_fleet.COMMANDS):
+    cli.add_command(_command)
 
 
 def main(args: list[str] | None = None) -> NoReturn:
@@ -375,12 +192,19 @@ def main(args: list[str] | None = None) -> NoReturn:
 
     Click's standalone mode would turn Ctrl-C into exit code 1; here it is 130.
     """
+    argv = sys.argv[1:] if args is None else args
+    # Click's own errors come after its context is gone: --json is looked for in argv.
+    as_json = "--json" in argv[:argv.index("--")] if "--" in argv else "--json" in argv
     try:
         code = cli.main(args=args, prog_name="brokerexec", standalone_mode=False)
     except click.exceptions.Abort:  # Ctrl-C (or end of input) outside a followed job
+        if as_json:
+            click.echo(error_document("brokerexec.Interrupted", "interrupted"))
         click.echo("brokerexec: interrupted", err=True)
         sys.exit(EXIT_ABORTED)
     except click.ClickException as exc:
+        if as_json:
+            click.echo(error_document("brokerexec.UsageError", exc.format_message()))
         exc.show()
         sys.exit(exc.exit_code)
     sys.exit(code if isinstance(code, int) else EXIT_OK)

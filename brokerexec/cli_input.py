@@ -19,22 +19,33 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from .cli_output import EXIT_USAGE, exit_on_errors, fail
+from .cli_output import EXIT_USAGE, JSON_FLAG, exit_on_errors, fail
 from .constants import DEFAULT_URL
 
 if TYPE_CHECKING:
     from .client import Client
 
 __all__ = ["ask", "broker_option", "json_option", "json_value", "loads_strict", "need_amqp",
-           "oneshot_client", "parse_request", "pool_options", "request_option"]
+           "oneshot_client", "parse_request", "pool_options", "request_option", "yes_option"]
 
 T = TypeVar("T")
 
 broker_option = click.option(
     "--broker", envvar="BROKEREXEC_URL", default=DEFAULT_URL, show_default=True,
     help="Broker URL (env BROKEREXEC_URL).")
-json_option = click.option("--json", "as_json", is_flag=True,
-                           help="Print exactly one JSON document on stdout.")
+
+
+def _remember_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    # Eager, so that a bad value of a later option is already reported as JSON.
+    if value:
+        ctx.find_root().meta[JSON_FLAG] = True
+    return value
+
+
+json_option = click.option("--json", "as_json", is_flag=True, is_eager=True, callback=_remember_json,
+                           help="Print exactly one JSON document on stdout (errors included).")
+yes_option = click.option("--yes", "-y", is_flag=True,
+                          help="With --all and no --service: do not ask for confirmation.")
 request_option = click.option("--request", "request_text", default="{}", show_default=True,
                               help="The request: a JSON object, or @file holding one.")
 _POOL_OPTIONS = (

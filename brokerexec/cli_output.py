@@ -4,8 +4,10 @@ The codes are the documented ones (the table in :mod:`brokerexec.cli`'s docstrin
 in ``--help`` and ``docs/cli.md``): each verb ends through :func:`fail`, :func:`finish` or
 :func:`exit_on_errors`, so a brokerexec error always becomes the same code, whichever verb
 hit it. Answers go to stdout (exactly one JSON document with ``--json``); messages go to
-stderr. :mod:`brokerexec.display` is imported only when something is shown as text, because
-it pulls in rich, which one-shot verbs must not pay for.
+stderr. With ``--json`` an error is that one document too, ``{"error": {"type", "message"}}``
+(besides its message on stderr), so a script reads stdout whatever happened.
+:mod:`brokerexec.display` is imported only when something is shown as text, because it pulls
+in rich, which one-shot verbs must not pay for.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from .errors import (
     JobNotFound,
     RemoteError,
     Timeout,
+    UnknownService,
 )
 
 __all__ = ["EPILOG", "EXIT_ABORTED", "EXIT_BROKER", "EXIT_CODES", "EXIT_FAILED", "EXIT_NOT_FOUND",
-           "EXIT_OK", "EXIT_TIMEOUT", "EXIT_USAGE", "emit", "exit_code", "exit_on_errors", "fail",
-           "finish", "message_of"]
+           "EXIT_OK", "EXIT_TIMEOUT", "EXIT_USAGE", "JSON_FLAG", "emit", "error_document",
+           "exit_code", "exit_on_errors", "fail", "finish", "message_of", "type_of", "wants_json"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_BROKER, EXIT_ABORTED = (
     0, 1, 2, 3, 4, 5, 130)
@@ -40,8 +43,32 @@ EPILOG = """Exit codes: 0 ok; 1 job failed or remote error; 2 usage or bad input
 3 no worker holds the job; 4 time-out; 5 broker unreachable; 130 interrupted or aborted."""
 
 
-def fail(message: str, code: int) -> NoReturn:
-    """Print ``brokerexec: message`` on stderr and exit with ``code``."""
+#: Where ``--json`` is remembered in click's context (``ctx.meta``), for :func:`fail`.
+JSON_FLAG = "brokerexec.json"
+
+#: The error type of a :func:`fail` that no exception caused, by exit code.
+_KIND_OF_CODE = {EXIT_FAILED: "brokerexec.Failed", EXIT_USAGE: "brokerexec.UsageError",
+                 EXIT_NOT_FOUND: "brokerexec.JobNotFound", EXIT_TIMEOUT: "brokerexec.Timeout",
+                 EXIT_BROKER: "brokerexec.BrokerConnectionError",
+                 EXIT_ABORTED: "brokerexec.Interrupted"}
+
+
+def wants_json() -> bool:
+    """True inside a verb given ``--json`` (set by the option's callback)."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.find_root().meta.get(JSON_FLAG))
+
+
+def error_document(kind: str, message: str) -> str:
+    """The one JSON document of a failed verb under ``--json``."""
+    return json.dumps({"error": {"type": kind, "message": message}})
+
+
+def fail(message: str, code: int, kind: str | None = None) -> NoReturn:
+    """Print ``brokerexec: message`` on stderr (and, with ``--json``, the error document on
+    stdout) and exit with ``code``. ``kind`` names the error; by default its code does."""
+    if wants_json():
+        click.echo(error_document(kind or _KIND_OF_CODE.get(code, "brokerexec.Failed"), message))
     click.echo(f"brokerexec: {message}", err=True)
     sys.exit(code)
 
@@ -52,7 +79,7 @@ def exit_on_errors() -> Iterator[None]:
     try:
         yield
     except BrokerExecError as exc:
-        fail(message_of(exc), exit_code(exc))
+        fail(message_of(exc), exit_code(exc), type_of(exc))
 
 
 #: Exit codes by error class, the first match wins: a remote refusal raised typed
@@ -62,6 +89,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (JobNotFound, EXIT_NOT_FOUND),
     (Timeout, EXIT_TIMEOUT),
     (BrokerConnectionError, EXIT_BROKER),
+    (UnknownService, EXIT_USAGE),  # a name given on the command line that nothing offers
     (RemoteError, EXIT_FAILED),  # a remote refusal or failure; the job's own is exit 1 too
     (ConfigurationError, EXIT_USAGE),
     (DecodeError, EXIT_USAGE),
@@ -81,6 +109,15 @@ def message_of(exc: BaseException) -> str:
     return str(exc)
 
 
+def type_of(exc: BaseException) -> str:
+    """The ``type`` of an error's JSON document: the remote type of a remote error, else
+    the dotted name of the class (``brokerexec.JobNotFound``)."""
+    if isinstance(exc, RemoteError) and exc.remote_type:
+        return exc.remote_type
+    module = type(exc).__module__
+    return f"brokerexec.{type(exc).__name__}" if module.startswith("brokerexec") else type(exc).__name__
+
+
 def emit(value: Any, as_json: bool, text: Callable[[Any], str] | None = None) -> None:
     """Print a command's answer on stdout: JSON with ``--json``, else ``text(value)`` or a
     pretty rendering."""
@@ -95,6 +132,8 @@ def emit(value: Any, as_json: bool, text: Callable[[Any], str] | None = None) ->
 def finish(record: dict[str, Any] | None, as_json: bool) -> NoReturn:
     """Print a final record (or its result) and exit with the code of its state."""
     if record is None:  # the user stopped watching
+        if as_json:
+            click.echo(error_document("brokerexec.Interrupted", "stopped watching; the job runs on"))
         sys.exit(EXIT_ABORTED)
     from .display import show_record
 

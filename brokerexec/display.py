@@ -25,13 +25,14 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import JobNotFound, Timeout
+from .pace import Pace, clock, fraction_of
 from .protocol.events import Event
 
 if TYPE_CHECKING:
     from .client import Client
     from .job import Job
 
-__all__ = ["EXIT_INTERRUPTED", "describe_text", "follow", "jobs_table", "pretty", "show_record"]
+__all__ = ["EXIT_INTERRUPTED", "describe_text", "follow", "label", "pretty", "show_record", "summary"]
 
 TERMINAL = ("finished", "failed", "aborted")
 EXIT_INTERRUPTED = 130
@@ -40,23 +41,30 @@ EXIT_INTERRUPTED = 130
 RECORD_CHECK_INTERVAL = 5.0
 
 OnInterrupt = Literal["abort", "detach"]
+BAR_WIDTH = 20
+#: Columns the live bar's spinner, label, bar, percentage and clocks take, with padding.
+FIXED_COLUMNS = 2 + 15 + BAR_WIDTH + 1 + 5 + 23
 
 
-def fraction_of(data: dict[str, Any]) -> float | None:
-    """``data["fraction"]``, else ``done / total``, else None (progress of unknown extent)."""
-    fraction = data.get("fraction")
-    if isinstance(fraction, int | float) and not isinstance(fraction, bool):
-        return max(0.0, min(float(fraction), 1.0))
-    done, total = data.get("done"), data.get("total")
-    if isinstance(done, int | float) and isinstance(total, int | float) and total:
-        return max(0.0, min(float(done) / float(total), 1.0))
-    return None
+def _value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, list) and all(isinstance(v, int | float) for v in value):
+        return "[" + ", ".join(f"{v:.4g}" for v in value) + "]"
+    return str(value)
 
 
-def _summary(data: dict[str, Any]) -> str:
-    return ", ".join(f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value}"
-                     for key, value in data.items()
-                     if key not in ("fraction", "elapsed") and not isinstance(value, dict | list))[:80]
+def summary(data: dict[str, Any], limit: int = 80) -> str:
+    """``key=value, ...`` of what can be shown on a line (short lists of numbers included)."""
+    return ", ".join(f"{key}={_value(value)}" for key, value in data.items()
+                     if key not in ("fraction", "elapsed") and not isinstance(value, dict)
+                     and not (isinstance(value, list) and len(value) > 8))[:limit]
+
+
+def label(job_id: str) -> str:
+    """A job's short name: the random tail of its id (its head is the launch time, the same
+    for every job launched within a minute)."""
+    return f"job …{job_id[-8:]}"
 
 
 class _View:
@@ -65,8 +73,11 @@ class _View:
     def __init__(self, job_id: str, bar: bool) -> None:
         self.bar = bar
         self.job_id = job_id
+        self.pace = Pace()
         self._progress: Any = None
         self._task: Any = None
+        self._info = "waiting"
+        self._ended = False
 
     @contextlib.contextmanager
     def shown(self) -> Iterator[_View]:
@@ -74,39 +85,74 @@ class _View:
             yield self
             return
         from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            Progress,
-            SpinnerColumn,
-            TaskProgressColumn,
-            TextColumn,
-            TimeElapsedColumn,
-        )
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
+        from rich.table import Column
 
+        # Fixed widths for what must stay readable; the service's own values take the rest.
         self._progress = Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-            TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=Console(stderr=True))
+            SpinnerColumn(), TextColumn("{task.description}", table_column=Column(no_wrap=True)),
+            BarColumn(bar_width=BAR_WIDTH),
+            TextColumn("{task.fields[percent]}", table_column=Column(width=4, no_wrap=True)),
+            TextColumn("{task.fields[times]}", table_column=Column(min_width=22, no_wrap=True)),
+            TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis")),
+            console=Console(stderr=True))
         with self._progress:
-            self._task = self._progress.add_task(f"job {self.job_id[:8]}", total=None, info="queued")
+            self._task = self._progress.add_task(label(self.job_id), total=None, percent="",
+                                                 times="", info=self._info)
+            self.tick()
             yield self
 
-    def progress(self, data: dict[str, Any]) -> None:
+    def _times(self, now: float) -> str:
+        elapsed = self.pace.elapsed(now)
+        eta = None if self._ended else self.pace.eta(now)
+        text = "" if elapsed is None else f"elapsed {clock(elapsed)}"
+        return f"{text}, ETA {clock(eta)}" if eta is not None else text
+
+    def tick(self) -> None:
+        """Redraw: the bar moves on between reports, the clocks count."""
+        if self._progress is None:
+            return
+        now = time.time()
+        fraction = 1.0 if self._ended and self._info == "finished" else self.pace.fraction(now)
+        # The service's values get what the fixed columns leave: they, not the bar, are cut.
+        room = max(self._progress.console.width - FIXED_COLUMNS, 0)
+        info = self._info if len(self._info) <= room else self._info[:max(room - 1, 0)] + "…"
+        fields = {"times": self._times(now), "info": info,
+                  # floored: 99.6% is not "100%" while it runs
+                  "percent": "" if fraction is None else f"{int(100 * fraction):3d}%"}
+        if fraction is None:
+            self._progress.update(self._task, **fields)
+        else:
+            self._progress.update(self._task, total=1.0, completed=fraction, **fields)
+        self._progress.refresh()  # else a line printed above redraws the bar as it last was
+
+    def progress(self, data: dict[str, Any], when: float) -> None:
+        elapsed = data.get("elapsed")
+        if isinstance(elapsed, int | float) and not isinstance(elapsed, bool):
+            self.pace.started(when - elapsed)
         fraction = fraction_of(data)
+        if fraction is not None:
+            self.pace.report(when, fraction)
+        self._info = summary(data)
         if self._progress is None:
             percent = "" if fraction is None else f"{100 * fraction:5.1f}% "
-            self.say(f"progress: {percent}{_summary(data)}".rstrip())
-        elif fraction is None:
-            self._progress.update(self._task, info=_summary(data))
-        else:
-            self._progress.update(self._task, total=1.0, completed=fraction, info=_summary(data))
+            times = self._times(when)
+            self.say(f"progress: {percent}{self._info}{f' ({times})' if times else ''}".rstrip())
+        self.tick()
 
-    def state(self, state: str) -> None:
+    def state(self, state: str, data: dict[str, Any]) -> None:
+        self.pace.started(data.get("start"))
+        self._ended = state in TERMINAL
+        self._info = state
         if self._progress is None:
             self.say(f"state: {state}")
-        elif state == "finished":  # the last progress message may have said 93%
-            self._progress.update(self._task, total=1.0, completed=1.0, info=state)
-        else:
-            self._progress.update(self._task, info=state)
+        self.tick()
+
+    def improved(self, state: Any, when: float) -> None:
+        """An improved value, printed above the bar, with when it came in the job's time."""
+        shown = summary(state, 200) if isinstance(state, dict) and summary(state) else json.dumps(state)
+        elapsed = self.pace.elapsed(when)
+        self.say(f"improved: {shown}{f' (at {clock(elapsed)})' if elapsed is not None else ''}")
 
     def say(self, text: str) -> None:
         """One line above the bar, or on stderr."""
@@ -168,7 +214,10 @@ def follow(client: Client, job_id: str, *, as_json: bool = False,
                 record = job.record(0)
                 if record is not None:
                     return record
-                job.status()  # raises JobNotFound for an id no worker holds
+                known = job.status()  # raises JobNotFound for an id no worker holds
+                # Elapsed time counts from the job's start, not from when watching began.
+                view.pace.started(known.get("start") or (
+                    known.get("since") if known.get("state") == "running" else None))
             with view.shown():
                 ended = _pump(job, inbox, view, on_interrupt)
             if not ended:
@@ -193,6 +242,7 @@ def _pump(job: Job, inbox: queue.SimpleQueue[Event | None], view: _View,
             event = inbox.get(timeout=0.5)
         except queue.Empty:
             event = None
+            view.tick()
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + RECORD_CHECK_INTERVAL
                 if job.record(0) is not None:
@@ -212,11 +262,11 @@ def _pump(job: Job, inbox: queue.SimpleQueue[Event | None], view: _View,
 def _show(view: _View, event: Event) -> bool:
     """Draw one event; True if it is the job's final state."""
     if event.kind == "progress":
-        view.progress(event.data)
+        view.progress(event.data, event.time)
     elif event.kind == "improved":
-        view.say(f"improved: {json.dumps(event.data.get('state'))}")
+        view.improved(event.data.get("state"), event.time)
     elif event.kind == "state":
-        view.state(str(event.data.get("to", "")))
+        view.state(str(event.data.get("to", "")), event.data)
         return event.data.get("to") in TERMINAL
     return False
 
@@ -265,22 +315,3 @@ def describe_text(description: dict[str, Any]) -> str:
     lines.append(f"settable: {settable or 'none'}")
     lines.append(f"invokable: {', '.join(description['invokable']) or 'none'}")
     return "\n".join(lines)
-
-
-def jobs_table(jobs: list[dict[str, Any]]) -> None:
-    """Print the jobs of all workers as a table on stdout."""
-    if not jobs:
-        print("no running jobs")
-        return
-    from rich.console import Console
-    from rich.table import Column, Table
-
-    table = Table(Column("job id", no_wrap=True, min_width=32),  # an id is never cut short
-                  "service", "state", "progress", "worker")
-    for job in sorted(jobs, key=lambda j: (str(j.get("service", "")), str(j.get("job_id", "")))):
-        fraction = fraction_of(job.get("progress") or {})
-        worker = job.get("worker") or {}
-        table.add_row(str(job.get("job_id", "")), str(job.get("service", "")), str(job.get("state", "")),
-                      "" if fraction is None else f"{100 * fraction:.0f}%",
-                      f"{worker.get('hostname', '?')}:{worker.get('pid', '?')}")
-    Console().print(table)

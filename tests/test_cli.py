@@ -313,7 +313,7 @@ def worker(amqp_url: str) -> Iterator[Worker]:
     started = Worker(amqp_url, "--shutdown-grace", "5")
     yield started
     try:
-        brokerexec("abort", "--all", "--broker", amqp_url)  # nothing left running for later tests
+        brokerexec("abort", "--all", "--yes", "--broker", amqp_url)  # nothing left running later
         started.stop()
     except subprocess.TimeoutExpired:
         started.process.kill()
@@ -335,7 +335,9 @@ def test_steering_a_job_of_a_worker_process_from_the_command_line(
     def be(*args: str, code: int = 0) -> Any:
         done = brokerexec(*args, "--broker", amqp_url, "--json")
         assert done.returncode == code, (args, done.stdout, done.stderr)
-        return json.loads(done.stdout) if done.stdout.strip() else done.stderr
+        document = json.loads(done.stdout)  # errors too are one JSON document
+        failed = isinstance(document, dict) and set(document) == {"error"}
+        return document["error"]["message"] if failed else document
 
     def state() -> str:
         done = brokerexec("status", job_id, "--broker", amqp_url, "--json")
@@ -433,11 +435,12 @@ def test_pause_all_and_resume_all_reach_running_jobs(amqp_url: str, worker: Work
 
     wait_until(lambda: state() == "running", "the job to run")
     paused = brokerexec("pause", "--all", "--service", "fit", "--broker", amqp_url, "--json")
-    assert json.loads(paused.stdout) == {"sent": "pause_all", "service": "fit"}
+    assert json.loads(paused.stdout) == {"sent": "pause_all", "service": "fit", "workers": 1,
+                                         "jobs": 1, "acknowledged": 1, "within": 1.0}
     wait_until(lambda: state() == "paused", "pause --all to arrive")
     assert brokerexec("resume", "--all", "--broker", amqp_url).returncode == 0
     wait_until(lambda: state() == "running", "resume --all to arrive")
-    assert brokerexec("abort", "--all", "--broker", amqp_url).returncode == 0
+    assert brokerexec("abort", "--all", "--yes", "--broker", amqp_url).returncode == 0
     done = brokerexec("result", job_id, "--timeout", "20", "--broker", amqp_url, "--json")
     assert done.returncode == 130 and json.loads(done.stdout)["state"] == "aborted"
 
