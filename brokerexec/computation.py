@@ -36,7 +36,7 @@ from .crossing import Crossing, Posted
 from .errors import Aborted, CheckpointFailed, InvalidState, NotApplied, error_to_wire
 from .protocol.intents import Intent
 from .runner import Runner, Running
-from .service import Service
+from .service import Service, check_present
 from .signal_desk import Intervals
 from .states import JobState, StateMachine
 
@@ -212,6 +212,9 @@ class Computation:
 
     def _assign(self, payload: dict[str, Any]) -> dict[str, Any]:
         assert self.service is not None
+        # Checked on the handler thread when it holds the instance; a child process's is
+        # only here, so a set of a missing attribute is refused here, before any is set.
+        check_present(self.service, payload["attrs"])
         for attr, value in payload["attrs"].items():
             setattr(self.service, attr, value)
         return {**payload["attrs"], **payload.get("handler_attrs", {})}
