@@ -121,7 +121,8 @@ class Computation:
             return
         except BaseException as exc:  # the handler never dies with the computation
             final, error = JobState.FAILED, error_to_wire(exc, traceback.format_exc())
-            log.info("job %s failed: %s", self.job, error["message"])
+            # The worker logs the failure (WARNING, one line); its traceback is for debugging.
+            log.debug("job %s failed:\n%s", self.job, error["traceback"])
         else:
             try:  # a result that cannot be sent is the service's failure, reported as such
                 codec.encode(result)
