@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from brokerexec import (
     ServiceDefinitionError,
     ServiceHandler,
     SignalRefused,
+    WorkerSettings,
 )
 from brokerexec.service import apply_set
 
@@ -177,6 +179,32 @@ def test_apply_set_refuses_a_missing_attribute_before_setting_any() -> None:
     with pytest.raises(SignalRefused, match="declared settable, but the running Typo"):
         apply_set(service, {"note": "x", "stpe": 2})
     assert service.note == "" and not hasattr(service, "stpe")
+
+
+class TypoLoop(Service):
+    """``Typo`` for a child process: runs until its note is set to "stop"."""
+
+    name = "typo-loop"
+    settable = {"stpe": int, "note": str}
+
+    def __init__(self) -> None:
+        self.note = ""
+
+    def run(self, handler: ServiceHandler, request: dict[str, Any]) -> Any:
+        while self.note != "stop":
+            handler.ready()
+        return {"has_stpe": hasattr(self, "stpe")}
+
+
+def test_in_a_child_process_a_set_of_a_missing_attribute_is_refused_at_ready() -> None:
+    settings = WorkerSettings(runner="process")
+    with Client(f"memory://typo-{uuid.uuid4().hex}", services=[TypoLoop],
+                worker_settings=settings) as client:
+        job = client.launch("typo-loop", {})
+        with pytest.raises(SignalRefused, match="has no attribute 'stpe'"):
+            job.set(stpe=5, note="x")  # refused whole, where the instance lives
+        assert job.set(note="stop") == {"note": "stop"}
+        assert job.result(WAIT) == {"has_stpe": False}
 
 
 # ---- the worker's job lines, and a clean stop -------------------------------------------------
