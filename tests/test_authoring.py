@@ -79,10 +79,12 @@ def test_describe_never_crashes_on_a_bad_service(tmp_path: Path) -> None:
                       "class Typo(Service):\n    name = 'typo'\n    inputs = (Input('n', 'int'),)\n")
     broken = tmp_path / "broken.py"
     broken.write_text("raise RuntimeError('half-written module')\n")
-    for spec, said in ((f"{source}:Typo", "service class Typo: input 'n': type 'int' is not a type"),
-                       (f"{broken}:X", "RuntimeError: half-written module")):
-        # When describe is asked about it, through the real entry point
-        done = subprocess.run([sys.executable, "-m", "brokerexec", "describe", spec],
+    cases = [(verb, f"{source}:Typo", "service class Typo: input 'n': type 'int' is not a type")
+             for verb in ("describe", "run")]
+    cases.append(("describe", f"{broken}:X", "RuntimeError: half-written module"))
+    for verb, spec, said in cases:
+        # When describe (or run) is asked about it, through the real entry point
+        done = subprocess.run([sys.executable, "-m", "brokerexec", verb, spec],
                               capture_output=True, text=True, timeout=60, check=False, cwd=ROOT)
         # Then it says what is wrong in one line, with the usage exit code, no traceback
         assert done.returncode == 2, done.stderr
