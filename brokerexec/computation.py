@@ -36,7 +36,7 @@ from .crossing import Crossing, Posted
 from .errors import Aborted, CheckpointFailed, InvalidState, NotApplied, error_to_wire
 from .protocol.intents import Intent
 from .runner import Runner, Running
-from .service import Service
+from .service import Service, check_present
 from .signal_desk import Intervals
 from .states import JobState, StateMachine
 
@@ -121,7 +121,8 @@ class Computation:
             return
         except BaseException as exc:  # the handler never dies with the computation
             final, error = JobState.FAILED, error_to_wire(exc, traceback.format_exc())
-            log.info("job %s failed: %s", self.job, error["message"])
+            # The worker logs the failure (WARNING, one line); its traceback is for debugging.
+            log.debug("job %s failed:\n%s", self.job, error["traceback"])
         else:
             try:  # a result that cannot be sent is the service's failure, reported as such
                 codec.encode(result)
@@ -212,6 +213,9 @@ class Computation:
 
     def _assign(self, payload: dict[str, Any]) -> dict[str, Any]:
         assert self.service is not None
+        # Checked on the handler thread when it holds the instance; a child process's is
+        # only here, so a set of a missing attribute is refused here, before any is set.
+        check_present(self.service, payload["attrs"])
         for attr, value in payload["attrs"].items():
             setattr(self.service, attr, value)
         return {**payload["attrs"], **payload.get("handler_attrs", {})}

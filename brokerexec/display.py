@@ -307,7 +307,7 @@ def show_record(record: dict[str, Any], as_json: bool) -> None:
 def describe_text(description: dict[str, Any]) -> str:
     """A service's ``describe()`` for people: inputs, settable attributes, invokable methods."""
     lines = [f"{description['name']}: {description['help']}",
-             "inputs:" if description["inputs"] else "inputs: none"]
+             "inputs:" if description["inputs"] else "request: free-form (any JSON object)"]
     for port in description["inputs"]:
         default = " (required)" if port["required"] else f" = {json.dumps(port.get('default'))}"
         lines.append(f"  {port['name']}: {port['type']}{default}  {port['help']}".rstrip())

@@ -4,6 +4,7 @@
 
     BrokerExecError
     ├── ConfigurationError        bad settings or arguments given to brokerexec itself
+    │   └── ServiceDefinitionError  a Service subclass declares something impossible
     ├── BrokerConnectionError     the broker cannot be reached or the connection was lost
     ├── DecodeError               a message could not be decoded (size, type, JSON, YAML tags)
     │   └── MessageTooLarge
@@ -49,6 +50,7 @@ __all__ = [
     "MessageTooLarge",
     "NotApplied",
     "RemoteError",
+    "ServiceDefinitionError",
     "ServiceError",
     "SignalRefused",
     "Timeout",
@@ -68,6 +70,13 @@ class BrokerExecError(Exception):
 
 class ConfigurationError(BrokerExecError):
     """Settings or arguments given to brokerexec are invalid."""
+
+
+class ServiceDefinitionError(ConfigurationError, TypeError):
+    """A :class:`~brokerexec.Service` subclass declares something that cannot work (an input
+    type that is not a type, a default of the wrong type, a settable name that is private or
+    a method, an invokable that is not a public method); raised when the class is defined,
+    naming the class and the mistake. Also a ``TypeError``: a bad class body is one."""
 
 
 class BrokerConnectionError(BrokerExecError):

@@ -109,7 +109,8 @@ class ServiceHandler:
                                             self._send, clock=clock, wallclock=wallclock,
                                             runner=runner or THREADS, store=store)
         self.desk = SignalDesk(name, self._crossing, self.states, self.intervals,
-                               self._service_class, self._start_abort_grace)
+                               self._service_class, self._start_abort_grace,
+                               lambda: self._computation.service)
         #: Resolves when the job ends: ``{"state", "result", "error", "start", "end"}``.
         self.outcome: cf.Future[Outcome] = self._computation.outcome
         self.ready = _ready_check(self._crossing, clock, self._computation.at_ready)

@@ -13,7 +13,7 @@ from typing import Any
 
 from .errors import InvalidRequest
 
-__all__ = ["MISSING", "Input", "check_type", "type_name", "validate_request"]
+__all__ = ["MISSING", "Input", "check_type", "is_type_spec", "type_name", "validate_request"]
 
 
 class _Missing:
@@ -27,11 +27,19 @@ MISSING: Any = _Missing()
 TypeSpec = type | tuple[type, ...]
 
 
-def type_name(kind: TypeSpec) -> str:
-    """``int``, or ``int | str`` for a tuple of types."""
+def is_type_spec(kind: object) -> bool:
+    """True for a type or a non-empty tuple of types: what ``isinstance`` accepts here."""
     if isinstance(kind, tuple):
-        return " | ".join(k.__name__ for k in kind)
-    return kind.__name__
+        return bool(kind) and all(isinstance(k, type) for k in kind)
+    return isinstance(kind, type)
+
+
+def type_name(kind: TypeSpec) -> str:
+    """``int``, or ``int | str`` for a tuple of types; the repr of anything else (so that a
+    description of a bad declaration never fails on it)."""
+    if isinstance(kind, tuple):
+        return " | ".join(type_name(k) for k in kind)
+    return kind.__name__ if isinstance(kind, type) else repr(kind)
 
 
 def check_type(value: Any, kind: TypeSpec) -> Any:
@@ -72,6 +80,19 @@ class Input:
     def __post_init__(self) -> None:
         if not self.name.isidentifier() or self.name.startswith("_"):
             raise ValueError(f"input name {self.name!r} must be a public identifier")
+
+    def mistake(self) -> str:
+        """What is wrong with this declaration ("" when nothing): a type that is not a type
+        (or tuple of types), or a default that does not have it."""
+        if not is_type_spec(self.type):
+            return f"input {self.name!r}: type {self.type!r} is not a type or a tuple of types"
+        if self.default is MISSING or self.required:  # a required input's default is never used
+            return ""
+        try:
+            check_type(self.default, self.type)
+        except TypeError as exc:
+            return f"input {self.name!r}: default {self.default!r:.80} does not match: {exc}"
+        return ""
 
     @property
     def is_required(self) -> bool:

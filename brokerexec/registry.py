@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from .errors import ConfigurationError, UnknownService
+from .errors import BrokerExecError, ConfigurationError, UnknownService
 from .service import Service
 
 __all__ = ["ENTRY_POINT_GROUP", "ServiceRegistry", "load_service", "service_spec"]
@@ -53,8 +53,10 @@ def load_service(spec: str) -> type[Service]:
         cls: object = module
         for part in attr.split("."):
             cls = getattr(cls, part)
-    except (ImportError, AttributeError, OSError) as exc:
-        raise ConfigurationError(f"cannot load service {spec!r}: {exc}") from exc
+    except BrokerExecError:  # a ServiceDefinitionError says what is wrong already
+        raise
+    except Exception as exc:  # whatever the module raises on import is its author's to read
+        raise ConfigurationError(f"cannot load service {spec!r}: {type(exc).__name__}: {exc}") from exc
     if not (isinstance(cls, type) and issubclass(cls, Service)) or not cls.name:
         raise ConfigurationError(f"{spec!r} is not a brokerexec.Service subclass with a name")
     _SPECS.setdefault(cls, f"{path}:{attr}" if path is not None else spec)

@@ -15,27 +15,88 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from .errors import InvalidRequest, SignalRefused
-from .ports import Input, TypeSpec, check_type, type_name, validate_request
+from .errors import InvalidRequest, ServiceDefinitionError, SignalRefused
+from .ports import Input, TypeSpec, check_type, is_type_spec, type_name, validate_request
 from .protocol.names import NAME_PATTERN
 
 if TYPE_CHECKING:
     from .handler import ServiceHandler
 
-__all__ = ["PreparedInvoke", "Service", "apply_invoke", "apply_set", "check_set", "prepare_invoke"]
+__all__ = ["PreparedInvoke", "Service", "apply_invoke", "apply_set", "check_present", "check_set",
+           "prepare_invoke"]
 
 #: Methods of the service life cycle: never invokable remotely.
 _LIFECYCLE = frozenset({"run", "progress", "checkpoint", "restore", "describe", "validate"})
 _JSON_TYPES = (int, float, str, bool, list, dict)
+_ABSENT = object()
 
 
-def _check_public(kind: str, name: str, owner: str) -> None:
-    if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
-        raise TypeError(f"{owner}: {kind} {name!r} must be a public identifier")
+def _check_definition(cls: type[Service]) -> None:
+    """Refuse a class whose declarations cannot work, naming the class and the mistake.
+
+    Checked here rather than at a client's call: a typo in a class body should fail where
+    its author runs it first (import, ``describe``), not as a puzzling refusal later.
+    """
+    for find in (_class_mistakes, _input_mistakes, _settable_mistakes, _invokable_mistakes):
+        for mistake in find(cls):
+            raise ServiceDefinitionError(f"service class {cls.__qualname__}: {mistake}")
+
+
+def _class_mistakes(cls: type[Service]) -> Iterator[str]:
+    if cls.name and not (isinstance(cls.name, str) and NAME_PATTERN.match(cls.name)):
+        yield f"service name {cls.name!r} must match {NAME_PATTERN.pattern}"
+    if cls.runner not in ("thread", "process"):
+        yield f"runner {cls.runner!r} must be 'thread' or 'process'"
+    if cls.on_lost not in ("restart", "fail"):
+        yield f"on_lost must be 'restart' or 'fail', not {cls.on_lost!r}"
+
+
+def _input_mistakes(cls: type[Service]) -> Iterator[str]:
+    names = []
+    for port in cls.inputs:
+        if not isinstance(port, Input):
+            yield f"inputs must be Input objects, not {port!r}"
+            return
+        names.append(port.name)
+        if port.mistake():
+            yield port.mistake()
+    if len(names) != len(set(names)):
+        yield f"duplicate input names in {names}"
+
+
+def _settable_mistakes(cls: type[Service]) -> Iterator[str]:
+    for attr, kind in cls.settable.items():
+        if not _is_public(attr):
+            yield f"settable {attr!r} must be a public identifier"
+        elif _is_method(cls, attr):
+            yield f"settable {attr!r} is a method of the service: a set would replace it"
+        elif not is_type_spec(kind):
+            yield f"settable {attr!r}: type {kind!r} is not a type or a tuple of types"
+
+
+def _invokable_mistakes(cls: type[Service]) -> Iterator[str]:
+    if isinstance(cls.invokable, str):  # ("perturb") without its comma: a string, not a tuple
+        yield f"invokable must be a sequence of names, not the string {cls.invokable!r}"
+        return
+    for method in cls.invokable:
+        if not _is_public(method):
+            yield f"invokable {method!r} must be a public identifier"
+        elif method in _LIFECYCLE or not _is_method(cls, method):
+            yield f"invokable {method!r} is not a public method of the service"
+
+
+def _is_public(name: object) -> bool:
+    return isinstance(name, str) and name.isidentifier() and not name.startswith("_")
+
+
+def _is_method(cls: type, name: str) -> bool:
+    """A method (of any kind) by that name, looked up without running a descriptor."""
+    found = inspect.getattr_static(cls, name, None)
+    return isinstance(found, (classmethod, staticmethod)) or callable(found)
 
 
 class Service:
@@ -43,7 +104,8 @@ class Service:
 
     Class attributes:
         name: the registry name (letters, digits, ``_``, ``-``), used to launch it.
-        inputs: the declared :class:`~brokerexec.Input` list; requests are checked first.
+        inputs: the declared :class:`~brokerexec.Input` list; requests are checked against
+            it strictly. A service that declares none takes any JSON object as its request.
         settable: attribute name -> type, for remote ``set``.
         invokable: method names for remote ``invoke``.
         on_lost: what happens to a job whose worker was lost (or stopped) when it cannot
@@ -67,22 +129,7 @@ class Service:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        owner = cls.__qualname__
-        if cls.name and not NAME_PATTERN.match(cls.name):
-            raise TypeError(f"{owner}: service name {cls.name!r} must match {NAME_PATTERN.pattern}")
-        if cls.runner not in ("thread", "process"):
-            raise TypeError(f"{owner}: runner {cls.runner!r} must be 'thread' or 'process'")
-        for attr in cls.settable:
-            _check_public("settable attribute", attr, owner)
-        for method in cls.invokable:
-            _check_public("invokable method", method, owner)
-            if method in _LIFECYCLE or not callable(getattr(cls, method, None)):
-                raise TypeError(f"{owner}: invokable {method!r} is not a method of the service")
-        names = [port.name for port in cls.inputs]
-        if len(names) != len(set(names)):
-            raise TypeError(f"{owner}: duplicate input names in {names}")
-        if cls.on_lost not in ("restart", "fail"):
-            raise TypeError(f"{owner}: on_lost must be 'restart' or 'fail', not {cls.on_lost!r}")
+        _check_definition(cls)
 
     @classmethod
     def can_resume(cls) -> bool:
@@ -112,10 +159,13 @@ class Service:
 
     @classmethod
     def describe(cls) -> dict[str, Any]:
-        """A JSON description: name, help, inputs, settable and invokable names."""
+        """A JSON description: name, help, how the request is checked (``"request"``:
+        ``"inputs"``, or ``"free-form"`` when none are declared), inputs, settable and
+        invokable names."""
         return {
             "name": cls.name,
             "help": inspect.getdoc(cls) or "",
+            "request": "inputs" if cls.inputs else "free-form",
             "inputs": [port.describe() for port in cls.inputs],
             "settable": {attr: type_name(kind) for attr, kind in cls.settable.items()},
             "invokable": list(cls.invokable),
@@ -123,20 +173,31 @@ class Service:
 
     @classmethod
     def validate(cls, request: Mapping[str, Any] | None) -> dict[str, Any]:
-        """Check a request against :attr:`inputs`; return it with defaults filled in."""
+        """Check a request against :attr:`inputs`; return it with defaults filled in.
+
+        A service that declares no inputs takes a free-form request: the object as sent
+        (its size was checked with the message that carried it). One that declares inputs
+        is held to them: a missing required input or an unknown key is refused.
+        """
         if request is not None and not isinstance(request, Mapping):
             raise InvalidRequest(f"{cls.name}: a request must be a JSON object")
+        if not cls.inputs:
+            return dict(request or {})
         return validate_request(cls.inputs, request, service=cls.name or cls.__qualname__)
 
 
 # ---- set: checked on the handler thread, assigned at ready() --------------------------------
 
 
-def check_set(service_cls: type[Service], attrs: Mapping[str, Any]) -> dict[str, Any]:
+def check_set(service_cls: type[Service], attrs: Mapping[str, Any],
+              service: Service | None = None) -> dict[str, Any]:
     """Check a ``set`` against the declarations; return the values to assign.
 
+    With the running ``service``, a declared name it does not have as an attribute is
+    refused too: a typo in ``settable`` must not create an attribute nothing reads.
+
     Raises:
-        SignalRefused: naming the first undeclared, private or mistyped attribute.
+        SignalRefused: naming the first undeclared, private, missing or mistyped attribute.
     """
     declared = service_cls.settable
     checked: dict[str, Any] = {}
@@ -148,12 +209,31 @@ def check_set(service_cls: type[Service], attrs: Mapping[str, Any]) -> dict[str,
             checked[attr] = check_type(value, declared[attr])
         except TypeError as exc:
             raise SignalRefused(f"cannot set {attr!r}: {exc}") from exc
+    if service is not None:
+        check_present(service, checked)
     return checked
+
+
+def check_present(service: Service, attrs: Iterable[str]) -> None:
+    """Refuse a ``set`` of a declared name that ``service`` does not have as an attribute.
+
+    Looked up statically: reading it must not run a property's code of the service on the
+    handler thread.
+
+    Raises:
+        SignalRefused: naming the first attribute missing.
+    """
+    for attr in attrs:
+        if inspect.getattr_static(service, attr, _ABSENT) is _ABSENT:
+            raise SignalRefused(
+                f"cannot set {attr!r} on {type(service).name}: declared settable, but the running "
+                f"{type(service).__qualname__} has no attribute {attr!r} (give it one, e.g. in "
+                "__init__, or correct the name in settable)")
 
 
 def apply_set(service: Service, attrs: Mapping[str, Any]) -> dict[str, Any]:
     """Set declared attributes on ``service``: all of them, or none if one is refused."""
-    checked = check_set(type(service), attrs)
+    checked = check_set(type(service), attrs, service)
     for attr, value in checked.items():
         setattr(service, attr, value)
     return checked

@@ -71,17 +71,21 @@ class SignalDesk:
         states: the job's state machine (read for ``status``).
         intervals: changed by a ``set`` of the handler's own attributes.
         service_class: the running service's class; raises ``InvalidState`` before there is one.
+        service: the running service instance, when this process holds it (not with a child
+            process runner): a ``set`` of an attribute it lacks is refused at once.
         on_abort: called on the first abort (starts the abort grace).
     """
 
     def __init__(self, job: str, crossing: Crossing, states: StateMachine, intervals: Intervals,
-                 service_class: Callable[[], type[Service]], on_abort: Callable[[], None]) -> None:
+                 service_class: Callable[[], type[Service]], on_abort: Callable[[], None],
+                 service: Callable[[], Service | None] = lambda: None) -> None:
         self.job = job
         self._crossing = crossing
         self._states = states
         self._intervals = intervals
         self._service_class = service_class
         self._abort_started = on_abort
+        self._service = service
 
     def take(self, signal: Signal) -> Any:
         """Handle one signal: return its reply value, or a ``Future`` of it.
@@ -123,7 +127,7 @@ class SignalDesk:
         rest = {key: value for key, value in attrs.items() if key not in HANDLER_SETTABLE}
         # Refused whole, before anything is set: a set of the handler's intervals alone is
         # valid before (and without) a service.
-        checked = check_set(self._service_class(), rest) if rest else {}
+        checked = check_set(self._service_class(), rest, self._service()) if rest else {}
         if mine:
             for key, value in mine.items():
                 setattr(self._intervals, key, value)

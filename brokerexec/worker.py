@@ -122,6 +122,24 @@ class _RunningJob:
         self.launched = job.launch.sent or self.started
 
 
+def _extra(job: _RunningJob) -> dict[str, Any]:
+    """The fields a log formatter may show with a job's lines."""
+    return {"job_id": job.job_id, "service": job.service}
+
+
+def _log_end(job: _RunningJob, ended: dict[str, Any]) -> None:
+    """One line per job end: INFO, or WARNING with the error's first line if it failed."""
+    state, took = ended["state"], max(0.0, ended.get("end", time.time()) - job.started)
+    if state != "failed":
+        log.info("job %s of %s %s after %.1f s", job.job_id, job.service, state, took,
+                 extra=_extra(job))
+        return
+    error = ended.get("error") or {}
+    first = (str(error.get("message", "")).strip().splitlines() or [""])[0]
+    log.warning("job %s of %s failed after %.1f s: %s: %s", job.job_id, job.service, took,
+                error.get("type", "Exception"), first, extra=_extra(job))
+
+
 class Worker:
     """Runs the jobs a transport hands it; see the module docstring."""
 
@@ -252,6 +270,8 @@ class Worker:
                 return
         if self._paused_while_queued(job.launch):
             handler.put(Signal.of(Intent.PAUSE))
+        log.info("job %s of %s started (attempt %d%s)", job.job_id, job.service, attempt,
+                 ", from its checkpoint" if resume else "", extra=_extra(running))
         # The service is made where it runs: a failing __init__ fails the job, not the worker.
         handler.start(job.service_cls, job.request, resume, state=state)
 
@@ -337,6 +357,7 @@ class Worker:
 
     def _on_outcome(self, job: _RunningJob, outcome: cf.Future[dict[str, Any]]) -> None:
         ended = outcome.result()
+        _log_end(job, ended)
         if ended["state"] == "handed_over":
             # Not a final state: its watchers see the job go on, as another attempt.
             job.emit("state", {"from": job.handler.states.state.value, "to": "resuming",

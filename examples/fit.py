@@ -1,6 +1,16 @@
-"""Least-squares fit of y = a * exp(-b * x) + c by Gauss-Newton, reporting each improvement.
+"""Least-squares fit of y = a * exp(-b * x) + c by Levenberg-Marquardt, reporting each improvement.
 
 Run it:  brokerexec run examples/fit.py:ExponentialFit --request '{"points": 400}'
+
+Steer it on a worker::
+
+    brokerexec worker --service examples/fit.py:ExponentialFit      # on the worker's host
+    brokerexec launch fit --request '{"tolerance": 0, "max_iterations": 1000000}'  # prints ID
+    brokerexec invoke ID perturb '[0.5]'   # knocks the fit off; it improves again, to the optimum
+    brokerexec set ID max_iterations=0     # ends it at its next step
+    brokerexec result ID
+
+A tolerance of 0 never stops on a small gain: the job runs until it is told to end.
 """
 
 from __future__ import annotations
@@ -10,6 +20,9 @@ import random
 from typing import Any
 
 from brokerexec import Input, Service, ServiceHandler
+
+#: Levenberg-Marquardt damping: where a fit starts, and the bounds it stays within.
+DAMPING_START, DAMPING_MIN, DAMPING_MAX = 1e-3, 1e-9, 1e6
 
 
 def make_data(points: int, noise: float, seed: int) -> tuple[list[float], list[float]]:
@@ -39,7 +52,7 @@ def _solve3(m: list[list[float]], v: list[float]) -> list[float]:
 
 
 class ExponentialFit(Service):
-    """Fit a decaying exponential to noisy data with damped Gauss-Newton steps."""
+    """Fit a decaying exponential to noisy data with damped Gauss-Newton (Levenberg-Marquardt) steps."""
 
     name = "fit"
     inputs = (
@@ -59,6 +72,7 @@ class ExponentialFit(Service):
         self.iteration = 0
         self.tolerance = 1e-12
         self.max_iterations = 200
+        self.damping = DAMPING_START
         self.data: tuple[list[float], list[float]] = ([], [])
 
     def _cost(self, xs: list[float], ys: list[float], p: list[float]) -> float:
@@ -69,42 +83,51 @@ class ExponentialFit(Service):
         self.tolerance, self.max_iterations = request["tolerance"], request["max_iterations"]
         self.params = [float(v) for v in request["start"]]
         self.cost = self._cost(xs, ys, self.params)
-        damping = 1e-3
+        self.damping = DAMPING_START
         while self.iteration < self.max_iterations:
-            handler.ready()
+            handler.ready()  # a perturb applies here, and resets the damping
             self.iteration += 1
-            a, b, c = self.params
-            jtj = [[0.0] * 3 for _ in range(3)]
-            jtr = [0.0, 0.0, 0.0]
-            for x, y in zip(xs, ys, strict=True):
-                e = math.exp(-b * x)
-                grad = (e, -a * x * e, 1.0)
-                r = a * e + c - y
-                for i in range(3):
-                    jtr[i] -= grad[i] * r
-                    for j in range(3):
-                        jtj[i][j] += grad[i] * grad[j]
-            for i in range(3):
-                jtj[i][i] *= 1.0 + damping
-            step = _solve3(jtj, jtr)
-            trial = [p + s for p, s in zip(self.params, step, strict=True)]
+            trial = self._step(xs, ys)
             cost = self._cost(xs, ys, trial)
             if cost < self.cost:
                 gain = self.cost - cost
-                self.params, self.cost, damping = trial, cost, damping / 3
+                self.params, self.cost = trial, cost
+                self.damping = max(self.damping / 3, DAMPING_MIN)
                 handler.improved({"params": self.params, "cost": self.cost,
                                   "iteration": self.iteration})
                 if gain < self.tolerance * max(1.0, cost):
                     break
             else:
-                damping *= 4
+                # Bounded: a damping grown without limit made every later step vanish, so
+                # the fit never recovered from a perturb. At the bound, no step helps.
+                self.damping = min(self.damping * 4, DAMPING_MAX)
         return {"params": self.params, "cost": self.cost, "iterations": self.iteration}
 
-    def perturb(self, scale: float = 0.1) -> list[float]:
-        """Nudge the parameters (to show invoke); the fit then improves again."""
+    def _step(self, xs: list[float], ys: list[float]) -> list[float]:
+        """The Levenberg-Marquardt trial point: Gauss-Newton with a damped diagonal."""
+        a, b, c = self.params
+        jtj = [[0.0] * 3 for _ in range(3)]
+        jtr = [0.0, 0.0, 0.0]
+        for x, y in zip(xs, ys, strict=True):
+            e = math.exp(-b * x)
+            grad = (e, -a * x * e, 1.0)
+            r = a * e + c - y
+            for i in range(3):
+                jtr[i] -= grad[i] * r
+                for j in range(3):
+                    jtj[i][j] += grad[i] * grad[j]
+        for i in range(3):
+            jtj[i][i] *= 1.0 + self.damping
+        step = _solve3(jtj, jtr)
+        return [p + s for p, s in zip(self.params, step, strict=True)]
+
+    def perturb(self, scale: float = 0.1) -> dict[str, Any]:
+        """Nudge the parameters (to show invoke); the fit then improves again, back to the
+        optimum: the damping starts afresh, as on a new fit. Returns where it now stands."""
         self.params = [p * (1.0 + scale) for p in self.params]
         self.cost = self._cost(*self.data, self.params)
-        return self.params
+        self.damping = DAMPING_START
+        return {"params": self.params, "cost": self.cost, "iteration": self.iteration}
 
     def progress(self) -> dict[str, Any]:
         return {"iteration": self.iteration, "total": self.max_iterations,

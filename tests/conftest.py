@@ -134,7 +134,8 @@ class WorkerProcess:
         import threading
 
         command = [sys.executable, "-m", "brokerexec", "worker", "--broker", url,
-                   *[f"--service={SAMPLES}:{cls}" for cls in services], *args]
+                   *[f"--service={cls if ':' in cls else f'{SAMPLES}:{cls}'}" for cls in services],
+                   *args]
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         self.lines: list[str] = []
         self._ready = threading.Event()
@@ -175,8 +176,8 @@ class WorkerProcess:
 @pytest.fixture
 def worker_process(amqp_url: str) -> Iterator[object]:
     """Factory: ``worker_process(*cli_args, url=None, services=...)`` starts a worker
-    process (offering those sample services, by class name); all are stopped (SIGTERM, then
-    SIGKILL) at the end."""
+    process (offering those sample services, by class name, or any ``file.py:Class`` spec);
+    all are stopped (SIGTERM, then SIGKILL) at the end."""
     started: list[WorkerProcess] = []
 
     def start(*args: str, url: str | None = None,

@@ -456,6 +456,7 @@ def test_a_computation_that_never_calls_ready_is_abandoned_at_the_abort_deadline
     class Deaf(Service):
         name = "deaf"
         settable = {"x": int}
+        x = 0
 
         def run(self, handler: ServiceHandler, request: dict[str, Any]) -> str:
             release.wait(WAIT)

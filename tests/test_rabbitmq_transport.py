@@ -830,3 +830,25 @@ def test_a_record_found_early_in_a_long_stream_leaves_the_clients_connection_alo
     client.list_jobs(0.2)  # round trip on the same thread's connection
     client.launch(launch_of(new_job_id(), "fake"))
     assert client.connections_made == connections
+
+
+def test_stop_taking_work_returns_once_the_launch_consumers_are_cancelled(
+        make_worker: Any, amqp_url: str) -> None:
+    # A close right behind a cancel still in flight made aiormq close the channel with a
+    # WARNING ("RPC call Basic.Cancel cancelled") on a clean stop: the stop waits for it.
+    worker, _ = make_worker(capacity=1, services=("fake",))
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        channel = connection.channel()
+
+        def consumers() -> int:
+            return int(channel.queue_declare(launch_queue("fake"), passive=True).method.consumer_count)
+
+        deadline = time.monotonic() + WAIT
+        while consumers() != 1:  # polling the broker's count, with a deadline
+            assert time.monotonic() < deadline, "the worker never consumed its launches"
+            connection.sleep(0.02)
+        worker.stop_taking_work()
+        assert consumers() == 0  # at once: no cancel is left for the close to cut short
+    finally:
+        connection.close()

@@ -154,6 +154,20 @@ class LaunchIntake:
         self._taking_work = False
         self.set_free(0)
 
+    async def stop(self) -> None:
+        """Take no more launches, and return once the launch consumers are cancelled and
+        held launches given back (loop thread).
+
+        Awaited, not spawned: a spawned cancel still waiting for its ``Basic.CancelOk``
+        when the connection closed was cancelled with the other background tasks, and
+        aiormq then closed its channel with a WARNING (``Closing channel ... because RPC
+        call Basic.Cancel cancelled``) on a clean stop.
+        """
+        self._taking_work, self._free = False, 0
+        channel = self._channel()
+        if channel is not None:
+            await self._give_back_held(channel, cancel=True)
+
     # ---- holding ---------------------------------------------------------------------------
 
     async def _start_held(self) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -47,6 +48,8 @@ from .amqp_signal_server import Request, SignalServer
 from .base import WorkerHooks, WorkerTransport
 
 __all__ = ["RabbitWorkerTransport"]
+
+log = logging.getLogger(__name__)
 
 #: The header of every state_changed broadcast (built once: it goes with every state event).
 _STATE_CHANGED_HEADERS = dict([STATE_CHANGED_HEADER])
@@ -149,7 +152,13 @@ class RabbitWorkerTransport(WorkerTransport):
         return self.connection.submit(self.ends.hand_over(job_id))
 
     def stop_taking_work(self) -> None:
-        self.connection.call(self.intake.stop_taking_work)
+        if self.connection.on_loop_thread() or not self.connection.loop.is_running():
+            self.intake.stop_taking_work()
+            return
+        try:  # see LaunchIntake.stop: returns once the broker confirmed the consumers' cancel
+            self.connection.submit(self.intake.stop()).result(5)
+        except Exception as exc:  # the channel is going or gone: its consumers go with it
+            log.debug("launch consumers not cancelled before the stop: %r", exc)
 
     def close(self) -> None:
         if self.connection.loop.is_running():
