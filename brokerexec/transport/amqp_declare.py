@@ -15,7 +15,9 @@ from collections.abc import Sequence
 
 import aio_pika
 import aio_pika.abc
+import aiormq.exceptions
 
+from ..errors import ConfigurationError
 from ..protocol import topology
 
 __all__ = ["declare_all", "declare_for_clients"]
@@ -50,15 +52,27 @@ async def _journal(channel: aio_pika.abc.AbstractChannel) -> None:
             await underlay.queue_bind(spec.name, exchange, spec.routing_key)
 
 
-async def declare_all(channel: aio_pika.abc.AbstractChannel, services: Sequence[str] = ()) -> None:
+async def declare_all(channel: aio_pika.abc.AbstractChannel, services: Sequence[str] = (),
+                      queue_type: topology.QueueType = "classic") -> None:
     """Declare every shared exchange, queue and binding, and the launch queues of
-    ``services`` (idempotent)."""
+    ``services`` as ``queue_type`` queues (idempotent).
+
+    Raises ``ConfigurationError`` if a launch queue exists with another type or arguments:
+    RabbitMQ cannot change a queue's type (``PRECONDITION_FAILED``, and the channel closes).
+    """
     await _exchanges(channel)
     for spec in topology.QUEUES:
         await _queue(channel, spec)
     await _journal(channel)
     for service in services:
-        await _queue(channel, topology.launch_queue_spec(service))
+        try:
+            await _queue(channel, topology.launch_queue_spec(service, queue_type))
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise ConfigurationError(
+                f"the launch queue of service {service!r} exists with other arguments than a "
+                f"{queue_type} queue's, and RabbitMQ cannot change a queue's type: run every "
+                f"worker of it with the same queue type, or move its launches to a new queue "
+                f"(docs/clusters.md). The broker said: {exc}") from exc
 
 
 async def declare_for_clients(channel: aio_pika.abc.AbstractChannel) -> None:
