@@ -140,33 +140,54 @@ def test_jobs_on_a_cluster_finish_when_the_node_hosting_them_stops(
         # Given two workers and a client on the cluster, the workers on node 0 (listed first)
         # with quorum launch queues, the client on node 1
         url = cluster_url(ports)
-        for _ in range(2):
-            worker_process(*FAST, "--queue-type", "quorum", "--concurrency", "3", url=url,
-                           services=("Steps",))
+        workers = [worker_process(*FAST, "--queue-type", "quorum", "--concurrency", "3", url=url,
+                                  services=("Steps",)) for _ in range(2)]
         with Client(cluster_url([ports[1], ports[2], ports[0]]), heartbeat=2, timeout=10) as client:
-            # And six checkpointing jobs running
+            # And six checkpointing jobs running on them
             watch = Watch()
             jobs = [launch(client, watch, "steps", {"steps": 300, "delay": 0.02},
                            checkpoint_delta=0.2, progress_delta=0.1) for _ in range(6)]
-            queues = {row["name"]: row for row in json.loads(cluster.nodes[1].ctl(
-                "list_queues", "name", "type", "leader", "members", "--formatter", "json"))}
-            launches = queues[launch_queue("steps")]
-            assert launches["type"] == "quorum" and len(launches["members"]) == 3
-            print("before:", {name: (row["type"], row["leader"], len(row["members"]))
-                              for name, row in queues.items()})
-
-            def progressed(n: int) -> bool:
-                return all(max((e.data.get("done", 0) for e in watch.events
-                                if e.job_id == job.id and e.kind == "progress"), default=0) >= n
-                           for job in jobs)
-
-            watch.wait(lambda: progressed(30), "the jobs never got going")
-            # When node 0 - the workers' node, leader of every queue they declared - stops
+            before = replicated(cluster, 1)
+            lost = cluster.nodes[0].nodename
+            # Node 0 leads them all: the launch queue, both lease queues, the journal streams
+            assert {before[name] for name in before if name.startswith(SHARED)} == {(lost, 3)}
+            assert len([name for name in before if name.startswith("brokerexec.leases.")]) == 2
+            watch.wait(lambda: progressed(watch, jobs, 30), "the jobs never got going")
+            # When node 0 stops
             cluster.stop_node(0)
-            # Then every job still finishes, each with every step done
+            # Then every job finishes, with every step done, once
             results = [job.result(240) for job in jobs]
             assert [result["done"] for result in results] == [300] * 6
             records = [job.record() for job in jobs]
-            print("attempts:", [record["attempt"] for record in records],
+            assert [record["state"] for record in records if record] == ["finished"] * 6
+            after = replicated(cluster, 1)
+            assert all(after[name][0] not in (lost, "") for name in after if name.startswith(SHARED))
+            # And the workers reconnected to the other nodes (they list node 0 first)
+            for worker in workers:
+                brokerctl.wait_until(lambda w=worker: reconnected(w, ports[1:]), WAIT, "a reconnect")
+            # And a job launched now runs too (on the quorum queue's new leader)
+            assert client.launch("steps", {"steps": 5, "delay": 0}).result(WAIT)["done"] == 5
+            print("attempts:", [(record or {}).get("attempt", 1) for record in records],
                   "resumed from:", [result["resumed_from"] for result in results])
-            assert {record["state"] for record in records} == {"finished"}
+
+
+#: Names of the replicated objects the workers declare (launch, lease and journal queues).
+SHARED = ("brokerexec.launches.", "brokerexec.leases.", "brokerexec.jobs.", "brokerexec.control")
+
+
+def replicated(cluster: Any, via: int) -> dict[str, tuple[str, int]]:
+    """Leader and member count of each quorum queue and stream, asked of member ``via``."""
+    rows = json.loads(cluster.nodes[via].ctl("list_queues", "name", "type", "leader", "members",
+                                             "--formatter", "json"))
+    return {row["name"]: (row["leader"], len(row["members"])) for row in rows
+            if row["type"] in ("quorum", "stream")}
+
+
+def progressed(watch: Any, jobs: list[Any], n: int) -> bool:
+    return all(max((e.data.get("done", 0) for e in watch.events
+                    if e.job_id == job.id and e.kind == "progress"), default=0) >= n for job in jobs)
+
+
+def reconnected(worker: Any, ports: list[int]) -> bool:
+    return any("connected to" in line and any(f":{port}/" in line for port in ports)
+               for line in worker.lines)
