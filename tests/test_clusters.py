@@ -17,11 +17,13 @@ from typing import Any
 from urllib.parse import urlparse
 
 import brokerctl
+import pika
 import pytest
 from conftest import ROOT, SAMPLES
 from rabbitnodes import free_ports
 
 from brokerexec import BrokerConnectionError, Client, ConfigurationError
+from brokerexec.cli import EXIT_USAGE
 from brokerexec.protocol import topology
 from brokerexec.protocol.names import launch_queue
 from brokerexec.transport.amqp_settings import ConnectionSettings
@@ -59,6 +61,9 @@ def test_queue_types_give_the_arguments_the_broker_needs() -> None:
     quorum = topology.launch_queue_spec("svc", "quorum").arguments
     assert classic == {"x-dead-letter-exchange": "brokerexec.dead", "x-queue-version": 2}
     assert quorum == {"x-dead-letter-exchange": "brokerexec.dead", "x-queue-type": "quorum"}
+    dead_letters, control = topology.shared_queue_specs("quorum")
+    assert dead_letters.arguments == {"x-queue-type": "quorum"} and control is topology.CONTROL
+    assert topology.shared_queue_specs()[0].arguments == {}
     with pytest.raises(ConfigurationError, match="queue type 'stream': expected one of classic, quorum"):
         topology.check_queue_type("stream")
 
@@ -96,15 +101,28 @@ def test_quorum_launch_queues_run_jobs_and_a_classic_worker_is_refused_clearly(
         job = client.launch("steps", {"steps": 20, "delay": 0.005})
         # Then it runs there
         assert job.result(WAIT)["done"] == 20
-    # And a worker that would declare the same queue as a classic one stops at once, saying why
-    command = [sys.executable, "-m", "brokerexec", "worker", "--broker", amqp_url,
-               f"--service={SAMPLES}:Steps", "--queue-type", "classic"]
+    # And a worker that would declare the same queues as classic ones stops at once, saying why
+    refused = refused_worker(amqp_url, "Steps", "classic")
+    assert ("the dead-letter queue (brokerexec.launch.dead) exists with other arguments than "
+            "a classic queue's") in refused
+    # And so does a quorum worker whose launch queue someone made a classic queue before
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        spec = topology.launch_queue_spec("counter", "classic")
+        connection.channel().queue_declare(spec.name, durable=True, arguments=dict(spec.arguments))
+    refused = refused_worker(amqp_url, "Counter", "quorum")
+    assert (f"the launch queue of service 'counter' ({spec.name}) exists with other arguments "
+            "than a quorum queue's") in refused
+
+
+def refused_worker(url: str, service: str, queue_type: str) -> str:
+    """The stderr of a worker that must stop at once (a queue of another type exists)."""
+    command = [sys.executable, "-m", "brokerexec", "worker", "--broker", url,
+               f"--service={SAMPLES}:{service}", "--queue-type", queue_type]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert result.returncode != 0, result.stderr
-    said = "launch queue of service 'steps' exists with other arguments than a classic queue's"
-    assert said in result.stderr
+    assert result.returncode == EXIT_USAGE, result.stderr  # a setting that cannot work
     assert "PRECONDITION_FAILED" in result.stderr and "Traceback" not in result.stderr
     assert "guest:guest" not in result.stderr
+    return result.stderr
 
 
 @pytest.mark.rabbitmq

@@ -41,7 +41,6 @@ __all__ = [
     "EXCHANGES",
     "EXCHANGE_BINDINGS",
     "JOURNAL",
-    "QUEUES",
     "QUEUE_TYPES",
     "RPC_QUEUE_ARGUMENTS",
     "ExchangeBinding",
@@ -51,6 +50,7 @@ __all__ = [
     "check_queue_type",
     "launch_queue_spec",
     "lease_queue_spec",
+    "shared_queue_specs",
 ]
 
 _Arguments = MappingProxyType[str, Any]
@@ -109,7 +109,6 @@ EXCHANGES: Final = (
                  arguments=_frozen(**{"alternate-exchange": KIWIPY_OTHERS_EXCHANGE})),
 )
 
-DEAD_LETTERS: Final = QueueSpec(DEAD_LETTER_QUEUE, bound_to=(DEAD_LETTER_EXCHANGE,))
 CONTROL: Final = QueueSpec(CONTROL_STREAM, _frozen(**{"x-queue-type": "stream", "x-max-age": "1h"}),
                            bound_to=(CONTROL_EXCHANGE,))
 #: The journal streams, each bound to the launches exchange with its own name: a launch
@@ -121,8 +120,6 @@ JOURNAL_ARGUMENTS: Final = _frozen(**{"x-queue-type": "stream", "x-max-age": "24
 JOURNAL: Final = tuple(
     QueueSpec(name, JOURNAL_ARGUMENTS, bound_to=(LAUNCHES_EXCHANGE,), routing_key=name)
     for name in (journal_stream_of_bucket(bucket) for bucket in range(JOURNAL_BUCKETS)))
-#: The shared queues besides the journal (declared apart, JOURNAL).
-QUEUES: Final = (DEAD_LETTERS, CONTROL)
 
 
 #: What a launch queue is declared as: a classic queue lives on one node of a cluster (its
@@ -138,6 +135,15 @@ def check_queue_type(queue_type: str) -> QueueType:
         if queue_type == known:
             return known
     raise ConfigurationError(f"queue type {queue_type!r}: expected one of {', '.join(QUEUE_TYPES)}")
+
+
+def shared_queue_specs(queue_type: QueueType = "classic") -> tuple[QueueSpec, ...]:
+    """The shared queues besides the journal (declared apart, JOURNAL): the dead letters
+    (refused launches), of ``queue_type`` like the launch queues that dead-letter to it, and
+    the control stream."""
+    arguments = {"x-queue-type": "quorum"} if check_queue_type(queue_type) == "quorum" else {}
+    return (QueueSpec(DEAD_LETTER_QUEUE, _frozen(**arguments), bound_to=(DEAD_LETTER_EXCHANGE,)),
+            CONTROL)
 
 
 def launch_queue_spec(service: str, queue_type: QueueType = "classic") -> QueueSpec:
