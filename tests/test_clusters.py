@@ -155,12 +155,12 @@ def test_jobs_on_a_cluster_finish_when_the_node_hosting_them_stops(
     cluster = RabbitCluster(tmp_path, n=3)
     ports = [node.port for node in cluster.nodes]
     with cluster:
-        # Given two workers and a client on the cluster, the workers on node 0 (listed first)
-        # with quorum launch queues, the client on node 1
+        # Given two workers and a client on the cluster, all on node 0 (listed first), the
+        # workers with quorum launch queues
         url = cluster_url(ports)
         workers = [worker_process(*FAST, "--queue-type", "quorum", "--concurrency", "3", url=url,
                                   services=("Steps",)) for _ in range(2)]
-        with Client(cluster_url([ports[1], ports[2], ports[0]]), heartbeat=2, timeout=10) as client:
+        with Client(url, heartbeat=2, timeout=10) as client:
             # And six checkpointing jobs running on them
             watch = Watch()
             jobs = [launch(client, watch, "steps", {"steps": 300, "delay": 0.02},
@@ -171,7 +171,7 @@ def test_jobs_on_a_cluster_finish_when_the_node_hosting_them_stops(
             assert {before[name] for name in before if name.startswith(SHARED)} == {(lost, 3)}
             assert len([name for name in before if name.startswith("brokerexec.leases.")]) == 2
             watch.wait(lambda: progressed(watch, jobs, 30), "the jobs never got going")
-            # When node 0 stops
+            # When node 0 stops: the workers and the client lose their connections
             cluster.stop_node(0)
             # Then every job finishes, with every step done, once
             results = [job.result(240) for job in jobs]
@@ -183,6 +183,8 @@ def test_jobs_on_a_cluster_finish_when_the_node_hosting_them_stops(
             # And the workers reconnected to the other nodes (they list node 0 first)
             for worker in workers:
                 brokerctl.wait_until(lambda w=worker: reconnected(w, ports[1:]), WAIT, "a reconnect")
+            # And the client's calls went on on a new connection, to another member
+            assert client.transport.connections_made >= 2  # type: ignore[attr-defined]
             # And a job launched now runs too (on the quorum queue's new leader)
             assert client.launch("steps", {"steps": 5, "delay": 0}).result(WAIT)["done"] == 5
             print("attempts:", [(record or {}).get("attempt", 1) for record in records],
