@@ -11,7 +11,8 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -89,9 +90,23 @@ def closed_port_url(url: str) -> str:
     return parts._replace(netloc=f"{userinfo}@127.0.0.1:{dead},{host}").geturl()
 
 
+@pytest.fixture
+def own_vhost(amqp_url: str) -> Iterator[str]:
+    """The URL of a vhost of this test's own, deleted after it: queue types are per vhost,
+    and other tests declare classic queues in the session's."""
+    vhost = f"brokerexec-test-clusters-{uuid.uuid4().hex[:8]}"
+    brokerctl.rabbitmqctl("add_vhost", vhost)
+    try:
+        brokerctl.rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield urlparse(amqp_url)._replace(path=f"/{vhost}").geturl()
+    finally:
+        brokerctl.rabbitmqctl("delete_vhost", vhost)
+
+
 @pytest.mark.rabbitmq
 def test_quorum_launch_queues_run_jobs_and_a_classic_worker_is_refused_clearly(
-        amqp_url: str, worker_process: Callable[..., Any]) -> None:
+        own_vhost: str, worker_process: Callable[..., Any]) -> None:
+    amqp_url = own_vhost
     # Given a worker that declares its launch queue as a quorum queue, behind a dead address
     url = closed_port_url(amqp_url)
     worker_process(*FAST, "--queue-type", "quorum", url=url, services=("Steps",))
