@@ -204,6 +204,8 @@ def test_jobs_on_a_cluster_finish_when_the_node_hosting_them_stops(
             assert client.launch("steps", {"steps": 5, "delay": 0}).result(WAIT)["done"] == 5
             print("attempts:", [(record or {}).get("attempt", 1) for record in records],
                   "resumed from:", [result["resumed_from"] for result in results])
+        # And the workers stop gracefully while the cluster still runs (not into dead nodes)
+        assert [worker.terminate(60) for worker in workers] == [0, 0]
 
 
 #: Names of the replicated objects the workers declare (launch, lease and journal queues).
