@@ -51,6 +51,7 @@ from .constants import DEFAULT_CLAIM_AFTER, DEFAULT_LEASE_RENEW, DEFAULT_RESUME_
 
 if TYPE_CHECKING:
     from .pool import PoolKind
+    from .protocol.topology import QueueType
     from .worker import RunnerKind
 
 __all__ = ["EXIT_ABORTED", "EXIT_BROKER", "EXIT_FAILED", "EXIT_NOT_FOUND", "EXIT_OK",
@@ -147,6 +148,9 @@ def describe(service_spec: str, as_json: bool) -> None:
               "child process each (killable; a crash or a GIL-holding C call stays there).")
 @click.option("--heartbeat", type=click.IntRange(min=0), default=10, show_default=True,
               help="AMQP heartbeat (s).")
+@click.option("--queue-type", type=click.Choice(["classic", "quorum"]), default="classic",
+              show_default=True, help="Launch queues of its services: quorum ones survive "
+              "a cluster node's loss (all workers of a service must agree).")
 @click.option("--claim-after", type=click.FloatRange(min=0), default=DEFAULT_CLAIM_AFTER,
               show_default=True, help="Seconds a job runs before it gets its own RPC queue "
               "(stock kiwipy tools can reach it from then on; brokerexec clients always can).")
@@ -164,7 +168,7 @@ def describe(service_spec: str, as_json: bool) -> None:
 def worker(broker: str, services: tuple[str, ...], concurrency: int, pool_kind: PoolKind,
            pool_size: int | None, shutdown_grace: float, runner: RunnerKind, heartbeat: int,
            claim_after: float, lease_renew: float, resume_grace: float,
-           max_checkpoint_bytes: int, log_level: str) -> None:
+           max_checkpoint_bytes: int, log_level: str, queue_type: QueueType) -> None:
     """Run jobs launched on the broker until SIGTERM or Ctrl-C, then stop gracefully.
 
     Stopping takes no new jobs; running jobs whose service can resume store a checkpoint at
@@ -178,7 +182,7 @@ def worker(broker: str, services: tuple[str, ...], concurrency: int, pool_kind: 
     serve(broker, services, concurrency=concurrency, pool_kind=pool_kind, pool_size=pool_size,
           shutdown_grace=shutdown_grace, runner=runner, heartbeat=heartbeat,
           claim_after=claim_after, lease_renew=lease_renew, resume_grace=resume_grace,
-          max_checkpoint_bytes=max_checkpoint_bytes, log_level=log_level)
+          max_checkpoint_bytes=max_checkpoint_bytes, log_level=log_level, queue_type=queue_type)
 
 
 # ---- client verbs: one job (cli_jobs), many jobs (cli_fleet) --------------------------------------

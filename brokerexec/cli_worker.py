@@ -19,6 +19,7 @@ import click
 from .cli_input import need_amqp
 from .cli_output import EXIT_ABORTED, EXIT_USAGE, exit_on_errors, fail
 from .pool import PoolKind
+from .protocol.topology import QueueType
 from .registry import ServiceRegistry
 from .transport.amqp_settings import ConnectionSettings
 from .transport.amqp_worker import RabbitWorkerTransport
@@ -32,7 +33,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s [%(threadName)s] %(name)s: %(message)s"
 def serve(broker: str, services: tuple[str, ...], *, concurrency: int, pool_kind: PoolKind,
           pool_size: int | None, shutdown_grace: float, heartbeat: int, claim_after: float,
           lease_renew: float, resume_grace: float, max_checkpoint_bytes: int, log_level: str,
-          runner: RunnerKind = "thread") -> None:
+          runner: RunnerKind = "thread", queue_type: QueueType = "classic") -> None:
     """Run a worker until SIGTERM or Ctrl-C, then stop it gracefully (see ``worker --help``)."""
     need_amqp(broker)
     with exit_on_errors():
@@ -60,7 +61,7 @@ def serve(broker: str, services: tuple[str, ...], *, concurrency: int, pool_kind
             url=broker, heartbeat=heartbeat, reconnect_deadline=None,
             name=f"brokerexec-worker-{info['hostname']}-{info['pid']}"), host_info=info,
             claim_after=claim_after, lease_renew=lease_renew, resume_grace=resume_grace,
-            max_checkpoint_bytes=max_checkpoint_bytes)
+            max_checkpoint_bytes=max_checkpoint_bytes, queue_type=queue_type)
         running = Worker(transport, registry, WorkerSettings(
             concurrency=concurrency, pool_kind=pool_kind, pool_size=pool_size,
             shutdown_grace=shutdown_grace, runner=runner)).start()

@@ -36,6 +36,7 @@ from ..errors import BrokerConnectionError
 from .amqp_outbox import Channels, Outbox, Outgoing
 from .amqp_settings import ConnectionSettings
 from .amqp_setups import SetupRegistry
+from .base import redacted_url
 
 __all__ = ["AmqpConnection", "ConnectionSettings", "Outgoing"]
 
@@ -62,6 +63,7 @@ class AmqpConnection:
         self._connected: asyncio.Event | None = None
         self._closing = False
         self._generation = 0  # one per connection: retries of an old one stop
+        self._address = 0  # which of the URL's broker addresses to try first (a cluster's)
         self._supervisor: asyncio.Task[None] | None = None
         self._drainer: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -186,6 +188,7 @@ class AmqpConnection:
                 self._publisher = self._outbox_channels = None
             if not self._closing:
                 self.reconnects += 1
+                self._address += 1  # the member just lost is likely down: another one first
                 log.warning("connection to %s lost; reconnecting", self.settings.redacted_url())
                 with contextlib.suppress(Exception):  # a hung broker may never answer
                     await asyncio.wait_for(connection.close(), 2)
@@ -204,12 +207,33 @@ class AmqpConnection:
         )
         async for attempt in retrying:
             with attempt:
-                connection = await aio_pika.connect(
-                    self.settings.connection_url(), timeout=self.settings.connect_timeout,
-                    client_properties={"connection_name": self.settings.name})
+                connection = await self._connect_to_any()
                 self._connection = connection
                 return connection
         raise BrokerConnectionError("unreachable")  # pragma: no cover - tenacity reraises
+
+    async def _connect_to_any(self) -> aio_pika.abc.AbstractConnection:
+        """One attempt: each broker address once, from the current one; the last error if
+        none answers. Back-off waits only between rounds: a cluster's next member is tried
+        at once when one is down."""
+        urls = self.settings.connection_urls()
+        for tried in range(len(urls)):
+            url = urls[self._address % len(urls)]
+            try:
+                connection = await aio_pika.connect(
+                    url, timeout=self.settings.connect_timeout,
+                    client_properties={"connection_name": self.settings.name})
+            except Exception as exc:
+                self._address += 1
+                if tried == len(urls) - 1:
+                    raise
+                log.warning("cannot connect to %s (%r); trying the next address",
+                            redacted_url(url), exc)
+                continue
+            if len(urls) > 1:
+                log.info("connected to %s", redacted_url(url))
+            return connection
+        raise BrokerConnectionError("no broker address")  # pragma: no cover - urls is never empty
 
     async def open_channel(self, *, confirms: bool = False) -> aio_pika.abc.AbstractChannel:
         """A new channel on the current connection (``confirms``: confirm mode, returns

@@ -15,7 +15,9 @@ from collections.abc import Sequence
 
 import aio_pika
 import aio_pika.abc
+import aiormq.exceptions
 
+from ..errors import ConfigurationError
 from ..protocol import topology
 
 __all__ = ["declare_all", "declare_for_clients"]
@@ -50,15 +52,34 @@ async def _journal(channel: aio_pika.abc.AbstractChannel) -> None:
             await underlay.queue_bind(spec.name, exchange, spec.routing_key)
 
 
-async def declare_all(channel: aio_pika.abc.AbstractChannel, services: Sequence[str] = ()) -> None:
+async def declare_all(channel: aio_pika.abc.AbstractChannel, services: Sequence[str] = (),
+                      queue_type: topology.QueueType = "classic") -> None:
     """Declare every shared exchange, queue and binding, and the launch queues of
-    ``services`` (idempotent)."""
+    ``services``; the dead-letter and launch queues as ``queue_type`` queues (idempotent).
+
+    Raises ``ConfigurationError`` if one of those exists with another type or arguments:
+    RabbitMQ cannot change a queue's type (``PRECONDITION_FAILED``, and the channel closes).
+    """
     await _exchanges(channel)
-    for spec in topology.QUEUES:
-        await _queue(channel, spec)
+    dead_letters, control = topology.shared_queue_specs(queue_type)
+    await _typed(channel, dead_letters, queue_type, "the dead-letter queue")
+    await _queue(channel, control)
     await _journal(channel)
     for service in services:
-        await _queue(channel, topology.launch_queue_spec(service))
+        await _typed(channel, topology.launch_queue_spec(service, queue_type), queue_type,
+                     f"the launch queue of service {service!r}")
+
+
+async def _typed(channel: aio_pika.abc.AbstractChannel, spec: topology.QueueSpec,
+                 queue_type: topology.QueueType, what: str) -> None:
+    try:
+        await _queue(channel, spec)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise ConfigurationError(
+            f"{what} ({spec.name}) exists with other arguments than a {queue_type} queue's, "
+            f"and RabbitMQ cannot change a queue's type: run every worker of the vhost with "
+            f"the same queue type, or delete the queue once it is empty (docs/clusters.md). "
+            f"The broker said: {exc}") from exc
 
 
 async def declare_for_clients(channel: aio_pika.abc.AbstractChannel) -> None:

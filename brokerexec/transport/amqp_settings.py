@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
 from ..constants import DEFAULT_HEARTBEAT, DEFAULT_URL, MAX_MESSAGE_BYTES
-from .base import redacted_url
+from .base import broker_urls, redacted_url
 
 __all__ = ["ConnectionSettings"]
 
@@ -17,6 +17,8 @@ class ConnectionSettings:
 
     Parameters:
         url: ``amqp://user:pass@host:port/vhost``; a ``heartbeat`` query parameter wins.
+            For a cluster, several addresses (:func:`~.base.broker_urls`): each connection
+            attempt tries them in turn, from the one after the address last lost.
         heartbeat: seconds; a hung broker is detected after about two of these.
         connect_timeout: seconds for one connection attempt.
         backoff_initial, backoff_max: exponential backoff with jitter between attempts.
@@ -35,9 +37,13 @@ class ConnectionSettings:
     name: str = "brokerexec"
     max_message_bytes: int = MAX_MESSAGE_BYTES
 
-    def connection_url(self) -> str:
-        """The URL with the heartbeat and the connection name set (unless the URL sets them)."""
-        parts = urlparse(self.url)
+    def connection_urls(self) -> list[str]:
+        """One URL per broker address the URL names, with the heartbeat and the connection
+        name set (unless the URL sets them)."""
+        return [self._with_query(url) for url in broker_urls(self.url)]
+
+    def _with_query(self, url: str) -> str:
+        parts = urlparse(url)
         query = dict(parse_qsl(parts.query))
         query.setdefault("heartbeat", str(self.heartbeat))
         # aio-pika takes the connection name from the URL and ignores client_properties.

@@ -37,6 +37,7 @@ from ..protocol.names import (
     STATE_CHANGED_HEADER,
     STATE_CHANGED_TYPE,
 )
+from ..protocol.topology import QueueType, check_queue_type
 from .amqp_connection import AmqpConnection, ConnectionSettings, Outgoing
 from .amqp_declare import declare_all
 from .amqp_entries import JournalWriter
@@ -73,13 +74,18 @@ class RabbitWorkerTransport(WorkerTransport):
         lease_renew: seconds between renewals of each lease (below half ``consumer_timeout``).
         resume_grace: seconds before a job whose worker was lost is claimed here.
         max_checkpoint_bytes: the largest checkpoint stored.
+        queue_type: what the launch queues of its services are declared as: ``"quorum"``
+            to survive the loss of a cluster node (docs/clusters.md). Every worker of a
+            service must agree: a queue's type cannot change.
     """
 
     def __init__(self, settings: ConnectionSettings, *, host_info: dict[str, Any],
                  claim_after: float = DEFAULT_CLAIM_AFTER, lease_renew: float = DEFAULT_LEASE_RENEW,
                  resume_grace: float = DEFAULT_RESUME_GRACE,
-                 max_checkpoint_bytes: int = MAX_CHECKPOINT_BYTES) -> None:
+                 max_checkpoint_bytes: int = MAX_CHECKPOINT_BYTES,
+                 queue_type: QueueType = "classic") -> None:
         self.settings = settings
+        self.queue_type = check_queue_type(queue_type)  # wrong here, not at the first declare
         self.host_info = {**host_info, "id": host_info.get("id") or os.urandom(6).hex()}
         self.connection = connection = AmqpConnection(settings)
         self.hooks: WorkerHooks | None = None
@@ -103,7 +109,7 @@ class RabbitWorkerTransport(WorkerTransport):
         connection.start()
 
         async def topology(channel: Any) -> None:
-            await declare_all(channel, services)
+            await declare_all(channel, services, self.queue_type)
 
         for key, setup, prefetch in (("topology", topology, None),
                                      ("broadcasts", self.signals.setup_broadcasts, None),

@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pika
@@ -77,7 +77,7 @@ def _reason(exc: BaseException) -> str:
 class Caller:
     """One thread's connection and confirm channel: moves the bytes of its calls."""
 
-    def __init__(self, parameters: pika.ConnectionParameters, url: str, max_bytes: int) -> None:
+    def __init__(self, parameters: Sequence[pika.ConnectionParameters], url: str, max_bytes: int) -> None:
         self.url = url
         self.max_bytes = max_bytes
         self._parameters = parameters

@@ -29,7 +29,7 @@ import pika
 from ..constants import DEFAULT_LOCATE_TIMEOUT, MAX_MESSAGE_BYTES
 from ..errors import BrokerConnectionError
 from ..protocol import calls, lookups
-from .base import ClientTransport, client_info
+from .base import ClientTransport, broker_urls, client_info
 from .pika_caller import Caller, Lost
 
 if TYPE_CHECKING:
@@ -50,13 +50,17 @@ T = TypeVar("T")
 
 
 def _without_name(url: str, name: str) -> tuple[str, str]:
-    """The URL without a ``name`` query parameter (aio-pika's, unknown to pika), and the
-    connection name: that parameter if given, else ``name``."""
-    parts = urlparse(url)
-    query = parse_qsl(parts.query)
-    named = [value for key, value in query if key == "name"]
-    kept = urlencode([(key, value) for key, value in query if key != "name"])
-    return urlunparse(parts._replace(query=kept)), (named[-1] if named else name)
+    """The URL (each of its broker addresses) without a ``name`` query parameter
+    (aio-pika's, unknown to pika), and the connection name: that parameter if given, else
+    ``name``."""
+    urls = []
+    for one in broker_urls(url):
+        parts = urlparse(one)
+        query = parse_qsl(parts.query)
+        name = next((value for key, value in reversed(query) if key == "name"), name)
+        kept = urlencode([(key, value) for key, value in query if key != "name"])
+        urls.append(urlunparse(parts._replace(query=kept)))
+    return ",".join(urls), name
 
 
 class PikaClientTransport(ClientTransport):
@@ -102,17 +106,21 @@ class PikaClientTransport(ClientTransport):
 
     @staticmethod
     def _connection_parameters(url: str, connect_timeout: float, name: str,
-                               heartbeat: int | None) -> pika.URLParameters:
-        params = pika.URLParameters(url)
-        if heartbeat is not None:
-            params.heartbeat = heartbeat
-        params.connection_attempts = 1
-        params.retry_delay = 0
-        params.socket_timeout = connect_timeout
-        params.stack_timeout = connect_timeout * 2
-        params.blocked_connection_timeout = connect_timeout * 2
-        params.client_properties = {"connection_name": name}
-        return params
+                               heartbeat: int | None) -> list[pika.URLParameters]:
+        """One set per broker address: pika's ``BlockingConnection`` tries them in order."""
+        every = []
+        for one in broker_urls(url):
+            params = pika.URLParameters(one)
+            if heartbeat is not None:
+                params.heartbeat = heartbeat
+            params.connection_attempts = 1
+            params.retry_delay = 0
+            params.socket_timeout = connect_timeout
+            params.stack_timeout = connect_timeout * 2
+            params.blocked_connection_timeout = connect_timeout * 2
+            params.client_properties = {"connection_name": name}
+            every.append(params)
+        return every
 
     # ---- connections -------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ def _incoming(props: pika.BasicProperties, body: bytes) -> Incoming:
     return Incoming(body, props.content_type, props.message_id, props.type, props.reply_to)
 
 
-def read_journal(parameters: pika.ConnectionParameters, reader: JournalReader,
+def read_journal(parameters: Sequence[pika.ConnectionParameters], reader: JournalReader,
                  seconds: float | None, pump: Pump) -> JournalReader:
     """Feed ``reader`` from its streams, on a connection of its own, closed afterwards.
 

@@ -16,7 +16,7 @@ import contextlib
 import itertools
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pika
@@ -62,7 +62,7 @@ class PikaListener:
         backoff_initial, backoff_max: seconds between attempts to connect again.
     """
 
-    def __init__(self, parameters: pika.ConnectionParameters, *, records: PushedRecords | None,
+    def __init__(self, parameters: Sequence[pika.ConnectionParameters], *, records: PushedRecords | None,
                  max_message_bytes: int, backoff_initial: float = 0.1, backoff_max: float = 5.0) -> None:
         self._parameters = parameters
         self._records = records
