@@ -37,8 +37,9 @@ def test_python_blocks_run(path: Path) -> None:
 
 
 def _brokerexec_lines(path: Path) -> list[str]:
+    # A line ending in a backslash goes on in the next, as in the shell.
     return [line for block in SHELL.findall(path.read_text(encoding="utf-8"))
-            for line in block.splitlines() if brokerexec_commands(line)]
+            for line in block.replace("\\\n", " ").splitlines() if brokerexec_commands(line)]
 
 
 @pytest.mark.parametrize("path", [p for p in DOCS if _brokerexec_lines(p)],
