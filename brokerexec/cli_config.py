@@ -1,0 +1,136 @@
+"""Settings on the command line: ``--config``, the broker URL of every verb, the worker's
+options, and ``brokerexec config``, which prints the effective settings and their origins.
+
+The options here have no click default and no click ``envvar``: a value click leaves at
+``None`` was not given, and :func:`brokerexec.settings.load_settings` then looks in the
+environment, the TOML file and the defaults, in that order, so that one function decides
+precedence and checks every value with one kind of message.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from .cli_output import exit_on_errors
+from .settings import CONFIG_ENV, Settings, load_settings
+
+__all__ = ["config", "config_option", "given_settings", "resolve_broker", "worker_options"]
+
+_META = "brokerexec.config"
+_DEFAULTS = Settings()
+
+
+def _store_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    # ctx.meta is shared by a group's context and its subcommand's: `brokerexec --config F
+    # status` and `brokerexec worker --config F` both reach the verb.
+    if value is not None:
+        ctx.meta[_META] = value
+
+
+config_option = click.option(
+    "--config", metavar="PATH", is_eager=True, expose_value=False, callback=_store_config,
+    help=f"A TOML file of settings (env {CONFIG_ENV}); options and BROKEREXEC_* variables "
+    "take precedence over it.")
+
+
+def resolve_broker(ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
+    """``--broker``'s value, else ``BROKEREXEC_URL``, else the file's ``broker``, else the
+    default; a bad file or value exits 2."""
+    if value is not None:
+        return value
+    with exit_on_errors():
+        return load_settings(config=ctx.meta.get(_META), only=("broker",)).broker
+    raise AssertionError("unreachable: exit_on_errors() exits")
+
+
+def given_settings(options: dict[str, Any]) -> Settings:
+    """The effective settings of a verb whose options click parsed into ``options`` (by
+    key; ``None`` or an empty tuple: not given); exits 2 on an invalid one."""
+    ctx = click.get_current_context()
+    given = {key: value for key, value in options.items() if value is not None and value != ()}
+    with exit_on_errors():
+        return load_settings(given, config=ctx.meta.get(_META))
+    raise AssertionError("unreachable: exit_on_errors() exits")
+
+
+def _default(name: str) -> str:
+    value = getattr(_DEFAULTS, name)
+    return "none" if value is None else str(value)
+
+
+_WORKER_OPTIONS = (
+    click.option("--broker", show_default=_default("broker"), help="Broker URL (env "
+                 "BROKEREXEC_URL)."),
+    click.option("--service", "services", multiple=True, metavar="MODULE:Class",
+                 help="A service to run (MODULE:Class or file.py:Class); repeat for more "
+                 "(env BROKEREXEC_SERVICES: comma-separated)."),
+    click.option("--concurrency", type=click.IntRange(min=1), show_default=_default("concurrency"),
+                 help="Jobs at once."),
+    click.option("--pool", type=click.Choice(["thread", "process"]), show_default=_default("pool"),
+                 help="Workers for handler.map/imap."),
+    click.option("--pool-size", type=click.IntRange(min=1), help="Pool workers (default: CPUs)."),
+    click.option("--shutdown-grace", type=click.FloatRange(min=0),
+                 show_default=_default("shutdown_grace"),
+                 help="Seconds running jobs get to finish on SIGTERM before they are aborted."),
+    click.option("--runner", type=click.Choice(["thread", "process"]),
+                 show_default=_default("runner"), help="Where computations run: threads of the "
+                 "worker, or a child process each (killable; a crash or a GIL-holding C call "
+                 "stays there)."),
+    click.option("--heartbeat", type=click.IntRange(min=0), show_default=_default("heartbeat"),
+                 help="AMQP heartbeat (s)."),
+    click.option("--claim-after", type=click.FloatRange(min=0), show_default=_default("claim_after"),
+                 help="Seconds a job runs before it gets its own RPC queue (stock kiwipy tools "
+                 "can reach it from then on; brokerexec clients always can)."),
+    click.option("--lease-renew", type=click.FloatRange(min=0.1),
+                 show_default=_default("lease_renew"), help="Seconds between renewals of each "
+                 "running job's lease; keep it below half the broker's consumer_timeout."),
+    click.option("--resume-grace", type=click.FloatRange(min=0),
+                 show_default=_default("resume_grace"), help="Seconds before a job whose worker "
+                 "was lost is claimed here (its worker may only be reconnecting)."),
+    click.option("--max-checkpoint-bytes", type=click.IntRange(min=1024),
+                 show_default=_default("max_checkpoint_bytes"), help="Largest checkpoint "
+                 "stored; a larger one fails the checkpoint (an error event), not the job."),
+    click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"],
+                                                   case_sensitive=False),
+                 show_default=_default("log_level")),
+    click.option("--log-format", type=click.Choice(["text", "json"]),
+                 show_default=_default("log_format"),
+                 help="Log lines on stderr: text, or one JSON object per line."),
+    click.option("--metrics-port", type=click.IntRange(0, 65535),
+                 help="Serve Prometheus metrics at http://HOST:PORT/metrics (default: none)."),
+    click.option("--metrics-host", show_default=_default("metrics_host"),
+                 help="Address the metrics server listens on (0.0.0.0 in a container)."),
+)
+
+
+def worker_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--config`` and the worker's options (each a key of :mod:`brokerexec.settings`)."""
+    for option in reversed((config_option, *_WORKER_OPTIONS)):
+        command = option(command)
+    return command
+
+
+@click.command()
+@worker_options
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document on stdout.")
+def config(as_json: bool, **options: Any) -> None:
+    """Print the effective settings and where each came from (default, file, env, option).
+
+    The broker URL's password is masked. Takes the worker's options, so that a command line
+    can be checked before it is run.
+    """
+    rows = given_settings(options).shown()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    width = max(len(name) for name in rows)
+    for name, row in rows.items():
+        value = row["value"]
+        shown = (", ".join(value) or "none") if isinstance(value, list) else value
+        shown = "none" if shown is None else shown
+        origin = f"{row['source']} {row['from']}".strip()
+        click.echo(f"{name:<{width}}  {shown}  ({origin})")
