@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from . import codec, computation
 from .protocol.events import Event
+from .protocol.intents import Signal
 from .protocol.messages import Record
 from .transport.base import WorkerHooks, WorkerTransport
 
@@ -159,9 +160,9 @@ class _MeteredHooks:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.hooks, name)
 
-    def on_rpc(self, job_id: str, signal: Any) -> Any:
+    def on_rpc(self, job_id: str, signal: Signal) -> Any:
         start = time.perf_counter()
-        timer = self.metrics.round_trip.labels(str(getattr(signal, "intent", "?")))
+        timer = self.metrics.round_trip.labels(signal.intent.value)
         try:
             answer = self.hooks.on_rpc(job_id, signal)
         except BaseException:
