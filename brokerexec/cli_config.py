@@ -1,10 +1,12 @@
 """Settings on the command line: ``--config``, the broker URL of every verb, the worker's
 options, and ``brokerexec config``, which prints the effective settings and their origins.
 
-The options here have no click default and no click ``envvar``: a value click leaves at
-``None`` was not given, and :func:`brokerexec.settings.load_settings` then looks in the
-environment, the TOML file and the defaults, in that order, so that one function decides
-precedence and checks every value with one kind of message.
+The worker's options have no click ``envvar``, and their click defaults (shown in
+``--help``) are the :class:`~brokerexec.settings.Settings` defaults: only a value given on
+the command line counts as an option, and :func:`brokerexec.settings.load_settings` looks
+for the others in the environment, the TOML file and the defaults, in that order, so that
+one function decides precedence and checks every value with one kind of message.
+``--broker`` on the client verbs has no default, for the same reason.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from .cli_output import exit_on_errors
 from .settings import CONFIG_ENV, Settings, load_settings
@@ -49,61 +52,58 @@ def resolve_broker(ctx: click.Context, _param: click.Parameter, value: str | Non
 
 def given_settings(options: dict[str, Any]) -> Settings:
     """The effective settings of a verb whose options click parsed into ``options`` (by
-    key; ``None`` or an empty tuple: not given); exits 2 on an invalid one."""
+    key); only those given on the command line count as options. Exits 2 on an invalid one."""
     ctx = click.get_current_context()
-    given = {key: value for key, value in options.items() if value is not None and value != ()}
+    given = {key: value for key, value in options.items()
+             if ctx.get_parameter_source(key) is ParameterSource.COMMANDLINE}
     with exit_on_errors():
         return load_settings(given, config=ctx.meta.get(_META))
     raise AssertionError("unreachable: exit_on_errors() exits")
 
 
-def _default(name: str) -> str:
-    value = getattr(_DEFAULTS, name)
-    return "none" if value is None else str(value)
+def _setting(flag: str, **attrs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The option of setting ``flag`` (``--pool-size``: key ``pool_size``), its default
+    shown in ``--help`` being the settings' own."""
+    default = getattr(_DEFAULTS, flag[2:].replace("-", "_"))
+    return click.option(flag, default=default, show_default=default is not None, **attrs)
 
 
 _WORKER_OPTIONS = (
-    click.option("--broker", show_default=_default("broker"), help="Broker URL (env "
-                 "BROKEREXEC_URL)."),
+    _setting("--broker", help="Broker URL (env BROKEREXEC_URL)."),
     click.option("--service", "services", multiple=True, metavar="MODULE:Class",
                  help="A service to run (MODULE:Class or file.py:Class); repeat for more "
                  "(env BROKEREXEC_SERVICES: comma-separated)."),
-    click.option("--concurrency", type=click.IntRange(min=1), show_default=_default("concurrency"),
-                 help="Jobs at once."),
-    click.option("--pool", type=click.Choice(["thread", "process"]), show_default=_default("pool"),
-                 help="Workers for handler.map/imap."),
-    click.option("--pool-size", type=click.IntRange(min=1), help="Pool workers (default: CPUs)."),
-    click.option("--shutdown-grace", type=click.FloatRange(min=0),
-                 show_default=_default("shutdown_grace"),
-                 help="Seconds running jobs get to finish on SIGTERM before they are aborted."),
-    click.option("--runner", type=click.Choice(["thread", "process"]),
-                 show_default=_default("runner"), help="Where computations run: threads of the "
-                 "worker, or a child process each (killable; a crash or a GIL-holding C call "
-                 "stays there)."),
-    click.option("--heartbeat", type=click.IntRange(min=0), show_default=_default("heartbeat"),
-                 help="AMQP heartbeat (s)."),
-    click.option("--claim-after", type=click.FloatRange(min=0), show_default=_default("claim_after"),
-                 help="Seconds a job runs before it gets its own RPC queue (stock kiwipy tools "
-                 "can reach it from then on; brokerexec clients always can)."),
-    click.option("--lease-renew", type=click.FloatRange(min=0.1),
-                 show_default=_default("lease_renew"), help="Seconds between renewals of each "
-                 "running job's lease; keep it below half the broker's consumer_timeout."),
-    click.option("--resume-grace", type=click.FloatRange(min=0),
-                 show_default=_default("resume_grace"), help="Seconds before a job whose worker "
-                 "was lost is claimed here (its worker may only be reconnecting)."),
-    click.option("--max-checkpoint-bytes", type=click.IntRange(min=1024),
-                 show_default=_default("max_checkpoint_bytes"), help="Largest checkpoint "
-                 "stored; a larger one fails the checkpoint (an error event), not the job."),
-    click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"],
-                                                   case_sensitive=False),
-                 show_default=_default("log_level")),
-    click.option("--log-format", type=click.Choice(["text", "json"]),
-                 show_default=_default("log_format"),
-                 help="Log lines on stderr: text, or one JSON object per line."),
-    click.option("--metrics-port", type=click.IntRange(0, 65535),
-                 help="Serve Prometheus metrics at http://HOST:PORT/metrics (default: none)."),
-    click.option("--metrics-host", show_default=_default("metrics_host"),
-                 help="Address the metrics server listens on (0.0.0.0 in a container)."),
+    _setting("--concurrency", type=click.IntRange(min=1), help="Jobs at once."),
+    _setting("--pool", type=click.Choice(["thread", "process"]),
+             help="Workers for handler.map/imap."),
+    _setting("--pool-size", type=click.IntRange(min=1), help="Pool workers (default: CPUs)."),
+    _setting("--shutdown-grace", type=click.FloatRange(min=0),
+             help="Seconds running jobs get to finish on SIGTERM before they are aborted."),
+    _setting("--runner", type=click.Choice(["thread", "process"]),
+             help="Where computations run: threads of the worker, or a child process each "
+             "(killable; a crash or a GIL-holding C call stays there)."),
+    _setting("--heartbeat", type=click.IntRange(min=0), help="AMQP heartbeat (s)."),
+    _setting("--claim-after", type=click.FloatRange(min=0),
+             help="Seconds a job runs before it gets its own RPC queue (stock kiwipy tools "
+             "can reach it from then on; brokerexec clients always can)."),
+    _setting("--lease-renew", type=click.FloatRange(min=0.1),
+             help="Seconds between renewals of each running job's lease; keep it below half "
+             "the broker's consumer_timeout."),
+    _setting("--resume-grace", type=click.FloatRange(min=0),
+             help="Seconds before a job whose worker was lost is claimed here (its worker "
+             "may only be reconnecting)."),
+    _setting("--max-checkpoint-bytes", type=click.IntRange(min=1024),
+             help="Largest checkpoint stored; a larger one fails the checkpoint (an error "
+             "event), not the job."),
+    _setting("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"],
+                                              case_sensitive=False)),
+    _setting("--log-format", type=click.Choice(["text", "json"]),
+             help="Log lines on stderr: text, or one JSON object per line."),
+    _setting("--metrics-port", type=click.IntRange(0, 65535),
+             help="Serve Prometheus metrics at http://HOST:PORT/metrics (default: none; 0: "
+             "any free port, printed)."),
+    _setting("--metrics-host",
+             help="Address the metrics server listens on (0.0.0.0 in a container)."),
 )
 
 

@@ -162,3 +162,11 @@ def test_every_verb_takes_the_broker_from_the_file(tmp_path: Path) -> None:
     # and an option still wins over it
     done = brokerexec("--config", str(path), "status", "abc", "--broker", "memory://")
     assert done.returncode == 2 and "amqp:// or amqps://" in done.stderr
+
+
+def test_an_option_equal_to_its_default_still_wins_over_the_environment() -> None:
+    done = brokerexec("config", "--json", "--concurrency", "1", "--log-level", "info",
+                      env={"BROKEREXEC_CONCURRENCY": "4", "BROKEREXEC_LOG_LEVEL": "debug"})
+    rows = json.loads(done.stdout)
+    assert rows["concurrency"] == {"value": 1, "source": "option", "from": "--concurrency"}
+    assert rows["log_level"]["value"] == "INFO" and rows["log_level"]["source"] == "option"
