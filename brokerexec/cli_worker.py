@@ -18,7 +18,7 @@ import click
 
 from .cli_input import need_amqp
 from .cli_output import EXIT_ABORTED, EXIT_USAGE, exit_on_errors, fail
-from .logs import configure_logging
+from .logs import JsonFormatter, configure_logging
 from .pool import PoolKind
 from .registry import ServiceRegistry
 from .settings import Settings
@@ -67,7 +67,7 @@ def serve(settings: Settings) -> None:
             concurrency=settings.concurrency, pool_kind=cast(PoolKind, settings.pool),
             pool_size=settings.pool_size, shutdown_grace=settings.shutdown_grace,
             runner=cast(RunnerKind, settings.runner))).start()
-    click.echo(f"worker ready: {', '.join(registry.names())}", err=True)
+    _announce(settings, f"worker ready: {', '.join(registry.names())}")
     while not stop.wait(1.0):  # a timed wait: signal handlers run promptly on every Python
         pass
     log.info("stopping: no new jobs; running ones are handed over or get %.0f s to finish",
@@ -86,5 +86,14 @@ def _serve_metrics(settings: Settings, transport: WorkerTransport) -> WorkerTran
         fail(f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: "
              f"{exc.strerror or exc}", EXIT_USAGE)
     # Parsed by tests and scripts that ask for port 0; stderr, as the ready line.
-    click.echo(f"metrics at http://{settings.metrics_host}:{port}/metrics", err=True)
+    _announce(settings, f"metrics at http://{settings.metrics_host}:{port}/metrics")
     return metrics.watch(transport)
+
+
+def _announce(settings: Settings, text: str) -> None:
+    """A line on stderr whatever the log level (scripts wait for it), in the log format:
+    with ``--log-format json`` every line of stderr is a JSON object."""
+    if settings.log_format == "json":
+        text = JsonFormatter().format(logging.LogRecord(
+            "brokerexec.cli", logging.INFO, __file__, 0, text, None, None))
+    click.echo(text, err=True)

@@ -176,9 +176,10 @@ def test_a_worker_serves_metrics_and_json_logs(amqp_url: str, tmp_path: Path) ->
         lines: list[str] = []
         for line in worker.stderr:  # the first lines come before any job: read them in turn
             lines.append(line)
-            if line.startswith("worker ready"):
+            if "worker ready" in line:
                 break
-        [url] = [line.split()[-1] for line in lines if line.startswith("metrics at http://127.0.0.1:")]
+        [url] = [json.loads(line)["message"].split()[-1] for line in lines
+                 if '"metrics at http://127.0.0.1:' in line]
         # When a long job is paused, resumed, checkpointed and aborted
         job_id = be("launch", "chatty", "--request", '{"steps": 1000000000}').strip()
         be("pause", job_id)
@@ -210,8 +211,8 @@ def test_a_worker_serves_metrics_and_json_logs(amqp_url: str, tmp_path: Path) ->
     assert ended['brokerexec_launch_queue_depth{service="chatty"}'] == 0.0
     # and every log line is one JSON object; the service's own line names its job
     assert worker.returncode == 0, rest
-    logged = [json.loads(line) for line in [*lines[:-1], *rest.splitlines()]
-              if not line.startswith(("worker ready", "metrics at"))]
+    logged = [json.loads(line) for line in [*lines, *rest.splitlines()]]
+    assert any(x["message"] == "worker ready: chatty" for x in logged)
     assert logged and all({"time", "level", "logger", "message", "thread"} <= set(x) for x in logged)
     own = {x["message"]: x["job_id"] for x in logged if x["logger"] == "user.chatty"}
     assert own["working on 1000000000 steps"] == job_id
