@@ -20,7 +20,8 @@ from contextvars import ContextVar
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-__all__ = ["JobFilter", "JsonFormatter", "TextFormatter", "configure_logging", "current_job"]
+__all__ = ["JobFilter", "JsonFormatter", "TextFormatter", "configure_logging",
+           "configured_format", "current_job"]
 
 #: The job whose computation (or handler code) runs in this context; ``None`` elsewhere.
 #: A context variable rather than a thread-local: each thread starts with its own context,
@@ -30,6 +31,7 @@ current_job: ContextVar[str | None] = ContextVar("brokerexec_current_job", defau
 #: The attributes every LogRecord has: whatever else a record carries came from ``extra``.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message", "asctime", "job_id", "taskName"}
+_configured = "text"
 TEXT_FORMAT = "%(asctime)s %(levelname)s [%(threadName)s] %(name)s%(context)s: %(message)s"
 
 
@@ -54,8 +56,8 @@ class JobFilter(logging.Filter):
 class TextFormatter(logging.Formatter):
     """The text lines: time, level, thread, logger, the job and extras, the message."""
 
-    def __init__(self) -> None:
-        super().__init__(TEXT_FORMAT)
+    def __init__(self, fmt: str = TEXT_FORMAT) -> None:
+        super().__init__(fmt)
 
     def format(self, record: logging.LogRecord) -> str:
         if not hasattr(record, "context"):  # a handler without JobFilter
@@ -82,11 +84,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
-def configure_logging(level: str, fmt: Literal["text", "json"] | str = "text") -> None:
-    """Log to stderr at ``level`` in ``fmt`` (``text`` or ``json``), with job ids."""
+def configure_logging(level: str | int, fmt: Literal["text", "json"] | str = "text",
+                      text_format: str = TEXT_FORMAT) -> None:
+    """Log to stderr at ``level`` in ``fmt`` (``text``, laid out by ``text_format``, which
+    may use ``%(context)s``, or ``json``), with job ids."""
+    global _configured
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(JobFilter())
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(text_format))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel(level.upper() if isinstance(level, str) else level)
+    _configured = "json" if fmt == "json" else "text"
+
+
+def configured_format() -> str:
+    """The format :func:`configure_logging` set last (``text`` if never called): a child
+    process that runs a computation logs in it too."""
+    return _configured

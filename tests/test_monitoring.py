@@ -20,6 +20,7 @@ import pytest
 
 from brokerexec import Client, Service, ServiceHandler
 from brokerexec.logs import JobFilter, JsonFormatter, TextFormatter, current_job
+from brokerexec.worker import WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 30.0
@@ -104,6 +105,19 @@ def test_service_code_logs_carry_the_job_id_and_thread(captured: tuple[Logs, Log
     assert parsed["job_id"] == job.id and parsed["level"] == "INFO"
     assert parsed["logger"] == "user.talker" and parsed["thread"]
     assert current_job.get() is None  # outside the computation, no job
+
+
+def test_a_child_process_logs_the_job_id_too(captured: tuple[Logs, Logs],
+                                             capfd: pytest.CaptureFixture[str]) -> None:
+    # Given a worker whose computations run in child processes, at INFO (the children
+    # take the worker's level and log format), when the service logs from its own code
+    with Client("memory://", services=[Talker],
+                worker_settings=WorkerSettings(runner="process")) as client:
+        job = client.launch("talker")
+        assert job.result(timeout=WAIT) == "ok"
+    # Then the child's line, on the inherited stderr, names the job
+    line = next(x for x in capfd.readouterr().err.splitlines() if "hello from the service" in x)
+    assert "[child " in line and f"user.talker job={job.id}: hello from the service" in line
 
 
 def test_extras_are_shown_and_win_over_the_context(captured: tuple[Logs, Logs]) -> None:
