@@ -213,6 +213,7 @@ class Computation:
             self._hand_over()
         if crossing.pause_requested:
             self._hold()
+            self._sampled_at = None  # the time held paused is no interval between ready()s
         now = self._clock()
         if crossing.reschedule:
             crossing.reschedule = False

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from brokerexec import Client, Service, ServiceHandler
+from brokerexec import Client, Service, ServiceHandler, computation
 from brokerexec.logs import JobFilter, JsonFormatter, TextFormatter, current_job
 from brokerexec.worker import WorkerSettings
 
@@ -231,3 +232,42 @@ def test_a_worker_serves_metrics_and_json_logs(amqp_url: str, tmp_path: Path) ->
     own = {x["message"]: x["job_id"] for x in logged if x["logger"] == "user.chatty"}
     assert own["working on 1000000000 steps"] == job_id
     assert own["working on 2000 steps"] not in (job_id, None)
+
+
+class Spinner(Service):
+    """Calls ready() in a tight loop until told to stop (``stop`` settable)."""
+
+    name = "spinner"
+    settable = {"stop": bool}
+
+    def __init__(self) -> None:
+        self.stop = False
+
+    def run(self, handler: ServiceHandler, request: dict[str, Any]) -> int:
+        calls = 0
+        while not self.stop:
+            handler.ready()
+            calls += 1
+        return calls
+
+
+def test_ready_intervals_are_sampled_on_the_slow_path(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    samples: list[float] = []
+    monkeypatch.setattr(computation, "ready_interval_observer", samples.append)
+    monkeypatch.setattr(computation, "READY_SAMPLE_PERIOD", 0.0)
+    with Client("memory://", services=[Spinner]) as client:
+        # Given a job whose slow path runs every 10 ms, held paused for 0.5 s once
+        job = client.launch("spinner", progress_delta=0.01)
+        job.status()  # running
+        job.pause()
+        held = threading.Event()
+        held.wait(0.5)  # the pause being measured: a duration, not a wait for something
+        job.resume()
+        job.set(stop=True)
+        calls = job.result(timeout=WAIT)
+    # Then ready() was sampled, each sample one interval between two calls, none the pause
+    # (a sample is open for one interval only, so a pause rarely lands in one; the
+    # computation drops it when one does)
+    assert samples and len(samples) < calls
+    assert max(samples) < 0.4, sorted(samples)[-3:]
