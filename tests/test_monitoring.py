@@ -254,12 +254,18 @@ class Spinner(Service):
 def test_ready_intervals_are_sampled_on_the_slow_path(
         monkeypatch: pytest.MonkeyPatch) -> None:
     samples: list[float] = []
-    monkeypatch.setattr(computation, "ready_interval_observer", samples.append)
+    sampled = threading.Event()
+
+    def observe(seconds: float) -> None:
+        samples.append(seconds)
+        sampled.set()
+
+    monkeypatch.setattr(computation, "ready_interval_observer", observe)
     monkeypatch.setattr(computation, "READY_SAMPLE_PERIOD", 0.0)
     with Client("memory://", services=[Spinner]) as client:
         # Given a job whose slow path runs every 10 ms, held paused for 0.5 s once
         job = client.launch("spinner", progress_delta=0.01)
-        job.status()  # running
+        assert sampled.wait(WAIT)  # it runs, and ready() was sampled
         job.pause()
         held = threading.Event()
         held.wait(0.5)  # the pause being measured: a duration, not a wait for something
