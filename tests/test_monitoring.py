@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -277,3 +278,19 @@ def test_ready_intervals_are_sampled_on_the_slow_path(
     # computation drops it when one does)
     assert samples and len(samples) < calls
     assert max(samples) < 0.4, sorted(samples)[-3:]
+
+
+@pytest.mark.rabbitmq
+def test_a_metrics_port_in_use_exits_2_naming_it(amqp_url: str, tmp_path: Path) -> None:
+    (tmp_path / "chatty.py").write_text(textwrap.dedent(CHATTY), encoding="utf-8")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "brokerexec", "worker", "--broker", amqp_url, "--service",
+             f"{tmp_path / 'chatty.py'}:Chatty", "--metrics-port", str(port)],
+            capture_output=True, text=True, timeout=WAIT, cwd=ROOT, check=False)
+    assert done.returncode == 2, done.stderr
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr
