@@ -54,6 +54,7 @@ from .child_runner import ChildProcess, ProcessRunner, describe_exit
 from .computation import Outcome, Send, Store, fail_unapplied
 from .crossing import Crossing, Posted
 from .errors import WIRE_PREFIX, ConfigurationError, InvalidState, error_from_wire, error_to_wire
+from .logs import configured_format
 from .pool import WorkerPool
 from .registry import service_spec
 from .service import Service
@@ -131,7 +132,7 @@ class ChildComputation:
                     "intervals": dataclasses.asdict(self._intervals),
                     "pool": {"size": self._pool.size, "kind": self._pool.kind},
                     "memory_limit": limits.memory, "log_level": self._runner.child_log_level(),
-                    "stores_checkpoints": self.stores_checkpoints,
+                    "log_format": configured_format(), "stores_checkpoints": self.stores_checkpoints,
                     "sys_path": list(sys.path)}
             start = Message(ToChild.START.value, body).encode()
         except (ConfigurationError, ValueError) as exc:  # not loadable, or state not JSON-able

@@ -38,6 +38,7 @@ from .back_channel import Channel, Requested, ToChild, ToParent
 from .crossing import Crossing, Posted
 from .errors import CheckpointFailed, ConfigurationError, InvalidState, error_to_wire
 from .handler import HANDLER_SETTABLE, ServiceHandler
+from .logs import configure_logging
 from .pool import WorkerPool
 from .protocol.intents import Intent
 from .registry import load_service
@@ -50,7 +51,8 @@ log = logging.getLogger(__name__)
 #: The exit status of a child whose worker is gone.
 EXIT_WORKER_GONE = 70
 _PR_SET_PDEATHSIG = 1
-LOG_FORMAT = "%(asctime)s %(levelname)s [child %(process)d %(threadName)s] %(name)s: %(message)s"
+LOG_FORMAT = ("%(asctime)s %(levelname)s [child %(process)d %(threadName)s] %(name)s%(context)s: "
+              "%(message)s")
 
 
 def main(argv: list[str]) -> None:
@@ -103,8 +105,8 @@ class ChildSide:
         """Make the service, start its computation, and read the worker's messages; never returns."""
         start = self.start
         sys.path[:] = start["sys_path"]
-        logging.basicConfig(level=start.get("log_level", logging.WARNING), stream=sys.stderr,
-                            format=LOG_FORMAT)
+        configure_logging(start.get("log_level", logging.WARNING), start.get("log_format", "text"),
+                          LOG_FORMAT)
         if self.memory_limit:
             _limit_memory(self.memory_limit)
         try:

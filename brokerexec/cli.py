@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from . import cli_fleet, cli_jobs
-from .cli_input import broker_option, json_option, json_value, parse_request, pool_options, request_option
+from .cli_config import config, config_option, given_settings, worker_options
+from .cli_input import json_option, json_value, parse_request, pool_options, request_option
 from .cli_output import (
     EPILOG,
     EXIT_ABORTED,
@@ -47,12 +48,9 @@ from .cli_output import (
     exit_on_errors,
     finish,
 )
-from .constants import DEFAULT_CLAIM_AFTER, DEFAULT_LEASE_RENEW, DEFAULT_RESUME_GRACE, MAX_CHECKPOINT_BYTES
 
 if TYPE_CHECKING:
     from .pool import PoolKind
-    from .protocol.topology import QueueType
-    from .worker import RunnerKind
 
 __all__ = ["EXIT_ABORTED", "EXIT_BROKER", "EXIT_FAILED", "EXIT_NOT_FOUND", "EXIT_OK",
            "EXIT_TIMEOUT", "EXIT_USAGE", "cli", "main"]
@@ -63,8 +61,12 @@ _json_value = json_value
 
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="brokerexec")
+@config_option
 def cli() -> None:
     """Run long computations on workers and steer them while they run."""
+
+
+cli.add_command(config)
 
 
 # ---- local runs ------------------------------------------------------------------------------
@@ -135,54 +137,20 @@ def describe(service_spec: str, as_json: bool) -> None:
 
 
 @cli.command(epilog=EPILOG)
-@broker_option
-@click.option("--service", "services", multiple=True, metavar="MODULE:Class",
-              help="A service to run (MODULE:Class or file.py:Class); repeat for more.")
-@click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Jobs at once.")
-@pool_options
-@click.option("--shutdown-grace", type=click.FloatRange(min=0), default=30.0, show_default=True,
-              help="Seconds running jobs get to finish on SIGTERM before they are aborted.")
-@click.option("--runner", type=click.Choice(["thread", "process"]), default="thread",
-              show_default=True, help="Where computations run: threads of the worker, or a "
-              "child process each (killable; a crash or a GIL-holding C call stays there).")
-@click.option("--heartbeat", type=click.IntRange(min=0), default=10, show_default=True,
-              help="AMQP heartbeat (s).")
-@click.option("--queue-type", type=click.Choice(["classic", "quorum"]), default="classic",
-              show_default=True, help="Launch queues of its services: quorum ones survive "
-              "a cluster node's loss (all workers of a service must agree).")
-@click.option("--claim-after", type=click.FloatRange(min=0), default=DEFAULT_CLAIM_AFTER,
-              show_default=True, help="Seconds a job runs before it gets its own RPC queue "
-              "(stock kiwipy tools can reach it from then on; brokerexec clients always can).")
-@click.option("--lease-renew", type=click.FloatRange(min=0.1), default=DEFAULT_LEASE_RENEW,
-              show_default=True, help="Seconds between renewals of each running job's lease; "
-              "keep it below half the broker's consumer_timeout.")
-@click.option("--resume-grace", type=click.FloatRange(min=0), default=DEFAULT_RESUME_GRACE,
-              show_default=True, help="Seconds before a job whose worker was lost is claimed "
-              "here (its worker may only be reconnecting).")
-@click.option("--max-checkpoint-bytes", type=click.IntRange(min=1024), default=MAX_CHECKPOINT_BYTES,
-              show_default=True, help="Largest checkpoint stored; a larger one fails the "
-              "checkpoint (an error event), not the job.")
-@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-              default="INFO", show_default=True)
-def worker(broker: str, services: tuple[str, ...], concurrency: int, pool_kind: PoolKind,
-           pool_size: int | None, shutdown_grace: float, runner: RunnerKind, heartbeat: int,
-           claim_after: float, lease_renew: float, resume_grace: float,
-           max_checkpoint_bytes: int, log_level: str, queue_type: QueueType) -> None:
+@worker_options
+def worker(**options: Any) -> None:
     """Run jobs launched on the broker until SIGTERM or Ctrl-C, then stop gracefully.
 
     Stopping takes no new jobs; running jobs whose service can resume store a checkpoint at
     their next ready() and go back to be resumed by another worker; the others finish
     within --shutdown-grace or are aborted then. Every record is stored. A second signal
     exits at once. Should this worker die instead, its jobs are resumed elsewhere from
-    their last checkpoint.
+    their last checkpoint. Each option may come from a BROKEREXEC_* variable or the
+    --config file instead (see docs/configuration.md and `brokerexec config`).
     """
     from .cli_worker import serve
 
-    serve(broker, services, concurrency=concurrency, pool_kind=pool_kind, pool_size=pool_size,
-          shutdown_grace=shutdown_grace, runner=runner, heartbeat=heartbeat,
-          claim_after=claim_after, lease_renew=lease_renew, resume_grace=resume_grace,
-          max_checkpoint_bytes=max_checkpoint_bytes, log_level=log_level, queue_type=queue_type)
+    serve(given_settings(options))
 
 
 # ---- client verbs: one job (cli_jobs), many jobs (cli_fleet) --------------------------------------

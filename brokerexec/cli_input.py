@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from .cli_config import resolve_broker
 from .cli_output import EXIT_USAGE, JSON_FLAG, exit_on_errors, fail
 from .constants import DEFAULT_URL
 
@@ -30,9 +31,10 @@ __all__ = ["ask", "broker_option", "json_option", "json_value", "loads_strict", 
 
 T = TypeVar("T")
 
+# Resolved by brokerexec.settings: --broker, else BROKEREXEC_URL, else the --config file.
 broker_option = click.option(
-    "--broker", envvar="BROKEREXEC_URL", default=DEFAULT_URL, show_default=True,
-    help="Broker URL (env BROKEREXEC_URL).")
+    "--broker", callback=resolve_broker, show_default=DEFAULT_URL,
+    help="Broker URL (env BROKEREXEC_URL, or `broker` in the --config file).")
 
 
 def _remember_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:

@@ -1,6 +1,7 @@
 """The body of ``brokerexec worker``: one worker process, from its start to a graceful stop.
 
-Logging (with the thread name on every line), the signal handlers (the first SIGTERM or
+Logging (:mod:`brokerexec.logs`: the thread name and job id on every line, or JSON),
+the metrics endpoint (:mod:`brokerexec.metrics`) when asked for, the signal handlers (the first SIGTERM or
 Ctrl-C stops gracefully, a second exits at once), the RabbitMQ transport and the
 :class:`~brokerexec.Worker` on it. Imported only by that verb.
 """
@@ -10,38 +11,36 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
-from typing import Any
+from typing import Any, cast
 
 import click
 
 from .cli_input import need_amqp
 from .cli_output import EXIT_ABORTED, EXIT_USAGE, exit_on_errors, fail
+from .logs import JsonFormatter, configure_logging
 from .pool import PoolKind
 from .protocol.topology import QueueType
 from .registry import ServiceRegistry
+from .settings import Settings
 from .transport.amqp_settings import ConnectionSettings
 from .transport.amqp_worker import RabbitWorkerTransport
+from .transport.base import WorkerTransport
 from .worker import RunnerKind, Worker, WorkerSettings, host_info
 
 __all__ = ["serve"]
 
-LOG_FORMAT = "%(asctime)s %(levelname)s [%(threadName)s] %(name)s: %(message)s"
 
-
-def serve(broker: str, services: tuple[str, ...], *, concurrency: int, pool_kind: PoolKind,
-          pool_size: int | None, shutdown_grace: float, heartbeat: int, claim_after: float,
-          lease_renew: float, resume_grace: float, max_checkpoint_bytes: int, log_level: str,
-          runner: RunnerKind = "thread", queue_type: QueueType = "classic") -> None:
+def serve(settings: Settings) -> None:
     """Run a worker until SIGTERM or Ctrl-C, then stop it gracefully (see ``worker --help``)."""
+    broker = settings.broker
     need_amqp(broker)
     with exit_on_errors():
-        registry = ServiceRegistry.from_specs(services)
+        registry = ServiceRegistry.from_specs(settings.services)
     if not len(registry):
         fail("no services to run: give --service MODULE:Class (or file.py:Class), or install "
               "a package with a 'brokerexec.services' entry point", EXIT_USAGE)
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
+    configure_logging(settings.log_level, settings.log_format)
     log = logging.getLogger("brokerexec.cli")
     stop = threading.Event()
 
@@ -57,18 +56,46 @@ def serve(broker: str, services: tuple[str, ...], *, concurrency: int, pool_kind
         signal.signal(sig, on_signal)
     with exit_on_errors():
         info = host_info()
-        transport = RabbitWorkerTransport(ConnectionSettings(
-            url=broker, heartbeat=heartbeat, reconnect_deadline=None,
+        transport: WorkerTransport = RabbitWorkerTransport(ConnectionSettings(
+            url=broker, heartbeat=settings.heartbeat, reconnect_deadline=None,
             name=f"brokerexec-worker-{info['hostname']}-{info['pid']}"), host_info=info,
-            claim_after=claim_after, lease_renew=lease_renew, resume_grace=resume_grace,
-            max_checkpoint_bytes=max_checkpoint_bytes, queue_type=queue_type)
+            claim_after=settings.claim_after, lease_renew=settings.lease_renew,
+            resume_grace=settings.resume_grace,
+            max_checkpoint_bytes=settings.max_checkpoint_bytes,
+            queue_type=cast(QueueType, settings.queue_type))
+        if settings.metrics_port is not None:
+            transport = _serve_metrics(settings, transport)
         running = Worker(transport, registry, WorkerSettings(
-            concurrency=concurrency, pool_kind=pool_kind, pool_size=pool_size,
-            shutdown_grace=shutdown_grace, runner=runner)).start()
-    click.echo(f"worker ready: {', '.join(registry.names())}", err=True)
+            concurrency=settings.concurrency, pool_kind=cast(PoolKind, settings.pool),
+            pool_size=settings.pool_size, shutdown_grace=settings.shutdown_grace,
+            runner=cast(RunnerKind, settings.runner))).start()
+    _announce(settings, f"worker ready: {', '.join(registry.names())}")
     while not stop.wait(1.0):  # a timed wait: signal handlers run promptly on every Python
         pass
     log.info("stopping: no new jobs; running ones are handed over or get %.0f s to finish",
-             shutdown_grace)
+             settings.shutdown_grace)
     running.stop()
     log.info("stopped")
+
+
+def _serve_metrics(settings: Settings, transport: WorkerTransport) -> WorkerTransport:
+    from .metrics import WorkerMetrics
+
+    metrics = WorkerMetrics(settings.broker)
+    try:
+        port = metrics.serve(settings.metrics_host, settings.metrics_port or 0)
+    except OSError as exc:
+        fail(f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: "
+             f"{exc.strerror or exc}", EXIT_USAGE)
+    # Parsed by tests and scripts that ask for port 0; stderr, as the ready line.
+    _announce(settings, f"metrics at http://{settings.metrics_host}:{port}/metrics")
+    return metrics.watch(transport)
+
+
+def _announce(settings: Settings, text: str) -> None:
+    """A line on stderr whatever the log level (scripts wait for it), in the log format:
+    with ``--log-format json`` every line of stderr is a JSON object."""
+    if settings.log_format == "json":
+        text = JsonFormatter().format(logging.LogRecord(
+            "brokerexec.cli", logging.INFO, __file__, 0, text, None, None))
+    click.echo(text, err=True)

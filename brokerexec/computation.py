@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 from . import codec
 from .crossing import Crossing, Posted
 from .errors import Aborted, CheckpointFailed, InvalidState, NotApplied, error_to_wire
+from .logs import current_job
 from .protocol.intents import Intent
 from .runner import Runner, Running
 from .service import Service, check_present
@@ -43,6 +44,11 @@ from .states import JobState, StateMachine
 __all__ = ["Computation", "Outcome", "Send", "Store", "fail_unapplied"]
 
 log = logging.getLogger(__name__)
+
+#: Set by brokerexec.metrics when a worker serves metrics: given the seconds between two
+#: consecutive ready() calls of a job, sampled at most every READY_SAMPLE_PERIOD seconds.
+ready_interval_observer: Callable[[float], None] | None = None
+READY_SAMPLE_PERIOD = 1.0
 
 #: How a job ended: ``{"state", "result", "error", "start", "end"}`` (and ``"abandoned"``).
 Outcome = dict[str, Any]
@@ -78,6 +84,8 @@ class Computation:
         self._store = store
         self._running: Running | None = None
         self._end_lock = threading.Lock()
+        self._sampled_at: float | None = None
+        self._next_sample = 0.0
         self._ended = self._abandoned = False
         self._progress_due = self._checkpoint_due = self._improved_due = math.inf
         self._improved_pending: dict[str, Any] | None = None
@@ -98,7 +106,18 @@ class Computation:
         if self._running is not None:
             raise InvalidState(f"handler {self.job} is busy: one computation per handler")
         self.service = service
-        self._running = self._runner.start(lambda: self._run(service, run, resume, state), self.job)
+        self._running = self._runner.start(lambda: self._logged(service, run, resume, state),
+                                           self.job)
+
+    def _logged(self, service: Service, run: Callable[[], Any], resume: bool,
+                state: dict[str, Any] | None) -> None:
+        # The job id on every line logged while it runs, the service's own lines included;
+        # reset after, because the runner reuses the thread for other jobs.
+        token = current_job.set(self.job)
+        try:
+            self._run(service, run, resume, state)
+        finally:
+            current_job.reset(token)
 
     # ---- the life of the computation (computation thread) ----------------------------------
 
@@ -195,6 +214,7 @@ class Computation:
             self._hand_over()
         if crossing.pause_requested:
             self._hold()
+            self._sampled_at = None  # the time held paused is no interval between ready()s
         now = self._clock()
         if crossing.reschedule:
             crossing.reschedule = False
@@ -202,6 +222,19 @@ class Computation:
         if now >= crossing.next_due:
             self._emit_due(now)
         self._update_next_due()
+        observe = ready_interval_observer
+        if observe is not None:
+            self._sample_ready(observe, now)
+
+    def _sample_ready(self, observe: Callable[[float], None], now: float) -> None:
+        # ready() stays one test, with no clock of its own: to sample the interval between
+        # two calls, this one makes the next call come here at once, and that one measures.
+        if self._sampled_at is not None:
+            observe(now - self._sampled_at)
+            self._sampled_at, self._next_sample = None, now + READY_SAMPLE_PERIOD
+        elif now >= self._next_sample:
+            self._sampled_at = self._clock()
+            self._crossing.next_due = -math.inf
 
     def _apply_posted(self) -> None:
         for posted in self._crossing.collect():  # arrival order

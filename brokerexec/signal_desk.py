@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 from .constants import DEFAULT_CHECKPOINT_DELTA, DEFAULT_IMPROVED_DELTA, DEFAULT_PROGRESS_DELTA
 from .crossing import Crossing, Posted, resolved
 from .errors import SignalRefused
+from .logs import current_job
 from .ports import check_type
 from .protocol.intents import Answered, Intent, Signal
 from .service import Service, check_set, prepare_invoke
@@ -94,7 +95,11 @@ class SignalDesk:
         protocol replies "pending" first (as plumpy's clients expect); the others return
         the future of their posted signal.
         """
-        answer = self.BY_INTENT[signal.intent](self, signal)
+        token = current_job.set(self.job)  # what is logged while it is handled names the job
+        try:
+            answer = self.BY_INTENT[signal.intent](self, signal)
+        finally:
+            current_job.reset(token)
         spec = signal.intent.spec
         if spec.answered is Answered.AT_ONCE and spec.pending_first:
             return resolved(answer)

@@ -35,7 +35,8 @@ if TYPE_CHECKING:  # annotations only: a one-shot CLI verb imports this module
     from ..protocol.messages import Control, JobSummary, Launch, Record
 
 __all__ = ["AsyncClientTransport", "ClientTransport", "PreparedJob", "Resumed", "Subscription",
-           "WorkerHooks", "WorkerTransport", "broker_urls", "client_info", "redacted_url"]
+           "WorkerHooks", "WorkerTransport", "broker_urls", "client_info", "redacted_url",
+           "split_urls"]
 
 
 def client_info() -> dict[str, Any]:
@@ -52,7 +53,7 @@ def broker_urls(url: str) -> list[str]:
     address takes that URL's credentials, vhost and query.
     """
     urls: list[str] = []
-    for one in _split_urls(url):
+    for one in split_urls(url):
         parts = urlsplit(one)
         userinfo, at, hosts = parts.netloc.rpartition("@")
         for host in hosts.split(","):
@@ -63,8 +64,9 @@ def broker_urls(url: str) -> list[str]:
 _SCHEME = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-def _split_urls(url: str) -> list[str]:
-    # A comma followed by a scheme starts another URL; any other comma separates hosts.
+def split_urls(url: str) -> list[str]:
+    """The whole URLs that ``url`` joins with commas (a comma before a scheme starts one)."""
+    # Any other comma separates the hosts of one URL.
     pieces = url.split(",")
     urls = [pieces[0]]
     for piece in pieces[1:]:

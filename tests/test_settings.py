@@ -1,0 +1,172 @@
+"""Settings: option > env > file > default, checked values with messages naming key, source
+and fault, and ``brokerexec config`` (masked), through the real entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from brokerexec.errors import ConfigurationError
+from brokerexec.settings import KEYS, Origin, Settings, load_settings, masked_url
+
+ROOT = Path(__file__).resolve().parent.parent
+#: No BROKEREXEC_* variable of the session leaks into these runs.
+CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("BROKEREXEC_")}
+
+
+def brokerexec(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "brokerexec", *args], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT, check=False,
+                          env={**CLEAN_ENV, **(env or {})})
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "brokerexec.toml"
+    path.write_text('broker = "amqp://bob:s3cret@127.0.0.1:5672/prod?heartbeat=5"\n'
+                    "concurrency = 3\nshutdown_grace = 12\nheartbeat = 7\n"
+                    'services = ["examples/fit.py:ExponentialFit"]\n', encoding="utf-8")
+    return path
+
+
+def test_each_key_has_a_settings_field_and_the_defaults_are_the_settings_defaults() -> None:
+    assert [key.name for key in KEYS] == [name for name in Settings.__dataclass_fields__
+                                          if name != "origins"]
+    assert load_settings(env={}) == Settings()
+
+
+def test_option_beats_env_beats_file_beats_default(config_file: Path) -> None:
+    # Given concurrency in all three places, heartbeat in env and file, grace only in the file
+    settings = load_settings({"concurrency": 9}, env={"BROKEREXEC_CONCURRENCY": "5",
+                                                      "BROKEREXEC_HEARTBEAT": "4"},
+                             config=str(config_file))
+    assert (settings.concurrency, settings.heartbeat, settings.shutdown_grace) == (9, 4, 12.0)
+    assert settings.lease_renew == Settings().lease_renew
+    assert settings.origins["concurrency"] == Origin("option", "--concurrency")
+    assert settings.origins["heartbeat"] == Origin("env", "BROKEREXEC_HEARTBEAT")
+    assert settings.origins["shutdown_grace"] == Origin("file", str(config_file))
+    assert "lease_renew" not in settings.origins
+    assert settings.services == ("examples/fit.py:ExponentialFit",)
+
+
+def test_the_file_is_named_by_the_environment_unless_an_option_names_one(
+        config_file: Path, tmp_path: Path) -> None:
+    assert load_settings(env={"BROKEREXEC_CONFIG": str(config_file)}).concurrency == 3
+    other = tmp_path / "other.toml"
+    other.write_text("concurrency = 2\n", encoding="utf-8")
+    assert load_settings(env={"BROKEREXEC_CONFIG": str(config_file)},
+                         config=str(other)).concurrency == 2
+
+
+@pytest.mark.parametrize(("env", "text", "message"), [
+    ({"BROKEREXEC_CONCURRENCY": "0"}, "", "setting 'concurrency' from env BROKEREXEC_CONCURRENCY: "
+     "0 is out of range: it must be at least 1"),
+    ({"BROKEREXEC_HEARTBEAT": "ten"}, "", "'heartbeat' from env BROKEREXEC_HEARTBEAT: 'ten' is "
+     "not an integer"),
+    ({"BROKEREXEC_RUNNER": "fork"}, "", "'runner' from env BROKEREXEC_RUNNER: 'fork' is not one "
+     "of thread, process"),
+    ({}, "shutdown_grace = -1\n", "'shutdown_grace' from file {path}: -1 is out of range"),
+    ({}, 'concurrency = "4"\n', "'concurrency' from file {path}: '4' is not an integer"),
+    ({}, "concurency = 4\n", "config file {path}: unknown key 'concurency'"),
+    ({}, "concurrency = \n", "config file {path} is not valid TOML"),
+])
+def test_a_bad_value_names_the_key_its_source_and_the_fault(
+        tmp_path: Path, env: dict[str, str], text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(env=env, config=str(path))
+    assert message.format(path=path) in str(caught.value)
+
+
+def test_a_missing_file_names_what_named_it() -> None:
+    with pytest.raises(ConfigurationError, match="cannot read the config file /nonexistent.toml "
+                       r"\(named by BROKEREXEC_CONFIG\)"):
+        load_settings(env={"BROKEREXEC_CONFIG": "/nonexistent.toml"})
+
+
+def test_a_verb_reading_only_the_broker_ignores_bad_worker_settings() -> None:
+    settings = load_settings(env={"BROKEREXEC_CONCURRENCY": "0", "BROKEREXEC_URL": "amqp://x/"},
+                             only=("broker",))
+    assert settings.broker == "amqp://x/"
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("amqp://bob:s3cret@host:5672/v?heartbeat=5", "amqp://bob:***@host:5672/v?heartbeat=5"),
+    ("amqps://bob@host/", "amqps://bob@host/"),
+    ("amqp://host/", "amqp://host/"),
+])
+def test_masked_url_hides_only_the_password(url: str, shown: str) -> None:
+    assert masked_url(url) == shown
+
+
+# ---- through the entry point -------------------------------------------------------------------
+
+
+def test_config_prints_each_setting_and_its_origin_with_the_password_masked(
+        config_file: Path) -> None:
+    done = brokerexec("--config", str(config_file), "config", "--concurrency", "8",
+                      env={"BROKEREXEC_HEARTBEAT": "4"})
+    assert done.returncode == 0, done.stderr
+    lines = {line.split()[0]: line for line in done.stdout.splitlines()}
+    assert set(lines) == {key.name for key in KEYS}
+    assert lines["concurrency"].split()[1:] == ["8", "(option", "--concurrency)"]
+    assert lines["heartbeat"].split()[1:] == ["4", "(env", "BROKEREXEC_HEARTBEAT)"]
+    assert lines["shutdown_grace"].split()[1:] == ["12.0", "(file", f"{config_file})"]
+    assert lines["lease_renew"].split()[2:] == ["(default)"]
+    assert "amqp://bob:***@127.0.0.1:5672/prod?heartbeat=5" in lines["broker"]
+    assert "s3cret" not in done.stdout + done.stderr
+
+
+def test_config_json_is_one_document_with_values_and_sources(config_file: Path) -> None:
+    done = brokerexec("config", "--json", env={"BROKEREXEC_CONFIG": str(config_file),
+                                               "BROKEREXEC_URL": "amqp://u:pw@127.0.0.1/"})
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert rows["broker"] == {"value": "amqp://u:***@127.0.0.1/", "source": "env",
+                              "from": "BROKEREXEC_URL"}
+    assert rows["concurrency"] == {"value": 3, "source": "file", "from": str(config_file)}
+    assert rows["pool_size"] == {"value": None, "source": "default", "from": ""}
+    assert "pw" not in done.stdout
+
+
+@pytest.mark.parametrize(("args", "env", "message"), [
+    (["worker"], {"BROKEREXEC_CONCURRENCY": "-2"},
+     "setting 'concurrency' from env BROKEREXEC_CONCURRENCY: -2 is out of range"),
+    (["worker", "--config", "/nonexistent.toml"], {},
+     "cannot read the config file /nonexistent.toml (named by --config)"),
+    (["status", "abc"], {"BROKEREXEC_CONFIG": "/nonexistent.toml"},
+     "cannot read the config file /nonexistent.toml (named by BROKEREXEC_CONFIG)"),
+    (["config"], {"BROKEREXEC_LOG_FORMAT": "xml"},
+     "setting 'log_format' from env BROKEREXEC_LOG_FORMAT: 'xml' is not one of text, json"),
+])
+def test_bad_settings_exit_2_with_the_message(args: list[str], env: dict[str, str],
+                                              message: str) -> None:
+    done = brokerexec(*args, env=env)
+    assert done.returncode == 2, done
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_every_verb_takes_the_broker_from_the_file(tmp_path: Path) -> None:
+    # Given a file naming a broker nobody listens on, a client verb goes there (exit 5)
+    path = tmp_path / "c.toml"
+    path.write_text('broker = "amqp://guest:guest@127.0.0.1:1/"\n', encoding="utf-8")
+    done = brokerexec("--config", str(path), "status", "abc")
+    assert done.returncode == 5, done
+    assert "127.0.0.1:1" in done.stderr
+    # and an option still wins over it
+    done = brokerexec("--config", str(path), "status", "abc", "--broker", "memory://")
+    assert done.returncode == 2 and "amqp:// or amqps://" in done.stderr
+
+
+def test_an_option_equal_to_its_default_still_wins_over_the_environment() -> None:
+    done = brokerexec("config", "--json", "--concurrency", "1", "--log-level", "info",
+                      env={"BROKEREXEC_CONCURRENCY": "4", "BROKEREXEC_LOG_LEVEL": "debug"})
+    rows = json.loads(done.stdout)
+    assert rows["concurrency"] == {"value": 1, "source": "option", "from": "--concurrency"}
+    assert rows["log_level"]["value"] == "INFO" and rows["log_level"]["source"] == "option"
