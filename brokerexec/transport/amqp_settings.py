@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
+
+import aio_pika
+from aio_pika.abc import ConnectionParameter
 
 from ..constants import DEFAULT_HEARTBEAT, DEFAULT_URL, MAX_MESSAGE_BYTES
 from .base import redacted_url
+from .tls import TlsOptions, split_tls
 
 __all__ = ["ConnectionSettings"]
+
+
+class _TlsConnection(aio_pika.Connection):
+    """aio-pika's connection, letting ``server_hostname`` through to ``open_connection``.
+
+    aio-pika keeps only the keywords its ``PARAMETERS`` name and aiormq checks the URL's host
+    otherwise: a certificate issued to a name could not be checked when the URL has an IP.
+    aio-pika's robust connection extends ``PARAMETERS`` the same way.
+    """
+
+    PARAMETERS: tuple[ConnectionParameter, ...] = (
+        *aio_pika.Connection.PARAMETERS,
+        ConnectionParameter(name="server_hostname", parser=str, is_kwarg=True),
+    )
 
 
 @dataclass(frozen=True)
@@ -16,7 +36,9 @@ class ConnectionSettings:
     """How to reach the broker and how hard to try.
 
     Parameters:
-        url: ``amqp://user:pass@host:port/vhost``; a ``heartbeat`` query parameter wins.
+        url: ``amqp://user:pass@host:port/vhost``; a ``heartbeat`` query parameter wins;
+            ``amqps://…?cafile=…&certfile=…&keyfile=…`` for TLS (:mod:`.tls`). Never shown
+            whole: the repr and logs carry :meth:`redacted_url`.
         heartbeat: seconds; a hung broker is detected after about two of these.
         connect_timeout: seconds for one connection attempt.
         backoff_initial, backoff_max: exponential backoff with jitter between attempts.
@@ -35,9 +57,29 @@ class ConnectionSettings:
     name: str = "brokerexec"
     max_message_bytes: int = MAX_MESSAGE_BYTES
 
+    def __repr__(self) -> str:
+        # Not the dataclass's: that one would print the password.
+        return (f"ConnectionSettings(url={self.redacted_url()!r}, heartbeat={self.heartbeat}, "
+                f"name={self.name!r})")
+
+    def tls(self) -> TlsOptions | None:
+        """The URL's TLS options (None for ``amqp://``); ``ConfigurationError`` if invalid."""
+        return split_tls(self.url)[1]
+
+    def connect_kwargs(self) -> dict[str, Any]:
+        """``aio_pika.connect`` keywords for TLS: a context made from the URL's files, the
+        hostname to check (nothing for ``amqp://``)."""
+        tls = self.tls()
+        if tls is None:
+            return {}
+        context: ssl.SSLContext = tls.context()
+        return {"ssl_context": context, "server_hostname": tls.hostname,
+                "connection_class": _TlsConnection}
+
     def connection_url(self) -> str:
-        """The URL with the heartbeat and the connection name set (unless the URL sets them)."""
-        parts = urlparse(self.url)
+        """The URL with the heartbeat and the connection name set (unless the URL sets them),
+        without the TLS parameters (they travel as :meth:`connect_kwargs`)."""
+        parts = urlparse(split_tls(self.url)[0])
         query = dict(parse_qsl(parts.query))
         query.setdefault("heartbeat", str(self.heartbeat))
         # aio-pika takes the connection name from the URL and ignores client_properties.

@@ -83,7 +83,7 @@ class Caller:
         self._parameters = parameters
         try:
             self.connection = pika.BlockingConnection(parameters)
-        except pika.exceptions.AMQPError as exc:
+        except (pika.exceptions.AMQPError, OSError) as exc:  # OSError: pika lets TLS's through
             raise BrokerConnectionError(
                 f"cannot reach the broker at {redacted_url(url)}: {_reason(exc)}") from exc
         join_frame_writes(self.connection)

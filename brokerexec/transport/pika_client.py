@@ -31,6 +31,7 @@ from ..errors import BrokerConnectionError
 from ..protocol import calls, lookups
 from .base import ClientTransport, client_info
 from .pika_caller import Caller, Lost
+from .tls import split_tls
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -103,7 +104,10 @@ class PikaClientTransport(ClientTransport):
     @staticmethod
     def _connection_parameters(url: str, connect_timeout: float, name: str,
                                heartbeat: int | None) -> pika.URLParameters:
-        params = pika.URLParameters(url)
+        plain_url, tls = split_tls(url)
+        params = pika.URLParameters(plain_url)
+        if tls is not None:  # made once: every caller's and the listener's connection share it
+            params.ssl_options = pika.SSLOptions(tls.context(), tls.hostname)
         if heartbeat is not None:
             params.heartbeat = heartbeat
         params.connection_attempts = 1
