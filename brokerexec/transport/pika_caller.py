@@ -42,7 +42,7 @@ from ..protocol.commands import (
 )
 from ..protocol.names import DIRECT_REPLY_TO
 from .base import redacted_url
-from .pika_internals import join_frame_writes
+from .pika_internals import closing_reason, join_frame_writes
 from .pika_journal import browse, read_journal
 
 if TYPE_CHECKING:
@@ -269,10 +269,10 @@ class Caller:
         if correlation_id in self._returned:
             return Routed.RETURNED
         if not channel.is_open:  # the broker closed it: the exchange is missing, or a refusal
-            return self._why_closed(message.exchange)
+            return self._why_closed(message.exchange, closing_reason(channel))
         return None
 
-    def _why_closed(self, exchange: str) -> Routed:
+    def _why_closed(self, exchange: str, reason: str | None) -> Routed:
         """The request channel was closed by the broker after a publish to ``exchange``:
         NO_EXCHANGE if that exchange does not exist; else the refusal, raised."""
         probe = self.connection.channel()
@@ -284,6 +284,8 @@ class Caller:
             raise
         with contextlib.suppress(*_LOST, pika.exceptions.AMQPError):
             probe.close()
+        if reason:
+            raise BrokerExecError(f"the broker refused a request to {exchange!r}: {reason}")
         raise BrokerExecError(f"the broker closed the channel of a request to {exchange!r}")
 
     # ---- declarations ------------------------------------------------------------------------
