@@ -192,3 +192,8 @@ def test_a_wrong_password_is_refused_without_showing_it(tls: Tls) -> None:
     result = brokerexec("jobs", "--broker", url)
     assert result.returncode == 5
     assert_one_line_without(result, "not-the-password", f"{USER}:***@")
+    # A worker refused on its first connection exits too, instead of retrying for ever
+    worker = brokerexec("worker", "--broker", url, "--service", FIT)
+    assert worker.returncode == 5, worker.stderr
+    assert "not-the-password" not in worker.stdout + worker.stderr and "Traceback" not in worker.stderr
+    assert f"{USER}:***@" in worker.stderr

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 import aio_pika
 import aio_pika.abc
+import aiormq.exceptions
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from ..errors import BrokerConnectionError, ConfigurationError
@@ -354,8 +355,11 @@ async def _isolated(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def _permanent(exc: BaseException) -> bool:
-    """A misconfiguration rather than an outage: bad settings, a certificate not trusted."""
-    return isinstance(exc, ConfigurationError) or _cause(exc, ssl.SSLCertVerificationError) is not None
+    """A misconfiguration rather than an outage: bad settings, a certificate not trusted,
+    credentials refused (aiormq's "probable" one: the broker closed the handshake)."""
+    return (isinstance(exc, (ConfigurationError, aiormq.exceptions.AuthenticationError,
+                             aiormq.exceptions.ProbableAuthenticationError))
+            or _cause(exc, ssl.SSLCertVerificationError) is not None)
 
 
 def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
