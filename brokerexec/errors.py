@@ -5,6 +5,7 @@
     BrokerExecError
     ├── ConfigurationError        bad settings or arguments given to brokerexec itself
     ├── BrokerConnectionError     the broker cannot be reached or the connection was lost
+    ├── AccessRefused             the broker refused this user an operation (403 ACCESS_REFUSED)
     ├── DecodeError               a message could not be decoded (size, type, JSON, YAML tags)
     │   └── MessageTooLarge
     ├── ServiceError              a service refused something
@@ -37,6 +38,7 @@ from typing import Any
 
 __all__ = [
     "Aborted",
+    "AccessRefused",
     "BrokerConnectionError",
     "BrokerExecError",
     "CheckpointFailed",
@@ -72,6 +74,11 @@ class ConfigurationError(BrokerExecError):
 
 class BrokerConnectionError(BrokerExecError):
     """The broker cannot be reached, or the connection to it was lost."""
+
+
+class AccessRefused(BrokerExecError):
+    """The broker refused this user an operation (``403 ACCESS_REFUSED``): its permissions
+    in the vhost do not allow it (``docs/security.md``). Retrying will not help."""
 
 
 class DecodeError(BrokerExecError):

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pika
 import pika.exceptions
 
-from ..errors import BrokerConnectionError, BrokerExecError
+from ..errors import AccessRefused, BrokerConnectionError, BrokerExecError
 from ..protocol import calls
 from ..protocol.commands import (
     Browse,
@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _NOT_FOUND = 404
+_ACCESS_REFUSED = 403
 _LOST = (pika.exceptions.AMQPConnectionError, pika.exceptions.ConnectionClosed,
          pika.exceptions.StreamLostError, pika.exceptions.ChannelWrongStateError,
          pika.exceptions.ConnectionWrongStateError, OSError)
@@ -124,7 +125,8 @@ class Caller:
             raise  # ours already (a Timeout is an OSError too)
         except pika.exceptions.ChannelClosedByBroker as exc:
             self._confirming = None
-            raise BrokerExecError(f"the broker refused: {exc.reply_code} {exc.reply_text}") from exc
+            kind = AccessRefused if exc.reply_code == _ACCESS_REFUSED else BrokerExecError
+            raise kind(f"the broker refused: {exc.reply_code} {exc.reply_text}") from exc
         except pika.exceptions.NackError as exc:
             raise BrokerConnectionError("the broker did not accept the message (nack)") from exc
         except _LOST as exc:
@@ -285,7 +287,8 @@ class Caller:
         with contextlib.suppress(*_LOST, pika.exceptions.AMQPError):
             probe.close()
         if reason:
-            raise BrokerExecError(f"the broker refused a request to {exchange!r}: {reason}")
+            kind = AccessRefused if reason.startswith(f"{_ACCESS_REFUSED} ") else BrokerExecError
+            raise kind(f"the broker refused a request to {exchange!r}: {reason}")
         raise BrokerExecError(f"the broker closed the channel of a request to {exchange!r}")
 
     # ---- declarations ------------------------------------------------------------------------
