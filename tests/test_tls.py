@@ -8,6 +8,7 @@ not in the worker's log, not in the connection names the broker lists.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import subprocess
@@ -20,7 +21,7 @@ from urllib.parse import urlencode
 import pytest
 from rabbitnodes import RABBITMQ_BIN, RabbitNode, TlsFiles, make_tls_files
 
-from brokerexec import Client
+from brokerexec import AsyncClient, Client
 from brokerexec.errors import BrokerConnectionError, ConfigurationError
 from brokerexec.transport.amqp_settings import ConnectionSettings
 from brokerexec.transport.tls import split_tls
@@ -121,6 +122,13 @@ def test_an_unsupported_scheme_is_refused_without_the_password() -> None:
 # ---- against the TLS node ---------------------------------------------------------------------
 
 
+async def launch_async(url: str) -> dict[str, int]:
+    async with AsyncClient(url) as client:
+        job = await client.launch("fit", {"max_iterations": 60, "tolerance": 0})
+        result: dict[str, int] = await job.result(timeout=WAIT)
+        return result
+
+
 
 @pytest.mark.rabbitmq
 @pytest.mark.timeout(240)
@@ -144,6 +152,7 @@ def test_worker_client_and_cli_run_jobs_over_amqps_without_showing_the_password(
         followed = brokerexec("launch", "fit", "--follow", "--json", "--broker", url)
         with Client(url) as client:
             result = client.launch("fit", {"max_iterations": 50, "tolerance": 0}).result(timeout=WAIT)
+            assert asyncio.run(launch_async(url))["iterations"] == 60  # aio-pika's client path
             # Then every connection of that user is TLS, named without the password
             rows = [line.split("\t") for line in
                     tls.node.ctl("list_connections", "user", "ssl", "name").splitlines()]
