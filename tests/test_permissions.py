@@ -7,6 +7,7 @@ and a second vhost whose client must not see the first one's jobs.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import subprocess
@@ -18,7 +19,7 @@ from typing import NamedTuple
 
 import pytest
 
-from brokerexec import AccessRefused, Client
+from brokerexec import AccessRefused, AsyncClient, Client
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.timeout(240)]
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +36,11 @@ ROLES = {
     "watcher": (r"^(brokerexec\.client\..*|amq\.gen-.*)$", r"^(brokerexec\.client\..*|amq\.gen-.*)$",
                 r"^(brokerexec\.(events|client\..*)|amq\.gen-.*)$"),
 }
+
+
+#: The asyncio client declares the clients' whole topology when it connects, exchange
+#: bindings included: it needs the worker's permissions.
+ROLES["aclient"] = ROLES["worker"]
 
 
 def ctl(*args: str) -> None:
@@ -122,6 +128,17 @@ def test_worker_and_client_roles_run_and_steer_a_job(broker: Broker, worker: Non
         assert not any(password in result.stdout + result.stderr for password in broker.passwords)
 
 
+def test_the_asyncio_client_role_runs_a_job_and_looks_it_up(broker: Broker, worker: None) -> None:
+    async def run() -> dict[str, object]:
+        async with AsyncClient(broker.urls["aclient"]) as client:
+            job = await client.launch("fit", {"max_iterations": 40, "tolerance": 0})
+            await job.result(timeout=WAIT)
+            status: dict[str, object] = await job.status()
+            return status
+
+    assert asyncio.run(run())["state"] == "finished"
+
+
 def test_a_watcher_subscribes_but_cannot_launch_pause_abort_or_look_up(
         broker: Broker, worker: None) -> None:
     heard: list[str] = []
@@ -145,10 +162,17 @@ def test_a_watcher_subscribes_but_cannot_launch_pause_abort_or_look_up(
             with pytest.raises(AccessRefused, match="ACCESS_REFUSED"):
                 refusal()
     url = broker.urls["watcher"]
+    with pytest.raises(AccessRefused, match="ACCESS_REFUSED"):  # the asyncio client at connect
+        asyncio.run(async_status(url, job_id))
     refused(brokerexec("launch", "fit", "--broker", url), 1, "ACCESS_REFUSED")
     refused(brokerexec("pause", "--all", "--broker", url), 1, "ACCESS_REFUSED")
     refused(brokerexec("abort", job_id, "--broker", url), 1, "ACCESS_REFUSED")
     refused(brokerexec("status", job_id, "--broker", url), 1, "ACCESS_REFUSED")
+
+
+async def async_status(url: str, job_id: str) -> object:
+    async with AsyncClient(url) as client:
+        return await client.job(job_id).status()
 
 
 def test_a_client_of_another_vhost_sees_none_of_its_jobs(broker: Broker, worker: None) -> None:
