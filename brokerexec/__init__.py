@@ -14,6 +14,7 @@ if _typing.TYPE_CHECKING:  # what ``__getattr__`` below provides, for type check
     from .client import Client
     from .errors import (
         Aborted,
+        AccessRefused,
         BrokerConnectionError,
         BrokerExecError,
         CheckpointFailed,
@@ -48,6 +49,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Aborted",
+    "AccessRefused",
     "AsyncClient",
     "AsyncJob",
     "BrokerConnectionError",
@@ -88,6 +90,7 @@ __all__ = [
 #: stays cheap, which a one-shot CLI verb (``brokerexec status ID``) feels on every call.
 _WHERE = {
     "Aborted": "errors",
+    "AccessRefused": "errors",
     "AsyncClient": "aio",
     "AsyncJob": "aio",
     "BrokerConnectionError": "errors",

@@ -32,7 +32,7 @@ from .protocol.events import Event
 from .protocol.intents import Intent, Signal
 from .protocol.messages import Launch
 from .protocol.names import check_name
-from .transport.base import AsyncClientTransport, Subscription
+from .transport.base import AsyncClientTransport, Subscription, redacted_url
 
 if TYPE_CHECKING:
     from .protocol.lookups import Listing
@@ -79,7 +79,8 @@ class AsyncClient:
                 url=self.url, heartbeat=self._heartbeat, name="brokerexec-aio-client",
                 reconnect_deadline=30.0))
         else:
-            raise ConfigurationError(f"unsupported broker URL {self.url!r}: use amqp://, amqps:// or memory://")
+            raise ConfigurationError(f"unsupported broker URL {redacted_url(self.url)!r}: "
+                                     "use amqp://, amqps:// or memory://")
         await transport.connect()
         self._transport = transport
         return self

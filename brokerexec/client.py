@@ -18,6 +18,7 @@ from .errors import ConfigurationError
 from .job import Job
 from .protocol.intents import Intent
 from .protocol.names import check_name
+from .transport.base import redacted_url
 
 if TYPE_CHECKING:
     from .protocol.events import Event
@@ -71,7 +72,8 @@ class Client:
             self.transport = PikaClientTransport(url, heartbeat=0, push_records=True,
                                                  listener_heartbeat=heartbeat)
         else:
-            raise ConfigurationError(f"unsupported broker URL {url!r}: use amqp://, amqps:// or memory://")
+            raise ConfigurationError(f"unsupported broker URL {redacted_url(url)!r}: "
+                                     "use amqp://, amqps:// or memory://")
 
     @property
     def worker(self) -> Worker | None:

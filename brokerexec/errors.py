@@ -6,6 +6,7 @@
     ├── ConfigurationError        bad settings or arguments given to brokerexec itself
     │   └── ServiceDefinitionError  a Service subclass declares something impossible
     ├── BrokerConnectionError     the broker cannot be reached or the connection was lost
+    ├── AccessRefused             the broker refused this user an operation (403 ACCESS_REFUSED)
     ├── DecodeError               a message could not be decoded (size, type, JSON, YAML tags)
     │   └── MessageTooLarge
     ├── ServiceError              a service refused something
@@ -38,6 +39,7 @@ from typing import Any
 
 __all__ = [
     "Aborted",
+    "AccessRefused",
     "BrokerConnectionError",
     "BrokerExecError",
     "CheckpointFailed",
@@ -81,6 +83,11 @@ class ServiceDefinitionError(ConfigurationError, TypeError):
 
 class BrokerConnectionError(BrokerExecError):
     """The broker cannot be reached, or the connection to it was lost."""
+
+
+class AccessRefused(BrokerExecError):
+    """The broker refused this user an operation (``403 ACCESS_REFUSED``): its permissions
+    in the vhost do not allow it (``docs/security.md``). Retrying will not help."""
 
 
 class DecodeError(BrokerExecError):

@@ -29,7 +29,7 @@ import aiormq.exceptions
 
 from .. import codec
 from ..constants import DEFAULT_LOCATE_TIMEOUT
-from ..errors import BrokerConnectionError, DecodeError
+from ..errors import AccessRefused, BrokerConnectionError, DecodeError
 from ..protocol import calls, lookups
 from ..protocol.commands import (
     Browse,
@@ -99,10 +99,16 @@ class RabbitClientTransport(AsyncClientTransport):
     async def connect(self) -> None:
         connection = self.connection
         await asyncio.to_thread(connection.start)
-        for key, setup, confirms in (("topology", declare_for_clients, False),
-                                     ("records", self._setup_records, False),
-                                     ("rpc", self._setup_rpc, True)):
-            await self._on_connection(connection.setups.add(key, setup, confirms=confirms))
+        try:
+            for key, setup, confirms in (("topology", declare_for_clients, False),
+                                         ("records", self._setup_records, False),
+                                         ("rpc", self._setup_rpc, True)):
+                await self._on_connection(connection.setups.add(key, setup, confirms=confirms))
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            # The user may not declare what every client declares (docs/security.md): no
+            # retry will mend that, and the connection's thread must not outlive it.
+            await asyncio.to_thread(connection.close, 0)
+            raise AccessRefused(f"the broker refused: {exc}") from exc
 
     # ---- the records pushed to us, and the RPC replies ---------------------------------------
 

@@ -24,15 +24,17 @@ import asyncio
 import concurrent.futures as cf
 import contextlib
 import logging
+import ssl
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import aio_pika
 import aio_pika.abc
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
+import aiormq.exceptions
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
-from ..errors import BrokerConnectionError
+from ..errors import BrokerConnectionError, ConfigurationError
 from .amqp_outbox import Channels, Outbox, Outgoing
 from .amqp_settings import ConnectionSettings
 from .amqp_setups import SetupRegistry
@@ -157,13 +159,15 @@ class AmqpConnection:
         assert self._connected is not None
         while not self._closing:
             try:
-                connection = await self._connect()
+                connection = await self._connect(first_time=not first.done())
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # tenacity gave up: only with a reconnect deadline
-                log.error("giving up on %s: %s", self.settings.redacted_url(), exc)
+            except Exception as exc:  # tenacity gave up: a reconnect deadline, or a bad setup
+                error = exc if isinstance(exc, ConfigurationError) else BrokerConnectionError(
+                    f"cannot connect to {self.settings.redacted_url()}: {_describe(exc)}")
+                log.error("giving up: %s", error)
                 if not first.done():
-                    first.set_exception(BrokerConnectionError(str(exc)))
+                    first.set_exception(error)
                 return
             closed = asyncio.Event()
             connection.close_callbacks.add(lambda *_, event=closed: event.set())
@@ -193,13 +197,20 @@ class AmqpConnection:
                 with contextlib.suppress(Exception):  # a hung broker may never answer
                     await asyncio.wait_for(connection.close(), 2)
 
-    async def _connect(self) -> aio_pika.abc.AbstractConnection:
+    async def _connect(self, *, first_time: bool) -> aio_pika.abc.AbstractConnection:
         deadline = self.settings.reconnect_deadline
+
+        def transient(exc: BaseException) -> bool:
+            # A bad TLS file or an untrusted certificate will not mend by itself: a first
+            # connection fails at once. Once connected, retry: a broker's certificate may be
+            # replaced by a bad one and then fixed while the worker runs.
+            return not (first_time and _permanent(exc))
+
         retrying = AsyncRetrying(
             wait=wait_random_exponential(multiplier=self.settings.backoff_initial,
                                          max=self.settings.backoff_max),
             stop=stop_after_delay(deadline) if deadline is not None else (lambda _: False),
-            retry=retry_if_exception_type(Exception),
+            retry=retry_if_exception(transient),
             before_sleep=lambda state: log.warning(
                 "cannot connect to %s (attempt %d): %r", self.settings.redacted_url(),
                 state.attempt_number, state.outcome.exception() if state.outcome else None),
@@ -216,13 +227,16 @@ class AmqpConnection:
         """One attempt: each broker address once, from the current one; the last error if
         none answers. Back-off waits only between rounds: a cluster's next member is tried
         at once when one is down."""
+        addresses = self.settings.addresses()
         urls = self.settings.connection_urls()
         for tried in range(len(urls)):
-            url = urls[self._address % len(urls)]
+            index = self._address % len(urls)
+            url = urls[index]
             try:
                 connection = await aio_pika.connect(
                     url, timeout=self.settings.connect_timeout,
-                    client_properties={"connection_name": self.settings.name})
+                    client_properties={"connection_name": self.settings.name},
+                    **self.settings.connect_kwargs(addresses[index]))
             except Exception as exc:
                 self._address += 1
                 if tried == len(urls) - 1:
@@ -364,3 +378,30 @@ async def _isolated(coro: Coroutine[Any, Any, T]) -> T:
     if task.cancelled():
         raise BrokerConnectionError("the connection closed before the broker confirmed")
     return task.result()
+
+
+def _permanent(exc: BaseException) -> bool:
+    """A misconfiguration rather than an outage: bad settings, a certificate not trusted,
+    credentials refused (aiormq's "probable" one: the broker closed the handshake)."""
+    return (isinstance(exc, (ConfigurationError, aiormq.exceptions.AuthenticationError,
+                             aiormq.exceptions.ProbableAuthenticationError))
+            or _cause(exc, ssl.SSLCertVerificationError) is not None)
+
+
+def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """``exc`` or the first exception of type ``kind`` it was raised from."""
+    seen: BaseException | None = exc
+    for _ in range(10):  # a bounded walk: chains can loop
+        if seen is None or isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for a failed connection: the TLS reason when there is one (aiormq wraps
+    it in an AMQPConnectionError whose text is a tuple)."""
+    tls = _cause(exc, ssl.SSLError)
+    if isinstance(tls, ssl.SSLError):
+        return f"TLS: {getattr(tls, 'verify_message', None) or tls.reason or tls}"
+    return str(exc) or type(exc).__name__

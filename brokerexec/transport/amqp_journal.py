@@ -14,6 +14,7 @@ import aio_pika
 import aio_pika.abc
 import aiormq.exceptions
 
+from ..errors import AccessRefused
 from ..protocol.commands import Incoming
 from ..protocol.journal import JournalReader, probe_message
 from .amqp_connection import AmqpConnection
@@ -69,6 +70,14 @@ async def read_journal(connection: AmqpConnection, reader: JournalReader,
         await channel.set_qos(prefetch_count=reader.PREFETCH)
 
         feeder = _Feeder(reader, over)
+
+        def closed(_channel: object, exc: BaseException | None = None) -> None:
+            # The broker refused the probe (no write on the default exchange): say so at
+            # once rather than wait out the read's time-out.
+            if isinstance(exc, aiormq.exceptions.ChannelAccessRefused) and not over.done():
+                over.set_exception(AccessRefused(f"the broker refused reading the journal: {exc}"))
+
+        channel.close_callbacks.add(closed)
         try:
             for stream in reader.streams:
                 queue = await channel.get_queue(stream, ensure=False)

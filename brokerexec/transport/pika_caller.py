@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pika
 import pika.exceptions
 
-from ..errors import BrokerConnectionError, BrokerExecError
+from ..errors import AccessRefused, BrokerConnectionError, BrokerExecError
 from ..protocol import calls
 from ..protocol.commands import (
     Browse,
@@ -42,7 +42,7 @@ from ..protocol.commands import (
 )
 from ..protocol.names import DIRECT_REPLY_TO
 from .base import redacted_url
-from .pika_internals import join_frame_writes
+from .pika_internals import closing_reason, join_frame_writes
 from .pika_journal import browse, read_journal
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _NOT_FOUND = 404
+_ACCESS_REFUSED = 403
 _LOST = (pika.exceptions.AMQPConnectionError, pika.exceptions.ConnectionClosed,
          pika.exceptions.StreamLostError, pika.exceptions.ChannelWrongStateError,
          pika.exceptions.ConnectionWrongStateError, OSError)
@@ -83,7 +84,7 @@ class Caller:
         self._parameters = parameters
         try:
             self.connection = pika.BlockingConnection(parameters)
-        except pika.exceptions.AMQPError as exc:
+        except (pika.exceptions.AMQPError, OSError) as exc:  # OSError: pika lets TLS's through
             raise BrokerConnectionError(
                 f"cannot reach the broker at {redacted_url(url)}: {_reason(exc)}") from exc
         join_frame_writes(self.connection)
@@ -124,7 +125,8 @@ class Caller:
             raise  # ours already (a Timeout is an OSError too)
         except pika.exceptions.ChannelClosedByBroker as exc:
             self._confirming = None
-            raise BrokerExecError(f"the broker refused: {exc.reply_code} {exc.reply_text}") from exc
+            kind = AccessRefused if exc.reply_code == _ACCESS_REFUSED else BrokerExecError
+            raise kind(f"the broker refused: {exc.reply_code} {exc.reply_text}") from exc
         except pika.exceptions.NackError as exc:
             raise BrokerConnectionError("the broker did not accept the message (nack)") from exc
         except _LOST as exc:
@@ -269,10 +271,10 @@ class Caller:
         if correlation_id in self._returned:
             return Routed.RETURNED
         if not channel.is_open:  # the broker closed it: the exchange is missing, or a refusal
-            return self._why_closed(message.exchange)
+            return self._why_closed(message.exchange, closing_reason(channel))
         return None
 
-    def _why_closed(self, exchange: str) -> Routed:
+    def _why_closed(self, exchange: str, reason: str | None) -> Routed:
         """The request channel was closed by the broker after a publish to ``exchange``:
         NO_EXCHANGE if that exchange does not exist; else the refusal, raised."""
         probe = self.connection.channel()
@@ -284,6 +286,9 @@ class Caller:
             raise
         with contextlib.suppress(*_LOST, pika.exceptions.AMQPError):
             probe.close()
+        if reason:
+            kind = AccessRefused if reason.startswith(f"{_ACCESS_REFUSED} ") else BrokerExecError
+            raise kind(f"the broker refused a request to {exchange!r}: {reason}")
         raise BrokerExecError(f"the broker closed the channel of a request to {exchange!r}")
 
     # ---- declarations ------------------------------------------------------------------------

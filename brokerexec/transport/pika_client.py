@@ -31,6 +31,7 @@ from ..errors import BrokerConnectionError
 from ..protocol import calls, lookups
 from .base import ClientTransport, broker_urls, client_info
 from .pika_caller import Caller, Lost
+from .tls import split_tls
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -110,7 +111,10 @@ class PikaClientTransport(ClientTransport):
         """One set per broker address: pika's ``BlockingConnection`` tries them in order."""
         every = []
         for one in broker_urls(url):
-            params = pika.URLParameters(one)
+            plain_url, tls = split_tls(one)
+            params = pika.URLParameters(plain_url)
+            if tls is not None:  # made once: every caller's and the listener's connection share it
+                params.ssl_options = pika.SSLOptions(tls.context(), tls.hostname)
             if heartbeat is not None:
                 params.heartbeat = heartbeat
             params.connection_attempts = 1

@@ -6,6 +6,10 @@ client. :func:`join_frame_writes` makes one connection send a message's frames w
 ``send()``; nothing changes on the wire. It relies on ``Connection._output_marshaled_frames``
 (pika 1.3 and 1.4); without it the connection is left as it is, slower and correct.
 ``tests/test_pika_client.py`` fails loudly if the pinned pika no longer has it.
+
+:func:`closing_reason` reads why the broker closed a channel (``_closing_reason``): a
+publish refused (``403 ACCESS_REFUSED``) is otherwise only a closed channel; without it,
+the error says less.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["join_frame_writes"]
+__all__ = ["closing_reason", "join_frame_writes"]
 
 
 def join_frame_writes(connection: Any) -> bool:
@@ -29,3 +33,10 @@ def join_frame_writes(connection: Any) -> bool:
 
     impl._output_marshaled_frames = output_together  # type: ignore[union-attr]
     return True
+
+
+def closing_reason(channel: Any) -> str | None:
+    """``"403 ACCESS_REFUSED - ..."`` for a ``pika.BlockingChannel`` the broker closed, else None."""
+    reason = getattr(channel, "_closing_reason", None)
+    code, text = getattr(reason, "reply_code", None), getattr(reason, "reply_text", None)
+    return f"{code} {text}" if code is not None else None

@@ -13,8 +13,10 @@ from typing import Any
 import pika
 import pika.exceptions
 
+from ..errors import AccessRefused, BrokerExecError
 from ..protocol.commands import Incoming
 from ..protocol.journal import JournalReader, probe_message
+from .pika_internals import closing_reason
 
 __all__ = ["browse", "read_journal"]
 
@@ -73,7 +75,13 @@ def read_journal(parameters: Sequence[pika.ConnectionParameters], reader: Journa
             channel.basic_publish(probe.exchange, probe.routing_key, probe.body,
                                   pika.BasicProperties(content_type=probe.content_type,
                                                        message_id=probe.message_id, type=probe.type))
-        pump(lambda: reader.done, seconds, connection)
+        pump(lambda: reader.done or not channel.is_open, seconds, connection)
+        if not reader.done and not channel.is_open:
+            # The probe was refused (a user without write on the default exchange): say so
+            # at once rather than wait out the read's time-out.
+            reason = closing_reason(channel) or "channel closed"
+            kind = AccessRefused if reason.startswith("403 ") else BrokerExecError
+            raise kind(f"the broker refused reading the journal: {reason}")
     finally:
         with contextlib.suppress(Exception):
             connection.close()
