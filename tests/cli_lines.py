@@ -45,7 +45,14 @@ def brokerexec_commands(shell_line: str) -> list[list[str]]:
 
 
 def envvars_read_by(verb: str) -> set[str]:
-    """The environment variables a verb's options read."""
+    """The environment variables a verb reads: its options' own, and the settings'
+    (``brokerexec.settings``: every worker option's ``BROKEREXEC_*``; the broker URL and
+    ``BROKEREXEC_CONFIG`` for every verb)."""
+    from brokerexec.settings import CONFIG_ENV, KEYS
+
     command = cli.get_command(click.Context(cli), verb)
     assert command is not None
-    return {p.envvar for p in command.params if isinstance(p.envvar, str)}
+    options = {p.name for p in command.params}
+    read = {p.envvar for p in command.params if isinstance(p.envvar, str)}
+    read |= {key.variable for key in KEYS if key.name in options}
+    return read | {CONFIG_ENV}

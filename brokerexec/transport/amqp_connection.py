@@ -24,17 +24,16 @@ import asyncio
 import concurrent.futures as cf
 import contextlib
 import logging
-import ssl
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import aio_pika
 import aio_pika.abc
-import aiormq.exceptions
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from ..errors import BrokerConnectionError, ConfigurationError
+from .amqp_failures import describe_failure, permanent_failure
 from .amqp_outbox import Channels, Outbox, Outgoing
 from .amqp_settings import ConnectionSettings
 from .amqp_setups import SetupRegistry
@@ -164,7 +163,7 @@ class AmqpConnection:
                 raise
             except Exception as exc:  # tenacity gave up: a reconnect deadline, or a bad setup
                 error = exc if isinstance(exc, ConfigurationError) else BrokerConnectionError(
-                    f"cannot connect to {self.settings.redacted_url()}: {_describe(exc)}")
+                    f"cannot connect to {self.settings.redacted_url()}: {describe_failure(exc)}")
                 log.error("giving up: %s", error)
                 if not first.done():
                     first.set_exception(error)
@@ -204,7 +203,7 @@ class AmqpConnection:
             # A bad TLS file or an untrusted certificate will not mend by itself: a first
             # connection fails at once. Once connected, retry: a broker's certificate may be
             # replaced by a bad one and then fixed while the worker runs.
-            return not (first_time and _permanent(exc))
+            return not (first_time and permanent_failure(exc))
 
         retrying = AsyncRetrying(
             wait=wait_random_exponential(multiplier=self.settings.backoff_initial,
@@ -378,30 +377,3 @@ async def _isolated(coro: Coroutine[Any, Any, T]) -> T:
     if task.cancelled():
         raise BrokerConnectionError("the connection closed before the broker confirmed")
     return task.result()
-
-
-def _permanent(exc: BaseException) -> bool:
-    """A misconfiguration rather than an outage: bad settings, a certificate not trusted,
-    credentials refused (aiormq's "probable" one: the broker closed the handshake)."""
-    return (isinstance(exc, (ConfigurationError, aiormq.exceptions.AuthenticationError,
-                             aiormq.exceptions.ProbableAuthenticationError))
-            or _cause(exc, ssl.SSLCertVerificationError) is not None)
-
-
-def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
-    """``exc`` or the first exception of type ``kind`` it was raised from."""
-    seen: BaseException | None = exc
-    for _ in range(10):  # a bounded walk: chains can loop
-        if seen is None or isinstance(seen, kind):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def _describe(exc: BaseException) -> str:
-    """One line for a failed connection: the TLS reason when there is one (aiormq wraps
-    it in an AMQPConnectionError whose text is a tuple)."""
-    tls = _cause(exc, ssl.SSLError)
-    if isinstance(tls, ssl.SSLError):
-        return f"TLS: {getattr(tls, 'verify_message', None) or tls.reason or tls}"
-    return str(exc) or type(exc).__name__
