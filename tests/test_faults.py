@@ -79,7 +79,11 @@ def launch(client: Client, watch: Watch, service: str, request: dict[str, Any],
 
 def assert_controllable(client: Client, watch: Watch, job: Any) -> None:
     """A forever job answers, pauses, takes a set, resumes and aborts after the fault."""
-    assert brokerctl.eventually(job.status, "status")["state"] in ("running", "paused")
+    # A job not yet claimed when its worker lost the broker is, for a moment after the
+    # reconnect, only its launch back in the launch queue: "queued" until the worker that
+    # still runs it takes the launch again and answers for it.
+    brokerctl.wait_until(lambda: brokerctl.eventually(job.status, "status")["state"] in ("running", "paused"),
+                         30, "the job to answer as running again")
     brokerctl.eventually(job.pause, "pause")
     watch.wait(lambda: watch.reached(job.id, "paused"), "never paused")
     assert brokerctl.eventually(lambda: job.set(value=3), "set") == {"value": 3}

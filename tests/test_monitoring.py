@@ -77,6 +77,13 @@ def captured() -> Iterator[tuple[Logs, Logs]]:
     text, as_json = Logs(TextFormatter()), Logs(JsonFormatter())
     root = logging.getLogger()
     old_level = root.level
+    # Earlier tests in the session may have set a level on these loggers or disabled them
+    # (logging.config's disable_existing_loggers, as a library's set-up does): undone here.
+    named = [logging.getLogger(name) for name in ("brokerexec", "brokerexec.worker", "plain", "user.talker")]
+    saved = [(logger.level, logger.disabled) for logger in named]
+    for logger in named:
+        logger.setLevel(logging.NOTSET)
+        logger.disabled = False
     root.addHandler(text)
     root.addHandler(as_json)
     root.setLevel(logging.INFO)
@@ -84,6 +91,9 @@ def captured() -> Iterator[tuple[Logs, Logs]]:
     root.removeHandler(text)
     root.removeHandler(as_json)
     root.setLevel(old_level)
+    for logger, (level, disabled) in zip(named, saved, strict=True):
+        logger.setLevel(level)
+        logger.disabled = disabled
 
 
 class Talker(Service):
