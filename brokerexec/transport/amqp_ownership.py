@@ -39,7 +39,7 @@ import aiormq.exceptions
 from ..errors import BrokerConnectionError
 from ..protocol import topology
 from ..protocol.messages import Lease
-from ..protocol.names import KIWIPY_EXCHANGE, rpc_queue, rpc_routing_key
+from ..protocol.names import KIWIPY_EXCHANGE, STATUS_EXCHANGE, rpc_queue, rpc_routing_key
 from .amqp_connection import AmqpConnection, Outgoing
 from .amqp_entries import JournalWriter
 from .amqp_leases import Leases
@@ -217,6 +217,9 @@ class Ownership:
                 raise
             exchange = await channel.get_exchange(KIWIPY_EXCHANGE, ensure=False)
             await queue.bind(exchange, rpc_routing_key(job_id))
+            # The read-only way in (a watcher's status); the signal server answers nothing
+            # else that came from there.
+            await queue.bind(STATUS_EXCHANGE, job_id)
             # Consumed through aiormq's own basic_consume: one task per message, not two.
             underlay = await channel.get_underlay_channel()
             await underlay.basic_consume(queue.name, lambda message: self._deliver_rpc(job_id, message),

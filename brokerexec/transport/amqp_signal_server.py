@@ -30,7 +30,7 @@ import aio_pika.abc
 import aiormq.abc
 
 from .. import codec
-from ..errors import BrokerExecError, DecodeError
+from ..errors import BrokerExecError, DecodeError, SignalRefused
 from ..protocol import topology
 from ..protocol.intents import Signal, intent_for_subject
 from ..protocol.messages import Control, JobsQuery, WorkerJobs
@@ -39,6 +39,7 @@ from ..protocol.names import (
     JOB_ID_HEADER,
     KIWIPY_OTHERS_EXCHANGE,
     STATE_CHANGED_TYPE,
+    STATUS_EXCHANGE,
     WORKERS_EXCHANGE,
     expired,
 )
@@ -66,6 +67,8 @@ class Request:
     reply_to: str | None
     correlation_id: str
     headers: Mapping[str, Any] | None
+    #: The exchange it came through, from the delivery (the broker's word, not the sender's).
+    exchange: str = ""
 
     @classmethod
     def of_aiormq(cls, message: aiormq.abc.DeliveredMessage) -> Request:
@@ -73,12 +76,12 @@ class Request:
         and its task per message (the RPC round trip feels both)."""
         props = message.header.properties
         return cls(message.body, props.content_type, props.reply_to, props.correlation_id or "",
-                   props.headers)
+                   props.headers, message.exchange or "")
 
     @classmethod
     def of_aio_pika(cls, message: aio_pika.abc.AbstractIncomingMessage) -> Request:
         return cls(message.body, message.content_type, message.reply_to,
-                   message.correlation_id or "", message.headers)
+                   message.correlation_id or "", message.headers, message.exchange or "")
 
 
 class SignalServer:
@@ -126,7 +129,12 @@ class SignalServer:
                 return
             if self._seen_before(reply_to, correlation_id):
                 raise DecodeError(f"duplicate correlation id {correlation_id!r}")
-            answer = self.hooks.on_rpc(job_id, Signal.decode(body))
+            signal = Signal.decode(body)
+            if message.exchange == STATUS_EXCHANGE and not signal.intent.spec.read_only:
+                # Whoever may write to the status exchange (a watcher) may only look.
+                raise SignalRefused(f"{signal.describe()} through {STATUS_EXCHANGE}: only read-only "
+                                    "intents are answered there")
+            answer = self.hooks.on_rpc(job_id, signal)
         except Exception as exc:
             if not isinstance(exc, BrokerExecError):
                 log.info("RPC to job %s failed: %r", job_id, exc)
