@@ -188,12 +188,16 @@ def test_an_rpc_to_a_claimed_job_skips_pending_and_returns_the_value() -> None:
     assert all(isinstance(c, NextReply) and c.correlation_id == "c1" for c in script.commands[1:])
 
 
-def test_an_unroutable_rpc_goes_to_every_worker_with_the_job_id_and_a_deadline() -> None:
+@pytest.mark.parametrize(("intent", "exchange"), [(Intent.STATUS, STATUS_EXCHANGE),
+                                                  (Intent.PAUSE, WORKERS_EXCHANGE)])
+def test_an_unroutable_rpc_goes_to_every_worker_with_the_job_id_and_a_deadline(
+        intent: Intent, exchange: str) -> None:
     job_id = new_job_id()
     script = Script(Routed.RETURNED, reply({"result": "ok"}))
-    assert rpc(job_id, Signal.of(Intent.STATUS), script) == "ok"
+    assert rpc(job_id, Signal.of(intent), script) == "ok"
     located = script.commands[1].message
-    assert located.exchange == WORKERS_EXCHANGE and located.headers[JOB_ID_HEADER] == job_id
+    assert (located.exchange, located.routing_key) == (exchange, "")
+    assert located.headers[JOB_ID_HEADER] == job_id
     assert isinstance(located.headers[DEADLINE_MS_HEADER], int)
     assert script.commands[1].seconds == pytest.approx(0.5 + calls.LOCATE_SLACK)
 

@@ -61,8 +61,10 @@ JOURNAL_BUCKETS: Final = 16
 #: a read early at worst, never forge an entry; and it reaches no other queue.
 PROBES_EXCHANGE: Final = "brokerexec.probes"
 #: Direct exchange of read-only RPCs (``status``): each claimed job's RPC queue is bound to
-#: it with the job id. The worker answers only the intents marked ``read_only`` that came
-#: through it, so a user who may write here (a watcher) looks jobs up but cannot steer them.
+#: it with the job id, and each worker's queue of the workers exchange with ``""`` (to
+#: locate a job not claimed yet, as through ``WORKERS_EXCHANGE``). The worker answers only
+#: the intents marked ``read_only`` that came through it, so a user who may write here (a
+#: watcher) looks jobs up but cannot steer them.
 STATUS_EXCHANGE: Final = "brokerexec.status"
 #: Direct exchange of the workers' leases; each worker's lease queue
 #: ``brokerexec.leases.<worker id>`` is bound with its own name. A worker holds one lease

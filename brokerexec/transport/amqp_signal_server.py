@@ -240,12 +240,16 @@ class SignalServer:
             log.warning("control message %r refused: %s", control.intent.value, exc)
 
     # ---- the workers exchange: the jobs query, and RPCs to jobs not yet claimed -------------
+    # (and the status exchange's read-only RPCs to them)
 
     async def setup_workers(self, channel: aio_pika.abc.AbstractChannel) -> None:
         """This worker's queue on the workers exchange."""
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         exchange = await channel.get_exchange(WORKERS_EXCHANGE, ensure=False)
         await queue.bind(exchange, "")
+        # Read-only RPCs to jobs not claimed yet come this way too (deliver_rpc refuses the
+        # rest of what came through the status exchange).
+        await queue.bind(STATUS_EXCHANGE, "")
         await queue.consume(self._on_workers_message, no_ack=True)
 
     async def _on_workers_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
