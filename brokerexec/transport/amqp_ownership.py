@@ -215,11 +215,8 @@ class Ownership:
                 if rerun:  # our dead connection's, not let go yet, or another execution's
                     self.connection.spawn(self._reverify(owned, locked_out=True))
                 raise
-            exchange = await channel.get_exchange(KIWIPY_EXCHANGE, ensure=False)
-            await queue.bind(exchange, rpc_routing_key(job_id))
-            # The read-only way in (a watcher's status); the signal server answers nothing
-            # else that came from there.
-            await queue.bind(STATUS_EXCHANGE, job_id)
+            await queue.bind(KIWIPY_EXCHANGE, rpc_routing_key(job_id))
+            await queue.bind(STATUS_EXCHANGE, job_id)  # read-only RPCs only (SignalServer)
             # Consumed through aiormq's own basic_consume: one task per message, not two.
             underlay = await channel.get_underlay_channel()
             await underlay.basic_consume(queue.name, lambda message: self._deliver_rpc(job_id, message),
