@@ -72,7 +72,7 @@ async def read_journal(connection: AmqpConnection, reader: JournalReader,
         feeder = _Feeder(reader, over)
 
         def closed(_channel: object, exc: BaseException | None = None) -> None:
-            # The broker refused the probe (no write on the default exchange): say so at
+            # The broker refused the probe (no write on the probes exchange): say so at
             # once rather than wait out the read's time-out.
             if isinstance(exc, aiormq.exceptions.ChannelAccessRefused) and not over.done():
                 over.set_exception(AccessRefused(f"the broker refused reading the journal: {exc}"))
