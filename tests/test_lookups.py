@@ -17,6 +17,7 @@ from brokerexec.protocol.journal import (
     JournalScan,
     JournalSearch,
     checkpoint_entry,
+    probe_message,
     started_entry,
 )
 from brokerexec.protocol.messages import Control, Launch, Lease, Record
@@ -25,6 +26,7 @@ from brokerexec.protocol.names import (
     JOURNAL_BUCKETS,
     LAUNCH_TYPE,
     LEASE_TYPE,
+    PROBES_EXCHANGE,
     RECORD_TIME_MARGIN,
     RECORD_TYPE,
     STARTED_TYPE,
@@ -107,6 +109,25 @@ def test_a_waiting_search_reads_past_its_probe_to_the_record() -> None:
     assert search.record is not None and search.record["result"] == 42
 
 
+def test_no_entry_that_came_through_the_probes_exchange_is_believed() -> None:
+    """Whoever may probe (a watcher) can append anything there: it is never an entry."""
+    job_id = new_job_id()
+    assert probe_message("s", "p").exchange == PROBES_EXCHANGE
+    search = JournalSearch(job_id, wait=True)
+    stream, probe = search.stream, search.probes[search.stream]
+    forged = [entry(kind, body, job_id)._replace(exchange=PROBES_EXCHANGE) for kind, body in (
+        (LAUNCH_TYPE, Launch.new("fit", job_id=job_id).encode()),
+        (CHECKPOINT_TYPE, checkpoint_entry(job_id, "fit", 1, 1.0, {"forged": True})),
+        (RECORD_TYPE, record(job_id)))]
+    for message in forged:
+        assert not search.feed(stream, message)
+    assert search.feed(stream, Incoming(b"{}", None, probe, "brokerexec.probe", exchange=PROBES_EXCHANGE))
+    assert search.not_found and search.history.checkpoint is None
+    scan = JournalScan(time.time() - 100, limit=5)
+    scan.feed(scan.streams[0], forged[2])
+    assert scan.records == []
+
+
 def test_an_undecodable_entry_of_the_job_is_an_error_not_a_wait() -> None:
     job_id = new_job_id()
     search = JournalSearch(job_id, wait=True)
@@ -181,7 +202,7 @@ def test_a_job_nobody_knows_is_not_found() -> None:
     with pytest.raises(JobNotFound, match="never launched"):
         status(new_job_id(), Broker(Routed.RETURNED, None))
     with pytest.raises(JobNotFound):  # no worker has ever run: no exchange, no journal
-        status(new_job_id(), Broker(Routed.NO_EXCHANGE))
+        status(new_job_id(), Broker(Routed.NO_EXCHANGE, Routed.NO_EXCHANGE))
 
 
 def abort(job_id: str, broker: Broker) -> bool:

@@ -13,13 +13,17 @@ import secrets
 import subprocess
 import sys
 import threading
+import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import pika
 import pytest
 
-from brokerexec import AccessRefused, AsyncClient, Client
+from brokerexec import AccessRefused, AsyncClient, Client, Event
+from brokerexec.protocol.names import job_events_pattern
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.timeout(240)]
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,10 +35,12 @@ ROLES = {
                r"^(brokerexec\..*|kiwipy\.messages|amq\.gen-.*|amq\.default)$",
                r"^(brokerexec\..*|kiwipy\.messages|amq\.gen-.*)$"),
     "client": (r"^(brokerexec\.(control|launches\..*|client\..*)|amq\.gen-.*)$",
-               r"^(brokerexec\.(launches|control|workers|client\..*)|kiwipy\.messages|amq\.gen-.*|amq\.default)$",
+               r"^(brokerexec\.(launches|control|workers|probes|status|client\..*)|kiwipy\.messages"
+               r"|amq\.gen-.*|amq\.default)$",
                r"^(brokerexec\.(jobs\..*|events|control|client\..*)|kiwipy\.messages|amq\.gen-.*)$"),
-    "watcher": (r"^(brokerexec\.client\..*|amq\.gen-.*)$", r"^(brokerexec\.client\..*|amq\.gen-.*)$",
-                r"^(brokerexec\.(events|client\..*)|amq\.gen-.*)$"),
+    "watcher": (r"^(brokerexec\.client\..*|amq\.gen-.*)$",
+                r"^(brokerexec\.(probes|status|client\..*)|amq\.gen-.*)$",
+                r"^(brokerexec\.(jobs\..*|events|client\..*)|amq\.gen-.*)$"),
 }
 
 
@@ -139,40 +145,95 @@ def test_the_asyncio_client_role_runs_a_job_and_looks_it_up(broker: Broker, work
     assert asyncio.run(run())["state"] == "finished"
 
 
-def test_a_watcher_subscribes_but_cannot_launch_pause_abort_or_look_up(
+def test_a_watcher_subscribes_and_looks_up_but_cannot_launch_or_steer(
         broker: Broker, worker: None) -> None:
-    heard: list[str] = []
-    finished = threading.Event()
+    running = threading.Event()
 
-    def on_event(event: object) -> None:
-        heard.append(str(event))
-        finished.set()
+    def on_event(event: Event) -> None:
+        if event.kind == "progress":
+            running.set()
 
-    with Client(broker.urls["watcher"]) as watcher:
-        subscription = watcher.subscribe("#", on_event)
-        followed = brokerexec("launch", "fit", "--follow", "--json", "--broker", broker.urls["client"])
-        assert followed.returncode == 0, followed.stderr
-        assert finished.wait(WAIT), "the watcher heard no event"
+    url = broker.urls["watcher"]
+    with Client(broker.urls["client"]) as client, Client(url) as watcher:
+        job = client.launch("fit", {"tolerance": 0, "max_iterations": 10_000_000})
+        subscription = watcher.subscribe(job_events_pattern(job.id), on_event)
+        assert running.wait(WAIT), "the watcher heard no progress"
         subscription.close()
-        job_id = json.loads(followed.stdout)["job_id"]
-        # The library's refusals: one error class, whatever was refused; a look-up, whose
-        # probe a watcher may not append to the journal, is refused at once, not timed out
+        assert watcher.job(job.id).status()["state"] == "running"
+        status = brokerexec("status", job.id, "--json", "--broker", url)
+        assert status.returncode == 0 and json.loads(status.stdout)["state"] == "running", status.stderr
+        # The library's refusals: one error class, whatever was refused
         for refusal in (lambda: watcher.launch("fit"), lambda: watcher.pause_all(),
-                        lambda: watcher.job(job_id).abort(), lambda: watcher.job(job_id).status()):
+                        lambda: watcher.job(job.id).pause(), lambda: watcher.job(job.id).abort(),
+                        lambda: watcher.job(job.id).set({"max_iterations": 0})):
             with pytest.raises(AccessRefused, match="ACCESS_REFUSED"):
                 refusal()
-    url = broker.urls["watcher"]
+        refused(brokerexec("launch", "fit", "--broker", url), 1, "ACCESS_REFUSED")
+        refused(brokerexec("pause", "--all", "--broker", url), 1, "ACCESS_REFUSED")
+        refused(brokerexec("pause", job.id, "--broker", url), 1, "ACCESS_REFUSED")
+        refused(brokerexec("abort", job.id, "--broker", url), 1, "ACCESS_REFUSED")
+        refused(brokerexec("set", job.id, "max_iterations=0", "--broker", url), 1, "ACCESS_REFUSED")
+        refused(brokerexec("jobs", "--broker", url), 1, "ACCESS_REFUSED")
+        # What its write on the read-only exchanges lets it try by hand: refused by the
+        # worker, and not believed by any reader
+        assert "SignalRefused" in raw_rpc(url, job.id, "abort")
+        assert "SignalRefused" in raw_rpc(url, job.id, "set")
+        assert "SignalRefused" in raw_rpc(url, job.id, "abort", located=True)
+        forge_record(url, job.id)
+        assert watcher.job(job.id).record(timeout=0) is None
+        assert watcher.job(job.id).status()["state"] == "running"
+        client.job(job.id).set({"max_iterations": 0})  # its launcher ends it
+        assert client.job(job.id).result(timeout=WAIT)["iterations"] > 0
+    status = brokerexec("status", job.id, "--json", "--broker", url)
+    assert status.returncode == 0 and json.loads(status.stdout)["state"] == "finished", status.stderr
+    result = brokerexec("result", job.id, "--json", "--broker", url)
+    assert result.returncode == 0 and json.loads(result.stdout)["state"] == "finished", result.stderr
+    with Client(url) as watcher:
+        assert watcher.job(job.id).status()["state"] == "finished"
+        assert watcher.job(job.id).result(timeout=0)["iterations"] > 0
     with pytest.raises(AccessRefused, match="ACCESS_REFUSED"):  # the asyncio client at connect
-        asyncio.run(async_status(url, job_id))
-    refused(brokerexec("launch", "fit", "--broker", url), 1, "ACCESS_REFUSED")
-    refused(brokerexec("pause", "--all", "--broker", url), 1, "ACCESS_REFUSED")
-    refused(brokerexec("abort", job_id, "--broker", url), 1, "ACCESS_REFUSED")
-    refused(brokerexec("status", job_id, "--broker", url), 1, "ACCESS_REFUSED")
+        asyncio.run(async_status(url, job.id))
 
 
 async def async_status(url: str, job_id: str) -> object:
     async with AsyncClient(url) as client:
         return await client.job(job_id).status()
+
+
+def raw_rpc(url: str, job_id: str, intent: str, *, located: bool = False) -> str:
+    """A watcher's hand-made RPC of ``intent`` through the status exchange (to the job's
+    queue, or ``located`` to every worker, naming the job): the reply's text."""
+    with pika.BlockingConnection(pika.URLParameters(url)) as connection:
+        channel = connection.channel()
+        replies: list[bytes] = []
+        channel.basic_consume("amq.rabbitmq.reply-to", lambda _c, _m, _p, body: replies.append(body),
+                              auto_ack=True)
+        body = {"intent": intent, "attrs": {"max_iterations": 0}}
+        channel.basic_publish("brokerexec.status", "" if located else job_id, json.dumps(body).encode(),
+                              pika.BasicProperties(content_type="application/json",
+                                                   correlation_id=secrets.token_hex(8),
+                                                   reply_to="amq.rabbitmq.reply-to",
+                                                   headers={"x-job-id": job_id} if located else None))
+        deadline = time.monotonic() + WAIT
+        while not replies and time.monotonic() < deadline:
+            connection.process_data_events(time_limit=0.5)
+        assert replies, f"no reply to a hand-made {intent!r}"
+        return replies[0].decode()
+
+
+def forge_record(url: str, job_id: str) -> None:
+    """Append an aborted record of ``job_id`` to its stream, the one way a watcher can."""
+    record = {"v": 1, "job_id": job_id, "service": "fit", "state": "aborted", "result": None,
+              "error": None, "start": time.time(), "end": time.time(), "worker": {}}
+    stream = f"brokerexec.jobs.{zlib.crc32(job_id.encode()) % 16:02x}"
+    with pika.BlockingConnection(pika.URLParameters(url)) as connection:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish("brokerexec.probes", stream, json.dumps(record).encode(), pika.BasicProperties(
+            content_type="application/json", message_id=job_id, type="brokerexec.record"), mandatory=True)
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="ACCESS_REFUSED"):
+            channel.basic_publish("", stream, json.dumps(record).encode(), pika.BasicProperties(
+                content_type="application/json", message_id=job_id, type="brokerexec.record"))
 
 
 def test_a_client_of_another_vhost_sees_none_of_its_jobs(broker: Broker, worker: None) -> None:

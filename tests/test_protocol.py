@@ -34,6 +34,7 @@ from brokerexec.protocol.names import (
     DEADLINE_MS_HEADER,
     JOB_ID_HEADER,
     KIWIPY_EXCHANGE,
+    STATUS_EXCHANGE,
     WORKERS_EXCHANGE,
     journal_stream,
     new_job_id,
@@ -187,20 +188,44 @@ def test_an_rpc_to_a_claimed_job_skips_pending_and_returns_the_value() -> None:
     assert all(isinstance(c, NextReply) and c.correlation_id == "c1" for c in script.commands[1:])
 
 
-def test_an_unroutable_rpc_goes_to_every_worker_with_the_job_id_and_a_deadline() -> None:
+@pytest.mark.parametrize(("intent", "exchange"), [(Intent.STATUS, STATUS_EXCHANGE),
+                                                  (Intent.PAUSE, WORKERS_EXCHANGE)])
+def test_an_unroutable_rpc_goes_to_every_worker_with_the_job_id_and_a_deadline(
+        intent: Intent, exchange: str) -> None:
     job_id = new_job_id()
     script = Script(Routed.RETURNED, reply({"result": "ok"}))
-    assert rpc(job_id, Signal.of(Intent.STATUS), script) == "ok"
+    assert rpc(job_id, Signal.of(intent), script) == "ok"
     located = script.commands[1].message
-    assert located.exchange == WORKERS_EXCHANGE and located.headers[JOB_ID_HEADER] == job_id
+    assert (located.exchange, located.routing_key) == (exchange, "")
+    assert located.headers[JOB_ID_HEADER] == job_id
     assert isinstance(located.headers[DEADLINE_MS_HEADER], int)
     assert script.commands[1].seconds == pytest.approx(0.5 + calls.LOCATE_SLACK)
+
+
+def test_only_read_only_intents_go_through_the_status_exchange() -> None:
+    assert [i for i, spec in INTENTS.items() if spec.read_only] == [Intent.STATUS]
+    job_id = new_job_id()
+    script = Script(reply({"result": {"state": "running"}}))
+    assert rpc(job_id, Signal.of(Intent.STATUS), script) == {"state": "running"}
+    message = script.commands[0].message
+    assert (message.exchange, message.routing_key) == (STATUS_EXCHANGE, job_id)
+    script = Script(reply(PENDING.encode()), reply({"result": True}))
+    assert rpc(job_id, Signal.of(Intent.ABORT), script) is True
+    assert script.commands[0].message.exchange == KIWIPY_EXCHANGE
+
+
+def test_a_status_goes_through_kiwipy_when_the_workers_are_older() -> None:
+    job_id = new_job_id()  # no status exchange: no worker of this version has run
+    script = Script(Routed.NO_EXCHANGE, reply({"result": {"state": "running"}}))
+    assert rpc(job_id, Signal.of(Intent.STATUS), script) == {"state": "running"}
+    message = script.commands[1].message
+    assert (message.exchange, message.routing_key) == (KIWIPY_EXCHANGE, rpc_routing_key(job_id))
 
 
 @pytest.mark.parametrize(("answers", "says"), [
     ((Routed.RETURNED, None), "it ended, is still queued, or never existed"),  # none owned up
     ((Routed.RETURNED, Routed.RETURNED), "it ended, is still queued, or never existed"),  # no worker
-    ((Routed.NO_EXCHANGE,), "no worker has run on this broker yet"),
+    ((Routed.NO_EXCHANGE, Routed.NO_EXCHANGE), "no worker has run on this broker yet"),
 ])
 def test_no_worker_owning_up_is_job_not_found(answers: tuple[Any, ...], says: str) -> None:
     with pytest.raises(JobNotFound, match=says):
@@ -225,14 +250,14 @@ class Clock:
 
 
 @pytest.mark.parametrize(("probe", "lost"), [
-    (reply({"result": {"state": "running", "attempt": 3}}), True),  # resumed meanwhile: attempt 3
-    (Routed.NO_EXCHANGE, True),  # no worker holds it
-    (reply({"result": {"state": "running", "attempt": 2}}), False),  # still the same execution
+    ((reply({"result": {"state": "running", "attempt": 3}}),), True),  # resumed meanwhile: attempt 3
+    ((Routed.NO_EXCHANGE, Routed.NO_EXCHANGE), True),  # no worker holds it
+    ((reply({"result": {"state": "running", "attempt": 2}}),), False),  # still the same execution
 ])
 def test_a_set_whose_execution_is_lost_while_it_waits_is_not_applied(probe: Any, lost: bool) -> None:
     job_id, clock = new_job_id(), Clock()
     pending = reply(Reply.pending_in(2).encode())
-    script = Script(pending, None, probe, reply({"result": {"x": 1}}))
+    script = Script(pending, None, *probe, reply({"result": {"x": 1}}))
     call = calls.rpc(job_id, Signal.of(Intent.SET, attrs={"x": 1}), timeout=30, locate_timeout=0.5,
                      max_bytes=10_000, clock=clock, correlation_id="c1")
     if lost:

@@ -16,6 +16,11 @@ The decisions that live here, and only here:
   worker, with the job id and a deadline in its headers, and the worker that runs the job
   claims it and answers; no answer (not even ``pending``) shortly after the deadline means
   no worker runs it: :class:`~brokerexec.JobNotFound`;
+* a read-only RPC (``status``) goes through the status exchange, where each claimed job's
+  queue is bound by its id and every worker's queue of the workers exchange with ``""``
+  (to locate a job not claimed yet): a user allowed to look jobs up there (a watcher)
+  cannot steer them (workers answer nothing else from there); if that exchange is missing
+  (workers of an older version), through kiwipy's and the workers exchange as before;
 * an RPC skips any number of ``pending`` replies; a reply's error is raised typed; a
   ``set``/``invoke``/``checkpoint`` whose job's execution is lost while it waits (its
   worker died: the job is resumed elsewhere, or its attempt changed) is
@@ -61,6 +66,7 @@ from .names import (
     KIWIPY_EXCHANGE,
     LAUNCH_TYPE,
     LAUNCHES_EXCHANGE,
+    STATUS_EXCHANGE,
     WORKERS_EXCHANGE,
     deadline_ms,
     journal_stream,
@@ -118,7 +124,15 @@ def rpc(job_id: str, signal: Signal, *, timeout: float, locate_timeout: float, m
     """
     correlation_id = correlation_id or uuid.uuid4().hex
     request = _request(KIWIPY_EXCHANGE, rpc_routing_key(job_id), signal.encode(), correlation_id)
-    incoming = yield Request(request, timeout)
+    locate_through = WORKERS_EXCHANGE
+    if signal.intent.spec.read_only:
+        incoming = yield Request(request._replace(exchange=STATUS_EXCHANGE, routing_key=job_id), timeout)
+        if incoming is Routed.NO_EXCHANGE:  # older workers: the way every intent goes
+            incoming = yield Request(request, timeout)
+        else:
+            locate_through = STATUS_EXCHANGE
+    else:
+        incoming = yield Request(request, timeout)
     if incoming is Routed.NO_EXCHANGE:
         raise JobNotFound(f"no worker holds job {job_id}: no worker has run on this broker yet")
     if incoming is Routed.RETURNED:  # not claimed (yet): ask every worker
@@ -127,7 +141,7 @@ def rpc(job_id: str, signal: Signal, *, timeout: float, locate_timeout: float, m
             if answer is not None:
                 return answer
         headers = {JOB_ID_HEADER: job_id, DEADLINE_MS_HEADER: deadline_ms(locate_timeout)}
-        incoming = yield Request(request._replace(exchange=WORKERS_EXCHANGE, routing_key="",
+        incoming = yield Request(request._replace(exchange=locate_through, routing_key="",
                                                   headers=headers), locate_timeout + LOCATE_SLACK)
         if not isinstance(incoming, Incoming):  # no worker at all, or none owned up in time
             raise JobNotFound(f"no worker holds job {job_id} (it ended, is still queued, "

@@ -48,6 +48,9 @@ class Incoming(NamedTuple):
     message_id: str | None = None
     type: str | None = None
     reply_to: str | None = None
+    #: The exchange it was published to, as the broker reports it on delivery (a stream
+    #: keeps it): what a journal reader trusts, unlike any header the sender chose.
+    exchange: str | None = None
 
 
 class Routed(enum.Enum):

@@ -70,6 +70,8 @@ class IntentSpec(NamedTuple):
         plumpy_name: the name plumpy's controllers send for it, if another.
         broadcast_subject: the subject of the kiwipy broadcast that means it for every job
             (plumpy's ``pause_all`` / ``play_all`` / ``kill_all``), if any.
+        read_only: answered at once and changes nothing: sent through the status exchange,
+            the only intents a worker answers from there (``docs/security.md``, watcher).
     """
 
     answered: Answered
@@ -78,13 +80,14 @@ class IntentSpec(NamedTuple):
     to_every_job: bool = False
     plumpy_name: str | None = None
     broadcast_subject: str | None = None
+    read_only: bool = False
 
 
 _AT_ONCE, _AT_READY = Answered.AT_ONCE, Answered.AT_READY
 
 #: The table. ``tests/test_protocol.py`` checks every intent has a row, a handler and a verb.
 INTENTS: Final[Mapping[Intent, IntentSpec]] = MappingProxyType({
-    Intent.STATUS: IntentSpec(_AT_ONCE, resendable=True, pending_first=False),
+    Intent.STATUS: IntentSpec(_AT_ONCE, resendable=True, pending_first=False, read_only=True),
     Intent.PAUSE: IntentSpec(_AT_ONCE, resendable=True, pending_first=True, to_every_job=True,
                              broadcast_subject="pause"),
     Intent.RESUME: IntentSpec(_AT_ONCE, resendable=True, pending_first=True, to_every_job=True,

@@ -39,6 +39,7 @@ from .names import (
     JOURNAL_BUCKETS,
     LAUNCH_TYPE,
     PROBE_TYPE,
+    PROBES_EXCHANGE,
     RECORD_TIME_MARGIN,
     RECORD_TYPE,
     STARTED_TYPE,
@@ -48,7 +49,7 @@ from .names import (
 )
 
 __all__ = ["ENTRY_TYPES", "JobHistory", "JournalReader", "JournalScan", "JournalSearch",
-           "checkpoint_entry", "probe_message", "started_entry"]
+           "checkpoint_entry", "is_entry", "probe_message", "started_entry"]
 
 #: The kinds of journal entry a reader takes in; anything else in the stream is skipped.
 ENTRY_TYPES: Final = frozenset({LAUNCH_TYPE, STARTED_TYPE, CHECKPOINT_TYPE, RECORD_TYPE})
@@ -162,8 +163,16 @@ def _probe_id() -> str:
 
 def probe_message(stream: str, probe_id: str) -> Message:
     """The probe a reader appends to ``stream``: a stream has no end marker over AMQP 0-9-1,
-    and everything stored before the probe comes before it."""
-    return Message("", stream, b"{}", message_id=probe_id, type=PROBE_TYPE)
+    and everything stored before the probe comes before it. Through the probes exchange,
+    whose messages no reader takes for an entry (:func:`is_entry`)."""
+    return Message(PROBES_EXCHANGE, stream, b"{}", message_id=probe_id, type=PROBE_TYPE)
+
+
+def is_entry(message: Incoming) -> bool:
+    """True if ``message`` may be a journal entry: of an entry's type, and not published to
+    the probes exchange, which anyone allowed to probe (a watcher) may write to. The
+    exchange is the one the broker stored with the message, not a header its sender chose."""
+    return message.type in ENTRY_TYPES and message.exchange != PROBES_EXCHANGE
 
 
 class JournalSearch:
@@ -205,7 +214,7 @@ class JournalSearch:
         """
         if self.done:
             return True
-        if message.message_id == self.job_id and message.type in ENTRY_TYPES:
+        if message.message_id == self.job_id and message.type is not None and is_entry(message):
             entry, _ = codec.decode_object(message.body, message.content_type)
             if message.type == LAUNCH_TYPE and self.history.launch is None:
                 self.launch_reply_to = message.reply_to
@@ -257,7 +266,7 @@ class JournalScan:
     def feed(self, stream: str, message: Incoming) -> bool:
         if self.done or stream not in self._open:
             return self.done
-        if message.type == RECORD_TYPE and message.message_id:
+        if message.type == RECORD_TYPE and message.message_id and is_entry(message):
             try:
                 record, _ = codec.decode_object(message.body, message.content_type)
             except DecodeError:

@@ -55,6 +55,17 @@ WORKERS_EXCHANGE: Final = "brokerexec.workers"
 #: descriptors with 256 streams and a scan of them all).
 JOURNAL_PREFIX: Final = "brokerexec.jobs."
 JOURNAL_BUCKETS: Final = 16
+#: Direct exchange bound to each journal stream with the stream's name: the only way a
+#: reader appends its probe. A reader believes no entry that came through it (the stream
+#: reports the exchange of each delivery), so a user who may write here (a watcher) can end
+#: a read early at worst, never forge an entry; and it reaches no other queue.
+PROBES_EXCHANGE: Final = "brokerexec.probes"
+#: Direct exchange of read-only RPCs (``status``): each claimed job's RPC queue is bound to
+#: it with the job id, and each worker's queue of the workers exchange with ``""`` (to
+#: locate a job not claimed yet, as through ``WORKERS_EXCHANGE``). The worker answers only
+#: the intents marked ``read_only`` that came through it, so a user who may write here (a
+#: watcher) looks jobs up but cannot steer them.
+STATUS_EXCHANGE: Final = "brokerexec.status"
 #: Direct exchange of the workers' leases; each worker's lease queue
 #: ``brokerexec.leases.<worker id>`` is bound with its own name. A worker holds one lease
 #: per claimed job, unacknowledged; when the worker dies they come back, expire at once and

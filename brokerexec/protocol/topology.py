@@ -28,7 +28,9 @@ from .names import (
     KIWIPY_OTHERS_EXCHANGE,
     LAUNCHES_EXCHANGE,
     LEASES_EXCHANGE,
+    PROBES_EXCHANGE,
     STATE_CHANGED_HEADER,
+    STATUS_EXCHANGE,
     WORKERS_EXCHANGE,
     journal_stream_of_bucket,
     launch_queue,
@@ -103,6 +105,8 @@ EXCHANGES: Final = (
     ExchangeSpec(DISCARD_EXCHANGE, "fanout"),
     ExchangeSpec(LAUNCHES_EXCHANGE, "direct"),
     ExchangeSpec(LEASES_EXCHANGE, "direct"),
+    ExchangeSpec(PROBES_EXCHANGE, "direct"),
+    ExchangeSpec(STATUS_EXCHANGE, "direct"),
     # The workers' view of kiwipy broadcasts, without the jobs' own state_changed ones
     # (names.KIWIPY_FILTER_EXCHANGE says how).
     ExchangeSpec(KIWIPY_FILTER_EXCHANGE, "headers",
@@ -113,12 +117,13 @@ CONTROL: Final = QueueSpec(CONTROL_STREAM, _frozen(**{"x-queue-type": "stream", 
                            bound_to=(CONTROL_EXCHANGE,))
 #: The journal streams, each bound to the launches exchange with its own name: a launch
 #: reaches its job's stream too, by the ``CC`` routing key it carries (one publish, one
-#: confirm). Retention applies per segment: small segments let old entries go close to
+#: confirm); and to the probes exchange with the same name, for the readers' probes.
+#: Retention applies per segment: small segments let old entries go close to
 #: their age.
 JOURNAL_ARGUMENTS: Final = _frozen(**{"x-queue-type": "stream", "x-max-age": "24h",
                                       "x-stream-max-segment-size-bytes": 4_000_000})
 JOURNAL: Final = tuple(
-    QueueSpec(name, JOURNAL_ARGUMENTS, bound_to=(LAUNCHES_EXCHANGE,), routing_key=name)
+    QueueSpec(name, JOURNAL_ARGUMENTS, bound_to=(LAUNCHES_EXCHANGE, PROBES_EXCHANGE), routing_key=name)
     for name in (journal_stream_of_bucket(bucket) for bucket in range(JOURNAL_BUCKETS)))
 
 

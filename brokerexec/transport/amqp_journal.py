@@ -30,7 +30,7 @@ ACK_EVERY = 50
 
 def _incoming(message: aio_pika.abc.AbstractIncomingMessage) -> Incoming:
     return Incoming(message.body, message.content_type, message.message_id, message.type,
-                    message.reply_to)
+                    message.reply_to, message.exchange)
 
 
 class _Feeder:
@@ -72,7 +72,7 @@ async def read_journal(connection: AmqpConnection, reader: JournalReader,
         feeder = _Feeder(reader, over)
 
         def closed(_channel: object, exc: BaseException | None = None) -> None:
-            # The broker refused the probe (no write on the default exchange): say so at
+            # The broker refused the probe (no write on the probes exchange): say so at
             # once rather than wait out the read's time-out.
             if isinstance(exc, aiormq.exceptions.ChannelAccessRefused) and not over.done():
                 over.set_exception(AccessRefused(f"the broker refused reading the journal: {exc}"))
@@ -88,7 +88,8 @@ async def read_journal(connection: AmqpConnection, reader: JournalReader,
             return reader
         for stream, probe_id in reader.probes.items():
             probe = probe_message(stream, probe_id)
-            await channel.default_exchange.publish(aio_pika.Message(
+            exchange = await channel.get_exchange(probe.exchange, ensure=False)
+            await exchange.publish(aio_pika.Message(
                 probe.body, content_type=probe.content_type, message_id=probe.message_id,
                 type=probe.type), probe.routing_key)
         with contextlib.suppress(asyncio.TimeoutError):

@@ -39,7 +39,7 @@ import aiormq.exceptions
 from ..errors import BrokerConnectionError
 from ..protocol import topology
 from ..protocol.messages import Lease
-from ..protocol.names import KIWIPY_EXCHANGE, rpc_queue, rpc_routing_key
+from ..protocol.names import KIWIPY_EXCHANGE, STATUS_EXCHANGE, rpc_queue, rpc_routing_key
 from .amqp_connection import AmqpConnection, Outgoing
 from .amqp_entries import JournalWriter
 from .amqp_leases import Leases
@@ -215,8 +215,8 @@ class Ownership:
                 if rerun:  # our dead connection's, not let go yet, or another execution's
                     self.connection.spawn(self._reverify(owned, locked_out=True))
                 raise
-            exchange = await channel.get_exchange(KIWIPY_EXCHANGE, ensure=False)
-            await queue.bind(exchange, rpc_routing_key(job_id))
+            await queue.bind(KIWIPY_EXCHANGE, rpc_routing_key(job_id))
+            await queue.bind(STATUS_EXCHANGE, job_id)  # read-only RPCs only (SignalServer)
             # Consumed through aiormq's own basic_consume: one task per message, not two.
             underlay = await channel.get_underlay_channel()
             await underlay.basic_consume(queue.name, lambda message: self._deliver_rpc(job_id, message),

@@ -30,7 +30,7 @@ import aio_pika.abc
 import aiormq.abc
 
 from .. import codec
-from ..errors import BrokerExecError, DecodeError
+from ..errors import BrokerExecError, DecodeError, SignalRefused
 from ..protocol import topology
 from ..protocol.intents import Signal, intent_for_subject
 from ..protocol.messages import Control, JobsQuery, WorkerJobs
@@ -39,6 +39,7 @@ from ..protocol.names import (
     JOB_ID_HEADER,
     KIWIPY_OTHERS_EXCHANGE,
     STATE_CHANGED_TYPE,
+    STATUS_EXCHANGE,
     WORKERS_EXCHANGE,
     expired,
 )
@@ -66,6 +67,8 @@ class Request:
     reply_to: str | None
     correlation_id: str
     headers: Mapping[str, Any] | None
+    #: The exchange it came through, from the delivery (the broker's word, not the sender's).
+    exchange: str = ""
 
     @classmethod
     def of_aiormq(cls, message: aiormq.abc.DeliveredMessage) -> Request:
@@ -73,12 +76,12 @@ class Request:
         and its task per message (the RPC round trip feels both)."""
         props = message.header.properties
         return cls(message.body, props.content_type, props.reply_to, props.correlation_id or "",
-                   props.headers)
+                   props.headers, message.exchange or "")
 
     @classmethod
     def of_aio_pika(cls, message: aio_pika.abc.AbstractIncomingMessage) -> Request:
         return cls(message.body, message.content_type, message.reply_to,
-                   message.correlation_id or "", message.headers)
+                   message.correlation_id or "", message.headers, message.exchange or "")
 
 
 class SignalServer:
@@ -126,7 +129,12 @@ class SignalServer:
                 return
             if self._seen_before(reply_to, correlation_id):
                 raise DecodeError(f"duplicate correlation id {correlation_id!r}")
-            answer = self.hooks.on_rpc(job_id, Signal.decode(body))
+            signal = Signal.decode(body)
+            if message.exchange == STATUS_EXCHANGE and not signal.intent.spec.read_only:
+                # Whoever may write to the status exchange (a watcher) may only look.
+                raise SignalRefused(f"{signal.describe()} through {STATUS_EXCHANGE}: only read-only "
+                                    "intents are answered there")
+            answer = self.hooks.on_rpc(job_id, signal)
         except Exception as exc:
             if not isinstance(exc, BrokerExecError):
                 log.info("RPC to job %s failed: %r", job_id, exc)
@@ -232,12 +240,16 @@ class SignalServer:
             log.warning("control message %r refused: %s", control.intent.value, exc)
 
     # ---- the workers exchange: the jobs query, and RPCs to jobs not yet claimed -------------
+    # (and the status exchange's read-only RPCs to them)
 
     async def setup_workers(self, channel: aio_pika.abc.AbstractChannel) -> None:
         """This worker's queue on the workers exchange."""
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         exchange = await channel.get_exchange(WORKERS_EXCHANGE, ensure=False)
         await queue.bind(exchange, "")
+        # Read-only RPCs to jobs not claimed yet come this way too (deliver_rpc refuses the
+        # rest of what came through the status exchange).
+        await queue.bind(STATUS_EXCHANGE, "")
         await queue.consume(self._on_workers_message, no_ack=True)
 
     async def _on_workers_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:

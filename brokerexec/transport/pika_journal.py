@@ -29,8 +29,9 @@ ACK_EVERY = 50
 Pump = Callable[[Callable[[], bool], "float | None", Any], bool]
 
 
-def _incoming(props: pika.BasicProperties, body: bytes) -> Incoming:
-    return Incoming(body, props.content_type, props.message_id, props.type, props.reply_to)
+def _incoming(method: Any, props: pika.BasicProperties, body: bytes) -> Incoming:
+    return Incoming(body, props.content_type, props.message_id, props.type, props.reply_to,
+                    method.exchange)
 
 
 def read_journal(parameters: Sequence[pika.ConnectionParameters], reader: JournalReader,
@@ -54,7 +55,7 @@ def read_journal(parameters: Sequence[pika.ConnectionParameters], reader: Journa
             # Acks only give the stream consumer credit back: one for many. pika flushes each
             # ack at once, a system call and a poll: per message, that was most of a look-up.
             ch.basic_ack(method.delivery_tag, multiple=True)
-        reader.feed(stream, _incoming(props, body))
+        reader.feed(stream, _incoming(method, props, body))
 
     connection = pika.BlockingConnection(parameters)
     try:
@@ -77,7 +78,7 @@ def read_journal(parameters: Sequence[pika.ConnectionParameters], reader: Journa
                                                        message_id=probe.message_id, type=probe.type))
         pump(lambda: reader.done or not channel.is_open, seconds, connection)
         if not reader.done and not channel.is_open:
-            # The probe was refused (a user without write on the default exchange): say so
+            # The probe was refused (a user without write on the probes exchange): say so
             # at once rather than wait out the read's time-out.
             reason = closing_reason(channel) or "channel closed"
             kind = AccessRefused if reason.startswith("403 ") else BrokerExecError
@@ -109,7 +110,8 @@ def browse(connection: pika.BlockingConnection, queues: Sequence[str], limit: in
         for name, count in expected.items():
             if count:
                 channel.basic_consume(name, functools.partial(
-                    lambda name, _ch, _m, props, body: found[name].append(_incoming(props, body)), name))
+                    lambda name, _ch, method, props, body:
+                    found[name].append(_incoming(method, props, body)), name))
         deadline = time.monotonic() + BROWSE_SECONDS
         pump(lambda: all(len(found[n]) >= c for n, c in expected.items()),
              max(deadline - time.monotonic(), 0.0), connection)
