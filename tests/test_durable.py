@@ -107,13 +107,14 @@ def test_a_queued_job_is_listed_answers_status_and_can_be_cancelled(
     assert first.record() == record  # still the cancelled record: the first one counts
     ended = {job["job_id"]: job for job in client.jobs(ended_within=60)}
     assert ended[first.id]["state"] == "aborted" and ended[second.id]["state"] == "finished"
-    # Unknown ids are answered at once.
+    # Unknown ids are answered within a second or two each (0.8 s on a quiet machine: the
+    # workers get the locate deadline of 0.5 s, plus slack), not at a time-out.
     unknown = client.job(new_job_id())
-    started = time.monotonic()
     for ask in (unknown.status, lambda: unknown.result(30), unknown.abort):
+        started = time.monotonic()
         with pytest.raises(JobNotFound):
             ask()
-    assert time.monotonic() - started < 3.0
+        assert time.monotonic() - started < 2.5
 
 
 def test_abort_all_reaches_jobs_still_queued(client: Client, worker_process: Callable[..., Any]) -> None:
