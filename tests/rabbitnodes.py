@@ -60,6 +60,18 @@ _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def require_installed(what: str) -> None:
+    """Skip the calling test when RabbitMQ is not installed (``what`` says what it needed it
+    for), or fail it under ``CI``: as conftest does, CI must never silently skip."""
+    import pytest
+
+    if not (RABBITMQ_BIN / "rabbitmq-server").exists():
+        message = f"no {RABBITMQ_BIN}/rabbitmq-server: install RabbitMQ to {what}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 class RabbitNodeError(RuntimeError):
     """A node did not start, or ``rabbitmqctl`` or ``openssl`` failed."""
 

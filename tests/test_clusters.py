@@ -8,7 +8,6 @@ cluster of :mod:`rabbitnodes` that the test starts and always stops.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -162,11 +161,10 @@ def cluster_url(ports: list[int]) -> str:
 @pytest.mark.timeout(600)
 def test_jobs_on_a_cluster_finish_when_the_node_hosting_them_stops(
         tmp_path: Path, worker_process: Callable[..., Any]) -> None:
-    from rabbitnodes import RABBITMQ_BIN, RabbitCluster
+    from rabbitnodes import RabbitCluster, require_installed
     from test_faults import Watch, launch
 
-    if not (RABBITMQ_BIN / "rabbitmq-server").exists():
-        pytest.fail("RabbitMQ is not installed") if os.environ.get("CI") else pytest.skip("no RabbitMQ")
+    require_installed("start a 3-node cluster")
     cluster = RabbitCluster(tmp_path, n=3)
     ports = [node.port for node in cluster.nodes]
     with cluster:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import secrets
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from typing import NamedTuple
 from urllib.parse import urlencode
 
 import pytest
-from rabbitnodes import RABBITMQ_BIN, RabbitNode, TlsFiles, make_tls_files
+from rabbitnodes import RabbitNode, TlsFiles, make_tls_files, require_installed
 
 from brokerexec import AsyncClient, Client
 from brokerexec.errors import BrokerConnectionError, ConfigurationError
@@ -49,9 +48,7 @@ class Tls(NamedTuple):
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tls]:
     """One TLS node for the module, with a user of its own; stopped (data and all) at the end."""
-    if not (RABBITMQ_BIN / "rabbitmq-server").exists():
-        message = f"no {RABBITMQ_BIN}/rabbitmq-server: cannot start a TLS node"
-        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)  # CI never skips
+    require_installed("start a TLS node")
     root = tmp_path_factory.mktemp("tls")
     files, other = make_tls_files(root / "ca"), make_tls_files(root / "other-ca")
     password = f"pw-{secrets.token_hex(8)}"
