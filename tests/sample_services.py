@@ -297,6 +297,7 @@ class GilHog(Service):
 
     ``a*a*a*a*c`` against ``"a" * n`` tries every split of the a's, some power of n steps
     inside ``re`` (which never releases the GIL), so the size can be tuned continuously.
+    The probes that size it hold the GIL too (up to a few seconds).
     """
 
     name = "gil-hog"
@@ -304,12 +305,21 @@ class GilHog(Service):
     PATTERN = re.compile(r"a*a*a*a*c")
 
     def run(self, handler: ServiceHandler, request: dict[str, Any]) -> dict[str, Any]:
-        # Two probes fit the cost's power of n; each the least disturbed of three runs.
-        small, large = (min(self._hold(n) for _ in range(3)) for n in (200, 320))
-        power = math.log(large / small) / math.log(320 / 200)
-        size = round(320 * (request["seconds"] / large) ** (1 / power))
-        handler.ready()  # progress_delta 0: the test learns the hold begins now
-        return {"size": size, "held": self._hold(size)}
+        handler.ready()  # progress_delta 0: the test learns the calibration begins now
+        return {"size": (size := self._size_for(request["seconds"])), "held": self._hold(size)}
+
+    def _size_for(self, seconds: float) -> int:
+        # Grow the size until one hold takes 2 s, then fit the cost's power of n over that
+        # last doubling or so (short probes alone misjudge it by a factor of two either way).
+        probes = [(200, self._hold(200))]
+        while probes[-1][1] < 2.0:
+            size = round(probes[-1][0] * 1.25)
+            probes.append((size, self._hold(size)))
+        (small, t_small), (large, t_large) = next(
+            (p for p in probes if p[1] >= 0.2), probes[0]), probes[-1]
+        power = math.log(t_large / t_small) / math.log(large / small) if large > small else 4.0
+        power = min(max(power, 3.3), 4.0)  # four stars: n**4 steps at most
+        return round(large * (seconds / t_large) ** (1 / power))
 
     def _hold(self, size: int) -> float:
         start = time.monotonic()

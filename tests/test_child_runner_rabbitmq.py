@@ -118,8 +118,11 @@ def test_the_worker_keeps_its_connection_while_a_child_holds_its_gil_for_a_minut
             asked = time.monotonic()
             assert job.status(timeout=5)["state"] == "running"
             answered.append(time.monotonic() - asked)
-    assert result["held"] >= 45, result  # about a minute, in one C call
-    assert len(answered) >= 6 and max(answered) < 2, answered
+    # About a minute in one C call: the size is extrapolated from short probes, so on a
+    # loaded machine the hold lands anywhere from about 40 to 80 s; 30 s is still fifteen
+    # heartbeats, far past the two missed ones that would close the connection.
+    assert result["held"] >= 30, result
+    assert len(answered) >= 4 and max(answered) < 2, answered  # one per 5 s wait
     # and the worker's connection is the one it had: never lost, never reopened
     assert not [line for line in worker.lines if "lost" in line or "reconnect" in line], worker.lines
     if has_ctl:
