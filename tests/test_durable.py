@@ -117,6 +117,25 @@ def test_a_queued_job_is_listed_answers_status_and_can_be_cancelled(
         assert time.monotonic() - started < 2.5
 
 
+def test_jobs_queued_by_one_launch_many_answer_status_and_can_be_cancelled(
+        client: Client, worker_process: Callable[..., Any]) -> None:
+    worker_process(*FAST, "--concurrency", "1", services=("Forever", "Counter"))
+    busy = launch(client, Watch(), "forever", {"tick": 0.01})
+    # A sweep's launches share one journal entry per stream: each job is known there
+    # (a status each: the locate deadline of 0.5 s, then the journal)
+    sweep = client.launch_many("counter", [{"steps": n % 3} for n in range(6)])
+    assert {job.status()["state"] for job in sweep} == {"queued"}
+    cancelled = sweep[3]
+    assert cancelled.abort() is True
+    with pytest.raises(JobAborted):
+        cancelled.result(5)
+    busy.abort()
+    results = [job.result(WAIT) for job in sweep if job is not cancelled]
+    assert results == [{"count": n % 3, "label": ""} for n in range(6) if n != 3]
+    record = cancelled.record()
+    assert record is not None and record["reason"] == "cancelled while queued"
+
+
 def test_abort_all_reaches_jobs_still_queued(client: Client, worker_process: Callable[..., Any]) -> None:
     worker_process(*FAST, "--concurrency", "1", services=("Forever", "Counter"))
     watch = Watch()

@@ -17,6 +17,7 @@ from brokerexec.protocol.journal import (
     JournalScan,
     JournalSearch,
     checkpoint_entry,
+    launches_entry,
     probe_message,
     started_entry,
 )
@@ -25,6 +26,7 @@ from brokerexec.protocol.names import (
     CHECKPOINT_TYPE,
     JOURNAL_BUCKETS,
     LAUNCH_TYPE,
+    LAUNCHES_TYPE,
     LEASE_TYPE,
     PROBES_EXCHANGE,
     RECORD_TIME_MARGIN,
@@ -107,6 +109,27 @@ def test_a_waiting_search_reads_past_its_probe_to_the_record() -> None:
     assert search.launch_reply_to == "brokerexec.client.x" and not search.not_found
     assert search.feed(stream, entry(RECORD_TYPE, record(job_id), job_id))
     assert search.record is not None and search.record["result"] == 42
+
+
+def test_a_job_launched_in_a_sweep_is_found_in_its_streams_launches_entry() -> None:
+    job_id, neighbour = new_job_id(), new_job_id()
+    search = JournalSearch(job_id, wait=False)
+    stream, probe = search.stream, search.probes[search.stream]
+    # An entry of other jobs, one that holds the id elsewhere than in its list, a forged one
+    others = entry(LAUNCHES_TYPE, launches_entry("fit", 1.0, [neighbour]), "sweep-0")
+    decoy = entry(LAUNCHES_TYPE, {**launches_entry("fit", 1.0, [neighbour]), "note": job_id}, "sweep-1")
+    forged = entry(LAUNCHES_TYPE, launches_entry("evil", 1.0, [job_id]), "x")._replace(
+        exchange=PROBES_EXCHANGE)
+    for message in (others, decoy, forged):
+        assert not search.feed(stream, message)
+    assert not search.history.known
+    sweep = entry(LAUNCHES_TYPE, launches_entry("fit", 123.0, [neighbour, job_id]), "sweep-2",
+                  reply_to="brokerexec.client.me")
+    assert not search.feed(stream, sweep)
+    assert search.feed(stream, Incoming(b"{}", None, probe, "brokerexec.probe"))
+    assert search.history.status() == {"state": "queued", "paused": False, "service": "fit",
+                                       "attempt": 0, "since": 123.0}
+    assert search.launch_reply_to == "brokerexec.client.me" and not search.not_found
 
 
 def test_no_entry_that_came_through_the_probes_exchange_is_believed() -> None:

@@ -27,7 +27,7 @@ from brokerexec.errors import (
 )
 from brokerexec.job import Job
 from brokerexec.protocol import calls
-from brokerexec.protocol.calls import Gather, Incoming, NextReply, QueueExists, Request, Routed
+from brokerexec.protocol.calls import Gather, Incoming, Message, NextReply, QueueExists, Request, Routed
 from brokerexec.protocol.intents import INTENTS, Answered, Intent, Signal, intent_for_subject
 from brokerexec.protocol.messages import Control, Launch, Record, WorkerJobs
 from brokerexec.protocol.names import (
@@ -301,21 +301,53 @@ def test_the_jobs_query_gathers_every_answer() -> None:
         assert calls.drive(calls.fleet_query(timeout=0.5, max_bytes=10_000), Script(first)).jobs == []
 
 
-def test_launches_go_to_their_services_queue_and_to_their_journal_stream() -> None:
-    batch = [Launch.new("fit"), Launch.new("fit")]
+def test_a_launch_goes_to_its_services_queue_and_by_its_cc_key_to_its_journal_stream() -> None:
+    (launch,) = batch = [Launch.new("fit")]
     offered: set[str] = set()
-    script = Script(True, [Routed.DELIVERED, Routed.DELIVERED])
+    script = Script(True, [Routed.DELIVERED])
     calls.drive(calls.launches(batch, reply_to="brokerexec.client.me", offered=offered), script)
     assert script.commands[0] == QueueExists("brokerexec.launches.fit") and offered == {"fit"}
-    messages = script.commands[1].messages
-    assert [m.message_id for m in messages] == [launch.job_id for launch in batch]
-    assert all(m.persistent and m.reply_to == "brokerexec.client.me" for m in messages)
-    assert all((m.exchange, m.routing_key) == ("brokerexec.launches", "fit") for m in messages)
-    assert [m.headers["CC"] for m in messages] == [[journal_stream(launch.job_id)] for launch in batch]
+    (message,) = script.commands[1].messages
+    assert message.message_id == launch.job_id and message.type == "brokerexec.launch"
+    assert message.persistent and message.reply_to == "brokerexec.client.me"
+    assert (message.exchange, message.routing_key) == ("brokerexec.launches", "fit")
+    assert message.headers == {"CC": [journal_stream(launch.job_id)]}
     # Known offered now: the next launch asks nothing first.
     again = Script([Routed.DELIVERED])
     calls.drive(calls.launches([Launch.new("fit")], offered=offered), again)
     assert len(again.commands) == 1
+
+
+def test_many_launches_write_one_journal_entry_per_stream_not_one_per_job() -> None:
+    batch = [Launch.new("fit") for _ in range(2500)] + [Launch.new("other") for _ in range(3)]
+    entries_for = 16 + len({journal_stream(launch.job_id) for launch in batch[-3:]})
+    published: list[Message] = []
+
+    def broker(command: Any) -> Any:
+        if isinstance(command, QueueExists):
+            return True
+        published.extend(command.messages)
+        return [Routed.DELIVERED] * len(command.messages)
+
+    calls.drive(calls.launches(batch, reply_to="brokerexec.client.me"), broker)
+    messages = published
+    entries, launches = messages[:-len(batch)], messages[-len(batch):]
+    # The launches themselves, to their services' queues, with no CC key
+    assert [m.message_id for m in launches] == [launch.job_id for launch in batch]
+    assert all(m.headers is None and m.routing_key == launch.service
+               for m, launch in zip(launches, batch, strict=True))
+    # before them, per stream and service, one entry of at most 1,000 ids (2,500 of "fit"
+    # over 16 streams: about 156 each), sent to that stream, with the launching client's queue
+    assert all(m.type == "brokerexec.launches" and m.persistent and m.exchange == "brokerexec.launches"
+               and m.reply_to == "brokerexec.client.me" for m in entries)
+    assert len(entries) == entries_for < 40
+    listed: dict[str, str] = {}
+    for m in entries:
+        body = json.loads(m.body)
+        assert len(body["jobs"]) <= 1000
+        assert all(journal_stream(job_id) == m.routing_key for job_id in body["jobs"])
+        listed.update((job_id, body["service"]) for job_id in body["jobs"])
+    assert listed == {launch.job_id: launch.service for launch in batch}
 
 
 def test_a_service_no_worker_ever_offered_is_refused_before_anything_is_sent() -> None:
@@ -324,5 +356,9 @@ def test_a_service_no_worker_ever_offered_is_refused_before_anything_is_sent() -
         calls.drive(calls.launches([Launch.new("nosuch")]), script)
     assert len(script.commands) == 1
     with pytest.raises(UnknownService, match="not routed"):
-        calls.drive(calls.launches([Launch.new("fit"), Launch.new("fit")], offered={"fit"}),
-                    Script([Routed.DELIVERED, Routed.RETURNED]))
+        calls.drive(calls.launches([Launch.new("fit")], offered={"fit"}), Script([Routed.RETURNED]))
+    batch = [Launch.new("fit"), Launch.new("fit")]
+    with pytest.raises(UnknownService, match=f"the launch of job {batch[1].job_id} was not routed"):
+        entries = len({journal_stream(launch.job_id) for launch in batch})
+        calls.drive(calls.launches(batch, offered={"fit"}),
+                    Script([Routed.DELIVERED] * entries + [Routed.DELIVERED, Routed.RETURNED]))

@@ -9,7 +9,8 @@ listing) are in :mod:`.lookups`.
 The decisions that live here, and only here:
 
 * a launch goes to the launches exchange, routed by its service to that service's queue,
-  and by its ``CC`` key to its job's journal stream (one publish, one confirm); a service
+  and by its ``CC`` key to its job's journal stream (one publish, one confirm); many
+  launches at once instead write one ``launches`` entry per journal stream; a service
   whose queue does not exist was never offered by any worker: :class:`~brokerexec.
   UnknownService`, at once;
 * an RPC to a job that is not claimed yet comes back unroutable: it goes once more to every
@@ -57,6 +58,7 @@ from .commands import (
     drive_async,
 )
 from .intents import Answered, Intent, Signal
+from .journal import launches_entry
 from .names import (
     CC_HEADER,
     CONTROL_EXCHANGE,
@@ -66,6 +68,8 @@ from .names import (
     KIWIPY_EXCHANGE,
     LAUNCH_TYPE,
     LAUNCHES_EXCHANGE,
+    LAUNCHES_PER_ENTRY,
+    LAUNCHES_TYPE,
     STATUS_EXCHANGE,
     WORKERS_EXCHANGE,
     deadline_ms,
@@ -232,16 +236,37 @@ def launches(batch: Sequence[Launch], *, reply_to: str | None = None,
             raise UnknownService(f"no worker has ever offered service {service!r} on this broker "
                                  f"(there is no queue {launch_queue(service)})")
         offered.add(service)
+    entries = _launches_entries(batch, reply_to) if len(batch) > 1 else []
     messages = [Message(LAUNCHES_EXCHANGE, launch.service, codec.encode(launch.encode()),
                         persistent=True, message_id=launch.job_id, reply_to=reply_to,
-                        type=LAUNCH_TYPE, headers={CC_HEADER: [journal_stream(launch.job_id)]})
+                        type=LAUNCH_TYPE,
+                        headers=None if entries else {CC_HEADER: [journal_stream(launch.job_id)]})
                 for launch in batch]
-    outcomes = yield Publish(messages, mandatory=True)
+    # The entries first: a worker may take a launch before this call returns. Their outcome
+    # is not checked: the streams exist wherever a worker made the launch queues.
+    outcomes = (yield Publish([*entries, *messages], mandatory=True))[len(entries):]
     for launch, routed in zip(batch, outcomes, strict=True):
         if routed is not Routed.DELIVERED:
             offered.discard(launch.service)
             raise UnknownService(f"the launch of job {launch.job_id} was not routed "
                                  f"({routed.value}): no queue of service {launch.service!r}")
+
+
+def _launches_entries(batch: Sequence[Launch], reply_to: str | None) -> list[Message]:
+    """The journal entries of many launches: one ``launches`` entry per stream and service
+    (of at most ``LAUNCHES_PER_ENTRY`` ids) instead of a ``launch`` entry per job."""
+    groups: dict[tuple[str, str], list[Launch]] = {}
+    for launch in batch:
+        groups.setdefault((journal_stream(launch.job_id), launch.service), []).append(launch)
+    entries = []
+    for (stream, service), launches in groups.items():
+        for start in range(0, len(launches), LAUNCHES_PER_ENTRY):
+            part = launches[start:start + LAUNCHES_PER_ENTRY]
+            body = launches_entry(service, min(launch.sent for launch in part),
+                                  [launch.job_id for launch in part])
+            entries.append(Message(LAUNCHES_EXCHANGE, stream, codec.encode(body), persistent=True,
+                                   message_id=uuid.uuid4().hex, reply_to=reply_to, type=LAUNCHES_TYPE))
+    return entries
 
 
 def control(message: Control) -> Call[None]:

@@ -105,6 +105,10 @@ STATE_CHANGED_HEADER: Final = ("brokerexec-kind", "state_changed")
 #: AMQP ``type`` of each kind of journal entry, and of a probe a reader appends to find a
 #: stream's end (``protocol/journal.py``).
 LAUNCH_TYPE: Final = "brokerexec.launch"
+#: One entry for many launches of one ``launch_many()`` (their ids in its body).
+LAUNCHES_TYPE: Final = "brokerexec.launches"
+#: At most this many job ids in one ``launches`` entry (about 34 KiB).
+LAUNCHES_PER_ENTRY: Final = 1000
 STARTED_TYPE: Final = "brokerexec.started"
 CHECKPOINT_TYPE: Final = "brokerexec.checkpoint"
 RECORD_TYPE: Final = "brokerexec.record"
