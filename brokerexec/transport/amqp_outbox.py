@@ -2,7 +2,7 @@
 
 A worker sends several small messages for every job (state events, kiwipy ``state_changed``
 broadcasts, the ack of its launch). Here every publish and ack waiting at the moment is
-marshalled with pamqp and handed to aiormq's writer as **one** frame batch: one queue pass
+marshalled (``amqp_frames.py``) and handed to aiormq's writer as **one** frame batch: one queue pass
 and one ``send()`` for all of them (``aiormq_internals.py`` says how, and what it falls back
 to should aiormq change).
 
@@ -32,13 +32,11 @@ from typing import Any
 import aiormq
 import aiormq.abc
 import aiormq.exceptions
-import pamqp.frame
 from pamqp import commands as spec
-from pamqp.body import ContentBody
-from pamqp.header import ContentHeader
 
 from ..errors import BrokerConnectionError
 from . import aiormq_internals as internals
+from .amqp_frames import ack_frame, publish_frames
 
 __all__ = ["Outbox", "Outgoing"]
 
@@ -75,17 +73,10 @@ class Outgoing:
         return cls("", reply_to, body, spec.Basic.Properties(
             content_type=content_type, correlation_id=correlation_id, delivery_mode=1))
 
-    def frames(self, channel_number: int, max_content: int) -> list[bytes]:
+    def frames(self, channel_number: int, max_content: int) -> bytes:
         """This publish as marshalled AMQP frames (method, header, body in pieces)."""
-        frames = [pamqp.frame.marshal(spec.Basic.Publish(exchange=self.exchange,
-                                                         routing_key=self.routing_key),
-                                      channel_number),
-                  pamqp.frame.marshal(ContentHeader(properties=self.properties,
-                                                    body_size=len(self.body)), channel_number)]
-        for start in range(0, len(self.body), max_content):
-            frames.append(pamqp.frame.marshal(ContentBody(self.body[start:start + max_content]),
-                                              channel_number))
-        return frames
+        return publish_frames(channel_number, self.exchange, self.routing_key, self.body,
+                              self.properties, max_content)
 
 
 @dataclass
@@ -145,7 +136,7 @@ class Outbox:
             self.post(item)
             return
         number, max_content = internals.frame_limits(channel)
-        if not internals.write_now(channel, b"".join(item.frames(number, max_content))):
+        if not internals.write_now(channel, item.frames(number, max_content)):
             self.post(item)
 
     def publish_confirmed(self, item: Outgoing) -> asyncio.Future[None]:
@@ -245,15 +236,14 @@ class Outbox:
         parts: list[bytes] = []
         for ack in acks:
             if not ack.channel.is_closed:
-                parts.append(pamqp.frame.marshal(spec.Basic.Ack(delivery_tag=ack.delivery_tag),
-                                                 ack.channel.number))
+                parts.append(ack_frame(ack.channel.number, ack.delivery_tag))
         number, max_content = internals.frame_limits(channel)
         for item in batch:
-            parts.extend(item.frames(number, max_content))
+            parts.append(item.frames(number, max_content))
         number, max_content = internals.frame_limits(confirm_channel)
         for item, done in confirmed:
             internals.expect_confirm(confirm_channel).add_done_callback(functools.partial(_settle, done))
-            parts.extend(item.frames(number, max_content))
+            parts.append(item.frames(number, max_content))
         if parts:
             await internals.write_frames(channel, b"".join(parts))
 
