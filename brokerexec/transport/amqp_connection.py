@@ -33,6 +33,7 @@ import aio_pika.abc
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from ..errors import BrokerConnectionError, ConfigurationError
+from .amqp_delivery import Delivery
 from .amqp_failures import describe_failure, permanent_failure
 from .amqp_outbox import Channels, Outbox, Outgoing
 from .amqp_settings import ConnectionSettings
@@ -338,8 +339,11 @@ class AmqpConnection:
         """
         if not self.connected:
             raise BrokerConnectionError("not connected")
+        # The outbox's own futures: aiormq never cancels them (a lost confirm fails them
+        # with BrokerConnectionError), so they need no task of their own (``_isolated``).
         confirms = [self.outbox.publish_confirmed(item) for item in items]
-        await _isolated(asyncio.wait_for(asyncio.gather(*confirms), timeout))
+        await asyncio.wait_for(confirms[0] if len(confirms) == 1 else asyncio.gather(*confirms),
+                               timeout)
 
     def post(self, item: Outgoing) -> None:
         """Queue a fire-and-forget publish; ordered, kept across reconnects (any thread)."""
@@ -353,7 +357,7 @@ class AmqpConnection:
         else:
             self.outbox.post(item)
 
-    def ack(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    def ack(self, message: Delivery | aio_pika.abc.AbstractIncomingMessage) -> None:
         """Acknowledge a delivery with the outbox's next batch (loop thread); void if its
         channel has closed since (the delivery went back to its queue)."""
         if message.delivery_tag is not None:

@@ -40,6 +40,7 @@ from ..errors import DecodeError
 from ..protocol.messages import Launch, Lease, Record
 from ..protocol.names import LEASE_TYPE, check_name, launch_queue
 from .amqp_connection import AmqpConnection
+from .amqp_delivery import Delivery
 from .amqp_ownership import Ownership
 from .base import PreparedJob, Resumed, WorkerHooks
 
@@ -47,7 +48,7 @@ __all__ = ["LaunchIntake"]
 
 log = logging.getLogger(__name__)
 
-Message = aio_pika.abc.AbstractIncomingMessage
+Message = Delivery
 #: Stores a record of a launch that never ran here (the worker's ``JobEnds.finish``).
 Finish = Callable[[Record, "str | None"], Coroutine[Any, Any, None]]
 
@@ -123,16 +124,19 @@ class LaunchIntake:
     async def _consume(self, channel: aio_pika.abc.AbstractChannel) -> None:
         if self._consumer_tags or self._free <= 0 or not self._taking_work:
             return
-        for service in self.services:
-            queue = await channel.get_queue(launch_queue(service), ensure=False)
-            self._consumer_tags[service] = await queue.consume(self._on_launch)
+        underlay = await channel.get_underlay_channel()
+        for service in self.services:  # aiormq's own consumer: Delivery says why
+            consumed = await underlay.basic_consume(
+                launch_queue(service), lambda message: self._on_launch(Delivery(message)))
+            assert consumed.consumer_tag is not None
+            self._consumer_tags[service] = consumed.consumer_tag
 
     async def _cancel(self, channel: aio_pika.abc.AbstractChannel) -> None:
         tags, self._consumer_tags = self._consumer_tags, {}
         for service, tag in tags.items():
             try:
-                queue = await channel.get_queue(launch_queue(service), ensure=False)
-                await queue.cancel(tag)
+                underlay = await channel.get_underlay_channel()
+                await underlay.basic_cancel(tag)
             except Exception as exc:  # the channel is going away: the setup re-runs
                 log.debug("cancel of the %s launch consumer failed: %r", service, exc)
 

@@ -9,8 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aio_pika.abc
-
+from .amqp_delivery import Delivery
 from .amqp_outbox import Outgoing
 from .base import PreparedJob
 
@@ -25,7 +24,7 @@ class OwnedJob:
     """A job this worker runs, and what makes it this worker's."""
 
     job: PreparedJob
-    delivery: aio_pika.abc.AbstractIncomingMessage | None  # the unacked launch, until claimed
+    delivery: Delivery | None  # the unacked launch, until claimed
     generation: int  # of the launch channel that delivered it
     reply_to: str | None
     locked: bool = False  # holds the job's exclusive queue

@@ -9,7 +9,7 @@ comes back as a launch to resume the job if this worker dies. The launch is acke
 A job is claimed when it has run ``claim_after`` seconds, when a client asks for it, when it
 checkpoints, when its launch comes back redelivered or as a lease (before it starts), and
 after a reconnect. A job shorter than ``claim_after`` never pays for a queue, an entry or a
-lease: together they cost the broker more than a trivial job.
+lease (together they cost the broker more than a trivial job).
 
 **Fencing.** An exclusive queue alone is a hint, not a fence: after a reconnect (a network
 cut healed, a SIGSTOPped process continued) this worker may claim again a job that was
@@ -19,8 +19,7 @@ by another worker), means this copy is **superseded**: it stops at its next ``re
 publishes nothing (no events, record or checkpoint) and lets its lease go. Until its claim
 is verified again on the new connection, a job's events are held.
 
-Everything here runs on the connection's loop thread, except :meth:`Ownership.speak` and
-:meth:`Ownership.silenced`.
+Everything runs on the connection's loop thread, but :meth:`Ownership.speak` and ``silenced``.
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ from ..protocol import topology
 from ..protocol.messages import Lease
 from ..protocol.names import KIWIPY_EXCHANGE, STATUS_EXCHANGE, rpc_queue, rpc_routing_key
 from .amqp_connection import AmqpConnection, Outgoing
+from .amqp_delivery import Delivery
 from .amqp_entries import JournalWriter
 from .amqp_leases import Leases
 from .amqp_owned_job import OwnedJob
@@ -146,7 +146,7 @@ class Ownership:
                 owned.check_journal = True
                 self.claim_later(owned, 0)
 
-    def take(self, job: PreparedJob, delivery: aio_pika.abc.AbstractIncomingMessage,
+    def take(self, job: PreparedJob, delivery: Delivery,
              reply_to: str | None = None) -> OwnedJob:
         """Own ``job`` on the strength of its unacknowledged launch ``delivery``."""
         owned = OwnedJob(job, delivery, self._launch_generation, reply_to or delivery.reply_to)
