@@ -3,7 +3,10 @@ calls driven by a scripted broker (the sans-I/O style: no sockets, no threads)."
 
 from __future__ import annotations
 
+import collections
+import itertools
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,10 +35,15 @@ from brokerexec.protocol.intents import INTENTS, Answered, Intent, Signal, inten
 from brokerexec.protocol.messages import Control, Launch, Record, WorkerJobs
 from brokerexec.protocol.names import (
     DEADLINE_MS_HEADER,
+    IDS_PER_BUCKET,
     JOB_ID_HEADER,
+    JOURNAL_BUCKETS,
     KIWIPY_EXCHANGE,
     STATUS_EXCHANGE,
     WORKERS_EXCHANGE,
+    check_name,
+    job_time,
+    journal_bucket,
     journal_stream,
     new_job_id,
     rpc_routing_key,
@@ -362,3 +370,18 @@ def test_a_service_no_worker_ever_offered_is_refused_before_anything_is_sent() -
         entries = len({journal_stream(launch.job_id) for launch in batch})
         calls.drive(calls.launches(batch, offered={"fit"}),
                     Script([Routed.DELIVERED] * entries + [Routed.DELIVERED, Routed.RETURNED]))
+
+
+def test_job_ids_made_in_a_row_share_a_journal_stream_and_every_stream_gets_its_share() -> None:
+    made = [new_job_id() for _ in range(IDS_PER_BUCKET * JOURNAL_BUCKETS * 2)]
+    buckets = [journal_bucket(job_id) for job_id in made]
+    # The runs of one stream are IDS_PER_BUCKET long (the first may be cut by ids made before).
+    changes = [i for i in range(1, len(buckets)) if buckets[i] != buckets[i - 1]]
+    assert len(changes) in (2 * JOURNAL_BUCKETS - 1, 2 * JOURNAL_BUCKETS)
+    assert all(b - a == IDS_PER_BUCKET for a, b in itertools.pairwise(changes))
+    assert sorted(collections.Counter(buckets).values()) == [2 * IDS_PER_BUCKET] * JOURNAL_BUCKETS
+    for job_id in made[:50]:  # still 32 hex digits, with their launch time, one routing word
+        assert len(job_id) == 32 and int(job_id, 16) >= 0 and check_name("job id", job_id)
+        stamp = job_time(job_id)
+        assert stamp is not None and abs(stamp - time.time()) < 60
+    assert len(set(made)) == len(made)

@@ -6,6 +6,7 @@ object is declared with are in :mod:`brokerexec.protocol.topology`.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import time
@@ -142,11 +143,36 @@ def new_job_id() -> str:
 
     The first 12 digits are the launch time in milliseconds (as in UUIDv7), the other 20
     are random: a reader of the records stream starts there instead of at the beginning.
+    The last two are chosen so that the ids a process makes in a row share a journal stream
+    (:data:`IDS_PER_BUCKET` of them, then the next stream): see :func:`_in_bucket`.
     """
+    count = next(_ids_made)
+    bucket = (_first_bucket + count // IDS_PER_BUCKET) % JOURNAL_BUCKETS
     # os.urandom, not secrets: the same source, without importing hashlib and random.
-    return f"{int(time.time() * 1000):012x}{os.urandom(10).hex()}"
+    return _in_bucket(f"{int(time.time() * 1000):012x}{os.urandom(9).hex()}", bucket)
 
 
+#: How many ids in a row :func:`new_job_id` puts in one journal stream.
+IDS_PER_BUCKET: Final = 64
+_ids_made = itertools.count()  # next() on it is atomic: ids may come from any thread
+_first_bucket = os.urandom(1)[0] % JOURNAL_BUCKETS  # processes start at different streams
+_LAST_DIGITS: Final = tuple(f"{n:02x}".encode() for n in range(256))
+
+
+def _in_bucket(prefix: str, bucket: int) -> str:
+    """``prefix`` and two more hex digits, such that the id is in journal ``bucket``.
+
+    Why: a worker writes the records of the jobs that end together in one batch, and
+    RabbitMQ writes what reaches one stream together as one chunk, with one confirm. Spread
+    over every stream, a batch cost the broker a chunk, and the worker a confirm frame, per
+    record: about a quarter of the broker's CPU per trivial job (``docs/performance.md``).
+    Ids made in a row end up together; over time each stream still gets its share.
+    """
+    start = zlib.crc32(prefix.encode("ascii"))
+    for digits in _LAST_DIGITS:  # each hit with odds 1/16: a few tries
+        if zlib.crc32(digits, start) % JOURNAL_BUCKETS == bucket:
+            return prefix + digits.decode("ascii")
+    return prefix + os.urandom(1).hex()  # no two digits do it (never seen): any stream
 def job_time(job_id: str) -> float | None:
     """The launch time a brokerexec job id carries, or None (another id format)."""
     if len(job_id) != 32:
