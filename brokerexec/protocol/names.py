@@ -142,7 +142,7 @@ def new_job_id() -> str:
     """A fresh job id: 32 hex digits, one routing-key word.
 
     The first 12 digits are the launch time in milliseconds (as in UUIDv7), the other 20
-    are random: a reader of the records stream starts there instead of at the beginning.
+    are random: a reader of the journal starts there instead of at the beginning.
     The last two are chosen so that the ids a process makes in a row share a journal stream
     (:data:`IDS_PER_BUCKET` of them, then the next stream): see :func:`_in_bucket`.
     """
@@ -165,7 +165,7 @@ def _in_bucket(prefix: str, bucket: int) -> str:
     Why: a worker writes the records of the jobs that end together in one batch, and
     RabbitMQ writes what reaches one stream together as one chunk, with one confirm. Spread
     over every stream, a batch cost the broker a chunk, and the worker a confirm frame, per
-    record: about a quarter of the broker's CPU per trivial job (``docs/performance.md``).
+    record: about a fifth of the broker's CPU per trivial job (``docs/performance.md``).
     Ids made in a row end up together; over time each stream still gets its share.
     """
     start = zlib.crc32(prefix.encode("ascii"))
@@ -173,6 +173,8 @@ def _in_bucket(prefix: str, bucket: int) -> str:
         if zlib.crc32(digits, start) % JOURNAL_BUCKETS == bucket:
             return prefix + digits.decode("ascii")
     return prefix + os.urandom(1).hex()  # no two digits do it (never seen): any stream
+
+
 def job_time(job_id: str) -> float | None:
     """The launch time a brokerexec job id carries, or None (another id format)."""
     if len(job_id) != 32:
