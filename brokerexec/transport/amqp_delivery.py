@@ -45,10 +45,6 @@ class Delivery:
     def reply_to(self) -> str | None:
         return self._properties.reply_to
 
-    @property
-    def headers(self) -> dict[str, Any] | None:
-        return self._properties.headers
-
     async def ack(self) -> None:
         await self.channel.basic_ack(self.delivery_tag)
 

@@ -107,16 +107,17 @@ def _properties(p: spec.Basic.Properties) -> tuple[int, bytes]:
     if (value := p.priority) is not None:
         flags |= 0x0800
         parts.append(_octet(value))
+    if p.timestamp is not None:
+        raise _Unsupported  # pamqp's
     for name, flag in _STRINGS_AFTER:
         if (value := getattr(p, name)) is not None and value != "":
-            if flag == 0x0040:  # the timestamp: pamqp's
-                raise _Unsupported
             flags |= flag
             parts.append(_shortstr(value))
     return flags, b"".join(parts)
 
 
-_STRINGS_AFTER = tuple((name, flag) for name, flag, _ in _PROPERTIES[5:])
+#: The short strings after ``priority``, in wire order (the timestamp among them is pamqp's).
+_STRINGS_AFTER = tuple((name, flag) for name, flag, kind in _PROPERTIES[5:] if kind == "shortstr")
 
 
 def publish_frames(channel: int, exchange: str, routing_key: str, body: bytes,
