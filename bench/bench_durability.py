@@ -46,7 +46,8 @@ from brokerexec.protocol.names import (
     journal_stream_of_bucket,
     new_job_id,
 )
-from brokerexec.states import JobState
+from brokerexec.protocol.states import JobState
+from brokerexec.settings import RabbitMQSettings
 
 SERVICE = f"{Path(__file__).resolve().parent / '_chaos_service.py'}:Steps"
 
@@ -95,7 +96,7 @@ def lookup(url: str, sizes: list[int], n: int) -> list[Row]:
     jobs older than the reader's margin before it, half ended after it: a history that grew
     around it) and ``burst`` (all of them in the seconds just before its launch, inside the
     margin: what a look-up must read past)."""
-    from brokerexec.transport.pika_client import PikaClientTransport
+    from brokerexec.transport.pika.client import PikaClientTransport
 
     rows = []
     for shape in ("grown", "burst"):
@@ -167,15 +168,16 @@ class _Hooks:
 
 
 def checkpoint(url: str, sizes: list[int], n: int) -> list[Row]:
-    from brokerexec.transport.amqp_settings import ConnectionSettings
-    from brokerexec.transport.amqp_worker import RabbitWorkerTransport
-    from brokerexec.transport.pika_client import PikaClientTransport
+    from brokerexec.transport.pika.client import PikaClientTransport
+    from brokerexec.transport.rabbitmq.connection_settings import ConnectionSettings
+    from brokerexec.transport.rabbitmq.worker.transport import RabbitWorkerTransport
 
     rows = []
     with broker_lock(), isolated_vhost(url) as vhost:
         hooks = _Hooks()
         transport = RabbitWorkerTransport(ConnectionSettings(url=vhost, name="bench-ckpt"),
-                                          host_info={"hostname": "bench"}, claim_after=0)
+                                          host_info={"hostname": "bench"},
+                                          rabbitmq=RabbitMQSettings(claim_after=0))
         transport.serve(hooks, 1, ["steps"])  # type: ignore[arg-type]
         client = PikaClientTransport(vhost, heartbeat=0)
         client.launch([Launch.new("steps")])

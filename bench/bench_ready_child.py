@@ -3,7 +3,7 @@
     python -m bench.bench_ready_child [--n 2000000] [--repeat 5]
 
 The same service runs once in a computation thread of this process and once in a child
-process (``brokerexec.child_runner.ProcessRunner``). Each run times, in the interpreter
+process (``brokerexec.child.runner.ProcessRunner``). Each run times, in the interpreter
 it runs in, ``n`` calls of ``ready()`` and ``n`` calls of the bare ``deque`` +
 ``time.monotonic()`` check (the reference of ``bench_ready``), minus the empty loop; each
 figure is the best of ``repeat`` runs. In a child, ``ready()`` is still a local test: nothing
@@ -21,7 +21,7 @@ from collections import deque
 from typing import Any
 
 from brokerexec import Service, ServiceHandler
-from brokerexec.child_runner import ProcessRunner
+from brokerexec.child.runner import ProcessRunner
 
 
 class ReadyAndBare(Service):

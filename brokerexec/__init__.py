@@ -9,9 +9,19 @@ from __future__ import annotations
 import importlib as _importlib
 import typing as _typing
 
+from . import _moved
+
+_moved.install()  # the flat layout's module paths still import (brokerexec._moved)
+
 if _typing.TYPE_CHECKING:  # what ``__getattr__`` below provides, for type checkers and IDEs
-    from .aio import AsyncClient, AsyncJob
-    from .client import Client
+    from .client.aio import AsyncClient, AsyncJob
+    from .client.blocking import Client
+    from .client.job import Job
+    from .core.inputs import Input
+    from .core.map_pool import WorkerPool
+    from .core.registry import ServiceRegistry
+    from .core.service import Service
+    from .core.service_handler import ServiceHandler
     from .errors import (
         Aborted,
         AccessRefused,
@@ -34,16 +44,11 @@ if _typing.TYPE_CHECKING:  # what ``__getattr__`` below provides, for type check
         UnknownService,
         WorkerLost,
     )
-    from .handler import ServiceHandler
-    from .job import Job
-    from .pool import WorkerPool
-    from .ports import Input
     from .protocol.events import Event
     from .protocol.intents import Intent
-    from .registry import ServiceRegistry
-    from .service import Service
-    from .states import JobState
-    from .worker import Worker, WorkerSettings
+    from .protocol.states import JobState
+    from .settings import WorkerSettings
+    from .worker.worker import Worker
 
 __version__ = "0.1.0"
 
@@ -86,43 +91,35 @@ __all__ = [
 ]
 
 
-#: Where each exported name lives. Imported on first use (PEP 562): ``import brokerexec``
-#: stays cheap, which a one-shot CLI verb (``brokerexec status ID``) feels on every call.
+#: Where each exported name lives, by layer. Imported on first use (PEP 562): ``import
+#: brokerexec`` stays cheap, which a one-shot CLI verb (``brokerexec status ID``) feels on
+#: every call.
 _WHERE = {
-    "Aborted": "errors",
-    "AccessRefused": "errors",
-    "AsyncClient": "aio",
-    "AsyncJob": "aio",
-    "BrokerConnectionError": "errors",
-    "BrokerExecError": "errors",
-    "CheckpointFailed": "errors",
-    "Client": "client",
-    "ConfigurationError": "errors",
-    "DecodeError": "errors",
-    "Event": "protocol.events",
-    "Input": "ports",
+    # writing services: the core
+    "Service": "core.service",
+    "Input": "core.inputs",
+    "ServiceHandler": "core.service_handler",
+    "WorkerPool": "core.map_pool",
+    "ServiceRegistry": "core.registry",
+    # states, intents and events: the protocol
+    "JobState": "protocol.states",
     "Intent": "protocol.intents",
-    "InvalidRequest": "errors",
-    "InvalidState": "errors",
-    "Job": "job",
-    "JobAborted": "errors",
-    "JobNotFound": "errors",
-    "JobState": "states",
-    "MessageTooLarge": "errors",
-    "NotApplied": "errors",
-    "RemoteError": "errors",
-    "Service": "service",
-    "ServiceDefinitionError": "errors",
-    "ServiceError": "errors",
-    "ServiceHandler": "handler",
-    "ServiceRegistry": "registry",
-    "SignalRefused": "errors",
-    "Timeout": "errors",
-    "UnknownService": "errors",
-    "WorkerLost": "errors",
-    "Worker": "worker",
-    "WorkerPool": "pool",
-    "WorkerSettings": "worker",
+    "Event": "protocol.events",
+    # workers
+    "Worker": "worker.worker",
+    "WorkerSettings": "settings",
+    # clients and jobs
+    "Client": "client.blocking",
+    "Job": "client.job",
+    "AsyncClient": "client.aio",
+    "AsyncJob": "client.aio",
+    # errors: one tree (brokerexec.errors draws it)
+    **{name: "errors" for name in (
+        "Aborted", "AccessRefused", "BrokerConnectionError", "BrokerExecError",
+        "CheckpointFailed", "ConfigurationError", "DecodeError", "InvalidRequest", "InvalidState",
+        "JobAborted", "JobNotFound", "MessageTooLarge", "NotApplied", "RemoteError",
+        "ServiceDefinitionError", "ServiceError", "SignalRefused", "Timeout", "UnknownService",
+        "WorkerLost")},
 }
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from brokerexec.cli import cli
+from brokerexec.cli.app import cli
 
 #: Tokens that separate commands on one shell line.
 SEPARATORS = {"&&", "||", ";", "|"}

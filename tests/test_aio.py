@@ -1,4 +1,4 @@
-"""The asyncio twin (``brokerexec.aio``): the same behaviour as ``Client``, awaited.
+"""The asyncio twin (``brokerexec.client.aio``): the same behaviour as ``Client``, awaited.
 
 Run on the in-memory transport and against a real worker process over RabbitMQ; each test
 runs its own event loop (``asyncio.run``), and every wait is on an event, with a deadline.
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from sample_services import ALL
 
-from brokerexec.aio import AsyncClient
+from brokerexec.client.aio import AsyncClient
 from brokerexec.errors import JobAborted, RemoteError
 from brokerexec.protocol.events import Event
 

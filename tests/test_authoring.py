@@ -1,5 +1,6 @@
 """Writing a service: definitions checked when the class is defined, free-form requests, a
-``set`` of a missing attribute refused, and a worker's job lines (issue 13, items 1, 2, 5)."""
+``set`` of a missing attribute refused where it is applied (and one of an attribute the service
+makes in ``run()`` accepted), and a worker's job lines (issues 13 and 19)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +28,7 @@ from brokerexec import (
     SignalRefused,
     WorkerSettings,
 )
-from brokerexec.service import apply_set
+from brokerexec.core.service import apply_set
 
 WAIT = 30.0
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,17 +165,81 @@ class Typo(Service):
         return {"step": self.step, "note": self.note, "has_stpe": hasattr(self, "stpe")}
 
 
-def test_a_set_of_a_missing_attribute_is_refused_at_once_and_creates_nothing() -> None:
+def test_a_set_of_a_missing_attribute_is_refused_whole_at_ready_and_creates_nothing() -> None:
     service = Typo()
     handler = ServiceHandler(lambda kind, data: None)
     handler.start(service, {})
     assert service.started.wait(WAIT)
+    # Its names and types pass at receipt; that the service lacks it is found where it is
+    # applied, at ready(), before anything is set.
+    refused = handler.put({"intent": "set", "attrs": {"note": "x", "stpe": 5}})
     with pytest.raises(SignalRefused, match="has no attribute 'stpe'"):
-        handler.put({"intent": "set", "attrs": {"note": "x", "stpe": 5}})  # refused whole
+        refused.result(WAIT)
     assert handler.put({"intent": "set", "attrs": {"note": "kept"}}).result(WAIT) == {"note": "kept"}
     service.release.set()
     outcome = handler.join(WAIT)
     assert outcome["result"] == {"step": 1, "note": "kept", "has_stpe": False}
+
+
+# ---- set: a declared attribute the service makes in run() -------------------------------------
+
+
+class MadeInRun(Service):
+    """Makes its settable ``step`` in ``run()``, once ``gate`` opens: a ``set`` taken before
+    then must wait for its first ``ready()``, not be refused."""
+
+    name = "made-in-run"
+    settable = {"step": int}
+    reached = threading.Event()
+    gate = threading.Event()
+
+    def run(self, handler: ServiceHandler, request: dict[str, Any]) -> Any:
+        type(self).reached.set()
+        assert type(self).gate.wait(WAIT)
+        self.step = 1
+        handler.ready()
+        return {"step": self.step}
+
+
+def test_a_set_before_the_first_ready_waits_for_the_attribute_made_in_run() -> None:
+    MadeInRun.reached.clear()
+    MadeInRun.gate.clear()
+    handler = ServiceHandler(lambda kind, data: None)
+    handler.start(MadeInRun, {})
+    assert MadeInRun.reached.wait(WAIT)
+    # Given a set taken while run() has not made the attribute yet
+    pending = handler.put({"intent": "set", "attrs": {"step": 7}})
+    assert handler.status()["queued_signals"] == 1 and not pending.done()
+    # an undeclared name or a wrong type is still refused at once, on the handler thread
+    with pytest.raises(SignalRefused, match="settable are step"):
+        handler.put({"intent": "set", "attrs": {"stpe": 7}})
+    with pytest.raises(SignalRefused, match="expected int"):
+        handler.put({"intent": "set", "attrs": {"step": "seven"}})
+    # When run() makes it and reaches ready(), the set is applied there
+    MadeInRun.gate.set()
+    assert pending.result(WAIT) == {"step": 7}
+    assert handler.join(WAIT)["result"] == {"step": 7}
+
+
+def test_a_set_sent_right_after_launch_is_applied_to_an_attribute_made_in_run() -> None:
+    MadeInRun.reached.clear()
+    MadeInRun.gate.clear()
+    with Client(f"memory://made-in-run-{uuid.uuid4().hex}", services=[MadeInRun]) as client:
+        job = client.launch("made-in-run", {})
+        assert MadeInRun.reached.wait(WAIT)  # running, before its first ready()
+        applied: list[Any] = []
+        sender = threading.Thread(target=lambda: applied.append(job.set(step=7)))
+        sender.start()
+        deadline = time.monotonic() + WAIT
+        while job.status().get("queued_signals", 0) < 1:
+            assert time.monotonic() < deadline, "the set never reached the job"
+            threading.Event().wait(0.01)
+        with pytest.raises(SignalRefused, match="settable are step"):
+            job.set(stpe=7)  # refused at once, while the set of step waits
+        MadeInRun.gate.set()
+        sender.join(WAIT)
+        assert applied == [{"step": 7}]
+        assert job.result(WAIT) == {"step": 7}
 
 
 def test_apply_set_refuses_a_missing_attribute_before_setting_any() -> None:

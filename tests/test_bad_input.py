@@ -14,18 +14,12 @@ import pika
 import pytest
 import sample_services
 
-from brokerexec import (
-    Client,
-    JobNotFound,
-    ServiceRegistry,
-    UnknownService,
-    Worker,
-    WorkerSettings,
-)
+from brokerexec import Client, JobNotFound, ServiceRegistry, UnknownService, Worker, WorkerSettings
 from brokerexec.protocol.names import DEAD_LETTER_QUEUE, launch_queue, new_job_id
-from brokerexec.transport.amqp_settings import ConnectionSettings
-from brokerexec.transport.amqp_worker import RabbitWorkerTransport
-from brokerexec.worker import host_info
+from brokerexec.settings import RabbitMQSettings
+from brokerexec.transport.rabbitmq.connection_settings import ConnectionSettings
+from brokerexec.transport.rabbitmq.worker.transport import RabbitWorkerTransport
+from brokerexec.worker.worker import host_info
 
 pytestmark = pytest.mark.rabbitmq
 WAIT = 20.0
@@ -40,7 +34,7 @@ def tripwire(*args: Any) -> None:
 def setup(amqp_url: str) -> Iterator[tuple[Client, Any]]:
     transport = RabbitWorkerTransport(
         ConnectionSettings(url=amqp_url, name="bad-input-worker", max_message_bytes=64 * 1024),
-        host_info=host_info(), claim_after=0)  # raw peers address the job at once
+        host_info=host_info(), rabbitmq=RabbitMQSettings(claim_after=0))  # raw peers address the job at once
     worker = Worker(transport, ServiceRegistry(sample_services.ALL), WorkerSettings(concurrency=4))
     worker.start()
     with Client(amqp_url) as client:

@@ -40,9 +40,9 @@ def _memory_client(concurrency: int) -> Iterator[Client]:
 
 
 def _amqp_client(url: str, concurrency: int) -> Iterator[Client]:
-    from brokerexec.transport.amqp_settings import ConnectionSettings
-    from brokerexec.transport.amqp_worker import RabbitWorkerTransport
-    from brokerexec.worker import host_info
+    from brokerexec.transport.rabbitmq.connection_settings import ConnectionSettings
+    from brokerexec.transport.rabbitmq.worker.transport import RabbitWorkerTransport
+    from brokerexec.worker.worker import host_info
 
     transport = RabbitWorkerTransport(ConnectionSettings(url=url, name="test-worker"),
                                       host_info=host_info())

@@ -31,8 +31,8 @@ from brokerexec import (
     ServiceHandler,
     WorkerSettings,
 )
-from brokerexec.child_runner import ProcessRunner
-from brokerexec.registry import service_spec
+from brokerexec.child.runner import ProcessRunner
+from brokerexec.core.registry import service_spec
 
 WAIT = 20.0
 
@@ -50,7 +50,7 @@ def child_pids(parent: int | None = None) -> set[int]:
         except OSError:
             continue
         fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] != "Z" and int(fields[1]) == parent and b"brokerexec.child_main" in cmdline:
+        if fields[0] != "Z" and int(fields[1]) == parent and b"brokerexec.child.main" in cmdline:
             found.add(int(entry.name))
     return found
 

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from brokerexec import cli as cli_module
-from brokerexec.cli import cli
+from brokerexec.cli import app as cli_module
+from brokerexec.cli.app import cli
+from brokerexec.cli.input import json_value
 
 ROOT = Path(__file__).resolve().parent.parent
 FIT = "examples/fit.py:ExponentialFit"
@@ -113,7 +114,8 @@ def test_a_bad_request_is_a_usage_error(request_text: str, message: str) -> None
     (["invoke", "abc", "perturb", "[1"], "ARGUMENTS is not valid JSON"),
     (["status", "abc", "--broker", "memory://"], "memory:// lives inside one process"),
     (["watch", "abc", "--broker", "memory://lab"], "memory:// lives inside one process"),
-    (["jobs", "--broker", "http://localhost"], "unsupported scheme 'http'"),
+    (["jobs", "--broker", "http://localhost"],
+     "unsupported broker URL 'http://localhost': use amqp://, amqps:// or memory://"),
     (["worker", "--broker", "amqp://guest:guest@127.0.0.1:1/"], "no services to run"),
     (["worker", "--service", "nope.module:Thing"], "cannot load service"),
 ])
@@ -134,7 +136,7 @@ def test_click_usage_errors_also_exit_2() -> None:
     ("abc", "abc"), ("NaN", "NaN"), ("", ""), ('{"a": 1}', {"a": 1}),
 ])
 def test_set_values_are_json_when_they_parse_else_strings(text: str, value: Any) -> None:
-    assert cli_module._json_value(text) == value
+    assert json_value(text) == value
 
 
 def test_the_entry_point_exits_with_documented_codes() -> None:
@@ -180,7 +182,7 @@ def test_run_in_process_prints_only_the_result_on_stdout() -> None:
 def test_one_shot_verbs_import_nothing_heavy() -> None:
     # Given a fresh interpreter, when the CLI module and the one-shot client are imported,
     # then neither aio-pika, kiwipy nor rich is loaded (they cost most of a second).
-    code = ("import sys, brokerexec.cli, brokerexec.transport.pika_client; "
+    code = ("import sys, brokerexec.cli, brokerexec.transport.pika.client; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & "
             "{'aio_pika', 'aiormq', 'kiwipy', 'rich', 'plumpy', 'tenacity'}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

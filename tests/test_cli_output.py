@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from test_cli import FIT, LONG_FIT, ROOT, Worker, brokerexec, closed_port, wait_until
 
-from brokerexec.cli_show import ago, bar, footer, local_time, status_rows
+from brokerexec.cli.show import ago, bar, footer, local_time, status_rows
 from brokerexec.protocol.lookups import Listing
 
 UNKNOWN = "0" * 32
@@ -87,7 +87,7 @@ def test_the_shell_completion_script_is_produced() -> None:
 def test_docs_cli_names_every_verb_and_option_and_nothing_else() -> None:
     import re
 
-    from brokerexec.cli import cli
+    from brokerexec.cli.app import cli
 
     page = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
     options = {"--version"}

@@ -20,8 +20,8 @@ from collections.abc import Iterator
 import pytest
 from test_cli import FIT, LONG_FIT, ROOT, Worker, brokerexec, wait_until
 
-from brokerexec.display import label
-from brokerexec.pace import Pace
+from brokerexec.cli.display import label
+from brokerexec.client.pace import Pace
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 WAIT = 30.0

@@ -23,11 +23,11 @@ from conftest import ROOT, SAMPLES
 from rabbitnodes import free_ports
 
 from brokerexec import BrokerConnectionError, Client, ConfigurationError
-from brokerexec.cli import EXIT_USAGE
+from brokerexec.cli.app import EXIT_USAGE
 from brokerexec.protocol import topology
 from brokerexec.protocol.names import launch_queue
-from brokerexec.transport.amqp_settings import ConnectionSettings
-from brokerexec.transport.base import broker_urls, redacted_url
+from brokerexec.transport.rabbitmq.connection_settings import ConnectionSettings
+from brokerexec.urls import broker_urls, redacted_url
 
 pytestmark = pytest.mark.timeout(120)
 WAIT = 60.0

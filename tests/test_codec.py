@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from kiwipy.rmq.messages import BroadcastMessage
 from plumpy.process_comms import Intent, MessageBuilder
 
-from brokerexec import codec, codec_yaml
+from brokerexec import codec
+from brokerexec.codec import yaml_fallback as codec_yaml
 from brokerexec.constants import MAX_JSON_DEPTH, MAX_MESSAGE_BYTES
 from brokerexec.errors import DecodeError, MessageTooLarge
 

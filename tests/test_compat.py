@@ -21,9 +21,10 @@ import sample_services
 from plumpy.futures import unwrap_kiwi_future
 
 from brokerexec import Client, Event, JobAborted, ServiceRegistry, Worker, WorkerSettings
-from brokerexec.transport.amqp_settings import ConnectionSettings
-from brokerexec.transport.amqp_worker import RabbitWorkerTransport
-from brokerexec.worker import host_info
+from brokerexec.settings import RabbitMQSettings
+from brokerexec.transport.rabbitmq.connection_settings import ConnectionSettings
+from brokerexec.transport.rabbitmq.worker.transport import RabbitWorkerTransport
+from brokerexec.worker.worker import host_info
 
 pytestmark = pytest.mark.rabbitmq
 WAIT = 20.0
@@ -34,7 +35,8 @@ def worker(amqp_url: str) -> Iterator[Worker]:
     # Claimed before they start, so stock tools reach jobs at once (test_young_jobs_... is
     # about the default, where they do from claim_after on).
     transport = RabbitWorkerTransport(ConnectionSettings(url=amqp_url, name="compat-worker"),
-                                      host_info=host_info(), claim_after=0)
+                                      host_info=host_info(),
+                                      rabbitmq=RabbitMQSettings(claim_after=0))
     worker = Worker(transport, ServiceRegistry(sample_services.ALL),
                     WorkerSettings(concurrency=8)).start()
     yield worker

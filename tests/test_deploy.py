@@ -22,8 +22,8 @@ import pytest
 import yaml
 from cli_lines import envvars_read_by, parse_command
 
+from brokerexec.core.registry import load_service
 from brokerexec.protocol.names import launch_queue
-from brokerexec.registry import load_service
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -11,7 +11,7 @@ import pytest
 import tomllib
 from cli_lines import brokerexec_commands, parse_command
 
-from brokerexec.registry import ENTRY_POINT_GROUP
+from brokerexec.core.registry import ENTRY_POINT_GROUP
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]

@@ -17,14 +17,7 @@ import brokerctl
 import pytest
 from tcpproxy import TcpProxy
 
-from brokerexec import (
-    BrokerConnectionError,
-    Client,
-    Event,
-    JobAborted,
-    JobNotFound,
-    Timeout,
-)
+from brokerexec import BrokerConnectionError, Client, Event, JobAborted, JobNotFound, Timeout
 from brokerexec.protocol.names import new_job_id
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.fault, pytest.mark.timeout(180)]

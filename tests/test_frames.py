@@ -14,7 +14,7 @@ from pamqp import commands as spec
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
-from brokerexec.transport.amqp_frames import ack_frame, publish_frames
+from brokerexec.transport.rabbitmq.frames import ack_frame, publish_frames
 
 MAX_CONTENT = 131_064
 

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from brokerexec import Aborted, InvalidState, Service, ServiceHandler, SignalRefused
+from brokerexec.core.map_pool import WorkerPool
 from brokerexec.errors import DecodeError
-from brokerexec.pool import WorkerPool
 
 WAIT = 10.0
 

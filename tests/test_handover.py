@@ -11,19 +11,11 @@ from typing import Any
 import pytest
 import sample_services
 
-from brokerexec import (
-    CheckpointFailed,
-    Client,
-    Event,
-    Service,
-    ServiceRegistry,
-    Worker,
-    WorkerSettings,
-)
-from brokerexec.client import embedded
-from brokerexec.transport.memory import MemoryBroker
-from brokerexec.transport.memory_clients import MemoryClientTransport
-from brokerexec.transport.memory_worker import MemoryWorkerTransport
+from brokerexec import CheckpointFailed, Client, Event, Service, ServiceRegistry, Worker, WorkerSettings
+from brokerexec.client.embedded import embedded_worker
+from brokerexec.transport.memory.broker import MemoryBroker
+from brokerexec.transport.memory.clients import MemoryClientTransport
+from brokerexec.transport.memory.worker import MemoryWorkerTransport
 
 WAIT = 20.0
 
@@ -51,7 +43,8 @@ def second_worker(broker: MemoryBroker, runner: str) -> Worker:
 @pytest.mark.parametrize("runner", ["thread", "process"])
 def test_a_stopping_worker_hands_its_job_over_to_another(runner: str) -> None:
     url = f"memory://handover-{uuid.uuid4().hex}"
-    broker, first = embedded(url, sample_services.ALL, 2, WorkerSettings(concurrency=2, runner=runner))  # type: ignore[arg-type]
+    first = embedded_worker(url, sample_services.ALL, 2, WorkerSettings(concurrency=2, runner=runner))  # type: ignore[arg-type]
+    broker = MemoryBroker.named(url.removeprefix("memory://"))
     seen = Seen()
     with Client(url, transport=MemoryClientTransport(broker)) as client:
         client.subscribe("#", seen)
@@ -106,7 +99,8 @@ def test_a_checkpoint_that_cannot_be_stored_is_an_error_event_not_a_failed_job()
 
 def test_a_set_queued_at_a_handover_is_applied_first_and_carried_by_the_checkpoint() -> None:
     url = f"memory://pending-{uuid.uuid4().hex}"
-    broker, first = embedded(url, [Slow], 1, WorkerSettings(concurrency=1))
+    first = embedded_worker(url, [Slow], 1, WorkerSettings(concurrency=1))
+    broker = MemoryBroker.named(url.removeprefix("memory://"))
     with Client(url, transport=MemoryClientTransport(broker)) as client:
         seen = Seen()
         client.subscribe("#", seen)

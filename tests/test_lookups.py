@@ -36,7 +36,7 @@ from brokerexec.protocol.names import (
     journal_stream,
     new_job_id,
 )
-from brokerexec.states import JobState
+from brokerexec.protocol.states import JobState
 
 WORKER_A, WORKER_B = {"hostname": "a", "id": "aaaa"}, {"hostname": "b", "id": "bbbb"}
 

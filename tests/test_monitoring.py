@@ -20,9 +20,10 @@ from typing import Any
 
 import pytest
 
-from brokerexec import Client, Service, ServiceHandler, computation
+from brokerexec import Client, Service, ServiceHandler
+from brokerexec.core import computation_thread as computation
 from brokerexec.logs import JobFilter, JsonFormatter, TextFormatter, current_job
-from brokerexec.worker import WorkerSettings
+from brokerexec.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 30.0

@@ -17,8 +17,8 @@ import pytest
 from test_rabbitmq_transport import Raw, settings_for
 
 from brokerexec.errors import BrokerConnectionError
-from brokerexec.transport.amqp_connection import AmqpConnection
-from brokerexec.transport.amqp_outbox import Outgoing
+from brokerexec.transport.rabbitmq.connection import AmqpConnection
+from brokerexec.transport.rabbitmq.outbox import Outgoing
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -59,7 +59,7 @@ def test_posts_and_confirmed_publishes_arrive_in_order(connection: AmqpConnectio
 def test_the_pinned_aiormq_has_the_internals_the_outbox_batches_with(connection: AmqpConnection) -> None:
     # If this fails, an aiormq release changed what aiormq_internals relies on: the outbox
     # still works (the next test), one publish at a time. Mend aiormq_internals, or pin.
-    from brokerexec.transport import aiormq_internals
+    from brokerexec.transport.rabbitmq import aiormq_internals
 
     channels = connection.submit(_outbox_channels(connection)).result(20)
     assert all(aiormq_internals.supported(channel) for channel in channels)
@@ -77,7 +77,7 @@ async def _outbox_channels(connection: AmqpConnection) -> Any:
 
 def test_publishes_fall_back_to_aiormqs_public_api_if_its_internals_change(
         connection: AmqpConnection, raw: Raw, monkeypatch: pytest.MonkeyPatch) -> None:
-    from brokerexec.transport import aiormq_internals
+    from brokerexec.transport.rabbitmq import aiormq_internals
 
     monkeypatch.setattr(aiormq_internals, "supported", lambda channel: False)
     queue = str(raw.channel.queue_declare("", exclusive=True).method.queue)

@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 
 import brokerexec
-from brokerexec import cli as cli_module
-from brokerexec.computation import Computation
+from brokerexec.cli import app as cli_module
+from brokerexec.client.job import Job
+from brokerexec.core.computation_thread import Computation
+from brokerexec.core.handler_thread import SignalDesk
 from brokerexec.errors import (
     BrokerConnectionError,
     DecodeError,
@@ -28,7 +30,6 @@ from brokerexec.errors import (
     error_from_wire,
     error_to_wire,
 )
-from brokerexec.job import Job
 from brokerexec.protocol import calls
 from brokerexec.protocol.calls import Gather, Incoming, Message, NextReply, QueueExists, Request, Routed
 from brokerexec.protocol.intents import INTENTS, Answered, Intent, Signal, intent_for_subject
@@ -49,8 +50,7 @@ from brokerexec.protocol.names import (
     rpc_routing_key,
 )
 from brokerexec.protocol.replies import PENDING, Reply
-from brokerexec.signal_desk import SignalDesk
-from brokerexec.states import JobState
+from brokerexec.protocol.states import JobState
 
 # ---- the intent table ----------------------------------------------------------------------
 
@@ -149,7 +149,7 @@ def test_a_users_own_exception_stays_a_remote_error() -> None:
 
 
 def test_the_cli_maps_classes_to_exit_codes() -> None:
-    from brokerexec.cli_output import exit_code
+    from brokerexec.cli.output import exit_code
 
     assert exit_code(error_from_wire(error_to_wire(JobNotFound("x")))) == 3
     assert exit_code(error_from_wire(error_to_wire(SignalRefused("x")))) == 1

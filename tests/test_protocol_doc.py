@@ -25,9 +25,9 @@ WAIT = 20.0
 @pytest.fixture
 def worker(amqp_url: str) -> Iterator[None]:
     from brokerexec import ServiceRegistry, Worker, WorkerSettings
-    from brokerexec.transport.amqp_settings import ConnectionSettings
-    from brokerexec.transport.amqp_worker import RabbitWorkerTransport
-    from brokerexec.worker import host_info
+    from brokerexec.transport.rabbitmq.connection_settings import ConnectionSettings
+    from brokerexec.transport.rabbitmq.worker.transport import RabbitWorkerTransport
+    from brokerexec.worker.worker import host_info
 
     transport = RabbitWorkerTransport(ConnectionSettings(url=amqp_url, name="protocol-worker"),
                                       host_info=host_info())

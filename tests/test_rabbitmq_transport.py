@@ -37,11 +37,12 @@ from brokerexec.protocol.names import (
     new_job_id,
     rpc_routing_key,
 )
-from brokerexec.states import JobState
-from brokerexec.transport.amqp_settings import ConnectionSettings
-from brokerexec.transport.amqp_worker import RabbitWorkerTransport
+from brokerexec.protocol.states import JobState
+from brokerexec.settings import RabbitMQSettings
 from brokerexec.transport.base import PreparedJob
-from brokerexec.transport.pika_client import PikaClientTransport
+from brokerexec.transport.pika.client import PikaClientTransport
+from brokerexec.transport.rabbitmq.connection_settings import ConnectionSettings
+from brokerexec.transport.rabbitmq.worker.transport import RabbitWorkerTransport
 
 pytestmark = pytest.mark.rabbitmq
 WAIT = 20.0
@@ -304,8 +305,8 @@ def make_worker(amqp_url: str, unique_name: str
              **settings: Any) -> tuple[RabbitWorkerTransport, FakeHooks]:
         name = f"{unique_name}-w{len(started)}"
         transport = RabbitWorkerTransport(settings_for(url or amqp_url, name, **settings),
-                                          host_info={"name": name}, claim_after=claim_after,
-                                          resume_grace=0.2)
+                                          host_info={"name": name}, rabbitmq=RabbitMQSettings(
+                                              claim_after=claim_after, resume_grace=0.2))
         hooks = FakeHooks(name, capacity, only)
         hooks.transport = transport
         started.append(transport)
@@ -790,7 +791,7 @@ def test_control_sent_while_a_worker_was_disconnected_is_applied_on_reconnect(
 def test_the_pinned_pika_has_the_internals_frame_joining_relies_on(amqp_url: str) -> None:
     # If this fails, a pika release changed what pika_internals relies on: publishes still
     # work, three system calls each instead of one. Mend pika_internals, or pin pika.
-    from brokerexec.transport.pika_internals import join_frame_writes
+    from brokerexec.transport.pika.internals import join_frame_writes
 
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     try:

@@ -37,8 +37,9 @@ from test_rabbitmq_transport import (
 
 from brokerexec.protocol.intents import Intent
 from brokerexec.protocol.messages import Control
-from brokerexec.transport.amqp_worker import RabbitWorkerTransport
-from brokerexec.transport.pika_client import PikaClientTransport
+from brokerexec.settings import RabbitMQSettings
+from brokerexec.transport.pika.client import PikaClientTransport
+from brokerexec.transport.rabbitmq.worker.transport import RabbitWorkerTransport
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.fault, pytest.mark.timeout(180)]
 WAIT = 60.0
@@ -77,7 +78,8 @@ def transports(amqp_url: str, unique_name: str
              **settings: Any) -> tuple[RabbitWorkerTransport, FakeHooks]:
         name = f"{unique_name}-w{len(started)}"
         transport = RabbitWorkerTransport(settings_for(url or amqp_url, name, **settings),
-                                          host_info={"name": name}, claim_after=claim_after)
+                                          host_info={"name": name},
+                                          rabbitmq=RabbitMQSettings(claim_after=claim_after))
         hooks = FakeHooks(name, only=set())
         hooks.transport = transport
         started.append(transport)

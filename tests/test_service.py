@@ -8,18 +8,12 @@ from typing import Any
 import pytest
 
 import brokerexec
-from brokerexec import (
-    ConfigurationError,
-    Input,
-    InvalidRequest,
-    Service,
-    ServiceRegistry,
-    UnknownService,
-)
+from brokerexec import ConfigurationError, Input, InvalidRequest, Service, ServiceRegistry, UnknownService
+from brokerexec.core.service import apply_invoke, apply_set
+from brokerexec.core.state_machine import StateMachine
 from brokerexec.errors import InvalidState
-from brokerexec.service import apply_invoke, apply_set
-from brokerexec.states import TRANSITIONS, JobState, StateMachine
-from brokerexec.transport.memory import topic_matches
+from brokerexec.protocol.states import TRANSITIONS, JobState
+from brokerexec.transport.memory.broker import topic_matches
 
 
 class Fit(Service):

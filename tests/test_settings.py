@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from brokerexec.errors import ConfigurationError
-from brokerexec.settings import KEYS, Origin, Settings, load_settings, masked_url
+from brokerexec.settings import (
+    KEYS,
+    Origin,
+    RabbitMQSettings,
+    Settings,
+    WorkerSettings,
+    load_settings,
+    masked_url,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 #: No BROKEREXEC_* variable of the session leaks into these runs.
@@ -34,10 +42,39 @@ def config_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_each_key_has_a_settings_field_and_the_defaults_are_the_settings_defaults() -> None:
-    assert [key.name for key in KEYS] == [name for name in Settings.__dataclass_fields__
-                                          if name != "origins"]
+def test_the_keys_are_the_leaves_of_the_tree_and_the_defaults_are_its_defaults() -> None:
+    # Every leaf of the tree is a key, once, with a flat name of its own.
+    assert len({key.name for key in KEYS}) == len(KEYS)
+    assert [key.name for key in KEYS][:3] == ["broker", "services", "concurrency"]
+    for section, cls in (("worker", WorkerSettings), ("rabbitmq", RabbitMQSettings)):
+        leaves = {key.path[1] for key in KEYS if key.path[0] == section}
+        assert leaves == set(cls.__dataclass_fields__), section
     assert load_settings(env={}) == Settings()
+    assert {key.name: key.value_in(Settings()) for key in KEYS}["pool"] == "thread"
+
+
+def test_every_worker_setting_is_a_key_abort_grace_and_the_limits_too(tmp_path: Path) -> None:
+    path = tmp_path / "limits.toml"
+    path.write_text("abort_grace = 3\njob_memory_limit_mb = 512\nprogress_delta = 0.5\n",
+                    encoding="utf-8")
+    settings = load_settings({"job_time_limit": "60"}, env={"BROKEREXEC_CHECKPOINT_DELTA": "90"},
+                             config=str(path))
+    worker = settings.worker
+    assert (worker.abort_grace, worker.job_memory_limit_mb, worker.job_time_limit) == (3.0, 512.0, 60.0)
+    assert (worker.progress_delta, worker.checkpoint_delta) == (0.5, 90.0)
+    assert settings.origins["job_time_limit"] == Origin("option", "--job-time-limit")
+    with pytest.raises(ConfigurationError, match=r"'job_time_limit' from env BROKEREXEC_JOB_TIME_LIMIT: "
+                       r"0\.0 is out of range: it must be greater than 0"):
+        load_settings(env={"BROKEREXEC_JOB_TIME_LIMIT": "0"})
+
+
+def test_a_section_made_in_python_is_checked_by_the_same_kinds() -> None:
+    assert WorkerSettings(shutdown_grace=30).shutdown_grace == 30.0  # a number, as a float
+    with pytest.raises(ConfigurationError, match="WorkerSettings: runner: 'fork' is not one of "
+                       "thread, process"):
+        WorkerSettings(runner="fork")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=r"RabbitMQSettings: lease_renew: 0\.0 is out of range"):
+        RabbitMQSettings(lease_renew=0.0)
 
 
 def test_option_beats_env_beats_file_beats_default(config_file: Path) -> None:
@@ -45,8 +82,9 @@ def test_option_beats_env_beats_file_beats_default(config_file: Path) -> None:
     settings = load_settings({"concurrency": 9}, env={"BROKEREXEC_CONCURRENCY": "5",
                                                       "BROKEREXEC_HEARTBEAT": "4"},
                              config=str(config_file))
-    assert (settings.concurrency, settings.heartbeat, settings.shutdown_grace) == (9, 4, 12.0)
-    assert settings.lease_renew == Settings().lease_renew
+    assert (settings.worker.concurrency, settings.rabbitmq.heartbeat,
+            settings.worker.shutdown_grace) == (9, 4, 12.0)
+    assert settings.rabbitmq.lease_renew == RabbitMQSettings().lease_renew
     assert settings.origins["concurrency"] == Origin("option", "--concurrency")
     assert settings.origins["heartbeat"] == Origin("env", "BROKEREXEC_HEARTBEAT")
     assert settings.origins["shutdown_grace"] == Origin("file", str(config_file))
@@ -56,11 +94,11 @@ def test_option_beats_env_beats_file_beats_default(config_file: Path) -> None:
 
 def test_the_file_is_named_by_the_environment_unless_an_option_names_one(
         config_file: Path, tmp_path: Path) -> None:
-    assert load_settings(env={"BROKEREXEC_CONFIG": str(config_file)}).concurrency == 3
+    assert load_settings(env={"BROKEREXEC_CONFIG": str(config_file)}).worker.concurrency == 3
     other = tmp_path / "other.toml"
     other.write_text("concurrency = 2\n", encoding="utf-8")
     assert load_settings(env={"BROKEREXEC_CONFIG": str(config_file)},
-                         config=str(other)).concurrency == 2
+                         config=str(other)).worker.concurrency == 2
 
 
 @pytest.mark.parametrize(("env", "text", "message"), [
@@ -170,3 +208,26 @@ def test_an_option_equal_to_its_default_still_wins_over_the_environment() -> Non
     rows = json.loads(done.stdout)
     assert rows["concurrency"] == {"value": 1, "source": "option", "from": "--concurrency"}
     assert rows["log_level"]["value"] == "INFO" and rows["log_level"]["source"] == "option"
+
+
+def test_the_worker_table_of_docs_cli_has_every_key_and_its_default() -> None:
+    # Given the table's rows: | `--option ...` | `key` / `VARIABLE` ... | default | meaning |
+    page = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    rows = [line.replace("\\|", "/").split("|")[1:-1] for line in page.splitlines()
+            if line.startswith("| `--")]
+    documented: dict[str, str] = {}
+    for _option, keys, default, _meaning in rows:
+        names = [name.strip(" `") for name in keys.split("/")[0].split(",")]
+        defaults = [value.strip(" `") for value in default.split(",")]
+        if len(defaults) != len(names):
+            defaults = [""] * len(names)
+        documented.update(zip(names, defaults, strict=True))
+    # Then every key has its row, and a single default reads as the model's
+    assert set(documented) == {key.name for key in KEYS}
+    for key in KEYS:
+        shown = documented[key.name]
+        if not shown or key.name in ("services", "pool_size"):
+            continue  # "entry points", "CPUs": what none means there
+        expected = ("none" if key.default is None else f"{key.default:g}"
+                    if isinstance(key.default, float) else str(key.default))
+        assert shown == expected, key.name

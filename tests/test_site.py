@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 import brokerexec
-from brokerexec.cli import cli
+from brokerexec.cli.app import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -23,7 +23,7 @@ from rabbitnodes import RabbitNode, TlsFiles, make_tls_files, require_installed
 
 from brokerexec import AsyncClient, Client
 from brokerexec.errors import BrokerConnectionError, ConfigurationError
-from brokerexec.transport.amqp_settings import ConnectionSettings
+from brokerexec.transport.rabbitmq.connection_settings import ConnectionSettings
 from brokerexec.transport.tls import split_tls
 
 ROOT = Path(__file__).resolve().parent.parent

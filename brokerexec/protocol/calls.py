@@ -1,8 +1,8 @@
 """What a client does on the wire, decided once and free of I/O ("sans-I/O", as h11 does).
 
 A *call* is a generator that yields the commands of :mod:`.commands` and is sent back what
-happened; the blocking adapter (``transport/pika_caller.py``) and the asyncio adapter
-(``transport/amqp_client.py``) drive the same calls and differ only in how bytes move.
+happened; the blocking adapter (``transport/pika/caller.py``) and the asyncio adapter
+(``transport/rabbitmq/client.py``) drive the same calls and differ only in how bytes move.
 The calls that read the journal (``status``, ``abort`` of a queued job, ``result``, the
 listing) are in :mod:`.lookups`.
 

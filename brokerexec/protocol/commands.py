@@ -2,8 +2,8 @@
 
 A *call* (:mod:`.calls`, :mod:`.lookups`) is a generator. It yields commands — publish these
 messages, send a request and wait for what comes back, read the journal — and is sent back
-what happened. The blocking adapter (``transport/pika_caller.py``) and the asyncio adapter
-(``transport/amqp_client.py``) answer the same commands and differ only in how bytes move.
+what happened. The blocking adapter (``transport/pika/caller.py``) and the asyncio adapter
+(``transport/rabbitmq/client.py``) answer the same commands and differ only in how bytes move.
 
 The commands are named tuples: cheap to define, and imported by every one-shot CLI verb.
 """
@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from .names import JSON_CONTENT_TYPE
 
 if TYPE_CHECKING:
-    from .journal import JournalReader
+    from datetime import datetime
 
-__all__ = ["Browse", "Call", "Command", "Gather", "Incoming", "Message", "NextReply", "Publish",
-           "QueueExists", "ReadJournal", "Request", "Routed", "drive", "drive_async"]
+__all__ = ["Browse", "Call", "Command", "Gather", "Incoming", "JournalReader", "Message",
+           "NextReply", "Publish", "QueueExists", "ReadJournal", "Request", "Routed", "drive",
+           "drive_async"]
 
 T = TypeVar("T")
 
@@ -102,6 +103,26 @@ class QueueExists(NamedTuple):
     name: str
 
 
+class JournalReader(Protocol):
+    """What :class:`ReadJournal` drives: a reader of some journal streams."""
+
+    PREFETCH: int
+    streams: tuple[str, ...]
+    #: ``{stream: message id}`` of the probe to publish to each stream once consuming.
+    probes: dict[str, str]
+    done: bool
+
+    @property
+    def offset(self) -> datetime | str:
+        """Where to start reading each stream (a time, or ``"first"``)."""
+
+    def feed(self, stream: str, message: Incoming) -> bool:
+        """Take in one message of ``stream``; True once the reading is over."""
+
+    def missing(self, stream: str) -> bool:
+        """``stream`` does not exist: nothing was ever written there; True if over."""
+
+
 class ReadJournal(NamedTuple):
     """Feed ``reader`` (:mod:`.journal`) the journal streams it names until it is done, or
     for ``seconds`` (None: no limit); answered with the reader.
@@ -121,7 +142,7 @@ class Browse(NamedTuple):
     answered with ``{queue: [Incoming, ...]}`` (a missing queue has none).
 
     Taken unacknowledged and given back: each comes back marked redelivered, which costs its
-    worker a claim before it starts (``transport/amqp_ownership.py``).
+    worker a claim before it starts (``transport/rabbitmq/worker/ownership.py``).
     """
 
     queues: Sequence[str]

@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from .. import codec
 from ..errors import DecodeError
@@ -51,7 +51,7 @@ from .names import (
     journal_stream_of_bucket,
 )
 
-__all__ = ["ENTRY_TYPES", "JobHistory", "JournalReader", "JournalScan", "JournalSearch",
+__all__ = ["ENTRY_TYPES", "JobHistory", "JournalScan", "JournalSearch",
            "checkpoint_entry", "is_entry", "launches_entry", "probe_message", "started_entry"]
 
 #: The kinds of journal entry a reader takes in; anything else in the stream is skipped.
@@ -139,26 +139,6 @@ class JobHistory:
                     "since": self.launch.get("sent")}
         return None
 
-
-
-class JournalReader(Protocol):
-    """What :class:`~.commands.ReadJournal` drives: a reader of some journal streams."""
-
-    PREFETCH: int
-    streams: tuple[str, ...]
-    #: ``{stream: message id}`` of the probe to publish to each stream once consuming.
-    probes: dict[str, str]
-    done: bool
-
-    @property
-    def offset(self) -> datetime | str:
-        """Where to start reading each stream (a time, or ``"first"``)."""
-
-    def feed(self, stream: str, message: Incoming) -> bool:
-        """Take in one message of ``stream``; True once the reading is over."""
-
-    def missing(self, stream: str) -> bool:
-        """``stream`` does not exist: nothing was ever written there; True if over."""
 
 
 def _offset(start: float | None) -> datetime | str:

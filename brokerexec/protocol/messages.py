@@ -22,9 +22,9 @@ from typing import Any, ClassVar
 
 from ..codec import expect_object
 from ..errors import DecodeError, error_to_wire
-from ..states import TERMINAL, JobState
 from .intents import Intent
 from .names import PROTOCOL_VERSION, check_name, new_job_id
+from .states import TERMINAL, JobState
 
 __all__ = ["JobSummary", "JobsQuery", "Launch", "Lease", "Record", "WorkerJobs"]
 

@@ -1,7 +1,7 @@
 """Every RabbitMQ object brokerexec declares, with its exact arguments, as data.
 
 Workers, clients and the one-shot CLI all declare from here, whatever library moves the
-bytes (``transport/amqp_declare.py`` for aio-pika, ``transport/pika_client.py`` for pika):
+bytes (``transport/rabbitmq/declare.py`` for aio-pika, ``transport/pika/client.py`` for pika):
 RabbitMQ closes the channel of anyone who declares an existing object with other arguments
 (``PRECONDITION_FAILED``), so the arguments must never drift between them.
 """
@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Final, Literal, get_args
+from typing import Any, Final, get_args
 
 from ..errors import ConfigurationError
+from ..settings.model import QueueType
 from .names import (
     BROADCAST_TOPIC,
     CONTROL_EXCHANGE,
@@ -127,10 +128,10 @@ JOURNAL: Final = tuple(
     for name in (journal_stream_of_bucket(bucket) for bucket in range(JOURNAL_BUCKETS)))
 
 
-#: What a launch queue is declared as: a classic queue lives on one node of a cluster (its
-#: launches are out of reach while that node is down); a quorum queue is replicated to a
-#: majority of nodes and survives the loss of a minority (docs/clusters.md).
-QueueType = Literal["classic", "quorum"]
+#: What a launch queue is declared as (the setting ``queue_type``): a classic queue lives on
+#: one node of a cluster (its launches are out of reach while that node is down); a quorum
+#: queue is replicated to a majority of nodes and survives the loss of a minority
+#: (docs/clusters.md).
 QUEUE_TYPES: Final[tuple[QueueType, ...]] = get_args(QueueType)
 
 

@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import abc
 import os
-import re
 import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import urlparse, urlsplit, urlunparse, urlunsplit
 
 if TYPE_CHECKING:  # annotations only: a one-shot CLI verb imports this module
     from concurrent.futures import Future
@@ -35,60 +33,12 @@ if TYPE_CHECKING:  # annotations only: a one-shot CLI verb imports this module
     from ..protocol.messages import Control, JobSummary, Launch, Record
 
 __all__ = ["AsyncClientTransport", "ClientTransport", "PreparedJob", "Resumed", "Subscription",
-           "WorkerHooks", "WorkerTransport", "broker_urls", "client_info", "redacted_url",
-           "split_urls"]
+           "WorkerHooks", "WorkerTransport", "client_info"]
 
 
 def client_info() -> dict[str, Any]:
     """Who this client is, in the records it writes (a job it cancelled)."""
     return {"hostname": socket.gethostname(), "pid": os.getpid(), "client": True}
-
-
-def broker_urls(url: str) -> list[str]:
-    """One URL per broker address that ``url`` names: a cluster's members, tried in turn.
-
-    ``url`` is one URL, or several joined by commas
-    (``amqp://u:p@a:5672/vh,amqp://u:p@b:5672/vh``), or one URL whose host part lists several
-    ``host[:port]`` joined by commas (``amqp://u:p@a:5672,b:5673,c/vh?heartbeat=5``): each
-    address takes that URL's credentials, vhost and query.
-    """
-    urls: list[str] = []
-    for one in split_urls(url):
-        parts = urlsplit(one)
-        userinfo, at, hosts = parts.netloc.rpartition("@")
-        for host in hosts.split(","):
-            urls.append(urlunsplit(parts._replace(netloc=f"{userinfo}{at}{host.strip()}")))
-    return urls
-
-
-_SCHEME = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def split_urls(url: str) -> list[str]:
-    """The whole URLs that ``url`` joins with commas (a comma before a scheme starts one)."""
-    # Any other comma separates the hosts of one URL.
-    pieces = url.split(",")
-    urls = [pieces[0]]
-    for piece in pieces[1:]:
-        if _SCHEME.match(piece):
-            urls.append(piece.strip())
-        else:
-            urls[-1] += "," + piece
-    return urls
-
-
-def redacted_url(url: str) -> str:
-    """The URL without its password or query, for logs and error messages (each address of
-    a cluster's URL, joined by commas)."""
-    if "," in url:
-        return ",".join(redacted_url(one) for one in broker_urls(url))
-    parts = urlparse(url)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc = f"{netloc}:{parts.port}"
-    if parts.username:
-        netloc = f"{parts.username}:***@{netloc}"
-    return urlunparse(parts._replace(netloc=netloc, query=""))
 
 
 @dataclass(frozen=True)

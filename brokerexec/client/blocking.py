@@ -1,0 +1,159 @@
+"""The blocking client: launch jobs, steer them, watch them, over any transport.
+
+``Client("amqp://...")`` talks to workers through RabbitMQ, on the blocking pika transport
+(:mod:`brokerexec.transport.pika`). ``Client("memory://")`` starts an in-process worker on
+the in-memory transport and offers exactly the same API: the embedded default, for laptops,
+notebooks and tests. Which transport a URL gets is :mod:`brokerexec.transport.schemes`'
+table. :class:`~brokerexec.AsyncClient` is the same API for asyncio.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from ..constants import DEFAULT_JOBS_TIMEOUT, DEFAULT_RPC_TIMEOUT, DEFAULT_URL
+from ..protocol.intents import Intent
+from ..protocol.names import check_name
+from ..transport.schemes import scheme_of
+from .embedded import embedded_worker
+from .job import Job
+from .messages import control_message, handler_settings
+
+if TYPE_CHECKING:
+    from ..core.service import Service
+    from ..protocol.events import Event
+    from ..protocol.lookups import Listing
+    from ..settings import WorkerSettings
+    from ..transport.base import ClientTransport, Subscription
+    from ..worker.worker import Worker
+
+__all__ = ["Client"]
+
+
+class Client:
+    """Launch and steer jobs.
+
+    Parameters:
+        url: ``amqp://user:pass@host:port/vhost`` (RabbitMQ) or ``memory://[name]``.
+        services: for ``memory://``: the services the embedded worker may run (the
+            ``brokerexec.services`` entry points are added).
+        concurrency: for ``memory://``: how many jobs the embedded worker runs at once.
+        timeout: default seconds to wait for a job's answer to a signal.
+        heartbeat: AMQP heartbeat in seconds (of the connection that receives events).
+        worker_settings: for ``memory://``: the embedded worker's settings.
+        transport: a transport made elsewhere (``url`` is then only a label).
+
+    Raises:
+        BrokerConnectionError: the broker cannot be reached.
+        ConfigurationError: no transport serves the URL's scheme (amqp, amqps, memory).
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, *, services: Iterable[type[Service]] = (),
+                 concurrency: int = 4, timeout: float = DEFAULT_RPC_TIMEOUT,
+                 heartbeat: int = 10, worker_settings: WorkerSettings | None = None,
+                 transport: ClientTransport | None = None) -> None:
+        self.url = url
+        self.timeout = timeout
+        self._worker: Worker | None = None
+        if transport is not None:
+            self.transport = transport
+            return
+        scheme = scheme_of(url)
+        if not scheme.shared:  # the broker lives in this process: so must a worker
+            self._worker = embedded_worker(url, services, concurrency, worker_settings)
+        self.transport = scheme.client(url, heartbeat)
+
+    @property
+    def worker(self) -> Worker | None:
+        """The embedded worker of a ``memory://`` client."""
+        return self._worker
+
+    def launch(self, name: str, request: dict[str, Any] | None = None, *,
+               job_id: str | None = None, progress_delta: float | None = None,
+               checkpoint_delta: float | None = None,
+               improved_delta: float | None = None) -> Job:
+        """Queue a job of service ``name``; return its handle once the broker holds it.
+
+        It waits in the service's queue until a worker that offers the service takes it.
+        An invalid request is reported by that worker as a failed job: :meth:`Job.result`
+        raises it.
+
+        Raises:
+            UnknownService: no worker has ever offered ``name`` on this broker.
+        """
+        from ..protocol.messages import Launch  # messages: not for a one-shot `status`
+
+        settings = handler_settings(progress_delta, checkpoint_delta, improved_delta)
+        launch = Launch.new(name, request, job_id=job_id, settings=settings)
+        self.transport.launch([launch])
+        return Job(self, launch.job_id, name)
+
+    def launch_many(self, name: str, requests: Iterable[dict[str, Any]], *,
+                    progress_delta: float | None = None, checkpoint_delta: float | None = None,
+                    improved_delta: float | None = None) -> list[Job]:
+        """Queue one job of service ``name`` per request (a sweep); return their handles.
+
+        Returns once the broker holds every launch; the launches are in flight together, so
+        this is faster than :meth:`launch` in a loop, which waits for each launch in turn.
+        """
+        from ..protocol.messages import Launch
+
+        settings = handler_settings(progress_delta, checkpoint_delta, improved_delta)
+        launches = [Launch.new(name, request, settings=settings) for request in requests]
+        self.transport.launch(launches)
+        return [Job(self, launch.job_id, name) for launch in launches]
+
+    def job(self, job_id: str, service: str | None = None) -> Job:
+        """A handle on an existing job."""
+        return Job(self, check_name("job id", job_id), service)
+
+    def subscribe(self, pattern: str | list[str], callback: Callable[[Event], None]) -> Subscription:
+        """Receive events whose ``<kind>.<service>.<job id>`` key matches the pattern(s).
+
+        Examples: ``"*.*.<job id>"`` (one job), ``"*.fit.*"`` (one service),
+        ``"progress.#"`` (one kind everywhere). The broker filters, not the client. The
+        callback runs on a transport thread and must return quickly.
+        """
+        return self.transport.subscribe([pattern] if isinstance(pattern, str) else list(pattern), callback)
+
+    def pause_all(self, service: str | None = None) -> None:
+        """Pause every running job (of one service, if given), on every worker."""
+        self.transport.control(control_message(Intent.PAUSE, service))
+
+    def resume_all(self, service: str | None = None) -> None:
+        """Resume every paused job (of one service, if given)."""
+        self.transport.control(control_message(Intent.RESUME, service))
+
+    def abort_all(self, service: str | None = None) -> None:
+        """Abort every running job (of one service, if given)."""
+        self.transport.control(control_message(Intent.ABORT, service))
+
+    def jobs(self, timeout: float = DEFAULT_JOBS_TIMEOUT, *, ended_within: float | None = None,
+             services: Iterable[str] = ()) -> list[dict[str, Any]]:
+        """Jobs across the fleet: running ones (id, service, state, progress, worker, attempt,
+        from every worker that answers within ``timeout`` s), then queued and resuming ones
+        (in the launch queues of the services those workers offer, and of ``services``), then,
+        with ``ended_within`` (seconds), those that ended that recently (state, start, end,
+        worker, attempt)."""
+        return self.listing(timeout, ended_within=ended_within, services=services).jobs
+
+    def listing(self, timeout: float = DEFAULT_JOBS_TIMEOUT, *, ended_within: float | None = None,
+                services: Iterable[str] = ()) -> Listing:
+        """As :meth:`jobs`, with the workers that answered and the jobs apart by kind."""
+        since = None if ended_within is None else time.time() - ended_within
+        return self.transport.list_jobs(timeout, services=services, ended_since=since)
+
+    def close(self) -> None:
+        """Close the connection (and stop an embedded worker)."""
+        if self._worker is not None:
+            self._worker.stop(grace=0)
+            self._worker = None
+        self.transport.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,100 @@
+"""The writes that need a job to be this worker's: its checkpoints, its record, its handover.
+
+Each waits until :class:`~.ownership.Ownership` says the proof of ownership is good on
+the current connection (claiming the job first if need be), and writes nothing for a copy
+that was superseded: an older execution never overrides the job's owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from ....errors import CheckpointFailed
+from ....protocol.messages import Record
+from .ownership import Ownership
+
+__all__ = ["OwnerWrites"]
+
+log = logging.getLogger(__name__)
+
+
+class OwnerWrites:
+    """See the module docstring (loop thread)."""
+
+    def __init__(self, ownership: Ownership) -> None:
+        self.ownership = ownership
+        self.connection = ownership.connection
+        self.journal = ownership.journal
+        self.leases = ownership.leases
+
+    async def store_checkpoint(self, job_id: str, body: bytes, taken: float) -> None:
+        """Store a checkpoint entry, then point the lease at it: atomic, as the journal entry
+        either is whole or is not there, and the lease moves only after it is.
+
+        Raises:
+            CheckpointFailed: the job is not (or no longer) this worker's.
+        """
+        owned = self.ownership.get(job_id)
+        # A stored checkpoint is worth something only with a lease pointing at it: claimed.
+        if (owned is None or not await self.ownership.ensure_claimed(owned)
+                or not await self.ownership.until_valid(owned)):
+            raise CheckpointFailed(f"job {job_id} is not this worker's any more: checkpoint not stored")
+        await self.journal.checkpoint(job_id, owned.job.attempt, body)
+        owned.checkpoint = {"time": taken, "attempt": owned.job.attempt}
+        await self.leases.hold(job_id, self.ownership.lease_of(owned))
+
+    async def finish(self, record: Record, reply_to: str | None = None) -> None:
+        """Store ``record`` (confirmed, retried across reconnects), then let the job go.
+
+        A copy that lost its claim stores nothing. ``reply_to``: where the record also goes
+        for a job that never ran here (a launch refused as it came).
+        """
+        job_id = record.job_id
+        owned = self.ownership.get(job_id)
+        delay = self.connection.settings.backoff_initial
+        try:
+            if owned is not None:
+                owned.ending = True
+                if owned.claiming is not None:  # a claim under way finishes first
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(owned.claiming)
+            while True:
+                try:
+                    if owned is not None and not await self.ownership.until_valid(owned):
+                        return
+                    await self.journal.record(record, owned.reply_to if owned else reply_to)
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    if self.connection.closing:
+                        raise
+                    log.warning("storing the record of %s failed (%r); retrying", job_id, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.connection.settings.backoff_max)
+            await self.ownership.release(owned)
+        finally:
+            self.ownership.forget(job_id, owned)
+
+    async def hand_over(self, job_id: str) -> None:
+        """Give the job back to its launch queue, as a lease to resume from its last stored
+        checkpoint, and let it go here (a graceful stop): no record."""
+        owned = self.ownership.get(job_id)
+        if owned is None:
+            return
+        try:
+            owned.ending = True
+            if not await self.ownership.until_valid(owned):
+                return
+            lease = self.ownership.lease_of(owned, handed_over=True)
+            # The queue goes first: whoever takes the handed-over lease claims it at once. Until
+            # it is sent, the lease held here stands for the job, should this worker die.
+            await self.ownership.unlock(owned)
+            await self.journal.hand_over(lease)
+            self.leases.release(job_id)
+            log.info("job %s handed over (attempt %d, %s)", job_id, lease.attempt,
+                     "from its checkpoint" if lease.checkpoint else "no checkpoint: it restarts")
+        finally:
+            self.ownership.forget(job_id, owned)
