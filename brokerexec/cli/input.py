@@ -26,6 +26,7 @@ from .output import EXIT_USAGE, JSON_FLAG, exit_on_errors, fail
 
 if TYPE_CHECKING:
     from ..client.blocking import Client
+    from ..transport.base import ClientTransport
 
 __all__ = ["ask", "broker_option", "json_option", "json_value", "loads_strict",
            "need_shared_broker", "oneshot_client", "parse_request", "request_option", "yes_option"]
@@ -85,26 +86,26 @@ def json_value(text: str) -> Any:
         return text
 
 
-def need_shared_broker(broker: str) -> None:
+def need_shared_broker(broker: str) -> Callable[[str], ClientTransport]:
     """Exit 2 unless ``broker`` is a broker other processes reach (amqp:// or amqps://): the
-    verbs that reach workers cannot use ``memory://``, whose broker lives inside one process."""
+    verbs that reach workers cannot use ``memory://``, whose broker lives inside one process.
+    Returns its scheme's one-shot client transport."""
     with exit_on_errors():
         scheme = scheme_of(broker)
     if not scheme.shared or scheme.oneshot_client is None:
         shared = " or ".join(f"{name}://" for name, one in SCHEMES.items() if one.shared)
         fail(f"client verbs need an {shared} broker URL ({scheme.name}:// lives inside one "
              "process; use `brokerexec run` for local runs)", EXIT_USAGE)
+    return scheme.oneshot_client
 
 
 def oneshot_client(broker: str) -> Client:
     """A client for one or two round trips (on RabbitMQ: one blocking pika connection, no
     listener thread, records read from the stream)."""
-    need_shared_broker(broker)
+    transport = need_shared_broker(broker)
     from ..client.blocking import Client
 
-    scheme = scheme_of(broker)
-    assert scheme.oneshot_client is not None
-    return Client(broker, transport=scheme.oneshot_client(broker))
+    return Client(broker, transport=transport(broker))
 
 
 def ask(broker: str, action: Callable[[Client], T]) -> T:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from ..constants import (
     DEFAULT_CHECKPOINT_DELTA,
@@ -102,7 +102,7 @@ class WorkerSettings(_Checked):
     """
 
     concurrency: int = setting(1, Integer(1), "Jobs at once.")
-    pool_kind: PoolKind = setting("thread", Choice(("thread", "process")),
+    pool_kind: PoolKind = setting("thread", Choice(get_args(PoolKind)),
                                   "Workers for handler.map/imap.", key="pool")
     pool_size: int | None = setting(None, Optional(Integer(1)), "Pool workers; default: one per CPU.")
     shutdown_grace: float = setting(
@@ -111,7 +111,7 @@ class WorkerSettings(_Checked):
         10.0, Number(0), "Seconds an aborted job has to reach ready(); then it is reported "
         "aborted and left to run on (threads), or its process group is stopped (processes).")
     runner: RunnerKind = setting(
-        "thread", Choice(("thread", "process")), "Where computations run: threads of the "
+        "thread", Choice(get_args(RunnerKind)), "Where computations run: threads of the "
         "worker, or a child process each (killable; a crash or a GIL-holding C call stays there).")
     job_time_limit: float | None = setting(
         None, Optional(Number(0, above=True)), "Seconds of wall time a job in a child process "
@@ -138,7 +138,7 @@ class RabbitMQSettings(_Checked):
 
     heartbeat: int = setting(DEFAULT_HEARTBEAT, Integer(0), "AMQP heartbeat (s).", metavar="S")
     queue_type: QueueType = setting(
-        "classic", Choice(("classic", "quorum")), "Launch queues of its services: quorum ones "
+        "classic", Choice(get_args(QueueType)), "Launch queues of its services: quorum ones "
         "survive a cluster node's loss (all workers of a service must agree).")
     claim_after: float = setting(
         DEFAULT_CLAIM_AFTER, Number(0), "Seconds a job runs before it gets its own RPC queue "
@@ -273,11 +273,9 @@ def _leaves(cls: type, path: tuple[str, ...] = ()) -> Iterator[Key]:
         declared = one.metadata.get(_SETTING)
         if declared is not None:
             yield Key((*path, one.name), declared, one.default)
-        elif isinstance(one.type, str) and one.type in _SECTIONS:
-            yield from _leaves(_SECTIONS[one.type], (*path, one.name))
+        elif isinstance(one.default_factory, type) and dataclasses.is_dataclass(one.default_factory):
+            yield from _leaves(one.default_factory, (*path, one.name))  # a section: its class
 
 
-_SECTIONS: dict[str, type] = {cls.__name__: cls for cls in (
-    WorkerSettings, RabbitMQSettings, LoggingSettings, MetricsSettings)}
 #: Every setting, in the order of the tree (``brokerexec config`` prints them so).
 KEYS: tuple[Key, ...] = tuple(_leaves(Settings))
