@@ -38,3 +38,26 @@ class Steps(Service):
 
     def restore(self, state: dict[str, Any]) -> None:
         self.done = self.resumed_from = state["done"]
+
+
+class Blob(Service):
+    """Holds a state of ``size`` characters, checkpointed on request, until aborted (the
+    memory a worker needs to store one large checkpoint)."""
+
+    name = "blob"
+    inputs = (Input("size", int, default=1024),)
+
+    def __init__(self) -> None:
+        self.blob = ""
+
+    def run(self, handler: ServiceHandler, request: dict[str, Any]) -> dict[str, Any]:
+        self.blob = "b" * request["size"]
+        while True:
+            handler.ready()
+            time.sleep(0.01)
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"blob": self.blob}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.blob = state["blob"]

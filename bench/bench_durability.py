@@ -1,6 +1,6 @@
 """What durable jobs cost: checkpoints, looking a job up as history grows, leases, resumes.
 
-    python -m bench.bench_durability [--only lookup,checkpoint,leases,resume] [--url amqp://...]
+    python -m bench.bench_durability [--only lookup,checkpoint,leases,resume,memory,busy] [--url amqp://...]
 
 * **lookup**: ``status`` and ``result`` of an ended job, from a client that did not launch it
   (so it reads the journal), with 1,000, 10,000 and 100,000 other jobs' launches and records
@@ -13,6 +13,13 @@
 * **leases**: what 1,000 claimed jobs hold in the broker (their leases) and cost it at rest.
 * **resume**: from a SIGKILL of a worker to the first event of its job's next attempt on
   another worker (the resume grace set to 0, so what is measured is the mechanism).
+* **memory**: a worker's peak RSS (``VmHWM``) while it stores one checkpoint of 16 and of 48
+  MiB, beyond its peak before, as a multiple of the checkpoint's size.
+* **busy**: a job in a busy fleet: ``--busy`` (1,000,000) other entries written to its journal
+  stream during its life (with raw pika, as other jobs' entries). Then the resume after a
+  SIGKILL (at the default resume grace, 2 s: the target is the grace + 2 s), and, once it
+  ended, a fresh client's ``status`` and ``result`` (target: 100 ms p50); each beside the same
+  measure on an idle journal.
 
 Each part runs in a vhost of its own, deleted at the end.
 """
@@ -20,6 +27,8 @@ Each part runs in a vhost of its own, deleted at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import signal
@@ -27,6 +36,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -265,8 +275,19 @@ def leases(url: str, jobs: int, rest: float) -> list[Row]:
     return rows
 
 
+def _resumed_watch() -> tuple[threading.Event, Callable[[Any], None]]:
+    """An event set by the callback once it sees an event of a job's next attempt."""
+    resumed = threading.Event()
+
+    def seen(event: Any) -> None:
+        if event.attempt > 1:
+            resumed.set()
+
+    return resumed, seen
+
+
 def resume(url: str, n: int) -> list[Row]:
-    from brokerexec import Client, Event
+    from brokerexec import Client
 
     latencies = []
     with broker_lock(), isolated_vhost(url) as vhost:
@@ -274,12 +295,7 @@ def resume(url: str, n: int) -> list[Row]:
             first = _start_worker(vhost, "--resume-grace", "0")
             second = None
             try:
-                resumed = threading.Event()
-
-                def seen(event: Event, resumed: threading.Event = resumed) -> None:
-                    if event.attempt > 1:
-                        resumed.set()
-
+                resumed, seen = _resumed_watch()
                 with Client(vhost) as client:
                     job = client.launch("steps", {"steps": 400, "delay": 0.01}, checkpoint_delta=0.2)
                     client.subscribe(f"*.*.{job.id}", seen)
@@ -302,15 +318,130 @@ def resume(url: str, n: int) -> list[Row]:
                 note=f"{n} kills; add --resume-grace (2 s by default)")]
 
 
+# ---- memory ----------------------------------------------------------------------------------
+
+
+def _peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM")
+
+
+def memory(url: str, sizes: list[int]) -> list[Row]:
+    """Peak RSS added by storing one checkpoint of each size, beside the state held."""
+    from brokerexec import Client
+
+    rows = []
+    blob = f"{Path(__file__).resolve().parent / '_chaos_service.py'}:Blob"
+    for size in sizes:
+        with broker_lock(), isolated_vhost(url) as vhost:
+            worker = _start_worker(vhost, "--service", blob)
+            try:
+                with Client(vhost) as client:
+                    job = client.launch("blob", {"size": size}, checkpoint_delta=3600)
+                    while job.status().get("state") != "running":
+                        pass
+                    job.status()  # claimed, its state made: what it holds before storing it
+                    before = _peak_rss(worker.pid)
+                    job.checkpoint()
+                    after = _peak_rss(worker.pid)
+                    job.abort()
+                rows.append(Row("memory: peak RSS added by storing one checkpoint",
+                                f"{size // 2**20} MiB state", (after - before) / size, "x its size",
+                                extra={"MiB added": round((after - before) / 2**20, 1)}))
+            finally:
+                _stop(worker)
+    return rows
+
+
+# ---- busy ------------------------------------------------------------------------------------
+
+
+def _noise(url: str, stream: str, n: int) -> float:
+    """``n`` other jobs' ``started`` entries in ``stream``, confirmed; the seconds it took."""
+    started = time.perf_counter()
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    channel = connection.channel()
+    body = json.dumps({"v": 1, "attempt": 1, "time": time.time(), "worker": {"hostname": "bench"}}).encode()
+    properties = [pika.BasicProperties(content_type="application/json", message_id=new_job_id(),
+                                       type="brokerexec.started") for _ in range(64)]
+    for i in range(n):
+        channel.basic_publish("", stream, body, properties[i % 64])
+    channel.confirm_delivery()
+    channel.basic_publish("", stream, body, properties[0])  # confirmed: all before it are stored
+    connection.close()
+    return time.perf_counter() - started
+
+
+def busy(url: str, entries: int, n: int) -> list[Row]:
+    """Resume and fresh look-ups of a job whose stream got ``entries`` other entries during its
+    life, beside the same on an idle journal (0)."""
+    from brokerexec import Client
+    from brokerexec.transport.pika.client import PikaClientTransport
+
+    rows = []
+    for size in (0, entries):
+        with broker_lock(), isolated_vhost(url) as vhost:
+            first = _start_worker(vhost)
+            second = None
+            try:
+                resumed, seen = _resumed_watch()
+                with Client(vhost) as client:
+                    job = client.launch("steps", {"steps": 100_000, "delay": 0.01}, checkpoint_delta=0.5)
+                    client.subscribe(f"*.*.{job.id}", seen)
+                    while job.status().get("state") != "running":
+                        pass
+                    wrote = _noise(vhost, journal_stream(job.id), size)
+                    print(f"busy: {size:,} entries written in {wrote:.1f} s", file=sys.stderr)
+                    second = _start_worker(vhost)
+                    os.kill(first.pid, signal.SIGKILL)
+                    killed = time.perf_counter()
+                    assert resumed.wait(120), "never resumed"
+                    took = time.perf_counter() - killed
+                    label = "idle journal" if size == 0 else f"{size:,} entries during its life"
+                    rows.append(Row("busy: resume after SIGKILL (resume grace 2 s)", label, 1e3 * took, "ms",
+                                    reference=size == 0))
+                    job.abort()
+                    with contextlib.suppress(Exception):
+                        job.result(60)
+                one_shot = PikaClientTransport(vhost, heartbeat=0)
+                job_id = job.id
+                with Client(vhost) as fresh:
+                    calls: list[tuple[str, Any]] = [
+                        ("status (pika, the CLI's)", functools.partial(one_shot.status, job_id, 10)),
+                        ("result (pika, the CLI's)", functools.partial(one_shot.fetch_result, job_id, 0)),
+                        ("status (Client)", fresh.job(job_id).status),
+                        ("result (Client)", fresh.job(job_id).record)]
+                    for what, call in calls:
+                        samples = []
+                        for _ in range(n):
+                            begun = time.perf_counter()
+                            answer = call()
+                            samples.append(time.perf_counter() - begun)
+                            assert answer and answer.get("state") == "aborted", answer
+                        p = percentiles(samples)
+                        rows.append(Row(f"busy: a fresh client's {what} of the ended job", label,
+                                        1e3 * p["p50"], "ms", reference=size == 0,
+                                        extra={"p90": 1e3 * p["p90"]}))
+                one_shot.close()
+            finally:
+                _stop(first)
+                if second is not None:
+                    _stop(second)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default=DEFAULT_URL)
-    parser.add_argument("--only", default="lookup,checkpoint,leases,resume")
+    parser.add_argument("--only", default="lookup,checkpoint,leases,resume,memory,busy")
     parser.add_argument("--n", type=int, default=20, help="look-ups and checkpoints per figure")
     parser.add_argument("--histories", default="1000,10000,100000")
     parser.add_argument("--jobs", type=int, default=1000, help="running jobs for the lease part")
     parser.add_argument("--rest", type=float, default=10.0, help="seconds of broker CPU sampled at rest")
     parser.add_argument("--kills", type=int, default=5)
+    parser.add_argument("--busy", type=int, default=1_000_000, help="entries in a busy job's life")
     args = parser.parse_args()
     parts = set(args.only.split(","))
     rows: list[Row] = []
@@ -322,6 +453,10 @@ def main() -> None:
         rows += leases(args.url, args.jobs, args.rest)
     if "resume" in parts:
         rows += resume(args.url, args.kills)
+    if "memory" in parts:
+        rows += memory(args.url, [16 * 2**20, 48 * 2**20])
+    if "busy" in parts:
+        rows += busy(args.url, args.busy, args.n)
     order = {group: i for i, group in reversed(list(enumerate(r.group for r in rows)))}
     report(sorted(rows, key=lambda r: order[r.group]), "durability.md", "durability.json")
     print(f"(the journal: {JOURNAL_BUCKETS} streams)")

@@ -36,7 +36,9 @@ if _typing.TYPE_CHECKING:  # what ``__getattr__`` below provides, for type check
         JobNotFound,
         MessageTooLarge,
         NotApplied,
+        NotDurable,
         RemoteError,
+        ResultTooLarge,
         ServiceDefinitionError,
         ServiceError,
         SignalRefused,
@@ -74,7 +76,9 @@ __all__ = [
     "JobState",
     "MessageTooLarge",
     "NotApplied",
+    "NotDurable",
     "RemoteError",
+    "ResultTooLarge",
     "Service",
     "ServiceDefinitionError",
     "ServiceError",
@@ -117,9 +121,9 @@ _WHERE = {
     **{name: "errors" for name in (
         "Aborted", "AccessRefused", "BrokerConnectionError", "BrokerExecError",
         "CheckpointFailed", "ConfigurationError", "DecodeError", "InvalidRequest", "InvalidState",
-        "JobAborted", "JobNotFound", "MessageTooLarge", "NotApplied", "RemoteError",
-        "ServiceDefinitionError", "ServiceError", "SignalRefused", "Timeout", "UnknownService",
-        "WorkerLost")},
+        "JobAborted", "JobNotFound", "MessageTooLarge", "NotApplied", "NotDurable", "RemoteError",
+        "ResultTooLarge", "ServiceDefinitionError", "ServiceError", "SignalRefused", "Timeout",
+        "UnknownService", "WorkerLost")},
 }
 
 

@@ -12,12 +12,23 @@ DEFAULT_URL: Final = "amqp://guest:guest@127.0.0.1:5672/"
 MEMORY_URL: Final = "memory://"
 
 # --- limits ---------------------------------------------------------------------------------
+#: The largest message a worker or client takes from *others*: a launch, a signal, an RPC
+#: reply. What workers write for readers (journal entries, records, leases, events) is read
+#: up to :data:`MAX_ENTRY_BYTES` instead: its writer checked it against its own limit.
 MAX_MESSAGE_BYTES: Final = 1024 * 1024
-#: The largest checkpoint a worker stores (its JSON, with the entry's few fields). RabbitMQ's
-#: own limit is ``max_message_size`` (128 MiB by default on 3.10); every checkpoint is held
-#: in the journal for a day, so keep them far below it.
-MAX_CHECKPOINT_BYTES: Final = 8 * 1024 * 1024
+#: The largest checkpoint a worker stores (its JSON, with the entry's few fields), and the
+#: largest result (its record's JSON): both below RabbitMQ's own ``max_message_size``
+#: (128 MiB by default on 3.10), which refuses larger messages whatever brokerexec says.
+MAX_CHECKPOINT_BYTES: Final = 64 * 1024 * 1024
+MAX_RESULT_BYTES: Final = 64 * 1024 * 1024
+#: What a reader accepts of what a worker wrote: RabbitMQ's ceiling for ``max_message_size``
+#: (512 MiB), so a reader never refuses an entry its writer could store, whatever the
+#: writer's limits (the broker enforces its own on the way in).
+MAX_ENTRY_BYTES: Final = 512 * 1024 * 1024
 MAX_JSON_DEPTH: Final = 64
+
+#: How long the journal keeps its entries (seconds), when a worker makes its streams.
+JOURNAL_MAX_AGE: Final = 7 * 86_400.0
 
 # --- a job's periodic messages (seconds; park's ServiceHandler defaults) --------------------
 DEFAULT_PROGRESS_DELTA: Final = 1.0

@@ -16,6 +16,8 @@
     ├── InvalidState              the operation is not allowed in the current state
     │   └── NotApplied            a set/invoke was accepted, but its execution was lost first
     ├── CheckpointFailed          a checkpoint could not be stored (too large, broker gone)
+    ├── NotDurable                a set/invoke was applied, but could not be made durable
+    ├── ResultTooLarge            a job's result is over its worker's --max-result-bytes
     ├── WorkerLost                a job's worker was lost and its service does not restart
     ├── JobNotFound               no worker holds that job id and the journal has no trace of it
     ├── RemoteError               the remote side failed: carries its type, message, traceback
@@ -51,7 +53,9 @@ __all__ = [
     "JobNotFound",
     "MessageTooLarge",
     "NotApplied",
+    "NotDurable",
     "RemoteError",
+    "ResultTooLarge",
     "ServiceDefinitionError",
     "ServiceError",
     "SignalRefused",
@@ -127,6 +131,17 @@ class NotApplied(InvalidState):
 class CheckpointFailed(BrokerExecError):
     """A checkpoint could not be stored: over the size limit, or the broker did not take it.
     The job goes on; its previous checkpoint stays the one it resumes from."""
+
+
+class NotDurable(BrokerExecError):
+    """A ``set`` or ``invoke`` was applied, but the broker did not take the note that makes it
+    survive a crash (docs/durability.md): if the job's worker dies before its next
+    checkpoint, a ``set`` may be undone, and an ``invoke`` goes unlisted at the resume."""
+
+
+class ResultTooLarge(BrokerExecError):
+    """A job's result, as JSON, is larger than its worker's ``--max-result-bytes``: the job
+    failed with this error rather than have its record refused by the broker or a reader."""
 
 
 class WorkerLost(BrokerExecError):

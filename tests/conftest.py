@@ -129,14 +129,15 @@ class WorkerProcess:
     SERVICES = ("Counter", "Forever", "Improver", "Sleeper", "NoReady", "Steps", "Fragile")
 
     def __init__(self, url: str, *args: str, name: str = "worker",
-                 services: tuple[str, ...] = SERVICES) -> None:
+                 services: tuple[str, ...] = SERVICES, env: dict[str, str] | None = None) -> None:
         import sys
         import threading
 
         command = [sys.executable, "-m", "brokerexec", "worker", "--broker", url,
                    *[f"--service={cls if ':' in cls else f'{SAMPLES}:{cls}'}" for cls in services],
                    *args]
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                        env=None if env is None else {**os.environ, **env})
         self.lines: list[str] = []
         self._ready = threading.Event()
         self._reader = threading.Thread(target=self._read, name=f"{name}-stderr", daemon=True)
@@ -180,9 +181,10 @@ def worker_process(amqp_url: str) -> Iterator[object]:
     all are stopped (SIGTERM, then SIGKILL) at the end."""
     started: list[WorkerProcess] = []
 
-    def start(*args: str, url: str | None = None,
-              services: tuple[str, ...] = WorkerProcess.SERVICES) -> WorkerProcess:
-        worker = WorkerProcess(url or amqp_url, *args, name=f"worker{len(started)}", services=services)
+    def start(*args: str, url: str | None = None, services: tuple[str, ...] = WorkerProcess.SERVICES,
+              env: dict[str, str] | None = None) -> WorkerProcess:
+        worker = WorkerProcess(url or amqp_url, *args, name=f"worker{len(started)}", services=services,
+                               env=env)
         started.append(worker)
         return worker
 

@@ -352,3 +352,61 @@ class Unmakeable(Service):
 
 #: The services of the child-process tests.
 CHILD = [Where, WhereAlone, Crasher, Blocked, GilHog, Greedy, Unmakeable, Counter, Forever, Improver]
+
+
+def blob(size: int) -> str:
+    """``size`` characters that any copy of this module makes the same: a large state whose
+    corruption or truncation shows in its hash."""
+    seed = "".join(f"{n:08x}" for n in range(4096))  # 32 KiB, no run repeats within it
+    return (seed * (size // len(seed) + 1))[:size]
+
+
+class Bulky(Service):
+    """Checkpoints a state of ``state_bytes`` characters and returns a result with a payload
+    of ``result_bytes``; ``step`` and ``label`` are settable, ``mark`` invokable. Says whether
+    the state it restored is the one it stored (its hash) and where it resumed from."""
+
+    name = "bulky"
+    inputs = (Input("steps", int, default=100), Input("delay", float, default=0.05),
+              Input("state_bytes", int, default=0), Input("result_bytes", int, default=0))
+    settable = {"step": int, "label": str}
+    invokable = ("mark",)
+
+    def __init__(self) -> None:
+        self.done = 0
+        self.step = 1
+        self.label = ""
+        self.marks = 0
+        self.blob = ""
+        self.restored: dict[str, Any] | None = None
+
+    def run(self, handler: ServiceHandler, request: dict[str, Any]) -> dict[str, Any]:
+        import hashlib
+
+        if not self.blob:
+            self.blob = blob(request["state_bytes"])
+        while self.done < request["steps"]:
+            handler.ready()
+            time.sleep(request["delay"])
+            self.done += 1
+        handler.ready()
+        return {"done": self.done, "step": self.step, "label": self.label, "marks": self.marks,
+                "restored": self.restored, "sha": hashlib.sha256(self.blob.encode()).hexdigest(),
+                "payload": "r" * request["result_bytes"]}
+
+    def mark(self) -> int:
+        self.marks += 1
+        return self.marks
+
+    def progress(self) -> dict[str, Any]:
+        return {"done": self.done}
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"done": self.done, "blob": self.blob}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        import hashlib
+
+        self.done, self.blob = state["done"], state["blob"]
+        self.restored = {"done": self.done, "chars": len(self.blob),
+                         "sha": hashlib.sha256(self.blob.encode()).hexdigest()}

@@ -8,13 +8,16 @@ checked and JSON-able already, and so is everything the computation emits)::
     worker (parent: ChildComputation)               child (brokerexec.child.main)
     ─────────────────────────────────               ─────────────────────────────
     START      job, service spec, request, ───►     load the class, make the service,
-               resume + state, intervals,           restore it when resuming, run
-               pool, limits, sys.path
+               resume + state, reapply,             restore it when resuming, run
+               intervals, pool, limits,
+               sys.path, changes carried
     POST       id, intent, payload         ───►     Crossing.post: applied at ready()
     REQUEST    what (a Requested)          ───►     Crossing.request_<what>
     INTERVALS  the handler's deltas        ───►     set, Crossing.request_reschedule
     STORED     id, error?                  ───►     a STORE's checkpoint is stored (or not)
-               ◄───  STORE        id, state: store this checkpoint durably (the worker's store)
+               ◄───  STORE        id, state, settable, covers: store this checkpoint
+                                  durably (the worker's store); or id, changes: make the
+                                  changes applied since it durable (the worker's note)
                ◄───  EMIT         event (state | progress | improved | checkpoint), data
                ◄───  SETTLED      id, value or error: a POST applied (or refused, or failed)
                ◄───  OUTCOME      state, result, error, start, end: the computation ended

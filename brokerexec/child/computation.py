@@ -49,6 +49,7 @@ from ..errors import (
     CheckpointFailed,
     ConfigurationError,
     InvalidState,
+    NotDurable,
     error_from_wire,
     error_to_wire,
 )
@@ -85,6 +86,8 @@ class ChildComputation:
         self._abort_grace = setup.abort_grace
         self._wallclock = setup.wallclock
         self._store = setup.store
+        self._note = setup.note
+        self._setup = setup
         self._service_cls: type[Service] | None = None
         self._handover_sent = False
         self._lock = threading.Lock()
@@ -109,7 +112,8 @@ class ChildComputation:
         return self._store is not None and cls is not None and cls.checkpoint is not Service.checkpoint
 
     def start(self, service: Service | type[Service], request: dict[str, Any], resume: bool,
-              state: dict[str, Any] | None, handler: Handler) -> None:
+              state: dict[str, Any] | None, handler: Handler,
+              reapply: dict[str, Any] | None = None) -> None:
         """Start a child that makes a service of ``service``'s class, restores ``state`` if
         ``resume``, and runs ``request``; return at once. The child has a handler of its own:
         ``handler`` (this process's) is not used.
@@ -129,7 +133,10 @@ class ChildComputation:
                     "pool": {"size": self._pool.size, "kind": self._pool.kind},
                     "memory_limit": limits.memory, "log_level": self._runner.child_log_level(),
                     "log_format": configured_format(), "stores_checkpoints": self.stores_checkpoints,
-                    "sys_path": list(sys.path)}
+                    "sys_path": list(sys.path), "reapply": reapply or {},
+                    "keeps_changes": self._note is not None and self._store is not None,
+                    "carried": list(self._setup.carried), "carried_after": self._setup.carried_after,
+                    "max_result_bytes": self._setup.max_result_bytes}
             start = Message(ToChild.START.value, body).encode()
         except (ConfigurationError, ValueError) as exc:  # not loadable, or state not JSON-able
             self.fail_to_start(exc)
@@ -285,10 +292,16 @@ class ChildComputation:
                 with contextlib.suppress(OSError, ValueError):
                     sender.send(ToChild.STORED.value, reply)
 
-        if self._store is None:
+        if "changes" in body:  # a set or invoke applied there, made durable before its reply
+            if self._note is None:
+                stored(NotDurable(f"job {self.job}: this worker keeps no changes"))
+            else:
+                self._note(body["changes"]).add_done_callback(lambda done: stored(done.exception()))
+        elif self._store is None:
             stored(CheckpointFailed(f"job {self.job}: this worker stores no checkpoints"))
         else:
-            self._store(body["state"]).add_done_callback(lambda done: stored(done.exception()))
+            self._store(body["state"], body.get("settable") or {}, int(body.get("covers") or 0)
+                        ).add_done_callback(lambda done: stored(done.exception()))
 
     def _on_settled(self, body: dict[str, Any]) -> None:
         with self._lock:

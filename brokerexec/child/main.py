@@ -121,10 +121,14 @@ class ChildSide:
             self._emit, workers=WorkerPool(pool["size"], pool["kind"]), name=self.job,
             progress_delta=intervals["progress_delta"], checkpoint_delta=intervals["checkpoint_delta"],
             improved_delta=intervals["improved_delta"],
-            store=self._store if start.get("stores_checkpoints") else None)
+            store=self._store if start.get("stores_checkpoints") else None,
+            note=self._note if start.get("keeps_changes") else None,
+            carried=start.get("carried") or (), carried_after=start.get("carried_after") or 0,
+            max_result_bytes=start.get("max_result_bytes"))
         self.crossing = handler.crossing
         handler.outcome.add_done_callback(self._finish)
-        handler.start(service, start["request"], start["resume"], state=start["state"])
+        handler.start(service, start["request"], start["resume"], state=start["state"],
+                      reapply=start.get("reapply") or None)
         self._read()
 
     def _make_service(self) -> Service:
@@ -193,16 +197,23 @@ class ChildSide:
         # A body that is not JSON-able raises here; the handler logs it, as the wire would.
         self.channel.send(ToParent.EMIT.value, {"event": kind, "data": data})
 
-    def _store(self, state: Any) -> cf.Future[None]:
+    def _store(self, state: Any, settable: dict[str, Any], covers: int) -> cf.Future[None]:
         """Ask the worker to store a checkpoint (computation thread); resolved by STORED."""
+        return self._ask_to_keep({"state": state, "settable": settable, "covers": covers}, "checkpoint")
+
+    def _note(self, changes: list[dict[str, Any]]) -> cf.Future[None]:
+        """Ask the worker to make the applied changes durable (computation thread)."""
+        return self._ask_to_keep({"changes": changes}, "changes")
+
+    def _ask_to_keep(self, body: dict[str, Any], what: str) -> cf.Future[None]:
         key = next(self._store_ids)
         future: cf.Future[None] = cf.Future()
         self._stores[key] = future
         try:
-            self.channel.send(ToParent.STORE.value, {"id": key, "state": state})
+            self.channel.send(ToParent.STORE.value, {"id": key, **body})
         except (OSError, ValueError) as exc:
             self._stores.pop(key, None)
-            future.set_exception(CheckpointFailed(f"the checkpoint could not reach the worker: {exc}"))
+            future.set_exception(CheckpointFailed(f"the {what} could not reach the worker: {exc}"))
         return future
 
     def _settled(self, key: int, future: cf.Future[Any]) -> None:

@@ -112,7 +112,7 @@ def _steer(verb: str) -> click.Command:
 
 pause, resume, abort = _steer("pause"), _steer("resume"), _steer("abort")
 
-#: With --all: how far back ended jobs are listed (the journal keeps about a day).
+#: With --all: how far back ended jobs are listed (the journal keeps far longer).
 ENDED_WITHIN = 3600.0
 
 

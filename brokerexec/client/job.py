@@ -55,7 +55,8 @@ class Job:
         for an ended job, its state and ``record``.
 
         Raises:
-            JobNotFound: nothing knows the job (never launched, or ended over 24 h ago).
+            JobNotFound: nothing knows the job (never launched, or ended longer ago than the
+                journal keeps entries).
         """
         return self.client.transport.status(self.id, timeout or self.client.timeout)
 

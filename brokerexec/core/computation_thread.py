@@ -13,7 +13,11 @@ and does everything that happens at ``ready()`` (park's ``ready`` and ``onReady*
   state, to be resumed elsewhere.
 
 A checkpoint goes to the handler's ``store`` when it has one (a worker's: durably, in the
-broker), and its event is published once it is stored; without one it is only published.
+broker), with the values of the service's declared settable attributes, and its event is
+published once it is stored; without one it is only published. With a store, each ``set``
+and ``invoke`` applied at ``ready()`` is made durable (the handler's ``note``) before its
+sender is told it was applied (:mod:`.change_log`). A result larger than ``max_result_bytes``
+(as JSON) fails the job with :class:`~brokerexec.ResultTooLarge`.
 
 A computation that never calls ``ready()`` cannot be stopped from outside in thread mode.
 On abort the handler waits ``abort_grace`` seconds; if the computation has not ended by
@@ -32,10 +36,11 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from .. import codec
-from ..errors import Aborted, CheckpointFailed, InvalidState, error_to_wire
+from ..errors import Aborted, CheckpointFailed, InvalidState, NotDurable, ResultTooLarge, error_to_wire
 from ..logs import current_job
 from ..protocol.intents import Intent
 from ..protocol.states import JobState
+from .change_log import ChangeLog
 from .crossing import Posted, fail_unapplied
 from .runner import JobSetup, Outcome, Running
 from .service import Handler, Service, check_present
@@ -74,6 +79,9 @@ class Computation:
         self._wallclock = setup.wallclock
         self._start_thread = start_thread
         self._store = setup.store
+        self._note = setup.note
+        self._changes = ChangeLog(setup.carried, setup.carried_after)
+        self._max_result_bytes = setup.max_result_bytes
         self._running: Running | None = None
         self._end_lock = threading.Lock()
         self._sampled_at: float | None = None
@@ -88,10 +96,12 @@ class Computation:
         return self._running is not None
 
     def start(self, service: Service | type[Service], request: dict[str, Any], resume: bool,
-              state: dict[str, Any] | None, handler: Handler) -> None:
+              state: dict[str, Any] | None, handler: Handler,
+              reapply: dict[str, Any] | None = None) -> None:
         """Run ``service.run(handler, request)`` in a thread, after ``service.restore(state)``
         if ``resume``. ``service`` may be a class: it is made here, and a failing
-        ``__init__`` fails the job, not the worker.
+        ``__init__`` fails the job, not the worker. ``reapply`` is set at the first
+        ``ready()``, like a set (the attributes may be made by ``run()``).
 
         Raises:
             InvalidState: started already.
@@ -107,8 +117,21 @@ class Computation:
                 return
         made = service
         self.service = made
+        if reapply:
+            self._reapply(reapply)
         self._running = self._start_thread(
             lambda: self._logged(made, lambda: made.run(handler, request), resume, state), self.job)
+
+    def _reapply(self, values: dict[str, Any]) -> None:
+        # Durable already (in the checkpoint, or in the log carried here): not noted again.
+        posted = Posted(Intent.SET, {"attrs": dict(values), "replayed": True})
+
+        def done(future: cf.Future[Any]) -> None:
+            if future.exception() is not None:
+                log.warning("job %s: the values set before it resumed could not be set again: %s",
+                            self.job, future.exception())
+
+        self._crossing.post(posted, self.job).add_done_callback(done)
 
     def _logged(self, service: Service, run: Callable[[], Any], resume: bool,
                 state: dict[str, Any] | None) -> None:
@@ -145,11 +168,18 @@ class Computation:
             log.debug("job %s failed:\n%s", self.job, error["traceback"])
         else:
             try:  # a result that cannot be sent is the service's failure, reported as such
-                codec.encode(result)
+                size = len(codec.encode(result))
             except (TypeError, ValueError) as exc:
                 final, result = JobState.FAILED, None
                 error = error_to_wire(exc, "")
                 error["message"] = f"result is not JSON-able: {exc}"
+            else:
+                limit = self._max_result_bytes
+                if limit is not None and size > limit:
+                    final, result = JobState.FAILED, None
+                    error = error_to_wire(ResultTooLarge(
+                        f"the result of job {self.job} is {size:,} bytes as JSON, over the limit of "
+                        f"{limit:,} (--max-result-bytes): not sent"), "")
         self._end(final, result, error, start)
 
     def _end(self, final: JobState, result: Any, error: dict[str, str] | None, start: float) -> None:
@@ -242,8 +272,35 @@ class Computation:
             posted.settle(self.apply)
 
     def apply(self, posted: Posted) -> Any:
-        """Carry out one posted signal, checked already (computation thread); its value."""
-        return self.APPLY[posted.intent](self, posted.payload)
+        """Carry out one posted signal, checked already (computation thread); its value, once
+        a set or invoke is made durable (when the job's checkpoints are stored)."""
+        value = self.APPLY[posted.intent](self, posted.payload)
+        if self._note is not None and posted.intent in (Intent.SET, Intent.INVOKE) \
+                and not posted.payload.get("replayed") and self.stores_changes:
+            self._make_durable(posted)
+        return value
+
+    @property
+    def stores_changes(self) -> bool:
+        """True if applied sets and invokes are made durable: the worker stores this job's
+        checkpoints (whether or not the service takes any: one that restarts from scratch
+        gets its sets again too)."""
+        return self._store is not None and self._note is not None
+
+    def _make_durable(self, posted: Posted) -> None:
+        now = self._wallclock()
+        if posted.intent is Intent.SET:
+            entries = self._changes.applied_set(posted.payload["attrs"], now)
+            what = f"set of {', '.join(posted.payload['attrs'])}"
+        else:
+            entries = self._changes.applied_invoke(posted.payload["method"], now)
+            what = f"invoke of {posted.payload['method']}"
+        assert self._note is not None
+        try:
+            self._note(entries).result(STORE_TIMEOUT)
+        except Exception as exc:
+            raise NotDurable(f"job {self.job}: the {what} was applied, but could not be made "
+                             f"durable ({exc}): a crash before the next checkpoint would undo it") from exc
 
     def _assign(self, payload: dict[str, Any]) -> dict[str, Any]:
         assert self.service is not None
@@ -336,12 +393,15 @@ class Computation:
         """
         assert self.service is not None
         taken = self._wallclock()
+        covers = self._changes.last
         data = {"state": self.service.checkpoint()}
         if not self.stores_checkpoints:
             self._emit("checkpoint", data)
             return {"time": taken}
         assert self._store is not None
-        stored = self._store(data["state"])
+        stored = self._store(data["state"], self._settable_values(), covers)
+        stored.add_done_callback(
+            lambda done: self._changes.covered(covers) if done.exception() is None else None)
         if not wait:
             stored.add_done_callback(lambda done: self._stored(done, data))
             return {"time": taken}
@@ -356,6 +416,21 @@ class Computation:
             raise CheckpointFailed(f"job {self.job}: the checkpoint was not stored: {exc}") from exc
         self._emit("checkpoint", data)
         return {"time": taken, "stored": True}
+
+    def _settable_values(self) -> dict[str, Any]:
+        """The values of the service's declared settable attributes it has now, those that
+        can be sent (part of every stored checkpoint: set again after ``restore()``)."""
+        values: dict[str, Any] = {}
+        assert self.service is not None
+        for attr in type(self.service).settable:
+            if hasattr(self.service, attr):
+                value = getattr(self.service, attr)
+                try:
+                    codec.encode(value)
+                except (TypeError, ValueError):
+                    continue
+                values[attr] = value
+        return values
 
     def _stored(self, done: cf.Future[None], data: dict[str, Any]) -> None:
         error = done.exception()

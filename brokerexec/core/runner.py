@@ -25,14 +25,19 @@ if TYPE_CHECKING:
     from .service import Handler, Service
     from .state_machine import StateMachine
 
-__all__ = ["ComputationSide", "JobSetup", "Outcome", "Runner", "Running", "Send", "Store"]
+__all__ = ["ComputationSide", "JobSetup", "Note", "Outcome", "Runner", "Running", "Send", "Store"]
 
 #: How a job ended: ``{"state", "result", "error", "start", "end"}`` (and ``"abandoned"``).
 Outcome = dict[str, Any]
 #: Sends one outgoing message: ``send(kind, data)``.
 Send = Callable[[str, dict[str, Any]], None]
-#: Stores a checkpoint's state durably; the future fails with ``CheckpointFailed``.
-Store = Callable[[Any], "cf.Future[None]"]
+#: Stores a checkpoint durably: ``store(state, settable, covers)``, the service's state, the
+#: values of its declared settable attributes, and the newest change it covers
+#: (:mod:`.change_log`); the future fails with ``CheckpointFailed``.
+Store = Callable[[Any, dict[str, Any], int], "cf.Future[None]"]
+#: Makes the changes applied since the newest stored checkpoint durable (:mod:`.change_log`):
+#: ``note(entries)``, the whole log each time; the future fails if the broker did not take it.
+Note = Callable[[list[dict[str, Any]]], "cf.Future[None]"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,12 @@ class JobSetup:
         clock: the monotonic clock of the periodic messages.
         wallclock: the clock of the times reported.
         store: stores checkpoints durably (a worker's); None: they are only published.
+        note: makes each set and invoke durable before it is acknowledged (a worker's,
+            beside ``store``); None: they are not.
+        carried: the change log a resumed job brings from its previous execution.
+        carried_after: the newest change the checkpoint it resumes from covers.
+        max_result_bytes: a result larger than this, as JSON, fails the job
+            (``ResultTooLarge``); None: no limit.
     """
 
     job: str
@@ -62,6 +73,10 @@ class JobSetup:
     clock: Callable[[], float]
     wallclock: Callable[[], float]
     store: Store | None = None
+    note: Note | None = None
+    carried: tuple[dict[str, Any], ...] = ()
+    carried_after: int = 0
+    max_result_bytes: int | None = None
 
 
 class Running(Protocol):
@@ -88,10 +103,12 @@ class ComputationSide(Protocol):
         """True if checkpoints are stored (the job can be handed over and resumed)."""
 
     def start(self, service: Service | type[Service], request: dict[str, Any], resume: bool,
-              state: dict[str, Any] | None, handler: Handler) -> None:
+              state: dict[str, Any] | None, handler: Handler,
+              reapply: dict[str, Any] | None = None) -> None:
         """Make the service where it runs (from its class), restore ``state`` if
         ``resume``, and run ``request`` through it with ``handler``; return at once. A
-        service that cannot be made fails the job."""
+        service that cannot be made fails the job. ``reapply``: settable values a resumed
+        job's senders were told were applied, set again at its first ``ready()``."""
 
     def fail_to_start(self, exc: BaseException) -> None:
         """End the job as failed before it ran."""

@@ -33,7 +33,7 @@ import concurrent.futures as cf
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from ..errors import InvalidState
@@ -44,7 +44,7 @@ from .handler_thread import SignalDesk
 from .intervals import Intervals, check_delta
 from .map_pool import WorkerPool
 from .map_pool import imap as pool_imap
-from .runner import ComputationSide, JobSetup, Outcome, Runner, Store
+from .runner import ComputationSide, JobSetup, Note, Outcome, Runner, Store
 from .service import Service
 from .state_machine import StateMachine
 from .thread_runner import THREADS
@@ -74,8 +74,13 @@ class ServiceHandler:
         runner: where the computation runs (a :class:`~brokerexec.core.runner.Runner`):
             reused threads (the default, :data:`brokerexec.core.thread_runner.THREADS`), or a
             child process each (a :class:`~brokerexec.child.runner.ProcessRunner`).
-        store: stores a checkpoint's state durably (a worker's; the future fails with
+        store: stores a checkpoint durably (a worker's; the future fails with
             ``CheckpointFailed``). Without one, checkpoints are only published.
+        note: makes each applied set and invoke durable before it is acknowledged (a
+            worker's, beside ``store``: :mod:`brokerexec.core.change_log`).
+        carried: the change log a resumed job brings from its previous execution, and
+            ``carried_after`` the newest change its checkpoint covers.
+        max_result_bytes: a larger result (as JSON) fails the job with ``ResultTooLarge``.
     """
 
     def __init__(self, emit: Emit | None = None, *, workers: WorkerPool | int | None = None,
@@ -83,7 +88,9 @@ class ServiceHandler:
                  wallclock: Callable[[], float] = time.time, abort_grace: float = 10.0,
                  progress_delta: float | None = None, checkpoint_delta: float | None = None,
                  improved_delta: float | None = None, name: str = "job",
-                 runner: Runner | None = None, store: Store | None = None) -> None:
+                 runner: Runner | None = None, store: Store | None = None,
+                 note: Note | None = None, carried: Sequence[dict[str, Any]] = (),
+                 carried_after: int = 0, max_result_bytes: int | None = None) -> None:
         self._emit_fn: Emit = emit or (lambda kind, data: None)
         self.workers = workers if isinstance(workers, WorkerPool) else WorkerPool(workers)
         self.abort_grace = abort_grace
@@ -101,7 +108,8 @@ class ServiceHandler:
         self._service_cls: type[Service] | None = None
         self._computation: ComputationSide = (runner or THREADS).computation(JobSetup(
             name, self._crossing, self.states, self.intervals, self._send, self.workers,
-            abort_grace, clock, wallclock, store))
+            abort_grace, clock, wallclock, store, note, tuple(carried), carried_after,
+            max_result_bytes))
         self.desk = SignalDesk(name, self._crossing, self.states, self.intervals,
                                self._service_class, self._start_abort_grace)
         #: Resolves when the job ends: ``{"state", "result", "error", "start", "end"}``.
@@ -122,10 +130,14 @@ class ServiceHandler:
     # ---- the worker's side -----------------------------------------------------------------
 
     def start(self, service: Service | type[Service], request: dict[str, Any],
-              resume: bool = False, *, state: dict[str, Any] | None = None) -> None:
+              resume: bool = False, *, state: dict[str, Any] | None = None,
+              reapply: dict[str, Any] | None = None) -> None:
         """Run ``request`` through ``service`` in the computation thread; return at once.
 
         With ``resume=True`` the service's :meth:`~Service.restore` gets ``state`` first.
+        ``reapply``: values of settable attributes that a resumed job's senders were told
+        were applied (its checkpoint's and those logged since), set again at its first
+        ``ready()``.
         ``service`` may be a class: it is made here, and a failing ``__init__`` fails the
         job. In a child process the service is always made anew there, from its class
         (an instance given here is used only for its class).
@@ -137,7 +149,7 @@ class ServiceHandler:
             if self._computation.started:
                 raise InvalidState(f"handler {self.name} is busy: one computation per handler")
             self._service_cls = service if isinstance(service, type) else type(service)
-            self._computation.start(service, request, resume, state, self)
+            self._computation.start(service, request, resume, state, self, reapply)
 
     def fail_to_start(self, exc: BaseException) -> None:
         """End the job as failed before it ran (its service could not be made)."""

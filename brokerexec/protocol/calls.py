@@ -145,8 +145,11 @@ def rpc(job_id: str, signal: Signal, *, timeout: float, locate_timeout: float, m
             if answer is not None:
                 return answer
         headers = {JOB_ID_HEADER: job_id, DEADLINE_MS_HEADER: deadline_ms(locate_timeout)}
-        incoming = yield Request(request._replace(exchange=locate_through, routing_key="",
-                                                  headers=headers), locate_timeout + LOCATE_SLACK)
+        # Dropped by the broker once the asker stops waiting (its clock, not the asker's);
+        # the deadline header tells stock tools, and a worker honours it with a skew margin.
+        incoming = yield Request(request._replace(
+            exchange=locate_through, routing_key="", headers=headers,
+            expiration_ms=int((locate_timeout + LOCATE_SLACK) * 1000)), locate_timeout + LOCATE_SLACK)
         if not isinstance(incoming, Incoming):  # no worker at all, or none owned up in time
             raise JobNotFound(f"no worker holds job {job_id} (it ended, is still queued, "
                               "or never existed)")

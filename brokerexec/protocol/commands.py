@@ -39,6 +39,9 @@ class Message(NamedTuple):
     message_id: str | None = None
     type: str | None = None
     content_type: str = JSON_CONTENT_TYPE
+    #: Milliseconds the broker keeps it waiting in a queue before dropping it (AMQP
+    #: ``expiration``): the broker's own clock, which every host agrees on.
+    expiration_ms: int | None = None
 
 
 class Incoming(NamedTuple):
@@ -52,6 +55,10 @@ class Incoming(NamedTuple):
     #: The exchange it was published to, as the broker reports it on delivery (a stream
     #: keeps it): what a journal reader trusts, unlike any header the sender chose.
     exchange: str | None = None
+    #: Its offset in the stream it was read from (the broker's ``x-stream-offset``).
+    offset: int | None = None
+    #: Its headers (a journal reader's: an entry found by them, its body left undecoded).
+    headers: Mapping[str, Any] | None = None
 
 
 class Routed(enum.Enum):
@@ -113,8 +120,9 @@ class JournalReader(Protocol):
     done: bool
 
     @property
-    def offset(self) -> datetime | str:
-        """Where to start reading each stream (a time, or ``"first"``)."""
+    def offset(self) -> datetime | str | int:
+        """Where to start reading each stream: a time, ``"first"``, ``"last"`` (the start of
+        its last chunk) or an offset."""
 
     def feed(self, stream: str, message: Incoming) -> bool:
         """Take in one message of ``stream``; True once the reading is over."""

@@ -17,7 +17,7 @@ from .names import PROTOCOL_VERSION, event_routing_key
 __all__ = ["EVENT_KINDS", "Event"]
 
 #: The first word of an event's routing key.
-EVENT_KINDS: Final = ("state", "progress", "improved", "checkpoint", "error")
+EVENT_KINDS: Final = ("state", "progress", "improved", "checkpoint", "error", "resumed")
 _TERMINAL_STATES: Final = frozenset({"finished", "failed", "aborted"})
 
 
@@ -26,8 +26,10 @@ class Event:
     """One job event.
 
     Attributes:
-        kind: ``state``, ``progress``, ``improved``, ``checkpoint`` or ``error`` (something
-            failed that did not end the job: ``{"during": "checkpoint", "error": {...}}``).
+        kind: ``state``, ``progress``, ``improved``, ``checkpoint``, ``error`` (something
+            failed that did not end the job: ``{"during": "checkpoint", "error": {...}}``) or
+            ``resumed`` (the first event of an execution that resumed the job: what it
+            resumed from, the sets applied again, the invokes not replayed).
         seq: counts the job's events from 0 (in each attempt), so readers can drop repeats.
         time: when it was emitted (epoch seconds).
         data: ``state``: ``{"from", "to", "start", "end"}``; ``progress``: the service's

@@ -14,7 +14,7 @@ type            body                                    written by
 ``started``     ``{job_id, service, attempt, worker,    the worker, when it claims the job
                 time}``                                 (a job that ends sooner has none)
 ``checkpoint``  ``{job_id, service, attempt, time,      the worker, each checkpoint
-                state}``
+                state, settable, covers}``
 ``record``      the :class:`~.messages.Record`           the worker at the end (or the client
                                                         that cancels a queued job)
 ==============  ======================================  =================================
@@ -28,12 +28,15 @@ transport feeds (:class:`~.commands.ReadJournal`).
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Final
 
 from .. import codec
+from ..constants import MAX_ENTRY_BYTES
 from ..errors import DecodeError
 from .commands import Incoming, Message
 from .names import (
@@ -51,8 +54,27 @@ from .names import (
     journal_stream_of_bucket,
 )
 
-__all__ = ["ENTRY_TYPES", "JobHistory", "JournalScan", "JournalSearch",
-           "checkpoint_entry", "is_entry", "launches_entry", "probe_message", "started_entry"]
+__all__ = [
+    "ENTRY_TYPES",
+    "STREAM_OFFSET_HEADER",
+    "BackSearch",
+    "Entry",
+    "JobHistory",
+    "JournalScan",
+    "JournalSearch",
+    "JournalWindow",
+    "checkpoint_entry",
+    "entry_of",
+    "is_entry",
+    "launches_entry",
+    "probe_message",
+    "started_entry",
+]
+
+log = logging.getLogger(__name__)
+
+#: The header in which RabbitMQ gives a stream consumer each message's offset.
+STREAM_OFFSET_HEADER: Final = "x-stream-offset"
 
 #: The kinds of journal entry a reader takes in; anything else in the stream is skipped.
 ENTRY_TYPES: Final = frozenset({LAUNCH_TYPE, LAUNCHES_TYPE, STARTED_TYPE, CHECKPOINT_TYPE, RECORD_TYPE})
@@ -72,11 +94,13 @@ def started_entry(job_id: str, service: str, attempt: int, worker: dict[str, Any
             "time": time}
 
 
-def checkpoint_entry(job_id: str, service: str, attempt: int, time: float,
-                     state: Any) -> dict[str, Any]:
-    """The body of a ``checkpoint`` entry."""
+def checkpoint_entry(job_id: str, service: str, attempt: int, time: float, state: Any, *,
+                     settable: dict[str, Any] | None = None, covers: int = 0) -> dict[str, Any]:
+    """The body of a ``checkpoint`` entry: the service's ``state``, the values of its declared
+    settable attributes (set again after ``restore()``), and the newest acknowledged change
+    it ``covers`` (``brokerexec.core.change_log``)."""
     return {"v": 1, "job_id": job_id, "service": service, "attempt": attempt, "time": time,
-            "state": state}
+            "state": state, "settable": settable or {}, "covers": covers}
 
 
 def _attempt(body: dict[str, Any]) -> int:
@@ -179,11 +203,13 @@ class JournalSearch:
     #: Small: what the broker pushes past the record is read (and parsed) before the end.
     PREFETCH = 200
 
-    def __init__(self, job_id: str, *, wait: bool, since: float | None = None) -> None:
+    def __init__(self, job_id: str, *, wait: bool, since: float | None = None,
+                 offset: int | None = None, history: JobHistory | None = None) -> None:
         self.job_id = job_id
         self.stream = journal_stream(job_id)
         self.streams: tuple[str, ...] = (self.stream,)
-        self.history = JobHistory(job_id)
+        self.history = history or JobHistory(job_id)
+        self._from = offset
         self.done = False
         self.probe_seen = False
         self._wait = wait
@@ -192,10 +218,11 @@ class JournalSearch:
         self.probes = {self.stream: _probe_id()}
 
     @property
-    def offset(self) -> datetime | str:
-        """``since``, or the job's launch time (from its id), less a margin for clock skew;
-        from the first entry for ids that carry no time."""
-        return _offset(self._start)
+    def offset(self) -> datetime | str | int:
+        """The ``offset`` given (where an earlier read ended), else ``since``, or the job's
+        launch time (from its id), less a margin for clock skew; from the first entry for
+        ids that carry no time."""
+        return self._from if self._from is not None else _offset(self._start)
 
     def feed(self, stream: str, message: Incoming) -> bool:
         """Look at one message of the stream; True once the search is over.
@@ -205,8 +232,10 @@ class JournalSearch:
         """
         if self.done:
             return True
+        if self._from is not None and message.offset is not None and message.offset < self._from:
+            return False  # the broker starts at the chunk that holds the offset: read already
         if message.message_id == self.job_id and message.type is not None and is_entry(message):
-            entry, _ = codec.decode_object(message.body, message.content_type)
+            entry, _ = codec.decode_object(message.body, message.content_type, max_bytes=MAX_ENTRY_BYTES)
             if message.type == LAUNCH_TYPE and self.history.launch is None:
                 self.launch_reply_to = message.reply_to
             self.history.add(message.type, entry)
@@ -271,7 +300,8 @@ class JournalScan:
             return self.done
         if message.type == RECORD_TYPE and message.message_id and is_entry(message):
             try:
-                record, _ = codec.decode_object(message.body, message.content_type)
+                record, _ = codec.decode_object(message.body, message.content_type,
+                                                max_bytes=MAX_ENTRY_BYTES)
             except DecodeError:
                 return False  # listing what ended: one bad entry hides nothing else
             end = record.get("end")
@@ -290,3 +320,173 @@ class JournalScan:
     def records(self) -> list[dict[str, Any]]:
         ordered = sorted(self._found.values(), key=lambda r: r.get("end") or 0.0, reverse=True)
         return ordered[:self.limit]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One entry of a job, as a window read it: where, what, its decoded body (empty if the
+    window was told not to decode), and its headers."""
+
+    offset: int | None
+    kind: str
+    body: dict[str, Any]
+    headers: Mapping[str, Any] = field(default_factory=dict)
+
+
+class JournalWindow:
+    """Job ``job_id``'s entries in a stretch of its journal stream: from ``start`` (an
+    offset, or ``"last"``: the stream's last chunk) up to offset ``stop``, or, without one,
+    up to a probe (then :attr:`end` is the probe's offset: where the stream ended).
+
+    An entry that cannot be decoded, or that names another job in its body, is skipped with
+    a log line: a bad entry never stops a read, a resume or a look-up.
+    """
+
+    PREFETCH = 200
+
+    def __init__(self, job_id: str, start: int | str, stop: int | None = None, *,
+                 decode: bool = True) -> None:
+        self.job_id = job_id
+        self.decode = decode
+        self.stream = journal_stream(job_id)
+        self.streams: tuple[str, ...] = (self.stream,)
+        self.probes = {} if stop is not None else {self.stream: _probe_id()}
+        self.start, self.stop = start, stop
+        self.entries: list[Entry] = []
+        #: The first offset the broker delivered at or past ``start`` (None: nothing).
+        self.first: int | None = None
+        self.end: int | None = None
+        self.done = False
+        self.launch_reply_to: str | None = None
+        self._id_bytes = job_id.encode()
+
+    @property
+    def offset(self) -> int | str:
+        return self.start
+
+    def feed(self, stream: str, message: Incoming) -> bool:
+        if self.done:
+            return True
+        at = message.offset
+        if at is not None:
+            if isinstance(self.start, int) and at < self.start:
+                return False  # the broker starts at the chunk that holds ``start``
+            if self.first is None:
+                self.first = at
+            if self.stop is not None and at >= self.stop:
+                self.done = True
+                return True
+        if message.message_id is not None and message.message_id == self.probes.get(self.stream):
+            self.end, self.done = at, True
+            return True
+        try:
+            self._take(message, at)
+        except DecodeError as exc:
+            log.warning("journal entry of job %s at offset %s skipped: %s", self.job_id, at, exc)
+        return False
+
+    def _take(self, message: Incoming, at: int | None) -> None:
+        if not self.decode:  # found by its headers: a megabyte checkpoint is not parsed
+            if message.message_id == self.job_id and message.type is not None and is_entry(message):
+                self.entries.append(Entry(at, message.type, {}, message.headers or {}))
+            return
+        if message.message_id == self.job_id and message.type is not None and is_entry(message):
+            body, _ = codec.decode_object(message.body, message.content_type, max_bytes=MAX_ENTRY_BYTES)
+            if body.get("job_id", self.job_id) != self.job_id:
+                raise DecodeError(f"it names job {body.get('job_id')!r}")
+            if message.type == LAUNCH_TYPE:
+                self.launch_reply_to = message.reply_to
+            self.entries.append(Entry(at, message.type, body, message.headers or {}))
+        elif message.type == LAUNCHES_TYPE and self._id_bytes in message.body and is_entry(message):
+            body, _ = codec.decode_object(message.body, message.content_type, max_bytes=MAX_ENTRY_BYTES)
+            jobs = body.get("jobs")
+            if isinstance(jobs, list) and self.job_id in jobs:
+                self.launch_reply_to = message.reply_to
+                self.entries.append(Entry(at, LAUNCH_TYPE, {
+                    "v": 1, "job_id": self.job_id, "service": body.get("service"), "sent": body.get("sent")}))
+
+    def missing(self, stream: str) -> bool:
+        self.done = True
+        return True
+
+
+class BackSearch:
+    """What the journal holds of job ``job_id``, read from the end of its stream backwards,
+    in windows that grow four-fold: the last chunk to a probe, then the 1,000 entries before
+    it, then 4,000, and so on. It stops at the job's record or its launch (nothing of the job
+    is older), at the stream's start, or where ``enough(entries)`` says (entries of one
+    window, in stream order).
+
+    So a look-up of a job that ended costs what was written *after* its end, not during its
+    life; a fresh client finds a job that ended lately in one or two windows whatever its
+    length or the fleet's traffic while it ran (docs/durability.md). Sans-I/O: the driver
+    reads each :meth:`next_window` and hands it back to :meth:`took`.
+    """
+
+    FIRST_WINDOW = 1_000
+    GROWTH = 4
+
+    def __init__(self, job_id: str, *, enough: Callable[[list[Entry]], bool] | None = None,
+                 decode: bool = True) -> None:
+        self.job_id = job_id
+        self.decode = decode
+        self.windows: list[JournalWindow] = []  # the newest first
+        self.done = False
+        #: False if a window was not read to its end (the driver's time ran out).
+        self.complete = True
+        self._next: JournalWindow | None = JournalWindow(job_id, "last", decode=decode)
+        self._size = self.FIRST_WINDOW
+        self._enough = enough
+
+    def next_window(self) -> JournalWindow | None:
+        """The window to read next; None once the search is over."""
+        return None if self.done else self._next
+
+    def took(self, window: JournalWindow) -> None:
+        """``window`` was read (to its end, or not: then the search is over, incomplete)."""
+        self.windows.append(window)
+        start = window.first
+        if not window.done:
+            self.complete, self.done = False, True
+        elif (any(entry.kind in (RECORD_TYPE, LAUNCH_TYPE) for entry in window.entries)
+              or (self._enough is not None and self._enough(window.entries))
+              or start is None or start <= 0
+              or (isinstance(window.start, int) and start > window.start)):  # retention cut it
+            self.done = True
+        else:
+            self._next = JournalWindow(self.job_id, max(0, start - self._size), start, decode=self.decode)
+            self._size *= self.GROWTH
+        if self.done:
+            self._next = None
+
+    @property
+    def entries(self) -> list[Entry]:
+        """Every entry found, in stream order."""
+        return [entry for window in reversed(self.windows) for entry in window.entries]
+
+    @property
+    def history(self) -> JobHistory:
+        history = JobHistory(self.job_id)
+        for entry in self.entries:
+            history.add(entry.kind, entry.body)
+        return history
+
+    @property
+    def end(self) -> int | None:
+        """Where the stream ended when the search began (the first probe's offset)."""
+        return self.windows[0].end if self.windows else None
+
+    @property
+    def launch_reply_to(self) -> str | None:
+        return next((w.launch_reply_to for w in self.windows if w.launch_reply_to), None)
+
+    @property
+    def not_found(self) -> bool:
+        """Searched to the end, and nothing of the job was there."""
+        return self.done and self.complete and not any(w.entries for w in self.windows)
+
+
+def entry_of(entries: list[Entry], kind: str, **fields: Any) -> Entry | None:
+    """The newest of ``entries`` of ``kind`` whose body has every one of ``fields``."""
+    return next((entry for entry in reversed(entries) if entry.kind == kind
+                 and all(entry.body.get(key) == value for key, value in fields.items())), None)

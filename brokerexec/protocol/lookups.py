@@ -20,21 +20,23 @@ transports drive them alike.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import codec
-from ..errors import DecodeError, InvalidState, JobNotFound
+from ..constants import MAX_ENTRY_BYTES
+from ..errors import DecodeError, InvalidState, JobNotFound, Timeout
 from .calls import Fleet, fleet_query, rpc
 from .commands import Browse, Call, Incoming, Message, Publish, ReadJournal, Routed
 from .intents import Intent, Signal
-from .journal import JournalScan, JournalSearch
+from .journal import BackSearch, Entry, JournalScan, JournalSearch, JournalWindow
 from .names import (
     BCC_HEADER,
     CONTROL_EXCHANGE,
     LEASE_TYPE,
     RECORD_TYPE,
+    STARTED_TYPE,
     journal_stream,
     launch_queue,
     new_job_id,
@@ -49,23 +51,41 @@ READ_LIMIT = 30.0
 
 def _unknown(job_id: str) -> JobNotFound:
     return JobNotFound(f"no job {job_id}: no worker holds it and the journal has no trace of it "
-                       "(never launched, or ended over 24 h ago)")
+                       "(never launched, or ended longer ago than the journal keeps entries)")
 
 
-def _read(job_id: str, seconds: float | None, *, wait: bool = False) -> Call[JournalSearch]:
-    search = yield ReadJournal(JournalSearch(job_id, wait=wait), seconds)
-    assert isinstance(search, JournalSearch)
+def search_back(job_id: str, seconds: float | None,
+                enough: Callable[[list[Entry]], bool] | None = None) -> Call[BackSearch]:
+    """Read the job's journal backwards from its end (:class:`~.journal.BackSearch`), for
+    ``seconds`` at most in all."""
+    search = BackSearch(job_id, enough=enough)
+    deadline = None if seconds is None else time.monotonic() + seconds
+    while (window := search.next_window()) is not None:
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+        read = yield ReadJournal(window, left)
+        assert isinstance(read, JournalWindow)
+        search.took(read)
     return search
+
+
+def _started(entries: list[Entry]) -> bool:
+    # A status needs no more than the newest attempt's start (where it ran, since when).
+    return any(entry.kind == STARTED_TYPE for entry in entries)
+
+
+def _read(job_id: str, seconds: float | None) -> Call[BackSearch]:
+    return (yield from search_back(job_id, seconds, _started))
 
 
 def status(job_id: str, *, timeout: float, locate_timeout: float, max_bytes: int) -> Call[dict[str, Any]]:
     """The job's status, from its worker or from the journal (see the module docstring)."""
-    read: list[JournalSearch] = []
+    read: list[BackSearch] = []
 
     def ended() -> Call[dict[str, Any] | None]:
         search = yield from _read(job_id, timeout)
         read.append(search)
-        return search.history.status() if search.record is not None else None
+        history = search.history
+        return history.status() if history.record is not None else None
 
     try:
         value: dict[str, Any] = yield from rpc(job_id, Signal.of(Intent.STATUS), timeout=timeout,
@@ -74,6 +94,8 @@ def status(job_id: str, *, timeout: float, locate_timeout: float, max_bytes: int
         return value
     except JobNotFound:
         search = read[0] if read else (yield from _read(job_id, timeout))
+    if not search.complete:
+        raise Timeout(f"reading the journal of job {job_id} took over {timeout} s")
     answer = search.history.status()
     if answer is None:
         raise _unknown(job_id) from None
@@ -94,7 +116,9 @@ def abort(job_id: str, *, timeout: float, locate_timeout: float, max_bytes: int,
         return bool((yield from rpc(job_id, Signal.of(Intent.ABORT), timeout=timeout,
                                     locate_timeout=locate_timeout, max_bytes=max_bytes)))
     except JobNotFound:
-        search = yield from _read(job_id, timeout)
+        search = yield from search_back(job_id, timeout)  # to its launch: where its record goes
+    if not search.complete:
+        raise Timeout(f"reading the journal of job {job_id} took over {timeout} s")
     history = search.history
     if not history.known:
         raise _unknown(job_id) from None
@@ -119,13 +143,21 @@ def result(job_id: str, timeout: float | None) -> Call[dict[str, Any] | None]:
     Raises:
         JobNotFound: the journal has no trace of the job.
     """
-    # Not waiting (0), the read still lasts until its probe comes back.
-    search = yield from _read(job_id, READ_LIMIT if timeout == 0 else timeout, wait=timeout != 0)
-    if search.record is not None:
-        return search.record
+    started = time.monotonic()
+    search = yield from search_back(job_id, READ_LIMIT if timeout is None or timeout == 0
+                                    else timeout, _started)
+    history = search.history
+    if history.record is not None:
+        return history.record
     if search.not_found:
         raise _unknown(job_id)
-    return None
+    if timeout == 0 or search.end is None:
+        return None
+    # Not ended yet: wait for its record from where the stream ended when the search began.
+    left = None if timeout is None else max(timeout - (time.monotonic() - started), 0.001)
+    waiting = yield ReadJournal(JournalSearch(job_id, wait=True, offset=search.end, history=history), left)
+    assert isinstance(waiting, JournalSearch)
+    return waiting.record
 
 
 @dataclass
@@ -154,7 +186,7 @@ def _waiting(incoming: Incoming) -> dict[str, Any] | None:
     from .messages import Launch, Lease
 
     try:
-        body, _ = codec.decode_object(incoming.body, incoming.content_type)
+        body, _ = codec.decode_object(incoming.body, incoming.content_type, max_bytes=MAX_ENTRY_BYTES)
         if incoming.type == LEASE_TYPE:
             lease = Lease.decode(body)
             return {"job_id": lease.launch.job_id, "service": lease.launch.service,

@@ -91,7 +91,12 @@ class Lease:
 
     ``attempt`` is the holder's execution; ``started`` when that execution began (epoch
     seconds); ``checkpoint`` where the job's newest stored checkpoint is in the journal
-    (``{"time", "attempt"}``), or None; ``reply_to`` the launching client's queue.
+    (``{"time", "attempt", "covers"}``), or None; ``reply_to`` the launching client's queue;
+    ``changes`` the sets and invokes applied since that checkpoint
+    (:mod:`brokerexec.core.change_log`), made durable here before they were acknowledged;
+    ``ending`` True once its holder is about to write the job's record (no record is written
+    before its lease says so: a resumer looks for one only then), None in a lease from a
+    worker that did not say (a resumer then looks).
     """
 
     launch: Launch
@@ -101,6 +106,8 @@ class Lease:
     reply_to: str | None = None
     checkpoint: dict[str, Any] | None = None
     handed_over: bool = False
+    changes: list[dict[str, Any]] = field(default_factory=list)
+    ending: bool | None = False
 
     @property
     def since(self) -> float:
@@ -116,6 +123,10 @@ class Lease:
                 "checkpoint": self.checkpoint}
         if self.handed_over:
             body["handed_over"] = True
+        if self.changes:
+            body["changes"] = self.changes
+        if self.ending is not None:
+            body["ending"] = self.ending
         return body
 
     @classmethod
@@ -134,8 +145,13 @@ class Lease:
         started = _number(body, "started")
         if started is None:
             raise DecodeError("a lease must say when its execution started")
+        changes = body.get("changes") or []
+        if not (isinstance(changes, list) and all(isinstance(change, dict) for change in changes)):
+            raise DecodeError("a lease's changes must be a list of objects")
+        ending = body.get("ending")
         return cls(Launch.decode(body.get("launch")), attempt, worker if isinstance(worker, dict) else {},
-                   started, reply_to, checkpoint, bool(body.get("handed_over", False)))
+                   started, reply_to, checkpoint, bool(body.get("handed_over", False)), changes,
+                   ending if isinstance(ending, bool) else None)
 
 
 @dataclass(frozen=True)
@@ -158,9 +174,15 @@ class Control:
                               f"not {self.intent.value}")
 
     def applies_to(self, job_id: str, service: str, started: float) -> bool:
-        """True for job ``job_id`` of ``service``, started (or launched) at ``started``."""
-        return ((self.job_id is None or self.job_id == job_id)
-                and (self.service is None or self.service == service)
+        """True for job ``job_id`` of ``service``, started (or launched) at ``started``.
+
+        One job's own control applies whatever the times: they are two hosts' clocks (the
+        launcher's and the sender's), and a job named was launched before. For many jobs,
+        "started before it" compares those clocks: within their skew it may go either way
+        (docs/durability.md)."""
+        if self.job_id is not None:
+            return self.job_id == job_id and (self.service is None or self.service == service)
+        return ((self.service is None or self.service == service)
                 and (self.sent is None or started <= self.sent))
 
     def encode(self) -> dict[str, Any]:

@@ -101,6 +101,9 @@ CC_HEADER: Final = "CC"
 BCC_HEADER: Final = "BCC"
 #: The attempt (execution epoch) a journal entry, lease or event belongs to.
 ATTEMPT_HEADER: Final = "x-attempt"
+#: A checkpoint entry's time, in integer microseconds: with its attempt, it finds the entry
+#: in the stream without parsing its (maybe large) body.
+CHECKPOINT_TIME_HEADER: Final = "x-checkpoint-us"
 #: The header of the jobs' ``state_changed`` broadcasts that the workers' filter drops.
 STATE_CHANGED_HEADER: Final = ("brokerexec-kind", "state_changed")
 #: AMQP ``type`` of each kind of journal entry, and of a probe a reader appends to find a
@@ -239,11 +242,19 @@ def deadline_ms(seconds: float) -> int:
     return int((time.time() + seconds) * 1000)
 
 
-def expired(headers: Mapping[str, object] | None, now: float | None = None) -> bool:
-    """True if ``x-deadline`` or ``x-deadline-ms`` in ``headers`` has passed."""
+#: How far apart two hosts' clocks may be (seconds): no decision brokerexec makes compares
+#: one host's time with another's closer than this (docs/durability.md).
+CLOCK_SKEW_MARGIN: Final = 60.0
+
+
+def expired(headers: Mapping[str, object] | None, now: float | None = None,
+            margin: float = CLOCK_SKEW_MARGIN) -> bool:
+    """True if ``x-deadline`` or ``x-deadline-ms`` in ``headers`` passed over ``margin``
+    seconds ago: the deadline is the sender's clock, ``now`` this host's. (What must expire
+    on time expires in the broker, by its ``expiration``.)"""
     if not headers:
         return False
-    now = time.time() if now is None else now
+    now = (time.time() if now is None else now) - margin
     deadline, deadline_in_ms = headers.get(DEADLINE_HEADER), headers.get(DEADLINE_MS_HEADER)
     return ((isinstance(deadline, int | float) and deadline < now)
             or (isinstance(deadline_in_ms, int) and deadline_in_ms < now * 1000))

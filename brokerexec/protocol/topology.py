@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, get_args
 
+from ..constants import JOURNAL_MAX_AGE
 from ..errors import ConfigurationError
 from ..settings.model import QueueType
 from .names import (
@@ -44,6 +45,7 @@ __all__ = [
     "EXCHANGES",
     "EXCHANGE_BINDINGS",
     "JOURNAL",
+    "JOURNAL_MAX_AGE",
     "QUEUE_TYPES",
     "RPC_QUEUE_ARGUMENTS",
     "ExchangeBinding",
@@ -51,8 +53,10 @@ __all__ = [
     "QueueSpec",
     "QueueType",
     "check_queue_type",
+    "journal_specs",
     "launch_queue_spec",
     "lease_queue_spec",
+    "max_age_text",
     "shared_queue_specs",
 ]
 
@@ -121,11 +125,32 @@ CONTROL: Final = QueueSpec(CONTROL_STREAM, _frozen(**{"x-queue-type": "stream", 
 #: confirm); and to the probes exchange with the same name, for the readers' probes.
 #: Retention applies per segment: small segments let old entries go close to
 #: their age.
-JOURNAL_ARGUMENTS: Final = _frozen(**{"x-queue-type": "stream", "x-max-age": "24h",
-                                      "x-stream-max-segment-size-bytes": 4_000_000})
-JOURNAL: Final = tuple(
-    QueueSpec(name, JOURNAL_ARGUMENTS, bound_to=(LAUNCHES_EXCHANGE, PROBES_EXCHANGE), routing_key=name)
-    for name in (journal_stream_of_bucket(bucket) for bucket in range(JOURNAL_BUCKETS)))
+#: A stream's retention is set when it is made (the setting ``journal_max_age``, 7 days by
+#: default); streams made earlier with ``24h`` keep it (``transport/rabbitmq/declare.py``).
+JOURNAL_SEGMENT_BYTES: Final = 4_000_000
+
+
+def max_age_text(seconds: float) -> str:
+    """``seconds`` as RabbitMQ writes an ``x-max-age``: ``7D``, ``24h``, ``10m``, ``90s``
+    (the broker compares the text, not the duration, when a stream is declared again)."""
+    whole = max(int(seconds), 1)
+    if whole % 86_400 == 0 and whole > 86_400:
+        return f"{whole // 86_400}D"
+    for size, unit in ((3_600, "h"), (60, "m")):
+        if whole % size == 0:
+            return f"{whole // size}{unit}"
+    return f"{whole}s"
+
+
+def journal_specs(max_age: float = JOURNAL_MAX_AGE) -> tuple[QueueSpec, ...]:
+    """The journal's streams, keeping entries ``max_age`` seconds."""
+    arguments = _frozen(**{"x-queue-type": "stream", "x-max-age": max_age_text(max_age),
+                           "x-stream-max-segment-size-bytes": JOURNAL_SEGMENT_BYTES})
+    return tuple(QueueSpec(name, arguments, bound_to=(LAUNCHES_EXCHANGE, PROBES_EXCHANGE), routing_key=name)
+                 for name in (journal_stream_of_bucket(bucket) for bucket in range(JOURNAL_BUCKETS)))
+
+
+JOURNAL: Final = journal_specs()
 
 
 #: What a launch queue is declared as (the setting ``queue_type``): a classic queue lives on
@@ -166,8 +191,10 @@ def launch_queue_spec(service: str, queue_type: QueueType = "classic") -> QueueS
 #: How long a lease lives once nobody holds it: it expires at once, since its time-to-live
 #: counts from when it was published.
 LEASE_TTL_MS: Final = 1_000
-#: A worker's lease queue is dropped this long after its worker last consumed it.
-LEASE_QUEUE_EXPIRES_MS: Final = 3_600_000
+#: A worker's lease queue is dropped this long after its worker last consumed it (a worker
+#: killed leaves one behind). Harmless to a worker that comes back later: its leases left the
+#: queue a second after its connection did (their time-to-live), and it declares it again.
+LEASE_QUEUE_EXPIRES_MS: Final = 60_000
 
 
 def lease_queue_spec(worker_id: str) -> QueueSpec:

@@ -27,7 +27,9 @@ from ..constants import (
     DEFAULT_PROGRESS_DELTA,
     DEFAULT_RESUME_GRACE,
     DEFAULT_URL,
+    JOURNAL_MAX_AGE,
     MAX_CHECKPOINT_BYTES,
+    MAX_RESULT_BYTES,
 )
 from ..errors import ConfigurationError
 from ..urls import masked_url
@@ -121,6 +123,9 @@ class WorkerSettings(_Checked):
         None, Optional(Number(0, above=True)), "MiB of address space a job in a child process "
         "may use (RLIMIT_AS); past it, allocations raise MemoryError; default: none.",
         metavar="MIB")
+    max_result_bytes: int = setting(
+        MAX_RESULT_BYTES, Integer(1024), "Largest result (as JSON) a job may return; a larger "
+        "one fails the job (ResultTooLarge). Keep it below the broker's max_message_size.")
     progress_delta: float = setting(
         DEFAULT_PROGRESS_DELTA, Number(0), "Seconds between a job's progress messages, unless "
         "its launch says otherwise.")
@@ -149,9 +154,12 @@ class RabbitMQSettings(_Checked):
     resume_grace: float = setting(
         DEFAULT_RESUME_GRACE, Number(0), "Seconds before a job whose worker was lost is "
         "claimed here (its worker may only be reconnecting).")
+    journal_max_age: float = setting(
+        JOURNAL_MAX_AGE, Number(10), "Seconds the journal keeps its entries, when a worker "
+        "makes its streams; a running job's checkpoint is taken again before it would expire.")
     max_checkpoint_bytes: int = setting(
         MAX_CHECKPOINT_BYTES, Integer(1024), "Largest checkpoint stored; a larger one fails the "
-        "checkpoint (an error event), not the job.")
+        "checkpoint (an error event), not the job. Keep it below the broker's max_message_size.")
 
 
 @dataclass(frozen=True, kw_only=True)

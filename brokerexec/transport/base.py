@@ -21,7 +21,7 @@ import abc
 import os
 import socket
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # annotations only: a one-shot CLI verb imports this module
@@ -52,6 +52,15 @@ class Resumed:
     #: The worker that held it before.
     previous_worker: dict[str, Any] | None = None
     handed_over: bool = False
+    #: The values of the service's declared settable attributes in that checkpoint.
+    settable: dict[str, Any] = field(default_factory=dict)
+    #: The sets and invokes applied after it (``brokerexec.core.change_log``): its senders
+    #: were told they were applied.
+    changes: list[dict[str, Any]] = field(default_factory=list)
+    #: When the checkpoint it resumes from was taken (epoch seconds), if any.
+    checkpoint_time: float | None = None
+    #: The newest change that checkpoint covers (``changes`` are those after it).
+    covers: int = 0
 
 
 @dataclass
@@ -121,10 +130,20 @@ class WorkerTransport(abc.ABC):
         """Store a job's final record durably, then release its RPC endpoint."""
 
     @abc.abstractmethod
-    def store_checkpoint(self, job_id: str, state: Any) -> Future[None]:
+    def store_checkpoint(self, job_id: str, state: Any, settable: dict[str, Any],
+                         covers: int) -> Future[None]:
         """Store a checkpoint of a running job durably (atomic: the previous one stays the
-        one to resume from until this one is stored), and publish its checkpoint event.
-        Thread-safe; the future fails with ``CheckpointFailed``."""
+        one to resume from until this one is stored), with ``settable`` (the values of the
+        service's declared settable attributes) and ``covers`` (the newest change of
+        :meth:`note_changes` it includes). Thread-safe; the future fails with
+        ``CheckpointFailed``."""
+
+    @abc.abstractmethod
+    def note_changes(self, job_id: str, changes: list[dict[str, Any]]) -> Future[None]:
+        """Make the sets and invokes applied to a running job since its newest stored
+        checkpoint durable (``brokerexec.core.change_log``: the whole log each time), so that
+        the job resumed after a crash gets them (``Resumed.changes``). Thread-safe; the
+        future fails if the broker did not take them."""
 
     @abc.abstractmethod
     def hand_over(self, job_id: str) -> Future[None]:

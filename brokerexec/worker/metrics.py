@@ -128,10 +128,14 @@ class _MeteredTransport(WorkerTransport):
         self.metrics.on_end(record.job_id, record.service, record.state.value)
         return self.inner.finish(record)
 
-    def store_checkpoint(self, job_id: str, state: Any) -> cf.Future[None]:
+    def note_changes(self, job_id: str, changes: list[dict[str, Any]]) -> cf.Future[None]:
+        return self.inner.note_changes(job_id, changes)
+
+    def store_checkpoint(self, job_id: str, state: Any, settable: dict[str, Any],
+                         covers: int) -> cf.Future[None]:
         # Measured here, on the caller's thread: a done-callback would run on the loop's.
         size, service = len(codec.encode(state)), self.metrics.service_of(job_id)
-        done = self.inner.store_checkpoint(job_id, state)
+        done = self.inner.store_checkpoint(job_id, state, settable, covers)
         stored = self.metrics.checkpoints.labels(service)
         stored_bytes = self.metrics.checkpoint_bytes.labels(service)
 

@@ -44,6 +44,7 @@ from ..core.registry import ServiceRegistry
 from ..core.service import Service
 from ..core.service_handler import ServiceHandler
 from ..errors import BrokerExecError, JobNotFound, WorkerLost
+from ..protocol.changes import invokes_of, sets_of
 from ..protocol.events import Event
 from ..protocol.intents import Intent, Signal
 from ..protocol.messages import Control, JobSummary, Launch, Record
@@ -81,6 +82,8 @@ class _RunningJob:
         self.handler = handler
         self.started = time.time()
         self.launched = job.launch.sent or self.started
+        #: What it resumed from, for its status (None: its first execution).
+        self.resumed: dict[str, Any] | None = None
 
 
 def _extra(job: _RunningJob) -> dict[str, Any]:
@@ -205,8 +208,15 @@ class Worker:
             self.transport.publish_event(Event(kind, job.job_id, job.service, next(seq), time.time(),
                                                data, attempt))
 
-        def store(state: Any) -> cf.Future[None]:
-            return self.transport.store_checkpoint(job.job_id, state)
+        def store(state: Any, settable: dict[str, Any], covers: int) -> cf.Future[None]:
+            return self.transport.store_checkpoint(job.job_id, state, settable, covers)
+
+        def note(changes: list[dict[str, Any]]) -> cf.Future[None]:
+            return self.transport.note_changes(job.job_id, changes)
+
+        resumed = job.resumed
+        carried = resumed.changes if resumed is not None else []
+        carried_after = resumed.covers if resumed is not None else 0
 
         defaults = self.settings
         intervals = {"progress_delta": defaults.progress_delta,
@@ -216,12 +226,14 @@ class Worker:
                                  name=job.job_id, progress_delta=intervals.get("progress_delta"),
                                  checkpoint_delta=intervals.get("checkpoint_delta"),
                                  improved_delta=intervals.get("improved_delta"), store=store,
+                                 note=note, carried=carried, carried_after=carried_after,
+                                 max_result_bytes=self.settings.max_result_bytes,
                                  runner=self._runner_for(job.service_cls))
         running = _RunningJob(job, handler, emit)
         with self._lock:
             self._jobs[job.job_id] = running
         handler.outcome.add_done_callback(lambda outcome: self._on_outcome(running, outcome))
-        resumed, resume, state = job.resumed, False, None
+        resume, state, reapply = False, None, None
         if resumed is not None:
             resume = resumed.has_checkpoint and job.service_cls.can_resume()
             state = resumed.state if resume else None
@@ -232,12 +244,18 @@ class Worker:
                     f"{lost.get('pid', '?')}) was lost, and service {job.service} does not restart "
                     "(on_lost = 'fail')"))
                 return
+            reapply = {**(resumed.settable if resume else {}), **sets_of(resumed.changes)}
+            running.resumed = {
+                "from_checkpoint": resume, "checkpoint_time": resumed.checkpoint_time if resume else None,
+                "previous_worker": resumed.previous_worker, "handed_over": resumed.handed_over,
+                "set_again": reapply, "invokes_not_replayed": invokes_of(resumed.changes)}
+            emit("resumed", running.resumed)
         if self._controls.paused_while_queued(job.launch):
             handler.put(Signal.of(Intent.PAUSE))
         log.info("job %s of %s started (attempt %d%s)", job.job_id, job.service, attempt,
                  ", from its checkpoint" if resume else "", extra=_extra(running))
         # The service is made where it runs: a failing __init__ fails the job, not the worker.
-        handler.start(job.service_cls, job.request, resume, state=state)
+        handler.start(job.service_cls, job.request, resume, state=state, reapply=reapply)
 
     def _runner_for(self, service_cls: type[Service]) -> ProcessRunner | None:
         """The child-process runner if ``service_cls`` runs in one here; None: threads."""
@@ -264,6 +282,8 @@ class Worker:
         answer = job.handler.put(signal)
         if signal.intent is Intent.STATUS and isinstance(answer, dict):
             answer = {**answer, "attempt": job.attempt, "worker": self.host}
+            if job.resumed is not None:
+                answer["resumed"] = job.resumed
         return answer
 
     def superseded(self, job_id: str, reason: str) -> None:

@@ -22,13 +22,16 @@ import functools
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ... import codec
+from ...constants import MAX_ENTRY_BYTES, MAX_MESSAGE_BYTES
 from ...errors import InvalidState, JobNotFound, UnknownService
+from ...protocol.changes import uncovered
 from ...protocol.events import Event
 from ...protocol.intents import Signal
 from ...protocol.lookups import Listing
@@ -58,10 +61,21 @@ def _match(pattern: tuple[str, ...], words: tuple[str, ...]) -> bool:
     return bool(words) and head in ("*", words[0]) and _match(rest, words[1:])
 
 
-def wire(body: Any) -> Any:
-    """Encode and decode as the wire would, so the same rules apply here."""
-    value, _ = codec.decode(codec.encode(body), codec.JSON)
+def wire(body: Any, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
+    """Encode and decode as the wire would, so the same rules apply here (``max_bytes``: as
+    its reader would; what a worker writes for readers, :data:`MAX_ENTRY_BYTES`)."""
+    value, _ = codec.decode(codec.encode(body), codec.JSON, max_bytes=max_bytes)
     return value
+
+
+@dataclass(frozen=True)
+class _Checkpoint:
+    """A job's newest stored checkpoint."""
+
+    state: Any
+    settable: dict[str, Any]
+    covers: int
+    time: float
 
 
 @dataclass
@@ -106,7 +120,8 @@ class MemoryBroker:
         self._workers: list[AttachedWorker] = []
         self._owners: dict[str, AttachedWorker] = {}
         self._known: dict[str, _Known] = {}
-        self._checkpoints: dict[str, Any] = {}
+        self._checkpoints: dict[str, _Checkpoint] = {}
+        self._changes: dict[str, list[dict[str, Any]]] = {}
         self._results: dict[str, dict[str, Any]] = {}
         self._subscriptions: list[_MemorySubscription] = []
         self._tasks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
@@ -182,17 +197,29 @@ class MemoryBroker:
         """A worker stopping gracefully gives a job back, to resume from its checkpoint."""
         with self._lock:
             self._owners.pop(job_id, None)
-            state = self._checkpoints.get(job_id)
-            resumed = Resumed(state, job_id in self._checkpoints, None, handed_over=True)
+            stored = self._checkpoints.get(job_id)
+            changes = uncovered(self._changes.get(job_id, []), stored.covers if stored else 0)
+            resumed = Resumed(stored.state if stored else None, stored is not None, None, handed_over=True,
+                              settable=stored.settable if stored else {}, changes=changes,
+                              checkpoint_time=stored.time if stored else None,
+                              covers=stored.covers if stored else 0)
             self._queues.setdefault(launch.service, deque()).appendleft(Waiting(launch, attempt, resumed))
             known = self._known.get(job_id)
             if known is not None:
                 known.state = "resuming"
         self.call_soon(self._deliver_launches)
 
-    def store_checkpoint(self, job_id: str, state: Any) -> None:
+    def store_checkpoint(self, job_id: str, state: Any, settable: dict[str, Any], covers: int) -> None:
+        stored = _Checkpoint(wire(state, MAX_ENTRY_BYTES), wire(settable, MAX_ENTRY_BYTES), covers,
+                             time.time())
         with self._lock:
-            self._checkpoints[job_id] = wire(state)
+            self._checkpoints[job_id] = stored
+
+    def note_changes(self, job_id: str, changes: list[dict[str, Any]]) -> None:
+        """The sets and invokes applied since the job's newest checkpoint (its lease's)."""
+        noted = wire(changes, MAX_ENTRY_BYTES)
+        with self._lock:
+            self._changes[job_id] = noted
 
     # ---- RPC, control, the jobs query ------------------------------------------------------
 
@@ -293,9 +320,11 @@ class MemoryBroker:
 
     def store_result(self, record: Record) -> None:
         with self._lock:
-            self._results.setdefault(record.job_id, wire(record.encode()))  # the first one counts
+            # the first one counts
+            self._results.setdefault(record.job_id, wire(record.encode(), MAX_ENTRY_BYTES))
             self._owners.pop(record.job_id, None)
             self._checkpoints.pop(record.job_id, None)
+            self._changes.pop(record.job_id, None)
             self._known.setdefault(record.job_id, _Known(record.service, record.start))
             self._results_changed.notify_all()
 
@@ -307,7 +336,7 @@ class MemoryBroker:
             return self._results.get(job_id)
 
     def publish(self, event: Event) -> None:
-        body = wire(event.encode())
+        body = wire(event.encode(), MAX_ENTRY_BYTES)
         key = event.routing_key
         with self._lock:
             targets = [sub for sub in self._subscriptions if sub.matches(key)]

@@ -68,11 +68,19 @@ class MemoryWorkerTransport(WorkerTransport):
         self.broker.store_result(record)
         return _done()
 
-    def store_checkpoint(self, job_id: str, state: Any) -> cf.Future[None]:
+    def store_checkpoint(self, job_id: str, state: Any, settable: dict[str, Any],
+                         covers: int) -> cf.Future[None]:
         try:
-            self.broker.store_checkpoint(job_id, state)
+            self.broker.store_checkpoint(job_id, state, settable, covers)
         except (TypeError, ValueError) as exc:
             return _done(CheckpointFailed(f"the checkpoint of job {job_id} is not JSON-able: {exc}"))
+        return _done()
+
+    def note_changes(self, job_id: str, changes: list[dict[str, Any]]) -> cf.Future[None]:
+        try:
+            self.broker.note_changes(job_id, changes)
+        except (TypeError, ValueError) as exc:
+            return _done(exc)
         return _done()
 
     def hand_over(self, job_id: str) -> cf.Future[None]:

@@ -332,4 +332,5 @@ def _properties(message: calls.Message) -> pika.BasicProperties:
         content_type=message.content_type, delivery_mode=2 if message.persistent else 1,
         correlation_id=message.correlation_id, reply_to=message.reply_to,
         message_id=message.message_id, type=message.type,
+        expiration=None if message.expiration_ms is None else str(message.expiration_ms),
         headers=dict(message.headers) if message.headers else None)

@@ -168,8 +168,7 @@ class PikaClientTransport(ClientTransport):
 
         with self._lock:
             if self._listener is None:
-                listener = PikaListener(self._listener_parameters, records=self.records,
-                                        max_message_bytes=self.max_message_bytes)
+                listener = PikaListener(self._listener_parameters, records=self.records)
                 listener.start(self._connect_timeout * 3)
                 self._listener = listener
             return self._listener

@@ -15,7 +15,7 @@ import pika.exceptions
 
 from ...errors import AccessRefused, BrokerExecError
 from ...protocol.commands import Incoming, JournalReader
-from ...protocol.journal import probe_message
+from ...protocol.journal import STREAM_OFFSET_HEADER, probe_message
 from .internals import closing_reason
 
 __all__ = ["browse", "read_journal"]
@@ -30,8 +30,10 @@ Pump = Callable[[Callable[[], bool], "float | None", Any], bool]
 
 
 def _incoming(method: Any, props: pika.BasicProperties, body: bytes) -> Incoming:
+    headers = props.headers or {}
+    offset = headers.get(STREAM_OFFSET_HEADER)
     return Incoming(body, props.content_type, props.message_id, props.type, props.reply_to,
-                    method.exchange)
+                    method.exchange, offset if isinstance(offset, int) else None, headers)
 
 
 def read_journal(parameters: Sequence[pika.ConnectionParameters], reader: JournalReader,

@@ -23,6 +23,7 @@ import pika
 import pika.exceptions
 
 from ... import codec
+from ...constants import MAX_ENTRY_BYTES
 from ...errors import BrokerConnectionError, DecodeError
 from ...protocol.events import Event
 from ...protocol.names import EVENTS_EXCHANGE
@@ -58,15 +59,13 @@ class PikaListener:
     Parameters:
         parameters: how to connect (pika's), heartbeats on.
         records: where pushed records go; None: no records queue.
-        max_message_bytes: larger incoming bodies are refused before decoding.
         backoff_initial, backoff_max: seconds between attempts to connect again.
     """
 
     def __init__(self, parameters: Sequence[pika.ConnectionParameters], *, records: PushedRecords | None,
-                 max_message_bytes: int, backoff_initial: float = 0.1, backoff_max: float = 5.0) -> None:
+                 backoff_initial: float = 0.1, backoff_max: float = 5.0) -> None:
         self._parameters = parameters
         self._records = records
-        self._max_bytes = max_message_bytes
         self._backoff = (backoff_initial, backoff_max)
         self._subscriptions: list[_Subscription] = []
         self._connection: pika.BlockingConnection | None = None
@@ -151,7 +150,7 @@ class PikaListener:
         def deliver(_ch: Any, _method: Any, props: pika.BasicProperties, body: bytes) -> None:
             try:
                 event = Event.decode(codec.decode_object(body, props.content_type,
-                                                         max_bytes=self._max_bytes)[0])
+                                                         max_bytes=MAX_ENTRY_BYTES)[0])
             except DecodeError as exc:
                 log.warning("event refused: %s", exc)
                 return
@@ -165,7 +164,7 @@ class PikaListener:
     def _on_record(self, _ch: Any, _method: Any, props: pika.BasicProperties, body: bytes) -> None:
         job_id = props.message_id or props.correlation_id or ""
         try:
-            record, _ = codec.decode_object(body, props.content_type, max_bytes=self._max_bytes)
+            record, _ = codec.decode_object(body, props.content_type, max_bytes=MAX_ENTRY_BYTES)
         except DecodeError as exc:
             log.warning("record of %s refused: %s", job_id, exc)
             return

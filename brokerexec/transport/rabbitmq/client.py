@@ -28,7 +28,7 @@ import aio_pika.exceptions
 import aiormq.exceptions
 
 from ... import codec
-from ...constants import DEFAULT_LOCATE_TIMEOUT
+from ...constants import DEFAULT_LOCATE_TIMEOUT, MAX_ENTRY_BYTES
 from ...errors import AccessRefused, BrokerConnectionError, DecodeError
 from ...protocol import calls, lookups
 from ...protocol.commands import (
@@ -121,7 +121,7 @@ class RabbitClientTransport(AsyncClientTransport):
         job_id = message.message_id or message.correlation_id or ""
         try:
             record, _ = codec.decode_object(message.body, message.content_type,
-                                            max_bytes=self.settings.max_message_bytes)
+                                            max_bytes=MAX_ENTRY_BYTES)
         except DecodeError as exc:
             log.warning("record of %s refused: %s", job_id, exc)
             return
@@ -207,6 +207,7 @@ class RabbitClientTransport(AsyncClientTransport):
             message.body, content_type=message.content_type, correlation_id=message.correlation_id,
             reply_to=message.reply_to, headers=dict(message.headers) if message.headers else None,
             message_id=message.message_id, type=message.type,
+            expiration=None if message.expiration_ms is None else message.expiration_ms / 1000,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT if message.persistent
             else aio_pika.DeliveryMode.NOT_PERSISTENT)
         try:
@@ -256,7 +257,7 @@ class RabbitClientTransport(AsyncClientTransport):
         def deliver(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             try:
                 body, _ = codec.decode_object(message.body, message.content_type,
-                                              max_bytes=self.settings.max_message_bytes)
+                                              max_bytes=MAX_ENTRY_BYTES)
                 event = Event.decode(body)
             except DecodeError as exc:
                 log.warning("event refused: %s", exc)

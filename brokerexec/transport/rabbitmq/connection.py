@@ -256,6 +256,16 @@ class AmqpConnection:
             raise BrokerConnectionError(f"not connected to {self.settings.redacted_url()}")
         return await self._connection.channel(publisher_confirms=confirms, on_return_raises=confirms)
 
+    def channel_max(self) -> int | None:
+        """How many channels the broker lets this connection open (``Connection.Tune``), or
+        None when not connected."""
+        connection = self._connection
+        if connection is None or connection.is_closed:
+            return None
+        tune = getattr(getattr(connection.transport, "connection", None), "connection_tune", None)
+        value = getattr(tune, "channel_max", None)
+        return value if isinstance(value, int) and value > 0 else None
+
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait for a connection; ``BrokerConnectionError`` after ``timeout``."""
         assert self._connected is not None

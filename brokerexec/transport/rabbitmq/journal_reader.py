@@ -16,7 +16,7 @@ import aiormq.exceptions
 
 from ...errors import AccessRefused
 from ...protocol.commands import Incoming, JournalReader
-from ...protocol.journal import probe_message
+from ...protocol.journal import STREAM_OFFSET_HEADER, probe_message
 from .connection import AmqpConnection
 
 __all__ = ["browse", "queue_exists", "read_journal"]
@@ -29,8 +29,11 @@ ACK_EVERY = 50
 
 
 def _incoming(message: aio_pika.abc.AbstractIncomingMessage) -> Incoming:
+    headers = message.headers or {}
+    offset = headers.get(STREAM_OFFSET_HEADER)
     return Incoming(message.body, message.content_type, message.message_id, message.type,
-                    message.reply_to, message.exchange)
+                    message.reply_to, message.exchange, offset if isinstance(offset, int) else None,
+                    headers)
 
 
 class _Feeder:

@@ -36,9 +36,12 @@ from typing import Any
 import aio_pika.abc
 
 from .... import codec
+from ....constants import MAX_ENTRY_BYTES
 from ....errors import DecodeError
+from ....protocol.changes import uncovered
+from ....protocol.journal import Entry, entry_of
 from ....protocol.messages import Launch, Lease, Record
-from ....protocol.names import LEASE_TYPE, check_name, launch_queue
+from ....protocol.names import CHECKPOINT_TYPE, LEASE_TYPE, STARTED_TYPE, check_name, launch_queue
 from ...base import PreparedJob, Resumed, WorkerHooks
 from ..connection import AmqpConnection
 from ..delivery import Delivery
@@ -94,7 +97,7 @@ class LaunchIntake:
         for message, _ in list(self._held):
             try:
                 body = codec.decode_object(message.body, message.content_type, allow_yaml=False,
-                                           max_bytes=self.connection.settings.max_message_bytes)[0]
+                                           max_bytes=self._limit(message))[0]
                 launch = Lease.decode(body).launch if message.type == LEASE_TYPE else Launch.decode(body)
             except DecodeError:
                 continue
@@ -102,6 +105,11 @@ class LaunchIntake:
                               "state": "resuming" if message.type == LEASE_TYPE else "queued",
                               "since": launch.sent, "attempt": 0, "worker": {}})
         return summaries
+
+    def _limit(self, message: Message) -> int:
+        # A lease was written by a worker (it carries the changes made since the job's last
+        # checkpoint, docs/durability.md); a launch comes from anyone allowed to launch.
+        return MAX_ENTRY_BYTES if message.type == LEASE_TYPE else self.connection.settings.max_message_bytes
 
     def reply_to_of(self, job_id: str) -> str | None:
         """Where a launch being prepared wants its record (for a refusal's record)."""
@@ -220,7 +228,7 @@ class LaunchIntake:
         assert self.hooks is not None
         try:
             body = codec.decode_object(message.body, message.content_type, allow_yaml=False,
-                                       max_bytes=self.connection.settings.max_message_bytes)[0]
+                                       max_bytes=self._limit(message))[0]
             lease = Lease.decode(body) if message.type == LEASE_TYPE else None
             launch = lease.launch if lease is not None else Launch.decode(body)
             if launch.service not in self.services:
@@ -247,6 +255,48 @@ class LaunchIntake:
             await self._resume(job, lease, message)
         else:
             await self._start(job, message)
+
+    async def _resume_point(self, job_id: str, lease: Lease) -> tuple[bool, dict[str, Any] | None, int]:
+        """Whether the job ended, the checkpoint to resume from (its body, with its
+        ``offset``) and the newest attempt seen, read without reading the job's life:
+
+        * the checkpoint at the offset its lease points at, one entry;
+        * its record only if the lease says the record was on its way (``ending``): every
+          record of a job that held a lease is written after the lease is so marked. A lease
+          from a worker that did not mark them (``ending`` None) is searched as before;
+        * searching back from the end of the stream only where those do not answer (an
+          older lease, an entry gone): to the checkpoint, or the record, or the launch.
+        """
+        journal = self.ownership.journal
+        pointer = lease.checkpoint or {}
+        checkpoint: dict[str, Any] | None = None
+        at = pointer.get("offset")
+        if isinstance(at, int) and not isinstance(at, bool) and at >= 0:
+            for entry in await journal.read_at(job_id, at):
+                if (entry.kind == CHECKPOINT_TYPE and entry.body.get("attempt") == pointer.get("attempt")
+                        and entry.body.get("time") == pointer.get("time")):
+                    checkpoint = {**entry.body, "offset": at}
+            if checkpoint is None:
+                log.warning("job %s: no checkpoint at offset %d, where its lease points: searching",
+                            job_id, at)
+        ended, newest = False, lease.attempt
+        if lease.ending is False and (checkpoint is not None or not pointer):
+            return ended, checkpoint, newest
+        attempt = lease.attempt
+
+        def enough(entries: list[Entry]) -> bool:  # nothing older changes the answer
+            if checkpoint is None and pointer:
+                return any(e.kind == CHECKPOINT_TYPE for e in entries)
+            return any(e.kind in (STARTED_TYPE, CHECKPOINT_TYPE) and _attempt_of(e) >= attempt
+                       for e in entries)
+
+        search = await journal.search_back(job_id, enough)
+        history = search.history
+        ended = history.record is not None
+        if checkpoint is None and history.checkpoint is not None:
+            found = entry_of(search.entries, CHECKPOINT_TYPE, time=history.checkpoint.get("time"))
+            checkpoint = {**history.checkpoint, "offset": found.offset if found else None}
+        return ended, checkpoint, max(newest, history.attempt)
 
     async def _refuse(self, message: Message, exc: DecodeError) -> None:
         """A launch that cannot be run: a failed record if it names its job, else dead-lettered."""
@@ -296,6 +346,7 @@ class LaunchIntake:
         assert self.hooks is not None
         ownership = self.ownership
         owned = ownership.take(job, message, reply_to=lease.reply_to)
+        owned.resuming = True  # not claimed by a status asked meanwhile: by this, below
         try:
             if not lease.handed_over:
                 await asyncio.sleep(self.resume_grace)  # its worker may be reconnecting
@@ -305,7 +356,7 @@ class LaunchIntake:
                 ownership.drop(job.job_id)
                 self.hooks.cancel(job, "its worker still holds it")
                 return
-            search = await ownership.journal.history(job.job_id, since=lease.since)
+            ended, checkpoint, newest = await self._resume_point(job.job_id, lease)
         except Exception as exc:
             log.warning("resume of %s failed (%r); the lease goes back to its queue", job.job_id, exc)
             await asyncio.sleep(1.0)  # not at once: the same failure would come straight back
@@ -315,20 +366,46 @@ class LaunchIntake:
             ownership.drop(job.job_id)
             self.hooks.cancel(job, "resume failed")
             return
-        history = search.history
-        if history.record is not None or history.attempt > lease.attempt:
+        # The job's queue is ours: no other execution runs it now (every execution but a
+        # launch shorter than claim_after holds it). A started entry newer than the lease is
+        # one whose worker died before it held its lease: resumed past it, not dropped.
+        if ended:
             ownership.drop(job.job_id)
-            self.hooks.cancel(job, "it ended already" if history.record else "resumed already")
+            self.hooks.cancel(job, "it ended already")
             return
-        checkpoint = history.checkpoint
         if checkpoint is not None and checkpoint.get("service") not in (None, job.service):
             checkpoint = None
-        job.attempt = max(history.attempt, lease.attempt) + 1
+        job.attempt = max(newest, lease.attempt) + 1
+        covers = _covers(checkpoint)
+        settable = checkpoint.get("settable") if checkpoint else None
+        # The lease's changes were noted after ITS checkpoint: the one found may be newer.
+        changes = uncovered(lease.changes, covers)
         job.resumed = Resumed(checkpoint.get("state") if checkpoint else None, checkpoint is not None,
-                              lease.worker, lease.handed_over)
-        owned.checkpoint = ({"time": checkpoint["time"], "attempt": checkpoint.get("attempt", 1)}
-                            if checkpoint else lease.checkpoint)
-        if not await ownership.ensure_claimed(owned):
+                              lease.worker, lease.handed_over,
+                              settable=settable if isinstance(settable, dict) else {}, changes=changes,
+                              checkpoint_time=checkpoint.get("time") if checkpoint else None, covers=covers)
+        owned.checkpoint = lease.checkpoint
+        if checkpoint is not None:
+            owned.checkpoint = {"time": checkpoint["time"], "attempt": checkpoint.get("attempt", 1),
+                                "covers": covers}
+            if checkpoint.get("offset") is not None:
+                owned.checkpoint["offset"] = checkpoint["offset"]
+        # Carried by this execution's lease until one of its checkpoints covers them.
+        owned.changes, owned.covered = changes, covers
+        owned.resuming = False
+        try:
+            claimed = await ownership.ensure_claimed(owned)
+        except Exception as exc:  # the started entry or the lease could not be written
+            log.warning("claim of %s while resuming failed (%r); the lease goes back to its queue",
+                        job.job_id, exc)
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
+            owned.delivery = None
+            with contextlib.suppress(Exception):
+                await ownership.unlock(owned)  # never left locked with no lease
+            claimed = False
+        if not claimed:
             ownership.drop(job.job_id)
             self.hooks.cancel(job, "claim failed")
             return
@@ -336,3 +413,13 @@ class LaunchIntake:
         log.info("job %s resumed here as attempt %d (%s), after %s", job.job_id, job.attempt,
                  "from its checkpoint" if checkpoint else "from the start", before)
         self.hooks.begin(job)
+
+
+def _covers(checkpoint: dict[str, Any] | None) -> int:
+    covers = (checkpoint or {}).get("covers", 0)
+    return covers if isinstance(covers, int) and not isinstance(covers, bool) and covers >= 0 else 0
+
+
+def _attempt_of(entry: Entry) -> int:
+    attempt = entry.body.get("attempt", 1)
+    return attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else 1

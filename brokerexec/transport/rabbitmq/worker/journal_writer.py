@@ -9,15 +9,23 @@ A record also goes to the launching client's queue, by sender-selected distribut
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .... import codec
 from ....errors import CheckpointFailed
-from ....protocol.journal import JournalSearch, checkpoint_entry, started_entry
+from ....protocol.journal import (
+    BackSearch,
+    Entry,
+    JournalWindow,
+    checkpoint_entry,
+    started_entry,
+)
 from ....protocol.messages import Lease, Record
 from ....protocol.names import (
     ATTEMPT_HEADER,
     BCC_HEADER,
+    CHECKPOINT_TIME_HEADER,
     CHECKPOINT_TYPE,
     LAUNCHES_EXCHANGE,
     LEASE_TYPE,
@@ -50,8 +58,8 @@ class JournalWriter:
         self.max_checkpoint_bytes = max_checkpoint_bytes
 
     async def _write(self, job_id: str, kind: str, body: bytes, attempt: int,
-                     bcc: str | None = None) -> None:
-        headers: dict[str, Any] = {ATTEMPT_HEADER: attempt}
+                     bcc: str | None = None, more: dict[str, Any] | None = None) -> None:
+        headers: dict[str, Any] = {ATTEMPT_HEADER: attempt, **(more or {})}
         if bcc:
             headers[BCC_HEADER] = [bcc]
         await self.connection.publish_confirmed([Outgoing.json(
@@ -65,14 +73,18 @@ class JournalWriter:
             started_entry(job_id, service, attempt, self.worker, now)), attempt)
         return now
 
-    def encode_checkpoint(self, job_id: str, service: str, attempt: int, state: Any) -> bytes:
-        """A checkpoint entry's body (any thread).
+    def encode_checkpoint(self, job_id: str, service: str, attempt: int, state: Any, *,
+                          settable: dict[str, Any] | None = None, covers: int = 0,
+                          taken: float | None = None) -> bytes:
+        """A checkpoint entry's body (any thread); ``taken``: its time (now by default), which
+        with its attempt finds it again in the stream.
 
         Raises:
             CheckpointFailed: not JSON-able, or larger than the limit.
         """
         try:
-            body = codec.encode(checkpoint_entry(job_id, service, attempt, time.time(), state))
+            body = codec.encode(checkpoint_entry(job_id, service, attempt, taken or time.time(), state,
+                                                 settable=settable, covers=covers))
         except (TypeError, ValueError) as exc:
             raise CheckpointFailed(f"the checkpoint of job {job_id} is not JSON-able: {exc}") from exc
         if len(body) > self.max_checkpoint_bytes:
@@ -81,9 +93,15 @@ class JournalWriter:
                 f"{self.max_checkpoint_bytes:,} (--max-checkpoint-bytes): not stored")
         return body
 
-    async def checkpoint(self, job_id: str, attempt: int, body: bytes) -> None:
-        """Store a checkpoint entry made by :meth:`encode_checkpoint`."""
-        await self._write(job_id, CHECKPOINT_TYPE, body, attempt)
+    async def checkpoint(self, job_id: str, attempt: int, body: bytes, taken: float) -> int | None:
+        """Store a checkpoint entry made by :meth:`encode_checkpoint` at time ``taken``;
+        return its offset in the stream (None if it was not found: a resume then searches)."""
+        stamp = checkpoint_stamp(taken)
+        await self._write(job_id, CHECKPOINT_TYPE, body, attempt, more={CHECKPOINT_TIME_HEADER: stamp})
+        search = await self.search_back(job_id, lambda entries: _stamped(entries, attempt, stamp) is not None,
+                                        decode=False)
+        found = _stamped(search.entries, attempt, stamp)
+        return found.offset if found is not None else None
 
     async def record(self, record: Record, reply_to: str | None) -> None:
         """Store a job's final record, pushed to ``reply_to`` as well."""
@@ -97,10 +115,41 @@ class JournalWriter:
             message_id=lease.launch.job_id, message_type=LEASE_TYPE,
             headers={ATTEMPT_HEADER: lease.attempt})])
 
-    async def history(self, job_id: str, since: float | None = None) -> JournalSearch:
-        """Everything the journal holds of the job now, from ``since`` (epoch seconds)."""
-        search = JournalSearch(job_id, wait=False, since=since)
-        await read_journal(self.connection, search, READ_TIMEOUT)
-        if not search.done:
+    async def search_back(self, job_id: str, enough: Callable[[list[Entry]], bool] | None = None,
+                          *, decode: bool = True) -> BackSearch:
+        """What the journal holds of the job, read from its end backwards
+        (:class:`~brokerexec.protocol.journal.BackSearch`): to its record, its launch, or
+        where ``enough`` says.
+
+        Raises:
+            TimeoutError: it took over :data:`READ_TIMEOUT` seconds.
+        """
+        search = BackSearch(job_id, enough=enough, decode=decode)
+        deadline = time.monotonic() + READ_TIMEOUT
+        while (window := search.next_window()) is not None:
+            await read_journal(self.connection, window, max(deadline - time.monotonic(), 0.001))
+            search.took(window)
+        if not search.complete:
             raise TimeoutError(f"reading the journal of job {job_id} took over {READ_TIMEOUT} s")
         return search
+
+    async def read_at(self, job_id: str, offset: int) -> list[Entry]:
+        """The job's entry at ``offset`` of its stream, if it is there (a list of one, or
+        none): a checkpoint a lease points at, read without reading anything else."""
+        window = JournalWindow(job_id, offset, offset + 1)
+        await read_journal(self.connection, window, READ_TIMEOUT)
+        return [entry for entry in window.entries if entry.offset == offset]
+
+
+
+
+def checkpoint_stamp(taken: float) -> int:
+    """A checkpoint entry's :data:`CHECKPOINT_TIME_HEADER`: its time in microseconds."""
+    return round(taken * 1_000_000)
+
+
+def _stamped(entries: list[Entry], attempt: int, stamp: int) -> Entry | None:
+    """The checkpoint entry of ``attempt`` stamped ``stamp``, found by its headers."""
+    return next((entry for entry in reversed(entries) if entry.kind == CHECKPOINT_TYPE
+                 and entry.headers.get(ATTEMPT_HEADER) == attempt
+                 and entry.headers.get(CHECKPOINT_TIME_HEADER) == stamp), None)

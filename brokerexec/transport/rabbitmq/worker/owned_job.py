@@ -30,13 +30,17 @@ class OwnedJob:
     locked: bool = False  # holds the job's exclusive queue
     claimed: bool = False  # and its started entry and lease are written
     check_journal: bool = False  # an earlier execution may exist: read the journal first
+    resuming: bool = False  # taken from a lease, its journal not read yet: claimed by the resume only
     verified: int = 0  # the connection generation its claim was last verified in
     lock_runs: int = 0
     started_at: float = 0.0
     checkpoint: dict[str, Any] | None = None  # where its newest stored checkpoint is
+    changes: list[dict[str, Any]] = field(default_factory=list)  # applied since it (its lease's)
+    covered: int = 0  # the newest change a stored checkpoint covers
     superseded: bool = False
     superseded_why: str = ""
     ending: bool = False  # its record or its handover is on the way
+    record_due: bool = False  # its lease says its record is on the way
     claiming: asyncio.Task[bool] | None = None
     locking: asyncio.Task[bool] | None = None
     timer: asyncio.TimerHandle | None = None

@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+from typing import Any
 
-from ....errors import CheckpointFailed
+from ....errors import CheckpointFailed, NotDurable, ResultTooLarge, error_to_wire
+from ....protocol.changes import uncovered
 from ....protocol.messages import Record
+from ....protocol.states import JobState
 from .ownership import Ownership
 
 __all__ = ["OwnerWrites"]
 
 log = logging.getLogger(__name__)
+
+#: How RabbitMQ words its refusal of a message over its ``max_message_size``.
+_TOO_LARGE = "larger than configured max size"
 
 
 class OwnerWrites:
@@ -29,9 +36,10 @@ class OwnerWrites:
         self.journal = ownership.journal
         self.leases = ownership.leases
 
-    async def store_checkpoint(self, job_id: str, body: bytes, taken: float) -> None:
+    async def store_checkpoint(self, job_id: str, body: bytes, taken: float, covers: int) -> None:
         """Store a checkpoint entry, then point the lease at it: atomic, as the journal entry
-        either is whole or is not there, and the lease moves only after it is.
+        either is whole or is not there, and the lease moves only after it is. The changes
+        it ``covers`` leave the lease with it.
 
         Raises:
             CheckpointFailed: the job is not (or no longer) this worker's.
@@ -41,8 +49,31 @@ class OwnerWrites:
         if (owned is None or not await self.ownership.ensure_claimed(owned)
                 or not await self.ownership.until_valid(owned)):
             raise CheckpointFailed(f"job {job_id} is not this worker's any more: checkpoint not stored")
-        await self.journal.checkpoint(job_id, owned.job.attempt, body)
-        owned.checkpoint = {"time": taken, "attempt": owned.job.attempt}
+        pointer: dict[str, Any] = {"time": taken, "attempt": owned.job.attempt, "covers": covers}
+        try:  # the lease points at the very entry: a resume reads it and nothing else
+            pointer["offset"] = await self.journal.checkpoint(job_id, owned.job.attempt, body, taken)
+        except TimeoutError as exc:  # stored, not found again: a resume searches for it
+            log.warning("the offset of job %s's checkpoint was not found (%r)", job_id, exc)
+        if pointer.get("offset") is None:
+            pointer.pop("offset", None)
+        owned.checkpoint = pointer
+        owned.covered = max(owned.covered, covers)
+        owned.changes = uncovered(owned.changes, owned.covered)
+        await self.leases.hold(job_id, self.ownership.lease_of(owned))
+
+    async def note_changes(self, job_id: str, changes: list[dict[str, Any]]) -> None:
+        """Make the sets and invokes applied since the job's newest checkpoint durable: the
+        lease is replaced by one that carries them (confirmed, and back in this worker's
+        hands), before their senders are told they were applied.
+
+        Raises:
+            NotDurable: the job is not (or no longer) this worker's.
+        """
+        owned = self.ownership.get(job_id)
+        if (owned is None or not await self.ownership.ensure_claimed(owned)
+                or not await self.ownership.until_valid(owned)):
+            raise NotDurable(f"job {job_id} is not this worker's any more")
+        owned.changes = uncovered(changes, owned.covered)
         await self.leases.hold(job_id, self.ownership.lease_of(owned))
 
     async def finish(self, record: Record, reply_to: str | None = None) -> None:
@@ -64,6 +95,10 @@ class OwnerWrites:
                 try:
                     if owned is not None and not await self.ownership.until_valid(owned):
                         return
+                    if owned is not None and owned.claimed and not owned.record_due:
+                        # Said in its lease first: a resumer looks for a record only then.
+                        owned.record_due = True
+                        await self.leases.hold(job_id, self.ownership.lease_of(owned))
                     await self.journal.record(record, owned.reply_to if owned else reply_to)
                     break
                 except asyncio.CancelledError:
@@ -71,6 +106,15 @@ class OwnerWrites:
                 except Exception as exc:
                     if self.connection.closing:
                         raise
+                    if _TOO_LARGE in str(exc) and record.result is not None:
+                        # The broker's max_message_size is below --max-result-bytes: retrying
+                        # would never end. The job fails, saying so, in a record that fits.
+                        record = dataclasses.replace(record, state=JobState.FAILED, result=None,
+                                                     error=error_to_wire(ResultTooLarge(
+                                                         f"the result of job {job_id} is larger than the "
+                                                         f"broker takes: {exc}")))
+                        log.warning("the record of %s was refused as too large; failing the job", job_id)
+                        continue
                     log.warning("storing the record of %s failed (%r); retrying", job_id, exc)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self.connection.settings.backoff_max)

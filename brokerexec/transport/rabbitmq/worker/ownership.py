@@ -37,8 +37,16 @@ import aiormq.exceptions
 
 from ....errors import BrokerConnectionError
 from ....protocol import topology
+from ....protocol.journal import Entry
 from ....protocol.messages import Lease
-from ....protocol.names import KIWIPY_EXCHANGE, STATUS_EXCHANGE, rpc_queue, rpc_routing_key
+from ....protocol.names import (
+    CHECKPOINT_TYPE,
+    KIWIPY_EXCHANGE,
+    STARTED_TYPE,
+    STATUS_EXCHANGE,
+    rpc_queue,
+    rpc_routing_key,
+)
 from ...base import PreparedJob
 from ..connection import AmqpConnection, Outgoing
 from ..delivery import Delivery
@@ -282,7 +290,18 @@ class Ownership:
     async def _lost_to_another(self, owned: OwnedJob) -> str:
         """Why the job is not this execution's any more, as the journal shows it ("" if it is):
         it ended, or it ran in another execution since ours."""
-        search = await self.journal.history(owned.job_id, since=owned.started_at or None)
+        attempt, me = owned.job.attempt, self.journal.worker.get("id")
+
+        def mine(entries: list[Entry]) -> bool:
+            # Our own newest entry: written while this execution was the job's; whatever
+            # made it someone else's came after it. So the read costs what was written
+            # since then, not since the job began.
+            return any(e.body.get("attempt") == attempt and (
+                e.kind == CHECKPOINT_TYPE
+                or (e.kind == STARTED_TYPE and (e.body.get("worker") or {}).get("id") == me))
+                for e in entries)
+
+        search = await self.journal.search_back(owned.job_id, mine)
         history = search.history
         if history.record is not None:
             return f"it ended already ({history.record.get('state')})"
@@ -301,12 +320,14 @@ class Ownership:
         """The job's lease as it stands (its attempt, its newest checkpoint)."""
         job = owned.job
         return Lease(job.launch, job.attempt, self.journal.worker, owned.started_at, owned.reply_to,
-                     owned.checkpoint, handed_over)
+                     owned.checkpoint, handed_over, owned.changes, owned.record_due and not handed_over)
 
     async def locate(self, job_id: str) -> bool:
         """An RPC came for ``job_id`` through every worker: claim it if it runs here, so it
         can answer; False if it does not run here (or is someone else's)."""
         owned = self._owned.get(job_id)
+        if owned is not None and owned.resuming:
+            return False  # the journal answers ("resuming") until the resume claims it
         try:
             return owned is not None and await self.ensure_claimed(owned)
         except Exception as exc:
@@ -316,6 +337,8 @@ class Ownership:
     def claim_later(self, owned: OwnedJob, delay: float) -> None:
         """Claim ``owned`` in ``delay`` seconds (again a second after a failed attempt)."""
         async def claim() -> None:
+            if owned.resuming:
+                return  # its resume claims it, as the attempt the journal says
             try:
                 await self.ensure_claimed(owned)
             except Exception as exc:

@@ -15,6 +15,7 @@ This module only wires them together and publishes a job's events.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import contextlib
 import logging
@@ -26,8 +27,9 @@ from typing import Any
 import aiormq.abc
 
 from .... import codec
-from ....errors import CheckpointFailed
+from ....errors import CheckpointFailed, ConfigurationError
 from ....protocol.events import Event
+from ....protocol.intents import Intent, Signal
 from ....protocol.messages import Record
 from ....protocol.names import (
     BROADCAST_TOPIC,
@@ -62,6 +64,11 @@ def _failed(exc: BaseException) -> cf.Future[None]:
     return future
 
 
+#: Channels of a worker's connection kept for its own use (setups, publishing, journal
+#: reads), besides one per claimed job.
+RESERVED_CHANNELS = 64
+
+
 class RabbitWorkerTransport(WorkerTransport):
     """See the module docstring.
 
@@ -84,6 +91,7 @@ class RabbitWorkerTransport(WorkerTransport):
         rabbitmq = rabbitmq or RabbitMQSettings()
         self.settings = settings
         self.queue_type = rabbitmq.queue_type
+        self.journal_max_age = rabbitmq.journal_max_age
         self.host_info = {**host_info, "id": host_info.get("id") or os.urandom(6).hex()}
         self.connection = connection = AmqpConnection(settings)
         self.hooks: WorkerHooks | None = None
@@ -109,7 +117,7 @@ class RabbitWorkerTransport(WorkerTransport):
         connection.start()
 
         async def topology(channel: Any) -> None:
-            await declare_all(channel, services, self.queue_type)
+            await declare_all(channel, services, self.queue_type, self.journal_max_age)
 
         for key, setup, prefetch in (("topology", topology, None),
                                      ("broadcasts", self.signals.setup_broadcasts, None),
@@ -117,7 +125,26 @@ class RabbitWorkerTransport(WorkerTransport):
                                      ("workers", self.signals.setup_workers, None),
                                      ("leases", self.leases.setup, None),
                                      ("launch", self.intake.setup, None)):
+            if key == "broadcasts":  # connected by now (the topology is declared): before any job
+                self._check_capacity(capacity)
             connection.submit(connection.setups.add(key, setup, prefetch=prefetch)).result(30)
+        connection.call(lambda: connection.spawn(self._keep_checkpoints_readable()))
+
+    def _check_capacity(self, capacity: int) -> None:
+        """Each claimed job holds a channel of this worker's connection (its exclusive RPC
+        queue's: a refused declare closes its channel, and only its own): say at start if
+        ``capacity`` jobs would not fit, rather than fail claims at the 2,000th."""
+        channel_max = self.connection.channel_max()
+        if channel_max is None:
+            return
+        room = channel_max - RESERVED_CHANNELS
+        if capacity > room:
+            self.connection.close()
+            raise ConfigurationError(
+                f"--concurrency {capacity} is more jobs than one worker process can claim: each "
+                f"claimed job holds a channel, and the broker allows {channel_max} per connection "
+                f"({room} for jobs). Run several worker processes of --concurrency {room} at most, "
+                "or raise the broker's channel_max (rabbitmq.conf)")
 
     def set_free_capacity(self, free: int) -> None:
         if self.connection.on_loop_thread():
@@ -143,16 +170,21 @@ class RabbitWorkerTransport(WorkerTransport):
         reply_to = self.intake.reply_to_of(record.job_id)
         return self.connection.submit(self.owner_writes.finish(record, reply_to))
 
-    def store_checkpoint(self, job_id: str, state: Any) -> cf.Future[None]:
+    def store_checkpoint(self, job_id: str, state: Any, settable: dict[str, Any],
+                         covers: int) -> cf.Future[None]:
         owned = self.ownership.get(job_id)
         if owned is None:
             return _failed(CheckpointFailed(f"job {job_id} does not run here: checkpoint not stored"))
         taken = time.time()
         try:  # encoded here, on the computation thread: the loop thread never waits for it
-            body = self.journal.encode_checkpoint(job_id, owned.job.service, owned.job.attempt, state)
+            body = self.journal.encode_checkpoint(job_id, owned.job.service, owned.job.attempt, state,
+                                                  settable=settable, covers=covers, taken=taken)
         except CheckpointFailed as exc:
             return _failed(exc)
-        return self.connection.submit(self.owner_writes.store_checkpoint(job_id, body, taken))
+        return self.connection.submit(self.owner_writes.store_checkpoint(job_id, body, taken, covers))
+
+    def note_changes(self, job_id: str, changes: list[dict[str, Any]]) -> cf.Future[None]:
+        return self.connection.submit(self.owner_writes.note_changes(job_id, changes))
 
     def hand_over(self, job_id: str) -> cf.Future[None]:
         return self.connection.submit(self.owner_writes.hand_over(job_id))
@@ -171,6 +203,24 @@ class RabbitWorkerTransport(WorkerTransport):
             with contextlib.suppress(Exception):  # closing anyway
                 self.connection.submit(self.leases.close()).result(5)
         self.connection.close()
+
+    async def _keep_checkpoints_readable(self) -> None:
+        """A job that runs longer than the journal keeps its entries takes a checkpoint again
+        once its newest one is half that old: the one its lease points at never expires
+        (and its ``resumed`` invokes and sets stay covered)."""
+        every = min(self.leases.renew_every, self.journal_max_age / 4)
+        while not self.connection.closing:
+            await asyncio.sleep(every)
+            horizon = time.time() - self.journal_max_age / 2
+            for owned in self.ownership.jobs():
+                pointer = owned.checkpoint
+                if (pointer is None or owned.superseded or owned.ending or self.hooks is None
+                        or float(pointer.get("time", 0)) > horizon):
+                    continue
+                log.info("job %s: its checkpoint is %.0f s old, half the journal's retention: "
+                         "taking one again", owned.job_id, time.time() - float(pointer["time"]))
+                with contextlib.suppress(Exception):  # it ended meanwhile, or refuses: next round
+                    self.hooks.on_rpc(owned.job_id, Signal.of(Intent.CHECKPOINT))
 
     # ---- wiring ----------------------------------------------------------------------------
 
