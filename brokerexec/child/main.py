@@ -16,7 +16,16 @@ for the handler thread, with nothing to check (the worker checked every signal a
     so the child exits at once                       then the child exits
 
 The child asks the kernel first thing to SIGKILL it when the worker's spawning thread ends
-(``PR_SET_PDEATHSIG``, Linux), and checks that its worker is still its parent.
+(``PR_SET_PDEATHSIG``, Linux), and checks that its worker is still its parent. Then, before
+any thread starts, it forks its **sentinel** (:func:`_guard_group`): a tiny process of its
+process group that does nothing until the child has ended, for whatever reason, and then
+SIGKILLs the whole group. So the processes a service starts itself (grandchildren) end with
+the attempt too, also when nobody is left to kill them: the worker SIGKILLed (the kernel
+kills the child, the sentinel the rest), or the child itself killed (the OOM killer)::
+
+    worker ──► child (group leader) ──► the service's processes, and theirs (same group)
+                 ▲ pidfd                  ▲ SIGKILL to the group, once the child has ended
+                 └──── sentinel (same group; not the child's child, holds no other fd)
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import ctypes
 import itertools
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -60,6 +70,7 @@ def main(argv: list[str]) -> None:
     """The child's entry point: ``argv`` is ``[FD, WORKER_PID]``."""
     fd, worker = int(argv[0]), int(argv[1])
     _die_with_worker(worker)
+    _guard_group()  # before any thread, and before the back-channel is more than a number
     channel = Channel(socket.socket(fileno=fd))
     start = channel.receive()
     if start is None or start.kind != ToChild.START.value:
@@ -67,13 +78,119 @@ def main(argv: list[str]) -> None:
     ChildSide(channel, start.body).serve()
 
 
+_libc: ctypes.CDLL | None = None
+
+
+def _prctl(option: int, arg: int | bytes) -> bool:
+    """``prctl(option, arg)`` (Linux); False if it failed."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return bool(_libc.prctl(option, arg, 0, 0, 0) == 0)
+
+
 def _die_with_worker(worker: int) -> None:
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            os.write(2, b"brokerexec child: prctl(PR_SET_PDEATHSIG) failed\n")
+    if sys.platform.startswith("linux") and not _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL):
+        os.write(2, b"brokerexec child: prctl(PR_SET_PDEATHSIG) failed\n")
     if os.getppid() != worker:  # the worker died before the request took effect
         os._exit(EXIT_WORKER_GONE)
+
+
+# ---- the sentinel: the process group ends with the child ---------------------------------------
+
+#: What the sentinel ignores: the asynchronous signals that would end or stop it, sent to the
+#: whole group (the worker's SIGTERM at a stop, a service's own killpg). SIGKILL still ends it.
+_SENTINEL_IGNORES = tuple(
+    sig for sig in (*(getattr(signal, name, None) for name in (
+        "SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGPIPE",
+        "SIGTSTP", "SIGTTIN", "SIGTTOU", "SIGVTALRM", "SIGPROF", "SIGXCPU", "SIGXFSZ", "SIGIO",
+        "SIGPWR", "SIGSTKFLT")),
+        *range(getattr(signal, "SIGRTMIN", 0), getattr(signal, "SIGRTMAX", -1) + 1))
+    if sig is not None)
+_PR_SET_NAME = 15
+
+
+def _guard_group() -> None:
+    """Start this child's sentinel: a process of its group that SIGKILLs the group once this
+    process has ended, however it ended (its outcome sent, a crash, the OOM killer, the
+    kernel's SIGKILL when the worker died). So what the service started itself (a
+    ``subprocess``, a ``multiprocessing`` pool, and their children) ends with its attempt.
+
+    The sentinel watches a pidfd of this process and is forked twice, so it is not a child
+    of this one: nothing here reaps it, and a service's ``os.wait()`` never sees it. Without
+    pidfds (Linux before 5.3) it is a child of this one, told by ``PR_SET_PDEATHSIG``
+    (SIGUSR1). It keeps no descriptor but the pidfd, so the worker still sees the back-channel
+    end with this process. Linux only, and only in the leader of its own process group (as
+    the worker starts it); a process that leaves the group (``setsid``) escapes it.
+    """
+    group = os.getpid()
+    if not sys.platform.startswith("linux") or os.getpgrp() != group:
+        return
+    try:
+        watch: int | None = os.pidfd_open(group)
+    except (AttributeError, OSError):  # no pidfds: the sentinel is told by PR_SET_PDEATHSIG
+        watch = None
+    problem = ""
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        pid, problem = -1, str(exc)
+    if pid == 0:  # the go-between, which forks the sentinel and exits (the sentinel itself without pidfds)
+        try:
+            if watch is not None and os.fork() != 0:
+                os._exit(0)
+        except BaseException:
+            os._exit(1)
+        _sentinel(group, watch)
+    if watch is not None:
+        os.close(watch)
+        if pid > 0:
+            _, status = os.waitpid(pid, 0)
+            problem = f"the fork that starts it ended with status {status:#x}"
+            pid = pid if status == 0 else -1
+    if pid < 0:  # the computation runs unguarded: only the worker kills its group (while it lives)
+        os.write(2, f"brokerexec child: no sentinel for its process group: {problem}\n".encode())
+
+
+def _sentinel(group: int, watch: int | None) -> NoReturn:
+    """The sentinel's life: wait for the group's leader (this child) to end, then SIGKILL the
+    group, itself included. Single-threaded, it does nothing else, and every way out kills."""
+    try:
+        if watch is None:  # PR_SET_PDEATHSIG's SIGUSR1 waits for sigwait, from the first moment
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        for sig in _SENTINEL_IGNORES:
+            if sig != signal.SIGUSR1 or watch is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    signal.signal(sig, signal.SIG_IGN)
+        _prctl(_PR_SET_NAME, b"brokerexec-sentinel")  # `ps -o comm` shows "brokerexec-sent"
+        _close_all_but(-1 if watch is None else watch)
+        if watch is not None:
+            poller = select.poll()
+            poller.register(watch, select.POLLIN)
+            while not poller.poll():
+                pass
+        else:
+            _prctl(_PR_SET_PDEATHSIG, signal.SIGUSR1)
+            while os.getppid() == group:  # reparented: the child is gone (also if before the prctl)
+                signal.sigwait({signal.SIGUSR1})  # a SIGUSR1 sent to the group only loops
+    finally:
+        with contextlib.suppress(OSError):
+            os.killpg(group, signal.SIGKILL)
+        os._exit(0)
+
+
+def _close_all_but(keep: int) -> None:
+    """Close every descriptor but ``keep``: the back-channel, stdio, anything inherited."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]  # few; its own is closed by now
+    except OSError:  # no /proc
+        os.closerange(0, max(keep, 0))
+        os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+        return
+    for fd in fds:
+        if fd != keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _limit_memory(limit: int) -> None:

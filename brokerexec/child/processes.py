@@ -11,9 +11,21 @@ threads, locks or connection is inherited) and hands back a :class:`ChildProcess
   first thing. The kernel sends it when the *thread* that started the child ends, so every
   child is started by the runner's one long-lived thread, ``brokerexec-spawner``; that
   thread also keeps the handler thread from waiting for a fork and an exec;
+* **its whole tree ending with it**: right after that, the child forks its *sentinel*
+  (:func:`brokerexec.child.main._guard_group`), a process of its group that SIGKILLs the
+  group as soon as the child has ended, however it ended. So what the computation started
+  (``subprocess``, ``multiprocessing``, their children) goes with it also when nobody here
+  is left to kill it: the worker SIGKILLed (the kernel kills the child, the sentinel the
+  rest), or the child itself killed (the OOM killer). Nothing here counts the sentinel: it
+  is no child of the worker's (init adopts it, or the nearest subreaper: see below), the
+  exit status is the child's, and :meth:`ChildProcess.reap` kills the group as before. A
+  process that leaves the group (``setsid``, a daemon) escapes both: only a cgroup would
+  hold it;
 * **watched without being reaped**: :meth:`ChildProcess.wait_exit` sees the exit (a pidfd
   where the kernel has them, ``waitid(WNOWAIT)`` otherwise) and leaves the zombie, so the
   group can still be killed safely (its id cannot be reused) before :meth:`ChildProcess.reap`.
+  A worker that adopts orphans (PID 1 of a container, or a subreaper) also reaps what it
+  adopted of the group (the sentinel, the computation's processes), so none stays a zombie.
 
 What a job's computation does with its child is :mod:`brokerexec.child.computation`; the
 runner that hands out those computations is :mod:`brokerexec.child.runner`.
@@ -150,6 +162,8 @@ class ChildProcess:
         if self.exit_fd is not None:
             os.close(self.exit_fd)
             self.exit_fd = None
+        if _adopts_orphans():
+            _reap_adopted(self.pid, self.job)
         return code
 
 
@@ -251,6 +265,39 @@ class ChildProcesses:
             self._live.add(child)
         log.debug("job %s runs in process %d", request.job, child.pid)
         return child
+
+
+_PR_GET_CHILD_SUBREAPER = 37
+
+
+def _adopts_orphans() -> bool:
+    """Whether orphans in this process's subtree become its children (PID 1, or a subreaper)."""
+    if os.getpid() == 1:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    flag = ctypes.c_int(0)
+    libc = ctypes.CDLL(None, use_errno=True)
+    return bool(libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) == 0 and flag.value)
+
+
+def _reap_adopted(group: int, job: str) -> None:
+    """Reap the processes of ``group`` that this process adopted; wait aside for those still
+    dying (SIGKILLed just now), so the job's end does not wait for them."""
+    try:
+        while os.waitid(os.P_PGID, group, os.WEXITED | os.WNOHANG) is not None:
+            pass
+    except ChildProcessError:  # none left
+        return
+    threading.Thread(target=_reap_group, args=(group,), name=f"brokerexec-reap-{job}", daemon=True).start()
+
+
+def _reap_group(group: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        while True:
+            os.waitid(os.P_PGID, group, os.WEXITED)
 
 
 @dataclass(frozen=True)
