@@ -40,7 +40,8 @@ class OwnedJob:
     superseded: bool = False
     superseded_why: str = ""
     ending: bool = False  # its record or its handover is on the way
-    record_due: bool = False  # its lease says its record is on the way
+    record_due: bool = False  # its leases say its record is on the way
+    ending_held: bool = False  # and such a lease is held: the record may be written
     claiming: asyncio.Task[bool] | None = None
     locking: asyncio.Task[bool] | None = None
     timer: asyncio.TimerHandle | None = None

@@ -95,10 +95,12 @@ class OwnerWrites:
                 try:
                     if owned is not None and not await self.ownership.until_valid(owned):
                         return
-                    if owned is not None and owned.claimed and not owned.record_due:
-                        # Said in its lease first: a resumer looks for a record only then.
+                    if owned is not None and owned.claimed and not owned.ending_held:
+                        # Said in its lease first, and held: a resumer looks for a record only
+                        # then. (Set before: a lease made meanwhile, a reconnect's, says it too.)
                         owned.record_due = True
                         await self.leases.hold(job_id, self.ownership.lease_of(owned))
+                        owned.ending_held = True
                     await self.journal.record(record, owned.reply_to if owned else reply_to)
                     break
                 except asyncio.CancelledError:
