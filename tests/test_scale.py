@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import brokerctl
@@ -20,6 +21,7 @@ from sample_services import blob
 from test_faults import Watch, _broker_left_running, launch  # noqa: F401 (autouse)
 
 from brokerexec import Client, InvalidState, RemoteError
+from brokerexec.protocol.messages import Launch
 from brokerexec.protocol.names import STARTED_TYPE, journal_stream, new_job_id
 from brokerexec.transport.pika.client import PikaClientTransport
 
@@ -286,3 +288,41 @@ def test_a_worker_says_at_start_how_many_jobs_it_can_claim(amqp_url: str) -> Non
     assert "--concurrency 5000 is more jobs than one worker process can claim" in done.stderr
     assert "Run several worker processes" in done.stderr
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("dead_lettered", [True, False])
+def test_a_stale_copy_of_a_lease_never_runs_a_job_that_ended(
+        client: Client, worker_process: Callable[..., Any], amqp_url: str, dead_lettered: bool) -> None:
+    # A lease dead-lettered while its worker was cut off, left in the launch queue while every
+    # worker was busy; meanwhile its worker came back, claimed the job again and ended it.
+    # (Or a lease without the x-death a broker would give it: searched back all the same.)
+    from datetime import datetime, timezone
+
+    from brokerexec.protocol.messages import Lease
+    from brokerexec.protocol.names import ATTEMPT_HEADER, LAUNCHES_EXCHANGE, LEASE_TYPE
+
+    first = worker_process(*FAST, "--concurrency", "1", services=("Counter",))
+    job = client.launch("counter", {"steps": 2})
+    record = job.result(WAIT) and job.record()
+    assert record is not None
+    first.terminate()  # the worker that ran it would know it: another one takes the copy
+    worker = worker_process(*FAST, "--concurrency", "1", services=("Counter",))
+    lease = Lease(Launch.new("counter", {"steps": 2}, job_id=job.id), 1,
+                  {"hostname": "elsewhere", "pid": 1, "id": "0123456789ab"}, time.time() - 5)
+    headers: dict[str, Any] = {ATTEMPT_HEADER: 1}
+    if dead_lettered:
+        headers["x-death"] = [{"time": datetime.now(timezone.utc) - timedelta(seconds=3), "count": 1,
+                               "reason": "expired", "queue": "brokerexec.leases.0123456789ab"}]
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(LAUNCHES_EXCHANGE, "counter", json.dumps(lease.encode()).encode(),
+                              pika.BasicProperties(content_type="application/json", message_id=job.id,
+                                                   type=LEASE_TYPE, delivery_mode=2, headers=headers))
+    finally:
+        connection.close()
+    brokerctl.wait_until(lambda: any(f"job {job.id} not run here: it ended already" in line
+                                     for line in worker.lines), 30, "the stale lease to be dropped")
+    assert job.record() == record
+    assert client.launch("counter", {"steps": 1}).result(WAIT)["count"] == 1
