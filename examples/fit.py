@@ -130,8 +130,10 @@ class ExponentialFit(Service):
         return {"params": self.params, "cost": self.cost, "iteration": self.iteration}
 
     def progress(self) -> dict[str, Any]:
-        return {"iteration": self.iteration, "total": self.max_iterations,
-                "fraction": self.iteration / self.max_iterations, "cost": self.cost}
+        # max_iterations may be set to 0 to end the fit (the docstring's `set`): done then.
+        total = self.max_iterations
+        return {"iteration": self.iteration, "total": total,
+                "fraction": min(self.iteration / total, 1.0) if total > 0 else 1.0, "cost": self.cost}
 
     def checkpoint(self) -> dict[str, Any]:
         return {"params": self.params, "iteration": self.iteration}
