@@ -12,7 +12,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from typing import Any
 
 import brokerctl
@@ -315,7 +314,9 @@ def test_a_stale_copy_of_a_lease_never_runs_a_job_that_ended(
                   {"hostname": "elsewhere", "pid": 1, "id": "0123456789ab"}, time.time() - 5)
     headers: dict[str, Any] = {ATTEMPT_HEADER: 1}
     if dead_lettered:
-        headers["x-death"] = [{"time": datetime.now(timezone.utc) - timedelta(seconds=3), "count": 1,
+        # dead-lettered while the job still ran (its worker cut off), before it ended
+        died = datetime.fromtimestamp(int(record["start"]), tz=timezone.utc)
+        headers["x-death"] = [{"time": died, "count": 1,
                                "reason": "expired", "queue": "brokerexec.leases.0123456789ab"}]
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     try:

@@ -55,8 +55,9 @@ log = logging.getLogger(__name__)
 
 Message = Delivery
 #: How far before the broker's dead-letter time of a lease (whole seconds, the lease queue
-#: leader's clock) a resumer reads the journal for a record (the stream leader's clock).
-DEAD_LETTER_MARGIN = 5.0
+#: leader's clock) a resumer reads the journal for a record (the stream leader's clock: on
+#: one node the same clock; in a cluster, nodes' clocks kept within this by NTP).
+DEAD_LETTER_MARGIN = 2.0
 #: Stores a record of a launch that never ran here (the worker's ``OwnerWrites.finish``).
 Finish = Callable[[Record, "str | None"], Coroutine[Any, Any, None]]
 
@@ -293,7 +294,7 @@ class LaunchIntake:
         found_all = checkpoint is not None or not pointer
         if lease.ending is False and found_all and (lease.handed_over or died_at is not None):
             if died_at is not None:  # what was stored since it was dead-lettered
-                since = JournalSearch(job_id, wait=False, since=died_at - DEAD_LETTER_MARGIN)
+                since = JournalSearch(job_id, wait=False, since=died_at, margin=DEAD_LETTER_MARGIN)
                 await read_journal(journal.connection, since, READ_TIMEOUT)
                 if not since.done:
                     raise TimeoutError(f"reading the journal of job {job_id} took over {READ_TIMEOUT} s")
