@@ -165,10 +165,10 @@ class JobHistory:
 
 
 
-def _offset(start: float | None, margin: float = RECORD_TIME_MARGIN) -> datetime | str:
+def _offset(start: float | None) -> datetime | str:
     if start is None or start < 1.5e9:  # not a time this century: read it all
         return "first"
-    return datetime.fromtimestamp(start - margin, tz=timezone.utc)
+    return datetime.fromtimestamp(start - RECORD_TIME_MARGIN, tz=timezone.utc)
 
 
 def _probe_id() -> str:
@@ -204,14 +204,12 @@ class JournalSearch:
     PREFETCH = 200
 
     def __init__(self, job_id: str, *, wait: bool, since: float | None = None,
-                 offset: int | None = None, history: JobHistory | None = None,
-                 margin: float = RECORD_TIME_MARGIN) -> None:
+                 offset: int | None = None, history: JobHistory | None = None) -> None:
         self.job_id = job_id
         self.stream = journal_stream(job_id)
         self.streams: tuple[str, ...] = (self.stream,)
         self.history = history or JobHistory(job_id)
         self._from = offset
-        self._margin = margin
         self.done = False
         self.probe_seen = False
         self._wait = wait
@@ -224,7 +222,7 @@ class JournalSearch:
         """The ``offset`` given (where an earlier read ended), else ``since``, or the job's
         launch time (from its id), less a margin for clock skew; from the first entry for
         ids that carry no time."""
-        return self._from if self._from is not None else _offset(self._start, self._margin)
+        return self._from if self._from is not None else _offset(self._start)
 
     def feed(self, stream: str, message: Incoming) -> bool:
         """Look at one message of the stream; True once the search is over.

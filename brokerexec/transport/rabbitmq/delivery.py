@@ -8,7 +8,6 @@ task for each message, together about 0.1 ms of a trivial job's time on the work
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from typing import Any
 
 import aiormq.abc
@@ -45,18 +44,6 @@ class Delivery:
     @property
     def reply_to(self) -> str | None:
         return self._properties.reply_to
-
-    @property
-    def dead_lettered_at(self) -> float | None:
-        """When the broker dead-lettered this message (its ``x-death`` header, epoch
-        seconds by the broker's clock: whole seconds), or None if it never was."""
-        deaths = (self._properties.headers or {}).get("x-death")
-        if not isinstance(deaths, list) or not deaths or not isinstance(deaths[0], dict):
-            return None
-        when = deaths[0].get("time")
-        if isinstance(when, datetime):
-            return when.replace(tzinfo=when.tzinfo or timezone.utc).timestamp()
-        return float(when) if isinstance(when, int | float) and not isinstance(when, bool) else None
 
     async def ack(self) -> None:
         await self.channel.basic_ack(self.delivery_tag)

@@ -39,14 +39,12 @@ from .... import codec
 from ....constants import MAX_ENTRY_BYTES
 from ....errors import DecodeError
 from ....protocol.changes import uncovered
-from ....protocol.journal import Entry, JournalSearch, entry_of
+from ....protocol.journal import Entry, entry_of
 from ....protocol.messages import Launch, Lease, Record
 from ....protocol.names import CHECKPOINT_TYPE, LEASE_TYPE, STARTED_TYPE, check_name, launch_queue
 from ...base import PreparedJob, Resumed, WorkerHooks
 from ..connection import AmqpConnection
 from ..delivery import Delivery
-from ..journal_reader import read_journal
-from .journal_writer import READ_TIMEOUT
 from .ownership import Ownership
 
 __all__ = ["LaunchIntake"]
@@ -54,10 +52,7 @@ __all__ = ["LaunchIntake"]
 log = logging.getLogger(__name__)
 
 Message = Delivery
-#: How far before the broker's dead-letter time of a lease (whole seconds, the lease queue
-#: leader's clock) a resumer reads the journal for a record (the stream leader's clock: on
-#: one node the same clock; in a cluster, nodes' clocks kept within this by NTP).
-DEAD_LETTER_MARGIN = 2.0
+
 #: Stores a record of a launch that never ran here (the worker's ``OwnerWrites.finish``).
 Finish = Callable[[Record, "str | None"], Coroutine[Any, Any, None]]
 
@@ -262,21 +257,18 @@ class LaunchIntake:
         else:
             await self._start(job, message)
 
-    async def _resume_point(self, job_id: str, lease: Lease, died_at: float | None
-                            ) -> tuple[bool, dict[str, Any] | None, int]:
+    async def _resume_point(self, job_id: str, lease: Lease) -> tuple[bool, dict[str, Any] | None, int]:
         """Whether the job ended, the checkpoint to resume from (its body, with its
         ``offset``) and the newest attempt seen, read without reading the job's life:
 
         * the checkpoint at the offset its lease points at, one entry;
-        * its record, from when the broker dead-lettered this lease (``died_at``) on: a
-          record written since means this copy is stale (its worker came back, claimed the
-          job again and ended it, while this copy waited in the queue for a free worker).
-          A record written before can only follow an *ending* lease (a worker marks its
-          lease so before it writes the record): that one, and a lease from a worker that
-          did not mark them (``ending`` None), are searched back to its attempt's newest
-          entry. A handed-over lease was sent after its worker let the job go: no record;
-        * searching back from the end of the stream also where the pointer does not answer
-          (an older lease, an entry gone): to the newest checkpoint.
+        * the stream back from its end to the newest entry of the lease's attempt (its last
+          checkpoint, or its start), for a record: a copy of a lease may wait in its queue
+          while every worker is busy, and meanwhile its worker may have come back, claimed
+          the job again and ended it. A handed-over lease was sent after its worker let the
+          job go: no record to look for;
+        * and back to the newest checkpoint where the pointer does not answer (an older
+          lease, an entry gone).
         """
         journal = self.ownership.journal
         pointer = lease.checkpoint or {}
@@ -291,16 +283,8 @@ class LaunchIntake:
                 log.warning("job %s: no checkpoint at offset %d, where its lease points: searching",
                             job_id, at)
         ended, newest = False, lease.attempt
-        found_all = checkpoint is not None or not pointer
-        if lease.ending is False and found_all and (lease.handed_over or died_at is not None):
-            if died_at is not None:  # what was stored since it was dead-lettered
-                since = JournalSearch(job_id, wait=False, since=died_at, margin=DEAD_LETTER_MARGIN)
-                await read_journal(journal.connection, since, READ_TIMEOUT)
-                if not since.done:
-                    raise TimeoutError(f"reading the journal of job {job_id} took over {READ_TIMEOUT} s")
-                ended = since.history.record is not None
-                newest = max(newest, since.history.attempt)
-            return ended, checkpoint, newest
+        if lease.handed_over and (checkpoint is not None or not pointer):
+            return ended, checkpoint, newest  # sent once its worker let the job go: no record
         attempt = lease.attempt
 
         def enough(entries: list[Entry]) -> bool:  # nothing older changes the answer
@@ -375,8 +359,7 @@ class LaunchIntake:
                 ownership.drop(job.job_id)
                 self.hooks.cancel(job, "its worker still holds it")
                 return
-            ended, checkpoint, newest = await self._resume_point(job.job_id, lease,
-                                                                 message.dead_lettered_at)
+            ended, checkpoint, newest = await self._resume_point(job.job_id, lease)
         except Exception as exc:
             log.warning("resume of %s failed (%r); the lease goes back to its queue", job.job_id, exc)
             await asyncio.sleep(1.0)  # not at once: the same failure would come straight back
