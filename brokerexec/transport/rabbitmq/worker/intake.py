@@ -352,7 +352,20 @@ class LaunchIntake:
         owned.resuming = True  # not claimed by a status asked meanwhile: by this, below
         try:
             if not lease.handed_over:
-                await asyncio.sleep(self.resume_grace)  # its worker may be reconnecting
+                # Its worker may be reconnecting: wait. Meanwhile look for its record: a stale
+                # copy of a lease (its job ended since) goes at once, not after the grace.
+                loop = asyncio.get_running_loop()
+                until = loop.time() + self.resume_grace
+                early = asyncio.ensure_future(self._resume_point(job.job_id, lease))
+                await asyncio.wait({early}, timeout=self.resume_grace)
+                if early.done() and not early.cancelled() and early.exception() is None and early.result()[0]:
+                    ownership.drop(job.job_id)
+                    self.hooks.cancel(job, "it ended already")
+                    return
+                # Not cancelled if still reading: closing a stream consumer's channel in the
+                # middle of its deliveries is how a worker's connection got closed (504).
+                early.add_done_callback(lambda done: done.cancelled() or done.exception())
+                await asyncio.sleep(max(until - loop.time(), 0.0))
             # A handed-over job's queue is gone before its lease is sent; a few tries ride out
             # a broker that is a moment behind.
             if not await ownership.lock(owned, tries=5 if lease.handed_over else 1):
