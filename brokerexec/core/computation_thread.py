@@ -275,8 +275,8 @@ class Computation:
         """Carry out one posted signal, checked already (computation thread); its value, once
         a set or invoke is made durable (when the job's checkpoints are stored)."""
         value = self.APPLY[posted.intent](self, posted.payload)
-        if self._note is not None and posted.intent in (Intent.SET, Intent.INVOKE) \
-                and not posted.payload.get("replayed") and self.stores_changes:
+        if (posted.intent in (Intent.SET, Intent.INVOKE) and self.stores_changes
+                and not posted.payload.get("replayed")):
             self._make_durable(posted)
         return value
 
