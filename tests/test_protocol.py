@@ -285,6 +285,33 @@ def test_status_and_pause_never_probe() -> None:
     assert script.commands[1].seconds == pytest.approx(5.0, abs=0.1)
 
 
+def test_a_request_answered_at_once_that_gets_no_reply_at_all_is_sent_again_afresh() -> None:
+    # Routed to the job's queue just as the job ended, it went with the queue: asked again,
+    # it is found where the job is now (here: the journal, once the queue is gone).
+    job_id, clock = new_job_id(), Clock()
+
+    def unclaimed() -> Any:
+        clock.now += 0.1
+        return {"state": "aborted"}
+        yield  # a call
+
+    script = Script(None, Routed.RETURNED)
+    call = calls.rpc(job_id, Signal.of(Intent.STATUS), timeout=10, locate_timeout=0.5,
+                     max_bytes=10_000, clock=clock, correlation_id="c1", unclaimed=unclaimed)
+    assert calls.drive(call, script) == {"state": "aborted"}
+    first, again = script.commands
+    assert first.seconds == calls.RESEND_AFTER and first.message.correlation_id == "c1"
+    assert again.message.correlation_id != "c1" and again.message.body == first.message.body
+    # A pause is resent too; a set is not (it may wait for ready(), and must not apply twice).
+    script = Script(None, reply({"result": True}))
+    assert rpc(job_id, Signal.of(Intent.PAUSE), script) is True
+    assert len({c.message.correlation_id for c in script.commands}) == 2
+    script = Script(None)
+    with pytest.raises(Timeout):
+        rpc(job_id, Signal.of(Intent.SET, attrs={"x": 1}), script, probe_every=0)
+    assert script.commands[0].seconds == 5.0
+
+
 def test_a_refusal_comes_back_typed_and_an_undecodable_reply_says_so() -> None:
     refusal = Reply.failure(SignalRefused("cannot set 'x'")).encode()
     with pytest.raises(SignalRefused, match="cannot set 'x'"):

@@ -42,6 +42,10 @@ def journal_stream(job_id: str) -> str:
     return f"brokerexec.jobs.{zlib.crc32(job_id.encode()) % 16:02x}"
 
 
+#: Intents answered at once, and safe to send twice (docs/protocol.md).
+ANSWERED_AT_ONCE = {"status", "pause", "play", "resume", "kill", "abort"}
+
+
 class RawClient:
     """Speaks docs/protocol.md with a pika BlockingConnection."""
 
@@ -94,12 +98,16 @@ class RawClient:
                 if time.monotonic() > deadline:
                     return "not found"
                 self.connection.process_data_events(time_limit=0.05)
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:
+        start = time.monotonic()
+        while time.monotonic() < start + WAIT:
             self.connection.process_data_events(time_limit=0.05)
-            for reply in self.replies.get(correlation_id, []):
+            replies = self.replies.get(correlation_id, [])
+            for reply in replies:
                 if "pending" not in reply:
                     return reply
+            if not replies and time.monotonic() > start + 2 and request["intent"] in ANSWERED_AT_ONCE:
+                # As the document says: lost with a queue deleted as the job ended; ask again.
+                return self.rpc(job_id, request)
         raise AssertionError(f"no final reply to {request}")
 
     def wait_rpc(self, job_id: str, request: dict[str, Any], want: Any) -> Any:

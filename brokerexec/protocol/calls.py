@@ -92,6 +92,11 @@ LOCATE_SLACK = 0.3
 #: While a set/invoke/checkpoint waits for ``ready()``, its job's status is asked this often
 #: (seconds without a reply), to learn whether the execution holding it is still there.
 PROBE_EVERY = 2.0
+#: A request answered at once (``status``, ``pause``, ...) with no reply at all after this
+#: long is sent again, afresh: one routed to a job's queue just as the job ended was lost
+#: with the queue (the broker drops what a deleted queue held), and the job may be found
+#: elsewhere now (its record, another attempt).
+RESEND_AFTER = 2.0
 
 
 def _request(exchange: str, routing_key: str, body: dict[str, Any], correlation_id: str,
@@ -128,15 +133,17 @@ def rpc(job_id: str, signal: Signal, *, timeout: float, locate_timeout: float, m
     """
     correlation_id = correlation_id or uuid.uuid4().hex
     request = _request(KIWIPY_EXCHANGE, rpc_routing_key(job_id), signal.encode(), correlation_id)
-    locate_through = WORKERS_EXCHANGE
-    if signal.intent.spec.read_only:
-        incoming = yield Request(request._replace(exchange=STATUS_EXCHANGE, routing_key=job_id), timeout)
-        if incoming is Routed.NO_EXCHANGE:  # older workers: the way every intent goes
-            incoming = yield Request(request, timeout)
-        else:
-            locate_through = STATUS_EXCHANGE
-    else:
-        incoming = yield Request(request, timeout)
+    spec = signal.intent.spec
+    started = clock()
+    # Sent again if unanswered (RESEND_AFTER): only what may be sent twice, and is answered
+    # at once, so that silence means the request was lost, not that it waits for ready().
+    resend = spec.resendable and spec.answered is Answered.AT_ONCE and timeout > RESEND_AFTER
+    first_wait = RESEND_AFTER if resend else timeout
+    incoming, locate_through = yield from _send(job_id, request, read_only=spec.read_only, wait=first_wait)
+    if incoming is None and resend:
+        return (yield from rpc(job_id, signal, timeout=max(timeout - (clock() - started), 0.0),
+                               locate_timeout=locate_timeout, max_bytes=max_bytes, clock=clock,
+                               probe_every=probe_every, unclaimed=unclaimed))
     if incoming is Routed.NO_EXCHANGE:
         raise JobNotFound(f"no worker holds job {job_id}: no worker has run on this broker yet")
     if incoming is Routed.RETURNED:  # not claimed (yet): ask every worker
@@ -170,6 +177,17 @@ def rpc(job_id: str, signal: Signal, *, timeout: float, locate_timeout: float, m
     if reply is None:
         raise Timeout(f"job {job_id} did not answer {signal.describe()} within {timeout} s")
     return reply.outcome()
+
+
+def _send(job_id: str, request: Message, *, read_only: bool, wait: float) -> Call[tuple[Any, str]]:
+    """Send an RPC the way its intent goes; what came back first, and the exchange through
+    which to locate the job should it be unroutable."""
+    if read_only:
+        incoming = yield Request(request._replace(exchange=STATUS_EXCHANGE, routing_key=job_id), wait)
+        if incoming is not Routed.NO_EXCHANGE:
+            return incoming, STATUS_EXCHANGE
+        # older workers: the way every intent goes
+    return (yield Request(request, wait)), WORKERS_EXCHANGE
 
 
 def _execution_lost(job_id: str, attempt: int | None, locate_timeout: float,
