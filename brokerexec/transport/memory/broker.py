@@ -183,15 +183,33 @@ class MemoryBroker:
                     return
             taken[0].deliver_launch(taken[1])
 
-    def claim(self, job_id: str, worker: AttachedWorker, attempt: int) -> bool:
+    def lock(self, job_id: str, worker: AttachedWorker) -> bool:
+        """Make ``worker`` the job's only owner (its RPCs go there); False if another is."""
         with self._lock:
-            if job_id in self._owners or job_id in self._results:
-                return False
-            self._owners[job_id] = worker
+            return self._owners.setdefault(job_id, worker) is worker
+
+    def unlock(self, job_id: str, worker: AttachedWorker) -> None:
+        with self._lock:
+            if self._owners.get(job_id) is worker:
+                del self._owners[job_id]
+
+    def ended(self, job_id: str) -> bool:
+        """True if the job has a record (what the journal would say)."""
+        with self._lock:
+            return job_id in self._results
+
+    def started(self, job_id: str, attempt: int) -> None:
+        """Execution ``attempt`` of the job started (its journal's started entry)."""
+        with self._lock:
             known = self._known.get(job_id)
             if known is not None:
                 known.state, known.attempt = "running", attempt
-            return True
+
+    def requeue(self, waiting: Waiting) -> None:
+        """A launch taken and given back: first in its queue again."""
+        with self._lock:
+            self._queues.setdefault(waiting.launch.service, deque()).appendleft(waiting)
+        self.call_soon(self._deliver_launches)
 
     def hand_back(self, job_id: str, launch: Launch, attempt: int) -> None:
         """A worker stopping gracefully gives a job back, to resume from its checkpoint."""

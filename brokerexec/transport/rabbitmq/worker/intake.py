@@ -17,10 +17,11 @@ What a launch queue holds:
   claiming it) is claimed first and checked against the journal, so it never runs twice.
 * a **lease** (:class:`~brokerexec.protocol.messages.Lease`), dead-lettered there when its
   worker died, or handed over by a worker that stopped: the job is resumed. After
-  :attr:`LaunchIntake.resume_grace` seconds (its worker may only be reconnecting: it then
-  keeps its claim and this worker lets go), the job is claimed, its journal read for the
-  newest checkpoint and attempt, a ``started`` entry of the next attempt written, and it
-  begins from that checkpoint.
+  ``resume_grace`` seconds (its worker may only be reconnecting: it then keeps its claim and
+  this worker lets go), the job is claimed, its journal read for the newest checkpoint and
+  attempt, a ``started`` entry of the next attempt written, and it begins from that
+  checkpoint (:mod:`brokerexec.protocol.ownership` decides each step, :mod:`.resume_point`
+  reads).
 """
 
 from __future__ import annotations
@@ -38,11 +39,9 @@ import aio_pika.abc
 from .... import codec
 from ....constants import MAX_ENTRY_BYTES
 from ....errors import DecodeError
-from ....protocol.changes import uncovered
-from ....protocol.journal import Entry, entry_of
 from ....protocol.messages import Launch, Lease, Record
-from ....protocol.names import CHECKPOINT_TYPE, LEASE_TYPE, STARTED_TYPE, check_name, launch_queue
-from ...base import PreparedJob, Resumed, WorkerHooks
+from ....protocol.names import LEASE_TYPE, check_name, launch_queue
+from ...base import PreparedJob, WorkerHooks
 from ..connection import AmqpConnection
 from ..delivery import Delivery
 from .ownership import Ownership
@@ -65,17 +64,15 @@ class LaunchIntake:
         ownership: who owns what; every job taken goes there.
         finish: stores the record of a launch refused as it came.
         host_info: who this worker is, in those records.
-        resume_grace: seconds before a lease from a lost worker is claimed.
     """
 
     #: A launch that arrives while every slot is busy is held this long at most.
     HOLD_SECONDS = 1.0
 
     def __init__(self, connection: AmqpConnection, ownership: Ownership, *, finish: Finish,
-                 host_info: dict[str, Any], resume_grace: float) -> None:
+                 host_info: dict[str, Any]) -> None:
         self.connection = connection
         self.ownership = ownership
-        self.resume_grace = resume_grace
         self.hooks: WorkerHooks | None = None
         self.services: tuple[str, ...] = ()
         self._finish = finish
@@ -211,9 +208,7 @@ class LaunchIntake:
         job_id = message.message_id
         if job_id is not None and self.ownership.ran_here(job_id):
             await message.ack()  # its job runs or ran here: a launch come back, or a duplicate
-            owned = self.ownership.get(job_id)
-            if owned is not None and not owned.superseded:
-                self.ownership.claim_later(owned, 0)
+            self.ownership.came_back(job_id)
             return
         if self._free <= 0 or not self._taking_work or self._held:
             if not self._taking_work:
@@ -252,54 +247,7 @@ class LaunchIntake:
         if job is None:
             await message.ack()
             return
-        if lease is not None:
-            await self._resume(job, lease, message)
-        else:
-            await self._start(job, message)
-
-    async def _resume_point(self, job_id: str, lease: Lease) -> tuple[bool, dict[str, Any] | None, int]:
-        """Whether the job ended, the checkpoint to resume from (its body, with its
-        ``offset``) and the newest attempt seen, read without reading the job's life:
-
-        * the checkpoint at the offset its lease points at, one entry;
-        * the stream back from its end to the newest entry of the lease's attempt (its last
-          checkpoint, or its start), for a record: a copy of a lease may wait in its queue
-          while every worker is busy, and meanwhile its worker may have come back, claimed
-          the job again and ended it. A handed-over lease was sent after its worker let the
-          job go: no record to look for;
-        * and back to the newest checkpoint where the pointer does not answer (an older
-          lease, an entry gone).
-        """
-        journal = self.ownership.journal
-        pointer = lease.checkpoint or {}
-        checkpoint: dict[str, Any] | None = None
-        at = pointer.get("offset")
-        if isinstance(at, int) and not isinstance(at, bool) and at >= 0:
-            for entry in await journal.read_at(job_id, at):
-                if (entry.kind == CHECKPOINT_TYPE and entry.body.get("attempt") == pointer.get("attempt")
-                        and entry.body.get("time") == pointer.get("time")):
-                    checkpoint = {**entry.body, "offset": at}
-            if checkpoint is None:
-                log.warning("job %s: no checkpoint at offset %d, where its lease points: searching",
-                            job_id, at)
-        ended, newest = False, lease.attempt
-        if lease.handed_over and (checkpoint is not None or not pointer):
-            return ended, checkpoint, newest  # sent once its worker let the job go: no record
-        attempt = lease.attempt
-
-        def enough(entries: list[Entry]) -> bool:  # nothing older changes the answer
-            if checkpoint is None and pointer:
-                return any(e.kind == CHECKPOINT_TYPE for e in entries)
-            return any(e.kind in (STARTED_TYPE, CHECKPOINT_TYPE) and _attempt_of(e) >= attempt
-                       for e in entries)
-
-        search = await journal.search_back(job_id, enough)
-        history = search.history
-        ended = history.record is not None
-        if checkpoint is None and history.checkpoint is not None:
-            found = entry_of(search.entries, CHECKPOINT_TYPE, time=history.checkpoint.get("time"))
-            checkpoint = {**history.checkpoint, "offset": found.offset if found else None}
-        return ended, checkpoint, max(newest, history.attempt)
+        self._start(job, message, lease)
 
     async def _refuse(self, message: Message, exc: DecodeError) -> None:
         """A launch that cannot be run: a failed record if it names its job, else dead-lettered."""
@@ -320,122 +268,8 @@ class LaunchIntake:
         key = message.routing_key or ""
         return key if key in self.services else (self.services[0] if len(self.services) == 1 else "")
 
-    async def _start(self, job: PreparedJob, message: Message) -> None:
-        assert self.hooks is not None
-        ownership = self.ownership
-        owned = ownership.take(job, message)
-        if message.redelivered or ownership.claim_after <= 0:
-            # Someone had it before (a worker that died or was cut off, or one that gave it
-            # back): claim first, so two workers never run it at once. (claim_after=0 asks
-            # for that for every job.)
-            owned.check_journal = bool(message.redelivered)
-            try:
-                claimed = await ownership.ensure_claimed(owned)
-            except Exception as exc:
-                claimed = False
-                log.warning("claim of %s failed: %r", job.job_id, exc)
-                if not owned.superseded:
-                    with contextlib.suppress(Exception):
-                        await message.nack(requeue=True)
-            if not claimed:
-                ownership.drop(job.job_id)
-                self.hooks.cancel(job, owned.superseded_why or "claim failed")
-                return
-        else:
-            ownership.claim_later(owned, ownership.claim_after)
-        self.hooks.begin(job)
-
-    async def _resume(self, job: PreparedJob, lease: Lease, message: Message) -> None:
-        assert self.hooks is not None
-        ownership = self.ownership
-        owned = ownership.take(job, message, reply_to=lease.reply_to)
-        owned.resuming = True  # not claimed by a status asked meanwhile: by this, below
-        try:
-            if not lease.handed_over:
-                # Its worker may be reconnecting: wait. Meanwhile look for its record: a stale
-                # copy of a lease (its job ended since) goes at once, not after the grace.
-                loop = asyncio.get_running_loop()
-                until = loop.time() + self.resume_grace
-                early = asyncio.ensure_future(self._resume_point(job.job_id, lease))
-                await asyncio.wait({early}, timeout=self.resume_grace)
-                if early.done() and not early.cancelled() and early.exception() is None and early.result()[0]:
-                    ownership.drop(job.job_id)
-                    self.hooks.cancel(job, "it ended already")
-                    return
-                # Not cancelled if still reading: closing a stream consumer's channel in the
-                # middle of its deliveries is how a worker's connection got closed (504).
-                early.add_done_callback(lambda done: done.cancelled() or done.exception())
-                await asyncio.sleep(max(until - loop.time(), 0.0))
-            # A handed-over job's queue is gone before its lease is sent; a few tries ride out
-            # a broker that is a moment behind.
-            if not await ownership.lock(owned, tries=5 if lease.handed_over else 1):
-                ownership.drop(job.job_id)
-                self.hooks.cancel(job, "its worker still holds it")
-                return
-            ended, checkpoint, newest = await self._resume_point(job.job_id, lease)
-        except Exception as exc:
-            log.warning("resume of %s failed (%r); the lease goes back to its queue", job.job_id, exc)
-            await asyncio.sleep(1.0)  # not at once: the same failure would come straight back
-            with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
-            owned.delivery = None
-            ownership.drop(job.job_id)
-            self.hooks.cancel(job, "resume failed")
-            return
-        # The job's queue is ours: no other execution runs it now (every execution but a
-        # launch shorter than claim_after holds it). A started entry newer than the lease is
-        # one whose worker died before it held its lease: resumed past it, not dropped.
-        if ended:
-            ownership.drop(job.job_id)
-            self.hooks.cancel(job, "it ended already")
-            return
-        if checkpoint is not None and checkpoint.get("service") not in (None, job.service):
-            checkpoint = None
-        job.attempt = max(newest, lease.attempt) + 1
-        covers = _covers(checkpoint)
-        settable = checkpoint.get("settable") if checkpoint else None
-        # The lease's changes were noted after ITS checkpoint: the one found may be newer.
-        changes = uncovered(lease.changes, covers)
-        job.resumed = Resumed(checkpoint.get("state") if checkpoint else None, checkpoint is not None,
-                              lease.worker, lease.handed_over,
-                              settable=settable if isinstance(settable, dict) else {}, changes=changes,
-                              checkpoint_time=checkpoint.get("time") if checkpoint else None, covers=covers)
-        owned.checkpoint = lease.checkpoint
-        if checkpoint is not None:
-            owned.checkpoint = {"time": checkpoint["time"], "attempt": checkpoint.get("attempt", 1),
-                                "covers": covers}
-            if checkpoint.get("offset") is not None:
-                owned.checkpoint["offset"] = checkpoint["offset"]
-        # Carried by this execution's lease until one of its checkpoints covers them.
-        owned.changes, owned.covered = changes, covers
-        owned.resuming = False
-        try:
-            claimed = await ownership.ensure_claimed(owned)
-        except Exception as exc:  # the started entry or the lease could not be written
-            log.warning("claim of %s while resuming failed (%r); the lease goes back to its queue",
-                        job.job_id, exc)
-            await asyncio.sleep(1.0)
-            with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
-            owned.delivery = None
-            with contextlib.suppress(Exception):
-                await ownership.unlock(owned)  # never left locked with no lease
-            claimed = False
-        if not claimed:
-            ownership.drop(job.job_id)
-            self.hooks.cancel(job, "claim failed")
-            return
-        before = "a handover" if lease.handed_over else f"losing {lease.worker.get('hostname', 'its worker')}"
-        log.info("job %s resumed here as attempt %d (%s), after %s", job.job_id, job.attempt,
-                 "from its checkpoint" if checkpoint else "from the start", before)
-        self.hooks.begin(job)
-
-
-def _covers(checkpoint: dict[str, Any] | None) -> int:
-    covers = (checkpoint or {}).get("covers", 0)
-    return covers if isinstance(covers, int) and not isinstance(covers, bool) and covers >= 0 else 0
-
-
-def _attempt_of(entry: Entry) -> int:
-    attempt = entry.body.get("attempt", 1)
-    return attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else 1
+    def _start(self, job: PreparedJob, message: Message, lease: Lease | None) -> None:
+        """Hand the job to ownership: its state machine claims it (first, if its launch was
+        redelivered or ``claim_after`` is 0, or if it is resumed), then begins it, or gives
+        its slot back."""
+        self.ownership.take(job, message, lease)

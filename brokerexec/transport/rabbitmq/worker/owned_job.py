@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ....protocol.messages import Lease, Record
+from ....protocol.ownership import JobOwnership
 from ...base import PreparedJob
 from ..delivery import Delivery
 from ..outbox import Outgoing
@@ -21,33 +23,43 @@ HELD_EVENTS = 1_000
 
 @dataclass(eq=False)
 class OwnedJob:
-    """A job this worker runs, and what makes it this worker's."""
+    """A job this worker runs: its state machine (:class:`~brokerexec.protocol.ownership.
+    JobOwnership`, which decides), and what the driver keeps beside it (the deliveries, the
+    lease's contents, the events held)."""
 
     job: PreparedJob
-    delivery: Delivery | None  # the unacked launch, until claimed
+    machine: JobOwnership
+    delivery: Delivery | None  # the unacked launch (or lease), until claimed
     generation: int  # of the launch channel that delivered it
     reply_to: str | None
-    locked: bool = False  # holds the job's exclusive queue
-    claimed: bool = False  # and its started entry and lease are written
-    check_journal: bool = False  # an earlier execution may exist: read the journal first
-    resuming: bool = False  # taken from a lease, its journal not read yet: claimed by the resume only
-    verified: int = 0  # the connection generation its claim was last verified in
+    lease: Lease | None = None  # the lease it was taken from, if resumed
     lock_runs: int = 0
     started_at: float = 0.0
     checkpoint: dict[str, Any] | None = None  # where its newest stored checkpoint is
     changes: list[dict[str, Any]] = field(default_factory=list)  # applied since it (its lease's)
     covered: int = 0  # the newest change a stored checkpoint covers
-    superseded: bool = False
+    record: Record | None = None  # once it ended: the record to store
+    error: BaseException | None = None  # why its last step failed
+    superseded: bool = False  # muted (read on any thread)
     superseded_why: str = ""
-    ending: bool = False  # its record or its handover is on the way
-    record_due: bool = False  # its leases say its record is on the way
-    ending_held: bool = False  # and such a lease is held: the record may be written
-    claiming: asyncio.Task[bool] | None = None
-    locking: asyncio.Task[bool] | None = None
     timer: asyncio.TimerHandle | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Done once the job is let go here (its machine's ``Forget``).
+    let_go: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     held: list[Outgoing] = field(default_factory=list)  # its events, until it may speak
     held_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def claimed(self) -> bool:
+        return self.machine.claimed
+
+    @property
+    def resuming(self) -> bool:
+        return self.machine.resuming
+
+    @property
+    def ending(self) -> bool:
+        return bool(self.machine.end)
 
     @property
     def job_id(self) -> str:

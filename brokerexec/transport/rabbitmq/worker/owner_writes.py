@@ -8,24 +8,17 @@ that was superseded: an older execution never overrides the job's owner.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import logging
 from typing import Any
 
-from ....errors import CheckpointFailed, NotDurable, ResultTooLarge, error_to_wire
+from ....errors import CheckpointFailed, NotDurable
 from ....protocol.changes import uncovered
 from ....protocol.messages import Record
-from ....protocol.states import JobState
 from .ownership import Ownership
 
 __all__ = ["OwnerWrites"]
 
 log = logging.getLogger(__name__)
-
-#: How RabbitMQ words its refusal of a message over its ``max_message_size``.
-_TOO_LARGE = "larger than configured max size"
-
 
 class OwnerWrites:
     """See the module docstring (loop thread)."""
@@ -82,65 +75,33 @@ class OwnerWrites:
         A copy that lost its claim stores nothing. ``reply_to``: where the record also goes
         for a job that never ran here (a launch refused as it came).
         """
-        job_id = record.job_id
-        owned = self.ownership.get(job_id)
+        owned = self.ownership.get(record.job_id)
+        if owned is None:
+            await self._store_refusal(record, reply_to)
+            return
+        owned.record = record
+        await self.ownership.end(owned)
+
+    async def _store_refusal(self, record: Record, reply_to: str | None) -> None:
         delay = self.connection.settings.backoff_initial
-        try:
-            if owned is not None:
-                owned.ending = True
-                if owned.claiming is not None:  # a claim under way finishes first
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(owned.claiming)
-            while True:
-                try:
-                    if owned is not None and not await self.ownership.until_valid(owned):
-                        return
-                    if owned is not None and owned.claimed and not owned.ending_held:
-                        # Said in its lease first, and held: a resumer looks for a record only
-                        # then. (Set before: a lease made meanwhile, a reconnect's, says it too.)
-                        owned.record_due = True
-                        await self.leases.hold(job_id, self.ownership.lease_of(owned))
-                        owned.ending_held = True
-                    await self.journal.record(record, owned.reply_to if owned else reply_to)
-                    break
-                except asyncio.CancelledError:
+        while True:
+            try:
+                await self.journal.record(record, reply_to)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.connection.closing:
                     raise
-                except Exception as exc:
-                    if self.connection.closing:
-                        raise
-                    if _TOO_LARGE in str(exc) and record.result is not None:
-                        # The broker's max_message_size is below --max-result-bytes: retrying
-                        # would never end. The job fails, saying so, in a record that fits.
-                        record = dataclasses.replace(record, state=JobState.FAILED, result=None,
-                                                     error=error_to_wire(ResultTooLarge(
-                                                         f"the result of job {job_id} is larger than the "
-                                                         f"broker takes: {exc}")))
-                        log.warning("the record of %s was refused as too large; failing the job", job_id)
-                        continue
-                    log.warning("storing the record of %s failed (%r); retrying", job_id, exc)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, self.connection.settings.backoff_max)
-            await self.ownership.release(owned)
-        finally:
-            self.ownership.forget(job_id, owned)
+                log.warning("storing the record of %s failed (%r); retrying", record.job_id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.connection.settings.backoff_max)
 
     async def hand_over(self, job_id: str) -> None:
         """Give the job back to its launch queue, as a lease to resume from its last stored
-        checkpoint, and let it go here (a graceful stop): no record."""
+        checkpoint, and let it go here (a graceful stop): no record. The queue goes first:
+        whoever takes the handed-over lease claims it at once; until it is sent, the lease
+        held here stands for the job, should this worker die."""
         owned = self.ownership.get(job_id)
-        if owned is None:
-            return
-        try:
-            owned.ending = True
-            if not await self.ownership.until_valid(owned):
-                return
-            lease = self.ownership.lease_of(owned, handed_over=True)
-            # The queue goes first: whoever takes the handed-over lease claims it at once. Until
-            # it is sent, the lease held here stands for the job, should this worker die.
-            await self.ownership.unlock(owned)
-            await self.journal.hand_over(lease)
-            self.leases.release(job_id)
-            log.info("job %s handed over (attempt %d, %s)", job_id, lease.attempt,
-                     "from its checkpoint" if lease.checkpoint else "no checkpoint: it restarts")
-        finally:
-            self.ownership.forget(job_id, owned)
+        if owned is not None:
+            await self.ownership.end(owned, handover=True)

@@ -1,4 +1,8 @@
-"""Who owns a job, and the proof of it in the broker: the one home of job ownership.
+"""Who owns a job, and the proof of it in the broker: the driver of ownership's state machine.
+
+What to do, and when, is decided by :class:`~brokerexec.protocol.ownership.JobOwnership`,
+one per job, free of I/O; this module feeds it the events of the broker and carries out its
+actions (:meth:`Ownership.feed`). What follows is what those actions do here.
 
 A job belongs to exactly one execution, numbered by its **attempt**; the proof lives in the
 broker, so it dies with the worker's connection: at first the unacknowledged delivery of its
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
@@ -35,7 +40,8 @@ import aio_pika.abc
 import aiormq.abc
 import aiormq.exceptions
 
-from ....errors import BrokerConnectionError
+from ....errors import BrokerConnectionError, ResultTooLarge, error_to_wire
+from ....protocol import ownership as own
 from ....protocol import topology
 from ....protocol.journal import Entry
 from ....protocol.messages import Lease
@@ -47,10 +53,12 @@ from ....protocol.names import (
     rpc_queue,
     rpc_routing_key,
 )
-from ...base import PreparedJob
+from ....protocol.states import JobState
+from ...base import PreparedJob, WorkerHooks
 from ..connection import AmqpConnection, Outgoing
 from ..delivery import Delivery
 from ..setups import Setup
+from . import resume_point
 from .journal_writer import JournalWriter
 from .leases import Leases
 from .owned_job import OwnedJob
@@ -58,6 +66,13 @@ from .owned_job import OwnedJob
 __all__ = ["OwnedJob", "Ownership"]  # OwnedJob: owned_job.py
 
 log = logging.getLogger(__name__)
+
+class NotYet(BrokerConnectionError):
+    """A step that needs the job's claim verified on this connection, tried before it is."""
+
+
+#: How RabbitMQ words its refusal of a message over its ``max_message_size``.
+_TOO_LARGE = "larger than configured max size"
 
 #: How many ended job ids a worker remembers, to drop their launches if they come back.
 ENDED_KEPT = 10_000
@@ -78,14 +93,18 @@ class Ownership:
         abort_copy: stops this worker's copy of a job that another execution owns.
         leases: this worker's leases.
         journal: this worker's writes to the journal.
+        resume_grace: seconds before a job taken from a lost worker's lease is claimed.
     """
 
     def __init__(self, connection: AmqpConnection, *, claim_after: float, deliver_rpc: DeliverRpc,
-                 abort_copy: AbortCopy, leases: Leases, journal: JournalWriter) -> None:
+                 abort_copy: AbortCopy, leases: Leases, journal: JournalWriter,
+                 resume_grace: float = 0.0) -> None:
         self.connection = connection
         self.claim_after = claim_after
+        self.resume_grace = resume_grace
         self.leases = leases
         self.journal = journal
+        self.hooks: WorkerHooks | None = None
         self._deliver_rpc = deliver_rpc
         self._abort_copy = abort_copy
         self._owned: dict[str, OwnedJob] = {}
@@ -129,18 +148,11 @@ class Ownership:
             return
         owned.speak(items, lambda: self._proof_valid(owned), self.connection.post)
 
-    def _verified(self, owned: OwnedJob) -> None:
-        """The claim holds on this connection: the job may speak, what it held goes out."""
-        owned.verified = self.connection.generation
-        owned.changed.set()
-        owned.flush(self.connection.post)
-
     def _proof_valid(self, owned: OwnedJob) -> bool:
-        if owned.claimed:
-            return owned.verified == self.connection.generation
-        if owned.locked:
-            return not owned.check_journal
-        return self._delivery_valid(owned)
+        machine = owned.machine
+        if not machine.may_speak(self.connection.generation):
+            return False
+        return machine.claimed or machine.locked or self._delivery_valid(owned)
 
     # ---- taking jobs -----------------------------------------------------------------------
 
@@ -150,25 +162,27 @@ class Ownership:
         self._launch_channel = channel
         self._launch_generation += 1
         for owned in list(self._owned.values()):
-            if not owned.locked and not owned.superseded:
-                owned.check_journal = True
-                self.claim_later(owned, 0)
+            self.feed(owned, own.LaunchChannelLost())
 
-    def take(self, job: PreparedJob, delivery: Delivery,
-             reply_to: str | None = None) -> OwnedJob:
-        """Own ``job`` on the strength of its unacknowledged launch ``delivery``."""
-        owned = OwnedJob(job, delivery, self._launch_generation, reply_to or delivery.reply_to)
+    def take(self, job: PreparedJob, delivery: Delivery, lease: Lease | None = None) -> OwnedJob:
+        """Own ``job`` on the strength of ``delivery`` (its launch, or ``lease``), and start
+        its state machine."""
+        if lease is not None:
+            machine = own.JobOwnership.of_lease(job.job_id, lease.attempt, handed_over=lease.handed_over)
+        else:
+            machine = own.JobOwnership.of_launch(job.job_id, redelivered=delivery.redelivered,
+                                                 claim_first=self.claim_after <= 0)
+        owned = OwnedJob(job, machine, delivery, self._launch_generation,
+                         lease.reply_to if lease is not None else delivery.reply_to, lease=lease)
         self._owned[job.job_id] = owned
+        self._run(owned, machine.start())
         return owned
 
-    def drop(self, job_id: str) -> None:
-        """Forget a job that will not run here after all."""
-        owned = self._owned.pop(job_id, None)
-        self._silenced.discard(job_id)
+    def came_back(self, job_id: str) -> None:
+        """A launch (or lease) of a job that runs here came again: it is claimed now."""
+        owned = self._owned.get(job_id)
         if owned is not None:
-            self._ack_launch(owned)
-            if owned.locked:
-                self.connection.spawn(self.connection.setups.remove(_claim_key(job_id)))
+            self.feed(owned, own.ClaimDue("its launch came back"))
 
     def _delivery_valid(self, owned: OwnedJob) -> bool:
         channel = self._launch_channel
@@ -181,34 +195,182 @@ class Ownership:
         if delivery is not None and valid:  # with the next outbox batch
             self.connection.ack(delivery)
 
+    # ---- the machine's driver --------------------------------------------------------------
+
+    def feed(self, owned: OwnedJob, event: own.Event) -> None:
+        """One event of ``owned``: its machine decides, its actions are carried out (loop thread)."""
+        actions = owned.machine.handle(event)
+        log.debug("job %s: %s -> %s", owned.job_id, event, actions)
+        owned.changed.set()
+        self._run(owned, actions)
+
+    def _run(self, owned: OwnedJob, actions: list[own.Action]) -> None:
+        """Carry out ``actions``: those without I/O at once, the rest in order in a task."""
+        for index, action in enumerate(actions):
+            if type(action) in _WITH_IO:
+                self.connection.spawn(self._carry_out(owned, actions[index:]))
+                return
+            self._do_now_safely(owned, action)
+
+    async def _carry_out(self, owned: OwnedJob, actions: list[own.Action]) -> None:
+        """Carry out ``actions`` in order; what one of them answers goes to the machine."""
+        for action in actions:
+            if type(action) not in _WITH_IO:
+                self._do_now_safely(owned, action)
+                continue
+            try:
+                event = await self._perform(owned, action)
+            except asyncio.CancelledError as exc:
+                if self.connection.closing:
+                    raise
+                # aiormq cancels what waits on a connection that dies (a channel being
+                # opened, a confirm): a failed step, which the machine tries again.
+                step = _STEPS.get(type(action))
+                log.info("job %s: %s cut off by the connection's end", owned.job_id, step)
+                if step is None:
+                    continue
+                owned.error = BrokerConnectionError(f"the connection went during {step} of {owned.job_id}")
+                owned.error.__cause__ = exc
+                event = own.StepFailed(step, "the connection went")
+            except Exception as exc:
+                step = _STEPS.get(type(action))
+                (log.info if isinstance(exc, NotYet) else log.warning)(
+                    "job %s: %s failed: %s", owned.job_id, step or type(action).__name__, exc)
+                if step is None:
+                    continue
+                owned.error = exc
+                event = own.StepFailed(step, repr(exc))
+            if event is not None:
+                further = owned.machine.handle(event)
+                log.debug("job %s: %s -> %s", owned.job_id, event, further)
+                owned.changed.set()
+                await self._carry_out(owned, further)
+
+    async def _perform(self, owned: OwnedJob, action: own.Action) -> own.Event | None:
+        """One action with I/O; the event that answers it."""
+        job = owned.job
+        job.attempt = owned.machine.attempt
+        if isinstance(action, own.Lock):
+            return await self._lock(owned, action.tries)
+        if isinstance(action, own.CheckJournal):
+            return own.JournalSays(await self._lost_to_another(owned))
+        if isinstance(action, own.WriteStarted):
+            owned.started_at = await self.journal.started(job.job_id, job.service, job.attempt)
+            return own.StartedWritten()
+        if isinstance(action, own.HoldLease):
+            await self.leases.hold(job.job_id, self.lease_of(owned))
+            return own.LeaseHeld(self.connection.generation)
+        if isinstance(action, own.WaitGrace):
+            return own.GraceOver(await self._grace(owned))
+        if isinstance(action, own.ReadResumePoint):
+            assert owned.lease is not None
+            point = await resume_point.read(self.journal, job.job_id, owned.lease)
+            if not point.ended:
+                resume_point.apply(owned, owned.lease, point)
+            return own.ResumePointRead(point.ended, point.newest)
+        if isinstance(action, own.StoreRecord):
+            return own.RecordStored() if await self._store_record(owned) else None
+        if isinstance(action, own.SendHandOver):
+            lease = self.lease_of(owned, handed_over=True)
+            await self.journal.hand_over(lease)
+            log.info("job %s handed over (attempt %d, %s)", job.job_id, lease.attempt,
+                     "from its checkpoint" if lease.checkpoint else "no checkpoint: it restarts")
+            return own.HandOverSent()
+        if isinstance(action, own.Unlock):
+            await self.unlock(owned)
+        elif isinstance(action, own.NackLaunch):
+            await self._nack_launch(owned, action.delay)
+        return None
+
+    def _do_now_safely(self, owned: OwnedJob, action: own.Action) -> None:
+        try:
+            self._do_now(owned, action)
+        except Exception:  # a hook that failed: the job's next actions still happen
+            log.exception("job %s: %s failed", owned.job_id, type(action).__name__)
+
+    def _do_now(self, owned: OwnedJob, action: own.Action) -> None:
+        """One action without I/O."""
+        if isinstance(action, own.AckLaunch):
+            self._ack_launch(owned)
+        elif isinstance(action, own.ReleaseLease):
+            self.leases.release(owned.job_id)
+        elif isinstance(action, own.Speak):
+            owned.flush(self.connection.post)
+        elif isinstance(action, own.Begin):
+            self._begin(owned)
+        elif isinstance(action, own.Cancel):
+            assert self.hooks is not None
+            self.hooks.cancel(owned.job, action.reason)
+        elif isinstance(action, own.Supersede):
+            self._supersede(owned, action.reason)
+        elif isinstance(action, own.ClaimLater):
+            self.claim_later(owned, self.claim_after if action.delay is None else action.delay)
+        elif isinstance(action, own.Forget):
+            self._forget(owned)
+
+    def _begin(self, owned: OwnedJob) -> None:
+        assert self.hooks is not None
+        lease = owned.lease
+        if lease is not None:
+            lost = lease.worker.get("hostname", "its worker")
+            before = "a handover" if lease.handed_over else f"losing {lost}"
+            resumed = owned.job.resumed
+            start = "from its checkpoint" if resumed and resumed.has_checkpoint else "from the start"
+            log.info("job %s resumed here as attempt %d (%s), after %s", owned.job_id, owned.job.attempt,
+                     start, before)
+        self.hooks.begin(owned.job)
+
+    async def _nack_launch(self, owned: OwnedJob, delay: float) -> None:
+        if delay:
+            await asyncio.sleep(delay)  # not at once: the same failure would come straight back
+        valid = self._delivery_valid(owned)
+        delivery, owned.delivery = owned.delivery, None
+        if delivery is not None and valid:
+            await delivery.nack(requeue=True)
+
     # ---- claims ----------------------------------------------------------------------------
 
-    async def lock(self, owned: OwnedJob, *, tries: int = 1) -> bool:
-        """Take the job's exclusive queue (callers share the attempt); False (and the copy
-        superseded) if another holds it after ``tries`` attempts, half a second apart."""
-        if owned.locking is None and not owned.locked:
-            owned.locking = asyncio.get_running_loop().create_task(self._lock(owned, tries))
-        if owned.locking is None:
-            return True
-        try:
-            return await asyncio.shield(owned.locking)
-        finally:
-            if owned.locking is not None and owned.locking.done():
-                owned.locking = None
+    async def ensure_claimed(self, owned: OwnedJob) -> bool:
+        """Claim ``owned`` (callers share the attempt); False if it is someone else's, or
+        being resumed (its resume claims it).
 
-    async def _lock(self, owned: OwnedJob, tries: int) -> bool:
+        Raises:
+            whatever made the claim fail (it is tried again a second later).
+        """
+        machine = owned.machine
+        failures = machine.failures
+        self.feed(owned, own.ClaimDue("asked"))
+        while (settled := machine.settled()) is None:
+            if machine.failures != failures:
+                raise owned.error or BrokerConnectionError(f"the claim of {owned.job_id} failed")
+            if machine.resuming:
+                return False
+            owned.changed.clear()
+            await owned.changed.wait()
+        return settled
+
+    async def until_valid(self, owned: OwnedJob) -> bool:
+        """Wait until this copy may publish for the job; False once it is let go here."""
+        while not owned.machine.final:
+            if self.connection.closing:
+                raise BrokerConnectionError("the connection is closing")
+            if self._proof_valid(owned):
+                return True
+            owned.changed.clear()  # a claim verified again on the new connection sets it
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(owned.changed.wait(), 1.0)
+        return False
+
+    async def _lock(self, owned: OwnedJob, tries: int) -> own.Event:
         await self.connection.wait_connected()
         for attempt in range(tries):
             try:
                 await self.connection.setups.add(_claim_key(owned.job_id), self._claim_setup(owned))
-                owned.locked = True
-                return True
+                return own.Locked()
             except aiormq.exceptions.ChannelLockedResource:
                 if attempt + 1 < tries:
                     await asyncio.sleep(0.5)
-        self.supersede(owned, "another worker claimed it")
-        self._ack_launch(owned)  # a duplicate launch, or a lease its holder still holds
-        return False
+        return own.LockRefused()
 
     def _claim_setup(self, owned: OwnedJob) -> Setup:
         job_id = owned.job_id
@@ -221,7 +383,7 @@ class Ownership:
                                                     arguments=dict(topology.RPC_QUEUE_ARGUMENTS))
             except aiormq.exceptions.ChannelLockedResource:
                 if rerun:  # our dead connection's, not let go yet, or another execution's
-                    self.connection.spawn(self._reverify(owned, locked_out=True))
+                    self.feed(owned, own.Reconnected(self.connection.generation, locked_out=True))
                 raise
             await queue.bind(KIWIPY_EXCHANGE, rpc_routing_key(job_id))
             await queue.bind(STATUS_EXCHANGE, job_id)  # read-only RPCs only (SignalServer)
@@ -229,63 +391,45 @@ class Ownership:
             underlay = await channel.get_underlay_channel()
             await underlay.basic_consume(queue.name, lambda message: self._deliver_rpc(job_id, message),
                                          no_ack=True)
-            if rerun and owned.claimed:
-                self.connection.spawn(self._reverify(owned, locked_out=False))
+            if rerun:
+                self.feed(owned, own.Reconnected(self.connection.generation))
 
         return setup
 
-    async def ensure_claimed(self, owned: OwnedJob) -> bool:
-        """Claim ``owned`` once (callers share the attempt); False if it is someone else's."""
-        if owned.claimed:
-            return True
-        if owned.superseded:
-            return False
-        if owned.claiming is None:
-            owned.claiming = asyncio.get_running_loop().create_task(self._claim(owned))
-        try:
-            return await asyncio.shield(owned.claiming)
-        finally:
-            if owned.claiming is not None and owned.claiming.done() and not owned.claimed:
-                owned.claiming = None  # a failed attempt may be tried again
-
-    async def _claim(self, owned: OwnedJob) -> bool:
-        if not await self.lock(owned):
-            return False
-        if owned.check_journal:
-            lost = await self._lost_to_another(owned)
-            if lost:
-                await self._let_go(owned, lost)
-                return False
-            owned.check_journal = False
-        if owned.ending or self._owned.get(owned.job_id) is not owned:
-            return True  # it ends now: its record needs the lock, not a lease
-        job = owned.job
-        if not owned.started_at:
-            owned.started_at = await self.journal.started(job.job_id, job.service, job.attempt)
-        await self.leases.hold(job.job_id, self.lease_of(owned))
-        owned.claimed = True
-        self._verified(owned)
+    def claim_later(self, owned: OwnedJob, delay: float) -> None:
+        """Claim ``owned`` in ``delay`` seconds (its machine says whether and how)."""
         if owned.timer is not None:
             owned.timer.cancel()
-        self._ack_launch(owned)
-        return True
+        owned.timer = self.connection.loop.call_later(
+            delay, lambda: self.feed(owned, own.ClaimDue("its time came")))
 
-    async def _reverify(self, owned: OwnedJob, *, locked_out: bool) -> None:
-        """The claim's setup ran again (a reconnect): is the job still this execution's?"""
-        try:
-            lost = await self._lost_to_another(owned)
-            if lost:
-                await self._let_go(owned, lost)
-                return
-            if locked_out:
-                return  # still ours: the setup retries until the broker lets go of the old queue
-            await self.leases.hold(owned.job_id, self.lease_of(owned))
-            self._verified(owned)
-        except Exception as exc:  # the journal or the lease could not be reached: again soon
-            if owned.job_id in self._owned and not owned.superseded:
-                log.warning("verifying the claim of %s failed (%r); again in 1 s", owned.job_id, exc)
-                self.connection.loop.call_later(1.0, lambda: self.connection.spawn(
-                    self._reverify(owned, locked_out=locked_out)))
+    def _supersede(self, owned: OwnedJob, reason: str) -> None:
+        """Another execution owns the job: stop this copy, which publishes nothing from now on."""
+        owned.mute(reason)
+        self._silenced.add(owned.job_id)
+        self.leases.release(owned.job_id)
+        if owned.timer is not None:
+            owned.timer.cancel()
+        log.warning("job %s stopped here: %s", owned.job_id, reason)
+        with contextlib.suppress(Exception):
+            self._abort_copy(owned.job_id, reason)
+
+    async def _grace(self, owned: OwnedJob) -> bool:
+        """Wait the resume grace (the lease's worker may only be reconnecting), looking for
+        the job's record meanwhile: True if it ended (a stale copy of a lease goes at once,
+        not after the grace)."""
+        assert owned.lease is not None
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.resume_grace
+        early = asyncio.ensure_future(resume_point.read(self.journal, owned.job_id, owned.lease))
+        await asyncio.wait({early}, timeout=self.resume_grace)
+        if early.done() and not early.cancelled() and early.exception() is None and early.result().ended:
+            return True
+        # Not cancelled if still reading: closing a stream consumer's channel in the middle
+        # of its deliveries is how a worker's connection got closed (504).
+        early.add_done_callback(lambda done: done.cancelled() or done.exception())
+        await asyncio.sleep(max(until - loop.time(), 0.0))
+        return False
 
     async def _lost_to_another(self, owned: OwnedJob) -> str:
         """Why the job is not this execution's any more, as the journal shows it ("" if it is):
@@ -312,110 +456,104 @@ class Ownership:
             return f"another worker ({worker.get('hostname', '?')}) started it"
         return ""
 
-    async def _let_go(self, owned: OwnedJob, reason: str) -> None:
-        self.supersede(owned, reason)
-        await self.unlock(owned)
-
     def lease_of(self, owned: OwnedJob, *, handed_over: bool = False) -> Lease:
         """The job's lease as it stands (its attempt, its newest checkpoint)."""
         job = owned.job
         return Lease(job.launch, job.attempt, self.journal.worker, owned.started_at, owned.reply_to,
-                     owned.checkpoint, handed_over, owned.changes, owned.record_due and not handed_over)
+                     owned.checkpoint, handed_over, owned.changes,
+                     owned.machine.record_due and not handed_over)
 
     async def locate(self, job_id: str) -> bool:
         """An RPC came for ``job_id`` through every worker: claim it if it runs here, so it
         can answer; False if it does not run here (or is someone else's)."""
         owned = self._owned.get(job_id)
-        if owned is not None and owned.resuming:
+        if owned is None or owned.resuming:
             return False  # the journal answers ("resuming") until the resume claims it
         try:
-            return owned is not None and await self.ensure_claimed(owned)
+            return await self.ensure_claimed(owned)
         except Exception as exc:
             log.warning("claim of %s on request failed: %r", job_id, exc)
             return False
 
-    def claim_later(self, owned: OwnedJob, delay: float) -> None:
-        """Claim ``owned`` in ``delay`` seconds (again a second after a failed attempt)."""
-        async def claim() -> None:
-            if owned.resuming:
-                return  # its resume claims it, as the attempt the journal says
-            try:
-                await self.ensure_claimed(owned)
-            except Exception as exc:
-                if owned.job_id in self._owned and not owned.superseded:
-                    log.warning("claim of %s failed (%r); again in 1 s", owned.job_id, exc)
-                    self.claim_later(owned, 1.0)
+    # ---- the end of a job here -------------------------------------------------------------
 
-        if owned.timer is not None:
-            owned.timer.cancel()
-        owned.timer = self.connection.loop.call_later(delay, lambda: self.connection.spawn(claim()))
-
-    def supersede(self, owned: OwnedJob, reason: str) -> None:
-        """Another execution owns the job: stop this copy, which publishes nothing from now on."""
-        if owned.superseded:
-            return
-        owned.mute(reason)
-        self._silenced.add(owned.job_id)
-        self.leases.release(owned.job_id)
-        if owned.timer is not None:
-            owned.timer.cancel()
-        log.warning("job %s stopped here: %s", owned.job_id, reason)
-        with contextlib.suppress(Exception):
-            self._abort_copy(owned.job_id, reason)
-
-    async def until_valid(self, owned: OwnedJob) -> bool:
-        """Wait until this copy may publish for the job; False if it is superseded."""
-        while not owned.superseded:
+    async def end(self, owned: OwnedJob, *, handover: bool = False) -> None:
+        """The computation ended: store its record (``owned.record``) or hand it over, as its
+        machine says; return once the job is let go here."""
+        actions = owned.machine.handle(own.EndDue(handover=handover))
+        owned.changed.set()
+        await self._carry_out(owned, actions)  # here, not in a task: a short job's end is hot
+        while not owned.machine.final:
             if self.connection.closing:
                 raise BrokerConnectionError("the connection is closing")
-            if self._proof_valid(owned):
-                return True
-            if not owned.claimed:
-                if not await self.ensure_claimed(owned):
-                    return False
-                continue
-            owned.changed.clear()  # a claim verified again on the new connection sets it
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(owned.changed.wait(), 1.0)
-        return False
+            await asyncio.wait({owned.let_go}, timeout=1.0)
 
-    # ---- the end of a job here (owner_writes.py) -------------------------------------------
+    async def _store_record(self, owned: OwnedJob) -> bool:
+        """Store the job's record; False if this copy was superseded (it stores nothing).
+
+        Raises:
+            NotYet: its claim is not verified on this connection yet (a reconnect): the
+                machine tries again in a second, verifying it first.
+        """
+        assert owned.record is not None
+        if owned.machine.superseded:
+            return False
+        if not self._proof_valid(owned):
+            raise NotYet(f"the claim of {owned.job_id} is not verified on this connection yet")
+        while True:
+            try:
+                await self.journal.record(owned.record, owned.reply_to)
+                return True
+            except Exception as exc:
+                if _TOO_LARGE not in str(exc) or owned.record.result is None:
+                    raise
+                # The broker's max_message_size is below --max-result-bytes: retrying would
+                # never end. The job fails, saying so, in a record that fits.
+                owned.record = dataclasses.replace(
+                    owned.record, state=JobState.FAILED, result=None, error=error_to_wire(ResultTooLarge(
+                        f"the result of job {owned.job_id} is larger than the broker takes: {exc}")))
+                log.warning("the record of %s was refused as too large; failing the job", owned.job_id)
 
     async def unlock(self, owned: OwnedJob) -> None:
         """Let go of the job's queue, deleted before this returns: the job id is unroutable
         and free to claim from here on (closing its channel alone would delete it a moment
         later, as an auto-delete queue whose consumer went)."""
-        if owned.locked:
-            name = rpc_queue(owned.job_id)
+        name = rpc_queue(owned.job_id)
 
-            async def delete(channel: aio_pika.abc.AbstractChannel) -> None:
-                await (await channel.get_underlay_channel()).queue_delete(name)
+        async def delete(channel: aio_pika.abc.AbstractChannel) -> None:
+            await (await channel.get_underlay_channel()).queue_delete(name)
 
-            await self.connection.setups.remove(_claim_key(owned.job_id), delete)
-            owned.locked = False
+        await self.connection.setups.remove(_claim_key(owned.job_id), delete)
 
-    async def release(self, owned: OwnedJob | None) -> None:
-        """Let go of the job's proofs: its lease, its queue (or its launch's delivery)."""
-        if owned is None:
+    def _forget(self, owned: OwnedJob) -> None:
+        """The job is done with here: if it ran here, remember that (its launch may come
+        back); one dropped before it ran may come back to run here after all."""
+        job_id = owned.job_id
+        if owned.timer is not None:
+            owned.timer.cancel()
+        if self._owned.get(job_id) is owned:
+            del self._owned[job_id]
+        if not owned.let_go.done():
+            owned.let_go.set_result(None)
+        if not owned.machine.superseded:  # a superseded copy may still be running: it stays mute
+            self._silenced.discard(job_id)
+        if owned.machine.phase is own.Phase.DROPPED:
             return
-        self.leases.release(owned.job_id)
-        if owned.locked:
-            await self.unlock(owned)
-        else:
-            self._ack_launch(owned)
-
-    def forget(self, job_id: str, owned: OwnedJob | None) -> None:
-        """The job ended here (or went elsewhere): remember it ended, forget the rest."""
-        if owned is not None:
-            if owned.timer is not None:
-                owned.timer.cancel()
-            if self._owned.get(job_id) is owned:
-                del self._owned[job_id]
-            if not owned.superseded:  # a superseded copy may still be running: it stays mute
-                self._silenced.discard(job_id)
         self._ended[job_id] = None
         if len(self._ended) > ENDED_KEPT:
             self._ended.popitem(last=False)
+
+
+#: The actions that do I/O (carried out in a task); the others are done at once.
+_WITH_IO: frozenset[type] = frozenset({own.Lock, own.CheckJournal, own.WriteStarted, own.HoldLease,
+                                       own.WaitGrace, own.ReadResumePoint, own.StoreRecord,
+                                       own.SendHandOver, own.Unlock, own.NackLaunch})
+
+#: The actions answered by an event, and the step a failure of each is named by.
+_STEPS: dict[type, str] = {
+    own.Lock: "lock", own.CheckJournal: "journal", own.WriteStarted: "started", own.HoldLease: "lease",
+    own.WaitGrace: "grace", own.ReadResumePoint: "resume point", own.StoreRecord: "record",
+    own.SendHandOver: "handover"}
 
 
 def _claim_key(job_id: str) -> str:

@@ -101,16 +101,17 @@ class RabbitWorkerTransport(WorkerTransport):
                                      max_checkpoint_bytes=rabbitmq.max_checkpoint_bytes)
         self.ownership = Ownership(connection, claim_after=rabbitmq.claim_after,
                                    deliver_rpc=self._deliver_rpc,
-                                   abort_copy=self._abort_copy, leases=self.leases, journal=self.journal)
+                                   abort_copy=self._abort_copy, leases=self.leases, journal=self.journal,
+                                   resume_grace=rabbitmq.resume_grace)
         self.owner_writes = OwnerWrites(self.ownership)
         self.intake = LaunchIntake(connection, self.ownership, finish=self.owner_writes.finish,
-                                   host_info=self.host_info, resume_grace=rabbitmq.resume_grace)
+                                   host_info=self.host_info)
         self.signals = SignalServer(connection, self.ownership, self.host_info, held=self.intake.held)
 
     # ---- WorkerTransport -----------------------------------------------------------------
 
     def serve(self, hooks: WorkerHooks, capacity: int, services: Sequence[str] = ()) -> None:
-        self.hooks = hooks
+        self.hooks = self.ownership.hooks = hooks
         self.intake.start(hooks, capacity, services)
         self.signals.start(hooks, services)
         connection = self.connection
@@ -236,7 +237,7 @@ class RabbitWorkerTransport(WorkerTransport):
         claims made again after a reconnect hold theirs when they are verified."""
         generation = self.connection.generation
         for owned in self.ownership.jobs():
-            if owned.claimed and not owned.superseded and owned.verified == generation:
+            if owned.claimed and not owned.superseded and owned.machine.verified == generation:
                 self.connection.spawn(self._hold(owned.job_id))
 
     async def _hold(self, job_id: str) -> None:
