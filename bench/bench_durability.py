@@ -1,6 +1,6 @@
 """What durable jobs cost: checkpoints, looking a job up as history grows, leases, resumes.
 
-    python -m bench.bench_durability [--only lookup,checkpoint,leases,resume,memory,busy] [--url amqp://...]
+    python -m bench.bench_durability [--only lookup,checkpoint,leases,resume,memory,busy,restart] [--url amqp://...]
 
 * **lookup**: ``status`` and ``result`` of an ended job, from a client that did not launch it
   (so it reads the journal), with 1,000, 10,000 and 100,000 other jobs' launches and records
@@ -13,6 +13,11 @@
 * **leases**: what 1,000 claimed jobs hold in the broker (their leases) and cost it at rest.
 * **resume**: from a SIGKILL of a worker to the first event of its job's next attempt on
   another worker (the resume grace set to 0, so what is measured is the mechanism).
+* **restart**: ``--restart-jobs`` (2,000) claimed jobs, their leases held, over worker
+  processes of at most 1,900 jobs each (a connection's channels); the broker's application
+  restarted (``rabbitmqctl stop_app``, ``start_app``). Then the time until every job runs
+  again as its first attempt (every claim verified, every lease held again, each lease that
+  came back dropped), and how many ran twice (an attempt other than 1): none may.
 * **memory**: a worker's peak RSS (``VmHWM``) while it stores one checkpoint of 16 and of 48
   MiB, beyond its peak before, as a multiple of the checkpoint's size.
 * **busy**: a job in a busy fleet: ``--busy`` (1,000,000) other entries written to its journal
@@ -275,6 +280,57 @@ def leases(url: str, jobs: int, rest: float) -> list[Row]:
     return rows
 
 
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+
+
+def restart(url: str, jobs: int) -> list[Row]:
+    from brokerexec import Client
+
+    per_worker, every = 1900, 2.0
+    heard: dict[str, float] = {}  # job id -> when it was first heard after the restart
+    attempts: set[int] = set()
+    lock = threading.Lock()
+
+    def seen(event: Any) -> None:
+        with lock:
+            attempts.add(event.attempt)
+            heard.setdefault(event.job_id, time.perf_counter())
+
+    with broker_lock(), isolated_vhost(url) as vhost:
+        workers = [_start_worker(vhost, "--concurrency", str(min(per_worker, jobs - start)),
+                                 "--claim-after", "0", "--heartbeat", "5")
+                   for start in range(0, jobs, per_worker)]
+        try:
+            with Client(vhost, timeout=30) as client:
+                launched = client.launch_many("steps", [{"steps": 10**9, "delay": 0.5}] * jobs,
+                                              progress_delta=every)  # a progress each 2 s
+                deadline = time.monotonic() + 600
+                while sum(1 for job in client.jobs(3.0) if job.get("state") == "running") < jobs:
+                    assert time.monotonic() < deadline, "the jobs never all ran"
+            _rabbitmqctl("stop_app")
+            _rabbitmqctl("start_app")
+            _rabbitmqctl("await_startup")
+            back = time.perf_counter()
+            with Client(vhost, timeout=30) as client:
+                # A job's events are held until its claim is verified again: its first one
+                # heard after the restart says it was (within one progress interval).
+                client.subscribe("*.steps.*", seen)
+                deadline = time.monotonic() + 900
+                while len(heard) < jobs and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                took = (max(heard.values()) - back) if len(heard) >= jobs else float("nan")
+                client.abort_all()
+                records = [client.job(job.id).record(300) for job in launched]
+        finally:
+            for worker in workers:
+                _stop(worker)
+    again = sum(1 for record in records if record is None or record.get("attempt", 1) != 1)
+    return [Row(f"a broker restart with {jobs:,} claimed jobs", "until every job is heard again",
+                took, "s", note=f"{len(heard):,} of {jobs:,} heard again (progress every {every:.0f} s); "
+                                f"attempts heard {sorted(attempts)}; {again} records not of attempt 1")]
+
+
 def _resumed_watch() -> tuple[threading.Event, Callable[[Any], None]]:
     """An event set by the callback once it sees an event of a job's next attempt."""
     resumed = threading.Event()
@@ -435,13 +491,15 @@ def busy(url: str, entries: int, n: int) -> list[Row]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default=DEFAULT_URL)
-    parser.add_argument("--only", default="lookup,checkpoint,leases,resume,memory,busy")
+    parser.add_argument("--only", default="lookup,checkpoint,leases,resume,memory,busy",
+                        help="parts to run; 'restart' (long) runs only when named")
     parser.add_argument("--n", type=int, default=20, help="look-ups and checkpoints per figure")
     parser.add_argument("--histories", default="1000,10000,100000")
     parser.add_argument("--jobs", type=int, default=1000, help="running jobs for the lease part")
     parser.add_argument("--rest", type=float, default=10.0, help="seconds of broker CPU sampled at rest")
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--busy", type=int, default=1_000_000, help="entries in a busy job's life")
+    parser.add_argument("--restart-jobs", type=int, default=2000, help="claimed jobs at the broker restart")
     args = parser.parse_args()
     parts = set(args.only.split(","))
     rows: list[Row] = []
@@ -453,6 +511,8 @@ def main() -> None:
         rows += leases(args.url, args.jobs, args.rest)
     if "resume" in parts:
         rows += resume(args.url, args.kills)
+    if "restart" in parts:
+        rows += restart(args.url, args.restart_jobs)
     if "memory" in parts:
         rows += memory(args.url, [16 * 2**20, 48 * 2**20])
     if "busy" in parts:

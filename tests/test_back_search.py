@@ -107,3 +107,34 @@ def test_a_window_at_an_offset_reads_exactly_that_entry() -> None:
     window = stream.read(JournalWindow(job, at, at + 1))
     assert [(e.offset, e.kind, e.body["state"]) for e in window.entries] == [(at, CHECKPOINT_TYPE, {"n": 1})]
     assert stream.delivered <= CHUNK + 2  # the chunk that holds it, and no further
+
+
+def test_a_worker_makes_a_bounded_number_of_journal_reads_at_once(monkeypatch: Any) -> None:
+    # After a broker restart every claim is verified again and every lease comes back: with
+    # 10,000 of them, each a read, only READS_AT_ONCE run together; the rest wait their turn,
+    # and the wait does not count against a read's time limit.
+    import asyncio
+
+    from brokerexec.transport.rabbitmq.worker import journal_writer
+
+    running, most = 0, 0
+
+    async def read_journal(_connection: Any, window: JournalWindow, seconds: float) -> None:
+        nonlocal running, most
+        assert seconds > journal_writer.READ_TIMEOUT - 1  # its own time, not the queue's
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0.001)
+        window.done = True
+        running -= 1
+
+    monkeypatch.setattr(journal_writer, "read_journal", read_journal)
+
+    async def main() -> int:
+        writer = journal_writer.JournalWriter(None, {}, max_checkpoint_bytes=1)  # type: ignore[arg-type]
+        reads = [writer.read_at(new_job_id(), n) for n in range(200)]
+        await asyncio.gather(*reads)
+        return writer.reads_waiting
+
+    assert asyncio.run(main()) == 0
+    assert most == journal_writer.READS_AT_ONCE

@@ -313,3 +313,21 @@ def test_refusals_raise_as_their_own_class(make_client: Callable[[int], Client])
         client.launch("nosuch", {})
     with pytest.raises(InvalidRequest, match="unknown input 'bogus'"):
         client.launch("counter", {"bogus": 1}).result(WAIT)
+
+
+def test_a_launch_queued_longer_than_the_controls_are_kept_has_its_journal_read_first() -> None:
+    # A cancel of a queued job is a control message (kept an hour) and a record (kept as long
+    # as the journal): a launch older than the hour, less the clocks' minute, is claimed first
+    # and its journal read before it runs. Younger ones pay for nothing.
+    import dataclasses
+
+    from brokerexec.protocol.messages import Launch
+    from brokerexec.transport.memory.broker import MemoryBroker
+    from brokerexec.transport.memory.worker import MemoryWorkerTransport
+
+    worker = Worker(MemoryWorkerTransport(MemoryBroker()), ServiceRegistry(sample_services.ALL),
+                    WorkerSettings(concurrency=4))
+    fresh = Launch.new("counter", {"steps": 1})
+    prepared = [worker.prepare(dataclasses.replace(fresh, job_id=new_job_id(), sent=time.time() - age))
+                for age in (0, 3000, 3560, 7200)]
+    assert [job.check_journal for job in prepared if job is not None] == [False, False, True, True]

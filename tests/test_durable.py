@@ -9,6 +9,7 @@ back; handed over on SIGTERM; finished across a broker restart and with RabbitMQ
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -16,16 +17,27 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import brokerctl
+import pika
 import pytest
 from tcpproxy import TcpProxy
 from test_faults import Watch, launch
 
 from brokerexec import Client, InvalidState, JobAborted, JobNotFound, NotApplied, RemoteError, UnknownService
-from brokerexec.protocol.names import new_job_id
+from brokerexec.codec import encode
+from brokerexec.protocol.messages import Launch, Record
+from brokerexec.protocol.names import (
+    CC_HEADER,
+    LAUNCH_TYPE,
+    LAUNCHES_EXCHANGE,
+    RECORD_TYPE,
+    journal_stream,
+    new_job_id,
+)
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.fault, pytest.mark.timeout(240)]
 WAIT = 60.0
 HEARTBEAT = "2"
+JSON = "application/json"
 #: Quick resumes for tests: the default grace (2 s) waits for a worker that only reconnects.
 FAST = ("--heartbeat", HEARTBEAT, "--resume-grace", "0.5")
 
@@ -134,6 +146,39 @@ def test_jobs_queued_by_one_launch_many_answer_status_and_can_be_cancelled(
     assert results == [{"count": n % 3, "label": ""} for n in range(6) if n != 3]
     record = cancelled.record()
     assert record is not None and record["reason"] == "cancelled while queued"
+
+
+def test_a_job_cancelled_while_queued_never_runs_however_long_it_waited(
+        client: Client, worker_process: Callable[..., Any], amqp_url: str) -> None:
+    worker = worker_process(*FAST, "--concurrency", "1", services=("Forever", "Counter"))
+    busy = launch(client, Watch(), "forever", {"tick": 0.01})
+    # Two launches queued two hours ago (their clients' clocks say), longer than the control
+    # stream keeps its messages: one was cancelled, and only its record is left of that.
+    two_hours_ago = time.time() - 7200
+    cancelled, kept = (dataclasses.replace(Launch.new("counter", {"steps": n}), sent=two_hours_ago)
+                       for n in (1, 2))
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for old in (cancelled, kept):
+            channel.basic_publish(LAUNCHES_EXCHANGE, "counter", encode(old.encode()), pika.BasicProperties(
+                content_type=JSON, delivery_mode=2, message_id=old.job_id, type=LAUNCH_TYPE,
+                headers={CC_HEADER: [journal_stream(old.job_id)]}), mandatory=True)
+        record = Record.cancelled(cancelled.job_id, "counter", {"user": "test"})
+        job_id = cancelled.job_id
+        channel.basic_publish("", journal_stream(job_id), encode(record.encode()), pika.BasicProperties(
+            content_type=JSON, delivery_mode=2, message_id=job_id, correlation_id=job_id, type=RECORD_TYPE))
+    finally:
+        connection.close()
+    busy.abort()
+    # The worker reads the journal of so old a launch before it runs it: the cancelled one
+    # never starts, the other runs.
+    assert client.job(kept.job_id).result(WAIT) == {"count": 2, "label": ""}
+    brokerctl.wait_until(lambda: any(f"job {cancelled.job_id} not run here: it ended already" in line
+                                     for line in worker.lines), 30, "the cancelled launch to be dropped")
+    assert client.job(cancelled.job_id).record()["reason"] == "cancelled while queued"
+    assert client.job(cancelled.job_id).status()["state"] == "aborted"
 
 
 def test_abort_all_reaches_jobs_still_queued(client: Client, worker_process: Callable[..., Any]) -> None:

@@ -431,7 +431,9 @@ def test_the_machine_is_the_same_for_both_workers() -> None:
     for driver in ("transport/rabbitmq/worker/ownership.py", "transport/memory/worker.py"):
         text = (root / driver).read_text()
         assert "JobOwnership" in text and "handle(" in text
-        assert "check_journal" not in text and "ending_held =" not in text and "record_due =" not in text
+        flags = ("owned.check_journal", "owned.ending_held", "owned.record_due", "owned.locked =",
+                 "owned.claimed =")
+        assert not any(flag in text for flag in flags)
 
 
 def test_durability_md_names_every_phase() -> None:

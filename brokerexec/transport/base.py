@@ -77,6 +77,9 @@ class PreparedJob:
     launch: Launch
     attempt: int = 1
     resumed: Resumed | None = None
+    #: True for a launch older than the control messages the worker remembers: an abort
+    #: sent while it was queued may be forgotten, so the journal (a record) is read first.
+    check_journal: bool = False
 
 
 class WorkerHooks(Protocol):

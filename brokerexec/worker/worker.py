@@ -48,9 +48,10 @@ from ..protocol.changes import invokes_of, sets_of
 from ..protocol.events import Event
 from ..protocol.intents import Intent, Signal
 from ..protocol.messages import Control, JobSummary, Launch, Record
+from ..protocol.names import CLOCK_SKEW_MARGIN
 from ..settings import WorkerSettings
 from ..transport.base import PreparedJob, WorkerTransport
-from .controls import RememberedControls
+from .controls import CONTROLS_KEPT, RememberedControls
 
 __all__ = ["Worker", "host_info"]
 
@@ -195,8 +196,11 @@ class Worker:
             self._reserved += 1
             free = self.settings.concurrency - self._reserved
         self.transport.set_free_capacity(max(free, 0))
+        # Queued longer than the controls are kept (less the clocks' margin: the launch's
+        # time is its client's clock): a cancel may be forgotten, the journal keeps it.
+        old = 0 < launch.sent < time.time() - CONTROLS_KEPT + CLOCK_SKEW_MARGIN
         return _Prepared(launch.job_id, launch.service, launch, service_cls=service_cls,
-                         request=request, intervals=intervals)
+                         request=request, intervals=intervals, check_journal=old)
 
     def begin(self, job: PreparedJob) -> None:
         """The claim succeeded: start the computation (from its checkpoint, if resumed)."""

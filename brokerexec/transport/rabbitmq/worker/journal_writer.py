@@ -8,8 +8,10 @@ A record also goes to the launching client's queue, by sender-selected distribut
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from .... import codec
@@ -40,6 +42,11 @@ __all__ = ["JournalWriter"]
 
 #: How long reading a job's history may take before the worker gives up (and retries).
 READ_TIMEOUT = 30.0
+#: How many reads of the journal one worker makes at once; the rest wait their turn. After
+#: a broker restart every claim is verified again and every lease comes back, each with a
+#: read: all at once they would only queue in the broker, time out together, and hold a
+#: channel each (a connection has about 2,000).
+READS_AT_ONCE = 16
 
 
 class JournalWriter:
@@ -56,6 +63,8 @@ class JournalWriter:
         self.connection = connection
         self.worker = worker
         self.max_checkpoint_bytes = max_checkpoint_bytes
+        self.reads = asyncio.Semaphore(READS_AT_ONCE)
+        self.reads_waiting = 0  # reads waiting their turn now
 
     async def _write(self, job_id: str, kind: str, body: bytes, attempt: int,
                      bcc: str | None = None, more: dict[str, Any] | None = None) -> None:
@@ -125,22 +134,35 @@ class JournalWriter:
             TimeoutError: it took over :data:`READ_TIMEOUT` seconds.
         """
         search = BackSearch(job_id, enough=enough, decode=decode)
-        deadline = time.monotonic() + READ_TIMEOUT
-        while (window := search.next_window()) is not None:
-            await read_journal(self.connection, window, max(deadline - time.monotonic(), 0.001))
-            search.took(window)
+        async with self._turn():
+            deadline = time.monotonic() + READ_TIMEOUT  # from its turn: waiting is not reading
+            while (window := search.next_window()) is not None:
+                await read_journal(self.connection, window, max(deadline - time.monotonic(), 0.001))
+                search.took(window)
         if not search.complete:
             raise TimeoutError(f"reading the journal of job {job_id} took over {READ_TIMEOUT} s")
         return search
+
+    @contextlib.asynccontextmanager
+    async def _turn(self) -> AsyncIterator[None]:
+        """One of the :data:`READS_AT_ONCE` reads running at a time."""
+        self.reads_waiting += 1
+        try:
+            await self.reads.acquire()
+        finally:
+            self.reads_waiting -= 1
+        try:
+            yield
+        finally:
+            self.reads.release()
 
     async def read_at(self, job_id: str, offset: int) -> list[Entry]:
         """The job's entry at ``offset`` of its stream, if it is there (a list of one, or
         none): a checkpoint a lease points at, read without reading anything else."""
         window = JournalWindow(job_id, offset, offset + 1)
-        await read_journal(self.connection, window, READ_TIMEOUT)
+        async with self._turn():
+            await read_journal(self.connection, window, READ_TIMEOUT)
         return [entry for entry in window.entries if entry.offset == offset]
-
-
 
 
 def checkpoint_stamp(taken: float) -> int:

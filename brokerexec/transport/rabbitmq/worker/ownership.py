@@ -171,7 +171,8 @@ class Ownership:
             machine = own.JobOwnership.of_lease(job.job_id, lease.attempt, handed_over=lease.handed_over)
         else:
             machine = own.JobOwnership.of_launch(job.job_id, redelivered=delivery.redelivered,
-                                                 claim_first=self.claim_after <= 0)
+                                                 claim_first=self.claim_after <= 0,
+                                                 check_first=job.check_journal)
         owned = OwnedJob(job, machine, delivery, self._launch_generation,
                          lease.reply_to if lease is not None else delivery.reply_to, lease=lease)
         self._owned[job.job_id] = owned
