@@ -84,6 +84,58 @@ def amqp_url() -> Iterator[str]:
                        capture_output=True)
 
 
+@pytest.fixture
+def own_vhost(amqp_url: str) -> Iterator[str]:
+    """The URL of a vhost of the test's own, deleted after it: its journal, its queues and its
+    control stream hold only what the test put there (queue types are per vhost, and the
+    session's control stream replays the aborts other tests sent)."""
+    import brokerctl
+
+    vhost = f"brokerexec-test-{uuid.uuid4().hex[:12]}"
+    brokerctl.rabbitmqctl("add_vhost", vhost)
+    try:
+        brokerctl.rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield amqp_url.rsplit("/", 1)[0] + "/" + vhost
+    finally:
+        brokerctl.rabbitmqctl("delete_vhost", vhost)
+
+
+#: The PostgreSQL server tests make their databases in (trust auth on these machines).
+POSTGRES_URL = os.environ.get("BROKEREXEC_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The PostgreSQL server's URL, once it answers (fails under CI if it does not)."""
+    import psycopg
+
+    try:
+        psycopg.connect(POSTGRES_URL, connect_timeout=3, autocommit=True).close()
+    except psycopg.Error as exc:
+        message = (f"no PostgreSQL answers at {POSTGRES_URL} ({exc}). Start one (Debian: `apt-get "
+                   "install -y postgresql && pg_ctlcluster 15 main start`, trust auth for 127.0.0.1), "
+                   "or point BROKEREXEC_TEST_POSTGRES_URL at one where the user may create databases.")
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return POSTGRES_URL
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A database of the test's own on that server, dropped at the end."""
+    import psycopg
+
+    name = f"brokerexec_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield postgres_server.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(postgres_server, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(autouse=True)
 def _broker_lock(request: pytest.FixtureRequest) -> Iterator[None]:
     """Shared lock for broker tests, exclusive for fault tests (see module docstring)."""

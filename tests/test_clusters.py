@@ -96,19 +96,6 @@ def closed_port_url(url: str) -> str:
     return parts._replace(netloc=f"{userinfo}@127.0.0.1:{dead},{host}").geturl()
 
 
-@pytest.fixture
-def own_vhost(amqp_url: str) -> Iterator[str]:
-    """The URL of a vhost of this test's own, deleted after it: queue types are per vhost,
-    and other tests declare classic queues in the session's."""
-    vhost = f"brokerexec-test-clusters-{uuid.uuid4().hex[:8]}"
-    brokerctl.rabbitmqctl("add_vhost", vhost)
-    try:
-        brokerctl.rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-        yield urlparse(amqp_url)._replace(path=f"/{vhost}").geturl()
-    finally:
-        brokerctl.rabbitmqctl("delete_vhost", vhost)
-
-
 @pytest.mark.rabbitmq
 def test_quorum_launch_queues_run_jobs_and_a_classic_worker_is_refused_clearly(
         own_vhost: str, worker_process: Callable[..., Any]) -> None:

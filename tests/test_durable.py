@@ -149,36 +149,42 @@ def test_jobs_queued_by_one_launch_many_answer_status_and_can_be_cancelled(
 
 
 def test_a_job_cancelled_while_queued_never_runs_however_long_it_waited(
-        client: Client, worker_process: Callable[..., Any], amqp_url: str) -> None:
-    worker = worker_process(*FAST, "--concurrency", "1", services=("Forever", "Counter"))
-    busy = launch(client, Watch(), "forever", {"tick": 0.01})
-    # Two launches queued two hours ago (their clients' clocks say), longer than the control
-    # stream keeps its messages: one was cancelled, and only its record is left of that.
-    two_hours_ago = time.time() - 7200
-    cancelled, kept = (dataclasses.replace(Launch.new("counter", {"steps": n}), sent=two_hours_ago)
-                       for n in (1, 2))
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    try:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        for old in (cancelled, kept):
-            channel.basic_publish(LAUNCHES_EXCHANGE, "counter", encode(old.encode()), pika.BasicProperties(
-                content_type=JSON, delivery_mode=2, message_id=old.job_id, type=LAUNCH_TYPE,
-                headers={CC_HEADER: [journal_stream(old.job_id)]}), mandatory=True)
-        record = Record.cancelled(cancelled.job_id, "counter", {"user": "test"})
-        job_id = cancelled.job_id
-        channel.basic_publish("", journal_stream(job_id), encode(record.encode()), pika.BasicProperties(
-            content_type=JSON, delivery_mode=2, message_id=job_id, correlation_id=job_id, type=RECORD_TYPE))
-    finally:
-        connection.close()
-    busy.abort()
-    # The worker reads the journal of so old a launch before it runs it: the cancelled one
-    # never starts, the other runs.
-    assert client.job(kept.job_id).result(WAIT) == {"count": 2, "label": ""}
-    brokerctl.wait_until(lambda: any(f"job {cancelled.job_id} not run here: it ended already" in line
-                                     for line in worker.lines), 30, "the cancelled launch to be dropped")
-    assert client.job(cancelled.job_id).record()["reason"] == "cancelled while queued"
-    assert client.job(cancelled.job_id).status()["state"] == "aborted"
+        worker_process: Callable[..., Any], own_vhost: str) -> None:
+    # A vhost of its own: an abort-all another test sent within the hour rightly applies to
+    # launches sent before it, and these say they were sent two hours ago.
+    worker = worker_process(*FAST, "--concurrency", "1", services=("Forever", "Counter"), url=own_vhost)
+    with Client(own_vhost, heartbeat=int(HEARTBEAT), timeout=5) as client:
+        busy = launch(client, Watch(), "forever", {"tick": 0.01})
+        # Two launches queued two hours ago (their clients' clocks say), longer than the
+        # control stream keeps its messages: one was cancelled, only its record is left of that.
+        two_hours_ago = time.time() - 7200
+        cancelled, kept = (dataclasses.replace(Launch.new("counter", {"steps": n}), sent=two_hours_ago)
+                           for n in (1, 2))
+        connection = pika.BlockingConnection(pika.URLParameters(own_vhost))
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            for old in (cancelled, kept):
+                channel.basic_publish(LAUNCHES_EXCHANGE, "counter", encode(old.encode()),
+                                      pika.BasicProperties(content_type=JSON, delivery_mode=2,
+                                                           message_id=old.job_id, type=LAUNCH_TYPE,
+                                                           headers={CC_HEADER: [journal_stream(old.job_id)]}),
+                                      mandatory=True)
+            record = Record.cancelled(cancelled.job_id, "counter", {"user": "test"})
+            job_id = cancelled.job_id
+            channel.basic_publish("", journal_stream(job_id), encode(record.encode()),
+                                  pika.BasicProperties(content_type=JSON, delivery_mode=2, message_id=job_id,
+                                                       correlation_id=job_id, type=RECORD_TYPE))
+        finally:
+            connection.close()
+        busy.abort()
+        # The worker reads the journal of so old a launch before it runs it: the cancelled
+        # one never starts, the other runs.
+        assert client.job(kept.job_id).result(WAIT) == {"count": 2, "label": ""}
+        brokerctl.wait_until(lambda: any(f"job {cancelled.job_id} not run here: it ended already" in line
+                                         for line in worker.lines), 30, "the cancelled launch to be dropped")
+        assert client.job(cancelled.job_id).record()["reason"] == "cancelled while queued"
+        assert client.job(cancelled.job_id).status()["state"] == "aborted"
 
 
 def test_abort_all_reaches_jobs_still_queued(client: Client, worker_process: Callable[..., Any]) -> None:

@@ -10,7 +10,6 @@ import os
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -207,18 +206,6 @@ def test_a_fresh_client_finds_an_ended_job_behind_thousands_of_later_entries(
 
 
 # ---- lives longer than the journal keeps its entries -------------------------------------------
-
-
-@pytest.fixture
-def own_vhost(amqp_url: str) -> Iterator[str]:
-    """A vhost of this test's own: its journal is made by the test's worker, as it says."""
-    vhost = f"brokerexec-test-{uuid.uuid4().hex[:12]}"
-    brokerctl.rabbitmqctl("add_vhost", vhost)
-    brokerctl.rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    try:
-        yield amqp_url.rsplit("/", 1)[0] + "/" + vhost
-    finally:
-        brokerctl.rabbitmqctl("delete_vhost", vhost)
 
 
 def checkpoint_times(url: str, job_id: str) -> list[float]:
