@@ -22,11 +22,12 @@ LAYERS: dict[str, set[str]] = {
     "protocol": {"base"},
     "core": {"base", "protocol"},
     "transport": {"base", "protocol"},
+    "history": {"base", "protocol", "transport"},  # the store, fed by the journal
     "child": {"base", "protocol", "core"},
     "worker": {"base", "protocol", "core", "child", "transport"},
     "client": {"base", "protocol", "core", "transport", "worker"},
-    "cli": {"base", "protocol", "core", "transport", "child", "worker", "client"},
-    "face": {"base", "protocol", "core", "transport", "child", "worker", "client", "cli"},
+    "cli": {"base", "protocol", "core", "transport", "child", "worker", "client", "history"},
+    "face": {"base", "protocol", "core", "transport", "child", "worker", "client", "cli", "history"},
 }
 BASE = {"errors", "constants", "logs", "urls", "codec", "settings"}
 #: brokerexec/__init__.py (the public face), __main__ and the old paths' table.

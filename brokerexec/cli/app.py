@@ -34,6 +34,7 @@ import click
 
 from . import fleet, jobs, local
 from .config import config, config_option, given_settings, worker_options
+from .history import history
 from .output import (
     EPILOG,
     EXIT_ABORTED,
@@ -83,6 +84,7 @@ def worker(**options: Any) -> None:
 
 for _command in (*local.COMMANDS, *jobs.COMMANDS, *fleet.COMMANDS):
     cli.add_command(_command)
+cli.add_command(history)
 
 
 def main(args: list[str] | None = None) -> NoReturn:

@@ -106,18 +106,24 @@ def setting_options(*names: str, environment: bool = True) -> Callable[[Callable
 
 
 def worker_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Add ``--config`` and an option for every setting (each a key of the settings model)."""
+    """Add ``--config`` and an option for every setting a worker takes (each a key of the
+    settings model; the history indexer's are ``brokerexec history``'s)."""
+    return config_option(setting_options(*(key.name for key in KEYS if key.path[0] != "history"))(command))
+
+
+def all_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--config`` and an option for every setting."""
     return config_option(setting_options(*(key.name for key in KEYS))(command))
 
 
 @click.command()
-@worker_options
+@all_options
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document on stdout.")
 def config(as_json: bool, **options: Any) -> None:
     """Print the effective settings and where each came from (default, file, env, option).
 
-    The broker URL's password is masked. Takes the worker's options, so that a command line
-    can be checked before it is run.
+    The broker URL's password is masked. Takes every option (the worker's, the history
+    indexer's), so that a command line can be checked before it is run.
     """
     rows = given_settings(options).shown()
     if as_json:

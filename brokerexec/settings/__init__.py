@@ -1,7 +1,8 @@
 """One settings model for every command: each setting declared once, read from anywhere.
 
 * :mod:`.model` — the tree (:class:`Settings`, with :class:`WorkerSettings`,
-  :class:`RabbitMQSettings`, :class:`LoggingSettings`, :class:`MetricsSettings`) and
+  :class:`RabbitMQSettings`, :class:`LoggingSettings`, :class:`MetricsSettings`,
+  :class:`HistorySettings`) and
   :data:`KEYS`, its leaves: key, variable, option, kind, default, help.
 * :mod:`.kinds` — the check each value goes through, wherever it comes from.
 * :mod:`.sources` — :func:`load_settings`: options, then the environment, then a TOML file,
@@ -16,6 +17,7 @@ from __future__ import annotations
 from ..urls import masked_url
 from .model import (
     KEYS,
+    HistorySettings,
     Key,
     LoggingSettings,
     MetricsSettings,
@@ -29,6 +31,6 @@ from .model import (
 )
 from .sources import CONFIG_ENV, load_settings
 
-__all__ = ["CONFIG_ENV", "KEYS", "Key", "LoggingSettings", "MetricsSettings", "Origin", "PoolKind",
-           "QueueType", "RabbitMQSettings", "RunnerKind", "Settings", "WorkerSettings",
+__all__ = ["CONFIG_ENV", "KEYS", "HistorySettings", "Key", "LoggingSettings", "MetricsSettings", "Origin",
+           "PoolKind", "QueueType", "RabbitMQSettings", "RunnerKind", "Settings", "WorkerSettings",
            "load_settings", "masked_url"]

@@ -3,8 +3,9 @@
 :class:`Settings` is a tree of frozen dataclasses: the broker URL and the services at its
 root, then one section per part that uses them — :class:`WorkerSettings` (how a worker runs
 its jobs: what :class:`~brokerexec.Worker` takes), :class:`RabbitMQSettings` (how a worker
-uses RabbitMQ: what its RabbitMQ transport takes), :class:`LoggingSettings` and
-:class:`MetricsSettings`. Each leaf is a :func:`setting`: from its declaration come the
+uses RabbitMQ: what its RabbitMQ transport takes), :class:`LoggingSettings`,
+:class:`MetricsSettings` and :class:`HistorySettings` (the history indexer). Each leaf is
+a :func:`setting`: from its declaration come the
 TOML key (flat, unique across sections), the environment variable, the command-line option
 and its help (:mod:`brokerexec.cli.config`), the default, the check of every value
 (:mod:`.kinds`, also when Python code makes a section) and its line in ``brokerexec config``.
@@ -38,7 +39,7 @@ from .kinds import Choice, Integer, Names, Number, Optional, Text
 if TYPE_CHECKING:
     from .kinds import Kind
 
-__all__ = ["KEYS", "Key", "LoggingSettings", "MetricsSettings", "Origin", "PoolKind",
+__all__ = ["KEYS", "HistorySettings", "Key", "LoggingSettings", "MetricsSettings", "Origin", "PoolKind",
            "QueueType", "RabbitMQSettings", "RunnerKind", "Setting", "Settings",
            "WorkerSettings", "setting"]
 
@@ -184,6 +185,18 @@ class MetricsSettings(_Checked):
                         "(0.0.0.0 in a container).", key="metrics_host", metavar="HOST")
 
 
+@dataclass(frozen=True, kw_only=True)
+class HistorySettings(_Checked):
+    """The history indexer (``brokerexec history``, ``docs/history.md``)."""
+
+    store: str = setting("history.db", Text(), "The history store: a SQLite file (created if "
+                         "need be) or postgresql://USER@HOST/DB.", key="history_store",
+                         option="--store", metavar="URL")
+    keep: float = setting(90 * 86400.0, Number(60.0), "Seconds a job's row is kept after it "
+                          "ended (90 days), however long the journal keeps its entries.",
+                          key="history_keep", option="--keep")
+
+
 class Origin:
     """Where a setting's value came from: ``kind``, and which option, variable or file."""
 
@@ -217,6 +230,7 @@ class Settings(_Checked):
     rabbitmq: RabbitMQSettings = field(default_factory=RabbitMQSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    history: HistorySettings = field(default_factory=HistorySettings)
     #: Where each value came from, by key (absent: the default).
     origins: Mapping[str, Origin] = field(default_factory=dict, compare=False)
 

@@ -1,0 +1,116 @@
+"""The history indexer: tails every journal stream into the history store.
+
+Each batch of entries (``transport/pika/journal_tail.py``) is decoded, folded into its jobs'
+rows and committed with the offsets it reaches, in one transaction (``store.py``): a
+SIGKILLed indexer starts again where the last commit left it, and what it reads twice
+changes nothing. An entry that does not decode is skipped with one log line and counted;
+ingestion goes on. Rows of jobs that ended longer ago than ``keep`` are pruned now and then,
+independently of how long the journal keeps its entries.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from sqlalchemy import exc as sa_exc
+
+from .. import codec
+from ..constants import MAX_ENTRY_BYTES
+from ..errors import DecodeError
+from ..protocol.journal import ENTRY_TYPES
+from ..transport.pika.journal_tail import JournalTail, TailEntry, TryAgain
+from .store import Entry, HistoryStore
+
+__all__ = ["Indexer", "IndexerStats"]
+
+log = logging.getLogger(__name__)
+
+#: Rows of jobs that ended longer ago than this are pruned (seconds): 90 days.
+DEFAULT_KEEP = 90 * 86400.0
+#: How often the store is pruned (seconds).
+PRUNE_EVERY = 3600.0
+
+
+@dataclass
+class IndexerStats:
+    """What an indexer has done so far (its metrics read them)."""
+
+    entries: int = 0  # journal entries taken in
+    rows: int = 0  # row changes committed
+    skipped: int = 0  # entries that did not decode
+    batches: int = 0
+    pruned: int = 0
+    store_errors: int = 0  # batches the store refused (read again later)
+    last_batch: float = 0.0  # when the last batch was committed (epoch seconds)
+    newest_entry: dict[str, int] = field(default_factory=dict)  # per stream, the next offset
+
+
+class Indexer:
+    """See the module docstring.
+
+    Parameters:
+        store: where the rows go (migrated to the newest schema when it starts).
+        broker: the broker whose journal is read.
+        keep: seconds a job's row is kept after it ended.
+        batch: the most entries committed at once.
+    """
+
+    def __init__(self, store: HistoryStore, broker: str, *, keep: float = DEFAULT_KEEP,
+                 batch: int = 1000) -> None:
+        self.store = store
+        self.keep = keep
+        self.tail = JournalTail(broker, batch=batch)
+        self.stats = IndexerStats()
+        self._pruned_at = 0.0
+
+    def run(self, stop: threading.Event) -> None:
+        """Index until ``stop`` is set (the broker going and coming back is ridden out)."""
+        version = self.store.migrate()
+        log.info("history store %s at schema %s; indexing the journal", self.store.redacted_url, version)
+        self._prune()
+        self.tail.run(self._offsets, self._take, stop)
+
+    def _offsets(self) -> dict[str, int]:
+        try:
+            return self.store.offsets()
+        except sa_exc.OperationalError as exc:
+            raise TryAgain(f"the history store cannot be reached: {exc.orig}") from exc
+
+    def _take(self, batch: list[TailEntry], reached: dict[str, int]) -> None:
+        try:
+            self._store(batch, reached)
+        except sa_exc.OperationalError as exc:  # down, full, restarting: the batch is read again
+            self.stats.store_errors += 1
+            raise TryAgain(f"the history store refused a batch: {exc.orig}") from exc
+
+    def _store(self, batch: list[TailEntry], reached: dict[str, int]) -> None:
+        entries: list[Entry] = []
+        for raw in batch:
+            if raw.kind not in ENTRY_TYPES:
+                continue  # probes and anything else in the stream
+            try:
+                body, _ = codec.decode_object(raw.body, raw.content_type, allow_yaml=False,
+                                              max_bytes=MAX_ENTRY_BYTES)
+            except DecodeError as exc:
+                self.stats.skipped += 1
+                log.warning("journal entry %s@%d skipped: %s", raw.stream, raw.offset, exc)
+                continue
+            entries.append(Entry(raw.stream, raw.offset, raw.kind, body, raw.message_id))
+        self.stats.rows += self.store.ingest(entries, reached)
+        self.stats.entries += len(entries)
+        self.stats.batches += 1
+        self.stats.last_batch = time.time()
+        self.stats.newest_entry.update(reached)
+        if time.monotonic() - self._pruned_at > PRUNE_EVERY:
+            self._prune()
+
+    def _prune(self) -> None:
+        self._pruned_at = time.monotonic()
+        pruned = self.store.prune(self.keep)
+        self.stats.pruned += pruned
+        if pruned:
+            log.info("history: %d rows of jobs that ended over %.0f days ago pruned", pruned,
+                     self.keep / 86400)

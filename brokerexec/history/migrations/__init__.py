@@ -1,0 +1,1 @@
+"""The history store's versioned migrations (Alembic): ``versions/``, one file per change."""

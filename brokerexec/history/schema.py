@@ -1,0 +1,46 @@
+"""The history store's tables, as SQLAlchemy Core objects: one schema for SQLite and
+PostgreSQL, made and changed only by the versioned migrations (``migrations/``)."""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Column, Float, Index, Integer, MetaData, String, Table, Text
+
+__all__ = ["jobs", "metadata", "offsets"]
+
+metadata = MetaData()
+
+#: One row per job (:class:`~.rows.JobRow`).
+jobs = Table(
+    "jobs", metadata,
+    Column("job_id", String(64), primary_key=True),
+    Column("service", String(255), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("workers", Text, nullable=False, default="[]"),  # JSON list of hosts
+    Column("launched", Float),
+    Column("started", Float),
+    Column("ended", Float),
+    Column("at", Float, nullable=False),  # ended, else started, else launched: pages sort by it
+    Column("request", Text),
+    Column("request_bytes", Integer, nullable=False, default=0),
+    Column("result", Text),
+    Column("result_bytes", Integer, nullable=False, default=0),
+    Column("error_type", String(255)),
+    Column("error", Text),
+    Column("reason", Text),
+    Column("last_checkpoint", Float),
+    Column("labels", Text, nullable=False, default="{}"),  # JSON object
+    Column("operation", String(64)),
+    Index("jobs_at", "at", "job_id"),
+    Index("jobs_service_at", "service", "at"),
+    Index("jobs_state_at", "state", "at"),
+    Index("jobs_operation", "operation"),
+)
+
+#: Where the store has read each journal stream up to: the next offset to read. Committed
+#: with the rows the entries before it made.
+offsets = Table(
+    "offsets", metadata,
+    Column("stream", String(255), primary_key=True),
+    Column("next", BigInteger, nullable=False),
+)

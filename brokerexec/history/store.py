@@ -1,0 +1,310 @@
+"""The history store: a materialized view of the journal in a real database.
+
+SQLite by default (one file, WAL: no server to run) or PostgreSQL (``postgresql://...``: a
+store shared by several readers and indexers), through SQLAlchemy Core, one schema for
+both (``schema.py``), made and changed by versioned Alembic migrations (``migrations/``).
+
+:meth:`HistoryStore.ingest` takes a batch of journal entries and the offsets they reach,
+and commits the rows they make and those offsets in one transaction: an indexer killed
+mid-batch starts again from the offsets of the last batch that committed, and the fold
+(``rows.py``) makes entries applied twice change nothing, so no row is lost or doubled.
+Every query is parameterized; filters are values, never SQL.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from ..errors import ConfigurationError, DecodeError
+from ..protocol.names import LAUNCH_TYPE, LAUNCHES_TYPE
+from . import schema
+from .rows import JobRow, fold
+
+__all__ = ["Entry", "HistoryStore", "Page", "store_url"]
+
+#: The most rows one page holds.
+MAX_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One journal entry as the store takes it in: where it is, what it is."""
+
+    stream: str
+    offset: int
+    kind: str
+    body: dict[str, Any]
+    job_id: str | None = None  # the message's id (a ``launches`` entry names many in its body)
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of rows, newest first, and the cursor of the next (None: no more)."""
+
+    rows: list[JobRow]
+    cursor: str | None
+    total: int | None = None  # how many match, when asked
+    filters: dict[str, Any] = field(default_factory=dict)
+
+
+def store_url(url: str) -> str:
+    """The SQLAlchemy URL of a store: ``postgresql://`` goes through psycopg 3; a plain path
+    (or ``sqlite:///path``) is a SQLite file.
+
+    Raises:
+        ConfigurationError: any other scheme.
+    """
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    if url.startswith("postgresql+psycopg://") or url.startswith("sqlite://"):
+        return url
+    if "://" in url:
+        raise ConfigurationError(f"unsupported history store {url!r}: use a file path, sqlite:///PATH "
+                                 "or postgresql://USER@HOST/DB")
+    return f"sqlite:///{Path(url).expanduser().resolve()}"
+
+
+class HistoryStore:
+    """See the module docstring. ``url``: see :func:`store_url`."""
+
+    def __init__(self, url: str) -> None:
+        self.url = store_url(url)
+        self.engine: Engine = sa.create_engine(self.url, pool_pre_ping=True)
+        self.sqlite = self.engine.dialect.name == "sqlite"
+        if self.sqlite:
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+
+    @property
+    def redacted_url(self) -> str:
+        """The store's URL without its password, for logs."""
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> HistoryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- the schema ------------------------------------------------------------------------
+
+    def migrate(self) -> str:
+        """Bring the schema to the newest version (from none, or any older one); its version."""
+        from alembic import command
+        from alembic.config import Config
+        from alembic.runtime.migration import MigrationContext
+
+        config = Config()
+        config.set_main_option("script_location", "brokerexec.history:migrations")
+        with self.engine.begin() as connection:
+            if not self.sqlite:  # several indexers starting at once: one migrates
+                connection.execute(sa.text("SELECT pg_advisory_xact_lock(7268190521)"))
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+            version = MigrationContext.configure(connection).get_current_revision()
+        return str(version)
+
+    # ---- ingest ----------------------------------------------------------------------------
+
+    def offsets(self) -> dict[str, int]:
+        """The next offset to read of each stream read so far."""
+        with self.engine.connect() as connection:
+            return {row.stream: int(row.next) for row in connection.execute(sa.select(schema.offsets))}
+
+    def ingest(self, entries: Sequence[Entry], reached: Mapping[str, int]) -> int:
+        """Fold ``entries`` into their jobs' rows and move each stream's offset to
+        ``reached`` (the next to read), in one transaction; the number of rows changed."""
+        with self.engine.begin() as connection:
+            if not self.sqlite and reached:  # two indexers on one store: one batch at a time
+                connection.execute(sa.text("SELECT pg_advisory_xact_lock(7268190522)"))
+            changed = self._fold(connection, entries)
+            self._write(connection, changed.values())
+            self._move(connection, reached)
+        return len(changed)
+
+    def _fold(self, connection: Connection, entries: Sequence[Entry]) -> dict[str, JobRow]:
+        per_job: list[tuple[str, str, dict[str, Any]]] = []
+        for entry in entries:
+            if entry.kind == LAUNCHES_TYPE:  # a sweep's launches: one entry, many jobs
+                ids = entry.body.get("jobs")
+                for job_id in ids if isinstance(ids, list) else []:
+                    if isinstance(job_id, str):
+                        per_job.append((job_id, LAUNCH_TYPE, {"service": entry.body.get("service"),
+                                                              "sent": entry.body.get("sent")}))
+            elif entry.job_id:
+                per_job.append((entry.job_id, entry.kind, entry.body))
+        known = self._rows(connection, {job_id for job_id, _, _ in per_job})
+        changed: dict[str, JobRow] = {}
+        for job_id, kind, body in per_job:
+            before = known.get(job_id)
+            after = fold(before, job_id, kind, body)
+            if after is not None and after != before:
+                known[job_id] = changed[job_id] = after
+        return changed
+
+    def _rows(self, connection: Connection, job_ids: Iterable[str]) -> dict[str, JobRow]:
+        found: dict[str, JobRow] = {}
+        ids = sorted(job_ids)
+        for start in range(0, len(ids), 500):
+            query = sa.select(schema.jobs).where(schema.jobs.c.job_id.in_(ids[start:start + 500]))
+            for row in connection.execute(query):
+                found[row.job_id] = _row(row._mapping)
+        return found
+
+    def _write(self, connection: Connection, rows: Iterable[JobRow]) -> None:
+        values = [_values(row) for row in rows]
+        if not values:
+            return
+        insert = self._insert(schema.jobs)
+        statement = insert.on_conflict_do_update(
+            index_elements=[schema.jobs.c.job_id],
+            set_={name: insert.excluded[name] for name in values[0] if name != "job_id"})
+        connection.execute(statement, values)
+
+    def _move(self, connection: Connection, reached: Mapping[str, int]) -> None:
+        if not reached:
+            return
+        insert = self._insert(schema.offsets)
+        greatest = sa.func.max if self.sqlite else sa.func.greatest  # never back
+        statement = insert.on_conflict_do_update(
+            index_elements=[schema.offsets.c.stream],
+            set_={"next": greatest(schema.offsets.c.next, insert.excluded.next)})
+        connection.execute(statement, [{"stream": s, "next": n} for s, n in sorted(reached.items())])
+
+    def _insert(self, table: sa.Table) -> Any:
+        if self.sqlite:
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
+        return insert(table)
+
+    # ---- queries ---------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobRow | None:
+        """The row of one job, or None."""
+        with self.engine.connect() as connection:
+            found = connection.execute(sa.select(schema.jobs).where(schema.jobs.c.job_id == job_id)).first()
+        return _row(found._mapping) if found is not None else None
+
+    def page(self, *, service: str | None = None, state: str | None = None, since: float | None = None,
+             until: float | None = None, worker: str | None = None, operation: str | None = None,
+             text: str | None = None, limit: int = 50, cursor: str | None = None,
+             count: bool = False) -> Page:
+        """A page of the jobs that match, newest first (by when they last moved); the
+        cursor of the next page is stable while rows arrive (keyset paging).
+
+        Raises:
+            DecodeError: a bad limit or cursor.
+        """
+        if not 1 <= limit <= MAX_PAGE:
+            raise DecodeError(f"limit must be 1 to {MAX_PAGE}, not {limit}")
+        jobs = schema.jobs
+        conditions = _filters(service, state, since, until, worker, operation, text)
+        after = list(conditions)
+        if cursor is not None:
+            at, job_id = _decode_cursor(cursor)
+            after.append(sa.or_(jobs.c.at < at, sa.and_(jobs.c.at == at, jobs.c.job_id < job_id)))
+        query = (sa.select(jobs).where(*after).order_by(jobs.c.at.desc(), jobs.c.job_id.desc())
+                 .limit(limit + 1))
+        with self.engine.connect() as connection:
+            found = [_row(row._mapping) for row in connection.execute(query)]
+            total = None
+            if count:
+                total = int(connection.execute(sa.select(sa.func.count()).select_from(jobs)
+                                               .where(*conditions)).scalar_one())
+        more = len(found) > limit
+        rows = found[:limit]
+        return Page(rows, _encode_cursor(rows[-1]) if more else None, total,
+                    {k: v for k, v in {"service": service, "state": state, "since": since, "until": until,
+                                       "worker": worker, "operation": operation, "text": text}.items()
+                     if v is not None})
+
+    def counts(self, since: float | None = None) -> dict[tuple[str, str], int]:
+        """How many jobs there are by service and state (that moved since ``since``)."""
+        jobs = schema.jobs
+        query = (sa.select(jobs.c.service, jobs.c.state, sa.func.count())
+                 .group_by(jobs.c.service, jobs.c.state))
+        if since is not None:
+            query = query.where(jobs.c.at >= since)
+        with self.engine.connect() as connection:
+            return {(service, state): int(n) for service, state, n in connection.execute(query)}
+
+    def prune(self, keep: float, now: float | None = None) -> int:
+        """Delete the rows of jobs that ended more than ``keep`` seconds ago; how many."""
+        horizon = (time.time() if now is None else now) - keep
+        with self.engine.begin() as connection:
+            result = connection.execute(sa.delete(schema.jobs).where(schema.jobs.c.ended < horizon))
+        return int(result.rowcount or 0)
+
+
+def _filters(service: str | None, state: str | None, since: float | None, until: float | None,
+             worker: str | None, operation: str | None, text: str | None) -> list[Any]:
+    jobs = schema.jobs
+    conditions: list[Any] = []
+    if service is not None:
+        conditions.append(jobs.c.service == service)
+    if state is not None:
+        conditions.append(jobs.c.state == state)
+    if since is not None:
+        conditions.append(jobs.c.at >= since)
+    if until is not None:
+        conditions.append(jobs.c.at < until)
+    if worker is not None:  # a JSON list of hosts: the host, quoted, as a substring
+        conditions.append(jobs.c.workers.contains(json.dumps(worker), autoescape=True))
+    if operation is not None:
+        conditions.append(jobs.c.operation == operation)
+    if text:
+        conditions.append(sa.or_(*(column.contains(text, autoescape=True) for column in (
+            jobs.c.job_id, jobs.c.request, jobs.c.result, jobs.c.error, jobs.c.error_type, jobs.c.reason))))
+    return conditions
+
+
+def _values(row: JobRow) -> dict[str, Any]:
+    return {"job_id": row.job_id, "service": row.service, "state": row.state, "attempts": row.attempts,
+            "workers": json.dumps(list(row.workers)), "launched": row.launched, "started": row.started,
+            "ended": row.ended, "at": row.at, "request": row.request, "request_bytes": row.request_bytes,
+            "result": row.result, "result_bytes": row.result_bytes, "error_type": row.error_type,
+            "error": row.error, "reason": row.reason, "last_checkpoint": row.last_checkpoint,
+            "labels": json.dumps(row.labels, sort_keys=True), "operation": row.operation}
+
+
+def _row(mapping: Any) -> JobRow:
+    return JobRow(mapping["job_id"], mapping["service"], mapping["state"], mapping["attempts"],
+                  tuple(json.loads(mapping["workers"] or "[]")), mapping["launched"], mapping["started"],
+                  mapping["ended"], mapping["request"], mapping["request_bytes"], mapping["result"],
+                  mapping["result_bytes"], mapping["error_type"], mapping["error"], mapping["reason"],
+                  mapping["last_checkpoint"], json.loads(mapping["labels"] or "{}"), mapping["operation"])
+
+
+def _encode_cursor(row: JobRow) -> str:
+    return base64.urlsafe_b64encode(json.dumps([row.at, row.job_id]).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        at, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if isinstance(at, bool) or not isinstance(at, (int, float)) or not isinstance(job_id, str):
+            raise ValueError(cursor)
+    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError) as exc:
+        raise DecodeError(f"not a history cursor: {cursor!r}") from exc
+    return float(at), job_id
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers never wait for the indexer
+    cursor.execute("PRAGMA synchronous=NORMAL")  # durable at each checkpoint of the WAL
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()

@@ -1,0 +1,261 @@
+"""The history store (``brokerexec/history/``) on SQLite and on the real PostgreSQL: rows
+folded from journal entries, committed with the streams' offsets, idempotent; keyset pages;
+filters as parameters; migrations from nothing."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from brokerexec.errors import ConfigurationError, DecodeError
+from brokerexec.history import Entry, HistoryStore
+from brokerexec.history.rows import SUMMARY_BYTES, fold
+from brokerexec.protocol.journal import launches_entry, started_entry
+from brokerexec.protocol.messages import Launch, Record
+from brokerexec.protocol.names import (
+    CHECKPOINT_TYPE,
+    LAUNCH_TYPE,
+    LAUNCHES_TYPE,
+    RECORD_TYPE,
+    STARTED_TYPE,
+    journal_stream,
+    new_job_id,
+)
+from brokerexec.protocol.states import JobState
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[HistoryStore]:
+    url = (str(tmp_path / "history.db") if request.param == "sqlite"
+           else request.getfixturevalue("postgres_url"))
+    with HistoryStore(url) as store:
+        assert store.migrate() == "0001"
+        yield store
+
+
+class Journal:
+    """Entries as the streams hold them, with offsets per stream."""
+
+    def __init__(self) -> None:
+        self.entries: list[Entry] = []
+        self.next: dict[str, int] = {}
+
+    def add(self, job_id: str, kind: str, body: dict[str, Any]) -> Entry:
+        stream = journal_stream(job_id)
+        offset = self.next.get(stream, 0)
+        self.next[stream] = offset + 1
+        entry = Entry(stream, offset, kind, body, job_id)
+        self.entries.append(entry)
+        return entry
+
+    def job(self, service: str = "fit", *, request: Any = None, state: JobState = JobState.FINISHED,
+            attempts: int = 1, host: str = "a", end: float = 100.0, result: Any = None) -> str:
+        launch = Launch.new(service, request if request is not None else {"x": 1})
+        job_id = launch.job_id
+        self.add(job_id, LAUNCH_TYPE, {**launch.encode(), "sent": end - 10})
+        for attempt in range(1, attempts + 1):
+            worker = {"hostname": f"{host}{attempt}"}
+            self.add(job_id, STARTED_TYPE, started_entry(job_id, service, attempt, worker, end - 9 + attempt))
+            self.add(job_id, CHECKPOINT_TYPE, {"job_id": job_id, "service": service, "attempt": attempt,
+                                              "time": end - 5, "state": {}})
+        failed = state is JobState.FAILED
+        error = {"type": "ValueError", "message": "bad x", "traceback": ""} if failed else None
+        record = Record(job_id, service, state, result if state is JobState.FINISHED else None, error,
+                        end - 9, end, {"hostname": f"{host}{attempts}"}, attempt=attempts)
+        self.add(job_id, RECORD_TYPE, record.encode())
+        return job_id
+
+
+def test_a_jobs_entries_fold_into_one_row_and_applying_them_again_changes_nothing(
+        store: HistoryStore) -> None:
+    journal = Journal()
+    done = journal.job(result={"y": 2}, attempts=2)
+    failed = journal.job(state=JobState.FAILED)
+    assert store.ingest(journal.entries, journal.next) == 2
+    row = store.get(done)
+    assert row is not None and (row.state, row.attempts, row.workers) == ("finished", 2, ("a1", "a2"))
+    assert row.result == '{"y":2}' and row.last_checkpoint == 95.0
+    assert row.run_time == pytest.approx(8.0)  # from the first start
+    failing = store.get(failed)
+    assert failing is not None and (failing.error_type, failing.error) == ("ValueError", "bad x")
+    # again, all of it (an indexer killed before its offsets committed): nothing changes
+    assert store.ingest(journal.entries, journal.next) == 0
+    assert store.get(done) == row and store.offsets() == journal.next
+
+
+def test_a_crash_between_batches_loses_nothing_and_doubles_nothing(store: HistoryStore) -> None:
+    journal = Journal()
+    ids = [journal.job(end=100.0 + n, attempts=1 + n % 2) for n in range(30)]
+    entries = journal.entries
+    # batches cut anywhere; the second batch's offsets never committed: it is read again
+    cut = len(entries) // 3
+    first: dict[str, int] = {}
+    for entry in entries[:cut]:
+        first[entry.stream] = entry.offset + 1
+    store.ingest(entries[:cut], first)
+    resume_from = store.offsets()
+    again = [e for e in entries if e.offset >= resume_from.get(e.stream, 0)]
+    store.ingest(again, journal.next)
+    rebuilt = Journal()
+    rebuilt.entries, rebuilt.next = entries, journal.next
+    assert {job_id: store.get(job_id) for job_id in ids} == _fresh_rows(rebuilt, ids)
+
+
+def _fresh_rows(journal: Journal, ids: list[str]) -> dict[str, Any]:
+    """The rows of an empty store rebuilt from the streams in one go."""
+    rows: dict[str, Any] = {}
+    for entry in journal.entries:
+        if entry.job_id in ids:
+            rows[entry.job_id] = fold(rows.get(entry.job_id), entry.job_id, entry.kind, entry.body)
+    return rows
+
+
+def test_a_sweeps_launches_entry_makes_a_queued_row_for_each_job(store: HistoryStore) -> None:
+    journal = Journal()
+    ids = [new_job_id() for _ in range(3)]
+    journal.add(ids[0], LAUNCHES_TYPE, launches_entry("fit", 50.0, ids))
+    store.ingest(journal.entries, journal.next)
+    assert [(row.state, row.launched) for row in (store.get(job_id) for job_id in ids)
+            if row is not None] == [("queued", 50.0)] * 3
+
+
+def test_pages_are_newest_first_filtered_and_stable_while_rows_arrive(store: HistoryStore) -> None:
+    journal = Journal()
+    for n in range(120):
+        journal.job("fit" if n % 3 else "scan", state=JobState.FAILED if n % 5 == 0 else JobState.FINISHED,
+                    end=1000.0 + n, host="h" if n % 2 else "g")
+    store.ingest(journal.entries, journal.next)
+    page = store.page(service="fit", limit=25, count=True)
+    assert page.total == 80 and len(page.rows) == 25 and page.cursor is not None
+    ats = [row.at for row in page.rows]
+    assert ats == sorted(ats, reverse=True)
+    # newer jobs arrive between two pages: the next page goes on from where the first stopped
+    later = Journal()
+    for n in range(10):
+        later.job("fit", end=5000.0 + n)
+    store.ingest(later.entries, later.next)
+    seen = [row.job_id for row in page.rows]
+    cursor = page.cursor
+    while cursor is not None:
+        more = store.page(service="fit", limit=25, cursor=cursor)
+        seen += [row.job_id for row in more.rows]
+        cursor = more.cursor
+    assert len(seen) == len(set(seen)) == 80  # every older one once, none of the new ones
+    failed = store.page(state="failed", limit=1000)
+    assert len(failed.rows) == 24 and {row.state for row in failed.rows} == {"failed"}
+    window = store.page(since=1100.0, until=1110.0, limit=100)
+    assert len(window.rows) == 10
+    assert {row.workers[-1] for row in store.page(worker="h1", limit=1000).rows} == {"h1"}
+    assert store.counts()[("scan", "failed")] == 8
+
+
+def test_hostile_filters_and_search_text_are_values_not_sql(store: HistoryStore) -> None:
+    journal = Journal()
+    odd = "x'; DROP TABLE jobs; --"
+    wild = "100%_sure"
+    target = journal.job("fit", request={"note": wild, "odd": odd})
+    journal.job("fit", request={"note": "100 percent"})
+    store.ingest(journal.entries, journal.next)
+    assert [row.job_id for row in store.page(text=odd).rows] == [target]
+    assert [row.job_id for row in store.page(text=wild).rows] == [target]  # % and _ are literal
+    assert store.page(text="0%p").rows == [] and store.page(service="' OR 1=1 --").rows == []
+    assert store.page(worker='a1"] OR 1=1').rows == []
+    assert len(store.page(limit=10).rows) == 2  # the table is still there
+
+
+@pytest.mark.parametrize("cursor", ["nonsense", "W10", "WyJhIiwgMV0"])
+def test_a_bad_cursor_or_limit_is_a_clear_error(store: HistoryStore, cursor: str) -> None:
+    with pytest.raises(DecodeError, match="not a history cursor"):
+        store.page(cursor=cursor)
+    with pytest.raises(DecodeError, match="limit must be 1 to 1000"):
+        store.page(limit=0)
+
+
+def test_large_requests_and_results_are_summarized_with_their_size(store: HistoryStore) -> None:
+    journal = Journal()
+    job_id = journal.job(request={"blob": "r" * 10_000}, result={"blob": "s" * 100_000})
+    store.ingest(journal.entries, journal.next)
+    row = store.get(job_id)
+    assert row is not None and row.request is not None and row.result is not None
+    assert row.request_bytes > 10_000 and len(row.request.encode()) <= SUMMARY_BYTES + 4
+    assert row.result_bytes > 100_000 and row.result.endswith(" …")
+
+
+def test_pruning_drops_only_jobs_that_ended_before_the_retention(store: HistoryStore) -> None:
+    journal = Journal()
+    old, recent = journal.job(end=1_000.0), journal.job(end=90_000.0)
+    running = new_job_id()
+    journal.add(running, LAUNCH_TYPE, {**Launch.new("fit", {}, job_id=running).encode(), "sent": 10.0})
+    store.ingest(journal.entries, journal.next)
+    assert store.prune(keep=86_400.0, now=100_000.0) == 1
+    assert store.get(old) is None and store.get(recent) is not None and store.get(running) is not None
+
+
+def test_offsets_never_go_back(store: HistoryStore) -> None:
+    store.ingest([], {"brokerexec.jobs.00": 10})
+    store.ingest([], {"brokerexec.jobs.00": 4, "brokerexec.jobs.01": 2})
+    assert store.offsets() == {"brokerexec.jobs.00": 10, "brokerexec.jobs.01": 2}
+
+
+def test_two_indexers_on_one_postgresql_store_count_every_job_once(postgres_url: str) -> None:
+    journal = Journal()
+    ids = [journal.job(end=100.0 + n) for n in range(200)]
+    with HistoryStore(postgres_url) as first, HistoryStore(postgres_url) as second:
+        first.migrate()
+        second.migrate()  # a second migrate finds the schema there
+        errors: list[BaseException] = []
+
+        def index(store: HistoryStore, seed: int) -> None:
+            entries = list(journal.entries)
+            random.Random(seed).shuffle(batches := [entries[i:i + 50] for i in range(0, len(entries), 50)])
+            try:
+                for batch in batches:
+                    store.ingest(sorted(batch, key=lambda e: (e.stream, e.offset)), {})
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=index, args=(s, n)) for n, s in enumerate((first, second))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not errors
+        assert sum(first.counts().values()) == 200
+        assert {first.get(job_id).state for job_id in ids} == {"finished"}  # type: ignore[union-attr]
+
+
+def test_a_store_url_is_a_path_sqlite_or_postgresql() -> None:
+    from brokerexec.history.store import store_url
+
+    assert store_url("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert store_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+    assert store_url("history.db").startswith("sqlite:////")
+    with pytest.raises(ConfigurationError, match="unsupported history store 'mysql://h/db'"):
+        store_url("mysql://h/db")
+
+
+def test_the_indexer_skips_an_entry_that_does_not_decode_and_goes_on(tmp_path: Any) -> None:
+    import json
+
+    from brokerexec.history.indexer import Indexer
+    from brokerexec.transport.pika.journal_tail import TailEntry
+
+    journal = Journal()
+    job_id = journal.job(end=time.time())  # recent: not pruned
+    raw = [TailEntry(e.stream, e.offset, e.kind, e.job_id, "application/json", json.dumps(e.body).encode())
+           for e in journal.entries]
+    stream = raw[0].stream
+    bad = TailEntry(stream, len(raw), RECORD_TYPE, new_job_id(), "application/json", b"{not json")
+    probe = TailEntry(stream, len(raw) + 1, "brokerexec.probe", "p", "application/json", b"{}")
+    with HistoryStore(str(tmp_path / "h.db")) as store:
+        store.migrate()
+        indexer = Indexer(store, "amqp://127.0.0.1:1/")  # never connects here
+        indexer._take([*raw, bad, probe], {stream: len(raw) + 2})
+        assert store.get(job_id) is not None and store.get(job_id).state == "finished"  # type: ignore[union-attr]
+        assert (indexer.stats.skipped, indexer.stats.entries) == (1, len(raw))
+        assert store.offsets() == {stream: len(raw) + 2}  # past the bad one and the probe
