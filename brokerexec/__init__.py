@@ -30,6 +30,7 @@ if _typing.TYPE_CHECKING:  # what ``__getattr__`` below provides, for type check
         CheckpointFailed,
         ConfigurationError,
         DecodeError,
+        HistoryUnavailable,
         InvalidRequest,
         InvalidState,
         JobAborted,
@@ -47,6 +48,7 @@ if _typing.TYPE_CHECKING:  # what ``__getattr__`` below provides, for type check
         WorkerLost,
     )
     from .protocol.events import Event
+    from .protocol.history import HistoryPage
     from .protocol.intents import Intent
     from .protocol.states import JobState
     from .settings import WorkerSettings
@@ -66,6 +68,8 @@ __all__ = [
     "ConfigurationError",
     "DecodeError",
     "Event",
+    "HistoryPage",
+    "HistoryUnavailable",
     "Input",
     "Intent",
     "InvalidRequest",
@@ -108,6 +112,7 @@ _WHERE = {
     # states, intents and events: the protocol
     "JobState": "protocol.states",
     "Intent": "protocol.intents",
+    "HistoryPage": "protocol.history",
     "Event": "protocol.events",
     # workers
     "Worker": "worker.worker",
@@ -120,7 +125,8 @@ _WHERE = {
     # errors: one tree (brokerexec.errors draws it)
     **{name: "errors" for name in (
         "Aborted", "AccessRefused", "BrokerConnectionError", "BrokerExecError",
-        "CheckpointFailed", "ConfigurationError", "DecodeError", "InvalidRequest", "InvalidState",
+        "CheckpointFailed", "ConfigurationError", "DecodeError", "HistoryUnavailable", "InvalidRequest",
+        "InvalidState",
         "JobAborted", "JobNotFound", "MessageTooLarge", "NotApplied", "NotDurable", "RemoteError",
         "ResultTooLarge", "ServiceDefinitionError", "ServiceError", "SignalRefused", "Timeout",
         "UnknownService", "WorkerLost")},

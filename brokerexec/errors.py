@@ -20,6 +20,7 @@
     ├── ResultTooLarge            a job's result is over its worker's --max-result-bytes
     ├── WorkerLost                a job's worker was lost and its service does not restart
     ├── JobNotFound               no worker holds that job id and the journal has no trace of it
+    ├── HistoryUnavailable        no history indexer answers on the broker (or its store is down)
     ├── RemoteError               the remote side failed: carries its type, message, traceback
     │   └── JobAborted            the job was aborted (raised by ``Job.result``)
     └── Timeout                   something did not answer in time (also a TimeoutError)
@@ -47,6 +48,7 @@ __all__ = [
     "CheckpointFailed",
     "ConfigurationError",
     "DecodeError",
+    "HistoryUnavailable",
     "InvalidRequest",
     "InvalidState",
     "JobAborted",
@@ -149,6 +151,10 @@ class WorkerLost(BrokerExecError):
     while its service says ``on_lost = "fail"``: the reason in its failed record."""
 
 
+class HistoryUnavailable(BrokerExecError):
+    """No history indexer answers on this broker (start ``brokerexec history``)."""
+
+
 class JobNotFound(BrokerExecError):
     """No worker holds that job id, and the journal has no trace of it."""
 
@@ -197,7 +203,7 @@ _WIRE_TYPES: dict[str, type[BrokerExecError]] = {
     f"{WIRE_PREFIX}{kind.__name__}": kind
     for kind in (ConfigurationError, BrokerConnectionError, DecodeError, MessageTooLarge,
                  ServiceError, UnknownService, InvalidRequest, SignalRefused, InvalidState,
-                 NotApplied, CheckpointFailed, WorkerLost, JobNotFound, Timeout)
+                 NotApplied, CheckpointFailed, WorkerLost, JobNotFound, Timeout, HistoryUnavailable)
 }
 
 

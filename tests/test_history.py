@@ -16,7 +16,7 @@ from typing import Any
 import brokerctl
 import pytest
 
-from brokerexec import Client, RemoteError
+from brokerexec import Client, DecodeError, HistoryUnavailable, RemoteError
 from brokerexec.history import HistoryStore
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.timeout(240)]
@@ -127,7 +127,26 @@ def test_every_job_is_in_the_store_once_across_worker_and_indexer_sigkills(
         ids = [job.id for job in (*done, failing, *sweep, resumed)]
         rows = wait_for_rows(store_url, lambda rows: all(row is not None and row.state in (
             "finished", "failed") for row in rows.values()), ids)
+        # Asked over the broker: any client, with only the broker's URL.
+        failed = client.history(state="failed", count=True)
+        assert [row["job_id"] for row in failed.rows] == [failing.id] and failed.total == 1
+        assert failed.rows[0]["error"] == "boom at step 1" and failed.cursor is None
+        assert [row["job_id"] for row in client.history(text="boom at").rows] == [failing.id]
+        paged, cursor = [], None
+        while True:
+            page = client.history(service="counter", limit=7, cursor=cursor)
+            paged += [row["job_id"] for row in page.rows]
+            if (cursor := page.cursor) is None:
+                break
+        assert sorted(paged) == sorted(job.id for job in (*done, failing, *sweep))
+        with pytest.raises(DecodeError, match="not a history cursor"):
+            client.history(cursor="nonsense")
     assert indexer.stop() == 0
+    with Client(amqp_url, timeout=10) as client:  # no indexer now: said at once
+        started = time.monotonic()
+        with pytest.raises(HistoryUnavailable, match="no history indexer runs on this broker"):
+            client.history()
+        assert time.monotonic() - started < 1.0
     assert {rows[job.id].state for job in (*done, *sweep)} == {"finished"}
     assert rows[failing.id].state == "failed" and rows[failing.id].error == "boom at step 1"
     assert rows[failing.id].error_type == "ValueError"

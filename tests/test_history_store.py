@@ -259,3 +259,70 @@ def test_the_indexer_skips_an_entry_that_does_not_decode_and_goes_on(tmp_path: A
         assert store.get(job_id) is not None and store.get(job_id).state == "finished"  # type: ignore[union-attr]
         assert (indexer.stats.skipped, indexer.stats.entries) == (1, len(raw))
         assert store.offsets() == {stream: len(raw) + 2}  # past the bad one and the probe
+
+
+# ---- the query over the broker, sans-I/O --------------------------------------------------------
+
+
+def test_a_history_query_is_checked_and_crosses_the_wire_unchanged() -> None:
+    from brokerexec.protocol.history import HistoryQuery
+
+    query = HistoryQuery(service="fit", state="failed", since=1.5, text="x'; --", limit=10, count=True)
+    assert HistoryQuery.decode(query.encode()) == query
+    assert query.encode() == {"intent": "history", "service": "fit", "state": "failed", "since": 1.5,
+                              "text": "x'; --", "limit": 10, "count": True}
+    for bad, says in (({"limit": 0}, "limit must be 1 to 1000"), ({"since": "yesterday"}, "must be a time"),
+                      ({"service": 7}, "must be text"), ({"colour": "red"}, "unknown history filter")):
+        with pytest.raises(DecodeError, match=says):
+            HistoryQuery.decode({"intent": "history", **bad})
+
+
+def test_asking_with_no_indexer_is_history_unavailable_at_once_and_a_reply_is_a_page() -> None:
+    import json
+
+    from brokerexec.errors import HistoryUnavailable, Timeout
+    from brokerexec.protocol import calls
+    from brokerexec.protocol.commands import Incoming, Routed
+    from brokerexec.protocol.history import HistoryPage, HistoryQuery, ask
+
+    def answered(answer: Any) -> Any:
+        return calls.drive(ask(HistoryQuery(), timeout=2.0, max_bytes=10_000), lambda command: answer)
+
+    with pytest.raises(HistoryUnavailable, match="start `brokerexec history`"):
+        answered(Routed.RETURNED)
+    with pytest.raises(Timeout, match=r"no history indexer answered within 2\.0 s"):
+        answered(None)
+    page = {"rows": [{"job_id": "j", "state": "failed"}], "cursor": "c", "total": 3}
+    assert answered(Incoming(json.dumps({"result": page}).encode(), "application/json")) == HistoryPage(
+        page["rows"], "c", 3)
+    refusal = {"error": {"type": "brokerexec.DecodeError", "message": "not a history cursor",
+                         "traceback": ""}}
+    with pytest.raises(DecodeError, match="not a history cursor"):
+        answered(Incoming(json.dumps(refusal).encode(), "application/json"))
+
+
+def test_an_indexer_answers_a_page_one_job_or_why_not(tmp_path: Any) -> None:
+    import json
+
+    from brokerexec.history.indexer import Indexer
+    from brokerexec.protocol.history import HistoryQuery
+
+    journal = Journal()
+    ids = [journal.job(end=time.time() - n) for n in range(3)]
+    with HistoryStore(str(tmp_path / "h.db")) as store:
+        store.migrate()
+        store.ingest(journal.entries, journal.next)
+        indexer = Indexer(store, "amqp://127.0.0.1:1/")
+
+        def ask(body: dict[str, Any]) -> dict[str, Any]:
+            reply: dict[str, Any] = json.loads(indexer.answer(json.dumps(body).encode(), "application/json"))
+            return reply
+
+        first = ask(HistoryQuery(limit=2, count=True).encode())["result"]
+        assert [row["job_id"] for row in first["rows"]] == ids[:2] and first["total"] == 3
+        rest = ask(HistoryQuery(limit=2, cursor=first["cursor"]).encode())["result"]
+        assert [row["job_id"] for row in rest["rows"]] == ids[2:] and rest["cursor"] is None
+        one = ask(HistoryQuery(job_id=ids[1]).encode())["result"]
+        assert one["rows"][0]["job_id"] == ids[1] and one["rows"][0]["state"] == "finished"
+        assert ask({"intent": "history", "cursor": "nonsense"})["error"]["type"] == "brokerexec.DecodeError"
+        assert ask({"intent": "status"})["error"]["message"].startswith("not a history query")

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from ..constants import DEFAULT_JOBS_TIMEOUT, DEFAULT_RPC_TIMEOUT, DEFAULT_URL
 from ..errors import Timeout
 from ..protocol.events import Event
+from ..protocol.history import HistoryPage, HistoryQuery
 from ..protocol.intents import Intent, Signal
 from ..protocol.messages import Launch
 from ..protocol.names import check_name
@@ -136,6 +137,15 @@ class AsyncClient:
         """As ``Client.listing``."""
         since = None if ended_within is None else time.time() - ended_within
         return await self.transport.list_jobs(timeout, services=services, ended_since=since)
+
+    async def history(self, service: str | None = None, state: str | None = None,
+                      since: float | None = None, until: float | None = None, worker: str | None = None,
+                      operation: str | None = None, text: str | None = None, limit: int = 50,
+                      cursor: str | None = None, *, count: bool = False,
+                      timeout: float | None = None) -> HistoryPage:
+        """As ``Client.history``."""
+        query = HistoryQuery(service, state, since, until, worker, operation, text, limit, cursor, count)
+        return await self.transport.history(query, timeout or self.timeout)
 
     async def close(self) -> None:
         """Close the connection (and stop an embedded worker); confirmed launches stay queued."""

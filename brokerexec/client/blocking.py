@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..constants import DEFAULT_JOBS_TIMEOUT, DEFAULT_RPC_TIMEOUT, DEFAULT_URL
+from ..protocol.history import HistoryPage, HistoryQuery
 from ..protocol.intents import Intent
 from ..protocol.names import check_name
 from ..transport.schemes import scheme_of
@@ -144,6 +145,23 @@ class Client:
         """As :meth:`jobs`, with the workers that answered and the jobs apart by kind."""
         since = None if ended_within is None else time.time() - ended_within
         return self.transport.list_jobs(timeout, services=services, ended_since=since)
+
+    def history(self, service: str | None = None, state: str | None = None, since: float | None = None,
+                until: float | None = None, worker: str | None = None, operation: str | None = None,
+                text: str | None = None, limit: int = 50, cursor: str | None = None, *,
+                count: bool = False, timeout: float | None = None) -> HistoryPage:
+        """A page of every job kept in the history store, newest first, from a history indexer
+        on the broker (``brokerexec history``; ``docs/history.md``). Filters all apply:
+        ``since``/``until`` are epoch seconds of when the job last moved; ``text`` is looked
+        for in its id, request, result and error; ``count`` also counts every match. Pass a
+        page's ``cursor`` for the next one (stable while jobs end meanwhile).
+
+        Raises:
+            HistoryUnavailable: no indexer runs on the broker.
+            DecodeError: a bad filter, limit or cursor.
+        """
+        query = HistoryQuery(service, state, since, until, worker, operation, text, limit, cursor, count)
+        return self.transport.history(query, timeout or self.timeout)
 
     def close(self) -> None:
         """Close the connection (and stop an embedded worker)."""

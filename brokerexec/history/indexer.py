@@ -19,8 +19,10 @@ from sqlalchemy import exc as sa_exc
 
 from .. import codec
 from ..constants import MAX_ENTRY_BYTES
-from ..errors import DecodeError
+from ..errors import DecodeError, HistoryUnavailable
+from ..protocol.history import HistoryPage, HistoryQuery
 from ..protocol.journal import ENTRY_TYPES
+from ..protocol.replies import Reply
 from ..transport.pika.journal_tail import JournalTail, TailEntry, TryAgain
 from .store import Entry, HistoryStore
 
@@ -62,7 +64,7 @@ class Indexer:
                  batch: int = 1000) -> None:
         self.store = store
         self.keep = keep
-        self.tail = JournalTail(broker, batch=batch)
+        self.tail = JournalTail(broker, batch=batch, answer=self.answer)
         self.stats = IndexerStats()
         self._pruned_at = 0.0
 
@@ -106,6 +108,25 @@ class Indexer:
         self.stats.newest_entry.update(reached)
         if time.monotonic() - self._pruned_at > PRUNE_EVERY:
             self._prune()
+
+    def answer(self, body: bytes, content_type: str | None) -> bytes:
+        """The reply to one history query: a page, one job's row, or why not."""
+        try:
+            decoded, _ = codec.decode_object(body, content_type, allow_yaml=False)
+            query = HistoryQuery.decode(decoded)
+            if query.job_id is not None:
+                row = self.store.get(query.job_id)
+                page = HistoryPage([row.encode()] if row is not None else [], None, int(row is not None))
+            else:
+                found = self.store.page(**query.filters())
+                page = HistoryPage([row.encode() for row in found.rows], found.cursor, found.total)
+            reply = Reply.result(page.encode())
+        except (DecodeError, TypeError) as exc:
+            reply = Reply.failure(exc if isinstance(exc, DecodeError) else DecodeError(str(exc)))
+        except sa_exc.SQLAlchemyError as exc:
+            self.stats.store_errors += 1
+            reply = Reply.failure(HistoryUnavailable(f"the history store cannot answer now: {exc}"))
+        return codec.encode(reply.encode())
 
     def _prune(self) -> None:
         self._pruned_at = time.monotonic()

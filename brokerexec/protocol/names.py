@@ -43,6 +43,9 @@ EVENTS_EXCHANGE: Final = "brokerexec.events"
 #: Fanout exchange and stream of retained control messages (pause_all, abort_all, ...).
 CONTROL_EXCHANGE: Final = "brokerexec.control"
 CONTROL_STREAM: Final = "brokerexec.control"
+#: The queue the history indexers consume (``brokerexec history``), for history queries;
+#: it goes with the last of them.
+HISTORY_QUEUE: Final = "brokerexec.history"
 #: Fanout exchange on which every worker answers the ``jobs`` query and RPCs to jobs that
 #: are not claimed yet.
 WORKERS_EXCHANGE: Final = "brokerexec.workers"

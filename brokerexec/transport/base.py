@@ -24,10 +24,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..errors import HistoryUnavailable
+
 if TYPE_CHECKING:  # annotations only: a one-shot CLI verb imports this module
     from concurrent.futures import Future
 
     from ..protocol.events import Event
+    from ..protocol.history import HistoryPage, HistoryQuery
     from ..protocol.intents import Signal
     from ..protocol.lookups import Listing
     from ..protocol.messages import Control, JobSummary, Launch, Record
@@ -223,6 +226,14 @@ class ClientTransport(abc.ABC):
         """The jobs across the fleet: running (the workers' answers, gathered for
         ``timeout`` s), queued, and those ended since ``ended_since`` (epoch seconds)."""
 
+    def history(self, query: HistoryQuery, timeout: float) -> HistoryPage:
+        """A page of the history store, from an indexer on the broker (``docs/history.md``).
+
+        Raises:
+            HistoryUnavailable: none answers (and, here, none can: this transport keeps none).
+        """
+        raise HistoryUnavailable(f"{type(self).__name__} keeps no history store")
+
     @abc.abstractmethod
     def close(self) -> None:
         """Close the connection."""
@@ -262,6 +273,10 @@ class AsyncClientTransport(abc.ABC):
     @abc.abstractmethod
     async def list_jobs(self, timeout: float, *, services: Iterable[str] = (),
                         ended_since: float | None = None, limit: int = 1000) -> Listing: ...
+
+    async def history(self, query: HistoryQuery, timeout: float) -> HistoryPage:
+        """As :meth:`ClientTransport.history`."""
+        raise HistoryUnavailable(f"{type(self).__name__} keeps no history store")
 
     @abc.abstractmethod
     async def close(self) -> None: ...

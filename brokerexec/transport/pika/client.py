@@ -28,7 +28,7 @@ import pika
 
 from ...constants import DEFAULT_LOCATE_TIMEOUT, MAX_MESSAGE_BYTES
 from ...errors import BrokerConnectionError
-from ...protocol import calls, lookups
+from ...protocol import calls, history, lookups
 from ...urls import broker_urls
 from ..base import ClientTransport, client_info
 from ..tls import split_tls
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from ...protocol.events import Event
+    from ...protocol.history import HistoryPage, HistoryQuery
     from ...protocol.intents import Signal
     from ...protocol.lookups import Listing
     from ...protocol.messages import Control, Launch
@@ -195,6 +196,11 @@ class PikaClientTransport(ClientTransport):
         return self._run(lambda caller: caller.run(lookups.status(
             job_id, timeout=timeout, locate_timeout=self.locate_timeout,
             max_bytes=self.max_message_bytes)), resendable=True, what=f"the status of job {job_id}")
+
+    def history(self, query: HistoryQuery, timeout: float) -> HistoryPage:
+        return self._run(lambda caller: caller.run(history.ask(
+            query, timeout=timeout, max_bytes=self.max_message_bytes)), resendable=True,
+            what="a history query")
 
     def abort(self, job_id: str, timeout: float) -> bool:
         return self._run(lambda caller: caller.run(lookups.abort(

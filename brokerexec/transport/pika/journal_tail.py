@@ -6,6 +6,8 @@ caller says it has read up to. Deliveries are gathered into batches (``batch`` e
 ``flush_every`` seconds after the first) and handed over with the offset each stream reached;
 they are acknowledged (stream credit) only once the caller took the batch, so what is not yet
 stored is read again after a crash or a reconnect, from the offsets the caller stored last.
+On the same connection, between batches, it answers history queries (``protocol/history.py``)
+with the caller's ``answer``.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ import pika.exceptions
 from tenacity import Retrying, retry_if_exception_type, stop_never, wait_exponential
 
 from ...protocol.journal import STREAM_OFFSET_HEADER
-from ...protocol.names import JOURNAL_BUCKETS, journal_stream_of_bucket
+from ...protocol.names import HISTORY_QUEUE, JOURNAL_BUCKETS, journal_stream_of_bucket
 from .client import PikaClientTransport
 
-__all__ = ["JournalTail", "TailEntry", "TryAgain"]
+__all__ = ["Answer", "JournalTail", "TailEntry", "TryAgain"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ class TailEntry:
 
 #: Takes a batch and the next offset of each stream it reaches; returns once it is stored.
 OnBatch = Callable[[list[TailEntry], dict[str, int]], None]
+#: Answers one history query (its body and content type) with a reply's body (JSON).
+Answer = Callable[[bytes, "str | None"], bytes]
 
 
 class JournalTail:
@@ -61,9 +65,10 @@ class JournalTail:
     """
 
     def __init__(self, url: str, *, batch: int = 1000, flush_every: float = 0.25,
-                 name: str = "brokerexec-history") -> None:
+                 name: str = "brokerexec-history", answer: Answer | None = None) -> None:
         self.parameters = PikaClientTransport._connection_parameters(url, 10.0, name, 30)
         self.batch, self.flush_every = batch, flush_every
+        self.answer = answer
         self.connected = threading.Event()
 
     def run(self, offsets: Callable[[], Mapping[str, int]], on_batch: OnBatch, stop: threading.Event) -> None:
@@ -113,6 +118,8 @@ class JournalTail:
                 if exc.reply_code == _NOT_FOUND:
                     raise _NoJournal("no journal streams yet: no worker has run on this broker") from exc
                 raise
+            if self.answer is not None:
+                _serve(channel, self.answer)
             self.connected.set()
             while not stop.is_set():
                 connection.process_data_events(time_limit=self.flush_every / 2)
@@ -129,6 +136,21 @@ class JournalTail:
             self.connected.clear()
             with contextlib.suppress(Exception):
                 connection.close()
+
+
+def _serve(channel: Any, answer: Answer) -> None:
+    """Answer history queries, between batches, on the queue every indexer consumes (it goes
+    with the last of them, so that a query with none there comes back unroutable)."""
+
+    def on_query(ch: Any, _method: Any, props: pika.BasicProperties, body: bytes) -> None:
+        if not props.reply_to:
+            return
+        reply = answer(body, props.content_type)
+        ch.basic_publish("", props.reply_to, reply, pika.BasicProperties(
+            content_type="application/json", correlation_id=props.correlation_id))
+
+    channel.queue_declare(HISTORY_QUEUE, auto_delete=True)
+    channel.basic_consume(HISTORY_QUEUE, on_query, auto_ack=True)
 
 
 def _sleep(stop: threading.Event, seconds: float) -> None:

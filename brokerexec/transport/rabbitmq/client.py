@@ -30,7 +30,7 @@ import aiormq.exceptions
 from ... import codec
 from ...constants import DEFAULT_LOCATE_TIMEOUT, MAX_ENTRY_BYTES
 from ...errors import AccessRefused, BrokerConnectionError, DecodeError
-from ...protocol import calls, lookups
+from ...protocol import calls, history, lookups
 from ...protocol.commands import (
     Browse,
     Gather,
@@ -43,6 +43,7 @@ from ...protocol.commands import (
     Routed,
 )
 from ...protocol.events import Event
+from ...protocol.history import HistoryPage, HistoryQuery
 from ...protocol.intents import Signal
 from ...protocol.lookups import Listing
 from ...protocol.messages import Control, Launch
@@ -242,6 +243,10 @@ class RabbitClientTransport(AsyncClientTransport):
         return await self._on_connection(self._run(lookups.status(
             job_id, timeout=timeout, locate_timeout=self.locate_timeout,
             max_bytes=self.settings.max_message_bytes), f"the status of job {job_id}"))
+
+    async def history(self, query: HistoryQuery, timeout: float) -> HistoryPage:
+        return await self._on_connection(self._run(history.ask(
+            query, timeout=timeout, max_bytes=self.settings.max_message_bytes), "a history query"))
 
     async def abort(self, job_id: str, timeout: float) -> bool:
         return await self._on_connection(self._run(lookups.abort(

@@ -1,0 +1,122 @@
+"""History queries over the broker: the question, the page that answers it, and the call.
+
+A client asks whichever history indexer consumes the queue ``brokerexec.history`` (several may:
+any one answers) with one request and direct reply-to, so it needs only the broker's URL;
+none consuming is :class:`~brokerexec.errors.HistoryUnavailable` at once (the request comes
+back unroutable: the queue goes with its last indexer). Sans-I/O, like :mod:`.calls`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .. import codec
+from ..errors import DecodeError, HistoryUnavailable, Timeout
+from .calls import read_reply
+from .commands import Call, Message, Request, Routed
+from .names import DIRECT_REPLY_TO, HISTORY_QUEUE
+
+__all__ = ["HistoryPage", "HistoryQuery", "ask"]
+
+#: The most rows one page holds.
+MAX_LIMIT = 1000
+_TEXT = ("service", "state", "worker", "operation", "text", "cursor", "job_id")
+_TIMES = ("since", "until")
+
+
+@dataclass(frozen=True)
+class HistoryQuery:
+    """Which jobs: every filter is optional and they all apply; ``job_id`` asks for one."""
+
+    service: str | None = None
+    state: str | None = None
+    since: float | None = None  # epoch seconds: moved at or after
+    until: float | None = None  # and before
+    worker: str | None = None
+    operation: str | None = None
+    text: str | None = None  # in the id, request, result or error
+    limit: int = 50
+    cursor: str | None = None  # the page after the one that gave it
+    count: bool = False  # also count every match
+    job_id: str | None = None
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raises:
+            DecodeError: a filter of the wrong type, or a limit out of 1..1000."""
+        for name in _TEXT:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or len(value) > 1000):
+                raise DecodeError(f"history filter {name!r} must be text (at most 1000 characters), "
+                                  f"not {value!r}")
+        for name in _TIMES:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise DecodeError(f"history filter {name!r} must be a time (epoch seconds), not {value!r}")
+        limit = self.limit
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+            raise DecodeError(f"history limit must be 1 to {MAX_LIMIT}, not {self.limit!r}")
+        if not isinstance(self.count, bool):
+            raise DecodeError(f"history count must be true or false, not {self.count!r}")
+
+    def encode(self) -> dict[str, Any]:
+        return {"intent": "history", **{k: v for k, v in asdict(self).items() if v not in (None, False)}}
+
+    @classmethod
+    def decode(cls, body: dict[str, Any]) -> HistoryQuery:
+        if body.get("intent") != "history":
+            raise DecodeError(f"not a history query: intent {body.get('intent')!r}")
+        known = {k: v for k, v in body.items() if k != "intent"}
+        unknown = set(known) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise DecodeError(f"unknown history filter(s): {', '.join(sorted(unknown))}")
+        return cls(**known)
+
+    def filters(self) -> dict[str, Any]:
+        """The store's keyword arguments for a page."""
+        return {k: getattr(self, k) for k in (*_TEXT[:5], *_TIMES, "limit", "cursor", "count")}
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    """A page of jobs, newest first: each a row of the history store (``docs/history.md``);
+    ``cursor`` gives the next page (None: no more); ``total`` every match, when counted."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    cursor: str | None = None
+    total: int | None = None
+
+    def encode(self) -> dict[str, Any]:
+        return {"rows": self.rows, "cursor": self.cursor, "total": self.total}
+
+    @classmethod
+    def decode(cls, body: Any) -> HistoryPage:
+        if not isinstance(body, dict) or not isinstance(body.get("rows"), list):
+            raise DecodeError(f"not a history page: {str(body)[:200]}")
+        cursor, total = body.get("cursor"), body.get("total")
+        return cls([row for row in body["rows"] if isinstance(row, dict)],
+                   cursor if isinstance(cursor, str) else None, total if isinstance(total, int) else None)
+
+
+def ask(query: HistoryQuery, *, timeout: float, max_bytes: int) -> Call[HistoryPage]:
+    """Ask the history indexers.
+
+    Raises:
+        HistoryUnavailable: none runs on this broker.
+        Timeout: none answered within ``timeout`` s.
+        DecodeError: the indexer refused the query (a bad filter or cursor).
+    """
+    message = Message("", HISTORY_QUEUE, codec.encode(query.encode()), correlation_id=uuid.uuid4().hex,
+                      reply_to=DIRECT_REPLY_TO)
+    incoming = yield Request(message, timeout)
+    if incoming in (Routed.RETURNED, Routed.NO_EXCHANGE):
+        raise HistoryUnavailable("no history indexer runs on this broker: start `brokerexec history` "
+                                 "(docs/history.md)")
+    if incoming is None:
+        raise Timeout(f"no history indexer answered within {timeout} s")
+    assert not isinstance(incoming, Routed)
+    return HistoryPage.decode(read_reply(incoming, max_bytes).outcome())
