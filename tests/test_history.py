@@ -91,13 +91,8 @@ def rows_of(store: str, ids: list[str]) -> dict[str, Any]:
 
 
 def wait_for_rows(store: str, want: Callable[[dict[str, Any]], bool], ids: list[str]) -> dict[str, Any]:
-    deadline = time.monotonic() + WAIT
-    while True:
-        rows = rows_of(store, ids)
-        if want(rows):
-            return rows
-        assert time.monotonic() < deadline, {job_id: row and row.state for job_id, row in rows.items()}
-        time.sleep(0.2)
+    brokerctl.wait_until(lambda: want(rows_of(store, ids)), WAIT, "the store to hold every job as wanted")
+    return rows_of(store, ids)
 
 
 def test_every_job_is_in_the_store_once_across_worker_and_indexer_sigkills(

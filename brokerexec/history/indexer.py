@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sqlalchemy import exc as sa_exc
 
@@ -47,7 +47,6 @@ class IndexerStats:
     pruned: int = 0
     store_errors: int = 0  # batches the store refused (read again later)
     last_batch: float = 0.0  # when the last batch was committed (epoch seconds)
-    newest_entry: dict[str, int] = field(default_factory=dict)  # per stream, the next offset
 
 
 class Indexer:
@@ -105,7 +104,6 @@ class Indexer:
         self.stats.entries += len(entries)
         self.stats.batches += 1
         self.stats.last_batch = time.time()
-        self.stats.newest_entry.update(reached)
         if time.monotonic() - self._pruned_at > PRUNE_EVERY:
             self._prune()
 

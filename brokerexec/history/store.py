@@ -18,7 +18,7 @@ import binascii
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,6 @@ class Page:
     rows: list[JobRow]
     cursor: str | None
     total: int | None = None  # how many match, when asked
-    filters: dict[str, Any] = field(default_factory=dict)
 
 
 def store_url(url: str) -> str:
@@ -226,10 +225,7 @@ class HistoryStore:
                                                .where(*conditions)).scalar_one())
         more = len(found) > limit
         rows = found[:limit]
-        return Page(rows, _encode_cursor(rows[-1]) if more else None, total,
-                    {k: v for k, v in {"service": service, "state": state, "since": since, "until": until,
-                                       "worker": worker, "operation": operation, "text": text}.items()
-                     if v is not None})
+        return Page(rows, _encode_cursor(rows[-1]) if more else None, total)
 
     def counts(self, since: float | None = None) -> dict[tuple[str, str], int]:
         """How many jobs there are by service and state (that moved since ``since``)."""

@@ -78,7 +78,8 @@ class HistoryQuery:
 
     def filters(self) -> dict[str, Any]:
         """The store's keyword arguments for a page."""
-        return {k: getattr(self, k) for k in (*_TEXT[:5], *_TIMES, "limit", "cursor", "count")}
+        return {name: getattr(self, name) for name in ("service", "state", "since", "until", "worker",
+                                                        "operation", "text", "limit", "cursor", "count")}
 
 
 @dataclass(frozen=True)

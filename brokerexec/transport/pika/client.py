@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from ..pushed_records import PushedRecords
     from .listener import PikaListener
 
-__all__ = ["PikaClientTransport"]
+__all__ = ["PikaClientTransport", "connection_parameters"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,6 +64,27 @@ def _without_name(url: str, name: str) -> tuple[str, str]:
         kept = urlencode([(key, value) for key, value in query if key != "name"])
         urls.append(urlunparse(parts._replace(query=kept)))
     return ",".join(urls), name
+
+
+def connection_parameters(url: str, connect_timeout: float, name: str,
+                          heartbeat: int | None) -> list[pika.URLParameters]:
+    """One set per broker address: pika's ``BlockingConnection`` tries them in order."""
+    every = []
+    for one in broker_urls(url):
+        plain_url, tls = split_tls(one)
+        params = pika.URLParameters(plain_url)
+        if tls is not None:  # made once: every caller's and the listener's connection share it
+            params.ssl_options = pika.SSLOptions(tls.context(), tls.hostname)
+        if heartbeat is not None:
+            params.heartbeat = heartbeat
+        params.connection_attempts = 1
+        params.retry_delay = 0
+        params.socket_timeout = connect_timeout
+        params.stack_timeout = connect_timeout * 2
+        params.blocked_connection_timeout = connect_timeout * 2
+        params.client_properties = {"connection_name": name}
+        every.append(params)
+    return every
 
 
 class PikaClientTransport(ClientTransport):
@@ -89,8 +110,8 @@ class PikaClientTransport(ClientTransport):
         self.url = url
         self.locate_timeout = locate_timeout
         self.max_message_bytes = max_message_bytes
-        self._parameters = self._connection_parameters(url, connect_timeout, name, heartbeat)
-        self._listener_parameters = self._connection_parameters(url, connect_timeout,
+        self._parameters = connection_parameters(url, connect_timeout, name, heartbeat)
+        self._listener_parameters = connection_parameters(url, connect_timeout,
                                                                 f"{name}-listener", listener_heartbeat)
         self._connect_timeout = connect_timeout
         self._local = threading.local()
@@ -106,27 +127,6 @@ class PikaClientTransport(ClientTransport):
         self._listener: PikaListener | None = None
         self._offered: set[str] = set()  # services known to have a launch queue
         self._caller()  # connect now: an unreachable broker fails here, fast
-
-    @staticmethod
-    def _connection_parameters(url: str, connect_timeout: float, name: str,
-                               heartbeat: int | None) -> list[pika.URLParameters]:
-        """One set per broker address: pika's ``BlockingConnection`` tries them in order."""
-        every = []
-        for one in broker_urls(url):
-            plain_url, tls = split_tls(one)
-            params = pika.URLParameters(plain_url)
-            if tls is not None:  # made once: every caller's and the listener's connection share it
-                params.ssl_options = pika.SSLOptions(tls.context(), tls.hostname)
-            if heartbeat is not None:
-                params.heartbeat = heartbeat
-            params.connection_attempts = 1
-            params.retry_delay = 0
-            params.socket_timeout = connect_timeout
-            params.stack_timeout = connect_timeout * 2
-            params.blocked_connection_timeout = connect_timeout * 2
-            params.client_properties = {"connection_name": name}
-            every.append(params)
-        return every
 
     # ---- connections -------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_never, wait_exponen
 
 from ...protocol.journal import STREAM_OFFSET_HEADER
 from ...protocol.names import HISTORY_QUEUE, JOURNAL_BUCKETS, journal_stream_of_bucket
-from .client import PikaClientTransport
+from .client import connection_parameters
 
 __all__ = ["Answer", "JournalTail", "TailEntry", "TryAgain"]
 
@@ -66,7 +66,7 @@ class JournalTail:
 
     def __init__(self, url: str, *, batch: int = 1000, flush_every: float = 0.25,
                  name: str = "brokerexec-history", answer: Answer | None = None) -> None:
-        self.parameters = PikaClientTransport._connection_parameters(url, 10.0, name, 30)
+        self.parameters = connection_parameters(url, 10.0, name, 30)
         self.batch, self.flush_every = batch, flush_every
         self.answer = answer
         self.connected = threading.Event()

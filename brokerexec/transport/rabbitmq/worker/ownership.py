@@ -200,10 +200,7 @@ class Ownership:
 
     def feed(self, owned: OwnedJob, event: own.Event) -> None:
         """One event of ``owned``: its machine decides, its actions are carried out (loop thread)."""
-        actions = owned.machine.handle(event)
-        log.debug("job %s: %s -> %s", owned.job_id, event, actions)
-        owned.changed.set()
-        self._run(owned, actions)
+        self._run(owned, self._decide(owned, event))
 
     def _run(self, owned: OwnedJob, actions: list[own.Action]) -> None:
         """Carry out ``actions``: those without I/O at once, the rest in order in a task."""
@@ -226,26 +223,31 @@ class Ownership:
                     raise
                 # aiormq cancels what waits on a connection that dies (a channel being
                 # opened, a confirm): a failed step, which the machine tries again.
-                step = _STEPS.get(type(action))
-                log.info("job %s: %s cut off by the connection's end", owned.job_id, step)
-                if step is None:
-                    continue
-                owned.error = BrokerConnectionError(f"the connection went during {step} of {owned.job_id}")
-                owned.error.__cause__ = exc
-                event = own.StepFailed(step, "the connection went")
+                cut = BrokerConnectionError(f"the connection went during {type(action).__name__} "
+                                            f"of {owned.job_id}")
+                cut.__cause__ = exc
+                event = self._failed(owned, action, cut)
             except Exception as exc:
-                step = _STEPS.get(type(action))
-                (log.info if isinstance(exc, NotYet) else log.warning)(
-                    "job %s: %s failed: %s", owned.job_id, step or type(action).__name__, exc)
-                if step is None:
-                    continue
-                owned.error = exc
-                event = own.StepFailed(step, repr(exc))
+                event = self._failed(owned, action, exc)
             if event is not None:
-                further = owned.machine.handle(event)
-                log.debug("job %s: %s -> %s", owned.job_id, event, further)
-                owned.changed.set()
-                await self._carry_out(owned, further)
+                await self._carry_out(owned, self._decide(owned, event))
+
+    def _decide(self, owned: OwnedJob, event: own.Event) -> list[own.Action]:
+        actions = owned.machine.handle(event)
+        log.debug("job %s: %s -> %s", owned.job_id, event, actions)
+        owned.changed.set()  # its waiters look again
+        return actions
+
+    def _failed(self, owned: OwnedJob, action: own.Action, exc: BaseException) -> own.Event | None:
+        """The event of an action that raised: a failed step, or None for an action that
+        answers nothing (logged, and the next goes on)."""
+        step = _STEPS.get(type(action))
+        (log.info if isinstance(exc, NotYet) else log.warning)(
+            "job %s: %s failed: %s", owned.job_id, step or type(action).__name__, exc)
+        if step is None:
+            return None
+        owned.error = exc
+        return own.StepFailed(step, repr(exc))
 
     async def _perform(self, owned: OwnedJob, action: own.Action) -> own.Event | None:
         """One action with I/O; the event that answers it."""
@@ -481,9 +483,8 @@ class Ownership:
     async def end(self, owned: OwnedJob, *, handover: bool = False) -> None:
         """The computation ended: store its record (``owned.record``) or hand it over, as its
         machine says; return once the job is let go here."""
-        actions = owned.machine.handle(own.EndDue(handover=handover))
-        owned.changed.set()
-        await self._carry_out(owned, actions)  # here, not in a task: a short job's end is hot
+        # Carried out here, not in a task: a short job's end is on the hot path.
+        await self._carry_out(owned, self._decide(owned, own.EndDue(handover=handover)))
         while not owned.machine.final:
             if self.connection.closing:
                 raise BrokerConnectionError("the connection is closing")
