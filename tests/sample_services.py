@@ -264,14 +264,18 @@ class WhereAlone(Where):
 
 
 class Crasher(Service):
-    """Calls ready() ``steps`` times, then dies: "segv", "exit" (os._exit(3)) or "kill" (SIGKILL)."""
+    """Calls ready() ``steps`` times (with ``improve``, each followed by an improved state),
+    then dies: "segv", "exit" (os._exit(3)) or "kill" (SIGKILL)."""
 
     name = "crasher"
-    inputs = (Input("how", str, default="segv"), Input("steps", int, default=1))
+    inputs = (Input("how", str, default="segv"), Input("steps", int, default=1),
+              Input("improve", bool, default=False))
 
     def run(self, handler: ServiceHandler, request: dict[str, Any]) -> str:
-        for _ in range(request["steps"]):
+        for step in range(request["steps"]):
             handler.ready()
+            if request["improve"]:
+                handler.improved({"step": step})
         if request["how"] == "segv":
             ctypes.string_at(0)
         elif request["how"] == "exit":

@@ -113,6 +113,21 @@ def test_launch_many_queues_a_sweep_and_every_job_ends(make_client: Callable[[in
     assert jobs[-1].record(0)["result"]["count"] == 40
 
 
+def test_the_record_keeps_the_last_progress_and_improved_state(make_client: Callable[[int], Client]) -> None:
+    client = make_client(4)
+    # Given a job that sends progress at every ready() and improves five times
+    job = client.launch("improver", {"n": 5}, progress_delta=0)
+    # Then its record carries its last progress and its last (best) improved state
+    assert job.result(WAIT) == 5
+    record = job.record()
+    assert record is not None and record["improved"] == {"i": 4}
+    assert set(record["progress"]) == {"elapsed"} and record["progress"]["elapsed"] >= 0
+    # and a job that reported neither has neither key
+    quiet = client.launch("counter", {"steps": 3}, progress_delta=3600)
+    assert quiet.result(WAIT)["count"] == 3
+    assert not {"progress", "improved"} & set(quiet.record() or {})
+
+
 def test_a_failed_job_raises_remote_error_with_type_and_traceback(
         make_client: Callable[[int], Client]) -> None:
     client = make_client(4)

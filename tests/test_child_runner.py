@@ -159,6 +159,47 @@ def test_improved_checkpoint_and_the_result_cross_back(client_with: Callable[...
     assert client.launch("counter", {"steps": 7}).result(WAIT) == {"count": 7, "label": ""}
 
 
+def _progress_after_improved(events: list[Event]) -> bool:
+    kinds = [event.kind for event in events]
+    return "improved" in kinds and "progress" in kinds[kinds.index("improved") + 1:]
+
+
+def test_the_last_progress_and_improved_state_cross_back_into_the_record(
+        client_with: Callable[..., Client]) -> None:
+    client = client_with()
+    # A job that ends: what the child reported last is in its outcome, so in its record
+    job = client.launch("improver", {"n": 5}, progress_delta=0)
+    assert job.result(WAIT) == 5
+    record = job.record()
+    assert record["improved"] == {"i": 4} and set(record["progress"]) == {"elapsed"}
+    # An abort: the child's held-back improved state (improved_delta) still counts
+    held, inbox = launch_watched(client, "improver", {"n": 100_000, "delay": 0.001},
+                                 progress_delta=0.01, improved_delta=3600)
+    inbox.wait_for(_progress_after_improved)  # a ready() after the first improved state: more came
+    held.abort()
+    with pytest.raises(JobAborted):
+        held.result(WAIT)
+    record = held.record()
+    assert [e.data["state"] for e in inbox.events if e.kind == "improved"] == [{"i": 0}]
+    assert record["improved"]["i"] >= 1 and "elapsed" in record["progress"]
+
+
+def test_a_child_that_dies_leaves_the_last_progress_and_improved_state_that_reached_its_worker(
+        client_with: Callable[..., Client]) -> None:
+    # Given a child that improves at steps 0, 1, 2 (1 and 2 held back by improved_delta), then dies
+    client = client_with()
+    job, inbox = launch_watched(client, "crasher", {"how": "segv", "steps": 3, "improve": True},
+                                progress_delta=0, improved_delta=3600)
+    with pytest.raises(RemoteError):
+        job.result(WAIT)
+    # Then its record has what crossed before it died: the held-back states died with it
+    record = job.record()
+    assert record["error"]["type"] == "brokerexec.ComputationDied"
+    assert record["improved"] == {"step": 0}
+    inbox.wait_for(lambda _: inbox.states() == ["running", "failed"])
+    assert record["progress"] == [e.data for e in inbox.events if e.kind == "progress"][-1]
+
+
 @pytest.mark.parametrize(("how", "reason"), [
     ("segv", "computation process died of SIGSEGV"),
     ("exit", "computation process exited with status 3"),

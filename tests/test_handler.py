@@ -450,6 +450,99 @@ def test_improved_is_throttled_latest_wins_and_the_last_is_never_lost() -> None:
     assert sent == sorted(sent)
 
 
+class Reporting(Service):
+    """Takes ``len(steps)`` steps of a fake clock, each an improved state, then ``ready()``
+    (progress: the step); then waits for ``go`` (if given) and calls ``ready()`` once more."""
+
+    name = "reporting"
+
+    def __init__(self, clock: FakeClock, steps: int, pad: str = "", result: Any = None,
+                 go: threading.Event | None = None) -> None:
+        self.clock, self.steps, self.pad, self.result, self.go = clock, steps, pad, result, go
+        self.i = -1
+        self.looped = threading.Event()
+
+    def run(self, handler: ServiceHandler, request: dict[str, Any]) -> Any:
+        for i in range(self.steps):
+            self.i = i
+            self.clock.now += 1.0
+            handler.improved({"i": i, "pad": self.pad} if self.pad else {"i": i})
+            handler.ready()
+        self.looped.set()
+        if self.go is not None:
+            assert self.go.wait(WAIT)
+            handler.ready()
+        return self.result
+
+    def progress(self) -> dict[str, Any]:
+        return {"i": self.i}
+
+
+def test_the_outcome_carries_the_last_progress_and_improved_state() -> None:
+    clock = FakeClock()
+    handler, recorder = start(Reporting(clock, 3), clock=clock, wallclock=clock, progress_delta=0.5)
+    outcome = handler.join(WAIT)
+    assert outcome["state"] == "finished"
+    assert outcome["progress"] == {"i": 2, "elapsed": 3.0} == recorder.of("progress")[-1]
+    assert outcome["improved"] == {"i": 2} == recorder.of("improved")[-1]["state"]
+
+
+def test_an_outcome_without_progress_or_improved_has_neither_key() -> None:
+    clock = FakeClock()
+    handler, recorder = start(Reporting(clock, 0, result=1), clock=clock, progress_delta=100.0)
+    outcome = handler.join(WAIT)
+    assert outcome["state"] == "finished" and recorder.of("progress") == []
+    assert "progress" not in outcome and "improved" not in outcome
+
+
+def test_an_improved_state_held_back_by_the_delta_is_in_the_outcome_of_an_abort() -> None:
+    # Given improvements 0, 1, 2 within the improved_delta: only 0 goes out at once
+    clock, go = FakeClock(), threading.Event()
+    service = Reporting(clock, 3, go=go)
+    handler, recorder = start(service, clock=clock, improved_delta=100.0, progress_delta=100.0)
+    assert service.looped.wait(WAIT)
+    # When the job is aborted (an abort sends no held-back improved state)
+    handler.put({"intent": "abort"})
+    go.set()
+    outcome = handler.join(WAIT)
+    # Then its outcome still has the best one: the throttle is the events', not the job's
+    assert outcome["state"] == "aborted" and outcome["improved"] == {"i": 2}
+    assert [m["state"] for m in recorder.of("improved")] == [{"i": 0}]
+
+
+def test_what_was_reported_counts_with_the_result_against_its_limit() -> None:
+    clock = FakeClock()
+    # A result that fits alone, but not with its improved state: the job fails, saying so,
+    # and its outcome keeps the improved state, which fits alone.
+    handler, _ = start(Reporting(clock, 1, pad="p" * 600, result="r" * 600), clock=clock,
+                       progress_delta=100.0, max_result_bytes=1024)
+    outcome = handler.join(WAIT)
+    assert outcome["state"] == "failed" and outcome["result"] is None
+    assert outcome["error"]["type"] == "brokerexec.ResultTooLarge"
+    assert ("is 602 bytes as JSON, and its last progress and improved value 616, over the limit"
+            in outcome["error"]["message"])
+    assert outcome["improved"]["pad"] == "p" * 600
+    # Reports over the limit alone are left out: the record must stay storable.
+    handler, _ = start(Reporting(clock, 1, pad="p" * 2000, result=1), clock=clock,
+                       progress_delta=100.0, max_result_bytes=1024)
+    outcome = handler.join(WAIT)
+    assert outcome["state"] == "finished" and "improved" not in outcome
+
+
+def test_an_improved_state_that_is_not_json_is_left_out_of_the_outcome() -> None:
+    class Odd(Service):
+        name = "odd"
+
+        def run(self, handler: ServiceHandler, request: dict[str, Any]) -> int:
+            handler.improved({"when": object()})
+            return 1
+
+    handler = ServiceHandler(name="odd")
+    handler.start(Odd(), {})
+    outcome = handler.join(WAIT)
+    assert outcome["state"] == "finished" and outcome["result"] == 1 and "improved" not in outcome
+
+
 def test_a_computation_that_never_calls_ready_is_abandoned_at_the_abort_deadline() -> None:
     release = threading.Event()
 
@@ -459,15 +552,18 @@ def test_a_computation_that_never_calls_ready_is_abandoned_at_the_abort_deadline
         x = 0
 
         def run(self, handler: ServiceHandler, request: dict[str, Any]) -> str:
+            handler.improved({"best": 1})
             release.wait(WAIT)
+            handler.improved({"best": 2})  # unheard: abandoned
             return "late"
 
     handler, recorder = start(Deaf(), abort_grace=0.2)
-    recorder.wait_for(lambda: "running" in recorder.states())
+    recorder.wait_for(lambda: "running" in recorder.states() and recorder.of("improved") != [])
     queued = handler.put({"intent": "set", "attrs": {"x": 1}})
     handler.put({"intent": "abort"})
     outcome = handler.join(WAIT)
     assert outcome["state"] == "aborted" and outcome.get("abandoned") is True
+    assert outcome["improved"] == {"best": 1}  # what it reported before it was abandoned
     with pytest.raises(InvalidState, match="ended"):  # its sender is told, not left waiting
         queued.result(WAIT)
     release.set()  # the abandoned thread ends; its late result changes nothing

@@ -103,6 +103,38 @@ def test_messages_survive_the_wire() -> None:
     assert Record.decode(json.loads(json.dumps(record.encode()))) == record
 
 
+def test_a_record_carries_progress_and_improved_only_when_there_are_some() -> None:
+    job_id = new_job_id()
+    outcome = {"state": "aborted", "result": None, "error": None, "start": 1.0, "end": 2.0,
+               "progress": {"fraction": 0.5, "elapsed": 1.0}, "improved": {"cost": 0.25}}
+    record = Record.of_outcome(job_id, "fit", {"hostname": "h"}, outcome)
+    body = record.encode()
+    assert body["progress"] == {"fraction": 0.5, "elapsed": 1.0} and body["improved"] == {"cost": 0.25}
+    assert Record.decode(json.loads(json.dumps(body))) == record
+    # An empty improved state is one the service sent: it is kept, as sent.
+    empty = Record.of_outcome(job_id, "fit", {}, {**outcome, "improved": {}})
+    assert Record.decode(empty.encode()).improved == {}
+    # None: neither key on the wire, as attempt and reason at their defaults.
+    plain = Record.of_outcome(job_id, "fit", {}, {"state": "finished", "result": 1})
+    assert set(plain.encode()) == {"v", "job_id", "service", "state", "result", "error", "start",
+                                   "end", "worker"}
+    assert Record.decode(plain.encode()) == plain
+    # A reader ignores either key when it is not an object (the record itself still counts).
+    odd = Record.decode({**plain.encode(), "progress": [1], "improved": "best"})
+    assert odd.progress is None and odd.improved is None and odd == plain
+    assert Record.of_outcome(job_id, "fit", {}, {**outcome, "improved": 3}).improved is None
+
+
+def test_a_record_the_broker_refuses_as_too_large_goes_again_without_what_made_it_so() -> None:
+    outcome = {"state": "finished", "result": "r" * 10, "progress": {"i": 1}, "improved": {"i": 2}}
+    record = Record.of_outcome(new_job_id(), "fit", {}, outcome, attempt=2)
+    smaller = record.too_large("too large for the broker")
+    assert smaller is not None and smaller.state is JobState.FAILED and smaller.attempt == 2
+    assert (smaller.result, smaller.progress, smaller.improved) == (None, None, None)
+    assert smaller.error is not None and smaller.error["type"] == "brokerexec.ResultTooLarge"
+    assert smaller.too_large("still") is None  # nothing left to leave out: the refusal is another's
+
+
 @pytest.mark.parametrize(("decode", "body", "says"), [
     (Launch.decode, [], "a launch must be a JSON object, got list"),
     (Launch.decode, {"v": 2, "job_id": "a", "service": "b"}, "unsupported protocol version 2"),

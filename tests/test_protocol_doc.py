@@ -167,6 +167,8 @@ def test_a_raw_pika_client_drives_a_job_from_the_document(amqp_url: str, worker:
         assert client.rpc(job_id, {"intent": "kill"}) == {"result": True}
         record = client.record(job_id)
         assert record["v"] == 1 and record["state"] == "aborted" and record["job_id"] == job_id
+        # Its last progress (it reported some, every 0.05 s); no improved state (it sent none).
+        assert {"loops", "value", "elapsed"} <= set(record["progress"]) and "improved" not in record
         # The endpoint goes away right after the record is stored; until then it says so.
         deadline = time.monotonic() + WAIT
         while (reply := client.rpc(job_id, {"intent": "status"})) != "not found":
@@ -184,6 +186,7 @@ def test_a_raw_pika_client_drives_a_job_from_the_document(amqp_url: str, worker:
             events.append(json.loads(body))
         kinds = {e["kind"] for e in events}
         assert "state" in kinds and "progress" in kinds
+        assert record["progress"] == [e["data"] for e in events if e["kind"] == "progress"][-1]
         assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
         assert {"from", "to", "start", "end"} <= set(events[-1]["data"])
     finally:

@@ -20,7 +20,8 @@ checked and JSON-able already, and so is everything the computation emits)::
                                   changes applied since it durable (the worker's note)
                ◄───  EMIT         event (state | progress | improved | checkpoint), data
                ◄───  SETTLED      id, value or error: a POST applied (or refused, or failed)
-               ◄───  OUTCOME      state, result, error, start, end: the computation ended
+               ◄───  OUTCOME      state, result, error, start, end, and its last progress
+                                  and improved state (if any): the computation ended
                ◄───  NOT_STARTED  error: the service could not be loaded or made
 
 The child's end of a job is its OUTCOME; a child that dies without one is reported by the

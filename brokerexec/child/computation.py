@@ -13,6 +13,11 @@ the service, ``ready()`` and a real ``Computation`` run in the child
   the last (how a job ended is decided here), progress, improved and checkpoint messages,
   checkpoints to store (through the worker's store), each posted signal settled, its outcome.
 
+The child's outcome carries its last progress and improved state (the improved one whether
+or not ``improved_delta`` let it be sent). A child that ends without an outcome cannot say
+them: its job's outcome then carries the last progress and improved messages that reached
+the worker (an improved state the child held back for ``improved_delta`` is lost with it).
+
 How a job ends when its child cannot say so itself: the child dies (SIGSEGV, ``os._exit``,
 the OOM killer's SIGKILL): *failed*, ``brokerexec.ComputationDied``, "computation process
 died of SIGSEGV"; an abort is not obeyed within ``abort_grace`` (no ``ready()``, or stuck in
@@ -42,7 +47,7 @@ from typing import Any, ClassVar
 
 from ..core.crossing import Posted, fail_unapplied
 from ..core.registry import service_spec
-from ..core.runner import JobSetup, Outcome
+from ..core.runner import JobSetup, Outcome, last_reports
 from ..core.service import Handler, Service
 from ..errors import (
     WIRE_PREFIX,
@@ -98,6 +103,7 @@ class ChildComputation:
         self._ids = itertools.count()
         self._pause_sent = self._abort_sent = self._ended = False
         self._limit_error: dict[str, str] | None = None
+        self._improved: object = None  # the last improved state that reached us
         self._timers: list[threading.Timer] = []
         self._started_at = 0.0
 
@@ -280,6 +286,8 @@ class ChildComputation:
             return
         if kind == "progress":
             self._crossing.last_progress = data
+        elif kind == "improved":
+            self._improved = data.get("state")
         self._send(kind, data)
 
     def _on_store(self, body: dict[str, Any]) -> None:
@@ -363,8 +371,10 @@ class ChildComputation:
             return received
         history = self._states.history
         start = history[0].end if history else self._started_at
+        reports, _ = last_reports(self.job, self._crossing.last_progress, self._improved,
+                                  self._setup.max_result_bytes)
         outcome: Outcome = {"state": JobState.FAILED.value, "result": None, "error": limit,
-                            "start": start, "end": self._wallclock()}
+                            "start": start, "end": self._wallclock(), **reports}
         if limit is not None:
             return outcome
         how = describe_exit(code)

@@ -42,7 +42,7 @@ from ..protocol.intents import Intent
 from ..protocol.states import JobState
 from .change_log import ChangeLog
 from .crossing import Posted, fail_unapplied
-from .runner import JobSetup, Outcome, Running
+from .runner import JobSetup, Outcome, Running, last_reports
 from .service import Handler, Service, check_present
 
 __all__ = ["Computation", "HandedOver"]
@@ -89,6 +89,7 @@ class Computation:
         self._ended = self._abandoned = False
         self._progress_due = self._checkpoint_due = self._improved_due = math.inf
         self._improved_pending: dict[str, Any] | None = None
+        self._improved_latest: dict[str, Any] | None = None  # for the outcome, sent or not
         self._last_improved = -math.inf
 
     @property
@@ -166,23 +167,39 @@ class Computation:
             final, error = JobState.FAILED, error_to_wire(exc, traceback.format_exc())
             # The worker logs the failure (WARNING, one line); its traceback is for debugging.
             log.debug("job %s failed:\n%s", self.job, error["traceback"])
-        else:
-            try:  # a result that cannot be sent is the service's failure, reported as such
-                size = len(codec.encode(result))
-            except (TypeError, ValueError) as exc:
-                final, result = JobState.FAILED, None
-                error = error_to_wire(exc, "")
-                error["message"] = f"result is not JSON-able: {exc}"
-            else:
-                limit = self._max_result_bytes
-                if limit is not None and size > limit:
-                    final, result = JobState.FAILED, None
-                    error = error_to_wire(ResultTooLarge(
-                        f"the result of job {self.job} is {size:,} bytes as JSON, over the limit of "
-                        f"{limit:,} (--max-result-bytes): not sent"), "")
-        self._end(final, result, error, start)
+        reports, reported = self._reports()
+        if final is JobState.FINISHED:
+            final, result, error = self._sendable(result, reported)
+        self._end(final, result, error, start, reports)
 
-    def _end(self, final: JobState, result: Any, error: dict[str, str] | None, start: float) -> None:
+    def _sendable(self, result: Any, reported: int) -> tuple[JobState, Any, dict[str, str] | None]:
+        """The end of a job whose ``run()`` returned ``result``: finished, or failed if the
+        result cannot be sent, or if with the ``reported`` bytes of its last progress and
+        improved value it is over the limit (the record carries them all)."""
+        try:  # a result that cannot be sent is the service's failure, reported as such
+            size = len(codec.encode(result))
+        except (TypeError, ValueError) as exc:
+            error = error_to_wire(exc, "")
+            error["message"] = f"result is not JSON-able: {exc}"
+            return JobState.FAILED, None, error
+        limit = self._max_result_bytes
+        if limit is None or size + reported <= limit:
+            return JobState.FINISHED, result, None
+        more = f", and its last progress and improved value {reported:,}" if reported else ""
+        return JobState.FAILED, None, error_to_wire(ResultTooLarge(
+            f"the result of job {self.job} is {size:,} bytes as JSON{more}, over the limit of "
+            f"{limit:,} (--max-result-bytes): not sent"), "")
+
+    def _reports(self) -> tuple[dict[str, Any], int]:
+        """The outcome's last progress and improved value, and their size as JSON (see
+        :func:`~brokerexec.core.runner.last_reports`). The last improved state counts whether
+        or not ``improved_delta`` let it be sent: that throttles the events, not what the job
+        found."""
+        return last_reports(self.job, self._crossing.last_progress, self._improved_latest,
+                            self._max_result_bytes)
+
+    def _end(self, final: JobState, result: Any, error: dict[str, str] | None, start: float,
+             reports: dict[str, Any]) -> None:
         with self._end_lock:
             if self._abandoned:
                 return
@@ -193,7 +210,7 @@ class Computation:
         fail_unapplied(pending, self.job, final)
         self._states.try_transition(final)
         self.outcome.set_result({"state": final.value, "result": result, "error": error,
-                                 "start": start, "end": self._wallclock()})
+                                 "start": start, "end": self._wallclock(), **reports})
 
     def _end_handed_over(self, start: float) -> None:
         with self._end_lock:
@@ -230,8 +247,10 @@ class Computation:
         if self._states.try_transition(JobState.ABORTED) is not None:
             history = self._states.history
             start = history[0].end if history else self._wallclock()
+            # What it reported until now: it runs on, but nothing of it is heard any more.
             self.outcome.set_result({"state": "aborted", "result": None, "start": start,
-                                     "error": None, "end": self._wallclock(), "abandoned": True})
+                                     "error": None, "end": self._wallclock(), "abandoned": True,
+                                     **self._reports()[0]})
 
     # ---- ready() (computation thread) ------------------------------------------------------
 
@@ -443,7 +462,7 @@ class Computation:
     def improved(self, state: dict[str, Any]) -> None:
         """Report a better intermediate result (see ``ServiceHandler.improved``)."""
         now = self._clock()
-        self._improved_pending = state
+        self._improved_pending = self._improved_latest = state
         delta = self._intervals.improved_delta
         if delta <= 0 or now - self._last_improved >= delta:
             self._send_improved(now)

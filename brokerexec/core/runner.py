@@ -14,9 +14,12 @@ without knowing where the service runs:
 from __future__ import annotations
 
 import concurrent.futures as cf
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
+
+from .. import codec
 
 if TYPE_CHECKING:
     from .crossing import Crossing
@@ -25,9 +28,16 @@ if TYPE_CHECKING:
     from .service import Handler, Service
     from .state_machine import StateMachine
 
-__all__ = ["ComputationSide", "JobSetup", "Note", "Outcome", "Runner", "Running", "Send", "Store"]
+__all__ = ["ComputationSide", "JobSetup", "Note", "Outcome", "Runner", "Running", "Send", "Store",
+           "last_reports"]
 
-#: How a job ended: ``{"state", "result", "error", "start", "end"}`` (and ``"abandoned"``).
+log = logging.getLogger(__name__)
+
+#: How a job ended: ``{"state", "result", "error", "start", "end"}``, and ``"abandoned"``
+#: (an abort not obeyed in time), and what the job last reported, each only if there is one
+#: (:func:`last_reports`): ``"progress"`` (its last progress message) and ``"improved"``
+#: (the last state its service passed to ``handler.improved()``, sent yet or not).
+#: ``Record.of_outcome`` makes its record of it.
 Outcome = dict[str, Any]
 #: Sends one outgoing message: ``send(kind, data)``.
 Send = Callable[[str, dict[str, Any]], None]
@@ -128,3 +138,32 @@ class Runner(Protocol):
 
     def computation(self, setup: JobSetup) -> ComputationSide:
         """The computation side of one job, not started yet."""
+
+
+def last_reports(job: str, progress: object, improved: object,
+                 room: int | None) -> tuple[dict[str, Any], int]:
+    """An outcome's ``progress`` and ``improved`` (see :data:`Outcome`), and their size as JSON.
+
+    ``progress`` counts if it is a non-empty object (a job that never sent one has ``{}``),
+    ``improved`` if it is an object; one that is not JSON-able is left out. They are small
+    by contract, and cut nowhere: but they go into the job's record with its result, so
+    both are left out if together they are over ``room`` bytes (None: no limit), and the
+    record stays one the broker takes. What is left out is logged.
+    """
+    reports: dict[str, Any] = {}
+    size = 0
+    for key, value in (("progress", progress), ("improved", improved)):
+        if not isinstance(value, dict) or (key == "progress" and not value):
+            continue
+        try:
+            size += len(codec.encode(value))
+        except Exception as exc:  # not JSON-able (ValueError), or changed meanwhile: never stops the end
+            log.warning("job %s: its last %s is not JSON-able, and is not in its record: %s",
+                        job, key, exc)
+            continue
+        reports[key] = value
+    if room is not None and size > room:
+        log.warning("job %s: its last progress and improved value are %d bytes as JSON, over the "
+                    "limit of %d (--max-result-bytes): not in its record", job, size, room)
+        return {}, 0
+    return reports, size

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from ..codec import expect_object
-from ..errors import DecodeError, error_to_wire
+from ..errors import DecodeError, ResultTooLarge, error_to_wire
 from .intents import Intent
 from .names import PROTOCOL_VERSION, check_name, new_job_id
 from .states import TERMINAL, JobState
@@ -40,6 +40,13 @@ def _number(body: dict[str, Any], key: str, default: float | None = None) -> flo
     if value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
         return None if value is None else float(value)
     raise DecodeError(f"{key!r} must be a number, got {value!r:.60}")
+
+
+def _object(body: Mapping[str, Any], key: str) -> dict[str, Any] | None:
+    """``body[key]`` if it is an object; None if it is absent, or anything else (an optional
+    key that is not what it should be is ignored, not a reason to refuse the whole)."""
+    value = body.get(key)
+    return value if isinstance(value, dict) else None
 
 
 @dataclass(frozen=True)
@@ -267,7 +274,9 @@ class Record:
     """A job's final record: how it ended, with its result or error.
 
     ``abandoned`` marks an aborted job whose computation never reached ``ready()`` within
-    the abort grace (``docs/architecture.md``).
+    the abort grace (``docs/architecture.md``). ``progress`` and ``improved`` are what the
+    execution that ended reported last, each when it reported one (``docs/protocol.md``,
+    *Final record*).
     """
 
     job_id: str
@@ -283,6 +292,10 @@ class Record:
     attempt: int = 1
     #: Why it ended so, where that is not in ``error`` (``"cancelled while queued"``).
     reason: str | None = None
+    #: Its last progress (what ``status`` showed: the service's ``progress()`` and ``elapsed``).
+    progress: dict[str, Any] | None = None
+    #: The last state its service passed to ``handler.improved()``: the best it found.
+    improved: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.state not in TERMINAL:
@@ -301,7 +314,8 @@ class Record:
         return cls(job_id, service, JobState(outcome["state"]), outcome.get("result"),
                    outcome.get("error"), float(outcome.get("start") or 0.0),
                    float(outcome.get("end") or 0.0), worker, bool(outcome.get("abandoned")),
-                   attempt, outcome.get("reason"))
+                   attempt, outcome.get("reason"), _object(outcome, "progress"),
+                   _object(outcome, "improved"))
 
     @classmethod
     def cancelled(cls, job_id: str, service: str, by: dict[str, Any], attempt: int = 1) -> Record:
@@ -309,6 +323,16 @@ class Record:
         now = time.time()
         return cls(job_id, service, JobState.ABORTED, None, None, now, now, by,
                    attempt=max(attempt, 1), reason="cancelled while queued")
+
+    def too_large(self, why: str) -> Record | None:
+        """This record for a broker that refused it as too large: failed, with
+        ``ResultTooLarge`` (``why``), and without its result, last progress and improved
+        value, which count against that limit; None if it has none of them (nothing of it
+        could be left out)."""
+        if self.result is None and self.progress is None and self.improved is None:
+            return None
+        return replace(self, state=JobState.FAILED, result=None, progress=None, improved=None,
+                       error=error_to_wire(ResultTooLarge(why)))
 
     def encode(self) -> dict[str, Any]:
         body = {"v": PROTOCOL_VERSION, "job_id": self.job_id, "service": self.service,
@@ -320,6 +344,10 @@ class Record:
             body["attempt"] = self.attempt
         if self.reason is not None:
             body["reason"] = self.reason
+        if self.progress is not None:
+            body["progress"] = self.progress
+        if self.improved is not None:
+            body["improved"] = self.improved
         return body
 
     @classmethod
@@ -340,4 +368,5 @@ class Record:
                    _number(body, "end", 0.0) or 0.0, worker if isinstance(worker, dict) else {},
                    bool(body.get("abandoned", False)),
                    attempt if isinstance(attempt, int) and attempt > 0 else 1,
-                   reason if isinstance(reason, str) else None)
+                   reason if isinstance(reason, str) else None,
+                   _object(body, "progress"), _object(body, "improved"))

@@ -125,8 +125,9 @@ class WorkerSettings(_Checked):
         "may use (RLIMIT_AS); past it, allocations raise MemoryError; default: none.",
         metavar="MIB")
     max_result_bytes: int = setting(
-        MAX_RESULT_BYTES, Integer(1024), "Largest result (as JSON) a job may return; a larger "
-        "one fails the job (ResultTooLarge). Keep it below the broker's max_message_size.")
+        MAX_RESULT_BYTES, Integer(1024), "Largest result (as JSON, with the job's last progress "
+        "and improved value) a job may return; a larger one fails the job (ResultTooLarge). "
+        "Keep it below the broker's max_message_size.")
     progress_delta: float = setting(
         DEFAULT_PROGRESS_DELTA, Number(0), "Seconds between a job's progress messages, unless "
         "its launch says otherwise.")

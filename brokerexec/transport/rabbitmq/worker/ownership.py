@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
@@ -40,7 +39,7 @@ import aio_pika.abc
 import aiormq.abc
 import aiormq.exceptions
 
-from ....errors import BrokerConnectionError, ResultTooLarge, error_to_wire
+from ....errors import BrokerConnectionError
 from ....protocol import ownership as own
 from ....protocol import topology
 from ....protocol.journal import Entry
@@ -53,7 +52,6 @@ from ....protocol.names import (
     rpc_queue,
     rpc_routing_key,
 )
-from ....protocol.states import JobState
 from ...base import PreparedJob, WorkerHooks
 from ..connection import AmqpConnection, Outgoing
 from ..delivery import Delivery
@@ -507,13 +505,15 @@ class Ownership:
                 await self.journal.record(owned.record, owned.reply_to)
                 return True
             except Exception as exc:
-                if _TOO_LARGE not in str(exc) or owned.record.result is None:
-                    raise
                 # The broker's max_message_size is below --max-result-bytes: retrying would
                 # never end. The job fails, saying so, in a record that fits.
-                owned.record = dataclasses.replace(
-                    owned.record, state=JobState.FAILED, result=None, error=error_to_wire(ResultTooLarge(
-                        f"the result of job {owned.job_id} is larger than the broker takes: {exc}")))
+                smaller = owned.record.too_large(
+                    f"the record of job {owned.job_id} with its result, last progress and "
+                    f"improved value is larger than the broker takes: {exc}"
+                ) if _TOO_LARGE in str(exc) else None
+                if smaller is None:
+                    raise
+                owned.record = smaller
                 log.warning("the record of %s was refused as too large; failing the job", owned.job_id)
 
     async def unlock(self, owned: OwnedJob) -> None:
