@@ -25,7 +25,7 @@ LAYERS: dict[str, set[str]] = {
     "history": {"base", "protocol", "transport"},  # the store, fed by the journal
     "child": {"base", "protocol", "core"},
     "worker": {"base", "protocol", "core", "child", "transport"},
-    "client": {"base", "protocol", "core", "transport", "worker"},
+    "client": {"base", "protocol", "core", "transport", "worker", "history"},
     "cli": {"base", "protocol", "core", "transport", "child", "worker", "client", "history"},
     "face": {"base", "protocol", "core", "transport", "child", "worker", "client", "cli", "history"},
 }

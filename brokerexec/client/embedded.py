@@ -19,7 +19,16 @@ __all__ = ["embedded_worker"]
 def embedded_worker(url: str, services: Iterable[type[Service]], concurrency: int,
                     settings: WorkerSettings | None) -> Worker:
     """A worker on the broker of ``url``, running ``services`` (and the ``brokerexec.services``
-    entry points), started; ``concurrency`` jobs at once unless ``settings`` say otherwise."""
+    entry points), started; ``concurrency`` jobs at once unless ``settings`` say otherwise.
+    ``memory://NAME?history=STORE`` also keeps the broker's jobs in that history store
+    (``docs/history.md``)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    stores = parse_qs(urlsplit(url).query).get("history")
+    if stores:
+        from ..history.embedded import keep_history
+
+        keep_history(url, stores[-1])
     from ..core.registry import ServiceRegistry
     from ..settings import Settings, WorkerSettings
     from ..transport.schemes import scheme_of

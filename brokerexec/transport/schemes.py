@@ -67,21 +67,21 @@ def _memory_client(url: str, _heartbeat: int) -> ClientTransport:
     from .memory.broker import MemoryBroker
     from .memory.clients import MemoryClientTransport
 
-    return MemoryClientTransport(MemoryBroker.named(urlparse(url).netloc))
+    return MemoryClientTransport(MemoryBroker.of_url(url))
 
 
 def _memory_async_client(url: str, _heartbeat: int) -> AsyncClientTransport:
     from .memory.broker import MemoryBroker
     from .memory.clients import MemoryAsyncClientTransport
 
-    return MemoryAsyncClientTransport(MemoryBroker.named(urlparse(url).netloc))
+    return MemoryAsyncClientTransport(MemoryBroker.of_url(url))
 
 
-def _memory_worker(url: str, _settings: Settings, _host: dict[str, Any]) -> WorkerTransport:
+def _memory_worker(url: str, _settings: Settings, host: dict[str, Any]) -> WorkerTransport:
     from .memory.broker import MemoryBroker
     from .memory.worker import MemoryWorkerTransport
 
-    return MemoryWorkerTransport(MemoryBroker.named(urlparse(url).netloc))
+    return MemoryWorkerTransport(MemoryBroker.of_url(url), host_info=host)
 
 
 # ---- amqp:// and amqps:// ----------------------------------------------------------------

@@ -10,6 +10,10 @@ works over AMQP. ``memory://`` URLs share one broker per name (``memory://`` and
 ``memory://lab`` are two brokers). The workers' side is in :mod:`.worker`, the
 clients' in :mod:`.clients`.
 
+A broker that keeps history (:meth:`MemoryBroker.keep_history`; the keeper, with its store,
+is ``brokerexec.history.embedded``'s) notes there the entries a RabbitMQ journal would hold,
+and answers history queries from it.
+
 A process cannot lose a worker the way a fleet does, so nothing here resumes a job after a
 crash; a worker that stops gracefully hands its resumable jobs over, and another worker on
 the same broker resumes them from their last checkpoint, as over RabbitMQ.
@@ -27,19 +31,30 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from ... import codec
 from ...constants import MAX_ENTRY_BYTES, MAX_MESSAGE_BYTES
-from ...errors import InvalidState, JobNotFound, UnknownService
+from ...errors import ConfigurationError, HistoryUnavailable, InvalidState, JobNotFound, UnknownService
 from ...protocol.changes import uncovered
 from ...protocol.events import Event
+from ...protocol.history import HistoryPage, HistoryQuery
 from ...protocol.intents import Signal
+from ...protocol.journal import checkpoint_entry, launches_entry, started_entry
 from ...protocol.lookups import Listing
 from ...protocol.messages import Control, Launch, Record, WorkerJobs
+from ...protocol.names import (
+    CHECKPOINT_TYPE,
+    LAUNCH_TYPE,
+    LAUNCHES_PER_ENTRY,
+    LAUNCHES_TYPE,
+    RECORD_TYPE,
+    STARTED_TYPE,
+)
 from ...protocol.replies import Reply
 from ..base import Resumed, WorkerHooks
 
-__all__ = ["AttachedWorker", "MemoryBroker", "Waiting", "topic_matches", "wire"]
+__all__ = ["AttachedWorker", "HistoryKeeper", "MemoryBroker", "Waiting", "topic_matches", "wire"]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +124,20 @@ class AttachedWorker(Protocol):
         """Take one launch off its queue (on the dispatcher thread)."""
 
 
+class HistoryKeeper(Protocol):
+    """Where a memory broker keeps every job (``brokerexec.history.embedded.MemoryHistory``):
+    it takes the entries a RabbitMQ journal would hold, and answers history queries."""
+
+    def note(self, kind: str, body: dict[str, Any], job_id: str | None) -> None:
+        """Take one journal entry (``kind``: ``protocol/names.py``'s); never waits nor raises."""
+
+    def ask(self, query: HistoryQuery) -> cf.Future[HistoryPage]:
+        """A page of the history, once every entry noted before is in it."""
+
+    def flushed(self) -> cf.Future[None]:
+        """Resolves once every entry noted before has been offered to the store."""
+
+
 class MemoryBroker:
     """The in-process stand-in for RabbitMQ (see the module docstring)."""
 
@@ -128,6 +157,8 @@ class MemoryBroker:
         self._thread = threading.Thread(target=self._dispatch, daemon=True,
                                         name=f"brokerexec-memory-{name or 'default'}")
         self._thread.start()
+        #: Where every job is kept, if anywhere (:meth:`keep_history`).
+        self.history: HistoryKeeper | None = None
 
     @classmethod
     def named(cls, name: str) -> MemoryBroker:
@@ -136,6 +167,22 @@ class MemoryBroker:
             if name not in _brokers:
                 _brokers[name] = cls(name)
             return _brokers[name]
+
+    @classmethod
+    def of_url(cls, url: str) -> MemoryBroker:
+        """The process-wide broker a ``memory://[name]`` URL names.
+
+        Raises:
+            ConfigurationError: not a ``memory://`` URL.
+        """
+        parts = urlsplit(url)
+        if parts.scheme != "memory":
+            raise ConfigurationError(f"not a memory:// URL: {parts.scheme}://...")
+        return cls.named(parts.netloc)
+
+    def keep_history(self, keeper: HistoryKeeper | None) -> None:
+        """Note every job's journal entries with ``keeper`` from now on (None: no more)."""
+        self.history = keeper
 
     def call_soon(self, task: Callable[[], None]) -> None:
         """Run ``task`` on the dispatcher thread."""
@@ -166,7 +213,25 @@ class MemoryBroker:
             for launch in launches:
                 self._queues[launch.service].append(Waiting(Launch.decode(wire(launch.encode()))))
                 self._known.setdefault(launch.job_id, _Known(launch.service, launch.sent))
+        if (history := self.history) is not None:  # before a worker can take them, as over RabbitMQ
+            self._note_launches(history, launches)
         self.call_soon(self._deliver_launches)
+
+    @staticmethod
+    def _note_launches(history: HistoryKeeper, launches: list[Launch]) -> None:
+        """A launch entry for one launch; for a sweep, as over RabbitMQ, ``launches`` entries
+        without the requests (``protocol/calls.py``)."""
+        if len(launches) == 1:
+            history.note(LAUNCH_TYPE, wire(launches[0].encode()), launches[0].job_id)
+            return
+        by_service: dict[str, list[Launch]] = {}
+        for launch in launches:
+            by_service.setdefault(launch.service, []).append(launch)
+        for service, sweep in by_service.items():
+            for start in range(0, len(sweep), LAUNCHES_PER_ENTRY):
+                part = sweep[start:start + LAUNCHES_PER_ENTRY]
+                history.note(LAUNCHES_TYPE, launches_entry(service, min(launch.sent for launch in part),
+                                                           [launch.job_id for launch in part]), None)
 
     def _deliver_launches(self) -> None:
         while True:
@@ -198,12 +263,15 @@ class MemoryBroker:
         with self._lock:
             return job_id in self._results
 
-    def started(self, job_id: str, attempt: int) -> None:
-        """Execution ``attempt`` of the job started (its journal's started entry)."""
+    def started(self, job_id: str, attempt: int, worker: dict[str, Any]) -> None:
+        """Execution ``attempt`` of the job started on ``worker`` (its journal's started entry)."""
         with self._lock:
             known = self._known.get(job_id)
             if known is not None:
                 known.state, known.attempt = "running", attempt
+        if (history := self.history) is not None and known is not None:
+            history.note(STARTED_TYPE, wire(started_entry(job_id, known.service, attempt, worker,
+                                                               time.time())), job_id)
 
     def requeue(self, waiting: Waiting) -> None:
         """A launch taken and given back: first in its queue again."""
@@ -232,6 +300,11 @@ class MemoryBroker:
                              time.time())
         with self._lock:
             self._checkpoints[job_id] = stored
+            known = self._known.get(job_id)
+        if (history := self.history) is not None and known is not None:
+            history.note(CHECKPOINT_TYPE, checkpoint_entry(
+                job_id, known.service, known.attempt, stored.time, stored.state,
+                settable=stored.settable, covers=covers), job_id)
 
     def note_changes(self, job_id: str, changes: list[dict[str, Any]]) -> None:
         """The sets and invokes applied since the job's newest checkpoint (its lease's)."""
@@ -337,14 +410,16 @@ class MemoryBroker:
     # ---- results and events ------------------------------------------------------------
 
     def store_result(self, record: Record) -> None:
+        body = wire(record.encode(), MAX_ENTRY_BYTES)
         with self._lock:
-            # the first one counts
-            self._results.setdefault(record.job_id, wire(record.encode(), MAX_ENTRY_BYTES))
+            first = self._results.setdefault(record.job_id, body) is body  # the first one counts
             self._owners.pop(record.job_id, None)
             self._checkpoints.pop(record.job_id, None)
             self._changes.pop(record.job_id, None)
             self._known.setdefault(record.job_id, _Known(record.service, record.start))
             self._results_changed.notify_all()
+        if first and (history := self.history) is not None:
+            history.note(RECORD_TYPE, body, record.job_id)
 
     def wait_result(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
         with self._lock:
@@ -352,6 +427,20 @@ class MemoryBroker:
                 raise JobNotFound(f"no job {job_id}: no worker holds it and the journal has no trace of it")
             self._results_changed.wait_for(lambda: job_id in self._results, timeout)
             return self._results.get(job_id)
+
+    # ---- history -------------------------------------------------------------------------
+
+    def ask_history(self, query: HistoryQuery) -> cf.Future[HistoryPage]:
+        """A page of the broker's history store, once every entry noted before is in it.
+
+        Raises:
+            HistoryUnavailable: the broker keeps no history.
+        """
+        history = self.history
+        if history is None:
+            raise HistoryUnavailable(f"memory://{self.name} keeps no history: give it a store with "
+                                     "brokerexec.history.embedded.keep_history (docs/history.md)")
+        return history.ask(HistoryQuery.decode(wire(query.encode())))
 
     def publish(self, event: Event) -> None:
         body = wire(event.encode(), MAX_ENTRY_BYTES)

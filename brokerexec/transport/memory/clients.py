@@ -10,6 +10,7 @@ from typing import Any
 
 from ...errors import DecodeError, JobNotFound, Timeout
 from ...protocol.events import Event
+from ...protocol.history import HistoryPage, HistoryQuery
 from ...protocol.intents import Intent, Signal
 from ...protocol.lookups import Listing
 from ...protocol.messages import Control, Launch
@@ -18,6 +19,9 @@ from ..base import AsyncClientTransport, ClientTransport, Subscription, client_i
 from .broker import MemoryBroker, wire
 
 __all__ = ["MemoryAsyncClientTransport", "MemoryClientTransport"]
+
+#: How long a closing client waits for the broker's history store to take what was noted.
+HISTORY_FLUSH_TIMEOUT = 5.0
 
 
 def _final(job_id: str, signal: Signal, reply: cf.Future[Any], timeout: float) -> Any:
@@ -34,6 +38,10 @@ def _final(job_id: str, signal: Signal, reply: cf.Future[Any], timeout: float) -
         raise
     except ValueError as exc:  # a value the wire cannot carry, as a worker would say
         return Reply.failure(exc).outcome()
+
+
+def _history_timeout(broker: MemoryBroker, timeout: float) -> Timeout:
+    return Timeout(f"the history store of memory://{broker.name} did not answer within {timeout} s")
 
 
 class MemoryClientTransport(ClientTransport):
@@ -74,8 +82,18 @@ class MemoryClientTransport(ClientTransport):
                   ended_since: float | None = None, limit: int = 1000) -> Listing:
         return self.broker.list_jobs(ended_since, limit).result(timeout + 5)
 
+    def history(self, query: HistoryQuery, timeout: float) -> HistoryPage:
+        page = self.broker.ask_history(query)
+        try:
+            return page.result(timeout)
+        except cf.TimeoutError:
+            page.cancel()
+            raise _history_timeout(self.broker, timeout) from None
+
     def close(self) -> None:
-        pass
+        if (history := self.broker.history) is not None:  # its jobs are in the store once it has closed
+            with contextlib.suppress(cf.TimeoutError):
+                history.flushed().result(HISTORY_FLUSH_TIMEOUT)
 
 
 class MemoryAsyncClientTransport(AsyncClientTransport):
@@ -137,5 +155,13 @@ class MemoryAsyncClientTransport(AsyncClientTransport):
         return await asyncio.wait_for(asyncio.wrap_future(self.broker.list_jobs(ended_since, limit)),
                                       timeout + 5)
 
+    async def history(self, query: HistoryQuery, timeout: float) -> HistoryPage:
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(self.broker.ask_history(query)), timeout)
+        except asyncio.TimeoutError:
+            raise _history_timeout(self.broker, timeout) from None
+
     async def close(self) -> None:
-        pass
+        if (history := self.broker.history) is not None:  # as MemoryClientTransport.close
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.wrap_future(history.flushed()), HISTORY_FLUSH_TIMEOUT)

@@ -47,10 +47,17 @@ class _Owned:
 
 
 class MemoryWorkerTransport(WorkerTransport):
-    """A worker's side of a :class:`MemoryBroker`."""
+    """A worker's side of a :class:`MemoryBroker`.
 
-    def __init__(self, broker: MemoryBroker) -> None:
+    Parameters:
+        broker: the broker.
+        host_info: who the worker is (its records and ``started`` entries name it); None:
+            the worker says, in its records only.
+    """
+
+    def __init__(self, broker: MemoryBroker, host_info: dict[str, Any] | None = None) -> None:
         self.broker = broker
+        self.host_info = host_info
         self.hooks: WorkerHooks | None = None
         self.services: tuple[str, ...] = ()
         self.free = 0
@@ -110,7 +117,7 @@ class MemoryWorkerTransport(WorkerTransport):
         if isinstance(action, (own.WaitGrace, own.CheckJournal, own.ReadResumePoint)):
             return self._read_journal(owned, action)
         if isinstance(action, own.WriteStarted):
-            broker.started(job.job_id, job.attempt)
+            broker.started(job.job_id, job.attempt, self.host_info or {})
             return own.StartedWritten()
         if isinstance(action, own.HoldLease):
             return own.LeaseHeld(0)  # the broker's owner map is the lease: one connection
