@@ -2,8 +2,9 @@
 
 Each command line is parsed by the real click group (``brokerexec.cli:cli``), so an option
 that does not exist, a bad value or a missing argument fails here, not on a production host.
-The stop timeouts are checked against the ``--shutdown-grace`` the same file passes, and the
-autoscaler's queues against the services the workers really run.
+The stop timeouts are checked against the ``--shutdown-grace`` the same file passes, the
+autoscaler's queues against the services the workers really run, and the history indexer's
+store against where each file keeps it (a volume, a state folder, a Secret).
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ def check_worker(argv: list[str]) -> dict[str, Any]:
     return params
 
 
+def check_history(argv: list[str]) -> dict[str, Any]:
+    verb, params = parse_command(argv)
+    assert verb == "history"
+    assert params["metrics_port"], "every file here serves the indexer's metrics"
+    return params
+
+
 def service_names(params: dict[str, Any]) -> set[str]:
     # The examples' paths are relative to the image's working folder, a copy of the repo's.
     return {load_service(str(ROOT / spec) if ".py:" in spec else spec).name
@@ -60,13 +68,18 @@ def test_the_checker_refuses_an_option_that_does_not_exist() -> None:
 # ---- systemd ---------------------------------------------------------------------------------
 
 
-def test_systemd_unit_runs_a_valid_worker_and_stops_gracefully() -> None:
+def systemd_service(name: str) -> configparser.SectionProxy:
+    """The ``[Service]`` section of a unit in deploy/systemd."""
     # interpolation=None: systemd's %-specifiers are not configparser's.
     unit = configparser.ConfigParser(interpolation=None, strict=True)
     unit.optionxform = str  # type: ignore[assignment,method-assign]  # systemd keys are case-sensitive
-    unit.read(DEPLOY / "systemd" / "brokerexec-worker.service", encoding="utf-8")
+    unit.read(DEPLOY / "systemd" / name, encoding="utf-8")
     assert set(unit.sections()) == {"Unit", "Service", "Install"}
-    service = unit["Service"]
+    return unit["Service"]
+
+
+def test_systemd_unit_runs_a_valid_worker_and_stops_gracefully() -> None:
+    service = systemd_service("brokerexec-worker.service")
     params = check_worker(shlex.split(service["ExecStart"]))
     assert service["KillSignal"] == "SIGTERM"
     # Only the worker gets SIGTERM; a child process of --runner process is the worker's to stop.
@@ -76,12 +89,27 @@ def test_systemd_unit_runs_a_valid_worker_and_stops_gracefully() -> None:
     assert "2" in service["RestartPreventExitStatus"].split()  # a usage error is not retried
 
 
+def test_systemd_unit_runs_a_valid_history_indexer_with_its_store_in_its_state_folder() -> None:
+    service = systemd_service("brokerexec-history.service")
+    check_history(shlex.split(service["ExecStart"]))
+    # The SQLite file, unless the environment file names another store: in the folder systemd
+    # makes for the unit's user, the one it may write to under ProtectSystem=strict.
+    name, _, store = service["Environment"].partition("=")
+    assert name == "BROKEREXEC_HISTORY_STORE" and name in envvars_read_by("history")
+    assert service["ProtectSystem"] == "strict"
+    assert Path(store).parent == Path("/var/lib") / service["StateDirectory"]
+    assert service["KillSignal"] == "SIGTERM"
+    assert service["Restart"] == "on-failure"
+    assert "2" in service["RestartPreventExitStatus"].split()
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
-def test_systemd_accepts_every_setting_of_the_unit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["brokerexec-worker.service", "brokerexec-history.service"])
+def test_systemd_accepts_every_setting_of_the_unit(tmp_path: Path, name: str) -> None:
     # systemd's own parser: a misspelt key or value is only a warning (rc 0), so any output
     # fails. The unit's brokerexec is not installed here: the copy runs /bin/true instead.
-    text = (DEPLOY / "systemd" / "brokerexec-worker.service").read_text(encoding="utf-8")
-    unit = tmp_path / "brokerexec-worker.service"
+    text = (DEPLOY / "systemd" / name).read_text(encoding="utf-8")
+    unit = tmp_path / name
     unit.write_text(re.sub(r"^ExecStart=\S+", "ExecStart=/bin/true", text, flags=re.MULTILINE),
                     encoding="utf-8")
     verified = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
@@ -89,10 +117,13 @@ def test_systemd_accepts_every_setting_of_the_unit(tmp_path: Path) -> None:
     assert (verified.returncode, verified.stdout + verified.stderr) == (0, "")
 
 
-def test_systemd_environment_file_sets_only_what_the_worker_reads() -> None:
-    lines = (DEPLOY / "systemd" / "worker.env.example").read_text(encoding="utf-8").splitlines()
-    names = {line.split("=", 1)[0] for line in lines if line.strip() and not line.startswith("#")}
-    assert names and names <= envvars_read_by("worker")
+@pytest.mark.parametrize(("name", "verb"), [("worker.env.example", "worker"),
+                                            ("history.env.example", "history")])
+def test_systemd_environment_file_sets_only_what_its_verb_reads(name: str, verb: str) -> None:
+    text = (DEPLOY / "systemd" / name).read_text(encoding="utf-8")
+    # A line commented out is a setting too, to be set by removing its "# ".
+    names = set(re.findall(r"^(?:# )?([A-Z_]+)=", text, re.MULTILINE))
+    assert "BROKEREXEC_URL" in names and names <= envvars_read_by(verb)
 
 
 # ---- the image and compose ---------------------------------------------------------------------
@@ -123,6 +154,28 @@ def test_compose_runs_rabbitmq_and_several_valid_workers() -> None:
     assert (ROOT / worker["build"]["context"].replace("../..", ".") / worker["build"]["dockerfile"]).exists()
 
 
+def test_compose_runs_one_valid_history_indexer_with_its_store_on_a_volume() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose" / "compose.yaml").read_text(encoding="utf-8"))
+    services = compose["services"]
+    history = services["history"]
+    params = check_history(history["command"])
+    assert "replicas" not in history.get("deploy", {})  # one indexer on a SQLite file
+    assert (history["image"], history["build"]) == (services["worker"]["image"], services["worker"]["build"])
+    assert history["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+    assert history["stop_signal"] == "SIGTERM"
+    assert set(history["environment"]) <= envvars_read_by("history")
+    assert "@rabbitmq:" in history["environment"]["BROKEREXEC_URL"]
+    assert str(params["metrics_port"]) in history["expose"] and params["metrics_host"] == "0.0.0.0"
+    # The SQLite file is on a named volume, whose folder the image makes its user's (a fresh
+    # volume takes the owner of the folder it is mounted on).
+    folder = str(Path(params["history_store"]).parent)
+    [volume] = [v for v, f in (one.split(":", 1) for one in history["volumes"]) if f == folder]
+    assert volume in compose["volumes"]
+    dockerfile = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
+    (user,) = re.findall(r"^USER (\S+)$", dockerfile, re.MULTILINE)
+    assert f"install -d -o {user} {folder}" in dockerfile
+
+
 # ---- Kubernetes --------------------------------------------------------------------------------
 
 
@@ -144,16 +197,21 @@ def expand(argument: str, env: dict[str, str]) -> str:
 
 def worker_container() -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """The worker pod's spec, its container, and the command line it runs (args expanded)."""
+    template, container, argv = deployment_container("brokerexec-worker")
+    return template["spec"], container, argv
+
+
+def deployment_container(name: str) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """A Deployment's pod template, its container, and the command line it runs (args expanded)."""
     objects = kubernetes_objects()
-    deployment = objects["Deployment", "brokerexec-worker"]
-    spec = deployment["spec"]["template"]["spec"]
-    (container,) = spec["containers"]
+    template = objects["Deployment", name]["spec"]["template"]
+    (container,) = template["spec"]["containers"]
     env: dict[str, str] = {}
     for source in container["envFrom"]:
         data = objects["ConfigMap", source["configMapRef"]["name"]]["data"]
         assert all(isinstance(value, str) for value in data.values())  # ConfigMap data are strings
         env.update(data)
-    return spec, container, [expand(a, env) for a in [*container["command"], *container["args"]]]
+    return template, container, [expand(a, env) for a in [*container["command"], *container["args"]]]
 
 
 def test_kubernetes_worker_is_valid_and_waits_for_the_handover() -> None:
@@ -186,3 +244,36 @@ def test_keda_scales_on_the_launch_queues_of_the_services_the_workers_run() -> N
         (target,) = authentication["spec"]["secretTargetRef"]
         assert target["parameter"] == "host"
         assert target["key"] in objects["Secret", target["name"]]["stringData"]
+
+
+def test_kubernetes_history_indexer_is_valid_and_its_urls_come_from_secrets() -> None:
+    objects = kubernetes_objects()
+    template, container, argv = deployment_container("brokerexec-history")
+    check_history(argv)
+    assert "--store" not in argv  # the Secret's, not the args'
+    env = {variable["name"]: variable["valueFrom"]["secretKeyRef"] for variable in container["env"]}
+    assert set(env) <= envvars_read_by("history")
+    for name, schemes in (("BROKEREXEC_URL", ("amqp://", "amqps://")),
+                          ("BROKEREXEC_HISTORY_STORE", ("postgresql://",))):
+        secret = objects["Secret", env[name]["name"]]
+        assert secret["stringData"][env[name]["key"]].startswith(schemes), name
+    # A PostgreSQL store: the image has its driver
+    assert '"/src[postgresql]"' in (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
+    # The rolling update starts the new indexer first (two on one PostgreSQL store is allowed)
+    strategy = objects["Deployment", "brokerexec-history"]["spec"]["strategy"]
+    assert strategy["rollingUpdate"]["maxUnavailable"] == 0
+    assert template["spec"]["terminationGracePeriodSeconds"] >= 10
+
+
+@pytest.mark.parametrize("name", ["brokerexec-worker", "brokerexec-history"])
+def test_kubernetes_metrics_are_served_where_prometheus_and_the_probes_look(name: str) -> None:
+    template, container, argv = deployment_container(name)
+    _verb, params = parse_command(argv)
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert params["metrics_host"] == "0.0.0.0"  # the pod's network
+    assert ports["metrics"] == params["metrics_port"]
+    assert int(template["metadata"]["annotations"]["prometheus.io/port"]) == params["metrics_port"]
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        if probe in container:
+            port = container[probe]["httpGet"]["port"]
+            assert ports.get(port, port) == params["metrics_port"], probe

@@ -32,9 +32,28 @@ from ..errors import (
     UnknownService,
 )
 
-__all__ = ["EPILOG", "EXIT_ABORTED", "EXIT_BROKER", "EXIT_CODES", "EXIT_FAILED", "EXIT_NOT_FOUND",
-           "EXIT_OK", "EXIT_TIMEOUT", "EXIT_USAGE", "JSON_FLAG", "emit", "error_document",
-           "exit_code", "exit_on_errors", "fail", "finish", "message_of", "type_of", "wants_json"]
+__all__ = [
+    "EPILOG",
+    "EXIT_ABORTED",
+    "EXIT_BROKER",
+    "EXIT_CODES",
+    "EXIT_FAILED",
+    "EXIT_NOT_FOUND",
+    "EXIT_OK",
+    "EXIT_TIMEOUT",
+    "EXIT_USAGE",
+    "JSON_FLAG",
+    "announce",
+    "emit",
+    "error_document",
+    "exit_code",
+    "exit_on_errors",
+    "fail",
+    "finish",
+    "message_of",
+    "type_of",
+    "wants_json",
+]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_BROKER, EXIT_ABORTED = (
     0, 1, 2, 3, 4, 5, 130)
@@ -139,3 +158,16 @@ def finish(record: dict[str, Any] | None, as_json: bool) -> NoReturn:
 
     show_record(record, as_json)
     sys.exit({"finished": EXIT_OK, "failed": EXIT_FAILED}.get(str(record.get("state")), EXIT_ABORTED))
+
+
+def announce(log_format: str, text: str) -> None:
+    """A line on stderr whatever the log level (scripts wait for it), in the log format of a
+    long-running verb: with ``--log-format json`` every line of stderr is a JSON object."""
+    if log_format == "json":
+        import logging
+
+        from ..logs import JsonFormatter
+
+        text = JsonFormatter().format(logging.LogRecord(
+            "brokerexec.cli", logging.INFO, __file__, 0, text, None, None))
+    click.echo(text, err=True)

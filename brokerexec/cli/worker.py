@@ -15,16 +15,14 @@ import signal
 import threading
 from typing import Any
 
-import click
-
 from ..core.registry import ServiceRegistry
-from ..logs import JsonFormatter, configure_logging
+from ..logs import configure_logging
 from ..settings import Settings
 from ..transport.base import WorkerTransport
 from ..transport.schemes import scheme_of
 from ..worker.worker import Worker, host_info
 from .input import need_shared_broker
-from .output import EXIT_ABORTED, EXIT_USAGE, exit_on_errors, fail
+from .output import EXIT_ABORTED, EXIT_USAGE, announce, exit_on_errors, fail
 
 __all__ = ["serve"]
 
@@ -57,7 +55,7 @@ def serve(settings: Settings) -> None:
         if settings.metrics.port is not None:
             transport = _serve_metrics(settings, transport)
         running = Worker(transport, registry, settings.worker).start()
-    _announce(settings, f"worker ready: {', '.join(registry.names())}")
+    announce(settings.logging.format, f"worker ready: {', '.join(registry.names())}")
     while not stop.wait(1.0):  # a timed wait: signal handlers run promptly on every Python
         pass
     log.info("stopping: no new jobs; running ones are handed over or get %.0f s to finish",
@@ -77,14 +75,5 @@ def _serve_metrics(settings: Settings, transport: WorkerTransport) -> WorkerTran
         fail(f"cannot serve metrics on {host}:{settings.metrics.port}: "
              f"{exc.strerror or exc}", EXIT_USAGE)
     # Parsed by tests and scripts that ask for port 0; stderr, as the ready line.
-    _announce(settings, f"metrics at http://{host}:{port}/metrics")
+    announce(settings.logging.format, f"metrics at http://{host}:{port}/metrics")
     return metrics.watch(transport)
-
-
-def _announce(settings: Settings, text: str) -> None:
-    """A line on stderr whatever the log level (scripts wait for it), in the log format:
-    with ``--log-format json`` every line of stderr is a JSON object."""
-    if settings.logging.format == "json":
-        text = JsonFormatter().format(logging.LogRecord(
-            "brokerexec.cli", logging.INFO, __file__, 0, text, None, None))
-    click.echo(text, err=True)

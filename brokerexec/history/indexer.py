@@ -14,19 +14,23 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import exc as sa_exc
 
 from .. import codec
 from ..constants import MAX_ENTRY_BYTES
 from ..errors import DecodeError, HistoryUnavailable
-from ..protocol.history import HistoryPage, HistoryQuery
+from ..protocol.history import HistoryQuery
 from ..protocol.journal import ENTRY_TYPES
+from ..protocol.names import CHECKPOINT_TYPE, LAUNCH_TYPE, LAUNCHES_TYPE, RECORD_TYPE, STARTED_TYPE
 from ..protocol.replies import Reply
+from ..transport.pika.history_server import HistoryServer
 from ..transport.pika.journal_tail import JournalTail, TailEntry, TryAgain
+from . import queries
 from .store import Entry, HistoryStore
 
-__all__ = ["Indexer", "IndexerStats"]
+__all__ = ["Indexer", "IndexerStats", "written_at"]
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +49,11 @@ class IndexerStats:
     skipped: int = 0  # entries that did not decode
     batches: int = 0
     pruned: int = 0
-    store_errors: int = 0  # batches the store refused (read again later)
+    store_errors: int = 0  # batches the store refused (read again later), queries it could not answer
+    queries: int = 0  # history queries answered
+    store_seconds: float = 0.0  # spent folding and committing batches
     last_batch: float = 0.0  # when the last batch was committed (epoch seconds)
+    newest_entry: float = 0.0  # when the newest entry committed was written (epoch s, writer's clock)
 
 
 class Indexer:
@@ -63,16 +70,27 @@ class Indexer:
                  batch: int = 1000) -> None:
         self.store = store
         self.keep = keep
-        self.tail = JournalTail(broker, batch=batch, answer=self.answer)
+        self.tail = JournalTail(broker, batch=batch)
+        self.server = HistoryServer(broker, self.answer)
         self.stats = IndexerStats()
         self._pruned_at = 0.0
 
     def run(self, stop: threading.Event) -> None:
-        """Index until ``stop`` is set (the broker going and coming back is ridden out)."""
+        """Index, and answer history queries, until ``stop`` is set (the broker going and
+        coming back is ridden out); ``stop`` is set when it returns, whatever ended it."""
         version = self.store.migrate()
         log.info("history store %s at schema %s; indexing the journal", self.store.redacted_url, version)
         self._prune()
-        self.tail.run(self._offsets, self._take, stop)
+        # Queries on a connection of their own: answered while a batch commits, and while
+        # the store is down (saying so) as the tail backs off.
+        server = threading.Thread(target=self.server.run, args=(stop,), name="brokerexec-history-queries",
+                                  daemon=True)
+        server.start()
+        try:
+            self.tail.run(self._offsets, self._take, stop)
+        finally:
+            stop.set()
+            server.join(10)
 
     def _offsets(self) -> dict[str, int]:
         try:
@@ -88,6 +106,7 @@ class Indexer:
             raise TryAgain(f"the history store refused a batch: {exc.orig}") from exc
 
     def _store(self, batch: list[TailEntry], reached: dict[str, int]) -> None:
+        began = time.perf_counter()
         entries: list[Entry] = []
         for raw in batch:
             if raw.kind not in ENTRY_TYPES:
@@ -103,27 +122,27 @@ class Indexer:
         self.stats.rows += self.store.ingest(entries, reached)
         self.stats.entries += len(entries)
         self.stats.batches += 1
-        self.stats.last_batch = time.time()
+        self.stats.last_batch = now = time.time()
+        self.stats.store_seconds += time.perf_counter() - began
+        written = max((written_at(entry.kind, entry.body) for entry in entries), default=0.0)
+        self.stats.newest_entry = max(self.stats.newest_entry, min(written, now))  # a clock ahead: now
         if time.monotonic() - self._pruned_at > PRUNE_EVERY:
             self._prune()
 
     def answer(self, body: bytes, content_type: str | None) -> bytes:
         """The reply to one history query: a page, one job's row, or why not."""
+        self.stats.queries += 1
         try:
             decoded, _ = codec.decode_object(body, content_type, allow_yaml=False)
             query = HistoryQuery.decode(decoded)
-            if query.job_id is not None:
-                row = self.store.get(query.job_id)
-                page = HistoryPage([row.encode()] if row is not None else [], None, int(row is not None))
-            else:
-                found = self.store.page(**query.filters())
-                page = HistoryPage([row.encode() for row in found.rows], found.cursor, found.total)
+            page = queries.answer(self.store, query)
             reply = Reply.result(page.encode())
         except (DecodeError, TypeError) as exc:
             reply = Reply.failure(exc if isinstance(exc, DecodeError) else DecodeError(str(exc)))
         except sa_exc.SQLAlchemyError as exc:
             self.stats.store_errors += 1
-            reply = Reply.failure(HistoryUnavailable(f"the history store cannot answer now: {exc}"))
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]  # not its SQL
+            reply = Reply.failure(HistoryUnavailable(f"the history store cannot answer now: {reason}"))
         return codec.encode(reply.encode())
 
     def _prune(self) -> None:
@@ -133,3 +152,15 @@ class Indexer:
         if pruned:
             log.info("history: %d rows of jobs that ended over %.0f days ago pruned", pruned,
                      self.keep / 86400)
+
+
+#: Where each kind of journal entry says when it was written (``protocol/journal.py``).
+_WRITTEN = {LAUNCH_TYPE: "sent", LAUNCHES_TYPE: "sent", STARTED_TYPE: "time", CHECKPOINT_TYPE: "time",
+            RECORD_TYPE: "end"}
+
+
+def written_at(kind: str, body: dict[str, Any]) -> float:
+    """When a journal entry was written, by its writer's clock (epoch seconds; 0: it does
+    not say)."""
+    value = body.get(_WRITTEN.get(kind, ""))
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0

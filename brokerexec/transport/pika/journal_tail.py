@@ -6,8 +6,10 @@ caller says it has read up to. Deliveries are gathered into batches (``batch`` e
 ``flush_every`` seconds after the first) and handed over with the offset each stream reached;
 they are acknowledged (stream credit) only once the caller took the batch, so what is not yet
 stored is read again after a crash or a reconnect, from the offsets the caller stored last.
-On the same connection, between batches, it answers history queries (``protocol/history.py``)
-with the caller's ``answer``.
+History queries are answered apart, on a connection of their own (``history_server.py``).
+
+For the indexer's metrics it keeps the offsets the caller stored (:meth:`JournalTail.committed`),
+and looks at where each stream ends (:func:`stream_ends`, on a connection of its own).
 """
 
 from __future__ import annotations
@@ -17,23 +19,27 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pika
 import pika.exceptions
-from tenacity import Retrying, retry_if_exception_type, stop_never, wait_exponential
 
 from ...protocol.journal import STREAM_OFFSET_HEADER
-from ...protocol.names import HISTORY_QUEUE, JOURNAL_BUCKETS, journal_stream_of_bucket
+from ...protocol.names import JOURNAL_BUCKETS, journal_stream_of_bucket
 from .client import connection_parameters
+from .reconnecting import reconnecting
 
-__all__ = ["Answer", "JournalTail", "TailEntry", "TryAgain"]
+__all__ = ["JournalTail", "TailEntry", "TryAgain", "stream_ends"]
 
 log = logging.getLogger(__name__)
 
 _NOT_FOUND = 404
+#: How long a look at the streams' ends waits for their last chunks (an empty stream sends
+#: none), and for a quiet moment once each sent its own.
+LOOK_SECONDS = 0.5
+_QUIET = 0.05
 
 
 @dataclass(frozen=True)
@@ -50,8 +56,6 @@ class TailEntry:
 
 #: Takes a batch and the next offset of each stream it reaches; returns once it is stored.
 OnBatch = Callable[[list[TailEntry], dict[str, int]], None]
-#: Answers one history query (its body and content type) with a reply's body (JSON).
-Answer = Callable[[bytes, "str | None"], bytes]
 
 
 class JournalTail:
@@ -65,28 +69,38 @@ class JournalTail:
     """
 
     def __init__(self, url: str, *, batch: int = 1000, flush_every: float = 0.25,
-                 name: str = "brokerexec-history", answer: Answer | None = None) -> None:
+                 name: str = "brokerexec-history") -> None:
         self.parameters = connection_parameters(url, 10.0, name, 30)
         self.batch, self.flush_every = batch, flush_every
-        self.answer = answer
         self.connected = threading.Event()
+        #: Times the journal was read again from the stored offsets (the broker or the
+        #: caller's store failed).
+        self.reconnects = 0
+        self._committed: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def committed(self) -> dict[str, int]:
+        """The next offset of each stream as the caller stored it (what ``offsets()`` said,
+        moved by each batch it took); a stream it had none for, from the first entry the
+        stream still holds."""
+        with self._lock:
+            return dict(self._committed)
+
+    def ends(self, seconds: float = LOOK_SECONDS) -> dict[str, int]:
+        """The next offset of each journal stream now (:func:`stream_ends`)."""
+        return stream_ends(self.parameters, seconds)
 
     def run(self, offsets: Callable[[], Mapping[str, int]], on_batch: OnBatch, stop: threading.Event) -> None:
         """Tail until ``stop`` is set; reconnect (backing off to 30 s) when the broker goes,
         or ``on_batch`` (or ``offsets``) raises :class:`TryAgain`, from the offsets
         ``offsets()`` returns then. Any other error of theirs is raised."""
-        again = (pika.exceptions.AMQPError, OSError, _NoJournal, TryAgain)
-        retrying = Retrying(retry=retry_if_exception_type(again),
-                            wait=wait_exponential(multiplier=0.5, max=30), stop=stop_never,
-                            before_sleep=lambda state: log.warning(
-                                "the journal could not be read (%s); again in %.1f s",
-                                state.outcome.exception() if state.outcome else "?",
-                                state.next_action.sleep if state.next_action else 0),
-                            sleep=functools.partial(_sleep, stop), reraise=True)
+        retrying = reconnecting(stop, "the journal could not be read", log, also=(_NoJournal, TryAgain))
         for attempt in retrying:
             with attempt:
                 if stop.is_set():
                     return
+                if attempt.retry_state.attempt_number > 1:
+                    self.reconnects += 1
                 self._tail(dict(offsets()), on_batch, stop)
 
     def _tail(self, start: dict[str, int], on_batch: OnBatch, stop: threading.Event) -> None:
@@ -95,12 +109,17 @@ class JournalTail:
         reached: dict[str, int] = {}
         last_tag = [0]
         first_at = [0.0]
+        with self._lock:
+            self._committed = dict(start)
 
         def take(stream: str, _ch: Any, method: Any, props: pika.BasicProperties, body: bytes) -> None:
             last_tag[0] = method.delivery_tag
             offset = (props.headers or {}).get(STREAM_OFFSET_HEADER)
             if not isinstance(offset, int) or offset < start.get(stream, 0):
                 return  # before where it was asked to start: the chunk's head, read already
+            if stream not in self._committed:  # read from its first: what retention left
+                with self._lock:
+                    self._committed.setdefault(stream, offset)
             if not pending:
                 first_at[0] = time.monotonic()
             pending.append(TailEntry(stream, offset, props.type, props.message_id, props.content_type, body))
@@ -118,8 +137,6 @@ class JournalTail:
                 if exc.reply_code == _NOT_FOUND:
                     raise _NoJournal("no journal streams yet: no worker has run on this broker") from exc
                 raise
-            if self.answer is not None:
-                _serve(channel, self.answer)
             self.connected.set()
             while not stop.is_set():
                 connection.process_data_events(time_limit=self.flush_every / 2)
@@ -129,6 +146,8 @@ class JournalTail:
                     on_batch(batch, moved)  # stored: now the broker may send more
                     pending.clear()
                     start.update(moved)
+                    with self._lock:
+                        self._committed.update(moved)
                     channel.basic_ack(last_tag[0], multiple=True)
             if pending:
                 on_batch(list(pending), dict(reached))
@@ -138,23 +157,50 @@ class JournalTail:
                 connection.close()
 
 
-def _serve(channel: Any, answer: Answer) -> None:
-    """Answer history queries, between batches, on the queue every indexer consumes (it goes
-    with the last of them, so that a query with none there comes back unroutable)."""
+def stream_ends(parameters: Sequence[pika.ConnectionParameters],
+                seconds: float = LOOK_SECONDS) -> dict[str, int]:
+    """The next offset of each journal stream that holds an entry: one past the newest.
 
-    def on_query(ch: Any, _method: Any, props: pika.BasicProperties, body: bytes) -> None:
-        if not props.reply_to:
-            return
-        reply = answer(body, props.content_type)
-        ch.basic_publish("", props.reply_to, reply, pika.BasicProperties(
-            content_type="application/json", correlation_id=props.correlation_id))
+    A stream has no end marker over AMQP 0-9-1, and a probe would write to the journal: a
+    consumer from ``"last"`` is sent the stream's last chunk whole (with a prefetch of one,
+    no more), and the newest offset in it is the stream's. On a connection of its own, as
+    ``journal_reader.py`` reads (pika rejects what it did not dispatch when a consumer ends,
+    and RabbitMQ closes the whole connection at a reject on a stream); nothing acknowledged,
+    so nothing more is sent. Waits at most ``seconds`` for the streams that send nothing
+    (empty ones). No journal yet: an empty answer.
+    """
+    ends: dict[str, int] = {}
+    delivered = [0]
 
-    channel.queue_declare(HISTORY_QUEUE, auto_delete=True)
-    channel.basic_consume(HISTORY_QUEUE, on_query, auto_ack=True)
+    def seen(stream: str, _ch: Any, _method: Any, props: pika.BasicProperties, _body: bytes) -> None:
+        delivered[0] += 1
+        offset = (props.headers or {}).get(STREAM_OFFSET_HEADER)
+        if isinstance(offset, int):
+            ends[stream] = max(ends.get(stream, 0), offset + 1)
 
-
-def _sleep(stop: threading.Event, seconds: float) -> None:
-    stop.wait(seconds)  # a stop ends the wait
+    connection = pika.BlockingConnection(parameters)
+    try:
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=1)
+        streams = [journal_stream_of_bucket(bucket) for bucket in range(JOURNAL_BUCKETS)]
+        try:
+            for stream in streams:
+                channel.basic_consume(stream, functools.partial(seen, stream),
+                                      arguments={"x-stream-offset": "last"})
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == _NOT_FOUND:
+                return {}
+            raise
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            before = delivered[0]
+            connection.process_data_events(time_limit=_QUIET)
+            if len(ends) == len(streams) and delivered[0] == before:
+                break  # every stream sent its last chunk, and nothing came since
+    finally:
+        with contextlib.suppress(Exception):
+            connection.close()
+    return ends
 
 
 class _NoJournal(Exception):
