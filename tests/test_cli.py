@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from brokerexec.cli import app as cli_module
 from brokerexec.cli.app import cli
-from brokerexec.cli.input import json_value
+from brokerexec.cli.input import json_value, parse_when
 
 ROOT = Path(__file__).resolve().parent.parent
 FIT = "examples/fit.py:ExponentialFit"
@@ -116,6 +116,11 @@ def test_a_bad_request_is_a_usage_error(request_text: str, message: str) -> None
     (["watch", "abc", "--broker", "memory://lab"], "memory:// lives inside one process"),
     (["jobs", "--broker", "http://localhost"],
      "unsupported broker URL 'http://localhost': use amqp://, amqps:// or memory://"),
+    (["jobs", "--since", "2h"], "--since only go(es) with --all"),
+    (["jobs", "--all", "--since", "soonish"], "--since 'soonish' is not a time"),
+    (["jobs", "--all", "--until", "2026-13-45"], "--until '2026-13-45' is not a time"),
+    (["jobs", "--all", "--cursor", "nonsense", "--broker", "amqp://guest:guest@127.0.0.1:1/"],
+     "not a history cursor"),
     (["worker", "--broker", "amqp://guest:guest@127.0.0.1:1/"], "no services to run"),
     (["worker", "--service", "nope.module:Thing"], "cannot load service"),
 ])
@@ -129,6 +134,18 @@ def test_click_usage_errors_also_exit_2() -> None:
     assert CliRunner().invoke(cli, ["no-such-verb"]).exit_code == 2
     assert CliRunner().invoke(cli, ["worker", "--concurrency", "0"]).exit_code == 2
     assert CliRunner().invoke(cli, ["run", FIT, "--pool", "fork"]).exit_code == 2
+
+
+def test_times_on_the_command_line_are_durations_ago_dates_or_epoch_seconds() -> None:
+    from datetime import datetime
+
+    now = 1_800_000_000.0
+    assert parse_when("90s", "--since", now) == now - 90
+    assert parse_when("2h", "--since", now) == now - 7200
+    assert parse_when("1.5d", "--since", now) == now - 1.5 * 86400
+    assert parse_when("1w", "--since", now) == now - 7 * 86400
+    assert parse_when("1764950400", "--since", now) == 1764950400.0
+    assert parse_when("2026-12-05T14:30", "--since", now) == datetime(2026, 12, 5, 14, 30).timestamp()
 
 
 @pytest.mark.parametrize("text, value", [

@@ -3,6 +3,8 @@ indexer processes, real SIGKILLs; the store on SQLite and on the real PostgreSQL
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +20,10 @@ import pytest
 
 from brokerexec import Client, DecodeError, HistoryUnavailable, RemoteError
 from brokerexec.history import HistoryStore
+from brokerexec.protocol.journal import started_entry
+from brokerexec.protocol.messages import Launch, Record
+from brokerexec.protocol.names import LAUNCH_TYPE, RECORD_TYPE, STARTED_TYPE, journal_stream
+from brokerexec.protocol.states import JobState
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.timeout(240)]
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,9 +33,9 @@ WAIT = 60.0
 class IndexerProcess:
     """``brokerexec history`` in a process of its own."""
 
-    def __init__(self, broker: str, store: str) -> None:
+    def __init__(self, broker: str, store: str, *args: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "brokerexec", "history", "--broker", broker, "--store", store],
+            [sys.executable, "-m", "brokerexec", "history", "--broker", broker, "--store", store, *args],
             stderr=subprocess.PIPE, text=True, cwd=ROOT)
         self.lines: list[str] = []
         ready = threading.Event()
@@ -72,11 +78,11 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def indexers(own_vhost: str) -> Iterator[Callable[[str], IndexerProcess]]:
+def indexers(own_vhost: str) -> Iterator[Callable[..., IndexerProcess]]:
     started: list[IndexerProcess] = []
 
-    def start(store: str) -> IndexerProcess:
-        started.append(IndexerProcess(own_vhost, store))
+    def start(store: str, *args: str) -> IndexerProcess:
+        started.append(IndexerProcess(own_vhost, store, *args))
         return started[-1]
 
     yield start
@@ -159,3 +165,197 @@ def test_every_job_is_in_the_store_once_across_worker_and_indexer_sigkills(
         fresh = indexers(rebuilt)
         rows = wait_for_rows(rebuilt, lambda rows: rows == incremental, ids)
         assert fresh.stop() == 0
+
+
+def brokerexec(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "brokerexec", *args], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT, check=False)
+
+
+def cli_json(*args: str, code: int = 0) -> Any:
+    done = brokerexec(*args, "--json")
+    assert done.returncode == code, (done.stdout, done.stderr)
+    return json.loads(done.stdout)
+
+
+def test_jobs_all_pages_through_the_store_with_filters_and_a_footer_that_never_hides_a_cap(
+        own_vhost: str, worker_process: Callable[..., Any], indexers: Callable[..., IndexerProcess],
+        tmp_path: Path) -> None:
+    url = own_vhost
+    worker_process("--concurrency", "4", services=("Counter",), url=url)
+    with Client(url, timeout=10) as client:
+        done = [client.launch("counter", {"steps": 1, "delay": 0.0001 * (n + 1)}) for n in range(7)]
+        failing = client.launch("counter", {"steps": 3, "fail_at": 1})
+        for job in done:
+            job.result(WAIT)
+        with pytest.raises(RemoteError):
+            failing.result(WAIT)
+    ids = {job.id for job in done}
+    # No indexer yet: said on stderr, and the journal's last hour instead, as before
+    fallback = brokerexec("jobs", "--all", "--broker", url, "--json")
+    assert fallback.returncode == 0 and "no history indexer runs" in fallback.stderr
+    listed = json.loads(fallback.stdout)
+    assert listed["source"] == "journal" and ids <= {job["job_id"] for job in listed["jobs"]}
+    store = str(tmp_path / "history.db")
+    indexers(store)
+    wait_for_rows(store, lambda rows: all(row is not None and row.state in ("finished", "failed")
+                                          for row in rows.values()), [*ids, failing.id])
+    page = cli_json("jobs", "--all", "--broker", url)
+    assert page["source"] == "history" and page["total"] == 8 and page["cursor"] is None
+    ended = [row["ended"] for row in page["jobs"]]
+    assert ended == sorted(ended, reverse=True)  # newest first
+    failed = cli_json("jobs", "--all", "--state", "failed", "--broker", url)
+    assert [row["job_id"] for row in failed["jobs"]] == [failing.id] and failed["total"] == 1
+    assert failed["jobs"][0]["error_type"] == "ValueError"
+    found = cli_json("jobs", "--all", "--search", '"delay":0.0004', "--service", "counter", "--since", "1h",
+                     "--broker", url)
+    assert [row["job_id"] for row in found["jobs"]] == [done[3].id]
+    assert cli_json("jobs", "--all", "--until", "2h", "--broker", url)["total"] == 0
+    # pages of 3: every job once, and the footer says how many and how to go on
+    seen: list[str] = []
+    cursor: list[str] = []
+    while True:
+        part = cli_json("jobs", "--all", "--limit", "3", "--broker", url, *cursor)
+        seen += [row["job_id"] for row in part["jobs"]]
+        if part["cursor"] is None:
+            break
+        cursor = ["--cursor", part["cursor"]]
+    assert sorted(seen) == sorted([*ids, failing.id])
+    text = brokerexec("jobs", "--all", "--limit", "3", "--broker", url)
+    assert text.returncode == 0 and "3 of 8 matching jobs, newest first; next page: --cursor " in text.stdout
+    assert "ValueError" not in text.stdout and failing.id in brokerexec(
+        "jobs", "--all", "--state", "failed", "--broker", url).stdout
+    for bad in (["--since", "yesterday-ish"], ["--cursor", "nonsense"], ["--search", "x"]):
+        all_flag = [] if bad[0] == "--search" else ["--all"]  # --search goes only with --all
+        refused = brokerexec("jobs", *all_flag, *bad, "--broker", url)
+        assert refused.returncode == 2 and refused.stderr.startswith("brokerexec: "), refused.stderr
+
+
+FILLER = b"x" * (1 << 20)
+
+
+def _roll(url: str, streams: set[str]) -> None:
+    """Fill each stream past a segment (4 MB): a new segment starts, and retention is applied
+    to the closed ones then."""
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for stream in streams:
+            for _ in range(5):
+                channel.basic_publish("", stream, FILLER, pika.BasicProperties(type="test.filler"))
+    finally:
+        connection.close()
+
+
+def _write_old_job(url: str, age: float) -> dict[str, Any]:
+    """A job that ran ``age`` seconds ago, as its worker wrote it to the journal; its record."""
+    import pika
+
+    ran = time.time() - age
+    launch = dataclasses.replace(Launch.new("counter", {"steps": 1}), sent=ran)
+    job_id = launch.job_id
+    record = Record(job_id, "counter", JobState.FINISHED, {"count": 1, "label": "old"}, None, ran + 1,
+                    ran + 60, {"hostname": "old-host", "pid": 1})
+    entries = [(LAUNCH_TYPE, launch.encode()),
+               (STARTED_TYPE, started_entry(job_id, "counter", 1, {"hostname": "old-host"}, ran + 1)),
+               (RECORD_TYPE, record.encode())]
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for kind, body in entries:
+            channel.basic_publish("", journal_stream(job_id), json.dumps(body).encode(), pika.BasicProperties(
+                content_type="application/json", message_id=job_id, type=kind, delivery_mode=2))
+    finally:
+        connection.close()
+    return record.encode()
+
+
+def test_a_week_old_job_is_served_by_the_store_after_the_journal_dropped_it(
+        own_vhost: str, worker_process: Callable[..., Any], indexers: Callable[..., IndexerProcess],
+        tmp_path: Path) -> None:
+    url, store = own_vhost, str(tmp_path / "history.db")
+    # Both retentions lowered: the journal keeps entries 10 s (its streams made so by the
+    # worker), the store keeps rows a day at the end.
+    worker_process("--journal-max-age", "10", services=("Counter",), url=url)
+    week_old = _write_old_job(url, 7 * 86400)
+    with Client(url, timeout=10) as client:
+        recent = client.launch("counter", {"steps": 2})
+        recent_record = recent.record(WAIT)
+    jobs = {week_old["job_id"]: week_old, recent.id: recent_record}
+    indexer = indexers(store)
+    wait_for_rows(store, lambda rows: all(row is not None and row.state == "finished"
+                                          for row in rows.values()), list(jobs))
+    assert indexer.stop() == 0
+    streams = {journal_stream(job_id) for job_id in jobs}
+    _roll(url, streams)  # what holds the jobs' entries is a closed segment now
+    closed = time.time()
+    brokerctl.wait_until(lambda: time.time() > closed + 11, 30, "the closed segments to age past 10 s")
+    _roll(url, streams)  # the next roll drops them
+
+    def journal_forgot() -> bool:
+        return all(brokerexec("status", job_id, "--broker", url).returncode == 3 for job_id in jobs)
+
+    brokerctl.wait_until(journal_forgot, 30, "the journal to drop both jobs (no indexer runs)")
+    indexers(store)
+    for job_id, record in jobs.items():
+        assert cli_json("result", job_id, "--broker", url) == record
+        status = cli_json("status", job_id, "--broker", url)
+        assert status["state"] == "finished" and status["record"] == record
+        with Client(url, timeout=10) as client:
+            assert client.job(job_id).result(5) == record["result"]
+            assert client.job(job_id).status()["state"] == "finished"
+    listed = cli_json("jobs", "--all", "--search", week_old["job_id"], "--broker", url)
+    assert [row["workers"] for row in listed["jobs"]] == [["old-host"]]
+    # The store's retention lowered to a day: the week-old row is pruned, the recent one kept.
+    indexers(store, "--keep", "86400")
+    brokerctl.wait_until(lambda: rows_of(store, [week_old["job_id"]])[week_old["job_id"]] is None, WAIT,
+                         "the week-old row to be pruned")
+    assert brokerexec("status", week_old["job_id"], "--broker", url).returncode == 3
+    assert cli_json("result", recent.id, "--broker", url) == recent_record
+
+
+def test_a_store_that_is_down_is_said_within_a_second_and_holds_nothing_else_up(
+        own_vhost: str, worker_process: Callable[..., Any], indexers: Callable[..., IndexerProcess],
+        postgres_url: str, postgres_server: str) -> None:
+    import psycopg
+
+    url, database = own_vhost, postgres_url.rsplit("/", 1)[1]
+    worker_process(services=("Counter",), url=url)
+    indexers(postgres_url)
+
+    def store_up(up: bool) -> None:
+        with psycopg.connect(postgres_server, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {str(up).lower()}')
+            if not up:  # and the indexer's open connections go too
+                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                              (database,))
+
+    try:
+        with Client(url, timeout=10) as client:
+            before = client.launch("counter", {"steps": 1})
+            before.result(WAIT)
+            brokerctl.wait_until(lambda: client.history(count=True).total == 1, WAIT, "the first row")
+            store_up(False)
+            started = time.monotonic()
+            with pytest.raises(HistoryUnavailable, match="cannot answer now"):
+                client.history()
+            assert time.monotonic() - started < 1.0
+            # launching, steering, status and result go on without it
+            during = client.launch("counter", {"steps": 2})
+            assert during.result(WAIT) == {"count": 2, "label": ""}
+            listed = brokerexec("jobs", "--all", "--broker", url, "--json")
+            assert listed.returncode == 0 and "cannot answer now" in listed.stderr
+            assert json.loads(listed.stdout)["source"] == "journal"
+        with Client(url, timeout=10) as fresh:  # a status of an ended job: from the journal
+            started = time.monotonic()
+            assert fresh.job(before.id).status()["state"] == "finished"
+            assert time.monotonic() - started < 3.0
+            store_up(True)
+            brokerctl.wait_until(lambda: fresh.history(count=True).total == 2, WAIT,
+                                 "the indexer to catch up once the store is back")
+    finally:
+        store_up(True)

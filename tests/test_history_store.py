@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from brokerexec.errors import ConfigurationError, DecodeError
 from brokerexec.history import Entry, HistoryStore
@@ -34,7 +35,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[HistoryStor
     url = (str(tmp_path / "history.db") if request.param == "sqlite"
            else request.getfixturevalue("postgres_url"))
     with HistoryStore(url) as store:
-        assert store.migrate() == "0001"
+        assert store.migrate() == "0002"
         yield store
 
 
@@ -194,6 +195,48 @@ def test_pruning_drops_only_jobs_that_ended_before_the_retention(store: HistoryS
     store.ingest(journal.entries, journal.next)
     assert store.prune(keep=86_400.0, now=100_000.0) == 1
     assert store.get(old) is None and store.get(recent) is not None and store.get(running) is not None
+    assert store.record(old) is None and store.record(recent) is not None  # the record goes with its row
+
+
+def test_the_whole_record_is_kept_beside_the_summarized_row(store: HistoryStore) -> None:
+    journal = Journal()
+    big = {"values": list(range(3 * SUMMARY_BYTES))}
+    job_id = journal.job(result=big)
+    record = journal.entries[-1].body
+    record.update(progress={"step": 7, "of": 10}, improved={"loss": 0.25})
+    store.ingest(journal.entries, journal.next)
+    row = store.get(job_id)
+    assert row is not None and row.result is not None and len(row.result.encode()) < SUMMARY_BYTES + 10
+    assert (row.progress, row.improved) == ({"step": 7, "of": 10}, {"loss": 0.25})
+    assert store.record(job_id) == record and store.record(job_id)["result"] == big  # type: ignore[index]
+    assert store.record(new_job_id()) is None
+    # read again: one record, the first of the newest attempt
+    later = Record(job_id, "fit", JobState.FAILED, None, {"type": "X", "message": "m"}, 1.0, 2.0, {})
+    store.ingest([*journal.entries, journal.add(job_id, RECORD_TYPE, later.encode())], journal.next)
+    assert store.record(job_id) == record
+
+
+def test_a_store_made_at_the_first_schema_is_migrated_with_its_rows(tmp_path: Any) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    journal = Journal()
+    job_id = journal.job(result={"y": 1})
+    with HistoryStore(str(tmp_path / "old.db")) as store:
+        config = Config()
+        config.set_main_option("script_location", "brokerexec.history:migrations")
+        with store.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "0001")
+            connection.execute(sa.text(
+                "INSERT INTO jobs (job_id, service, state, attempts, workers, at, request_bytes, "
+                "result_bytes, labels) VALUES (:id, 'fit', 'queued', 0, '[]', 1.0, 0, 0, '{}')"),
+                {"id": job_id})
+        assert store.migrate() == "0002"
+        row = store.get(job_id)
+        assert row is not None and (row.state, row.progress) == ("queued", None)
+        store.ingest(journal.entries, journal.next)  # the rest of its entries
+        assert store.get(job_id).state == "finished" and store.record(job_id) is not None  # type: ignore[union-attr]
 
 
 def test_offsets_never_go_back(store: HistoryStore) -> None:

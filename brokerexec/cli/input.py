@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from ..transport.base import ClientTransport
 
 __all__ = ["ask", "broker_option", "json_option", "json_value", "loads_strict",
-           "need_shared_broker", "oneshot_client", "parse_request", "request_option", "yes_option"]
+           "need_shared_broker", "oneshot_client", "parse_request", "parse_when", "request_option",
+           "yes_option"]
 
 T = TypeVar("T")
 
@@ -76,6 +77,31 @@ def parse_request(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         fail(f"{source} must be a JSON object, not {type(value).__name__}", EXIT_USAGE)
     return value
+
+
+#: ``--since 2h``: how many seconds each unit is.
+_UNITS = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
+
+
+def parse_when(text: str, option: str, now: float | None = None) -> float:
+    """A time given on the command line, as epoch seconds: a duration ago (``90s``,
+    ``10m``, ``2h``, ``3d``, ``1w``), a local date or date and time (``2026-12-05``,
+    ``2026-12-05T14:30``, ``2026-12-05 14:30:00``), or epoch seconds (``1764950400``)."""
+    import re
+    import time
+    from datetime import datetime
+
+    value = text.strip()
+    ago = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)", value)
+    if ago:
+        return (time.time() if now is None else now) - float(ago[1]) * _UNITS[ago[2]]
+    if re.fullmatch(r"\d{9,}(?:\.\d+)?", value):
+        return float(value)
+    try:
+        return datetime.fromisoformat(value).timestamp()  # local time unless it names a zone
+    except ValueError:
+        fail(f"{option} {text!r} is not a time: give a duration ago (90s, 10m, 2h, 3d, 1w), a date "
+             "or date and time (2026-12-05, 2026-12-05T14:30) or epoch seconds", EXIT_USAGE)
 
 
 def json_value(text: str) -> Any:

@@ -16,9 +16,11 @@ from ..client.pace import clock, fraction_of
 from .display import label, summary
 
 if TYPE_CHECKING:
+    from ..protocol.history import HistoryPage
     from ..protocol.lookups import Listing
 
-__all__ = ["ago", "bar", "jobs_table", "local_time", "status_panel", "status_rows", "worker_name"]
+__all__ = ["ago", "bar", "history_footer", "history_table", "jobs_table", "local_time", "status_panel",
+           "status_rows", "worker_name"]
 
 BAR_WIDTH = 20
 
@@ -103,7 +105,7 @@ def status_panel(job_id: str, status: dict[str, Any]) -> None:
     Console(highlight=False).print(Panel(grid, title=str(service), title_align="left", expand=False))
 
 
-def footer(listing: Listing, ended: bool) -> str:
+def footer(listing: Listing, ended: bool, shown: int | None = None, capped: bool = False) -> str:
     """``3 workers answered, 5 running, 2 queued`` (``no worker answered`` when none did)."""
     count = len(listing.workers)
     parts = [f"{count} worker{'s' if count != 1 else ''} answered" if count else "no worker answered",
@@ -114,19 +116,29 @@ def footer(listing: Listing, ended: bool) -> str:
     if resuming:
         parts.append(f"{resuming} resuming")
     if ended:
-        parts.append(f"{len(listing.ended)} ended in the last hour")
-    return ", ".join(parts)
+        parts.append(f"{len(listing.ended)} ended in the last hour"
+                     + (" (the journal's listing stops there: there may be more)" if capped else ""))
+    text = ", ".join(parts)
+    if shown is not None and shown < len(listing.jobs):
+        text += f"; the first {shown} of {len(listing.jobs)} shown (--limit)"
+    return text
 
 
-def jobs_table(listing: Listing, ended: bool = False) -> None:
-    """Print the fleet's jobs as a table on stdout, then the footer."""
+def _console() -> Any:
     from rich.console import Console
-    from rich.table import Column, Table
 
     console = Console(highlight=False)
     if not console.is_terminal:  # a pipe or a file: whole rows, not rich's 80 columns
         console.width = 200
-    jobs = listing.jobs
+    return console
+
+
+def jobs_table(listing: Listing, ended: bool = False, limit: int | None = None, capped: bool = False) -> None:
+    """Print the fleet's jobs as a table on stdout (the first ``limit``), then the footer."""
+    from rich.table import Column, Table
+
+    console = _console()
+    jobs = listing.jobs[:limit]
     if jobs:
         # min_width: an id is never cut short
         columns: list[Column | str] = [Column("job id", no_wrap=True, min_width=32),
@@ -143,4 +155,37 @@ def jobs_table(listing: Listing, ended: bool = False) -> None:
                         str(job.get("attempt", "-"))]
             table.add_row(*row)
         console.print(table)
-    console.print(footer(listing, ended))
+    console.print(footer(listing, ended, None if limit is None else len(jobs), capped))
+
+
+def history_footer(page: HistoryPage) -> str:
+    """``50 of 1,234 matching jobs, newest first; next page: --cursor ...``: never a silent cap."""
+    shown, total = len(page.rows), page.total
+    if total is None:
+        total = shown
+    if not shown:
+        return "no job in the history store matches"
+    if page.cursor:
+        return f"{shown:,} of {total:,} matching jobs, newest first; next page: --cursor {page.cursor}"
+    if shown < total:
+        return f"the last {shown:,} of {total:,} matching jobs"
+    return f"{shown:,} matching job{'s' if shown != 1 else ''}"
+
+
+def history_table(page: HistoryPage) -> None:
+    """Print a page of the history store as a table on stdout, then its footer."""
+    from rich.table import Column, Table
+
+    console = _console()
+    if page.rows:
+        table = Table(Column("job id", no_wrap=True, min_width=32), "service", "state", "worker",
+                      "attempts", "launched", "ended", "ran")
+        for row in page.rows:
+            workers = row.get("workers") or []
+            run_time = row.get("run_time")
+            table.add_row(str(row.get("job_id", "")), str(row.get("service", "")), str(row.get("state", "")),
+                          str(workers[-1]) if workers else "-", str(row.get("attempts", 0)),
+                          local_time(row.get("launched") or row.get("started")), local_time(row.get("ended")),
+                          clock(run_time) if isinstance(run_time, int | float) else "-")
+        console.print(table)
+    console.print(history_footer(page))

@@ -113,11 +113,13 @@ class Job:
         return self.signal(Intent.INVOKE, rpc_timeout, method=method, args=list(args), kwargs=kwargs)
 
     def record(self, timeout: float | None = 0) -> dict[str, Any] | None:
-        """The final record (state, result, error, start, end, worker, attempt), if the job
-        ended (waiting up to ``timeout`` s for it).
+        """The final record (state, result, error, start, end, worker, attempt, and its last
+        progress and improved value when it reported them), if the job ended (waiting up to
+        ``timeout`` s for it). From the history store when an indexer runs and keeps it, else
+        from the journal (``docs/history.md``).
 
         Raises:
-            JobNotFound: nothing knows the job.
+            JobNotFound: neither the history store nor the journal knows the job.
         """
         return self.client.transport.fetch_result(self.id, timeout)
 

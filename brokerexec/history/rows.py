@@ -14,6 +14,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from ..protocol.journal import attempt_of
 from ..protocol.names import CHECKPOINT_TYPE, LAUNCH_TYPE, RECORD_TYPE, STARTED_TYPE
 
 __all__ = ["ENDED", "SUMMARY_BYTES", "JobRow", "fold", "summary"]
@@ -46,6 +47,8 @@ class JobRow:
     last_checkpoint: float | None = None  # when its newest checkpoint was taken
     labels: dict[str, str] = field(default_factory=dict)
     operation: str | None = None
+    progress: dict[str, Any] | None = None  # its last progress (from its record)
+    improved: dict[str, Any] | None = None  # its best improved value: the last one it sent
 
     @property
     def run_time(self) -> float | None:
@@ -76,10 +79,6 @@ def summary(value: Any) -> tuple[str | None, int]:
         return text, size
     return text.encode()[:SUMMARY_BYTES].decode("utf-8", "ignore") + " …", size
 
-
-def _attempt(body: dict[str, Any]) -> int:
-    attempt = body.get("attempt", 1)
-    return attempt if isinstance(attempt, int) and not isinstance(attempt, bool) and attempt > 0 else 1
 
 
 def _number(body: dict[str, Any], key: str) -> float | None:
@@ -131,7 +130,7 @@ def _launched(row: JobRow, body: dict[str, Any]) -> JobRow:
 
 
 def _started(row: JobRow, body: dict[str, Any]) -> JobRow:
-    attempt = _attempt(body)
+    attempt = attempt_of(body)
     if attempt < row.attempts or (attempt == row.attempts and row.started is not None):
         return row  # older, or seen already
     host = _host(body.get("worker"))
@@ -146,7 +145,7 @@ def _record_attempt(row: JobRow) -> int:
 
 
 def _recorded(row: JobRow, body: dict[str, Any]) -> JobRow:
-    attempt = _attempt(body)
+    attempt = attempt_of(body)
     if row.state in ENDED or attempt < row.attempts:
         return row  # the first record of the newest attempt counts (as readers of the journal)
     state = body.get("state")
@@ -160,4 +159,14 @@ def _recorded(row: JobRow, body: dict[str, Any]) -> JobRow:
                    started=row.started if row.started is not None else _number(body, "start"),
                    ended=_number(body, "end"), result=result, result_bytes=size,
                    error_type=error.get("type"), error=error.get("message"),
-                   reason=body.get("reason") if isinstance(body.get("reason"), str) else None)
+                   reason=body.get("reason") if isinstance(body.get("reason"), str) else None,
+                   progress=_small(body.get("progress")), improved=_small(body.get("improved")))
+
+
+def _small(value: Any) -> dict[str, Any] | None:
+    """A progress or improved object as kept on the row: whole if it fits
+    :data:`SUMMARY_BYTES` of JSON, else its summary under ``"summary"``."""
+    if not isinstance(value, dict) or not value:
+        return None
+    text, size = summary(value)
+    return value if size <= SUMMARY_BYTES else {"summary": text, "bytes": size}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy import BigInteger, Column, Float, Index, Integer, MetaData, String, Table, Text
 
-__all__ = ["jobs", "metadata", "offsets"]
+__all__ = ["jobs", "metadata", "offsets", "records"]
 
 metadata = MetaData()
 
@@ -31,10 +31,21 @@ jobs = Table(
     Column("last_checkpoint", Float),
     Column("labels", Text, nullable=False, default="{}"),  # JSON object
     Column("operation", String(64)),
+    Column("progress", Text),  # JSON object
+    Column("improved", Text),  # JSON object
     Index("jobs_at", "at", "job_id"),
     Index("jobs_service_at", "service", "at"),
     Index("jobs_state_at", "state", "at"),
     Index("jobs_operation", "operation"),
+)
+
+#: Each ended job's whole final record (what ``result`` returns), apart from ``jobs``: pages
+#: scan rows, and a record can be as large as a journal entry.
+records = Table(
+    "records", metadata,
+    Column("job_id", String(64), primary_key=True),
+    Column("attempt", Integer, nullable=False),
+    Column("body", Text, nullable=False),  # JSON object
 )
 
 #: Where the store has read each journal stream up to: the next offset to read. Committed

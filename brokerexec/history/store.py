@@ -13,8 +13,6 @@ Every query is parameterized; filters are values, never SQL.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,9 +24,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from ..errors import ConfigurationError, DecodeError
-from ..protocol.names import LAUNCH_TYPE, LAUNCHES_TYPE
+from ..protocol.history import decode_cursor, encode_cursor
+from ..protocol.journal import attempt_of
+from ..protocol.names import LAUNCH_TYPE, LAUNCHES_TYPE, RECORD_TYPE
 from . import schema
-from .rows import JobRow, fold
+from .rows import ENDED, JobRow, fold
 
 __all__ = ["Entry", "HistoryStore", "Page", "store_url"]
 
@@ -78,7 +78,15 @@ class HistoryStore:
 
     def __init__(self, url: str) -> None:
         self.url = store_url(url)
-        self.engine: Engine = sa.create_engine(self.url, pool_pre_ping=True)
+        parsed = sa.engine.make_url(self.url)
+        if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+            # An in-memory database is one connection (a second would be another, empty,
+            # database): shared by every thread, one at a time.
+            self.engine: Engine = sa.create_engine(
+                self.url, poolclass=sa.pool.QueuePool, pool_size=1, max_overflow=0,
+                connect_args={"check_same_thread": False})
+        else:
+            self.engine = sa.create_engine(self.url, pool_pre_ping=True)
         self.sqlite = self.engine.dialect.name == "sqlite"
         if self.sqlite:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -128,12 +136,16 @@ class HistoryStore:
         with self.engine.begin() as connection:
             if not self.sqlite and reached:  # two indexers on one store: one batch at a time
                 connection.execute(sa.text("SELECT pg_advisory_xact_lock(7268190522)"))
-            changed = self._fold(connection, entries)
+            changed, records = self._fold(connection, entries)
             self._write(connection, changed.values())
+            self._keep_records(connection, records)
             self._move(connection, reached)
         return len(changed)
 
-    def _fold(self, connection: Connection, entries: Sequence[Entry]) -> dict[str, JobRow]:
+    def _fold(self, connection: Connection,
+              entries: Sequence[Entry]) -> tuple[dict[str, JobRow], dict[str, dict[str, Any]]]:
+        """The rows the entries change, and the records that ended them (the one that
+        counts: the first of the newest attempt, as the fold decides)."""
         per_job: list[tuple[str, str, dict[str, Any]]] = []
         for entry in entries:
             if entry.kind == LAUNCHES_TYPE:  # a sweep's launches: one entry, many jobs
@@ -146,12 +158,27 @@ class HistoryStore:
                 per_job.append((entry.job_id, entry.kind, entry.body))
         known = self._rows(connection, {job_id for job_id, _, _ in per_job})
         changed: dict[str, JobRow] = {}
+        records: dict[str, dict[str, Any]] = {}
         for job_id, kind, body in per_job:
             before = known.get(job_id)
             after = fold(before, job_id, kind, body)
             if after is not None and after != before:
                 known[job_id] = changed[job_id] = after
-        return changed
+                ended_now = after.state in ENDED and (before is None or before.state not in ENDED)
+                if kind == RECORD_TYPE and ended_now:
+                    records[job_id] = body
+        return changed, records
+
+    def _keep_records(self, connection: Connection, records: Mapping[str, dict[str, Any]]) -> None:
+        if not records:
+            return
+        insert = self._insert(schema.records)
+        statement = insert.on_conflict_do_update(  # a row that ended again (a newer attempt)
+            index_elements=[schema.records.c.job_id],
+            set_={"attempt": insert.excluded.attempt, "body": insert.excluded.body})
+        connection.execute(statement, [
+            {"job_id": job_id, "attempt": attempt_of(body), "body": json.dumps(body, separators=(",", ":"))}
+            for job_id, body in records.items()])
 
     def _rows(self, connection: Connection, job_ids: Iterable[str]) -> dict[str, JobRow]:
         found: dict[str, JobRow] = {}
@@ -197,6 +224,13 @@ class HistoryStore:
             found = connection.execute(sa.select(schema.jobs).where(schema.jobs.c.job_id == job_id)).first()
         return _row(found._mapping) if found is not None else None
 
+    def record(self, job_id: str) -> dict[str, Any] | None:
+        """The whole final record of an ended job (what ``result`` returns), or None."""
+        with self.engine.connect() as connection:
+            body = connection.execute(sa.select(schema.records.c.body)
+                                      .where(schema.records.c.job_id == job_id)).scalar_one_or_none()
+        return json.loads(body) if body is not None else None
+
     def page(self, *, service: str | None = None, state: str | None = None, since: float | None = None,
              until: float | None = None, worker: str | None = None, operation: str | None = None,
              text: str | None = None, limit: int = 50, cursor: str | None = None,
@@ -213,7 +247,7 @@ class HistoryStore:
         conditions = _filters(service, state, since, until, worker, operation, text)
         after = list(conditions)
         if cursor is not None:
-            at, job_id = _decode_cursor(cursor)
+            at, job_id = decode_cursor(cursor)
             after.append(sa.or_(jobs.c.at < at, sa.and_(jobs.c.at == at, jobs.c.job_id < job_id)))
         query = (sa.select(jobs).where(*after).order_by(jobs.c.at.desc(), jobs.c.job_id.desc())
                  .limit(limit + 1))
@@ -225,7 +259,7 @@ class HistoryStore:
                                                .where(*conditions)).scalar_one())
         more = len(found) > limit
         rows = found[:limit]
-        return Page(rows, _encode_cursor(rows[-1]) if more else None, total)
+        return Page(rows, encode_cursor(rows[-1].at, rows[-1].job_id) if more else None, total)
 
     def counts(self, since: float | None = None) -> dict[tuple[str, str], int]:
         """How many jobs there are by service and state (that moved since ``since``)."""
@@ -241,6 +275,8 @@ class HistoryStore:
         """Delete the rows of jobs that ended more than ``keep`` seconds ago; how many."""
         horizon = (time.time() if now is None else now) - keep
         with self.engine.begin() as connection:
+            old = sa.select(schema.jobs.c.job_id).where(schema.jobs.c.ended < horizon)
+            connection.execute(sa.delete(schema.records).where(schema.records.c.job_id.in_(old)))
             result = connection.execute(sa.delete(schema.jobs).where(schema.jobs.c.ended < horizon))
         return int(result.rowcount or 0)
 
@@ -273,7 +309,8 @@ def _values(row: JobRow) -> dict[str, Any]:
             "ended": row.ended, "at": row.at, "request": row.request, "request_bytes": row.request_bytes,
             "result": row.result, "result_bytes": row.result_bytes, "error_type": row.error_type,
             "error": row.error, "reason": row.reason, "last_checkpoint": row.last_checkpoint,
-            "labels": json.dumps(row.labels, sort_keys=True), "operation": row.operation}
+            "labels": json.dumps(row.labels, sort_keys=True), "operation": row.operation,
+            "progress": _json(row.progress), "improved": _json(row.improved)}
 
 
 def _row(mapping: Any) -> JobRow:
@@ -281,21 +318,18 @@ def _row(mapping: Any) -> JobRow:
                   tuple(json.loads(mapping["workers"] or "[]")), mapping["launched"], mapping["started"],
                   mapping["ended"], mapping["request"], mapping["request_bytes"], mapping["result"],
                   mapping["result_bytes"], mapping["error_type"], mapping["error"], mapping["reason"],
-                  mapping["last_checkpoint"], json.loads(mapping["labels"] or "{}"), mapping["operation"])
+                  mapping["last_checkpoint"], json.loads(mapping["labels"] or "{}"), mapping["operation"],
+                  _object(mapping["progress"]), _object(mapping["improved"]))
 
 
-def _encode_cursor(row: JobRow) -> str:
-    return base64.urlsafe_b64encode(json.dumps([row.at, row.job_id]).encode()).decode().rstrip("=")
+def _json(value: dict[str, Any] | None) -> str | None:
+    return None if value is None else json.dumps(value, sort_keys=True, default=str)
 
 
-def _decode_cursor(cursor: str) -> tuple[float, str]:
-    try:
-        at, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        if isinstance(at, bool) or not isinstance(at, (int, float)) or not isinstance(job_id, str):
-            raise ValueError(cursor)
-    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError) as exc:
-        raise DecodeError(f"not a history cursor: {cursor!r}") from exc
-    return float(at), job_id
+def _object(text: str | None) -> dict[str, Any] | None:
+    value = json.loads(text) if text else None
+    return value if isinstance(value, dict) else None
+
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

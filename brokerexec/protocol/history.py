@@ -8,6 +8,9 @@ back unroutable: the queue goes with its last indexer). Sans-I/O, like :mod:`.ca
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -18,8 +21,12 @@ from .calls import read_reply
 from .commands import Call, Message, Request, Routed
 from .names import DIRECT_REPLY_TO, HISTORY_QUEUE
 
-__all__ = ["HistoryPage", "HistoryQuery", "ask"]
+__all__ = ["LOOKUP_TIMEOUT", "HistoryPage", "HistoryQuery", "ask", "decode_cursor", "encode_cursor",
+           "stored_record"]
 
+#: How long a status or result waits for the history store before it reads the journal
+#: instead (seconds): a store that is down or slow never holds them up for longer.
+LOOKUP_TIMEOUT = 1.0
 #: The most rows one page holds.
 MAX_LIMIT = 1000
 _TEXT = ("service", "state", "worker", "operation", "text", "cursor", "job_id")
@@ -41,6 +48,7 @@ class HistoryQuery:
     cursor: str | None = None  # the page after the one that gave it
     count: bool = False  # also count every match
     job_id: str | None = None
+    record: bool = False  # with job_id: its whole final record too, under "record"
 
     def __post_init__(self) -> None:
         self.check()
@@ -60,8 +68,13 @@ class HistoryQuery:
         limit = self.limit
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
             raise DecodeError(f"history limit must be 1 to {MAX_LIMIT}, not {self.limit!r}")
-        if not isinstance(self.count, bool):
-            raise DecodeError(f"history count must be true or false, not {self.count!r}")
+        for name in ("count", "record"):
+            if not isinstance(getattr(self, name), bool):
+                raise DecodeError(f"history {name} must be true or false, not {getattr(self, name)!r}")
+        if self.cursor is not None:
+            decode_cursor(self.cursor)
+        if self.record and self.job_id is None:
+            raise DecodeError("a history query asks for a record only with a job_id")
 
     def encode(self) -> dict[str, Any]:
         return {"intent": "history", **{k: v for k, v in asdict(self).items() if v not in (None, False)}}
@@ -80,6 +93,23 @@ class HistoryQuery:
         """The store's keyword arguments for a page."""
         return {name: getattr(self, name) for name in ("service", "state", "since", "until", "worker",
                                                         "operation", "text", "limit", "cursor", "count")}
+
+
+def encode_cursor(at: float, job_id: str) -> str:
+    """The cursor of the page after a row (keyset paging: when it last moved, and its id)."""
+    return base64.urlsafe_b64encode(json.dumps([at, job_id]).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """Raises:
+        DecodeError: not a cursor a page gave."""
+    try:
+        at, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if isinstance(at, bool) or not isinstance(at, (int, float)) or not isinstance(job_id, str):
+            raise ValueError(cursor)
+    except (ValueError, TypeError, binascii.Error) as exc:
+        raise DecodeError(f"not a history cursor: {cursor!r} (give the cursor a page ended with)") from exc
+    return float(at), job_id
 
 
 @dataclass(frozen=True)
@@ -121,3 +151,20 @@ def ask(query: HistoryQuery, *, timeout: float, max_bytes: int) -> Call[HistoryP
         raise Timeout(f"no history indexer answered within {timeout} s")
     assert not isinstance(incoming, Routed)
     return HistoryPage.decode(read_reply(incoming, max_bytes).outcome())
+
+
+def stored_record(job_id: str, *, timeout: float, max_bytes: int) -> Call[dict[str, Any] | None]:
+    """The final record of an ended job as the history store keeps it, or None: no indexer
+    runs, none answered within ``timeout`` s (at most :data:`LOOKUP_TIMEOUT`), the store
+    cannot answer, or it has no record of the job (running, unknown, or pruned). Never
+    raises: the journal is the fallback."""
+    query = HistoryQuery(job_id=job_id, record=True)
+    try:
+        page = yield from ask(query, timeout=min(timeout, LOOKUP_TIMEOUT), max_bytes=max_bytes)
+    except (HistoryUnavailable, Timeout, DecodeError):
+        return None
+    for row in page.rows:
+        record = row.get("record")
+        if isinstance(record, dict) and record.get("job_id") == job_id:
+            return record
+    return None

@@ -63,6 +63,7 @@ __all__ = [
     "JournalScan",
     "JournalSearch",
     "JournalWindow",
+    "attempt_of",
     "checkpoint_entry",
     "entry_of",
     "is_entry",
@@ -103,7 +104,8 @@ def checkpoint_entry(job_id: str, service: str, attempt: int, time: float, state
             "state": state, "settable": settable or {}, "covers": covers}
 
 
-def _attempt(body: dict[str, Any]) -> int:
+def attempt_of(body: dict[str, Any]) -> int:
+    """The attempt an entry names (1 when it names none, or nonsense)."""
     attempt = body.get("attempt", 1)
     return attempt if isinstance(attempt, int) and not isinstance(attempt, bool) and attempt > 0 else 1
 
@@ -127,15 +129,15 @@ class JobHistory:
         if named is not None and named != self.job_id:
             return
         self.entries += 1
-        attempt = _attempt(body)
+        attempt = attempt_of(body)
         if kind == LAUNCH_TYPE:
             self.launch = self.launch or body
         elif kind == STARTED_TYPE and attempt >= self.attempt:
             self.attempt, self.started = attempt, body
-            if self.record is not None and _attempt(self.record) < attempt:
+            if self.record is not None and attempt_of(self.record) < attempt:
                 self.record = None  # an older attempt's record, fenced off
         elif kind == CHECKPOINT_TYPE and attempt >= self.attempt:
-            if self.checkpoint is None or attempt >= _attempt(self.checkpoint):
+            if self.checkpoint is None or attempt >= attempt_of(self.checkpoint):
                 self.checkpoint = body
         elif kind == RECORD_TYPE and attempt >= self.attempt and self.record is None:
             self.record = body  # the first record of the newest attempt: delivered once
@@ -153,7 +155,7 @@ class JobHistory:
         """
         if self.record is not None:
             return {"state": self.record.get("state"), "paused": False, "record": self.record,
-                    "attempt": _attempt(self.record)}
+                    "attempt": attempt_of(self.record)}
         service = (self.started or self.launch or {}).get("service")
         if self.started is not None:
             return {"state": "resuming", "paused": False, "service": service, "attempt": self.attempt,

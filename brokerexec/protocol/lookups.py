@@ -29,8 +29,9 @@ from ..constants import MAX_ENTRY_BYTES
 from ..errors import DecodeError, InvalidState, JobNotFound, Timeout
 from .calls import Fleet, fleet_query, rpc
 from .commands import Browse, Call, Incoming, Message, Publish, ReadJournal, Routed
+from .history import stored_record
 from .intents import Intent, Signal
-from .journal import BackSearch, Entry, JournalScan, JournalSearch, JournalWindow
+from .journal import BackSearch, Entry, JournalScan, JournalSearch, JournalWindow, attempt_of
 from .names import (
     BCC_HEADER,
     CONTROL_EXCHANGE,
@@ -82,6 +83,9 @@ def status(job_id: str, *, timeout: float, locate_timeout: float, max_bytes: int
     read: list[BackSearch] = []
 
     def ended() -> Call[dict[str, Any] | None]:
+        stored = yield from stored_record(job_id, timeout=timeout, max_bytes=max_bytes)
+        if stored is not None:
+            return _ended_status(stored)
         search = yield from _read(job_id, timeout)
         read.append(search)
         history = search.history
@@ -100,6 +104,11 @@ def status(job_id: str, *, timeout: float, locate_timeout: float, max_bytes: int
     if answer is None:
         raise _unknown(job_id) from None
     return answer
+
+
+def _ended_status(record: dict[str, Any]) -> dict[str, Any]:
+    """The status of an ended job, from its record (the shape the journal's has)."""
+    return {"state": record.get("state"), "paused": False, "record": record, "attempt": attempt_of(record)}
 
 
 def abort(job_id: str, *, timeout: float, locate_timeout: float, max_bytes: int,
@@ -136,14 +145,19 @@ def abort(job_id: str, *, timeout: float, locate_timeout: float, max_bytes: int,
     return all(routed is Routed.DELIVERED for routed in outcomes)
 
 
-def result(job_id: str, timeout: float | None) -> Call[dict[str, Any] | None]:
+def result(job_id: str, timeout: float | None, *, max_bytes: int) -> Call[dict[str, Any] | None]:
     """The job's final record, waiting up to ``timeout`` s (0: none; None: no limit); None
-    if it has not ended by then.
+    if it has not ended by then. The history store's, when an indexer runs and has it (the
+    journal may have dropped it long ago); else the journal's.
 
     Raises:
-        JobNotFound: the journal has no trace of the job.
+        JobNotFound: neither the history store nor the journal has a trace of the job.
     """
     started = time.monotonic()
+    stored = yield from stored_record(job_id, timeout=timeout or READ_LIMIT,
+                                      max_bytes=max_bytes)
+    if stored is not None:
+        return stored
     search = yield from search_back(job_id, READ_LIMIT if timeout is None or timeout == 0
                                     else timeout, _started)
     history = search.history

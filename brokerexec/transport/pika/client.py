@@ -229,8 +229,9 @@ class PikaClientTransport(ClientTransport):
             if decided or record is not None:
                 return record
         remaining = None if timeout is None else max(timeout - (time.monotonic() - started), 0.0)
-        return self._run(lambda caller: caller.run(lookups.result(job_id, remaining)),
-                         resendable=True, what=f"the look-up of job {job_id}'s record")
+        return self._run(lambda caller: caller.run(lookups.result(
+            job_id, remaining, max_bytes=self.max_message_bytes)), resendable=True,
+            what=f"the look-up of job {job_id}'s record")
 
     def list_jobs(self, timeout: float, *, services: Iterable[str] = (),
                   ended_since: float | None = None, limit: int = 1000) -> Listing:

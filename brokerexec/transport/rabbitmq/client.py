@@ -299,8 +299,9 @@ class RabbitClientTransport(AsyncClientTransport):
         elif pushed is not None:
             pushed.cancel()  # "has it ended?": the push may be on its way; the stream knows
         remaining = None if timeout is None else max(timeout - (loop.time() - started), 0.0)
-        return await self._on_connection(self._run(lookups.result(job_id, remaining),
-                                                   f"the look-up of job {job_id}'s record"))
+        return await self._on_connection(self._run(lookups.result(
+            job_id, remaining, max_bytes=self.settings.max_message_bytes),
+            f"the look-up of job {job_id}'s record"))
 
     async def list_jobs(self, timeout: float, *, services: Iterable[str] = (),
                         ended_since: float | None = None, limit: int = 1000) -> Listing:
