@@ -128,6 +128,12 @@ def test_status_has_the_same_shape_running_and_ended() -> None:
         assert dict(rows)["worker"] == "lab:7"
         assert not any("queued_signals" in value or "{" in value for _, value in rows)
     assert dict(ended)["error"] == "ValueError: bad" and dict(ended)["attempt"] == "2"
+    assert "progress" not in dict(ended) and "improved" not in dict(ended)  # it reported neither
+    reported = status_rows(UNKNOWN, {"state": "finished", "attempt": 1, "record": {
+        "state": "finished", "start": now - 100, "end": now - 40, "worker": worker,
+        "progress": {"fraction": 1.0, "step": 9}, "improved": {"cost": 0.25}}}, now)
+    assert dict(reported)["progress"] == "[####################] 100%  step=9"
+    assert dict(reported)["improved"] == "cost=0.25"
 
 
 def test_the_jobs_footer_counts_workers_and_jobs() -> None:

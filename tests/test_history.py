@@ -18,7 +18,7 @@ from typing import Any
 import brokerctl
 import pytest
 
-from brokerexec import Client, DecodeError, HistoryUnavailable, RemoteError
+from brokerexec import Client, DecodeError, HistoryUnavailable, RemoteError, Timeout
 from brokerexec.history import HistoryStore
 from brokerexec.protocol.journal import started_entry
 from brokerexec.protocol.messages import Launch, Record
@@ -285,6 +285,7 @@ def test_a_week_old_job_is_served_by_the_store_after_the_journal_dropped_it(
     with Client(url, timeout=10) as client:
         recent = client.launch("counter", {"steps": 2})
         recent_record = recent.record(WAIT)
+    assert recent_record is not None
     jobs = {week_old["job_id"]: week_old, recent.id: recent_record}
     indexer = indexers(store)
     wait_for_rows(store, lambda rows: all(row is not None and row.state == "finished"
@@ -359,3 +360,38 @@ def test_a_store_that_is_down_is_said_within_a_second_and_holds_nothing_else_up(
                                  "the indexer to catch up once the store is back")
     finally:
         store_up(True)
+
+
+@pytest.mark.fault
+def test_ingest_rides_out_a_broker_restart_with_every_job_once(
+        own_vhost: str, store_url: str, worker_process: Callable[..., Any],
+        indexers: Callable[..., IndexerProcess]) -> None:
+    url = own_vhost
+    worker_process("--concurrency", "4", "--heartbeat", "2", services=("Counter",), url=url)
+    indexer = indexers(store_url)
+    with Client(url, timeout=10) as client:
+        before = [client.launch("counter", {"steps": 5 + n, "delay": 0.05}) for n in range(12)]
+        brokerctl.wait_until(lambda: client.history(state="running").rows != [], WAIT,
+                             "a running job in the store")
+        with brokerctl.app_stopped():  # jobs end meanwhile: their records wait in the workers
+            pass
+        after = [client.launch("counter", {"steps": 2}) for _ in range(8)]
+        for job in [*before, *after]:
+            job.result(WAIT)
+        ids = [job.id for job in (*before, *after)]
+        rows = wait_for_rows(store_url, lambda rows: all(row is not None and row.state == "finished"
+                                                         for row in rows.values()), ids)
+        assert all(rows[job.id].result == json.dumps({"count": 5 + n, "label": ""}, separators=(",", ":"))
+                   for n, job in enumerate(before))
+        # the indexer answers again on the broker, and holds each job once
+        def every_job_once() -> bool:
+            try:
+                return client.history(count=True).total == len(ids)
+            except (HistoryUnavailable, Timeout):  # its query connection is back a little later
+                return False
+
+        brokerctl.wait_until(every_job_once, WAIT, "the indexer to answer with every job once")
+    with HistoryStore(store_url) as history:
+        assert sum(history.counts().values()) == len(ids)
+    assert indexer.process.poll() is None  # it rode it out
+    assert indexer.stop() == 0

@@ -76,12 +76,16 @@ def status_rows(job_id: str, status: dict[str, Any], now: float | None = None) -
         timed = isinstance(start, int | float) and isinstance(end, int | float)
         took = f" (ran {clock(end - start)})" if timed else ""
         rows.append(("started", f"{local_time(start, now)}{took}"))
-    progress = status.get("progress") if isinstance(status.get("progress"), dict) else {}
+    progress = status.get("progress") or (record or {}).get("progress")  # an ended job's last
+    progress = progress if isinstance(progress, dict) else {}
     if progress:
         fraction = fraction_of(progress)
         shown = {key: value for key, value in progress.items() if key not in ("fraction", "elapsed")}
         detail = summary(shown, 60)
         rows.append(("progress", f"{bar(fraction)}  {detail}".rstrip() if fraction is not None else detail))
+    improved = record.get("improved") if record else None
+    if isinstance(improved, dict) and summary(improved, 60):
+        rows.append(("improved", summary(improved, 60)))  # its best value
     rows.append(("worker", worker_name(source.get("worker") or status.get("worker"))))
     rows.append(("attempt", str(status.get("attempt", source.get("attempt", "-")))))
     error = record.get("error") if record else None
