@@ -35,7 +35,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[HistoryStor
     url = (str(tmp_path / "history.db") if request.param == "sqlite"
            else request.getfixturevalue("postgres_url"))
     with HistoryStore(url) as store:
-        assert store.migrate() == "0002"
+        assert store.migrate() == "0003"
         yield store
 
 
@@ -232,11 +232,38 @@ def test_a_store_made_at_the_first_schema_is_migrated_with_its_rows(tmp_path: An
                 "INSERT INTO jobs (job_id, service, state, attempts, workers, at, request_bytes, "
                 "result_bytes, labels) VALUES (:id, 'fit', 'queued', 0, '[]', 1.0, 0, 0, '{}')"),
                 {"id": job_id})
-        assert store.migrate() == "0002"
+        assert store.migrate() == "0003"
+        assert store.counts() == {("fit", "queued"): 1}  # counted from the rows there
         row = store.get(job_id)
         assert row is not None and (row.state, row.progress) == ("queued", None)
         store.ingest(journal.entries, journal.next)  # the rest of its entries
         assert store.get(job_id).state == "finished" and store.record(job_id) is not None  # type: ignore[union-attr]
+
+
+def test_counts_kept_with_the_rows_equal_counting_them_through_replays_and_pruning(
+        store: HistoryStore) -> None:
+    journal = Journal()
+    states = (JobState.FINISHED, JobState.FAILED, JobState.ABORTED)
+    ids = [journal.job("fit" if n % 3 else "sweep", state=states[n % 3], attempts=1 + n % 2,
+                       end=1_000.0 * (1 + n % 4)) for n in range(60)]
+    queued = new_job_id()
+    journal.add(queued, LAUNCH_TYPE, {**Launch.new("fit", {}, job_id=queued).encode(), "sent": 50.0})
+    rng = random.Random(7)
+    entries = journal.entries
+    position = 0
+    while position < len(entries):  # batches cut anywhere, each read again in part
+        size = rng.randint(1, 25)
+        again = rng.randint(0, size)
+        store.ingest(entries[max(position - again, 0):position + size], {})
+        position += size
+
+    def counted() -> dict[tuple[str, str], int]:
+        return store.counts(since=-1.0)  # counted, row by row
+
+    assert store.counts() == counted() and sum(store.counts().values()) == len(ids) + 1
+    assert store.counts()[("fit", "queued")] == 1
+    store.prune(keep=1_500.0, now=3_000.0)  # the jobs that ended at 1,000
+    assert store.counts() == counted() and sum(store.counts().values()) == len(ids) + 1 - 15
 
 
 def test_offsets_never_go_back(store: HistoryStore) -> None:

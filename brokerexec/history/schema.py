@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy import BigInteger, Column, Float, Index, Integer, MetaData, String, Table, Text
 
-__all__ = ["jobs", "metadata", "offsets", "records"]
+__all__ = ["counts", "jobs", "metadata", "offsets", "records"]
 
 metadata = MetaData()
 
@@ -46,6 +46,15 @@ records = Table(
     Column("job_id", String(64), primary_key=True),
     Column("attempt", Integer, nullable=False),
     Column("body", Text, nullable=False),  # JSON object
+)
+
+#: How many rows ``jobs`` holds by service and state, moved in the transaction that moves
+#: the rows: counts without counting.
+counts = Table(
+    "counts", metadata,
+    Column("service", String(255), primary_key=True),
+    Column("state", String(16), primary_key=True),
+    Column("n", BigInteger, nullable=False),
 )
 
 #: Where the store has read each journal stream up to: the next offset to read. Committed

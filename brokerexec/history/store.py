@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,18 +135,25 @@ class HistoryStore:
         """Fold ``entries`` into their jobs' rows and move each stream's offset to
         ``reached`` (the next to read), in one transaction; the number of rows changed."""
         with self.engine.begin() as connection:
-            if not self.sqlite and reached:  # two indexers on one store: one batch at a time
-                connection.execute(sa.text("SELECT pg_advisory_xact_lock(7268190522)"))
-            changed, records = self._fold(connection, entries)
+            self._one_writer(connection)
+            changed, records, moved = self._fold(connection, entries)
             self._write(connection, changed.values())
             self._keep_records(connection, records)
+            self._count(connection, moved)
             self._move(connection, reached)
         return len(changed)
 
-    def _fold(self, connection: Connection,
-              entries: Sequence[Entry]) -> tuple[dict[str, JobRow], dict[str, dict[str, Any]]]:
-        """The rows the entries change, and the records that ended them (the one that
-        counts: the first of the newest attempt, as the fold decides)."""
+    def _one_writer(self, connection: Connection) -> None:
+        """Several indexers on one PostgreSQL store write one transaction at a time: a fold
+        reads the rows it changes, and the counts move by each (SQLite has one writer)."""
+        if not self.sqlite:
+            connection.execute(sa.text("SELECT pg_advisory_xact_lock(7268190522)"))
+
+    def _fold(self, connection: Connection, entries: Sequence[Entry]
+              ) -> tuple[dict[str, JobRow], dict[str, dict[str, Any]], Counter[tuple[str, str]]]:
+        """The rows the entries change, the records that ended them (the one that counts:
+        the first of the newest attempt, as the fold decides), and how the counts by
+        service and state move."""
         per_job: list[tuple[str, str, dict[str, Any]]] = []
         for entry in entries:
             if entry.kind == LAUNCHES_TYPE:  # a sweep's launches: one entry, many jobs
@@ -157,6 +165,7 @@ class HistoryStore:
             elif entry.job_id:
                 per_job.append((entry.job_id, entry.kind, entry.body))
         known = self._rows(connection, {job_id for job_id, _, _ in per_job})
+        stored = dict(known)
         changed: dict[str, JobRow] = {}
         records: dict[str, dict[str, Any]] = {}
         for job_id, kind, body in per_job:
@@ -167,7 +176,22 @@ class HistoryStore:
                 ended_now = after.state in ENDED and (before is None or before.state not in ENDED)
                 if kind == RECORD_TYPE and ended_now:
                     records[job_id] = body
-        return changed, records
+        moved: Counter[tuple[str, str]] = Counter()
+        for job_id, row in changed.items():
+            moved[(row.service, row.state)] += 1
+            if (before := stored.get(job_id)) is not None:
+                moved[(before.service, before.state)] -= 1
+        return changed, records, moved
+
+    def _count(self, connection: Connection, moved: Mapping[tuple[str, str], int]) -> None:
+        values = [{"service": service, "state": state, "n": n}
+                  for (service, state), n in sorted(moved.items()) if n]
+        if not values:
+            return
+        insert = self._insert(schema.counts)
+        connection.execute(insert.on_conflict_do_update(
+            index_elements=[schema.counts.c.service, schema.counts.c.state],
+            set_={"n": schema.counts.c.n + insert.excluded.n}), values)
 
     def _keep_records(self, connection: Connection, records: Mapping[str, dict[str, Any]]) -> None:
         if not records:
@@ -262,7 +286,13 @@ class HistoryStore:
         return Page(rows, encode_cursor(rows[-1].at, rows[-1].job_id) if more else None, total)
 
     def counts(self, since: float | None = None) -> dict[tuple[str, str], int]:
-        """How many jobs there are by service and state (that moved since ``since``)."""
+        """How many jobs there are by service and state (that moved since ``since``: counted
+        then; else as kept with the rows, at once)."""
+        if since is None:
+            kept = schema.counts
+            with self.engine.connect() as connection:
+                return {(service, state): int(n) for service, state, n in connection.execute(
+                    sa.select(kept.c.service, kept.c.state, kept.c.n).where(kept.c.n > 0))}
         jobs = schema.jobs
         query = (sa.select(jobs.c.service, jobs.c.state, sa.func.count())
                  .group_by(jobs.c.service, jobs.c.state))
@@ -275,9 +305,15 @@ class HistoryStore:
         """Delete the rows of jobs that ended more than ``keep`` seconds ago; how many."""
         horizon = (time.time() if now is None else now) - keep
         with self.engine.begin() as connection:
-            old = sa.select(schema.jobs.c.job_id).where(schema.jobs.c.ended < horizon)
+            self._one_writer(connection)
+            jobs = schema.jobs
+            gone = Counter({(service, state): -int(n) for service, state, n in connection.execute(
+                sa.select(jobs.c.service, jobs.c.state, sa.func.count()).where(jobs.c.ended < horizon)
+                .group_by(jobs.c.service, jobs.c.state))})
+            old = sa.select(jobs.c.job_id).where(jobs.c.ended < horizon)
             connection.execute(sa.delete(schema.records).where(schema.records.c.job_id.in_(old)))
-            result = connection.execute(sa.delete(schema.jobs).where(schema.jobs.c.ended < horizon))
+            result = connection.execute(sa.delete(jobs).where(jobs.c.ended < horizon))
+            self._count(connection, gone)
         return int(result.rowcount or 0)
 
 
