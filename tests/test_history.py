@@ -370,7 +370,7 @@ def test_ingest_rides_out_a_broker_restart_with_every_job_once(
     worker_process("--concurrency", "4", "--heartbeat", "2", services=("Counter",), url=url)
     indexer = indexers(store_url)
     with Client(url, timeout=10) as client:
-        before = [client.launch("counter", {"steps": 5 + n, "delay": 0.05}) for n in range(12)]
+        before = [client.launch("counter", {"steps": 20 + n, "delay": 0.1}) for n in range(12)]
         brokerctl.wait_until(lambda: client.history(state="running").rows != [], WAIT,
                              "a running job in the store")
         with brokerctl.app_stopped():  # jobs end meanwhile: their records wait in the workers
@@ -381,7 +381,7 @@ def test_ingest_rides_out_a_broker_restart_with_every_job_once(
         ids = [job.id for job in (*before, *after)]
         rows = wait_for_rows(store_url, lambda rows: all(row is not None and row.state == "finished"
                                                          for row in rows.values()), ids)
-        assert all(rows[job.id].result == json.dumps({"count": 5 + n, "label": ""}, separators=(",", ":"))
+        assert all(rows[job.id].result == json.dumps({"count": 20 + n, "label": ""}, separators=(",", ":"))
                    for n, job in enumerate(before))
         # the indexer answers again on the broker, and holds each job once
         def every_job_once() -> bool:

@@ -208,11 +208,9 @@ def status(job_id: str, broker: Broker) -> dict[str, Any]:
 
 def test_an_ended_job_is_answered_from_the_journal_without_asking_every_worker() -> None:
     job_id = new_job_id()
-    # no worker holds it, no history indexer runs (the request comes back): the journal
-    broker = Broker(Routed.RETURNED, Routed.RETURNED, entries=[entry(RECORD_TYPE, record(job_id), job_id)])
+    broker = Broker(Routed.RETURNED, entries=[entry(RECORD_TYPE, record(job_id), job_id)])
     assert status(job_id, broker)["state"] == "finished"
-    assert [type(c) for c in broker.commands] == [Request, Request, ReadJournal]  # no fan-out to workers
-    assert broker.commands[1].message.routing_key == HISTORY_QUEUE
+    assert [type(c) for c in broker.commands] == [Request, ReadJournal]  # no fan-out, no history store
 
 
 def _stored(job_id: str, with_record: bool = True) -> Incoming:
@@ -224,39 +222,41 @@ def _stored(job_id: str, with_record: bool = True) -> Incoming:
                     "application/json")
 
 
-def test_an_ended_job_the_history_store_keeps_is_answered_from_it_not_the_journal() -> None:
+def test_a_job_the_journal_dropped_is_answered_by_the_history_store() -> None:
     job_id = new_job_id()
-    broker = Broker(Routed.RETURNED, _stored(job_id))  # the journal may have dropped it long ago
+    # no worker holds it, the journal has no trace of it: the history store has its record
+    broker = Broker(Routed.RETURNED, None, _stored(job_id))
     answer = status(job_id, broker)
     assert answer["state"] == "finished" and answer["record"]["result"] == 42
-    assert [type(c) for c in broker.commands] == [Request, Request]
-    found = drive(lookups.result(job_id, None, max_bytes=10_000), Broker(_stored(job_id)))
-    assert found == record(job_id)
+    assert broker.commands[-1].message.routing_key == HISTORY_QUEUE
+    broker = Broker(_stored(job_id))
+    assert drive(lookups.result(job_id, None, max_bytes=10_000), broker) == record(job_id)
+    assert [type(c) for c in broker.commands] == [ReadJournal, Request]  # the journal first
 
 
-def test_a_store_without_the_jobs_record_or_slow_to_answer_leaves_it_to_the_journal() -> None:
+def test_a_store_without_the_jobs_record_or_slow_to_answer_is_not_found_at_once() -> None:
     job_id = new_job_id()
-    ended = [entry(RECORD_TYPE, record(job_id), job_id)]
-    for store_says in (_stored(job_id, with_record=False), None):  # running there; no answer in time
-        broker = Broker(Routed.RETURNED, store_says, entries=ended)
-        assert status(job_id, broker)["state"] == "finished"
-        history_request = broker.commands[1]
+    for store_says in (_stored(job_id, with_record=False), None, Routed.RETURNED):
+        broker = Broker(Routed.RETURNED, None, store_says)
+        with pytest.raises(JobNotFound):
+            status(job_id, broker)
+        history_request = broker.commands[-1]
         assert isinstance(history_request, Request) and history_request.seconds <= LOOKUP_TIMEOUT
 
 
 def test_a_queued_job_says_queued_and_a_lost_one_resuming() -> None:
     job_id = new_job_id()
     launch = entry(LAUNCH_TYPE, Launch.new("fit", job_id=job_id).encode(), job_id)
-    queued = status(job_id, Broker(Routed.RETURNED, Routed.RETURNED, None, entries=[launch]))
+    queued = status(job_id, Broker(Routed.RETURNED, None, entries=[launch]))
     assert queued["state"] == "queued" and queued["service"] == "fit" and queued["attempt"] == 0
     started = entry(STARTED_TYPE, started_entry(job_id, "fit", 3, WORKER_A, 10.0), job_id)
-    lost = status(job_id, Broker(Routed.RETURNED, Routed.RETURNED, None, entries=[launch, started]))
+    lost = status(job_id, Broker(Routed.RETURNED, None, entries=[launch, started]))
     assert lost["state"] == "resuming" and lost["attempt"] == 3 and lost["worker"] == WORKER_A
 
 
 def test_a_job_nobody_knows_is_not_found() -> None:
     with pytest.raises(JobNotFound, match="never launched"):
-        status(new_job_id(), Broker(Routed.RETURNED, Routed.RETURNED, None))
+        status(new_job_id(), Broker(Routed.RETURNED, None, Routed.RETURNED))
     with pytest.raises(JobNotFound):  # no worker has ever run: no exchange, no journal
         status(new_job_id(), Broker(Routed.NO_EXCHANGE, Routed.NO_EXCHANGE, Routed.NO_EXCHANGE))
 
@@ -295,7 +295,7 @@ def test_the_result_of_an_unknown_job_is_not_found_at_once() -> None:
     with pytest.raises(JobNotFound):
         drive(lookups.result(job_id, None, max_bytes=10_000), Broker(Routed.RETURNED))  # not a wait
     found = drive(lookups.result(job_id, None, max_bytes=10_000),
-                  Broker(Routed.RETURNED, entries=[entry(RECORD_TYPE, record(job_id), job_id)]))
+                  Broker(entries=[entry(RECORD_TYPE, record(job_id), job_id)]))
     assert found is not None and found["result"] == 42
 
 

@@ -115,8 +115,8 @@ class Job:
     def record(self, timeout: float | None = 0) -> dict[str, Any] | None:
         """The final record (state, result, error, start, end, worker, attempt, and its last
         progress and improved value when it reported them), if the job ended (waiting up to
-        ``timeout`` s for it). From the history store when an indexer runs and keeps it, else
-        from the journal (``docs/history.md``).
+        ``timeout`` s for it). From the journal, or from the history store once the journal no
+        longer holds the job (``docs/history.md``).
 
         Raises:
             JobNotFound: neither the history store nor the journal knows the job.

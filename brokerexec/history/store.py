@@ -86,6 +86,13 @@ class HistoryStore:
             self.engine: Engine = sa.create_engine(
                 self.url, poolclass=sa.pool.QueuePool, pool_size=1, max_overflow=0,
                 connect_args={"check_same_thread": False})
+        elif parsed.get_backend_name() == "postgresql":
+            # No prepared statements: psycopg prepares a query run five times, and PostgreSQL
+            # may keep the generic plan it made while the table was small (a sequential scan
+            # for the ingest's look-up of 500 ids) until an ANALYZE, which never comes without
+            # autovacuum: the ingest then slowed with every row (docs/performance.md).
+            self.engine = sa.create_engine(self.url, pool_pre_ping=True,
+                                           connect_args={"prepare_threshold": None})
         else:
             self.engine = sa.create_engine(self.url, pool_pre_ping=True)
         self.sqlite = self.engine.dialect.name == "sqlite"
@@ -272,7 +279,9 @@ class HistoryStore:
         after = list(conditions)
         if cursor is not None:
             at, job_id = decode_cursor(cursor)
-            after.append(sa.or_(jobs.c.at < at, sa.and_(jobs.c.at == at, jobs.c.job_id < job_id)))
+            # A row value: a range of the (at, job_id) index to seek, however deep the page (an
+            # OR of two conditions is scanned from the newest row on).
+            after.append(sa.tuple_(jobs.c.at, jobs.c.job_id) < sa.tuple_(sa.literal(at), sa.literal(job_id)))
         query = (sa.select(jobs).where(*after).order_by(jobs.c.at.desc(), jobs.c.job_id.desc())
                  .limit(limit + 1))
         with self.engine.connect() as connection:
@@ -307,12 +316,15 @@ class HistoryStore:
         with self.engine.begin() as connection:
             self._one_writer(connection)
             jobs = schema.jobs
+            # An ended job's ``at`` is its end: a range of the ``at`` index, where ``ended``
+            # alone (no index) read every row, at the indexer's start and hourly.
+            ended = sa.and_(jobs.c.at < horizon, jobs.c.ended < horizon)
             gone = Counter({(service, state): -int(n) for service, state, n in connection.execute(
-                sa.select(jobs.c.service, jobs.c.state, sa.func.count()).where(jobs.c.ended < horizon)
+                sa.select(jobs.c.service, jobs.c.state, sa.func.count()).where(ended)
                 .group_by(jobs.c.service, jobs.c.state))})
-            old = sa.select(jobs.c.job_id).where(jobs.c.ended < horizon)
+            old = sa.select(jobs.c.job_id).where(ended)
             connection.execute(sa.delete(schema.records).where(schema.records.c.job_id.in_(old)))
-            result = connection.execute(sa.delete(jobs).where(jobs.c.ended < horizon))
+            result = connection.execute(sa.delete(jobs).where(ended))
             self._count(connection, gone)
         return int(result.rowcount or 0)
 

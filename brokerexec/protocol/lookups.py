@@ -83,9 +83,6 @@ def status(job_id: str, *, timeout: float, locate_timeout: float, max_bytes: int
     read: list[BackSearch] = []
 
     def ended() -> Call[dict[str, Any] | None]:
-        stored = yield from stored_record(job_id, timeout=timeout, max_bytes=max_bytes)
-        if stored is not None:
-            return _ended_status(stored)
         search = yield from _read(job_id, timeout)
         read.append(search)
         history = search.history
@@ -101,8 +98,11 @@ def status(job_id: str, *, timeout: float, locate_timeout: float, max_bytes: int
     if not search.complete:
         raise Timeout(f"reading the journal of job {job_id} took over {timeout} s")
     answer = search.history.status()
-    if answer is None:
-        raise _unknown(job_id) from None
+    if answer is None:  # the journal no longer has it (or never had): the history store may
+        stored = yield from stored_record(job_id, timeout=timeout, max_bytes=max_bytes)
+        if stored is None:
+            raise _unknown(job_id) from None
+        return _ended_status(stored)
     return answer
 
 
@@ -147,24 +147,23 @@ def abort(job_id: str, *, timeout: float, locate_timeout: float, max_bytes: int,
 
 def result(job_id: str, timeout: float | None, *, max_bytes: int) -> Call[dict[str, Any] | None]:
     """The job's final record, waiting up to ``timeout`` s (0: none; None: no limit); None
-    if it has not ended by then. The history store's, when an indexer runs and has it (the
-    journal may have dropped it long ago); else the journal's.
+    if it has not ended by then. The journal's; the history store's when the journal no
+    longer has the job (an indexer keeps it far longer).
 
     Raises:
-        JobNotFound: neither the history store nor the journal has a trace of the job.
+        JobNotFound: neither the journal nor the history store has a trace of the job.
     """
     started = time.monotonic()
-    stored = yield from stored_record(job_id, timeout=timeout or READ_LIMIT,
-                                      max_bytes=max_bytes)
-    if stored is not None:
-        return stored
     search = yield from search_back(job_id, READ_LIMIT if timeout is None or timeout == 0
                                     else timeout, _started)
     history = search.history
     if history.record is not None:
         return history.record
-    if search.not_found:
-        raise _unknown(job_id)
+    if search.not_found:  # the journal no longer has it (or never had): the history store may
+        stored = yield from stored_record(job_id, timeout=timeout or READ_LIMIT, max_bytes=max_bytes)
+        if stored is None:
+            raise _unknown(job_id)
+        return stored
     if timeout == 0 or search.end is None:
         return None
     # Not ended yet: wait for its record from where the stream ended when the search began.
