@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+import brokerctl
 import pytest
 import sample_services
 
@@ -129,10 +130,7 @@ def test_filters_and_cursor_paging(client: Client) -> None:
 
 
 def _running(job: Job) -> None:
-    deadline = time.monotonic() + WAIT
-    while job.status()["state"] != "running":
-        assert time.monotonic() < deadline, f"job {job.id} never ran"
-        time.sleep(0.01)  # polling the job's own status
+    brokerctl.wait_until(lambda: job.status()["state"] == "running", WAIT, f"job {job.id} to run")
 
 
 def test_running_and_aborted_jobs_have_their_state(client: Client) -> None:
@@ -307,10 +305,7 @@ def test_a_job_handed_over_has_both_attempts(tmp_path: Path) -> None:
     broker = MemoryBroker.of_url(url)
     with Client(url, transport=MemoryClientTransport(broker)) as client:
         job = client.launch("steps", {"steps": 200, "delay": 0.01})
-        deadline = time.monotonic() + WAIT
-        while job.invoke("position") < 20:
-            assert time.monotonic() < deadline, "the job never got going"
-            time.sleep(0.01)  # polling the job itself
+        brokerctl.wait_until(lambda: job.invoke("position") >= 20, WAIT, "the job to get going")
         second = Worker(MemoryWorkerTransport(broker, host_info()), ServiceRegistry(sample_services.ALL),
                         WorkerSettings(concurrency=2)).start()
         try:

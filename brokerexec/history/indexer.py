@@ -77,19 +77,20 @@ class Indexer:
 
     def run(self, stop: threading.Event) -> None:
         """Index, and answer history queries, until ``stop`` is set (the broker going and
-        coming back is ridden out); ``stop`` is set when it returns, whatever ended it."""
+        coming back is ridden out)."""
         version = self.store.migrate()
         log.info("history store %s at schema %s; indexing the journal", self.store.redacted_url, version)
         self._prune()
         # Queries on a connection of their own: answered while a batch commits, and while
         # the store is down (saying so) as the tail backs off.
-        server = threading.Thread(target=self.server.run, args=(stop,), name="brokerexec-history-queries",
+        served = threading.Event()
+        server = threading.Thread(target=self.server.run, args=(served,), name="brokerexec-history-queries",
                                   daemon=True)
         server.start()
         try:
             self.tail.run(self._offsets, self._take, stop)
         finally:
-            stop.set()
+            served.set()  # whatever ended the tail
             server.join(10)
 
     def _offsets(self) -> dict[str, int]:
