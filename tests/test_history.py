@@ -3,6 +3,7 @@ indexer processes, real SIGKILLs; the store on SQLite and on the real PostgreSQL
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -18,11 +19,18 @@ from typing import Any
 import brokerctl
 import pytest
 
-from brokerexec import Client, DecodeError, HistoryUnavailable, RemoteError, Timeout
+from brokerexec import AsyncClient, Client, DecodeError, HistoryUnavailable, RemoteError, Timeout
 from brokerexec.history import HistoryStore
 from brokerexec.protocol.journal import started_entry
 from brokerexec.protocol.messages import Launch, Record
-from brokerexec.protocol.names import LAUNCH_TYPE, RECORD_TYPE, STARTED_TYPE, journal_stream
+from brokerexec.protocol.names import (
+    HISTORY_EXCHANGE,
+    HISTORY_QUEUE,
+    LAUNCH_TYPE,
+    RECORD_TYPE,
+    STARTED_TYPE,
+    journal_stream,
+)
 from brokerexec.protocol.states import JobState
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.timeout(240)]
@@ -395,3 +403,36 @@ def test_ingest_rides_out_a_broker_restart_with_every_job_once(
         assert sum(history.counts().values()) == len(ids)
     assert indexer.process.poll() is None  # it rode it out
     assert indexer.stop() == 0
+
+
+def test_an_older_indexer_or_no_history_exchange_is_met_as_no_indexer(own_vhost: str) -> None:
+    """A client of this version sends its queries through the exchange ``brokerexec.history``:
+    an indexer older than it (its queue not bound there), or no such exchange at all (404
+    NOT_FOUND on publish), is ``HistoryUnavailable`` at once, never an error of its own, over
+    pika and over aio-pika alike."""
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(own_vhost))
+    try:
+        channel = connection.channel()
+        channel.exchange_declare(HISTORY_EXCHANGE, "direct", durable=True)  # a worker of this version
+        channel.queue_declare(HISTORY_QUEUE, auto_delete=True)  # an older indexer, bound to nothing
+        channel.basic_consume(HISTORY_QUEUE, lambda *_: None, auto_ack=True)
+        with Client(own_vhost, timeout=10) as client:
+            began = time.monotonic()
+            with pytest.raises(HistoryUnavailable, match="no history indexer"):
+                client.history()
+            channel.exchange_delete(HISTORY_EXCHANGE)  # no worker or indexer of this version
+            with pytest.raises(HistoryUnavailable, match="no history indexer"):
+                client.history()
+            assert time.monotonic() - began < 5  # at once, not timed out
+
+        async def asked_without_the_exchange() -> None:
+            async with AsyncClient(own_vhost, timeout=10) as aclient:  # declares it on connecting
+                channel.exchange_delete(HISTORY_EXCHANGE)
+                with pytest.raises(HistoryUnavailable, match="no history indexer"):
+                    await aclient.history()
+
+        asyncio.run(asked_without_the_exchange())
+    finally:
+        connection.close()

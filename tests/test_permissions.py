@@ -8,6 +8,7 @@ and a second vhost whose client must not see the first one's jobs.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import secrets
 import subprocess
@@ -17,13 +18,28 @@ import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import brokerctl
 import pika
 import pytest
 
-from brokerexec import AccessRefused, AsyncClient, Client, Event
-from brokerexec.protocol.names import job_events_pattern
+from brokerexec import AccessRefused, AsyncClient, Client, Event, HistoryUnavailable
+from brokerexec.protocol.journal import started_entry
+from brokerexec.protocol.messages import Launch, Record
+from brokerexec.protocol.names import (
+    HISTORY_EXCHANGE,
+    HISTORY_QUEUE,
+    JOURNAL_BUCKETS,
+    LAUNCH_TYPE,
+    RECORD_TYPE,
+    STARTED_TYPE,
+    job_events_pattern,
+    journal_bucket,
+    journal_stream,
+    journal_stream_of_bucket,
+)
+from brokerexec.protocol.states import JobState
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.timeout(240)]
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,11 +51,11 @@ ROLES = {
                r"^(brokerexec\..*|kiwipy\.messages|amq\.gen-.*|amq\.default)$",
                r"^(brokerexec\..*|kiwipy\.messages|amq\.gen-.*)$"),
     "client": (r"^(brokerexec\.(control|launches\..*|client\..*)|amq\.gen-.*)$",
-               r"^(brokerexec\.(launches|control|workers|probes|status|client\..*)|kiwipy\.messages"
+               r"^(brokerexec\.(launches|control|workers|probes|status|history|client\..*)|kiwipy\.messages"
                r"|amq\.gen-.*|amq\.default)$",
                r"^(brokerexec\.(jobs\..*|events|control|client\..*)|kiwipy\.messages|amq\.gen-.*)$"),
     "watcher": (r"^(brokerexec\.client\..*|amq\.gen-.*)$",
-                r"^(brokerexec\.(probes|status|client\..*)|amq\.gen-.*)$",
+                r"^(brokerexec\.(probes|status|history|client\..*)|amq\.gen-.*)$",
                 r"^(brokerexec\.(jobs\..*|events|client\..*)|amq\.gen-.*)$"),
 }
 
@@ -242,3 +258,130 @@ def test_a_client_of_another_vhost_sees_none_of_its_jobs(broker: Broker, worker:
     refused(brokerexec("status", job_id, "--broker", broker.urls["other"]), 3)
     listing = brokerexec("jobs", "--json", "--broker", broker.urls["other"])
     assert listing.returncode == 0 and job_id not in listing.stdout
+    # No worker or indexer ever ran there: no history exchange (404 NOT_FOUND on publish),
+    # met as no indexer at all, and `jobs --all` falls back to the journal.
+    with Client(broker.urls["other"]) as other, pytest.raises(HistoryUnavailable, match="no history indexer"):
+        other.history()
+    listed = brokerexec("jobs", "--all", "--json", "--broker", broker.urls["other"])
+    assert listed.returncode == 0 and json.loads(listed.stdout)["source"] == "journal", listed.stderr
+
+
+class Indexer:
+    """``brokerexec history`` in a process of its own, ready once it answers queries."""
+
+    def __init__(self, url: str, store: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "brokerexec", "history", "--broker", url, "--store", str(store)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        assert self.process.stderr is not None
+        log = []
+        for line in self.process.stderr:  # blocks on the pipe; the test's timeout bounds it
+            log.append(line)
+            if "history indexer ready" in line:
+                break
+        else:
+            pytest.fail("the indexer did not start:\n" + "".join(log))
+        # drained, so that its log never fills the pipe
+        threading.Thread(target=self.process.stderr.read, daemon=True).start()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(WAIT)
+
+
+def write_archived_job(url: str) -> dict[str, object]:
+    """A job the journal cannot give but the store keeps: its entries, as its worker wrote
+    them, in another stream than its own, so a look-up (which reads the job's own stream)
+    finds nothing, while the indexer takes every stream's entries: as for a job the journal
+    dropped, without waiting out a retention. Its record."""
+    ran = time.time() - 120
+    launch = dataclasses.replace(Launch.new("archived", {"steps": 1}), sent=ran)
+    job_id = launch.job_id
+    elsewhere = journal_stream_of_bucket((journal_bucket(job_id) + 1) % JOURNAL_BUCKETS)
+    record = Record(job_id, "archived", JobState.FINISHED, {"count": 1}, None, ran + 1, ran + 60,
+                    {"hostname": "old-host", "pid": 1})
+    with pika.BlockingConnection(pika.URLParameters(url)) as connection:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for kind, body in ((LAUNCH_TYPE, launch.encode()),
+                           (STARTED_TYPE, started_entry(job_id, "archived", 1, {"hostname": "old-host"},
+                                                        ran + 1)),
+                           (RECORD_TYPE, record.encode())):
+            channel.basic_publish("", elsewhere, json.dumps(body).encode(), pika.BasicProperties(
+                content_type="application/json", message_id=job_id, type=kind, delivery_mode=2))
+    return record.encode()
+
+
+def raw_history_query(url: str, exchange: str, body: dict[str, object]) -> Any:
+    """A hand-made history query through ``exchange``, as a stock client sends it: the reply."""
+    with pika.BlockingConnection(pika.URLParameters(url)) as connection:
+        channel = connection.channel()
+        replies: list[bytes] = []
+        channel.basic_consume("amq.rabbitmq.reply-to", lambda _c, _m, _p, reply: replies.append(reply),
+                              auto_ack=True)
+        channel.basic_publish(exchange, HISTORY_QUEUE, json.dumps(body).encode(), pika.BasicProperties(
+            content_type="application/json", correlation_id=secrets.token_hex(8),
+            reply_to="amq.rabbitmq.reply-to"), mandatory=True)
+        deadline = time.monotonic() + WAIT
+        while not replies and time.monotonic() < deadline:
+            connection.process_data_events(time_limit=0.5)
+        assert replies, f"no reply to a history query through {exchange!r}"
+        return json.loads(replies[0])
+
+
+def test_a_watcher_asks_the_history_store(broker: Broker, worker: None, tmp_path: Path) -> None:
+    url = broker.urls["watcher"]
+    # no indexer yet: said at once, as to any client
+    with Client(url) as watcher, pytest.raises(HistoryUnavailable, match="no history indexer"):
+        watcher.history()
+    archived = write_archived_job(broker.urls["worker"])
+    job_id = str(archived["job_id"])
+    refused(brokerexec("status", job_id, "--broker", url), 3)  # the journal cannot give it
+    with Client(broker.urls["client"]) as client:
+        ran = client.launch("fit", {"max_iterations": 40, "tolerance": 0})
+        ran.result(timeout=WAIT)
+    indexer = Indexer(broker.urls["worker"], tmp_path / "history.db")
+    try:
+        with Client(url) as watcher:
+            def stored() -> set[str]:
+                return {str(row["job_id"]) for row in watcher.history(limit=1000).rows}
+
+            brokerctl.wait_until(lambda: {job_id, ran.id} <= stored(), WAIT, "the store to hold both jobs")
+            # Page by page, a row at a time: every job once
+            seen: list[str] = []
+            page = watcher.history(limit=1, count=True)
+            while True:
+                seen += [str(row["job_id"]) for row in page.rows]
+                if page.cursor is None:
+                    break
+                page = watcher.history(limit=1, cursor=page.cursor)
+            assert len(seen) == len(set(seen)) and {job_id, ran.id} <= set(seen)
+            [row] = watcher.history(service="archived").rows
+            assert row["job_id"] == job_id and row["state"] == "finished"
+            # status and result of a job only the store has
+            assert watcher.job(job_id).status()["state"] == "finished"
+            assert watcher.job(job_id).result(timeout=5) == archived["result"]
+        listed = brokerexec("jobs", "--all", "--json", "--broker", url)
+        assert listed.returncode == 0, listed.stderr
+        body = json.loads(listed.stdout)
+        assert body["source"] == "history" and {job_id, ran.id} <= {row["job_id"] for row in body["jobs"]}
+        status = brokerexec("status", job_id, "--json", "--broker", url)
+        assert status.returncode == 0 and json.loads(status.stdout)["record"] == archived, status.stderr
+        result = brokerexec("result", job_id, "--json", "--broker", url)
+        assert result.returncode == 0 and json.loads(result.stdout) == archived, result.stderr
+        # A stock client's query through the default exchange is answered as before ...
+        query = {"intent": "history", "job_id": job_id, "record": True}
+        old_style = raw_history_query(broker.urls["client"], "", query)
+        assert old_style["result"]["rows"][0]["record"] == archived
+        assert raw_history_query(url, HISTORY_EXCHANGE, query) == old_style
+        # ... and the history exchange reaches nothing but the history queue
+        with pika.BlockingConnection(pika.URLParameters(url)) as connection:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            for routing_key in (f"brokerexec.rpc.{ran.id}", "brokerexec.launches.fit",
+                                journal_stream(job_id)):
+                with pytest.raises(pika.exceptions.UnroutableError):
+                    channel.basic_publish(HISTORY_EXCHANGE, routing_key, b"{}", mandatory=True)
+        assert "DecodeError" in json.dumps(raw_history_query(url, HISTORY_EXCHANGE, {"intent": "abort"}))
+    finally:
+        indexer.stop()

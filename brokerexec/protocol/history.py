@@ -3,7 +3,12 @@
 A client asks whichever history indexer consumes the queue ``brokerexec.history`` (several may:
 any one answers) with one request and direct reply-to, so it needs only the broker's URL;
 none consuming is :class:`~brokerexec.errors.HistoryUnavailable` at once (the request comes
-back unroutable: the queue goes with its last indexer). Sans-I/O, like :mod:`.calls`.
+back unroutable: the queue goes with its last indexer). The request goes through the exchange
+``brokerexec.history``, to which the indexers bind their queue and nothing else is bound, so
+that a user without write on the default exchange (a watcher) may ask too. That exchange
+missing (no worker or indexer of this version ever ran on the broker), or the queue not bound
+to it (only older indexers run), is the same as no indexer: the request comes back, at once.
+Sans-I/O, like :mod:`.calls`.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from .. import codec
 from ..errors import DecodeError, HistoryUnavailable, Timeout
 from .calls import read_reply
 from .commands import Call, Message, Request, Routed
-from .names import DIRECT_REPLY_TO, HISTORY_QUEUE
+from .names import DIRECT_REPLY_TO, HISTORY_EXCHANGE, HISTORY_QUEUE
 
 __all__ = ["LOOKUP_TIMEOUT", "HistoryPage", "HistoryQuery", "ask", "decode_cursor", "encode_cursor",
            "stored_record"]
@@ -137,16 +142,17 @@ def ask(query: HistoryQuery, *, timeout: float, max_bytes: int) -> Call[HistoryP
     """Ask the history indexers.
 
     Raises:
-        HistoryUnavailable: none runs on this broker.
+        HistoryUnavailable: none runs on this broker (or only indexers older than the
+            exchange ``brokerexec.history``).
         Timeout: none answered within ``timeout`` s.
         DecodeError: the indexer refused the query (a bad filter or cursor).
     """
-    message = Message("", HISTORY_QUEUE, codec.encode(query.encode()), correlation_id=uuid.uuid4().hex,
-                      reply_to=DIRECT_REPLY_TO)
+    message = Message(HISTORY_EXCHANGE, HISTORY_QUEUE, codec.encode(query.encode()),
+                      correlation_id=uuid.uuid4().hex, reply_to=DIRECT_REPLY_TO)
     incoming = yield Request(message, timeout)
     if incoming in (Routed.RETURNED, Routed.NO_EXCHANGE):
-        raise HistoryUnavailable("no history indexer runs on this broker: start `brokerexec history` "
-                                 "(docs/history.md)")
+        raise HistoryUnavailable("no history indexer runs on this broker (or only older ones, deaf to "
+                                 "brokerexec.history): start `brokerexec history` (docs/history.md)")
     if incoming is None:
         raise Timeout(f"no history indexer answered within {timeout} s")
     assert not isinstance(incoming, Routed)

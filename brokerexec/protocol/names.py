@@ -46,6 +46,12 @@ CONTROL_STREAM: Final = "brokerexec.control"
 #: The queue the history indexers consume (``brokerexec history``), for history queries;
 #: it goes with the last of them.
 HISTORY_QUEUE: Final = "brokerexec.history"
+#: Direct exchange of history queries: each indexer binds ``HISTORY_QUEUE`` to it with the
+#: queue's name, and nothing else is bound there, so a user who may write here (a watcher)
+#: asks the history store and reaches nothing else. Clients send their queries through it;
+#: older ones send them through the default exchange, still answered (an indexer answers
+#: only what came through one of the two).
+HISTORY_EXCHANGE: Final = "brokerexec.history"
 #: Fanout exchange on which every worker answers the ``jobs`` query and RPCs to jobs that
 #: are not claimed yet.
 WORKERS_EXCHANGE: Final = "brokerexec.workers"

@@ -23,6 +23,7 @@ from .names import (
     DEAD_LETTER_QUEUE,
     DISCARD_EXCHANGE,
     EVENTS_EXCHANGE,
+    HISTORY_EXCHANGE,
     JOURNAL_BUCKETS,
     KIWIPY_EXCHANGE,
     KIWIPY_FILTER_EXCHANGE,
@@ -44,6 +45,7 @@ __all__ = [
     "CONTROL",
     "EXCHANGES",
     "EXCHANGE_BINDINGS",
+    "HISTORY",
     "JOURNAL",
     "JOURNAL_MAX_AGE",
     "QUEUE_TYPES",
@@ -100,6 +102,8 @@ class ExchangeBinding:
 
 #: kiwipy's exchange is topic, not durable, not auto-deleted, exactly as kiwipy 0.9 declares it.
 KIWIPY: Final = ExchangeSpec(KIWIPY_EXCHANGE, "topic", durable=False)
+#: History queries: the indexers bind their queue here (``transport/pika/history_server.py``).
+HISTORY: Final = ExchangeSpec(HISTORY_EXCHANGE, "direct")
 EXCHANGES: Final = (
     KIWIPY,
     ExchangeSpec(EVENTS_EXCHANGE, "topic"),
@@ -112,6 +116,7 @@ EXCHANGES: Final = (
     ExchangeSpec(LEASES_EXCHANGE, "direct"),
     ExchangeSpec(PROBES_EXCHANGE, "direct"),
     ExchangeSpec(STATUS_EXCHANGE, "direct"),
+    HISTORY,
     # The workers' view of kiwipy broadcasts, without the jobs' own state_changed ones
     # (names.KIWIPY_FILTER_EXCHANGE says how).
     ExchangeSpec(KIWIPY_FILTER_EXCHANGE, "headers",
