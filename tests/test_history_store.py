@@ -35,8 +35,19 @@ def store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[HistoryStor
     url = (str(tmp_path / "history.db") if request.param == "sqlite"
            else request.getfixturevalue("postgres_url"))
     with HistoryStore(url) as store:
-        assert store.migrate() == "0003"
+        assert store.migrate() == "0004"
         yield store
+
+
+def upgrade_to(connection: Any, revision: str) -> None:
+    """The store's schema brought to an older ``revision`` (an older brokerexec's store)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", "brokerexec.history:migrations")
+    config.attributes["connection"] = connection
+    command.upgrade(config, revision)
 
 
 class Journal:
@@ -217,22 +228,16 @@ def test_the_whole_record_is_kept_beside_the_summarized_row(store: HistoryStore)
 
 
 def test_a_store_made_at_the_first_schema_is_migrated_with_its_rows(tmp_path: Any) -> None:
-    from alembic import command
-    from alembic.config import Config
-
     journal = Journal()
     job_id = journal.job(result={"y": 1})
     with HistoryStore(str(tmp_path / "old.db")) as store:
-        config = Config()
-        config.set_main_option("script_location", "brokerexec.history:migrations")
         with store.engine.begin() as connection:
-            config.attributes["connection"] = connection
-            command.upgrade(config, "0001")
+            upgrade_to(connection, "0001")
             connection.execute(sa.text(
                 "INSERT INTO jobs (job_id, service, state, attempts, workers, at, request_bytes, "
                 "result_bytes, labels) VALUES (:id, 'fit', 'queued', 0, '[]', 1.0, 0, 0, '{}')"),
                 {"id": job_id})
-        assert store.migrate() == "0003"
+        assert store.migrate() == "0004"
         assert store.counts() == {("fit", "queued"): 1}  # counted from the rows there
         row = store.get(job_id)
         assert row is not None and (row.state, row.progress) == ("queued", None)

@@ -6,9 +6,10 @@
 thread of its own, the history thread, does everything else: it numbers them in one stream
 (``memory://lab``), folds them into the store in batches (``HistoryStore.ingest``) and
 answers the clients' ``history()`` queries, each after every entry noted before it (a job
-whose result a client has is in the page it asks for next). Every use of the store is on
-that thread, so an in-memory SQLite store (``sqlite://``: one database per thread that
-opens it) works too.
+whose result a client has is in the page it asks for next); when nothing else waits, it
+brings the store's text-search index up to the rows (``HistoryStore.index_search``). Every
+use of the store is on that thread, so an in-memory SQLite store (``sqlite://``: one
+database per thread that opens it) works too.
 
 Noting an entry never waits and never fails: a store that is down, full or slow delays only
 this thread. A batch it refuses is logged, counted and tried again (backing off to
@@ -44,6 +45,8 @@ MAX_BACKLOG = 100_000
 #: Seconds before a refused batch is tried again, doubling up to RETRY_MAX (a query tries
 #: at once).
 RETRY_FIRST, RETRY_MAX = 0.25, 5.0
+#: The most rows one call of ``HistoryStore.index_search`` takes: a query waits for it.
+SEARCH_BATCH = 500
 
 
 @dataclass
@@ -122,6 +125,7 @@ class MemoryHistory:
         self._retry_in = RETRY_FIRST
         self._due = 0.0  # when a refused batch may be tried again (time.monotonic())
         self._closed = False
+        self._search_behind = False  # rows committed that the text-search index may not have
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"brokerexec-history-{broker.name or 'default'}")
         self._thread.start()
@@ -171,6 +175,9 @@ class MemoryHistory:
     def _run(self) -> None:
         self._ready()
         while True:
+            if self._search_behind and not self._pending and self._tasks.empty():
+                self._index_search()  # a batch at a time: a task that comes waits for one at most
+                continue
             wait = max(self._due - time.monotonic(), 0.0) if self._pending else None
             try:
                 task = self._tasks.get(timeout=wait)
@@ -198,6 +205,7 @@ class MemoryHistory:
         try:
             self.store.migrate()
             self._next = self.store.offsets().get(self.stream, 0)
+            self._search_behind = True  # rows of before, perhaps
         except Exception as exc:  # a store that cannot be used now: said, and tried again later
             self._refused(exc, "cannot be made ready")
             return False
@@ -223,6 +231,16 @@ class MemoryHistory:
             self.stats.rows += rows
             self.stats.batches += 1
             self._retry_in, self._due = RETRY_FIRST, 0.0
+            self._search_behind = True
+
+    def _index_search(self) -> None:
+        try:
+            self._search_behind = self.store.index_search(SEARCH_BATCH) >= SEARCH_BATCH
+        except Exception as exc:  # tried again after the next commit; questions scan meanwhile
+            self._search_behind = False
+            self.stats.store_errors += 1
+            log.warning("history of %s: the store %s cannot index its text now (%s)", self.stream,
+                        self.store.redacted_url, exc)
 
     def _refused(self, exc: Exception, what: str) -> None:
         self.stats.store_errors += 1

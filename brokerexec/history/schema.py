@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy import BigInteger, Column, Float, Index, Integer, MetaData, String, Table, Text
 
-__all__ = ["counts", "jobs", "metadata", "offsets", "records"]
+__all__ = ["counts", "jobs", "metadata", "offsets", "records", "search_mark"]
 
 metadata = MetaData()
 
@@ -33,10 +33,14 @@ jobs = Table(
     Column("operation", String(64)),
     Column("progress", Text),  # JSON object
     Column("improved", Text),  # JSON object
+    # The ingest transaction that changed it last: each takes a number above all before
+    # (migration 0004), so the text-search index follows the rows that changed.
+    Column("changed", BigInteger, nullable=False, server_default="0"),
     Index("jobs_at", "at", "job_id"),
     Index("jobs_service_at", "service", "at"),
     Index("jobs_state_at", "state", "at"),
     Index("jobs_operation", "operation"),
+    Index("jobs_changed", "changed"),
 )
 
 #: Each ended job's whole final record (what ``result`` returns), apart from ``jobs``: pages
@@ -63,4 +67,13 @@ offsets = Table(
     "offsets", metadata,
     Column("stream", String(255), primary_key=True),
     Column("next", BigInteger, nullable=False),
+)
+
+#: How far the text-search index has taken the rows (``search.py``): the ``(changed, job_id)``
+#: of the last row it indexed, in the order it takes them; one row, moved in the transaction
+#: that indexes them. The index itself is of each back end's own kind (migration 0004).
+search_mark = Table(
+    "search_mark", metadata,
+    Column("changed", BigInteger, nullable=False),
+    Column("job_id", String(64), nullable=False),
 )

@@ -28,7 +28,7 @@ from ..errors import ConfigurationError, DecodeError
 from ..protocol.history import decode_cursor, encode_cursor
 from ..protocol.journal import attempt_of
 from ..protocol.names import LAUNCH_TYPE, LAUNCHES_TYPE, RECORD_TYPE
-from . import schema
+from . import schema, search
 from .rows import ENDED, JobRow, fold
 
 __all__ = ["Entry", "HistoryStore", "Page", "store_url"]
@@ -46,6 +46,7 @@ class Entry:
     kind: str
     body: dict[str, Any]
     job_id: str | None = None  # the message's id (a ``launches`` entry names many in its body)
+    text: str | None = None  # the body's JSON as it came, if it did: a record is kept as it is
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ class HistoryStore:
         with self.engine.begin() as connection:
             self._one_writer(connection)
             changed, records, moved = self._fold(connection, entries)
-            self._write(connection, changed.values())
+            self._write(connection, changed.values(), self._next_change(connection))
             self._keep_records(connection, records)
             self._count(connection, moved)
             self._move(connection, reached)
@@ -157,32 +158,33 @@ class HistoryStore:
             connection.execute(sa.text("SELECT pg_advisory_xact_lock(7268190522)"))
 
     def _fold(self, connection: Connection, entries: Sequence[Entry]
-              ) -> tuple[dict[str, JobRow], dict[str, dict[str, Any]], Counter[tuple[str, str]]]:
+              ) -> tuple[dict[str, JobRow], dict[str, tuple[dict[str, Any], str | None]],
+                         Counter[tuple[str, str]]]:
         """The rows the entries change, the records that ended them (the one that counts:
         the first of the newest attempt, as the fold decides), and how the counts by
         service and state move."""
-        per_job: list[tuple[str, str, dict[str, Any]]] = []
+        per_job: list[tuple[str, str, dict[str, Any], str | None]] = []
         for entry in entries:
             if entry.kind == LAUNCHES_TYPE:  # a sweep's launches: one entry, many jobs
                 ids = entry.body.get("jobs")
                 for job_id in ids if isinstance(ids, list) else []:
                     if isinstance(job_id, str):
                         per_job.append((job_id, LAUNCH_TYPE, {"service": entry.body.get("service"),
-                                                              "sent": entry.body.get("sent")}))
+                                                              "sent": entry.body.get("sent")}, None))
             elif entry.job_id:
-                per_job.append((entry.job_id, entry.kind, entry.body))
-        known = self._rows(connection, {job_id for job_id, _, _ in per_job})
+                per_job.append((entry.job_id, entry.kind, entry.body, entry.text))
+        known = self._rows(connection, {job_id for job_id, _, _, _ in per_job})
         stored = dict(known)
         changed: dict[str, JobRow] = {}
-        records: dict[str, dict[str, Any]] = {}
-        for job_id, kind, body in per_job:
+        records: dict[str, tuple[dict[str, Any], str | None]] = {}
+        for job_id, kind, body, text in per_job:
             before = known.get(job_id)
             after = fold(before, job_id, kind, body)
             if after is not None and after != before:
                 known[job_id] = changed[job_id] = after
                 ended_now = after.state in ENDED and (before is None or before.state not in ENDED)
                 if kind == RECORD_TYPE and ended_now:
-                    records[job_id] = body
+                    records[job_id] = (body, text)
         moved: Counter[tuple[str, str]] = Counter()
         for job_id, row in changed.items():
             moved[(row.service, row.state)] += 1
@@ -200,35 +202,41 @@ class HistoryStore:
             index_elements=[schema.counts.c.service, schema.counts.c.state],
             set_={"n": schema.counts.c.n + insert.excluded.n}), values)
 
-    def _keep_records(self, connection: Connection, records: Mapping[str, dict[str, Any]]) -> None:
-        if not records:
-            return
-        insert = self._insert(schema.records)
-        statement = insert.on_conflict_do_update(  # a row that ended again (a newer attempt)
-            index_elements=[schema.records.c.job_id],
-            set_={"attempt": insert.excluded.attempt, "body": insert.excluded.body})
-        connection.execute(statement, [
-            {"job_id": job_id, "attempt": attempt_of(body), "body": json.dumps(body, separators=(",", ":"))}
-            for job_id, body in records.items()])
+    def _keep_records(self, connection: Connection, records: Mapping[str, tuple[dict[str, Any], str | None]]
+                      ) -> None:
+        if records:  # the driver's executemany, as _write
+            connection.exec_driver_sql(_KEEP_RECORD_SQLITE if self.sqlite else _KEEP_RECORD_POSTGRESQL, [
+                # The entry's JSON as it came (it is what was decoded), else made again.
+                (job_id, attempt_of(body),
+                 text if text is not None else json.dumps(body, separators=(",", ":")))
+                for job_id, (body, text) in records.items()])
 
     def _rows(self, connection: Connection, job_ids: Iterable[str]) -> dict[str, JobRow]:
         found: dict[str, JobRow] = {}
-        ids = sorted(job_ids)
+        ids = list(job_ids)
+        mark = "?" if self.sqlite else "%s"
         for start in range(0, len(ids), 500):
-            query = sa.select(schema.jobs).where(schema.jobs.c.job_id.in_(ids[start:start + 500]))
-            for row in connection.execute(query):
-                found[row.job_id] = _row(row._mapping)
+            chunk = ids[start:start + 500]
+            # The driver's own cursor: SQLAlchemy's result processing of each row was a
+            # tenth of the ingest's time, and these columns need none.
+            query = f"SELECT {_SELECTED} FROM jobs WHERE job_id IN ({', '.join([mark] * len(chunk))})"
+            for values in connection.exec_driver_sql(query, tuple(chunk)):
+                found[values[0]] = _row_of(values)
         return found
 
-    def _write(self, connection: Connection, rows: Iterable[JobRow]) -> None:
-        values = [_values(row) for row in rows]
-        if not values:
-            return
-        insert = self._insert(schema.jobs)
-        statement = insert.on_conflict_do_update(
-            index_elements=[schema.jobs.c.job_id],
-            set_={name: insert.excluded[name] for name in values[0] if name != "job_id"})
-        connection.execute(statement, values)
+    def _next_change(self, connection: Connection) -> int:
+        """The number this transaction marks the rows it changes with: above every number
+        before it (the writers take turns: :meth:`_one_writer`), so the search index takes
+        the rows that changed since it last looked (``changed`` is indexed)."""
+        newest = connection.exec_driver_sql("SELECT max(changed) FROM jobs").scalar()
+        return int(newest or 0) + 1
+
+    def _write(self, connection: Connection, rows: Iterable[JobRow], change: int) -> None:
+        values = [_values(row, change) for row in rows]
+        if values:
+            # One statement, compiled once, given to the driver's executemany: SQLAlchemy's
+            # processing of each row's parameters was a fifth of the ingest's time.
+            connection.exec_driver_sql(_UPSERT_SQLITE if self.sqlite else _UPSERT_POSTGRESQL, values)
 
     def _move(self, connection: Connection, reached: Mapping[str, int]) -> None:
         if not reached:
@@ -274,25 +282,64 @@ class HistoryStore:
         """
         if not 1 <= limit <= MAX_PAGE:
             raise DecodeError(f"limit must be 1 to {MAX_PAGE}, not {limit}")
-        jobs = schema.jobs
-        conditions = _filters(service, state, since, until, worker, operation, text)
-        after = list(conditions)
-        if cursor is not None:
-            at, job_id = decode_cursor(cursor)
-            # A row value: a range of the (at, job_id) index to seek, however deep the page (an
-            # OR of two conditions is scanned from the newest row on).
-            after.append(sa.tuple_(jobs.c.at, jobs.c.job_id) < sa.tuple_(sa.literal(at), sa.literal(job_id)))
-        query = (sa.select(jobs).where(*after).order_by(jobs.c.at.desc(), jobs.c.job_id.desc())
-                 .limit(limit + 1))
+        if text and "\x00" in text:  # no row holds it (PostgreSQL's text cannot)
+            return Page([], None, 0 if count else None)
+        seek = decode_cursor(cursor) if cursor is not None else None
+        indexed = bool(text) and search.indexable(text or "", self.sqlite)
         with self.engine.connect() as connection:
-            found = [_row(row._mapping) for row in connection.execute(query)]
+            others = _filters(schema.jobs.c, service, state, since, until, worker, operation, seek)
+            found = self._newest(connection, others, text, limit) if indexed else None
+            if found is None:
+                rows = search.searched(connection, text or "", self.sqlite) if indexed else schema.jobs
+                holds = [search.holds(text, self.sqlite)] if text and not indexed else []
+                query = sa.select(rows).where(*holds, *_filters(rows.c, service, state, since, until, worker,
+                                                                operation, seek))
+                found = [_row(row._mapping) for row in connection.execute(
+                    query.order_by(rows.c.at.desc(), rows.c.job_id.desc()).limit(limit + 1))]
             total = None
             if count:
-                total = int(connection.execute(sa.select(sa.func.count()).select_from(jobs)
-                                               .where(*conditions)).scalar_one())
+                rows = search.searched(connection, text or "", self.sqlite) if indexed else schema.jobs
+                holds = [search.holds(text, self.sqlite)] if text and not indexed else []
+                total = int(connection.execute(sa.select(sa.func.count()).select_from(rows).where(
+                    *holds, *_filters(rows.c, service, state, since, until, worker, operation))).scalar_one())
         more = len(found) > limit
-        rows = found[:limit]
-        return Page(rows, encode_cursor(rows[-1].at, rows[-1].job_id) if more else None, total)
+        page = found[:limit]
+        return Page(page, encode_cursor(page[-1].at, page[-1].job_id) if more else None, total)
+
+    def _newest(self, connection: Connection, conditions: list[Any], text: str | None, limit: int
+                ) -> list[JobRow] | None:
+        """The page of ``text`` if the newest rows that meet the other conditions hold enough
+        of it (a common text, which the index would find in too many rows), or if they are
+        all the rows that meet them; else None."""
+        jobs = schema.jobs
+        order = (jobs.c.at.desc(), jobs.c.job_id.desc())
+        # The oldest of the newest rows that meet the conditions, then the rows down to it: a
+        # range of an index that the scan leaves as soon as it has the page (a subquery of
+        # them was sorted again whole). Bounding by the newest rows whatever the filters was
+        # cheaper for a rare text under a filter no index serves (state), but sent a common
+        # one under filters to the index, which reads every row it is in (0.7 s).
+        bound = connection.execute(sa.select(jobs.c.at, jobs.c.job_id).where(*conditions).order_by(*order)
+                                   .offset(min(search.SCAN_FIRST * (limit + 1), search.SCAN_MOST) - 1)
+                                   .limit(1)).first()
+        down_to = [] if bound is None else [sa.tuple_(jobs.c.at, jobs.c.job_id) >= sa.tuple_(
+            sa.literal(bound.at), sa.literal(bound.job_id))]
+        found = [_row(row._mapping) for row in connection.execute(
+            sa.select(jobs).where(*conditions, *down_to, search.holds(text or "", self.sqlite))
+            .order_by(*order).limit(limit + 1))]
+        return found if len(found) > limit or bound is None else None
+
+    def index_search(self, limit: int = 1000) -> int:
+        """Index up to ``limit`` rows that changed since the text-search index last took rows
+        (``search.py``), in one short transaction; how many (0: it has them all). Called
+        between the ingest's batches: the index follows the rows, and a text question is
+        right meanwhile (it scans the rows not indexed yet)."""
+        with self.engine.begin() as connection:
+            return search.take(connection, self.sqlite, limit)
+
+    def search_lag(self) -> int:
+        """How many rows changed that the text-search index has not taken yet."""
+        with self.engine.connect() as connection:
+            return search.lag(connection)
 
     def counts(self, since: float | None = None) -> dict[tuple[str, str], int]:
         """How many jobs there are by service and state (that moved since ``since``: counted
@@ -324,50 +371,87 @@ class HistoryStore:
                 .group_by(jobs.c.service, jobs.c.state))})
             old = sa.select(jobs.c.job_id).where(ended)
             connection.execute(sa.delete(schema.records).where(schema.records.c.job_id.in_(old)))
+            search.unindex(connection, self.sqlite, old)
             result = connection.execute(sa.delete(jobs).where(ended))
+            search.lower_mark(connection)
             self._count(connection, gone)
         return int(result.rowcount or 0)
 
 
-def _filters(service: str | None, state: str | None, since: float | None, until: float | None,
-             worker: str | None, operation: str | None, text: str | None) -> list[Any]:
-    jobs = schema.jobs
+def _filters(c: Any, service: str | None, state: str | None, since: float | None, until: float | None,
+             worker: str | None, operation: str | None, seek: tuple[float, str] | None = None) -> list[Any]:
+    """The conditions of the filters but ``text`` (``search.py``), on the columns ``c`` (of
+    ``jobs``, or of the rows a text search found), and of the cursor ``seek``."""
     conditions: list[Any] = []
     if service is not None:
-        conditions.append(jobs.c.service == service)
+        conditions.append(c.service == service)
     if state is not None:
-        conditions.append(jobs.c.state == state)
+        conditions.append(c.state == state)
     if since is not None:
-        conditions.append(jobs.c.at >= since)
+        conditions.append(c.at >= since)
     if until is not None:
-        conditions.append(jobs.c.at < until)
+        conditions.append(c.at < until)
     if worker is not None:  # a JSON list of hosts: the host, quoted, as a substring
-        conditions.append(jobs.c.workers.contains(json.dumps(worker), autoescape=True))
+        conditions.append(c.workers.contains(json.dumps(worker), autoescape=True))
     if operation is not None:
-        conditions.append(jobs.c.operation == operation)
-    if text:
-        conditions.append(sa.or_(*(column.contains(text, autoescape=True) for column in (
-            jobs.c.job_id, jobs.c.request, jobs.c.result, jobs.c.error, jobs.c.error_type, jobs.c.reason))))
+        conditions.append(c.operation == operation)
+    if seek is not None:
+        # A row value: a range of the (at, job_id) index to seek, however deep the page (an
+        # OR of two conditions is scanned from the newest row on).
+        conditions.append(sa.tuple_(c.at, c.job_id) < sa.tuple_(sa.literal(seek[0]), sa.literal(seek[1])))
     return conditions
 
 
-def _values(row: JobRow) -> dict[str, Any]:
-    return {"job_id": row.job_id, "service": row.service, "state": row.state, "attempts": row.attempts,
-            "workers": json.dumps(list(row.workers)), "launched": row.launched, "started": row.started,
-            "ended": row.ended, "at": row.at, "request": row.request, "request_bytes": row.request_bytes,
-            "result": row.result, "result_bytes": row.result_bytes, "error_type": row.error_type,
-            "error": row.error, "reason": row.reason, "last_checkpoint": row.last_checkpoint,
-            "labels": json.dumps(row.labels, sort_keys=True), "operation": row.operation,
-            "progress": _json(row.progress), "improved": _json(row.improved)}
+#: The columns of ``jobs`` in the order of the ingest's rows of values (:func:`_values`).
+_COLUMNS = ("job_id", "service", "state", "attempts", "workers", "launched", "started", "ended", "at",
+            "request", "request_bytes", "result", "result_bytes", "error_type", "error", "reason",
+            "last_checkpoint", "labels", "operation", "progress", "improved", "changed")
+#: What the ingest reads of a row (:func:`_row_of`): all but ``at`` and ``changed``, which it
+#: makes again.
+_READ = tuple(name for name in _COLUMNS if name not in ("at", "changed"))
+_SELECTED = ", ".join(_READ)
+
+
+def _upsert(mark: str) -> str:
+    names = ", ".join(_COLUMNS)
+    updates = ", ".join(f"{name} = excluded.{name}" for name in _COLUMNS if name != "job_id")
+    return (f"INSERT INTO jobs ({names}) VALUES ({', '.join([mark] * len(_COLUMNS))}) "
+            f"ON CONFLICT (job_id) DO UPDATE SET {updates}")
+
+
+_UPSERT_SQLITE = _upsert("?")
+_UPSERT_POSTGRESQL = _upsert("%s")
+#: A record kept again replaces the one before: the job ended again (a newer attempt).
+_KEEP_RECORD = ("INSERT INTO records (job_id, attempt, body) VALUES ({0}, {0}, {0}) "
+                "ON CONFLICT (job_id) DO UPDATE SET attempt = excluded.attempt, body = excluded.body")
+_KEEP_RECORD_SQLITE, _KEEP_RECORD_POSTGRESQL = _KEEP_RECORD.format("?"), _KEEP_RECORD.format("%s")
+_EMPTY_LIST, _EMPTY_OBJECT = "[]", "{}"
+
+
+def _values(row: JobRow, change: int) -> tuple[Any, ...]:
+    """A row's values in the order of :data:`_COLUMNS`."""
+    return (row.job_id, row.service, row.state, row.attempts,
+            json.dumps(list(row.workers)) if row.workers else _EMPTY_LIST,
+            row.launched, row.started, row.ended, row.at, row.request, row.request_bytes,
+            row.result, row.result_bytes, row.error_type, row.error, row.reason, row.last_checkpoint,
+            json.dumps(row.labels, sort_keys=True) if row.labels else _EMPTY_OBJECT, row.operation,
+            _json(row.progress), _json(row.improved), change)
+
+
+def _row_of(values: Sequence[Any]) -> JobRow:
+    """A row read as :data:`_READ` says (JSON parsed only where there is some)."""
+    (job_id, service, state, attempts, workers, launched, started, ended, request, request_bytes, result,
+     result_bytes, error_type, error, reason, last_checkpoint, labels, operation, progress, improved) = values
+    return JobRow(job_id, service, state, attempts,
+                  tuple(json.loads(workers)) if workers and workers != _EMPTY_LIST else (),
+                  launched, started, ended, request, request_bytes, result, result_bytes, error_type, error,
+                  reason, last_checkpoint,
+                  json.loads(labels) if labels and labels != _EMPTY_OBJECT else {}, operation,
+                  _object(progress), _object(improved))
 
 
 def _row(mapping: Any) -> JobRow:
-    return JobRow(mapping["job_id"], mapping["service"], mapping["state"], mapping["attempts"],
-                  tuple(json.loads(mapping["workers"] or "[]")), mapping["launched"], mapping["started"],
-                  mapping["ended"], mapping["request"], mapping["request_bytes"], mapping["result"],
-                  mapping["result_bytes"], mapping["error_type"], mapping["error"], mapping["reason"],
-                  mapping["last_checkpoint"], json.loads(mapping["labels"] or "{}"), mapping["operation"],
-                  _object(mapping["progress"]), _object(mapping["improved"]))
+    return _row_of(tuple(mapping[name] for name in _READ))
 
 
 def _json(value: dict[str, Any] | None) -> str | None:
