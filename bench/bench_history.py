@@ -292,6 +292,7 @@ def _row(group: str, name: str, samples: Sequence[float], reference: bool = Fals
 
 
 LOOKUP = "look-up of one ended job by id"
+SEARCH_INDEX = "the text-search index"
 MANY = "questions about many jobs"
 
 
@@ -455,24 +456,64 @@ def _measure_store(label: str, kind: str, store_url: str, journal: Journal, args
     rows: list[Row] = []
     with broker_lock(), HistoryStore(store_url) as store:
         started = time.perf_counter()
+        machine, broker = _busy(), _broker_cpu()
         with indexer(journal.url, store_url) as metrics:
             ready = time.perf_counter()
             done = wait_ingested(store, journal, f"{label}: ingest", started, args.ingest_timeout)
             took = done - started
-            folding = _metric(metrics, "brokerexec_history_store_seconds")
-            split = "" if folding is None else (f"; {folding:.0f} s of it decoding, folding and "
-                                                f"committing, {took - folding:.0f} s the rest")
+            busy, broker_cpu = _busy() - machine, _broker_cpu() - broker
+            storing = _metric(metrics, "brokerexec_history_store_seconds")
+            split = "" if storing is None else (f"; the store process busy {storing:.0f} s of it, beside "
+                                                "the tail")
+            cpu = (f"; the machine's {os.cpu_count()} cores {busy / took / (os.cpu_count() or 1):.0%} busy, "
+                   f"RabbitMQ {broker_cpu / journal.entries * 1e6:.0f} µs of CPU an entry")
             rows.append(Row(journal.ingest_group,
                             f"`brokerexec history` into {label}: {journal.entries:,} entries",
                             journal.entries / took, "entries/s",
                             extra={"s": took}, note=f"{journal.jobs / took:,.0f} jobs/s; from the process's "
-                            f"start ({ready - started:.1f} s to ready){split}"))
+                            f"start ({ready - started:.1f} s to ready){split}{cpu}"))
             print(f"{label}: {journal.entries:,} entries in {took:.0f} s", file=sys.stderr, flush=True)
+            rows.append(search_caught_up(label, store, done, args.ingest_timeout))
             rows += queries(label, store, journal, args, rng)
             rows.append(freshness(label, store, journal, args.fresh_rate, args.fresh_seconds))
             total = sum(store.counts().values())
         rows.append(store_bytes(label, kind, store, total, journal))
     return rows
+
+
+def search_caught_up(label: str, store: Any, ingested: float, timeout: float) -> Row:
+    """Wait for the text-search index to take every row (it follows the rows, between
+    batches); a row of how long after the ingest it did."""
+    lag, last_print = store.search_lag(), time.perf_counter()
+    while lag:
+        now = time.perf_counter()
+        if now - ingested > timeout:
+            raise TimeoutError(f"{label}: the search index still lags {lag:,} rows")
+        if now - last_print >= 10:
+            _progress(f"{label}: the search index lags {lag:,} rows", 0, ingested)
+            last_print = now
+        time.sleep(0.5)
+        lag = store.search_lag()
+    took = time.perf_counter() - ingested
+    return Row(SEARCH_INDEX, f"{label}: the text-search index caught up", took, "s after the ingest",
+               note="it follows the rows between the ingest's batches, a chunk every 2 s through a backlog")
+
+
+def _busy() -> float:
+    """CPU seconds the whole machine spent busy so far (``/proc/stat``)."""
+    with open("/proc/stat") as stat:
+        user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in stat.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def _broker_cpu() -> float:
+    """CPU seconds the local RabbitMQ (its ``beam.smp``) spent so far; 0 if none is found."""
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and (entry / "comm").read_text().strip().startswith("beam"):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
 
 
 def queries(label: str, store: Any, journal: Journal, args: argparse.Namespace,
@@ -673,6 +714,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=200, help="look-ups and pages per figure (%(default)s)")
     p.add_argument("--journal-n", type=int, default=10, help="journal look-ups per figure (%(default)s)")
     p.add_argument("--writers", type=int, default=2, help="processes writing the journal")
+    p.add_argument("--skip-journal", action="store_true",
+                   help="do not ask the journal the same questions (minutes at a million jobs)")
     p.add_argument("--fresh-rate", type=float, default=1000.0, help="jobs ending a second (%(default)s)")
     p.add_argument("--fresh-seconds", type=float, default=30.0, help="for this long (%(default)s)")
     p.add_argument("--ingest-timeout", type=float, default=3600.0, help="seconds an ingest may take")
@@ -699,7 +742,8 @@ def run(url: str, args: argparse.Namespace) -> list[Row]:
             rows.append(Row("bytes per job", "the journal: its entries' bodies",
                             journal.entry_bytes / args.jobs, "B/job", reference=True,
                             note="launch + record, JSON"))
-            rows += journal_baseline(journal, args.journal_n, rng)
+            if not args.skip_journal:
+                rows += journal_baseline(journal, args.journal_n, rng)
         for kind in kinds:
             with (sqlite_store() if kind == "sqlite" else postgres_store(args.postgres)) as store_url:
                 rows += measure_store(kind, store_url, journal, args, rng)

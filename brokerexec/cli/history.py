@@ -56,7 +56,7 @@ def history(**options: Any) -> None:
     with exit_on_errors():
         store = HistoryStore(settings.history.store)
         with store:
-            indexer = Indexer(store, settings.broker, keep=settings.history.keep)
+            indexer = Indexer(store, settings.broker, keep=settings.history.keep, store_process=True)
             if settings.metrics.port is not None:
                 _serve_metrics(settings, indexer)
             threading.Thread(target=_ready, args=(settings, indexer, stop), daemon=True).start()

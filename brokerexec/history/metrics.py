@@ -5,7 +5,8 @@ its counts so far (:class:`~.indexer.IndexerStats`), the offsets its tail stored
 things only the broker and the store know, each read off the scrape's thread at most every
 few seconds (:class:`Reading`), so that a scrape never waits on a broker or a store that does
 not answer: where each journal stream ends (its lag behind them, :func:`lag_of`) and how
-many rows the store holds. docs/monitoring.md names every metric.
+many rows the store holds (and how many its text-search index has yet to take).
+docs/monitoring.md names every metric.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ _COUNTERS = (
     ("store_errors", "store_errors", "Batches the store refused (read again later) and queries "
                                      "it could not answer."),
     ("pruned", "pruned", "Rows of jobs ended longer ago than --keep, deleted."),
+    ("indexed", "search_indexed", "Rows the text-search index took (again, for a row that changed)."),
     ("queries", "queries", "History queries answered over the broker."),
 )
 _PREFIX = "brokerexec_history_"
@@ -123,12 +125,14 @@ class _IndexerCollector(Collector):
         self.indexer = indexer
         self.ends = Reading(indexer.tail.ends, "brokerexec-history-ends")
         self.rows = Reading(indexer.store.counts, "brokerexec-history-rows")
+        self.search_lag = Reading(indexer.store.search_lag, "brokerexec-history-search-lag")
 
     def collect(self) -> Iterator[Metric]:
         # The readings first, both at once: the counts below are then as new as they are.
         self.ends.refresh()
         self.rows.refresh()
-        ends, counts = self.ends.get(), self.rows.get()
+        self.search_lag.refresh()
+        ends, counts, search_lag = self.ends.get(), self.rows.get(), self.search_lag.get()
         stats, tail = dataclasses.replace(self.indexer.stats), self.indexer.tail
         for field, name, help_text in _COUNTERS:
             counter = CounterMetricFamily(_PREFIX + name, help_text)
@@ -148,6 +152,9 @@ class _IndexerCollector(Collector):
             yield from _lag(ends, tail.committed(), stats.newest_entry)
         if counts is not None:  # else the store did not answer
             yield _rows(counts)
+        if search_lag is not None:
+            yield _gauge("search_lag_rows", "Rows changed that the text-search index has not taken "
+                         "yet (a text question scans them meanwhile).", float(search_lag))
 
 
 def _lag(ends: Mapping[str, int], committed: Mapping[str, int], newest: float) -> Iterator[Metric]:

@@ -4,8 +4,11 @@
 One connection, one channel, one stream consumer per journal stream, each from the offset the
 caller says it has read up to. Deliveries are gathered into batches (``batch`` entries, or
 ``flush_every`` seconds after the first) and handed over with the offset each stream reached;
-they are acknowledged (stream credit) only once the caller took the batch, so what is not yet
-stored is read again after a crash or a reconnect, from the offsets the caller stored last.
+they are acknowledged (stream credit) only once the caller stored the batch, so what is not
+yet stored is read again after a crash or a reconnect, from the offsets the caller stored
+last. The caller stores a batch before it returns, or returns a future that is done once it
+is stored (the indexer's store process): then up to ``in_flight`` batches are being stored
+while the next is read, and they are acknowledged in the order they were handed over.
 History queries are answered apart, on a connection of their own (``history_server.py``).
 
 For the indexer's metrics it keeps the offsets the caller stored (:meth:`JournalTail.committed`),
@@ -14,11 +17,13 @@ and looks at where each stream ends (:func:`stream_ends`, on a connection of its
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import functools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,8 +59,18 @@ class TailEntry:
     body: bytes
 
 
-#: Takes a batch and the next offset of each stream it reaches; returns once it is stored.
-OnBatch = Callable[[list[TailEntry], dict[str, int]], None]
+#: Takes a batch and the next offset of each stream it reaches; returns once it is stored, or
+#: returns a future done once it is (raising :class:`TryAgain` if it could not be).
+OnBatch = Callable[[list[TailEntry], dict[str, int]], "cf.Future[None] | None"]
+
+
+@dataclass
+class _Storing:
+    """A batch handed over and not yet stored: its future, last delivery and offsets."""
+
+    future: cf.Future[None]
+    last_tag: int
+    reached: dict[str, int]
 
 
 class JournalTail:
@@ -68,10 +83,10 @@ class JournalTail:
         name: the connection's name, as the broker shows it.
     """
 
-    def __init__(self, url: str, *, batch: int = 1000, flush_every: float = 0.25,
+    def __init__(self, url: str, *, batch: int = 1000, flush_every: float = 0.25, in_flight: int = 2,
                  name: str = "brokerexec-history") -> None:
         self.parameters = connection_parameters(url, 10.0, name, 30)
-        self.batch, self.flush_every = batch, flush_every
+        self.batch, self.flush_every, self.in_flight = batch, flush_every, in_flight
         self.connected = threading.Event()
         #: Times the journal was read again from the stored offsets (the broker or the
         #: caller's store failed).
@@ -105,33 +120,17 @@ class JournalTail:
 
     def _tail(self, start: dict[str, int], on_batch: OnBatch, stop: threading.Event) -> None:
         connection = pika.BlockingConnection(self.parameters)
-        pending: list[TailEntry] = []
-        reached: dict[str, int] = {}
-        last_tag = [0]
-        first_at = [0.0]
         with self._lock:
             self._committed = dict(start)
-
-        def take(stream: str, _ch: Any, method: Any, props: pika.BasicProperties, body: bytes) -> None:
-            last_tag[0] = method.delivery_tag
-            offset = (props.headers or {}).get(STREAM_OFFSET_HEADER)
-            if not isinstance(offset, int) or offset < start.get(stream, 0):
-                return  # before where it was asked to start: the chunk's head, read already
-            if stream not in self._committed:  # read from its first: what retention left
-                with self._lock:
-                    self._committed.setdefault(stream, offset)
-            if not pending:
-                first_at[0] = time.monotonic()
-            pending.append(TailEntry(stream, offset, props.type, props.message_id, props.content_type, body))
-            reached[stream] = offset + 1
-
         try:
             channel = connection.channel()
-            channel.basic_qos(prefetch_count=self.batch * 2)
+            # Room for the batches being stored and the one being read.
+            channel.basic_qos(prefetch_count=self.batch * (self.in_flight + 1))
+            session = _Session(self, connection, channel, start, on_batch)
             try:
                 for bucket in range(JOURNAL_BUCKETS):
                     stream = journal_stream_of_bucket(bucket)
-                    channel.basic_consume(stream, functools.partial(take, stream),
+                    channel.basic_consume(stream, functools.partial(session.take, stream),
                                           arguments={"x-stream-offset": start.get(stream, "first")})
             except pika.exceptions.ChannelClosedByBroker as exc:
                 if exc.reply_code == _NOT_FOUND:
@@ -140,21 +139,94 @@ class JournalTail:
             self.connected.set()
             while not stop.is_set():
                 connection.process_data_events(time_limit=self.flush_every / 2)
-                if pending and (len(pending) >= self.batch
-                                or time.monotonic() - first_at[0] >= self.flush_every):
-                    batch, moved = list(pending), dict(reached)
-                    on_batch(batch, moved)  # stored: now the broker may send more
-                    pending.clear()
-                    start.update(moved)
-                    with self._lock:
-                        self._committed.update(moved)
-                    channel.basic_ack(last_tag[0], multiple=True)
-            if pending:
-                on_batch(list(pending), dict(reached))
+                session.settle()
+                if session.due():
+                    session.hand_over()
+            session.finish()
         finally:
             self.connected.clear()
             with contextlib.suppress(Exception):
                 connection.close()
+
+    def _moved(self, reached: dict[str, int]) -> None:
+        with self._lock:
+            self._committed.update(reached)
+
+    def _first_seen(self, stream: str, offset: int) -> None:
+        if stream not in self._committed:  # read from its first: what retention left
+            with self._lock:
+                self._committed.setdefault(stream, offset)
+
+
+class _Session:
+    """One connection's tail: the deliveries gathered into the next batch, and the batches
+    handed over and not yet acknowledged."""
+
+    def __init__(self, tail: JournalTail, connection: pika.BlockingConnection, channel: Any,
+                 start: dict[str, int], on_batch: OnBatch) -> None:
+        self.tail, self.connection, self.channel = tail, connection, channel
+        self.start, self.on_batch = start, on_batch
+        self.pending: list[TailEntry] = []
+        self.reached: dict[str, int] = {}
+        self.last_tag = 0
+        self.first_at = 0.0
+        self.storing: deque[_Storing] = deque()
+
+    def take(self, stream: str, _ch: Any, method: Any, props: pika.BasicProperties, body: bytes) -> None:
+        self.last_tag = method.delivery_tag
+        offset = (props.headers or {}).get(STREAM_OFFSET_HEADER)
+        if not isinstance(offset, int) or offset < self.start.get(stream, 0):
+            return  # before where it was asked to start: the chunk's head, read already
+        self.tail._first_seen(stream, offset)
+        if not self.pending:
+            self.first_at = time.monotonic()
+        self.pending.append(TailEntry(stream, offset, props.type, props.message_id, props.content_type, body))
+        self.reached[stream] = offset + 1
+
+    def due(self) -> bool:
+        """A batch to hand over: full, or its first entry waited long enough; and room."""
+        return bool(self.pending) and len(self.storing) < self.tail.in_flight and (
+            len(self.pending) >= self.tail.batch or time.monotonic() - self.first_at >= self.tail.flush_every)
+
+    def hand_over(self) -> None:
+        batch, moved = self.pending, dict(self.reached)
+        self.pending = []
+        future = self.on_batch(batch, moved)
+        if future is None:  # stored already
+            future = cf.Future()
+            future.set_result(None)
+        else:  # wake the loop when it is stored, to acknowledge it at once
+            future.add_done_callback(lambda _: _suppressed(self.connection.add_callback_threadsafe, _nothing))
+        self.storing.append(_Storing(future, self.last_tag, moved))
+        self.settle()
+
+    def settle(self) -> None:
+        """Acknowledge the batches stored, in the order they were handed over."""
+        while self.storing and self.storing[0].future.done():
+            done = self.storing.popleft()
+            failed = done.future.exception()
+            if failed is not None:  # the batches after it are refused too: read again
+                cf.wait([later.future for later in self.storing], 60)
+                raise failed
+            self.start.update(done.reached)
+            self.tail._moved(done.reached)
+            self.channel.basic_ack(done.last_tag, multiple=True)
+
+    def finish(self) -> None:
+        """Hand over what is gathered, and wait until every batch is stored."""
+        if self.pending:
+            self.hand_over()
+        cf.wait([batch.future for batch in self.storing], 60)
+        self.settle()
+
+
+def _nothing() -> None:
+    """Run in the tail's thread to wake its loop (which then acknowledges)."""
+
+
+def _suppressed(call: Callable[..., object], *args: Any) -> None:
+    with contextlib.suppress(Exception):  # the connection closed meanwhile: nothing to wake
+        call(*args)
 
 
 def stream_ends(parameters: Sequence[pika.ConnectionParameters],
