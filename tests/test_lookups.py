@@ -209,9 +209,10 @@ def status(job_id: str, broker: Broker) -> dict[str, Any]:
 
 def test_an_ended_job_is_answered_from_the_journal_without_asking_every_worker() -> None:
     job_id = new_job_id()
-    broker = Broker(Routed.RETURNED, entries=[entry(RECORD_TYPE, record(job_id), job_id)])
+    # no worker claims it; no indexer on the broker (the store's look-up is returned)
+    broker = Broker(Routed.RETURNED, Routed.RETURNED, entries=[entry(RECORD_TYPE, record(job_id), job_id)])
     assert status(job_id, broker)["state"] == "finished"
-    assert [type(c) for c in broker.commands] == [Request, ReadJournal]  # no fan-out, no history store
+    assert [type(c) for c in broker.commands] == [Request, Request, ReadJournal]  # no fan-out
 
 
 def _stored(job_id: str, with_record: bool = True) -> Incoming:
@@ -223,18 +224,23 @@ def _stored(job_id: str, with_record: bool = True) -> Incoming:
                     "application/json")
 
 
-def test_a_job_the_journal_dropped_is_answered_by_the_history_store() -> None:
+def test_an_ended_job_is_answered_by_the_history_store_before_the_journal_is_read() -> None:
     job_id = new_job_id()
-    # no worker holds it, the journal has no trace of it: the history store has its record
-    broker = Broker(Routed.RETURNED, None, _stored(job_id))
+    # no worker holds it: the history store has its record, and the journal is not read
+    broker = Broker(Routed.RETURNED, _stored(job_id))
     answer = status(job_id, broker)
     assert answer["state"] == "finished" and answer["record"]["result"] == 42
+    assert [type(c) for c in broker.commands] == [Request, Request]
     # through the history exchange, which a watcher may write to (not the default one)
     asked = broker.commands[-1].message
     assert (asked.exchange, asked.routing_key) == (HISTORY_EXCHANGE, HISTORY_QUEUE)
     broker = Broker(_stored(job_id))
     assert drive(lookups.result(job_id, None, max_bytes=10_000), broker) == record(job_id)
-    assert [type(c) for c in broker.commands] == [ReadJournal, Request]  # the journal first
+    assert [type(c) for c in broker.commands] == [Request]  # the store first, and enough
+    # a job the store has no record of yet (it ended a moment ago, or runs): the journal's
+    broker = Broker(_stored(job_id, with_record=False), entries=[entry(RECORD_TYPE, record(job_id), job_id)])
+    assert drive(lookups.result(job_id, None, max_bytes=10_000), broker) == record(job_id)
+    assert [type(c) for c in broker.commands] == [Request, ReadJournal]
 
 
 def test_a_store_without_the_jobs_record_or_slow_to_answer_is_not_found_at_once() -> None:
@@ -242,20 +248,21 @@ def test_a_store_without_the_jobs_record_or_slow_to_answer_is_not_found_at_once(
     # no rows; silence; no indexer (or only older ones: the queue is not bound to the
     # exchange); no exchange at all (no worker or indexer of this version ever ran)
     for store_says in (_stored(job_id, with_record=False), None, Routed.RETURNED, Routed.NO_EXCHANGE):
-        broker = Broker(Routed.RETURNED, None, store_says)
+        broker = Broker(Routed.RETURNED, store_says, None)  # no worker claims it, nor answers
         with pytest.raises(JobNotFound):
             status(job_id, broker)
-        history_request = broker.commands[-1]
+        history_request = broker.commands[1]
         assert isinstance(history_request, Request) and history_request.seconds <= LOOKUP_TIMEOUT
+        assert isinstance(broker.commands[2], ReadJournal)  # then the journal, which has no trace
 
 
 def test_a_queued_job_says_queued_and_a_lost_one_resuming() -> None:
     job_id = new_job_id()
     launch = entry(LAUNCH_TYPE, Launch.new("fit", job_id=job_id).encode(), job_id)
-    queued = status(job_id, Broker(Routed.RETURNED, None, entries=[launch]))
+    queued = status(job_id, Broker(Routed.RETURNED, Routed.RETURNED, None, entries=[launch]))
     assert queued["state"] == "queued" and queued["service"] == "fit" and queued["attempt"] == 0
     started = entry(STARTED_TYPE, started_entry(job_id, "fit", 3, WORKER_A, 10.0), job_id)
-    lost = status(job_id, Broker(Routed.RETURNED, None, entries=[launch, started]))
+    lost = status(job_id, Broker(Routed.RETURNED, Routed.RETURNED, None, entries=[launch, started]))
     assert lost["state"] == "resuming" and lost["attempt"] == 3 and lost["worker"] == WORKER_A
 
 
@@ -299,8 +306,8 @@ def test_the_result_of_an_unknown_job_is_not_found_at_once() -> None:
     job_id = new_job_id()
     with pytest.raises(JobNotFound):
         drive(lookups.result(job_id, None, max_bytes=10_000), Broker(Routed.RETURNED))  # not a wait
-    found = drive(lookups.result(job_id, None, max_bytes=10_000),
-                  Broker(entries=[entry(RECORD_TYPE, record(job_id), job_id)]))
+    found = drive(lookups.result(job_id, None, max_bytes=10_000),  # no indexer: the journal's
+                  Broker(Routed.RETURNED, entries=[entry(RECORD_TYPE, record(job_id), job_id)]))
     assert found is not None and found["result"] == 42
 
 

@@ -82,8 +82,12 @@ _COUNTED = tuple(item.name for item in fields(IndexerStats)
 class Ingest:
     """See the module docstring. ``stats`` counts what it did."""
 
-    def __init__(self, store: HistoryStore, keep: float = DEFAULT_KEEP, batch: int = 1000) -> None:
+    def __init__(self, store: HistoryStore, keep: float = DEFAULT_KEEP, batch: int = 1000, *,
+                 search_when_idle: bool = False) -> None:
         self.store, self.keep, self.batch = store, keep, batch
+        #: Its caller lets the search index take rows whenever no batch waits (the store
+        #: process does): after a batch only when a backlog has kept it from its turn.
+        self.search_when_idle = search_when_idle
         self.stats = IndexerStats()
         self._pruned_at = 0.0
         self._searched_at = time.monotonic()
@@ -118,8 +122,9 @@ class Ingest:
         self.stats.newest_entry = max(self.stats.newest_entry, min(written, now))  # a clock ahead: now
         if time.monotonic() - self._pruned_at > PRUNE_EVERY:
             self.prune()
-        if len(batch) < self.batch or time.monotonic() - self._searched_at > SEARCH_EVERY:
-            try:  # the journal read to its end (a batch not full), or a backlog's turn
+        caught_up = len(batch) < self.batch and not self.search_when_idle  # a batch not full
+        if caught_up or time.monotonic() - self._searched_at > SEARCH_EVERY:
+            try:  # the journal read to its end, or a backlog's turn
                 self.search()
             except sa_exc.OperationalError as exc:  # the batch is in: the index follows later
                 log.warning("the text-search index cannot take rows now: %s", exc.orig)

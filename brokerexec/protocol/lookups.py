@@ -7,12 +7,13 @@ transports drive them alike.
 * ``status``: the job's worker answers if one holds it; else the journal tells: ended (its
   record), ``queued`` (launched, not started), ``resuming`` (its worker was lost, or handed
   it over; another takes it from its last checkpoint); else :class:`~brokerexec.JobNotFound`.
-  An ended job is answered from the journal without asking every worker.
+  An ended job is answered from the history store when an indexer runs and has its record,
+  else from the journal, without asking every worker.
 * ``abort``: a job that no worker holds yet is *cancelled*: a control message tells every
   worker never to start it, and an aborted record ends it in the journal now, pushed to its
   launching client too.
-* ``result``: the record, from the journal; an id the journal does not know is
-  :class:`~brokerexec.JobNotFound` at once, not a wait.
+* ``result``: the record, from the history store when it has it, else from the journal; an
+  id neither knows is :class:`~brokerexec.JobNotFound` at once, not a wait.
 * ``listing``: the running jobs (every worker answers), the queued ones (browsed in the
   launch queues of the services offered), and with ``ended_since`` the records since then.
 """
@@ -83,6 +84,12 @@ def status(job_id: str, *, timeout: float, locate_timeout: float, max_bytes: int
     read: list[BackSearch] = []
 
     def ended() -> Call[dict[str, Any] | None]:
+        # No worker claims it: ended, most likely. The history store answers in milliseconds
+        # where the journal is read back from its end (seconds, with millions of entries);
+        # the journal still answers what the store has no record of (yet).
+        stored = yield from stored_record(job_id, timeout=timeout, max_bytes=max_bytes)
+        if stored is not None:
+            return _ended_status(stored)
         search = yield from _read(job_id, timeout)
         read.append(search)
         history = search.history
@@ -94,15 +101,18 @@ def status(job_id: str, *, timeout: float, locate_timeout: float, max_bytes: int
                                                unclaimed=ended)
         return value
     except JobNotFound:
-        search = read[0] if read else (yield from _read(job_id, timeout))
+        if read:
+            search = read[0]
+        else:  # not looked up while the workers were asked
+            stored = yield from stored_record(job_id, timeout=timeout, max_bytes=max_bytes)
+            if stored is not None:
+                return _ended_status(stored)
+            search = yield from _read(job_id, timeout)
     if not search.complete:
         raise Timeout(f"reading the journal of job {job_id} took over {timeout} s")
     answer = search.history.status()
-    if answer is None:  # the journal no longer has it (or never had): the history store may
-        stored = yield from stored_record(job_id, timeout=timeout, max_bytes=max_bytes)
-        if stored is None:
-            raise _unknown(job_id) from None
-        return _ended_status(stored)
+    if answer is None:  # neither the store (asked first) nor the journal has it
+        raise _unknown(job_id) from None
     return answer
 
 
@@ -147,23 +157,24 @@ def abort(job_id: str, *, timeout: float, locate_timeout: float, max_bytes: int,
 
 def result(job_id: str, timeout: float | None, *, max_bytes: int) -> Call[dict[str, Any] | None]:
     """The job's final record, waiting up to ``timeout`` s (0: none; None: no limit); None
-    if it has not ended by then. The journal's; the history store's when the journal no
-    longer has the job (an indexer keeps it far longer).
+    if it has not ended by then. The history store's when an indexer runs and has it (an
+    indexer keeps it far longer than the journal, and finds it at once); else the journal's.
 
     Raises:
         JobNotFound: neither the journal nor the history store has a trace of the job.
     """
     started = time.monotonic()
+    # The history store first, as for a status: an ended job's record in milliseconds.
+    stored = yield from stored_record(job_id, timeout=timeout or READ_LIMIT, max_bytes=max_bytes)
+    if stored is not None:
+        return stored
     search = yield from search_back(job_id, READ_LIMIT if timeout is None or timeout == 0
                                     else timeout, _started)
     history = search.history
     if history.record is not None:
         return history.record
-    if search.not_found:  # the journal no longer has it (or never had): the history store may
-        stored = yield from stored_record(job_id, timeout=timeout or READ_LIMIT, max_bytes=max_bytes)
-        if stored is None:
-            raise _unknown(job_id)
-        return stored
+    if search.not_found:  # neither the store nor the journal (it no longer has it, or never had)
+        raise _unknown(job_id)
     if timeout == 0 or search.end is None:
         return None
     # Not ended yet: wait for its record from where the stream ended when the search began.
