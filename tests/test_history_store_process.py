@@ -79,6 +79,9 @@ def test_batches_commit_in_order_and_one_refused_refuses_those_after_it_until_a_
         assert {job: store.get(job).state for job in (first, second, third)} == dict.fromkeys(  # type: ignore[union-attr]
             (first, second, third), "finished")
         assert store.counts() == {("fit", "finished"): 3} and store.offsets() == journal.next
+        # and while no batch comes, the text-search index takes the rows (none is left behind)
+        brokerctl.wait_until(lambda: store.search_lag() == 0, WAIT, "the search index to catch up")
+        assert [row.job_id for row in store.page(text=second[6:20].upper()).rows] == [second]
     finally:
         process.close()
     assert not process.alive

@@ -218,13 +218,14 @@ def _serve(pipe: Connection, url: str, keep: float, batch: int, level: int, fmt:
         # between a batch and the next: at 1,000 jobs a second on PostgreSQL, indexing after
         # every batch held the next ones up, seconds behind the journal.
         ingest = Ingest(store, keep, batch, search_when_idle=True)
+        behind = True  # rows the search index may not have: until it says it has them all
         ingest.prune()  # at the start, as hourly after: what it pruned is said with no batch (-1)
         pipe.send_bytes(json.dumps({"number": -1, "stats": ingest.stats.encode()}).encode())
         ingest.stats = IndexerStats()
         while True:
             try:
-                if not pipe.poll(IDLE) and refusing is None:
-                    _search_while_idle(pipe, ingest)
+                if behind and refusing is None and not pipe.poll(IDLE):
+                    behind = not _search_while_idle(pipe, ingest)
                 message = pipe.recv_bytes()
             except (EOFError, OSError):
                 return
@@ -237,6 +238,7 @@ def _serve(pipe: Connection, url: str, keep: float, batch: int, level: int, fmt:
             elif refusing is not None:
                 reply.update(error=f"not stored after an earlier batch failed: {refusing}", again=True)
             else:
+                behind = True  # rows changed (or, if it fails, will be read again)
                 try:
                     ingest.take(*decode_batch(message[1 + _LENGTH.size:]))
                 except sa_exc.OperationalError as exc:  # down, full, restarting: read again
@@ -252,13 +254,17 @@ def _serve(pipe: Connection, url: str, keep: float, batch: int, level: int, fmt:
             pipe.send_bytes(json.dumps(reply).encode())
 
 
-def _search_while_idle(pipe: Connection, ingest: Ingest) -> None:
+def _search_while_idle(pipe: Connection, ingest: Ingest) -> bool:
     """Let the text-search index take rows, a chunk at a time, until it has them all or a
-    batch comes; what it took is said with no batch (-1). A store that refuses: tried again
-    at the next idle moment (the next batch says whether the store is back)."""
-    taken = 0
+    batch comes; what it took is said with no batch (-1). Whether it has them all: then an
+    idle child waits for the next batch without asking again (no write transaction every
+    50 ms for nothing). A store that refuses: tried again at the next idle moment."""
+    taken, caught_up = 0, False
     try:
-        while not pipe.poll(0) and ingest.search():
+        while not pipe.poll(0):
+            if not ingest.search():
+                caught_up = True
+                break
             taken += 1
     except sa_exc.OperationalError as exc:
         log.warning("the text-search index cannot take rows now: %s", exc.orig)
@@ -266,3 +272,4 @@ def _search_while_idle(pipe: Connection, ingest: Ingest) -> None:
     if taken:
         pipe.send_bytes(json.dumps({"number": -1, "stats": ingest.stats.encode()}).encode())
         ingest.stats = IndexerStats()
+    return caught_up
