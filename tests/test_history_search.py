@@ -5,11 +5,11 @@ change and taken out when pruned, pages stable across the index's mark."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import brokerctl
 import pytest
 import sqlalchemy as sa
 from test_history_store import upgrade_to
@@ -293,9 +293,7 @@ def test_the_embedded_history_indexes_its_text_when_idle(tmp_path: Any) -> None:
             ids.append(job_id)
             history.note(LAUNCH_TYPE, launch.body, job_id)
         history.flushed().result(10)
-        deadline = time.monotonic() + 10
-        while history.store.search_lag() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        brokerctl.wait_until(lambda: history.store.search_lag() == 0, 10, "the search index to catch up")
         assert history.store.search_lag() == 0 and _indexed(history.store) == 30
         assert [r.job_id for r in history.store.page(text="EMB-07").rows] == [ids[7]]
     finally:

@@ -219,9 +219,8 @@ def _serve(pipe: Connection, url: str, keep: float, batch: int, level: int, fmt:
         # every batch held the next ones up, seconds behind the journal.
         ingest = Ingest(store, keep, batch, search_when_idle=True)
         behind = True  # rows the search index may not have: until it says it has them all
-        ingest.prune()  # at the start, as hourly after: what it pruned is said with no batch (-1)
-        pipe.send_bytes(json.dumps({"number": -1, "stats": ingest.stats.encode()}).encode())
-        ingest.stats = IndexerStats()
+        ingest.prune()  # at the start, as hourly after
+        _report(pipe, ingest, {"number": -1})  # what it pruned, with no batch
         while True:
             try:
                 if behind and refusing is None and not pipe.poll(IDLE):
@@ -249,9 +248,7 @@ def _serve(pipe: Connection, url: str, keep: float, batch: int, level: int, fmt:
                     log.exception("the history store process failed on a batch")
                     refusing = f"{type(exc).__name__}: {exc}"
                     reply.update(error=refusing, again=False)
-                reply["stats"] = ingest.stats.encode()
-                ingest.stats = IndexerStats()  # each reply says what was done since the last
-            pipe.send_bytes(json.dumps(reply).encode())
+            _report(pipe, ingest, reply)
 
 
 def _search_while_idle(pipe: Connection, ingest: Ingest) -> bool:
@@ -270,6 +267,11 @@ def _search_while_idle(pipe: Connection, ingest: Ingest) -> bool:
         log.warning("the text-search index cannot take rows now: %s", exc.orig)
         pipe.poll(1.0)  # not at once again
     if taken:
-        pipe.send_bytes(json.dumps({"number": -1, "stats": ingest.stats.encode()}).encode())
-        ingest.stats = IndexerStats()
+        _report(pipe, ingest, {"number": -1})
     return caught_up
+
+
+def _report(pipe: Connection, ingest: Ingest, reply: dict[str, Any]) -> None:
+    """Send ``reply`` with what the child did since its last (-1: no batch's)."""
+    pipe.send_bytes(json.dumps({**reply, "stats": ingest.stats.encode()}).encode())
+    ingest.stats = IndexerStats()

@@ -101,13 +101,10 @@ def status(job_id: str, *, timeout: float, locate_timeout: float, max_bytes: int
                                                unclaimed=ended)
         return value
     except JobNotFound:
-        if read:
-            search = read[0]
-        else:  # not looked up while the workers were asked
-            stored = yield from stored_record(job_id, timeout=timeout, max_bytes=max_bytes)
-            if stored is not None:
-                return _ended_status(stored)
-            search = yield from _read(job_id, timeout)
+        # Not looked up while the workers were asked: the store, then the journal, now.
+        if not read and (answer := (yield from ended())) is not None:
+            return answer
+        search = read[0]
     if not search.complete:
         raise Timeout(f"reading the journal of job {job_id} took over {timeout} s")
     answer = search.history.status()
