@@ -304,6 +304,26 @@ def test_two_indexers_on_one_postgresql_store_count_every_job_once(postgres_url:
         assert {first.get(job_id).state for job_id in ids} == {"finished"}  # type: ignore[union-attr]
 
 
+def test_on_postgresql_the_ingests_upserts_are_prepared_and_its_look_ups_never(postgres_url: str) -> None:
+    # Prepared, the upsert is parsed and planned once per batch at most, not at every row (half
+    # the ingest's speed); the look-up of a batch's ids must never be, or PostgreSQL may keep
+    # the generic plan it made while the table was small: a sequential scan at every batch.
+    journal = Journal()
+    with HistoryStore(postgres_url) as store:
+        store.migrate()
+        for n in range(12):  # more than psycopg's default five runs before it prepares
+            ids = [journal.job(end=100.0 + n * 10 + k) for k in range(5)]
+            store.ingest(journal.entries[-len(ids) * 4:], journal.next)
+        # Asked on the pool's one connection, the ingest's, before anything rolls it back
+        # (psycopg forgets its prepared statements at a rollback).
+        with store.engine.connect() as connection:
+            prepared = [statement for (statement,) in connection.exec_driver_sql(
+                "SELECT statement FROM pg_prepared_statements")]
+        assert all(store.get(job_id) is not None for job_id in ids)
+    assert any(statement.startswith("INSERT INTO jobs") for statement in prepared), prepared
+    assert not [statement for statement in prepared if statement.startswith("SELECT")], prepared
+
+
 def test_a_store_url_is_a_path_sqlite_or_postgresql() -> None:
     from brokerexec.history.store import store_url
 

@@ -35,6 +35,9 @@ __all__ = ["Entry", "HistoryStore", "Page", "store_url"]
 
 #: The most rows one page holds.
 MAX_PAGE = 1000
+#: psycopg's ``prepare_threshold`` that prepares a statement only when its caller asks
+#: (``executemany`` does): the number of runs after which it would prepare any other.
+_ONLY_WHEN_ASKED = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -88,12 +91,17 @@ class HistoryStore:
                 self.url, poolclass=sa.pool.QueuePool, pool_size=1, max_overflow=0,
                 connect_args={"check_same_thread": False})
         elif parsed.get_backend_name() == "postgresql":
-            # No prepared statements: psycopg prepares a query run five times, and PostgreSQL
-            # may keep the generic plan it made while the table was small (a sequential scan
-            # for the ingest's look-up of 500 ids) until an ANALYZE, which never comes without
-            # autovacuum: the ingest then slowed with every row (docs/performance.md).
+            # Prepared statements only where asked for: psycopg's executemany asks (the
+            # ingest's upserts, whose plan is the same whatever the table holds; parsed and
+            # planned at every row, they were 60% of the server's time: 8,773 entries a second
+            # at a million jobs, 12,726 prepared; psycopg forgets them at a rollback, and the
+            # next batch prepares again). Other queries are never prepared: by default
+            # psycopg prepares a query run five times, and PostgreSQL may keep the generic plan
+            # it made while the table was small (a sequential scan for the ingest's look-up of
+            # 500 ids) until an ANALYZE, which never comes without autovacuum: the ingest then
+            # slowed with every row (docs/performance.md).
             self.engine = sa.create_engine(self.url, pool_pre_ping=True,
-                                           connect_args={"prepare_threshold": None})
+                                           connect_args={"prepare_threshold": _ONLY_WHEN_ASKED})
         else:
             self.engine = sa.create_engine(self.url, pool_pre_ping=True)
         self.sqlite = self.engine.dialect.name == "sqlite"
