@@ -16,11 +16,13 @@ import sqlalchemy as sa
 from brokerexec.errors import ConfigurationError, DecodeError
 from brokerexec.history import Entry, HistoryStore
 from brokerexec.history.rows import SUMMARY_BYTES, fold
-from brokerexec.protocol.journal import launches_entry, started_entry
+from brokerexec.protocol.journal import launches_entry, launches_parts, started_entry
 from brokerexec.protocol.messages import Launch, Record
 from brokerexec.protocol.names import (
     CHECKPOINT_TYPE,
     LAUNCH_TYPE,
+    LAUNCHES_ENTRY_BYTES,
+    LAUNCHES_PER_ENTRY,
     LAUNCHES_TYPE,
     RECORD_TYPE,
     STARTED_TYPE,
@@ -127,13 +129,28 @@ def _fresh_rows(journal: Journal, ids: list[str]) -> dict[str, Any]:
     return rows
 
 
-def test_a_sweeps_launches_entry_makes_a_queued_row_for_each_job(store: HistoryStore) -> None:
+def test_a_sweeps_launches_entry_makes_a_queued_row_for_each_job_with_its_request(
+        store: HistoryStore) -> None:
     journal = Journal()
     ids = [new_job_id() for _ in range(3)]
-    journal.add(ids[0], LAUNCHES_TYPE, launches_entry("fit", 50.0, ids))
+    journal.add(ids[0], LAUNCHES_TYPE, launches_entry("fit", 50.0, ids, [{"x": n} for n in range(3)]))
+    older = [new_job_id() for _ in range(2)]  # an older client's entry: no requests
+    journal.add(older[0], LAUNCHES_TYPE, launches_entry("fit", 60.0, older))
     store.ingest(journal.entries, journal.next)
-    assert [(row.state, row.launched) for row in (store.get(job_id) for job_id in ids)
-            if row is not None] == [("queued", 50.0)] * 3
+    assert [(row.state, row.launched, row.request) for row in (store.get(job_id) for job_id in ids)
+            if row is not None] == [("queued", 50.0, f'{{"x":{n}}}') for n in range(3)]
+    assert [(row.state, row.request) for row in (store.get(job_id) for job_id in older)
+            if row is not None] == [("queued", None)] * 2
+
+
+def test_a_sweep_is_cut_into_launches_entries_by_count_and_by_bytes() -> None:
+    many = [Launch.new("fit", {"n": n}) for n in range(LAUNCHES_PER_ENTRY + 1)]
+    assert [len(part) for part in launches_parts(many, [100] * len(many))] == [LAUNCHES_PER_ENTRY, 1]
+    big = [Launch.new("fit", {"n": n}) for n in range(5)]
+    sizes = [LAUNCHES_ENTRY_BYTES // 2, LAUNCHES_ENTRY_BYTES // 2, 1, 2 * LAUNCHES_ENTRY_BYTES, 1]
+    # about the bytes it may hold, one launch at least however large
+    assert [[launch.request["n"] for launch in part] for part in launches_parts(big, sizes)] == [
+        [0, 1], [2], [3], [4]]
 
 
 def test_pages_are_newest_first_filtered_and_stable_while_rows_arrive(store: HistoryStore) -> None:

@@ -126,13 +126,14 @@ def test_a_job_launched_in_a_sweep_is_found_in_its_streams_launches_entry() -> N
     for message in (others, decoy, forged):
         assert not search.feed(stream, message)
     assert not search.history.known
-    sweep = entry(LAUNCHES_TYPE, launches_entry("fit", 123.0, [neighbour, job_id]), "sweep-2",
-                  reply_to="brokerexec.client.me")
+    sweep = entry(LAUNCHES_TYPE, launches_entry("fit", 123.0, [neighbour, job_id], [{"n": 1}, {"n": 2}]),
+                  "sweep-2", reply_to="brokerexec.client.me")
     assert not search.feed(stream, sweep)
     assert search.feed(stream, Incoming(b"{}", None, probe, "brokerexec.probe"))
     assert search.history.status() == {"state": "queued", "paused": False, "service": "fit",
                                        "attempt": 0, "since": 123.0}
     assert search.launch_reply_to == "brokerexec.client.me" and not search.not_found
+    assert search.history.launch is not None and search.history.launch["request"] == {"n": 2}
 
 
 def test_no_entry_that_came_through_the_probes_exchange_is_believed() -> None:

@@ -99,9 +99,10 @@ def test_a_memory_client_pages_through_every_job_it_ran(client: Client) -> None:
     failed = next(row for row in page.rows if row["job_id"] == ids["failing"][0])
     assert (failed["state"], failed["error_type"]) == ("failed", "ValueError")
     assert failed["error"] == "boom at step 2"
-    # a sweep's rows have no request, as over RabbitMQ (one launches entry for them all)
+    # a sweep's rows have their requests, as over RabbitMQ (from one launches entry for them all)
     swept = [row for row in page.rows if row["job_id"] in ids["sweep"]]
-    assert {row["request"] for row in swept} == {None} and all(row["launched"] for row in swept)
+    assert sorted(row["request"] for row in swept) == [f'{{"value":"sweep-{n}"}}' for n in range(4)]
+    assert all(row["launched"] for row in swept)
 
 
 def test_filters_and_cursor_paging(client: Client) -> None:

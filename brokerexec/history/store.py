@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from ..errors import ConfigurationError, DecodeError
 from ..protocol.history import decode_cursor, encode_cursor
-from ..protocol.journal import attempt_of
+from ..protocol.journal import attempt_of, launches_in
 from ..protocol.names import LAUNCH_TYPE, LAUNCHES_TYPE, RECORD_TYPE
 from . import schema, search
 from .rows import ENDED, JobRow, fold
@@ -174,11 +174,8 @@ class HistoryStore:
         per_job: list[tuple[str, str, dict[str, Any], str | None]] = []
         for entry in entries:
             if entry.kind == LAUNCHES_TYPE:  # a sweep's launches: one entry, many jobs
-                ids = entry.body.get("jobs")
-                for job_id in ids if isinstance(ids, list) else []:
-                    if isinstance(job_id, str):
-                        per_job.append((job_id, LAUNCH_TYPE, {"service": entry.body.get("service"),
-                                                              "sent": entry.body.get("sent")}, None))
+                per_job.extend((job_id, LAUNCH_TYPE, launch, None)
+                               for job_id, launch in launches_in(entry.body))
             elif entry.job_id:
                 per_job.append((entry.job_id, entry.kind, entry.body, entry.text))
         known = self._rows(connection, {job_id for job_id, _, _, _ in per_job})

@@ -58,7 +58,7 @@ from .commands import (
     drive_async,
 )
 from .intents import Answered, Intent, Signal
-from .journal import launches_entry
+from .journal import launches_entry, launches_parts
 from .names import (
     CC_HEADER,
     CONTROL_EXCHANGE,
@@ -68,7 +68,6 @@ from .names import (
     KIWIPY_EXCHANGE,
     LAUNCH_TYPE,
     LAUNCHES_EXCHANGE,
-    LAUNCHES_PER_ENTRY,
     LAUNCHES_TYPE,
     STATUS_EXCHANGE,
     WORKERS_EXCHANGE,
@@ -257,12 +256,13 @@ def launches(batch: Sequence[Launch], *, reply_to: str | None = None,
             raise UnknownService(f"no worker has ever offered service {service!r} on this broker "
                                  f"(there is no queue {launch_queue(service)})")
         offered.add(service)
-    entries = _launches_entries(batch, reply_to) if len(batch) > 1 else []
-    messages = [Message(LAUNCHES_EXCHANGE, launch.service, codec.encode(launch.encode()),
+    bodies = [codec.encode(launch.encode()) for launch in batch]
+    entries = _launches_entries(batch, [len(body) for body in bodies], reply_to) if len(batch) > 1 else []
+    messages = [Message(LAUNCHES_EXCHANGE, launch.service, body,
                         persistent=True, message_id=launch.job_id, reply_to=reply_to,
                         type=LAUNCH_TYPE,
                         headers=None if entries else {CC_HEADER: [journal_stream(launch.job_id)]})
-                for launch in batch]
+                for launch, body in zip(batch, bodies, strict=True)]
     # The entries first: a worker may take a launch before this call returns. Their outcome
     # is not checked: the streams exist wherever a worker made the launch queues.
     outcomes = (yield Publish([*entries, *messages], mandatory=True))[len(entries):]
@@ -273,18 +273,19 @@ def launches(batch: Sequence[Launch], *, reply_to: str | None = None,
                                  f"({routed.value}): no queue of service {launch.service!r}")
 
 
-def _launches_entries(batch: Sequence[Launch], reply_to: str | None) -> list[Message]:
-    """The journal entries of many launches: one ``launches`` entry per stream and service
-    (of at most ``LAUNCHES_PER_ENTRY`` ids) instead of a ``launch`` entry per job."""
-    groups: dict[tuple[str, str], list[Launch]] = {}
-    for launch in batch:
-        groups.setdefault((journal_stream(launch.job_id), launch.service), []).append(launch)
+def _launches_entries(batch: Sequence[Launch], sizes: Sequence[int], reply_to: str | None) -> list[Message]:
+    """The journal entries of many launches (``sizes``: their bodies'): ``launches`` entries
+    per stream and service (``launches_parts``) instead of a ``launch`` entry per job."""
+    groups: dict[tuple[str, str], tuple[list[Launch], list[int]]] = {}
+    for launch, size in zip(batch, sizes, strict=True):
+        launches, their_sizes = groups.setdefault((journal_stream(launch.job_id), launch.service), ([], []))
+        launches.append(launch)
+        their_sizes.append(size)
     entries = []
-    for (stream, service), launches in groups.items():
-        for start in range(0, len(launches), LAUNCHES_PER_ENTRY):
-            part = launches[start:start + LAUNCHES_PER_ENTRY]
+    for (stream, service), (launches, their_sizes) in groups.items():
+        for part in launches_parts(launches, their_sizes):
             body = launches_entry(service, min(launch.sent for launch in part),
-                                  [launch.job_id for launch in part])
+                                  [launch.job_id for launch in part], [launch.request for launch in part])
             entries.append(Message(LAUNCHES_EXCHANGE, stream, codec.encode(body), persistent=True,
                                    message_id=uuid.uuid4().hex, reply_to=reply_to, type=LAUNCHES_TYPE))
     return entries

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Final
@@ -39,10 +39,13 @@ from .. import codec
 from ..constants import MAX_ENTRY_BYTES
 from ..errors import DecodeError
 from .commands import Incoming, Message
+from .messages import Launch
 from .names import (
     CHECKPOINT_TYPE,
     JOURNAL_BUCKETS,
     LAUNCH_TYPE,
+    LAUNCHES_ENTRY_BYTES,
+    LAUNCHES_PER_ENTRY,
     LAUNCHES_TYPE,
     PROBE_TYPE,
     PROBES_EXCHANGE,
@@ -67,7 +70,10 @@ __all__ = [
     "checkpoint_entry",
     "entry_of",
     "is_entry",
+    "launch_in",
     "launches_entry",
+    "launches_in",
+    "launches_parts",
     "probe_message",
     "started_entry",
 ]
@@ -81,11 +87,65 @@ STREAM_OFFSET_HEADER: Final = "x-stream-offset"
 ENTRY_TYPES: Final = frozenset({LAUNCH_TYPE, LAUNCHES_TYPE, STARTED_TYPE, CHECKPOINT_TYPE, RECORD_TYPE})
 
 
-def launches_entry(service: str, sent: float, job_ids: list[str]) -> dict[str, Any]:
+def launches_entry(service: str, sent: float, job_ids: list[str],
+                   requests: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The body of a ``launches`` entry: what the journal needs of each launch until its job
-    starts (that it was launched, of which service, when), for a whole sweep in one entry
-    rather than one per job (each entry costs the broker a stream write)."""
-    return {"v": 1, "service": service, "sent": sent, "jobs": job_ids}
+    starts (that it was launched, of which service, when, with which request: ``requests``
+    in the order of ``job_ids``), for many jobs in one entry rather than one per job (each
+    entry costs the broker a stream write)."""
+    body: dict[str, Any] = {"v": 1, "service": service, "sent": sent, "jobs": job_ids}
+    if requests is not None:
+        body["requests"] = requests
+    return body
+
+
+def launches_parts(launches: Sequence[Launch], sizes: Sequence[int]) -> Iterator[list[Launch]]:
+    """``launches`` (of one service, for one stream) in the parts a ``launches`` entry holds:
+    at most :data:`LAUNCHES_PER_ENTRY`, and about :data:`LAUNCHES_ENTRY_BYTES` of launches
+    (``sizes``: each one's encoded size), one at least."""
+    part: list[Launch] = []
+    size = 0
+    for launch, bytes_ in zip(launches, sizes, strict=True):
+        if part and (len(part) == LAUNCHES_PER_ENTRY or size + bytes_ > LAUNCHES_ENTRY_BYTES):
+            yield part
+            part, size = [], 0
+        part.append(launch)
+        size += bytes_
+    if part:
+        yield part
+
+
+def launches_in(body: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each job a ``launches`` entry lists, with its own ``launch`` entry as the sweep's says
+    it (the request too, if the entry has the requests: older clients' entries do not)."""
+    jobs = body.get("jobs")
+    if not isinstance(jobs, list):
+        return
+    requests = body.get("requests")
+    if not isinstance(requests, list) or len(requests) != len(jobs):
+        requests = [None] * len(jobs)
+    for job_id, request in zip(jobs, requests, strict=True):
+        if isinstance(job_id, str):
+            yield job_id, _launch_in(body, job_id, request)
+
+
+def launch_in(body: Mapping[str, Any], job_id: str) -> dict[str, Any] | None:
+    """The ``launch`` entry of ``job_id`` as a ``launches`` entry says it; None if it does
+    not list the job."""
+    jobs = body.get("jobs")
+    if not isinstance(jobs, list) or job_id not in jobs:
+        return None
+    requests = body.get("requests")
+    at = jobs.index(job_id)
+    request = requests[at] if isinstance(requests, list) and len(requests) == len(jobs) else None
+    return _launch_in(body, job_id, request)
+
+
+def _launch_in(body: Mapping[str, Any], job_id: str, request: Any) -> dict[str, Any]:
+    entry = {"v": 1, "job_id": job_id, "service": body.get("service"), "sent": body.get("sent")}
+    if isinstance(request, dict):
+        entry["request"] = request
+    return entry
 
 
 def started_entry(job_id: str, service: str, attempt: int, worker: dict[str, Any],
@@ -254,12 +314,11 @@ class JournalSearch:
 
     def _add_launches(self, message: Incoming) -> None:
         # Only a sweep's entries that hold the id's bytes are decoded (the test above).
-        body, _ = codec.decode_object(message.body, message.content_type)
-        jobs = body.get("jobs")
-        if isinstance(jobs, list) and self.job_id in jobs:
+        body, _ = codec.decode_object(message.body, message.content_type, max_bytes=MAX_ENTRY_BYTES)
+        launch = launch_in(body, self.job_id)
+        if launch is not None:
             self.launch_reply_to = message.reply_to
-            self.history.add(LAUNCH_TYPE, {"v": 1, "job_id": self.job_id, "service": body.get("service"),
-                                           "sent": body.get("sent")})
+            self.history.add(LAUNCH_TYPE, launch)
 
     def missing(self, stream: str) -> bool:
         self.probe_seen = self.done = True
@@ -401,11 +460,10 @@ class JournalWindow:
             self.entries.append(Entry(at, message.type, body, message.headers or {}))
         elif message.type == LAUNCHES_TYPE and self._id_bytes in message.body and is_entry(message):
             body, _ = codec.decode_object(message.body, message.content_type, max_bytes=MAX_ENTRY_BYTES)
-            jobs = body.get("jobs")
-            if isinstance(jobs, list) and self.job_id in jobs:
+            launch = launch_in(body, self.job_id)
+            if launch is not None:
                 self.launch_reply_to = message.reply_to
-                self.entries.append(Entry(at, LAUNCH_TYPE, {
-                    "v": 1, "job_id": self.job_id, "service": body.get("service"), "sent": body.get("sent")}))
+                self.entries.append(Entry(at, LAUNCH_TYPE, launch))
 
     def missing(self, stream: str) -> bool:
         self.done = True

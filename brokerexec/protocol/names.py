@@ -120,8 +120,11 @@ STATE_CHANGED_HEADER: Final = ("brokerexec-kind", "state_changed")
 LAUNCH_TYPE: Final = "brokerexec.launch"
 #: One entry for many launches of one ``launch_many()`` (their ids in its body).
 LAUNCHES_TYPE: Final = "brokerexec.launches"
-#: At most this many job ids in one ``launches`` entry (about 34 KiB).
+#: At most this many job ids in one ``launches`` entry (about 34 KiB, and their requests).
 LAUNCHES_PER_ENTRY: Final = 1000
+#: A ``launches`` entry holds about this many bytes of launches at most (at least one): a
+#: reader looking for one job decodes the entry whole.
+LAUNCHES_ENTRY_BYTES: Final = 1024 * 1024
 STARTED_TYPE: Final = "brokerexec.started"
 CHECKPOINT_TYPE: Final = "brokerexec.checkpoint"
 RECORD_TYPE: Final = "brokerexec.record"

@@ -40,13 +40,12 @@ from ...protocol.changes import uncovered
 from ...protocol.events import Event
 from ...protocol.history import HistoryPage, HistoryQuery
 from ...protocol.intents import Signal
-from ...protocol.journal import checkpoint_entry, launches_entry, started_entry
+from ...protocol.journal import checkpoint_entry, launches_entry, launches_parts, started_entry
 from ...protocol.lookups import Listing
 from ...protocol.messages import Control, Launch, Record, WorkerJobs
 from ...protocol.names import (
     CHECKPOINT_TYPE,
     LAUNCH_TYPE,
-    LAUNCHES_PER_ENTRY,
     LAUNCHES_TYPE,
     RECORD_TYPE,
     STARTED_TYPE,
@@ -220,7 +219,7 @@ class MemoryBroker:
     @staticmethod
     def _note_launches(history: HistoryKeeper, launches: list[Launch]) -> None:
         """A launch entry for one launch; for a sweep, as over RabbitMQ, ``launches`` entries
-        without the requests (``protocol/calls.py``)."""
+        (``protocol/calls.py``)."""
         if len(launches) == 1:
             history.note(LAUNCH_TYPE, wire(launches[0].encode()), launches[0].job_id)
             return
@@ -228,10 +227,11 @@ class MemoryBroker:
         for launch in launches:
             by_service.setdefault(launch.service, []).append(launch)
         for service, sweep in by_service.items():
-            for start in range(0, len(sweep), LAUNCHES_PER_ENTRY):
-                part = sweep[start:start + LAUNCHES_PER_ENTRY]
-                history.note(LAUNCHES_TYPE, launches_entry(service, min(launch.sent for launch in part),
-                                                           [launch.job_id for launch in part]), None)
+            sizes = [len(codec.encode(launch.encode())) for launch in sweep]
+            for part in launches_parts(sweep, sizes):
+                history.note(LAUNCHES_TYPE, wire(launches_entry(
+                    service, min(launch.sent for launch in part), [launch.job_id for launch in part],
+                    [launch.request for launch in part]), MAX_ENTRY_BYTES), None)
 
     def _deliver_launches(self) -> None:
         while True:
