@@ -23,6 +23,7 @@ LAYERS: dict[str, set[str]] = {
     "core": {"base", "protocol"},
     "transport": {"base", "protocol"},
     "history": {"base", "protocol", "transport"},  # the store, fed by the journal
+    "operations": {"base", "protocol"},  # an operation's items and their registry, sans-I/O
     "child": {"base", "protocol", "core"},
     "worker": {"base", "protocol", "core", "child", "transport"},
     "client": {"base", "protocol", "core", "transport", "worker", "history"},
