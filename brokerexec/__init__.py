@@ -17,6 +17,7 @@ if _typing.TYPE_CHECKING:  # what ``__getattr__`` below provides, for type check
     from .client.aio import AsyncClient, AsyncJob
     from .client.blocking import Client
     from .client.job import Job
+    from .core.child_command import ChildCommand
     from .core.inputs import Input
     from .core.map_pool import WorkerPool
     from .core.registry import ServiceRegistry
@@ -64,6 +65,7 @@ __all__ = [
     "BrokerConnectionError",
     "BrokerExecError",
     "CheckpointFailed",
+    "ChildCommand",
     "Client",
     "ConfigurationError",
     "DecodeError",
@@ -105,6 +107,7 @@ __all__ = [
 _WHERE = {
     # writing services: the core
     "Service": "core.service",
+    "ChildCommand": "core.child_command",
     "Input": "core.inputs",
     "ServiceHandler": "core.service_handler",
     "WorkerPool": "core.map_pool",

@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any
 
-from brokerexec import Input, Service, ServiceHandler
+from brokerexec import ChildCommand, Input, Service, ServiceHandler
 
 
 class Counter(Service):
@@ -227,7 +227,7 @@ class Where(Service):
 
     name = "where"
     settable = {"value": int}
-    invokable = ("pid", "parent", "grandchild", "current")
+    invokable = ("pid", "parent", "grandchild", "current", "interpreter")
 
     def __init__(self) -> None:
         self.value = 0
@@ -254,6 +254,13 @@ class Where(Service):
 
     def progress(self) -> dict[str, Any]:
         return {"loops": self.loops, "value": self.value, "pid": os.getpid()}
+
+    def interpreter(self) -> dict[str, Any]:
+        """Which Python the computation runs in, its path, and where brokerexec came from."""
+        import brokerexec
+
+        return {"executable": sys.executable, "version": list(sys.version_info[:3]), "path": sys.path,
+                "brokerexec": os.path.realpath(brokerexec.__file__)}
 
 
 class WhereAlone(Where):
@@ -355,6 +362,80 @@ class Unmakeable(Service):
 
 
 #: The services of the child-process tests.
+class SetUpAndTearDown(Service):
+    """Says whether its child_setup() ran; its child_teardown() writes its pid in the file
+    ``$BROKEREXEC_TEST_TEARDOWN`` names (the child inherits the worker's environment)."""
+
+    name = "set-up"
+    fail_setup = False
+    fail_teardown = False
+
+    def __init__(self) -> None:
+        self.set_up = False
+
+    def child_setup(self) -> None:
+        if self.fail_setup:
+            raise RuntimeError("no licence for this host")
+        self.set_up = True
+
+    def run(self, handler: ServiceHandler, request: dict[str, Any]) -> dict[str, Any]:
+        handler.ready()
+        return {"set_up": self.set_up, "pid": os.getpid()}
+
+    def child_teardown(self) -> None:
+        if self.fail_teardown:
+            raise RuntimeError("the scene would not close")
+        with open(os.environ["BROKEREXEC_TEST_TEARDOWN"], "w") as file:
+            file.write(str(os.getpid()))
+
+
+class SetUpFails(SetUpAndTearDown):
+    name = "set-up-fails"
+    fail_setup = True
+
+
+class TearDownFails(SetUpAndTearDown):
+    name = "tear-down-fails"
+    fail_teardown = True
+
+
+class InApplication(Service):
+    """Run by an application's command (here another Python with a setup statement and an
+    environment of its own), as Qube's getSubprocessArgs."""
+
+    name = "in-application"
+    code_as = "{bootstrap_file}"
+
+    @classmethod
+    def child_command(cls) -> ChildCommand:
+        return ChildCommand(["/usr/bin/python3", cls.code_as] if cls.code_as.endswith("file}")
+                            else ["/usr/bin/python3", "-c", cls.code_as],
+                            env={"APP_MODE": "batch"}, cwd="/",
+                            setup=["import builtins", "builtins.APP = 'ready'"])
+
+    def run(self, handler: ServiceHandler, request: dict[str, Any]) -> dict[str, Any]:
+        import builtins
+        import sys
+
+        handler.ready()
+        return {"app": getattr(builtins, "APP", None), "mode": os.environ.get("APP_MODE"),
+                "cwd": os.getcwd(), "executable": sys.executable}
+
+
+class InApplicationByCode(InApplication):
+    name = "in-application-by-code"
+    code_as = "{bootstrap}"
+
+
+class ApplicationThatWillNotStart(InApplication):
+    name = "no-licence"
+
+    @classmethod
+    def child_command(cls) -> ChildCommand:
+        return ChildCommand(["/usr/bin/python3", "-c", "{bootstrap}"],
+                            setup=["raise SystemExit('no licence for this host')"])
+
+
 CHILD = [Where, WhereAlone, Crasher, Blocked, GilHog, Greedy, Unmakeable, Counter, Forever, Improver]
 
 

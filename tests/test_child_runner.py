@@ -96,15 +96,14 @@ class Inbox:
             return [e.data["to"] for e in self.events if e.kind == "state"]
 
 
-@pytest.fixture
-def client_with() -> Iterator[Callable[..., Client]]:
-    """``client_with(**worker_settings)``: a memory:// client whose worker runs children."""
+def child_clients(services: list[type[Service]], **defaults: Any) -> Iterator[Callable[..., Client]]:
+    """Yields ``make(**worker_settings)``: a memory:// client (of ``services``) whose worker
+    runs children, with ``defaults`` for its settings; all closed at the end, and no child left."""
     clients: list[Client] = []
 
     def make(**settings: Any) -> Client:
-        settings.setdefault("runner", "process")
-        client = Client(f"memory://child-{uuid.uuid4().hex}", services=sample_services.CHILD,
-                        worker_settings=WorkerSettings(**settings))
+        client = Client(f"memory://child-{uuid.uuid4().hex}", services=services,
+                        worker_settings=WorkerSettings(**{**defaults, **settings}))
         clients.append(client.__enter__())
         return client
 
@@ -112,6 +111,12 @@ def client_with() -> Iterator[Callable[..., Client]]:
     for client in clients:
         client.__exit__(None, None, None)
     assert child_pids() == set(), "a child process outlived its worker"
+
+
+@pytest.fixture
+def client_with() -> Iterator[Callable[..., Client]]:
+    """``client_with(**worker_settings)``: a memory:// client whose worker runs children."""
+    yield from child_clients(sample_services.CHILD, runner="process")
 
 
 def launch_watched(client: Client, service: str, request: dict[str, Any], **settings: Any

@@ -133,13 +133,17 @@ class ChildComputation:
         self._service_cls = service_cls
         limits = self._runner.limits
         try:
+            program = self._runner.program_for(service_cls)
             body = {"job": self.job, "service": service_cls.name, "spec": service_spec(service_cls),
                     "request": request, "resume": resume, "state": state,
                     "intervals": dataclasses.asdict(self._intervals),
                     "pool": {"size": self._pool.size, "kind": self._pool.kind},
                     "memory_limit": limits.memory, "log_level": self._runner.child_log_level(),
                     "log_format": configured_format(), "stores_checkpoints": self.stores_checkpoints,
-                    "sys_path": list(sys.path), "reapply": reapply or {},
+                    # The worker's path in its own interpreter; in another, the child's own
+                    # and where the service's module is (interpreters.py).
+                    "sys_path": list(sys.path) if program.own else None, "extra_path": program.extra_path,
+                    "reapply": reapply or {},
                     "keeps_changes": self._note is not None and self._store is not None,
                     "carried": list(self._setup.carried), "carried_after": self._setup.carried_after,
                     "max_result_bytes": self._setup.max_result_bytes}
@@ -157,7 +161,7 @@ class ChildComputation:
         self._forward()  # what was requested before the start (a pause, say)
         if limits.wall_time is not None:
             self._after(limits.wall_time, self._on_time_limit, limits.wall_time)
-        self._runner.spawn(self.job, child_end, lambda child: self._on_spawned(child, parent_end))
+        self._runner.spawn(self.job, child_end, lambda child: self._on_spawned(child, parent_end), program)
 
     def fail_to_start(self, exc: BaseException) -> None:
         """The job cannot start (its class cannot be loaded elsewhere): a failed job."""
@@ -390,6 +394,8 @@ class ChildComputation:
         elif code == -signal.SIGKILL:
             message += (" (not sent by this worker: the kernel's OOM killer sends SIGKILL when "
                         "memory runs out)")
+        if tail := child.last_stderr():  # e.g. an interpreter too old, a setup that raised
+            message += f"; its last lines on stderr:\n{tail}"
         outcome["error"] = {"type": f"{WIRE_PREFIX}ComputationDied", "message": message,
                             "traceback": ""}
         log.error("job %s failed: %s", self.job, message)

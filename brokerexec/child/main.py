@@ -1,9 +1,12 @@
 """The child process of one computation: a real handler and computation, driven by its worker.
 
-:class:`~brokerexec.child.runner.ProcessRunner` starts it as
-``python -c <bootstrap> PACKAGE_DIR FD WORKER_PID``; its back-channel is the socket ``FD``
-(:mod:`brokerexec.child.back_channel`). Inside, everything is thread mode: a
-:class:`~brokerexec.core.service_handler.ServiceHandler` runs the service in a computation thread, and
+:class:`~brokerexec.child.runner.ProcessRunner` starts it with the bootstrap code of
+:mod:`brokerexec.child.interpreters` (in the worker's interpreter, another one, or an
+application's Python), which calls :func:`main` with ``[FD, WORKER_PID]``; its back-channel
+is the socket ``FD`` (:mod:`brokerexec.child.back_channel`). The service's
+``child_setup()`` runs before its work and ``child_teardown()`` after it, here. Inside,
+everything is thread mode: a :class:`~brokerexec.core.service_handler.ServiceHandler` runs
+the service in a computation thread, and
 ``ready()`` is the same closure (one flag test, one clock read). The main thread stands in
 for the handler thread, with nothing to check (the worker checked every signal already)::
 
@@ -53,6 +56,7 @@ from ..core.service_handler import ServiceHandler
 from ..errors import CheckpointFailed, ConfigurationError, InvalidState, error_to_wire
 from ..logs import configure_logging
 from ..protocol.intents import Intent
+from ..protocol.states import JobState
 from .back_channel import Channel, Requested, ToChild, ToParent
 
 __all__ = ["ChildSide", "main"]
@@ -215,6 +219,7 @@ class ChildSide:
         self.job: str = start["job"]
         self.memory_limit: int | None = start.get("memory_limit")
         self.handler: ServiceHandler | None = None
+        self.service: Service | None = None
         self.crossing = Crossing()  # the handler's, once there is one
         self._stores: dict[int, cf.Future[None]] = {}
         self._store_ids = itertools.count()
@@ -222,7 +227,9 @@ class ChildSide:
     def serve(self) -> None:
         """Make the service, start its computation, and read the worker's messages; never returns."""
         start = self.start
-        sys.path[:] = start["sys_path"]
+        if start.get("sys_path") is not None:  # the worker's own interpreter: its path
+            sys.path[:] = start["sys_path"]
+        sys.path[1:1] = [folder for folder in start.get("extra_path") or () if folder not in sys.path]
         configure_logging(start.get("log_level", logging.WARNING), start.get("log_format", "text"),
                           LOG_FORMAT)
         if self.memory_limit:
@@ -231,6 +238,13 @@ class ChildSide:
             service = self._make_service()
         except BaseException as exc:  # the job fails; the child has nothing left to do
             self._exit_after(ToParent.NOT_STARTED, {"error": error_to_wire(exc, traceback.format_exc())})
+        try:
+            service.child_setup()
+        except BaseException as exc:
+            error = error_to_wire(exc, traceback.format_exc())
+            error["message"] = f"{type(service).__qualname__}.child_setup() failed: {error['message']}"
+            self._exit_after(ToParent.NOT_STARTED, {"error": error})
+        self.service = service
         pool = start["pool"]
         intervals = start["intervals"]
         # Checkpoints are stored by the worker (STORE, answered by STORED) when it stores them.
@@ -349,7 +363,25 @@ class ChildSide:
         if self.memory_limit and isinstance(error, dict) and error.get("type") == "MemoryError":
             error["message"] = (f"{error.get('message') or 'out of memory'} (memory limit of "
                                 f"{self.memory_limit / 2**20:g} MiB reached)")
-        self._exit_after(ToParent.OUTCOME, outcome)
+        self._exit_after(ToParent.OUTCOME, self._torn_down(outcome))
+
+    def _torn_down(self, outcome: dict[str, Any]) -> dict[str, Any]:
+        """The outcome after the service's ``child_teardown()``: failed if it raised (the
+        result kept; an earlier error kept first, this one after it)."""
+        if self.service is None:
+            return outcome
+        try:
+            self.service.child_teardown()
+        except BaseException as exc:
+            failure = error_to_wire(exc, traceback.format_exc())
+            failure["message"] = (f"{type(self.service).__qualname__}.child_teardown() failed: "
+                                  f"{failure['message']}")
+            before = outcome.get("error")
+            if isinstance(before, dict):
+                before["message"] = f"{before.get('message')}; then {failure['message']}"
+                return outcome
+            return {**outcome, "state": JobState.FAILED.value, "error": failure}
+        return outcome
 
     def _exit_after(self, kind: ToParent, body: dict[str, Any]) -> NoReturn:
         """Send the last message, and end the process at once (nothing else runs on)."""

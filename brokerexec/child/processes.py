@@ -1,7 +1,8 @@
 """Child processes for computations: started, watched and killed by the worker.
 
 :class:`ChildProcesses` starts one child interpreter per computation (``sys.executable``
-running :mod:`brokerexec.child.main`; not a fork of the worker, so nothing of the worker's
+running :mod:`brokerexec.child.main`, or what the service asks for: ``interpreters.py``; its
+stderr passes on to the worker's, its last lines kept; not a fork of the worker, so nothing of the worker's
 threads, locks or connection is inherited) and hands back a :class:`ChildProcess`:
 
 * **its own process group** (a new session): a signal to the group reaches whatever the
@@ -43,21 +44,20 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ..errors import ConfigurationError, InvalidState
+from .interpreters import ChildProgram, bootstrap_code, program_for
 
 __all__ = ["ChildProcess", "ChildProcesses", "Limits", "describe_exit"]
 
 log = logging.getLogger(__name__)
 
-#: The child's first line: brokerexec importable from where the worker has it, then main.
-_BOOTSTRAP = ("import sys; sys.path.insert(0, sys.argv[1]); "
-              "from brokerexec.child.main import main; main(sys.argv[2:])")
-_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+#: Lines of each child's stderr kept, to say how a child that died before it started went.
+STDERR_LINES = 20
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,14 @@ class ChildProcess:
         self.popen = popen
         self.pid = popen.pid
         self.job = job
+        #: The last lines the child wrote on stderr (which goes on to the worker's).
+        self.stderr_tail: deque[bytes] = deque(maxlen=STDERR_LINES)
+        self._stderr_done = threading.Event()
+        if popen.stderr is not None:
+            threading.Thread(target=self._pass_stderr, args=(popen.stderr,), daemon=True,
+                             name=f"brokerexec-stderr-{job}").start()
+        else:
+            self._stderr_done.set()
         #: Why the worker signalled the group, if it did (e.g. "the worker stopped").
         self.kill_reason: str | None = None
         self._lock = threading.Lock()
@@ -110,6 +118,26 @@ class ChildProcess:
             self.exit_fd: int | None = os.pidfd_open(self.pid)
         except (AttributeError, OSError):  # no pidfds: wait_exit polls
             self.exit_fd = None
+
+    def _pass_stderr(self, pipe: IO[bytes]) -> None:
+        """Copy the child's stderr to the worker's, line by line, keeping the last lines."""
+        out = getattr(sys.stderr, "buffer", None)
+        try:
+            for line in pipe:
+                self.stderr_tail.append(line)
+                if out is not None:
+                    with contextlib.suppress(OSError, ValueError):
+                        out.write(line)
+                        out.flush()
+        finally:
+            pipe.close()
+            self._stderr_done.set()
+
+    def last_stderr(self, wait: float = 1.0) -> str:
+        """The last lines the child wrote on stderr, once its end of it closed (waiting up to
+        ``wait`` s: what the computation started may hold it open)."""
+        self._stderr_done.wait(wait)
+        return b"".join(self.stderr_tail).decode(errors="replace").rstrip()
 
     def has_exited(self) -> bool:
         """True once the child has exited (it may not be reaped yet)."""
@@ -194,13 +222,25 @@ class ChildProcesses:
         """The logging level children use."""
         return self.log_level if self.log_level is not None else logging.getLogger().getEffectiveLevel()
 
+    def program_for(self, service_cls: Any) -> ChildProgram:
+        """What ``service_cls``'s children start as (``interpreters.py``); this runner's
+        interpreter is the default.
+
+        Raises:
+            ConfigurationError: its interpreter cannot be run or is too old.
+        """
+        return program_for(service_cls, self.python)
+
     def spawn(self, job: str, child_end: socket.socket,
-              done: Callable[[ChildProcess | BaseException], None]) -> None:
+              done: Callable[[ChildProcess | BaseException], None],
+              program: ChildProgram | None = None) -> None:
         """Start a child for ``job`` with ``child_end`` as its back-channel; return at once.
 
-        ``done`` gets the :class:`ChildProcess`, or the error that kept it from starting,
-        on the spawner thread. ``child_end`` is closed in this process once the child has it.
+        ``program``: what it starts as (default: this runner's interpreter). ``done`` gets
+        the :class:`ChildProcess`, or the error that kept it from starting, on the spawner
+        thread. ``child_end`` is closed in this process once the child has it.
         """
+        program = program or ChildProgram([self.python, "-c", bootstrap_code()], self.python)
         with self._lock:
             if self._closed:
                 child_end.close()
@@ -210,7 +250,7 @@ class ChildProcesses:
                 self._thread = threading.Thread(target=self._serve, name="brokerexec-spawner",
                                                 daemon=True)
                 self._thread.start()
-        self._requests.put(_Spawn(job, child_end, done))
+        self._requests.put(_Spawn(job, child_end, done, program))
 
     def forget(self, child: ChildProcess) -> None:
         """``child`` is reaped: no longer one of this runner's."""
@@ -259,8 +299,8 @@ class ChildProcesses:
             if self._closed:
                 raise InvalidState("the worker's process runner is closed")
             popen = subprocess.Popen(
-                [self.python, "-c", _BOOTSTRAP, _PACKAGE_PARENT, str(fd), str(os.getpid())],
-                stdin=subprocess.DEVNULL, pass_fds=(fd,), start_new_session=True)
+                **request.program.popen_kwargs(fd, os.getpid()), stdin=subprocess.DEVNULL,
+                stderr=subprocess.PIPE, pass_fds=(fd,), start_new_session=True)
             child = ChildProcess(popen, request.job)
             self._live.add(child)
         log.debug("job %s runs in process %d", request.job, child.pid)
@@ -305,3 +345,4 @@ class _Spawn:
     job: str
     child_end: socket.socket
     done: Callable[[Any], None]
+    program: ChildProgram

@@ -21,13 +21,15 @@ from typing import Any, ClassVar, Literal, Protocol
 
 from ..errors import InvalidRequest, ServiceDefinitionError, SignalRefused
 from ..protocol.names import NAME_PATTERN
+from .child_command import ChildCommand
 from .inputs import Input, TypeSpec, check_type, is_type_spec, type_name, validate_request
 
 __all__ = ["Handler", "PreparedInvoke", "Service", "apply_invoke", "apply_set", "check_present", "check_set",
            "prepare_invoke"]
 
 #: Methods of the service life cycle: never invokable remotely.
-_LIFECYCLE = frozenset({"run", "progress", "checkpoint", "restore", "describe", "validate"})
+_LIFECYCLE = frozenset({"run", "progress", "checkpoint", "restore", "describe", "validate", "child_command",
+                        "runs_in_child", "child_setup", "child_teardown", "can_resume"})
 _JSON_TYPES = (int, float, str, bool, list, dict)
 _ABSENT = object()
 
@@ -50,6 +52,8 @@ def _class_mistakes(cls: type[Service]) -> Iterator[str]:
         yield f"runner {cls.runner!r} must be 'thread' or 'process'"
     if cls.on_lost not in ("restart", "fail"):
         yield f"on_lost must be 'restart' or 'fail', not {cls.on_lost!r}"
+    if cls.child_python is not None and not (isinstance(cls.child_python, str) and cls.child_python):
+        yield f"child_python must be the path of a Python interpreter, not {cls.child_python!r}"
 
 
 def _input_mistakes(cls: type[Service]) -> Iterator[str]:
@@ -142,9 +146,14 @@ class Service:
             default), or ``"fail"``, with a record that says the worker was lost.
         runner: ``"thread"`` (the default: the worker's runner decides) or ``"process"``
             (always a child process of its own, even on a worker run with threads).
+        child_python: the interpreter its child processes run (any CPython 3.10 or newer,
+            with or without brokerexec installed: ``docs/services.md``); setting it runs
+            the service in child processes, as ``runner = "process"``. Default: the
+            worker's ``--child-python``, else the worker's own interpreter.
 
     Override :meth:`run` (required), and optionally :meth:`progress`, :meth:`checkpoint`
-    and :meth:`restore`. A service with both :meth:`checkpoint` and :meth:`restore` is
+    and :meth:`restore`; for a child process, :meth:`child_command`, :meth:`child_setup`
+    and :meth:`child_teardown`. A service with both :meth:`checkpoint` and :meth:`restore` is
     resumed from its last checkpoint after a crash, and handed over at a graceful stop.
     """
 
@@ -154,10 +163,35 @@ class Service:
     invokable: ClassVar[Sequence[str]] = ()
     on_lost: ClassVar[Literal["restart", "fail"]] = "restart"
     runner: ClassVar[str] = "thread"
+    child_python: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _check_definition(cls)
+
+    @classmethod
+    def child_command(cls) -> ChildCommand | None:
+        """How to start this service's child process in an application's own Python
+        (Qube's ``getSubprocessArgs``): a :class:`~brokerexec.ChildCommand`, or None (the
+        default) to run an interpreter (:attr:`child_python`). Returning one runs the
+        service in child processes, as ``runner = "process"``."""
+        return None
+
+    @classmethod
+    def runs_in_child(cls) -> bool:
+        """True if the service asks for child processes, wherever it runs: ``runner =
+        "process"``, a :attr:`child_python` or a :meth:`child_command` of its own."""
+        return (cls.runner == "process" or cls.child_python is not None
+                or cls.child_command.__func__ is not Service.child_command.__func__)  # type: ignore[attr-defined]
+
+    def child_setup(self) -> None:
+        """Run in the child process before the work (Qube's ``jobSetup``): open the
+        application's scene, load a model. If it raises, the job fails, and says so."""
+
+    def child_teardown(self) -> None:
+        """Run in the child process after the work, however it ended (Qube's
+        ``jobTeardown``). If it raises, the job fails, and its record says so (with the
+        result, if there was one)."""
 
     @classmethod
     def can_resume(cls) -> bool:

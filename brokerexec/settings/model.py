@@ -93,7 +93,9 @@ class WorkerSettings(_Checked):
     """How a worker runs its jobs.
 
     ``runner="process"`` runs every computation in a child process of its own (a service
-    declaring ``runner = "process"`` gets one on any worker); only those have limits:
+    declaring ``runner = "process"``, a ``child_python`` or a ``child_command()`` gets one
+    on any worker; ``child_python`` here names their interpreter, and runs every job in
+    one); only those have limits:
     ``job_time_limit`` (seconds of wall time, then aborted and killed ``abort_grace``
     later; the record fails with ``brokerexec.LimitExceeded``) and ``job_memory_limit_mb``
     (address space, ``RLIMIT_AS``; past it allocations raise ``MemoryError``, and the
@@ -116,6 +118,11 @@ class WorkerSettings(_Checked):
     runner: RunnerKind = setting(
         "thread", Choice(get_args(RunnerKind)), "Where computations run: threads of the "
         "worker, or a child process each (killable; a crash or a GIL-holding C call stays there).")
+    child_python: str | None = setting(
+        None, Optional(Text()), "The interpreter of child processes (any CPython 3.10 or newer, "
+        "brokerexec installed for it or not); setting it runs every job in one. A service's "
+        "own child_python or child_command() comes first; default: the worker's own.",
+        metavar="PATH")
     job_time_limit: float | None = setting(
         None, Optional(Number(0, above=True)), "Seconds of wall time a job in a child process "
         "may run; then it is aborted, and killed --abort-grace later (its record: failed, "

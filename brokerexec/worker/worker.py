@@ -30,6 +30,7 @@ import itertools
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -263,13 +264,15 @@ class Worker:
 
     def _runner_for(self, service_cls: type[Service]) -> ProcessRunner | None:
         """The child-process runner if ``service_cls`` runs in one here; None: threads."""
-        if self.settings.runner != "process" and service_cls.runner != "process":
+        settings = self.settings
+        if settings.runner != "process" and settings.child_python is None and not service_cls.runs_in_child():
             return None
         with self._lock:
             if self._children is None:
-                memory = self.settings.job_memory_limit_mb
-                self._children = ProcessRunner(Limits(
-                    self.settings.job_time_limit, None if memory is None else int(memory * 2**20)))
+                memory = settings.job_memory_limit_mb
+                self._children = ProcessRunner(
+                    Limits(settings.job_time_limit, None if memory is None else int(memory * 2**20)),
+                    python=settings.child_python or sys.executable)
             return self._children
 
     def cancel(self, job: PreparedJob, reason: str) -> None:
