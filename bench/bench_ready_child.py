@@ -1,13 +1,14 @@
 """Cost of ``ready()`` with nothing pending in a child process, beside thread mode.
 
-    python -m bench.bench_ready_child [--n 2000000] [--repeat 5]
+    python -m bench.bench_ready_child [--n 2000000] [--repeat 5] [--python /usr/bin/python3]
 
 The same service runs once in a computation thread of this process and once in a child
 process (``brokerexec.child.runner.ProcessRunner``). Each run times, in the interpreter
 it runs in, ``n`` calls of ``ready()`` and ``n`` calls of the bare ``deque`` +
 ``time.monotonic()`` check (the reference of ``bench_ready``), minus the empty loop; each
 figure is the best of ``repeat`` runs. In a child, ``ready()`` is still a local test: nothing
-crosses the back-channel unless something is pending or due.
+crosses the back-channel unless something is pending or due. ``--python`` adds a child in
+another interpreter (``child_python``: e.g. Debian's, with no brokerexec installed for it).
 """
 
 from __future__ import annotations
@@ -64,17 +65,22 @@ def _run(n: int, runner: ProcessRunner | None) -> dict[str, float]:
     return dict(outcome["result"])
 
 
-def measure(n: int, repeat: int) -> dict[str, dict[str, float]]:
-    """Best ns per call of the bare check and ``ready()``, in a thread and in a child."""
-    runner = ProcessRunner()
-    best: dict[str, dict[str, float]] = {"thread": {}, "child process": {}}
+def measure(n: int, repeat: int, python: str | None = None) -> dict[str, dict[str, float]]:
+    """Best ns per call of the bare check and ``ready()``, in a thread and in a child (and
+    in a child of ``python``)."""
+    runners: dict[str, ProcessRunner | None] = {"thread": None, "child process": ProcessRunner()}
+    if python is not None:
+        runners[f"child process, {python}"] = ProcessRunner(python=python)
+    best: dict[str, dict[str, float]] = {mode: {} for mode in runners}
     try:
         for _ in range(repeat):
-            for mode, where in (("thread", None), ("child process", runner)):
+            for mode, where in runners.items():
                 for key, value in _run(n, where).items():
                     best[mode][key] = min(best[mode].get(key, float("inf")), value)
     finally:
-        runner.close()
+        for runner in runners.values():
+            if runner is not None:
+                runner.close()
     return best
 
 
@@ -83,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=2_000_000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--python", help="also in a child of this interpreter (child_python)")
     args = parser.parse_args(argv)
     threading.current_thread().name = "bench"
-    best = measure(args.n, args.repeat)
+    best = measure(args.n, args.repeat, args.python)
     if args.json:
         print(json.dumps(best))
         return 0
@@ -95,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     for mode, figures in best.items():
         print(f"| {mode} | {figures['bare']:.1f} | {figures['ready']:.1f} | "
               f"{figures['ready'] / figures['bare']:.2f} |")
-    child, thread = best["child process"]["ready"], best["thread"]["ready"]
-    print(f"\nready() in a child / in a thread = {child / thread:.2f}", file=sys.stderr)
+    thread = best["thread"]["ready"]
+    for mode in best:
+        if mode != "thread":
+            print(f"ready() in a {mode} / in a thread = {best[mode]['ready'] / thread:.2f}", file=sys.stderr)
     return 0
 
 
