@@ -71,7 +71,7 @@ class ChildProgram:
 
     args: list[str]
     what: str  # names it in messages: the interpreter's path, or the command
-    own: bool = True
+    own: bool = True  # the worker's interpreter: brokerexec from where the worker has it
     env: dict[str, str | None] = field(default_factory=dict)
     cwd: str | None = None
     extra_path: list[str] = field(default_factory=list)
@@ -84,7 +84,8 @@ class ChildProgram:
                 env.pop(name, None)
             else:
                 env[name] = value
-        env.update({PACKAGE_ENV: package_folder(), FD_ENV: str(fd), WORKER_ENV: str(worker)})
+        package = str(PACKAGE.parent) if self.own else package_folder()
+        env.update({PACKAGE_ENV: package, FD_ENV: str(fd), WORKER_ENV: str(worker)})
         return {"args": self.args, "env": env, "cwd": self.cwd}
 
 
@@ -180,9 +181,10 @@ _PACKAGE_FOLDER: list[str] = []
 
 
 def package_folder() -> str:
-    """A folder that holds brokerexec alone (a link to the worker's), for the child's path:
-    not the folder the worker has it in, which may be its whole site-packages (another
-    interpreter would import the worker's packages from there, built for another Python)."""
+    """A folder that holds brokerexec alone (a link to the worker's), for the path of a child
+    in another interpreter: not the folder the worker has it in, which may be its whole
+    site-packages (that interpreter would import the worker's packages from there, built for
+    another Python). Made once, removed at the worker's exit."""
     with _PROBE_LOCK:
         if not _PACKAGE_FOLDER:
             folder = tempfile.mkdtemp(prefix="brokerexec-child-path-")
