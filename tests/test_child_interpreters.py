@@ -12,8 +12,10 @@ service's child_setup()/child_teardown(), and ChildCommand.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -203,3 +205,22 @@ def test_a_child_command_and_child_python_are_checked() -> None:
             name = "bad"
             child_python = ""  # type: ignore[assignment]
     assert sample_services.InApplication.runs_in_child() and not sample_services.Counter.runs_in_child()
+
+
+def test_the_brokerexec_folder_of_a_worker_that_died_is_swept_by_the_next() -> None:
+    from brokerexec.child import interpreters
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    temp = Path(tempfile.gettempdir())
+    dead = temp / f"brokerexec-child-path-{gone.pid}-x1"
+    alive = temp / f"brokerexec-child-path-{os.getpid()}-x2"
+    for folder in (dead, alive):
+        folder.mkdir()
+        (folder / "brokerexec").symlink_to(interpreters.PACKAGE)
+    try:
+        interpreters._sweep_folders()
+        assert not dead.exists() and (alive / "brokerexec").is_symlink()
+    finally:
+        for folder in (dead, alive):
+            shutil.rmtree(folder, ignore_errors=True)

@@ -187,11 +187,38 @@ def package_folder() -> str:
     another Python). Made once, removed at the worker's exit."""
     with _PROBE_LOCK:
         if not _PACKAGE_FOLDER:
-            folder = tempfile.mkdtemp(prefix="brokerexec-child-path-")
+            _sweep_folders()
+            folder = tempfile.mkdtemp(prefix=f"{_FOLDER_PREFIX}{os.getpid()}-")
             os.symlink(PACKAGE, os.path.join(folder, PACKAGE.name))
             atexit.register(shutil.rmtree, folder, True)
             _PACKAGE_FOLDER.append(folder)
         return _PACKAGE_FOLDER[0]
+
+
+_FOLDER_PREFIX = "brokerexec-child-path-"
+
+
+def _sweep_folders() -> None:
+    """Remove the folders of workers that died without removing theirs (SIGKILLed): this
+    user's, whose worker's pid (in the name) is gone."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(tempfile.gettempdir()):
+            pid = entry.name[len(_FOLDER_PREFIX):].split("-", 1)[0]
+            if not (entry.name.startswith(_FOLDER_PREFIX) and pid.isdigit()) or _alive(int(pid)):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.stat(follow_symlinks=False).st_uid == os.getuid():
+                    shutil.rmtree(entry.path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 _BOOTSTRAP_FILES: dict[str, str] = {}
