@@ -224,3 +224,22 @@ def test_the_brokerexec_folder_of_a_worker_that_died_is_swept_by_the_next() -> N
     finally:
         for folder in (dead, alive):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+class NoApplication(Service):
+    """Its child_command() raises: the worker's own call of the service's code."""
+
+    name = "no-application"
+
+    @classmethod
+    def child_command(cls) -> ChildCommand:
+        raise FileNotFoundError("no blender on this host")
+
+
+def test_a_child_command_that_raises_fails_its_job_and_the_worker_goes_on() -> None:
+    with Client(f"memory://app-{uuid.uuid4().hex}", services=[NoApplication, sample_services.Counter],
+                worker_settings=WorkerSettings(concurrency=1)) as client:
+        record, _ = _failed_fast(client, "no-application")
+        assert record["error"]["message"] == ("NoApplication.child_command() raised FileNotFoundError: "
+                                              "no blender on this host")
+        assert client.launch("counter", {"steps": 2}).result(WAIT)["count"] == 2

@@ -70,7 +70,6 @@ class ChildProgram:
     take the worker's ``sys.path``; otherwise they keep their own, plus ``extra_path``."""
 
     args: list[str]
-    what: str  # names it in messages: the interpreter's path, or the command
     own: bool = True  # the worker's interpreter: brokerexec from where the worker has it
     env: dict[str, str | None] = field(default_factory=dict)
     cwd: str | None = None
@@ -97,7 +96,13 @@ def program_for(service_cls: Any, default_python: str) -> ChildProgram:
         ConfigurationError: the interpreter cannot be run or is too old; the command is
             not a :class:`ChildCommand`.
     """
-    command = service_cls.child_command()
+    try:
+        command = service_cls.child_command()
+    except ConfigurationError:
+        raise
+    except Exception as exc:  # the service's own code: its job fails, the worker goes on
+        raise ConfigurationError(f"{service_cls.__qualname__}.child_command() raised "
+                                 f"{type(exc).__name__}: {exc}") from exc
     root = service_root(service_cls)
     if command is not None:
         if not isinstance(command, ChildCommand):
@@ -106,13 +111,12 @@ def program_for(service_cls: Any, default_python: str) -> ChildProgram:
         code = bootstrap_code(command.setup)
         args = [arg.replace(BOOTSTRAP_FILE, _bootstrap_file(code)).replace(BOOTSTRAP, code)
                 for arg in command.args]
-        return ChildProgram(args, f"the command {' '.join(command.args)!r}", False, dict(command.env),
-                            command.cwd, root)
+        return ChildProgram(args, False, dict(command.env), command.cwd, root)
     python = service_cls.child_python or default_python
     if python == sys.executable:
-        return ChildProgram([python, "-c", _BOOTSTRAP], python)
+        return ChildProgram([python, "-c", _BOOTSTRAP])
     path = _probe(python)
-    return ChildProgram([path, "-c", _BOOTSTRAP], python, False, extra_path=root)
+    return ChildProgram([path, "-c", _BOOTSTRAP], False, extra_path=root)
 
 
 def service_root(service_cls: Any) -> list[str]:

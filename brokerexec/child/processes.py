@@ -1,9 +1,10 @@
 """Child processes for computations: started, watched and killed by the worker.
 
 :class:`ChildProcesses` starts one child interpreter per computation (``sys.executable``
-running :mod:`brokerexec.child.main`, or what the service asks for: ``interpreters.py``; its
-stderr passes on to the worker's, its last lines kept; not a fork of the worker, so nothing of the worker's
-threads, locks or connection is inherited) and hands back a :class:`ChildProcess`:
+running :mod:`brokerexec.child.main`, or what the service asks for: ``interpreters.py``;
+its stderr passes on to the worker's, its last lines kept; not a fork of the worker, so
+nothing of the worker's threads, locks or connection is inherited) and hands back a
+:class:`ChildProcess`:
 
 * **its own process group** (a new session): a signal to the group reaches whatever the
   computation started itself (a process pool, a solver binary), and the terminal's Ctrl-C
@@ -240,7 +241,7 @@ class ChildProcesses:
         the :class:`ChildProcess`, or the error that kept it from starting, on the spawner
         thread. ``child_end`` is closed in this process once the child has it.
         """
-        program = program or ChildProgram([self.python, "-c", bootstrap_code()], self.python)
+        program = program or ChildProgram([self.python, "-c", bootstrap_code()])
         with self._lock:
             if self._closed:
                 child_end.close()
