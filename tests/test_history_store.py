@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from brokerexec.errors import ConfigurationError, DecodeError
 from brokerexec.history import Entry, HistoryStore
 from brokerexec.history.rows import SUMMARY_BYTES, fold
-from brokerexec.protocol.journal import launches_entry, launches_parts, started_entry
+from brokerexec.protocol.journal import launches_entry, launches_entry_of, launches_parts, started_entry
 from brokerexec.protocol.messages import Launch, Record
 from brokerexec.protocol.names import (
     CHECKPOINT_TYPE,
@@ -37,7 +37,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[HistoryStor
     url = (str(tmp_path / "history.db") if request.param == "sqlite"
            else request.getfixturevalue("postgres_url"))
     with HistoryStore(url) as store:
-        assert store.migrate() == "0004"
+        assert store.migrate() == "0005"
         yield store
 
 
@@ -141,6 +141,27 @@ def test_a_sweeps_launches_entry_makes_a_queued_row_for_each_job_with_its_reques
             if row is not None] == [("queued", 50.0, f'{{"x":{n}}}') for n in range(3)]
     assert [(row.state, row.request) for row in (store.get(job_id) for job_id in older)
             if row is not None] == [("queued", None)] * 2
+
+
+def test_an_operations_jobs_keep_their_item_and_are_counted_by_state(store: HistoryStore) -> None:
+    journal = Journal()
+    items = [Launch.new("fit", {"n": n}, operation="op-7", key=f"item-{n}") for n in range(4)]
+    journal.add(items[0].job_id, LAUNCHES_TYPE, launches_entry_of(items[:3]))  # a sweep's entry
+    journal.add(items[3].job_id, LAUNCH_TYPE, items[3].encode())  # and one launched alone
+    other = journal.job()  # a job of no operation
+    failure = {"type": "E", "message": "m", "traceback": ""}
+    ended = Record(items[1].job_id, "fit", JobState.FAILED, None, failure, 1.0, 2.0, {"hostname": "a"},
+                   attempt=1)
+    journal.add(items[1].job_id, RECORD_TYPE, ended.encode())
+    store.ingest(journal.entries, journal.next)
+    rows = {launch.key: store.get(launch.job_id) for launch in items}
+    assert {key: (row.operation, row.item_key) for key, row in rows.items() if row is not None} == {
+        f"item-{n}": ("op-7", f"item-{n}") for n in range(4)}
+    assert store.operation_counts("op-7") == {"queued": 3, "failed": 1}
+    assert store.operation_counts("op-8") == {}
+    assert (store.get(other).operation, store.get(other).item_key) == (None, None)  # type: ignore[union-attr]
+    page = store.page(operation="op-7", limit=10)
+    assert {row.item_key for row in page.rows} == {f"item-{n}" for n in range(4)}
 
 
 def test_a_sweep_is_cut_into_launches_entries_by_count_and_by_bytes() -> None:
@@ -254,7 +275,7 @@ def test_a_store_made_at_the_first_schema_is_migrated_with_its_rows(tmp_path: An
                 "INSERT INTO jobs (job_id, service, state, attempts, workers, at, request_bytes, "
                 "result_bytes, labels) VALUES (:id, 'fit', 'queued', 0, '[]', 1.0, 0, 0, '{}')"),
                 {"id": job_id})
-        assert store.migrate() == "0004"
+        assert store.migrate() == "0005"
         assert store.counts() == {("fit", "queued"): 1}  # counted from the rows there
         row = store.get(job_id)
         assert row is not None and (row.state, row.progress) == ("queued", None)

@@ -444,3 +444,16 @@ def test_job_ids_made_in_a_row_share_a_journal_stream_and_every_stream_gets_its_
         stamp = job_time(job_id)
         assert stamp is not None and abs(stamp - time.time()) < 60
     assert len(set(made)) == len(made)
+
+
+def test_a_launch_of_an_operations_item_carries_its_operation_and_key_and_others_do_not() -> None:
+    plain = Launch.new("fit", {"x": 1})
+    assert "operation" not in plain.encode() and "key" not in plain.encode()  # as it always was
+    assert (Launch.decode(plain.encode()).operation, Launch.decode(plain.encode()).key) == (None, None)
+    item = Launch.new("fit", {"x": 1}, operation="op-1", key="seed 3 / lr 0.1")
+    again = Launch.decode(json.loads(json.dumps(item.encode())))
+    assert (again.operation, again.key) == ("op-1", "seed 3 / lr 0.1") and again == item
+    for bad in ({"operation": "no spaces allowed"}, {"operation": "op", "key": "a\nb"},
+                {"operation": "op", "key": "k" * 201}):
+        with pytest.raises(DecodeError):
+            Launch.decode({**plain.encode(), **bad})

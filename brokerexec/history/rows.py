@@ -49,6 +49,7 @@ class JobRow:
     operation: str | None = None
     progress: dict[str, Any] | None = None  # its last progress (from its record)
     improved: dict[str, Any] | None = None  # its best improved value: the last one it sent
+    item_key: str | None = None  # the item of its operation it runs (``brokerexec/operations/``)
 
     @property
     def run_time(self) -> float | None:
@@ -135,10 +136,11 @@ def _launched(row: JobRow, body: dict[str, Any]) -> JobRow:
         return row  # the first launch entry counts
     request, size = summary(body.get("request"))
     labels = body.get("labels")
-    operation = body.get("operation")
+    operation, key = body.get("operation"), body.get("key")
     return replace(row, launched=_number(body, "sent"), request=request, request_bytes=size,
                    labels={str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {},
-                   operation=operation if isinstance(operation, str) else None)
+                   operation=operation if isinstance(operation, str) else None,
+                   item_key=key if isinstance(key, str) and isinstance(operation, str) else None)
 
 
 def _started(row: JobRow, body: dict[str, Any]) -> JobRow:

@@ -36,10 +36,13 @@ jobs = Table(
     # The ingest transaction that changed it last: each takes a number above all before
     # (migration 0004), so the text-search index follows the rows that changed.
     Column("changed", BigInteger, nullable=False, server_default="0"),
+    # The item of its operation the job runs (migration 0005): an operation's items, and its
+    # jobs by state, are a range of one index.
+    Column("item_key", String(200)),
     Index("jobs_at", "at", "job_id"),
     Index("jobs_service_at", "service", "at"),
     Index("jobs_state_at", "state", "at"),
-    Index("jobs_operation", "operation"),
+    Index("jobs_operation_key", "operation", "item_key"),
     Index("jobs_changed", "changed"),
 )
 

@@ -346,6 +346,14 @@ class HistoryStore:
         with self.engine.connect() as connection:
             return search.lag(connection)
 
+    def operation_counts(self, operation: str) -> dict[str, int]:
+        """How many of an operation's jobs are in each state (a range of ``jobs_operation_key``)."""
+        jobs = schema.jobs
+        with self.engine.connect() as connection:
+            return {state: int(n) for state, n in connection.execute(
+                sa.select(jobs.c.state, sa.func.count()).where(jobs.c.operation == operation)
+                .group_by(jobs.c.state))}
+
     def counts(self, since: float | None = None) -> dict[tuple[str, str], int]:
         """How many jobs there are by service and state (that moved since ``since``: counted
         then; else as kept with the rows, at once)."""
@@ -410,7 +418,7 @@ def _filters(c: Any, service: str | None, state: str | None, since: float | None
 #: The columns of ``jobs`` in the order of the ingest's rows of values (:func:`_values`).
 _COLUMNS = ("job_id", "service", "state", "attempts", "workers", "launched", "started", "ended", "at",
             "request", "request_bytes", "result", "result_bytes", "error_type", "error", "reason",
-            "last_checkpoint", "labels", "operation", "progress", "improved", "changed")
+            "last_checkpoint", "labels", "operation", "progress", "improved", "item_key", "changed")
 #: What the ingest reads of a row (:func:`_row_of`): all but ``at`` and ``changed``, which it
 #: makes again.
 _READ = tuple(name for name in _COLUMNS if name not in ("at", "changed"))
@@ -440,19 +448,20 @@ def _values(row: JobRow, change: int) -> tuple[Any, ...]:
             row.launched, row.started, row.ended, row.at, row.request, row.request_bytes,
             row.result, row.result_bytes, row.error_type, row.error, row.reason, row.last_checkpoint,
             json.dumps(row.labels, sort_keys=True) if row.labels else _EMPTY_OBJECT, row.operation,
-            _json(row.progress), _json(row.improved), change)
+            _json(row.progress), _json(row.improved), row.item_key, change)
 
 
 def _row_of(values: Sequence[Any]) -> JobRow:
     """A row read as :data:`_READ` says (JSON parsed only where there is some)."""
     (job_id, service, state, attempts, workers, launched, started, ended, request, request_bytes, result,
-     result_bytes, error_type, error, reason, last_checkpoint, labels, operation, progress, improved) = values
+     result_bytes, error_type, error, reason, last_checkpoint, labels, operation, progress, improved,
+     item_key) = values
     return JobRow(job_id, service, state, attempts,
                   tuple(json.loads(workers)) if workers and workers != _EMPTY_LIST else (),
                   launched, started, ended, request, request_bytes, result, result_bytes, error_type, error,
                   reason, last_checkpoint,
                   json.loads(labels) if labels and labels != _EMPTY_OBJECT else {}, operation,
-                  _object(progress), _object(improved))
+                  _object(progress), _object(improved), item_key)
 
 
 def _row(mapping: Any) -> JobRow:

@@ -13,17 +13,13 @@ import hashlib
 import itertools
 import json
 import math
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from ..errors import InvalidRequest
+from ..errors import DecodeError, InvalidRequest
+from ..protocol.names import check_item_key
 
 __all__ = ["Grid", "check_key", "grid", "item_key", "normal_form"]
-
-#: A key its caller gives: 1-200 characters, none of them a control character.
-_KEY = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
-
 
 def normal_form(request: object) -> str:
     """A request as JSON with its keys sorted and no spaces: equal requests, equal texts. A
@@ -58,9 +54,10 @@ def check_key(key: object) -> str:
     Raises:
         InvalidRequest: not a string of 1-200 characters without control characters.
     """
-    if not isinstance(key, str) or not _KEY.fullmatch(key):
-        raise InvalidRequest(f"an item's key must be 1-200 characters, none a control character; got {key!r}")
-    return key
+    try:
+        return check_item_key(key)
+    except DecodeError as exc:
+        raise InvalidRequest(str(exc)) from None
 
 
 class Grid:

@@ -58,7 +58,7 @@ from .commands import (
     drive_async,
 )
 from .intents import Answered, Intent, Signal
-from .journal import launches_entry, launches_parts
+from .journal import launches_entry_of, launches_parts
 from .names import (
     CC_HEADER,
     CONTROL_EXCHANGE,
@@ -275,17 +275,18 @@ def launches(batch: Sequence[Launch], *, reply_to: str | None = None,
 
 def _launches_entries(batch: Sequence[Launch], sizes: Sequence[int], reply_to: str | None) -> list[Message]:
     """The journal entries of many launches (``sizes``: their bodies'): ``launches`` entries
-    per stream and service (``launches_parts``) instead of a ``launch`` entry per job."""
-    groups: dict[tuple[str, str], tuple[list[Launch], list[int]]] = {}
+    per stream, service and operation (``launches_parts``) instead of a ``launch`` entry per
+    job."""
+    groups: dict[tuple[str, str, str | None], tuple[list[Launch], list[int]]] = {}
     for launch, size in zip(batch, sizes, strict=True):
-        launches, their_sizes = groups.setdefault((journal_stream(launch.job_id), launch.service), ([], []))
+        group = (journal_stream(launch.job_id), launch.service, launch.operation)
+        launches, their_sizes = groups.setdefault(group, ([], []))
         launches.append(launch)
         their_sizes.append(size)
     entries = []
-    for (stream, service), (launches, their_sizes) in groups.items():
+    for (stream, _, _), (launches, their_sizes) in groups.items():
         for part in launches_parts(launches, their_sizes):
-            body = launches_entry(service, min(launch.sent for launch in part),
-                                  [launch.job_id for launch in part], [launch.request for launch in part])
+            body = launches_entry_of(part)
             entries.append(Message(LAUNCHES_EXCHANGE, stream, codec.encode(body), persistent=True,
                                    message_id=uuid.uuid4().hex, reply_to=reply_to, type=LAUNCHES_TYPE))
     return entries

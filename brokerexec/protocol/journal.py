@@ -72,6 +72,7 @@ __all__ = [
     "is_entry",
     "launch_in",
     "launches_entry",
+    "launches_entry_of",
     "launches_in",
     "launches_parts",
     "probe_message",
@@ -88,15 +89,26 @@ ENTRY_TYPES: Final = frozenset({LAUNCH_TYPE, LAUNCHES_TYPE, STARTED_TYPE, CHECKP
 
 
 def launches_entry(service: str, sent: float, job_ids: list[str],
-                   requests: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                   requests: list[dict[str, Any]] | None = None, *, operation: str | None = None,
+                   keys: list[str | None] | None = None) -> dict[str, Any]:
     """The body of a ``launches`` entry: what the journal needs of each launch until its job
     starts (that it was launched, of which service, when, with which request: ``requests``
-    in the order of ``job_ids``), for many jobs in one entry rather than one per job (each
-    entry costs the broker a stream write)."""
+    in the order of ``job_ids``; of which operation, as which item: ``keys``), for many jobs
+    in one entry rather than one per job (each entry costs the broker a stream write)."""
     body: dict[str, Any] = {"v": 1, "service": service, "sent": sent, "jobs": job_ids}
     if requests is not None:
         body["requests"] = requests
+    if operation is not None:
+        body["operation"] = operation
+        body["keys"] = keys if keys is not None else [None] * len(job_ids)
     return body
+
+
+def launches_entry_of(part: Sequence[Launch]) -> dict[str, Any]:
+    """The ``launches`` entry of launches of one service and operation (``launches_parts``)."""
+    return launches_entry(part[0].service, min(launch.sent for launch in part),
+                          [launch.job_id for launch in part], [launch.request for launch in part],
+                          operation=part[0].operation, keys=[launch.key for launch in part])
 
 
 def launches_parts(launches: Sequence[Launch], sizes: Sequence[int]) -> Iterator[list[Launch]]:
@@ -121,12 +133,10 @@ def launches_in(body: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]
     jobs = body.get("jobs")
     if not isinstance(jobs, list):
         return
-    requests = body.get("requests")
-    if not isinstance(requests, list) or len(requests) != len(jobs):
-        requests = [None] * len(jobs)
-    for job_id, request in zip(jobs, requests, strict=True):
+    requests, keys = _listed(body, "requests", len(jobs)), _listed(body, "keys", len(jobs))
+    for job_id, request, key in zip(jobs, requests, keys, strict=True):
         if isinstance(job_id, str):
-            yield job_id, _launch_in(body, job_id, request)
+            yield job_id, _launch_in(body, job_id, request, key)
 
 
 def launch_in(body: Mapping[str, Any], job_id: str) -> dict[str, Any] | None:
@@ -135,16 +145,24 @@ def launch_in(body: Mapping[str, Any], job_id: str) -> dict[str, Any] | None:
     jobs = body.get("jobs")
     if not isinstance(jobs, list) or job_id not in jobs:
         return None
-    requests = body.get("requests")
     at = jobs.index(job_id)
-    request = requests[at] if isinstance(requests, list) and len(requests) == len(jobs) else None
-    return _launch_in(body, job_id, request)
+    requests, keys = _listed(body, "requests", len(jobs)), _listed(body, "keys", len(jobs))
+    return _launch_in(body, job_id, requests[at], keys[at])
 
 
-def _launch_in(body: Mapping[str, Any], job_id: str, request: Any) -> dict[str, Any]:
+def _listed(body: Mapping[str, Any], name: str, count: int) -> list[Any]:
+    """A list of a ``launches`` entry, one value a job (Nones if it has none, or not so many)."""
+    values = body.get(name)
+    return values if isinstance(values, list) and len(values) == count else [None] * count
+
+
+def _launch_in(body: Mapping[str, Any], job_id: str, request: Any, key: Any) -> dict[str, Any]:
     entry = {"v": 1, "job_id": job_id, "service": body.get("service"), "sent": body.get("sent")}
     if isinstance(request, dict):
         entry["request"] = request
+    if isinstance(body.get("operation"), str):
+        entry["operation"] = body["operation"]
+        entry["key"] = key if isinstance(key, str) else None
     return entry
 
 

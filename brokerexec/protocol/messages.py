@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 from ..codec import expect_object
 from ..errors import DecodeError, ResultTooLarge, error_to_wire
 from .intents import Intent
-from .names import PROTOCOL_VERSION, check_name, new_job_id
+from .names import PROTOCOL_VERSION, check_item_key, check_name, new_job_id
 from .states import TERMINAL, JobState
 
 __all__ = ["JobSummary", "JobsQuery", "Launch", "Lease", "Record", "WorkerJobs"]
@@ -61,16 +61,27 @@ class Launch:
     settings: dict[str, Any]
     sent: float
 
+    #: The operation it is an item of (``brokerexec/operations/``), and the item's key.
+    operation: str | None = None
+    key: str | None = None
+
     @classmethod
     def new(cls, service: str, request: Mapping[str, Any] | None = None, *,
-            job_id: str | None = None, settings: Mapping[str, Any] | None = None) -> Launch:
+            job_id: str | None = None, settings: Mapping[str, Any] | None = None,
+            operation: str | None = None, key: str | None = None) -> Launch:
         """A launch sent now, with a fresh job id unless one is given."""
         return cls(check_name("job id", job_id or new_job_id()), check_name("service name", service),
-                   dict(request or {}), dict(settings or {}), time.time())
+                   dict(request or {}), dict(settings or {}), time.time(),
+                   None if operation is None else check_name("operation id", operation),
+                   None if key is None else check_item_key(key))
 
     def encode(self) -> dict[str, Any]:
-        return {"v": PROTOCOL_VERSION, "job_id": self.job_id, "service": self.service,
+        body = {"v": PROTOCOL_VERSION, "job_id": self.job_id, "service": self.service,
                 "request": self.request, "settings": self.settings, "sent": self.sent}
+        if self.operation is not None:  # only then: a launch of no operation is as it always was
+            body["operation"] = self.operation
+            body["key"] = self.key
+        return body
 
     @classmethod
     def decode(cls, body: object) -> Launch:
@@ -87,7 +98,10 @@ class Launch:
                 raise DecodeError(f"launch {key!r} must be a JSON object")
             parts[key] = part
         sent = _number(body, "sent", 0.0)
-        return cls(job_id, service, parts["request"], parts["settings"], sent or 0.0)
+        operation, item_key = body.get("operation"), body.get("key")
+        return cls(job_id, service, parts["request"], parts["settings"], sent or 0.0,
+                   None if operation is None else check_name("operation id", operation),
+                   None if item_key is None else check_item_key(item_key))
 
 
 @dataclass(frozen=True)

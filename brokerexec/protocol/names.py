@@ -153,6 +153,19 @@ def check_name(kind: str, value: object) -> str:
     return value
 
 
+#: An operation's item key (``brokerexec/operations/``): 1-200 characters, none a control
+#: character (a hash of the service and request by default, else the caller's own).
+ITEM_KEY_PATTERN: Final = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
+
+
+def check_item_key(value: object) -> str:
+    """Check an operation's item key; return it."""
+    if not isinstance(value, str) or not ITEM_KEY_PATTERN.fullmatch(value):
+        raise DecodeError(f"an item's key must be 1-200 characters, none a control character; "
+                          f"got {value!r:.80}")
+    return value
+
+
 def new_job_id() -> str:
     """A fresh job id: 32 hex digits, one routing-key word.
 

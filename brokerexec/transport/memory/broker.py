@@ -40,7 +40,7 @@ from ...protocol.changes import uncovered
 from ...protocol.events import Event
 from ...protocol.history import HistoryPage, HistoryQuery
 from ...protocol.intents import Signal
-from ...protocol.journal import checkpoint_entry, launches_entry, launches_parts, started_entry
+from ...protocol.journal import checkpoint_entry, launches_entry_of, launches_parts, started_entry
 from ...protocol.lookups import Listing
 from ...protocol.messages import Control, Launch, Record, WorkerJobs
 from ...protocol.names import (
@@ -223,15 +223,13 @@ class MemoryBroker:
         if len(launches) == 1:
             history.note(LAUNCH_TYPE, wire(launches[0].encode()), launches[0].job_id)
             return
-        by_service: dict[str, list[Launch]] = {}
+        groups: dict[tuple[str, str | None], list[Launch]] = {}
         for launch in launches:
-            by_service.setdefault(launch.service, []).append(launch)
-        for service, sweep in by_service.items():
+            groups.setdefault((launch.service, launch.operation), []).append(launch)
+        for sweep in groups.values():
             sizes = [len(codec.encode(launch.encode())) for launch in sweep]
             for part in launches_parts(sweep, sizes):
-                history.note(LAUNCHES_TYPE, wire(launches_entry(
-                    service, min(launch.sent for launch in part), [launch.job_id for launch in part],
-                    [launch.request for launch in part]), MAX_ENTRY_BYTES), None)
+                history.note(LAUNCHES_TYPE, wire(launches_entry_of(part), MAX_ENTRY_BYTES), None)
 
     def _deliver_launches(self) -> None:
         while True:
