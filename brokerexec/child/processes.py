@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from ..errors import ConfigurationError, InvalidState
-from .interpreters import ChildProgram, bootstrap_code, program_for
+from .interpreters import ChildProgram, program_for
 
 __all__ = ["ChildProcess", "ChildProcesses", "Limits", "describe_exit"]
 
@@ -233,15 +233,13 @@ class ChildProcesses:
         return program_for(service_cls, self.python)
 
     def spawn(self, job: str, child_end: socket.socket,
-              done: Callable[[ChildProcess | BaseException], None],
-              program: ChildProgram | None = None) -> None:
+              done: Callable[[ChildProcess | BaseException], None], program: ChildProgram) -> None:
         """Start a child for ``job`` with ``child_end`` as its back-channel; return at once.
 
-        ``program``: what it starts as (default: this runner's interpreter). ``done`` gets
-        the :class:`ChildProcess`, or the error that kept it from starting, on the spawner
+        ``program``: what it starts as (:meth:`program_for`). ``done`` gets the
+        :class:`ChildProcess`, or the error that kept it from starting, on the spawner
         thread. ``child_end`` is closed in this process once the child has it.
         """
-        program = program or ChildProgram([self.python, "-c", bootstrap_code()])
         with self._lock:
             if self._closed:
                 child_end.close()

@@ -142,12 +142,7 @@ def launches_in(body: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]
 def launch_in(body: Mapping[str, Any], job_id: str) -> dict[str, Any] | None:
     """The ``launch`` entry of ``job_id`` as a ``launches`` entry says it; None if it does
     not list the job."""
-    jobs = body.get("jobs")
-    if not isinstance(jobs, list) or job_id not in jobs:
-        return None
-    at = jobs.index(job_id)
-    requests, keys = _listed(body, "requests", len(jobs)), _listed(body, "keys", len(jobs))
-    return _launch_in(body, job_id, requests[at], keys[at])
+    return next((launch for listed, launch in launches_in(body) if listed == job_id), None)
 
 
 def _listed(body: Mapping[str, Any], name: str, count: int) -> list[Any]:
