@@ -187,3 +187,44 @@ def test_sigstopped_broker(client: Client, worker_process: Callable[..., Any]) -
     before = watch.count(job.id, "progress")
     watch.wait(lambda: watch.count(job.id, "progress") > before, "no progress after SIGCONT")
     assert_controllable(client, watch, job)
+
+
+def test_a_record_its_journal_stream_does_not_take_waits_in_the_worker_until_it_does(
+        own_vhost: str, worker_process: Callable[..., Any]) -> None:
+    """The broker confirms a publish it routed to no queue as readily as a stored one: right
+    after it starts, RabbitMQ routes nothing to streams still recovering, and a job's record
+    written then was confirmed and gone (its job stuck resuming forever). Here the job's
+    stream is deleted while it runs: its record is returned, kept and written again until
+    the stream is back, never taken for stored."""
+    import pika
+
+    from brokerexec.protocol.names import journal_stream
+    from brokerexec.protocol.topology import journal_specs
+
+    worker = worker_process("--heartbeat", HEARTBEAT, services=("Counter",), url=own_vhost)
+    with Client(own_vhost, timeout=10) as client:  # gone before the job ends: no push of its record
+        job = client.launch("counter", {"steps": 30, "delay": 0.1})
+        job_id = job.id
+        brokerctl.wait_until(lambda: job.status().get("state") == "running", WAIT, "the job to run")
+    stream = journal_stream(job_id)
+    spec = next(spec for spec in journal_specs() if spec.name == stream)
+    connection = pika.BlockingConnection(pika.URLParameters(own_vhost))
+    try:
+        channel = connection.channel()
+        channel.queue_delete(stream)
+        brokerctl.wait_until(lambda: any("to no queue" in line and stream in line for line in worker.lines),
+                             WAIT, "the worker to be told its record went nowhere")
+        channel.queue_declare(stream, durable=True, arguments=dict(spec.arguments))
+        for exchange in spec.bound_to:
+            channel.queue_bind(stream, exchange, spec.routing_key)
+    finally:
+        connection.close()
+    with Client(own_vhost, timeout=10) as client:
+        def stored() -> bool:  # the stream lost the job's launch with it: unknown until then
+            try:
+                return client.job(job_id).record() is not None
+            except JobNotFound:
+                return False
+
+        brokerctl.wait_until(stored, WAIT, "the record to be written again once its stream is back")
+        assert client.job(job_id).result(WAIT) == {"count": 30, "label": ""}

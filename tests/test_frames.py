@@ -20,9 +20,10 @@ MAX_CONTENT = 131_064
 
 
 def pamqp_publish(channel: int, exchange: str, routing_key: str, body: bytes,
-                  properties: spec.Basic.Properties, max_content: int = MAX_CONTENT) -> bytes:
-    parts = [pamqp.frame.marshal(spec.Basic.Publish(exchange=exchange, routing_key=routing_key),
-                                 channel),
+                  properties: spec.Basic.Properties, max_content: int = MAX_CONTENT,
+                  mandatory: bool = False) -> bytes:
+    parts = [pamqp.frame.marshal(spec.Basic.Publish(exchange=exchange, routing_key=routing_key,
+                                                    mandatory=mandatory), channel),
              pamqp.frame.marshal(ContentHeader(properties=properties, body_size=len(body)), channel)]
     parts += [pamqp.frame.marshal(ContentBody(body[i:i + max_content]), channel)
               for i in range(0, len(body), max_content)]
@@ -85,6 +86,15 @@ def test_what_it_does_not_handle_is_left_to_pamqp(properties: dict[str, Any]) ->
     ours = publish_frames(1, "", "queue", b"x", props, MAX_CONTENT)
     assert ours == pamqp_publish(1, "", "queue", b"x", props)
     assert read_frames(ours)[1].properties == props
+
+
+@pytest.mark.parametrize("properties", [{"message_id": "abc"}, {"headers": {"float": 1.5}}])
+def test_a_mandatory_publish_sets_the_flag_as_pamqp_does(properties: dict[str, Any]) -> None:
+    props = spec.Basic.Properties(**properties)
+    ours = publish_frames(3, "", "queue", b"x", props, MAX_CONTENT, mandatory=True)
+    assert ours == pamqp_publish(3, "", "queue", b"x", props, mandatory=True)
+    assert read_frames(ours)[0].mandatory is True
+    assert read_frames(publish_frames(3, "", "queue", b"x", props, MAX_CONTENT))[0].mandatory is False
 
 
 def test_a_small_negative_header_is_a_signed_octet() -> None:

@@ -7,7 +7,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -114,3 +117,79 @@ def test_outbox_comes_back_after_the_broker_closes_its_channels(
     assert connection.connected and connection.reconnects == 0
 
 
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "public-api"])
+def test_a_confirmed_publish_routed_to_no_queue_fails_and_is_never_called_stored(
+        connection: AmqpConnection, raw: Raw, monkeypatch: pytest.MonkeyPatch, batched: bool) -> None:
+    """The broker confirms a publish it routed nowhere as readily as a stored one (as right
+    after it starts, before its streams take messages): confirmed publishes are mandatory,
+    and a returned one fails, the others in its batch with its ``message_id`` unaffected."""
+    from brokerexec.transport.rabbitmq import aiormq_internals
+
+    if not batched:
+        monkeypatch.setattr(aiormq_internals, "supported", lambda channel: False)
+    queue = str(raw.channel.queue_declare("", exclusive=True).method.queue)
+    nowhere = f"no-such-queue-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(BrokerConnectionError, match=r"routed the publish to .* to no queue"):
+        connection.submit(connection.publish_confirmed(
+            [Outgoing.json("", nowhere, b"{}", message_id="job")])).result(20)
+
+    async def both() -> list[BaseException | None]:
+        # One id, as a job's record and its lease may have: each outcome is its own.
+        outcomes = await asyncio.gather(*(connection.publish_confirmed([item]) for item in (
+            Outgoing.json("", nowhere, b'"lost"', message_id="job"),
+            Outgoing.json("", queue, b'"kept"', message_id="job"),
+            Outgoing.json("", nowhere, b'"lost"', message_id="job"))), return_exceptions=True)
+        return [outcome if isinstance(outcome, BaseException) else None for outcome in outcomes]
+
+    lost, kept, lost_again = connection.submit(both()).result(20)
+    assert isinstance(lost, BrokerConnectionError) and isinstance(lost_again, BrokerConnectionError)
+    assert kept is None
+    assert drain(raw, queue, 1) == [b'"kept"']
+    # Neither the channel nor the connection suffered: the next publish is confirmed.
+    connection.submit(connection.publish_confirmed([Outgoing.json("", queue, b'"next"')])).result(20)
+    assert drain(raw, queue, 1) == [b'"next"']
+    assert connection.reconnects == 0
+
+
+def test_a_connection_is_used_only_once_its_required_setups_succeed(
+        amqp_url: str, unique_name: str, raw: Raw) -> None:
+    """Right after a broker starts it refuses to declare durable queues and streams still
+    recovering, and routes nothing to them: a required setup (a worker's topology) is tried
+    again on the new connection until it succeeds, and nothing is published before."""
+    import brokerctl
+
+    refusing = threading.Event()
+    attempts: list[float] = []
+
+    async def topology(channel: Any) -> None:
+        attempts.append(time.monotonic())
+        if refusing.is_set():
+            raise RuntimeError("NOT_FOUND - home node of durable queue is down or inaccessible")
+
+    async def optional(channel: Any) -> None:
+        raise RuntimeError("an optional setup that fails is retried in the background")
+
+    queue = str(raw.channel.queue_declare("", exclusive=True).method.queue)
+    conn = AmqpConnection(settings_for(amqp_url, unique_name))
+    conn.start(timeout=20)
+    try:
+        conn.submit(conn.setups.add("topology", topology, required=True)).result(20)
+        with pytest.raises(RuntimeError):
+            conn.submit(conn.setups.add("optional", optional)).result(20)
+        refusing.set()
+        brokerctl.close_connections_named(unique_name)
+        brokerctl.wait_until(lambda: len(attempts) >= 4, 30, "the required setup to be tried again")
+        assert not conn.connected
+        with pytest.raises(BrokerConnectionError, match="not connected"):
+            conn.submit(conn.publish_confirmed([Outgoing.json("", queue, b'"early"')])).result(20)
+        conn.post(Outgoing.json("", queue, b'"posted"'))  # kept until then
+        refusing.clear()
+        brokerctl.wait_until(lambda: conn.connected, 30, "the connection to be used once it succeeds")
+        conn.submit(conn.publish_confirmed([Outgoing.json("", queue, b'"confirmed"')])).result(20)
+        assert sorted(drain(raw, queue, 2)) == [b'"confirmed"', b'"posted"']
+        retries = [later - earlier for earlier, later in itertools.pairwise(attempts[1:])]
+        assert retries[1] > 1.5 * retries[0]  # backing off, not hammering a booting broker
+    finally:
+        conn.close()

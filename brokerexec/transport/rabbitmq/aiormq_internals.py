@@ -7,8 +7,9 @@ trivial job's cost on the worker (``docs/performance.md``). For that it needs fo
 aiormq does not promise:
 
 * ``channel.write_queue`` and :class:`aiormq.abc.ChannelFrame` (the writer's queue);
-* ``channel.delivery_tag``, ``channel.confirmations`` and ``channel.create_future`` (how a
-  channel in confirm mode numbers its publishes and resolves their confirms);
+* ``channel.delivery_tag``, ``channel.confirmations``, ``channel.create_future`` and
+  ``channel.message_id_delivery_tag`` (how a channel in confirm mode numbers its publishes,
+  resolves their confirms, and finds the publish a ``basic.return`` is about);
 * ``channel.number`` and ``channel.max_content_size`` (to marshal frames for it).
 
 :func:`supported` says whether a channel has them; when it does not (a new aiormq release),
@@ -29,7 +30,7 @@ __all__ = ["expect_confirm", "frame_limits", "publish_public", "supported", "wri
            "write_now"]
 
 _NEEDED = ("write_queue", "delivery_tag", "confirmations", "create_future", "number",
-           "max_content_size")
+           "max_content_size", "message_id_delivery_tag")
 
 
 def supported(channel: Any) -> bool:
@@ -73,22 +74,34 @@ def write_now(channel: Any, payload: bytes) -> bool:
     return True
 
 
-def expect_confirm(channel: Any) -> asyncio.Future[Any]:
+def expect_confirm(channel: Any, message_id: str) -> asyncio.Future[Any]:
     """Number the next publish on ``channel`` and return the future of its confirm.
 
     What ``aiormq.Channel.basic_publish`` does per message: the broker confirms publishes by
     that number, in publish order; aiormq's reader resolves the future on the ack (also a
-    ``multiple`` one), fails it on a nack and rejects it when the channel closes. The caller
-    must write that publish next, and be the only one publishing on the channel.
+    ``multiple`` one), fails it on a nack or a return (``PublishError``: a mandatory publish
+    routed to no queue, found by its ``message_id``) and rejects it when the channel closes.
+    The caller must write that publish next, be the only one publishing on the channel, and
+    have no other publish with that ``message_id`` awaiting its confirm there.
     """
     channel.delivery_tag += 1
+    tag = channel.delivery_tag
     confirmation: asyncio.Future[Any] = channel.create_future()
-    channel.confirmations[channel.delivery_tag] = confirmation
+    channel.confirmations[tag] = confirmation
+    channel.message_id_delivery_tag[message_id] = tag
+
+    def forget(_: asyncio.Future[Any]) -> None:
+        if channel.message_id_delivery_tag.get(message_id) == tag:  # not a later publish's
+            del channel.message_id_delivery_tag[message_id]
+
+    confirmation.add_done_callback(forget)
     return confirmation
 
 
 def publish_public(channel: aiormq.abc.AbstractChannel, exchange: str, routing_key: str,
-                   body: bytes, properties: spec.Basic.Properties) -> asyncio.Future[Any]:
+                   body: bytes, properties: spec.Basic.Properties, *,
+                   mandatory: bool = False) -> asyncio.Future[Any]:
     """The slow, public way to publish (one ``basic_publish``): the fallback."""
     return asyncio.ensure_future(channel.basic_publish(
-        body, exchange=exchange, routing_key=routing_key, properties=properties))
+        body, exchange=exchange, routing_key=routing_key, properties=properties,
+        mandatory=mandatory))

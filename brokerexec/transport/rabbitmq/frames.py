@@ -121,13 +121,14 @@ _STRINGS_AFTER = tuple((name, flag) for name, flag, kind in _PROPERTIES[5:] if k
 
 
 def publish_frames(channel: int, exchange: str, routing_key: str, body: bytes,
-                   properties: spec.Basic.Properties, max_content: int) -> bytes:
-    """One publish as marshalled frames: method, content header, body in pieces."""
+                   properties: spec.Basic.Properties, max_content: int, *, mandatory: bool = False) -> bytes:
+    """One publish as marshalled frames: method, content header, body in pieces
+    (``mandatory``: returned by the broker if it routes it to no queue)."""
     try:
-        method = _PUBLISH + _shortstr(exchange) + _shortstr(routing_key) + b"\x00"
+        method = _PUBLISH + _shortstr(exchange) + _shortstr(routing_key) + (b"\x01" if mandatory else b"\x00")
         flags, values = _properties(properties)
     except _Unsupported:
-        return _pamqp_publish(channel, exchange, routing_key, body, properties, max_content)
+        return _pamqp_publish(channel, exchange, routing_key, body, properties, max_content, mandatory)
     header = _HEADER.pack(60, 0, len(body), flags) + values
     parts = [_FRAME.pack(1, channel, len(method)), method, _END,
              _FRAME.pack(2, channel, len(header)), header, _END]
@@ -138,9 +139,9 @@ def publish_frames(channel: int, exchange: str, routing_key: str, body: bytes,
 
 
 def _pamqp_publish(channel: int, exchange: str, routing_key: str, body: bytes,
-                   properties: spec.Basic.Properties, max_content: int) -> bytes:
-    parts = [pamqp.frame.marshal(spec.Basic.Publish(exchange=exchange, routing_key=routing_key),
-                                 channel),
+                   properties: spec.Basic.Properties, max_content: int, mandatory: bool) -> bytes:
+    parts = [pamqp.frame.marshal(spec.Basic.Publish(exchange=exchange, routing_key=routing_key,
+                                                    mandatory=mandatory), channel),
              pamqp.frame.marshal(ContentHeader(properties=properties, body_size=len(body)), channel)]
     for start in range(0, len(body), max_content):
         parts.append(pamqp.frame.marshal(ContentBody(body[start:start + max_content]), channel))

@@ -9,7 +9,12 @@ to should aiormq change).
 The publishes go on a channel of their own, **without publisher confirms**: what this carries
 is best-effort by design (events go to a topic exchange where nobody may listen). Whatever
 must not be lost, like a job's record, goes on a second channel of the outbox's own, in
-confirm mode (:meth:`Outbox.publish_confirmed`), in the same batch. A message still in the
+confirm mode (:meth:`Outbox.publish_confirmed`), in the same batch, and **mandatory**: the
+broker confirms a publish it routed to no queue as readily as a stored one (for a moment
+after it starts, RabbitMQ 3.10 routes nothing to durable queues and streams whose recovery
+has not finished: a record published then was confirmed and gone), so a publish returned
+fails instead. aiormq finds the publish a return is about by its ``message_id``: two with
+one id never await their confirms at once, the second waits for the first. A message still in the
 outbox when the connection drops is kept and sent on the next one; one in the batch being
 written when it drops is sent again (so it may arrive twice), and one already written but
 still in the kernel's buffers may be lost.
@@ -24,6 +29,7 @@ import asyncio
 import functools
 import logging
 import threading
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,10 +79,17 @@ class Outgoing:
         return cls("", reply_to, body, spec.Basic.Properties(
             content_type=content_type, correlation_id=correlation_id, delivery_mode=1))
 
-    def frames(self, channel_number: int, max_content: int) -> bytes:
+    def frames(self, channel_number: int, max_content: int, *, mandatory: bool = False) -> bytes:
         """This publish as marshalled AMQP frames (method, header, body in pieces)."""
         return publish_frames(channel_number, self.exchange, self.routing_key, self.body,
-                              self.properties, max_content)
+                              self.properties, max_content, mandatory=mandatory)
+
+    @property
+    def message_id(self) -> str:
+        """Its ``message_id``, given one if it had none (how a return finds its publish)."""
+        if self.properties.message_id is None:
+            self.properties.message_id = uuid.uuid4().hex
+        return self.properties.message_id
 
 
 @dataclass
@@ -100,6 +113,7 @@ class Outbox:
         self._messages: deque[Outgoing] = deque()
         self._acks: list[_Ack] = []
         self._confirmed: _Confirmed = []
+        self._awaiting: set[str] = set()  # the message_ids of confirmed publishes sent, unsettled
         self._posted: deque[Outgoing] = deque()  # from other threads, on the way in
         self._post_scheduled = False
         self._lock = threading.Lock()
@@ -140,9 +154,10 @@ class Outbox:
             self.post(item)
 
     def publish_confirmed(self, item: Outgoing) -> asyncio.Future[None]:
-        """Publish with the next batch on the confirm channel (loop thread); the future
-        completes on the broker's confirm, or fails (``BrokerConnectionError``, or
-        ``aiormq.exceptions.DeliveryError`` on a nack)."""
+        """Publish, mandatory, with the next batch on the confirm channel (loop thread); the
+        future completes on the broker's confirm, or fails: ``BrokerConnectionError`` (not
+        connected, the connection went, or returned: no queue took it) or
+        ``aiormq.exceptions.DeliveryError`` (a nack)."""
         done: asyncio.Future[None] = self._loop.create_future()
         self._confirmed.append((item, done))
         self._wake()
@@ -191,7 +206,7 @@ class Outbox:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while self._messages or self._acks or self._confirmed:
+            while self._messages or self._acks or self._sendable_confirmed():
                 pair = channels()
                 if pair is None or pair[0].is_closed or pair[1].is_closed:
                     # An ack of a closed channel is void (its delivery went back to the
@@ -203,7 +218,7 @@ class Outbox:
                 batch = [self._messages.popleft()
                          for _ in range(min(len(self._messages), self.BATCH))]
                 acks, self._acks = self._acks, []
-                confirmed, self._confirmed = self._confirmed, []
+                confirmed = self._take_confirmed()
                 try:
                     if internals.supported(pair[0]) and internals.supported(pair[1]):
                         await self._write_batch(*pair, batch, acks, confirmed)
@@ -218,6 +233,31 @@ class Outbox:
                     await asyncio.sleep(retry_delay)
                     self._wakeup.set()
                     break
+
+    def _sendable_confirmed(self) -> bool:
+        """Whether a confirmed publish can go now: one whose ``message_id`` awaits no confirm."""
+        return any(item.message_id not in self._awaiting for item, _ in self._confirmed)
+
+    def _take_confirmed(self) -> _Confirmed:
+        """The confirmed publishes to send now; one whose ``message_id`` another awaits its
+        confirm with stays for the batch after that confirm (which wakes the outbox)."""
+        taken: _Confirmed = []
+        kept: _Confirmed = []
+        for item, done in self._confirmed:
+            message_id = item.message_id
+            if message_id in self._awaiting:
+                kept.append((item, done))
+            else:
+                self._awaiting.add(message_id)
+                done.add_done_callback(functools.partial(self._confirm_settled, message_id))
+                taken.append((item, done))
+        self._confirmed = kept
+        return taken
+
+    def _confirm_settled(self, message_id: str, _: asyncio.Future[None]) -> None:
+        self._awaiting.discard(message_id)
+        if self._confirmed:
+            self._wake()
 
     async def wait_empty(self) -> None:
         """Return once everything posted so far is handed to the socket."""
@@ -242,8 +282,9 @@ class Outbox:
             parts.append(item.frames(number, max_content))
         number, max_content = internals.frame_limits(confirm_channel)
         for item, done in confirmed:
-            internals.expect_confirm(confirm_channel).add_done_callback(functools.partial(_settle, done))
-            parts.append(item.frames(number, max_content))
+            confirmation = internals.expect_confirm(confirm_channel, item.message_id)
+            confirmation.add_done_callback(functools.partial(_settle, item, done))
+            parts.append(item.frames(number, max_content, mandatory=True))
         if parts:
             await internals.write_frames(channel, b"".join(parts))
 
@@ -259,14 +300,20 @@ class Outbox:
                                            item.properties)
         for item, done in confirmed:
             internals.publish_public(confirm_channel, item.exchange, item.routing_key, item.body,
-                                     item.properties).add_done_callback(functools.partial(_settle, done))
+                                     item.properties, mandatory=True,
+                                     ).add_done_callback(functools.partial(_settle, item, done))
 
 
-def _settle(done: asyncio.Future[None], confirmation: asyncio.Future[Any]) -> None:
+def _settle(item: Outgoing, done: asyncio.Future[None], confirmation: asyncio.Future[Any]) -> None:
     if done.done():
         return
     if confirmation.cancelled():
         done.set_exception(BrokerConnectionError("the channel closed before the broker confirmed"))
+    elif isinstance(confirmation.exception(), aiormq.exceptions.PublishError):
+        done.set_exception(BrokerConnectionError(
+            f"the broker routed the publish to {item.routing_key!r} (exchange {item.exchange!r}) "
+            f"to no queue: not stored. Right after a broker starts, its queues may not take "
+            f"messages yet"))
     elif confirmation.exception() is not None:
         exc = confirmation.exception()
         done.set_exception(exc if isinstance(exc, aiormq.exceptions.DeliveryError)

@@ -6,6 +6,11 @@ channel the broker closes (a failed declare, a consumer cancelled) again on a ne
 retrying with backoff: after a reconnect the broker may still hold an exclusive queue of our
 dead previous connection until it notices that connection is gone.
 
+A **required** setup (a worker's topology) must succeed before the connection is used at all:
+for a moment after it starts, RabbitMQ refuses to declare a durable queue or stream whose
+recovery has not finished (``404 NOT_FOUND - home node ... is down or inaccessible``) and
+routes nothing to it, so a job's record published then would be confirmed and gone.
+
 The registry belongs to one connection and sees it only through :class:`ChannelSource`.
 Everything here runs on that connection's event-loop thread.
 """
@@ -20,6 +25,7 @@ from typing import Any, Protocol
 
 import aio_pika.abc
 
+from ...errors import BrokerConnectionError
 from .connection_settings import ConnectionSettings
 
 __all__ = ["ChannelSource", "Setup", "SetupRegistry"]
@@ -56,11 +62,13 @@ class ChannelSource(Protocol):
 class _Entry:
     """One registered setup and the channel it runs on now."""
 
-    def __init__(self, key: str, setup: Setup, prefetch: int | None, confirms: bool) -> None:
+    def __init__(self, key: str, setup: Setup, prefetch: int | None, confirms: bool,
+                 required: bool) -> None:
         self.key = key
         self.setup = setup
         self.prefetch = prefetch
         self.confirms = confirms
+        self.required = required
         self.channel: aio_pika.abc.AbstractChannel | None = None
         self.removed = False
 
@@ -73,16 +81,18 @@ class SetupRegistry:
         self._entries: dict[str, _Entry] = {}
 
     async def add(self, key: str, setup: Setup, *, prefetch: int | None = None,
-                  confirms: bool = False) -> None:
+                  confirms: bool = False, required: bool = False) -> None:
         """Register and run a setup; raise what its first run raised (then it is not kept).
 
         ``confirms`` opens its channel in confirm mode with returns raised, for setups
         that publish mandatory messages on their own channel (direct reply-to RPCs).
-        While disconnected, the setup runs once the connection is back.
+        ``required``: on every later connection it runs before anything else and must succeed
+        before the connection is used (see the module docstring). While disconnected, the
+        setup runs once the connection is back.
         """
         if key in self._entries:
             raise ValueError(f"setup {key!r} exists")
-        entry = _Entry(key, setup, prefetch, confirms)
+        entry = _Entry(key, setup, prefetch, confirms, required)
         self._entries[key] = entry
         if not self._source.connected:
             return
@@ -114,9 +124,15 @@ class SetupRegistry:
         return key in self._entries
 
     async def run_all(self) -> None:
-        """Run every setup on a new connection; one that fails is retried in the background."""
-        for entry in list(self._entries.values()):
+        """Run every setup on a new connection, the required ones first. A required one that
+        fails is tried again here, with backoff, until it succeeds (or the connection goes:
+        ``BrokerConnectionError``); any other that fails is retried in the background."""
+        entries = sorted(self._entries.values(), key=lambda entry: not entry.required)
+        for entry in entries:
             if entry.removed:
+                continue
+            if entry.required:
+                await self._run_required(entry)
                 continue
             try:
                 await asyncio.wait_for(self._open(entry), self._source.settings.connect_timeout * 2)
@@ -125,6 +141,21 @@ class SetupRegistry:
             except Exception as exc:
                 log.warning("setup %s failed (%r); retrying in the background", entry.key, exc)
                 self._source.spawn(self._retry(entry, self._source.generation))
+
+    async def _run_required(self, entry: _Entry) -> None:
+        settings = self._source.settings
+        delay = settings.backoff_initial
+        while True:
+            try:
+                await asyncio.wait_for(self._open(entry), settings.connect_timeout * 2)
+                return
+            except (asyncio.CancelledError, BrokerConnectionError):
+                raise  # the connection went (open_channel says so): the next one starts over
+            except Exception as exc:
+                log.warning("setup %s failed (%r); nothing is sent on this connection until it "
+                            "succeeds: retrying in %.1f s", entry.key, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, settings.backoff_max)
 
     async def _open(self, entry: _Entry) -> None:
         channel = await self._source.open_channel(confirms=entry.confirms)

@@ -128,7 +128,10 @@ class RabbitWorkerTransport(WorkerTransport):
                                      ("launch", self.intake.setup, None)):
             if key == "broadcasts":  # connected by now (the topology is declared): before any job
                 self._check_capacity(capacity)
-            connection.submit(connection.setups.add(key, setup, prefetch=prefetch)).result(30)
+            # The topology is required: a record published before its journal stream takes
+            # messages again (just after a broker starts) would be confirmed and gone.
+            connection.submit(connection.setups.add(key, setup, prefetch=prefetch,
+                                                    required=key == "topology")).result(30)
         connection.call(lambda: connection.spawn(self._keep_checkpoints_readable()))
 
     def _check_capacity(self, capacity: int) -> None:
