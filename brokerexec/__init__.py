@@ -17,6 +17,7 @@ if _typing.TYPE_CHECKING:  # what ``__getattr__`` below provides, for type check
     from .client.aio import AsyncClient, AsyncJob
     from .client.blocking import Client
     from .client.job import Job
+    from .client.operation import Operation
     from .core.child_command import ChildCommand
     from .core.inputs import Input
     from .core.map_pool import WorkerPool
@@ -48,6 +49,9 @@ if _typing.TYPE_CHECKING:  # what ``__getattr__`` below provides, for type check
         UnknownService,
         WorkerLost,
     )
+    from .operations.outcomes import Outcome
+    from .operations.registry import Item, ItemState, OperationStatus
+    from .operations.requests import Grid, grid
     from .protocol.events import Event
     from .protocol.history import HistoryPage
     from .protocol.intents import Intent
@@ -70,12 +74,15 @@ __all__ = [
     "ConfigurationError",
     "DecodeError",
     "Event",
+    "Grid",
     "HistoryPage",
     "HistoryUnavailable",
     "Input",
     "Intent",
     "InvalidRequest",
     "InvalidState",
+    "Item",
+    "ItemState",
     "Job",
     "JobAborted",
     "JobNotFound",
@@ -83,6 +90,9 @@ __all__ = [
     "MessageTooLarge",
     "NotApplied",
     "NotDurable",
+    "Operation",
+    "OperationStatus",
+    "Outcome",
     "RemoteError",
     "ResultTooLarge",
     "Service",
@@ -98,6 +108,7 @@ __all__ = [
     "WorkerPool",
     "WorkerSettings",
     "__version__",
+    "grid",
 ]
 
 
@@ -125,6 +136,14 @@ _WHERE = {
     "Job": "client.job",
     "AsyncClient": "client.aio",
     "AsyncJob": "client.aio",
+    "Operation": "client.operation",
+    # operations: their items, states and outcomes
+    "grid": "operations.requests",
+    "Grid": "operations.requests",
+    "Item": "operations.registry",
+    "ItemState": "operations.registry",
+    "OperationStatus": "operations.registry",
+    "Outcome": "operations.outcomes",
     # errors: one tree (brokerexec.errors draws it)
     **{name: "errors" for name in (
         "Aborted", "AccessRefused", "BrokerConnectionError", "BrokerExecError",

@@ -26,9 +26,10 @@ LAYERS: dict[str, set[str]] = {
     "operations": {"base", "protocol"},  # an operation's items and their registry, sans-I/O
     "child": {"base", "protocol", "core"},
     "worker": {"base", "protocol", "core", "child", "transport"},
-    "client": {"base", "protocol", "core", "transport", "worker", "history"},
-    "cli": {"base", "protocol", "core", "transport", "child", "worker", "client", "history"},
-    "face": {"base", "protocol", "core", "transport", "child", "worker", "client", "cli", "history"},
+    "client": {"base", "protocol", "core", "transport", "worker", "history", "operations"},
+    "cli": {"base", "protocol", "core", "transport", "child", "worker", "client", "history", "operations"},
+    "face": {"base", "protocol", "core", "transport", "child", "worker", "client", "cli", "history",
+             "operations"},
 }
 BASE = {"errors", "constants", "logs", "urls", "codec", "settings"}
 #: brokerexec/__init__.py (the public face), __main__ and the old paths' table.

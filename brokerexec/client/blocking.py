@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from ..settings import WorkerSettings
     from ..transport.base import ClientTransport, Subscription
     from ..worker.worker import Worker
+    from .operation import Operation
 
 __all__ = ["Client"]
 
@@ -105,6 +106,33 @@ class Client:
         launches = [Launch.new(name, request, settings=settings) for request in requests]
         self.transport.launch(launches)
         return [Job(self, launch.job_id, name) for launch in launches]
+
+    def operation(self, service: str, requests: Iterable[Any], *, name: str | None = None,
+                  on_error: str = "continue", max_failures: int | float | None = None,
+                  max_in_flight: int | None = None) -> Operation:
+        """Launch one job of ``service`` per request, as one operation; return its handle at
+        once (``docs/operations.md``).
+
+        ``requests``: dicts, or ``(key, dict)`` pairs to name the items yourself; a list, an
+        iterator (taken as it is launched, never held whole first) or
+        :func:`brokerexec.grid`. An item's key is otherwise a hash of the service and its
+        request. ``on_error="fail_fast"`` aborts the rest at the first failure;
+        ``max_failures``: after that many (an int) or that fraction of the items (a float);
+        ``max_in_flight``: at most that many jobs launched and not ended at once.
+
+        Raises:
+            UnknownService: no worker has ever offered ``service`` (at once).
+            InvalidRequest: a request of the first batch is not a JSON object, two items
+                share a key, or a bad ``max_in_flight``.
+            ConfigurationError: a bad ``on_error`` or ``max_failures``.
+        """
+        from ..operations.outcomes import FailurePolicy
+        from .operation import Operation
+
+        operation = Operation(self, check_name("service name", service), name=name,
+                              policy=FailurePolicy(on_error, max_failures), max_in_flight=max_in_flight)
+        operation._start(requests)
+        return operation
 
     def job(self, job_id: str, service: str | None = None) -> Job:
         """A handle on an existing job."""

@@ -226,6 +226,14 @@ class Registry:
                 self._ends.append(time.monotonic())
             return self._put(replace(item, **changes))
 
+    def cancel(self, key: str) -> Item:
+        """``key``'s item, never launched, will not be: aborted with its operation."""
+        with self._lock:
+            item = self._get(key)
+            if item.job_id is not None or item.state.ended:
+                return item
+            return self._put(replace(item, state=ItemState.ABORTED, ended=time.time()))
+
     def skip(self, key: str) -> Item:
         """``key``'s item is not run: it finished in an earlier run (a resume). Not counted
         in the throughput: a resume skips thousands at once."""

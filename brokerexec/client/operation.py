@@ -1,0 +1,616 @@
+"""An operation: one service over many requests, launched, watched and consolidated as a whole.
+
+:meth:`Client.operation` returns an :class:`Operation` at once; behind it, three things run
+until every item has ended:
+
+* a **launcher** thread takes the requests as they come (a list, an iterator, a grid: a
+  100,000-item sweep is never held whole before it is launched), names each item by its key,
+  and launches them in batches, holding at most ``max_in_flight`` unended;
+* a **subscription** to the service's state and improved events, which moves the items in
+  the registry (``operations/registry.py``) as their jobs run;
+* a **collector** thread, which reads the final record of each job that ended and makes it
+  the item's outcome (``operations/outcomes.py``). Events are best-effort, so it also asks,
+  a few at a time, after the jobs it has heard nothing of for a while: no item waits forever
+  on an event that was lost.
+
+Its failure policy (``on_error``, ``max_failures``) aborts the rest when failures pass it.
+Every method is thread-safe.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sized
+from pathlib import Path
+from typing import Any
+
+from ..errors import (
+    BrokerExecError,
+    DecodeError,
+    InvalidRequest,
+    InvalidState,
+    JobNotFound,
+    Timeout,
+)
+from ..operations.outcomes import FailurePolicy, Outcome, consolidate, outcome_of
+from ..operations.registry import ENDED, Item, ItemState, OperationStatus, Registry
+from ..operations.requests import check_key, item_key, normal_form
+from ..protocol.intents import Intent
+from ..protocol.names import check_name
+from .job import JobsClient as Client  # what it needs of a Client: its transport and subscribe()
+
+__all__ = ["Operation"]
+
+log = logging.getLogger(__name__)
+
+#: Launches sent together (one confirm wait for all of them).
+LAUNCH_BATCH = 200
+#: Seconds without news of an unended job before the collector asks after it.
+QUIET = 5.0
+#: Jobs asked after per round of the collector (one look-up each).
+ASKED_PER_ROUND = 20
+#: Signals (pause, resume, abort) sent at once to an operation's jobs.
+SIGNALS_AT_ONCE = 8
+#: The format of :meth:`Operation.save`.
+FORMAT = 1
+
+
+def _items_of(service: str, requests: Iterable[Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(key, request)`` for each request: a dict (keyed by its hash) or a ``(key, dict)``."""
+    for entry in requests:
+        if isinstance(entry, tuple) and len(entry) == 2:
+            key, request = entry
+            normal_form(request)  # a JSON object, as the hash would check
+            yield check_key(key), dict(request)
+        else:
+            yield item_key(service, entry), dict(entry)
+
+
+class Operation:
+    """A handle on an operation (see the module docstring); made by :meth:`Client.operation`,
+    or :meth:`load`-ed from a file :meth:`save` wrote."""
+
+    def __init__(self, client: Client | None, service: str, *, operation_id: str | None = None,
+                 name: str | None = None, policy: FailurePolicy | None = None,
+                 max_in_flight: int | None = None, registry: Registry | None = None,
+                 outcomes: Iterable[Outcome] = (), created: float | None = None) -> None:
+        if max_in_flight is not None and (isinstance(max_in_flight, bool)
+                                          or not isinstance(max_in_flight, int) or max_in_flight < 1):
+            raise InvalidRequest(f"max_in_flight is a whole number of jobs, 1 or more; not {max_in_flight!r}")
+        self.client = client
+        self.service = check_name("service name", service)
+        self.id = check_name("operation id", operation_id or uuid.uuid4().hex)
+        self.name = name or f"{service} sweep"
+        self.policy = policy or FailurePolicy()
+        self.max_in_flight = max_in_flight
+        self.expected: int | None = None  # how many requests, when they could be counted first
+        self.created = created if created is not None else time.time()
+        self.registry = registry or Registry()
+        self._cond = threading.Condition()
+        self._outcomes: dict[str, Outcome] = {}
+        self._ended_order: list[str] = []  # keys, in the order their outcomes came
+        self._keys: list[str] = [item.key for item in self.registry.items()]  # request order
+        self._failed = 0  # outcomes that are failures
+        for outcome in outcomes:
+            self._take(outcome)
+        self._launching = False
+        self._paused = False
+        self._stopped: str | None = None  # why it stopped launching early (abort, policy)
+        self._error: BaseException | None = None  # what ended the launcher
+        # The jobs launched whose outcome has not come, and when their news came last (monotonic).
+        self._pending: dict[str, float] = {}
+        self._ended_jobs: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._subscriptions: list[Any] = []
+        self._threads: list[threading.Thread] = []
+        self._rest: Iterator[tuple[str, dict[str, Any]]] | None = None  # requests not taken yet
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"Operation({self.id!r}, service={self.service!r}, items={len(self.registry)})"
+
+    # ---- launching ---------------------------------------------------------------------------
+
+    def _start(self, requests: Iterable[Any]) -> None:
+        """Watch, launch the first batch here (an unknown service or a bad request raises
+        at once), and the rest in the background."""
+        self._watch()
+        if isinstance(requests, Sized):
+            self.expected = len(requests)
+        items = _items_of(self.service, requests)
+        self._launching = True
+        try:
+            self._launch(list(itertools.islice(items, self._room())))
+        except BaseException:
+            self._launching = False
+            self.close()
+            raise
+        self._spawn(self._launch_rest, items, name="launcher")
+
+    def _room(self) -> int:
+        """How many items may be launched now."""
+        if self.max_in_flight is None:
+            return LAUNCH_BATCH
+        return max(min(LAUNCH_BATCH, self.max_in_flight - len(self._pending)), 0)
+
+    def _launch_rest(self, items: Iterator[tuple[str, dict[str, Any]]]) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._closed and self._stopped is None and (self._paused or self._room() == 0):
+                        self._cond.wait(1.0)
+                    if self._closed or self._stopped is not None:
+                        break
+                batch = list(itertools.islice(items, self._room()))
+                if not batch:
+                    break
+                self._launch(batch)
+        except BaseException as exc:  # a bad request or key further on, the broker gone
+            log.warning("operation %s stopped launching: %s", self.id, exc)
+            with self._cond:
+                self._error = exc
+                self._stopped = self._stopped or f"launching failed: {exc}"
+        finally:
+            with self._cond:
+                self._launching = False
+                self._rest = items  # what a re-run launches after its held items
+                if self._stopped is not None:
+                    for item in self.registry.items(ItemState.QUEUED):
+                        if item.job_id is None:
+                            self.registry.cancel(item.key)
+                self._cond.notify_all()
+
+    def _launch(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+        from ..protocol.messages import Launch
+
+        assert self.client is not None
+        launches = []
+        with self._cond:
+            for key, request in batch:
+                self.registry.add(key, request)
+                self._keys.append(key)
+                launches.append(Launch.new(self.service, request, operation=self.id, key=key))
+            for launch in launches:  # known before their first event can come
+                assert launch.key is not None
+                self.registry.launched(launch.key, launch.job_id)
+                self._pending[launch.job_id] = time.monotonic()
+        self._send(launches)
+
+    def _send(self, launches: list[Any]) -> None:
+        """Launch them (registered as launched, and pending, first)."""
+        if not launches:
+            return
+        try:
+            self._client().transport.launch(launches)
+        except BaseException as exc:
+            # Not confirmed: they failed here (a re-run launches them again). One the broker
+            # took after all keeps this outcome, and its job runs unwatched.
+            error = {"type": type(exc).__name__, "message": f"not launched: {exc}", "traceback": ""}
+            for launch in launches:
+                self._not_launched(launch.key or "", launch.job_id, error)
+            raise
+
+    def _not_launched(self, key: str, job_id: str, error: dict[str, str]) -> None:
+        self.registry.observe(job_id, "failed", at=time.time(), error=f"{error['type']}: {error['message']}")
+        with self._cond:
+            self._pending.pop(job_id, None)
+            self._take(Outcome(key, self.registry.item(key).request, job_id, "failed", error=error))
+            self._cond.notify_all()
+
+    # ---- watching ----------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        assert self.client is not None
+        self._subscriptions.append(self.client.subscribe(
+            [f"state.{self.service}.*", f"improved.{self.service}.*"], self._on_event))
+        self._spawn(self._collect, name="collector")
+
+    def _spawn(self, target: Callable[..., None], *args: Any, name: str) -> None:
+        thread = threading.Thread(target=target, args=args, name=f"operation-{self.id[:8]}-{name}",
+                                  daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _on_event(self, event: Any) -> None:
+        key = self.registry.key_of(event.job_id)
+        if key is None:
+            return
+        with self._cond:
+            if event.job_id in self._pending:
+                self._pending[event.job_id] = time.monotonic()
+        if event.kind == "improved":
+            state = self.registry.item(key).state
+            if not state.ended:
+                self.registry.observe(event.job_id, state.value, attempt=event.attempt,
+                                      improved=event.data.get("state"))
+            return
+        to = event.data.get("to")
+        if not isinstance(to, str):
+            return
+        if to in ("finished", "failed", "aborted"):
+            self._ended_jobs.put(event.job_id)  # its record makes the outcome
+        else:
+            self.registry.observe(event.job_id, to, at=event.time, attempt=event.attempt)
+        with self._cond:
+            self._cond.notify_all()
+
+    def _collect(self) -> None:
+        while not self._closed:
+            try:
+                job_id = self._ended_jobs.get(timeout=1.0)
+            except queue.Empty:
+                self._ask_after_quiet_jobs()
+                continue
+            if job_id is None:
+                return
+            self._fetch(job_id, timeout=30.0)
+
+    def _fetch(self, job_id: str, timeout: float) -> None:
+        assert self.client is not None
+        key = self.registry.key_of(job_id)
+        if key is None:
+            return
+        try:
+            record = self.client.transport.fetch_result(job_id, timeout)
+        except JobNotFound:
+            return  # not in the journal yet: asked again later
+        except BrokerExecError as exc:
+            log.warning("operation %s: the record of %s could not be read (%s)", self.id, job_id, exc)
+            return
+        if record is not None:
+            self._ended(key, record)
+
+    def _ask_after_quiet_jobs(self) -> None:
+        """The jobs heard nothing of for :data:`QUIET` s, a few at a time, longest quiet first."""
+        now = time.monotonic()
+        with self._cond:
+            quiet = sorted((heard, job_id) for job_id, heard in self._pending.items() if now - heard > QUIET)
+            for _, job_id in quiet[:ASKED_PER_ROUND]:
+                self._pending[job_id] = now
+        for _, job_id in quiet[:ASKED_PER_ROUND]:
+            self._fetch(job_id, timeout=0)
+
+    def _ended(self, key: str, record: dict[str, Any]) -> None:
+        job_id = str(record.get("job_id", ""))
+        item = self.registry.item(key)
+        if item.job_id != job_id:
+            return  # an earlier run of the item (re-run since)
+        error = record.get("error")
+        worker = record.get("worker") or {}
+        attempt = record.get("attempt")
+        if record.get("start"):  # when it started, if no event said so
+            self.registry.observe(job_id, "running", at=record["start"], attempt=attempt)
+        host = worker.get("hostname") if isinstance(worker, dict) else None
+        said = f"{error.get('type')}: {error.get('message')}" if isinstance(error, dict) else None
+        self.registry.observe(job_id, str(record.get("state")), at=record.get("end") or time.time(),
+                              attempt=attempt, worker=host, error=said, improved=record.get("improved"))
+        outcome = outcome_of(key, item.request, record)
+        with self._cond:
+            self._pending.pop(job_id, None)
+            if not self._take(outcome):
+                return
+            stops = self._policy_stops()  # before the launcher, woken, fills the slot freed
+            self._cond.notify_all()
+        if stops:
+            log.warning("operation %s: %s: aborting the rest", self.id, self._stopped)
+            threading.Thread(target=self._abort_unended, name=f"operation-{self.id[:8]}-abort",
+                             daemon=True).start()
+
+    def _take(self, outcome: Outcome) -> bool:
+        """Keep an outcome (its item's latest); False if it was kept already."""
+        before = self._outcomes.get(outcome.key)
+        if before is not None and before.job_id == outcome.job_id:
+            return False
+        if before is not None:  # an earlier run's, re-run since
+            self._ended_order.remove(outcome.key)
+            self._failed -= before.state == "failed"
+        self._outcomes[outcome.key] = outcome
+        self._ended_order.append(outcome.key)
+        self._failed += outcome.state == "failed"
+        return True
+
+    def _policy_stops(self) -> bool:
+        """Whether the failures now stop the operation (lock held); says why in ``stopped``."""
+        if self._stopped is not None or not self.policy.stops(self._failed, self._total()):
+            return False
+        self._stopped = (f"{self._failed} item(s) failed (on_error={self.policy.on_error}, "
+                         f"max_failures={self.policy.max_failures})")
+        return True
+
+    def _total(self) -> int:
+        """How many items it has: all its requests when they could be counted first."""
+        return max(len(self.registry), self.expected or 0)
+
+    # ---- how it stands -----------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        """Every item launched has ended, and no more will be launched."""
+        with self._cond:
+            return not self._launching and not self._pending
+
+    @property
+    def stopped(self) -> str | None:
+        """Why it stopped early (aborted, or its failure policy), or None."""
+        return self._stopped
+
+    def status(self, best: str | None = None, lowest: bool = False) -> OperationStatus:
+        """Counts by state, the fraction done, throughput, an ETA; ``best``: the item whose
+        improved value of that field is the highest (``lowest``: lowest) so far. Requests not
+        taken yet count as queued items, or as aborted ones once it stopped launching early."""
+        status = self.registry.status(best, lowest)
+        with self._cond:
+            missing = self._total() - status.total
+            gone = self._stopped is not None and not self._launching
+        if missing <= 0:
+            return status
+        counts = dict(status.counts)
+        counts["aborted" if gone else "queued"] += missing
+        total = status.total + missing
+        done = status.done + (missing if gone else 0)
+        eta = (total - done) / status.throughput if status.throughput else status.eta if done < total else 0.0
+        return dataclasses.replace(status, total=total, counts=counts, done=done, fraction=done / total,
+                                   eta=eta)
+
+    def items(self, state: ItemState | str | None = None, *, offset: int = 0,
+              limit: int | None = None) -> list[Item]:
+        """A page of the item table (in one state, if given), in the order of the requests."""
+        chosen = self.registry.items(state)
+        return chosen[offset:None if limit is None else offset + limit]
+
+    def results(self, ordered: bool = False, errors: str = "collect", *, start: int = 0,
+                timeout: float | None = None) -> Iterator[Outcome]:
+        """Each item's :class:`Outcome` as it ends (``ordered``: in the order of the
+        requests, each waited for in turn). ``errors="raise"`` raises a failed item's error
+        (typed, as ``Job.result``) when it comes. ``start``: skip that many (a reader that
+        stopped after ``start`` outcomes goes on from there). ``timeout``: seconds without a
+        new outcome before ``Timeout``.
+
+        Raises:
+            Timeout: nothing new came within ``timeout``.
+            InvalidRequest: ``errors`` is neither "collect" nor "raise".
+        """
+        if errors not in ("collect", "raise"):
+            raise InvalidRequest(f'errors is "collect" or "raise", not {errors!r}')
+        index = start
+        while True:
+            with self._cond:
+                outcome = self._next(index, ordered, timeout)
+            if outcome is None:
+                return
+            index += 1
+            if errors == "raise" and outcome.state == "failed":
+                outcome.result()
+            yield outcome
+
+    def _next(self, index: int, ordered: bool, timeout: float | None) -> Outcome | None:
+        """The outcome at ``index`` (lock held), waiting for it; None past the last."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if ordered:
+                if index < len(self._keys):
+                    item = self.registry.item(self._keys[index])
+                    found = self._outcomes.get(item.key)
+                    if found is not None and found.job_id == item.job_id:
+                        return found
+                    if item.state.ended and item.job_id is None:  # cancelled: never launched
+                        return Outcome(item.key, item.request, "", "aborted")
+                elif not self._launching:
+                    return None
+            elif index < len(self._ended_order):
+                return self._outcomes[self._ended_order[index]]
+            elif not self._launching and not self._pending:
+                return None
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise Timeout(f"operation {self.id}: no new outcome within {timeout} s")
+            self._cond.wait(1.0 if remaining is None else min(remaining, 1.0))
+
+    def wait(self, timeout: float | None = None) -> OperationStatus:
+        """Wait until every item has ended; return the status then.
+
+        Raises:
+            Timeout: not all ended within ``timeout`` s.
+            BrokerExecError: what stopped the launcher (a bad request further on, say).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._launching or self._pending:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    counts = {state: n for state, n in self.registry.counts().items() if n}
+                    raise Timeout(f"operation {self.id} did not end within {timeout} s: {counts}")
+                self._cond.wait(1.0 if remaining is None else min(remaining, 1.0))
+            if self._error is not None:
+                raise self._error
+        return self.status()
+
+    def outcomes(self) -> list[Outcome]:
+        """The outcomes so far, in the order they came."""
+        with self._cond:
+            return [self._outcomes[key] for key in self._ended_order]
+
+    def consolidate(self, how: str | Callable[[list[Outcome]], Any],
+                    path: str | os.PathLike[str] | None = None) -> Any:
+        """One answer of every outcome so far, successes and failures alike
+        (``operations/outcomes.py``: a function of the outcomes, or "collect" (to JSON lines
+        or CSV at ``path``), "stats", "best:<field>" or "best:-<field>"). Reads what is kept:
+        never runs an item again. Call after :meth:`wait` for the whole."""
+        return consolidate(self.outcomes(), how, path=path)
+
+    # ---- steering ----------------------------------------------------------------------------
+
+    def _unended_jobs(self) -> list[str]:
+        return [item.job_id for item in self.registry.items()
+                if item.job_id is not None and item.state not in ENDED]
+
+    def _signal_all(self, intent: Intent, job_ids: list[str], timeout: float) -> int:
+        """Send ``intent`` to each job, a few at a time; how many accepted it."""
+        from ..protocol.intents import Signal
+
+        client = self._client()
+
+        def send(job_id: str) -> bool:
+            try:
+                return bool(client.transport.rpc(job_id, Signal.of(intent), timeout)) \
+                    if intent is not Intent.ABORT else client.transport.abort(job_id, timeout)
+            except (InvalidState, JobNotFound, Timeout):  # ended meanwhile, or not started
+                return False
+
+        with cf.ThreadPoolExecutor(SIGNALS_AT_ONCE) as pool:
+            return sum(pool.map(send, job_ids))
+
+    def pause(self, timeout: float = 10.0) -> int:
+        """Hold every running item at its next ``ready()``, and launch no more until
+        :meth:`resume`; how many jobs accepted."""
+        with self._cond:
+            self._paused = True
+        return self._signal_all(Intent.PAUSE, self._unended_jobs(), timeout)
+
+    def resume(self, timeout: float = 10.0) -> int:
+        """Let paused items go on, and launching too; how many jobs accepted."""
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+        return self._signal_all(Intent.RESUME, self._unended_jobs(), timeout)
+
+    def abort(self, timeout: float = 10.0) -> int:
+        """Launch no more, and abort every item not ended (queued ones never start); how
+        many jobs were aborted."""
+        with self._cond:
+            if self._stopped is None:
+                self._stopped = "aborted"
+            self._cond.notify_all()
+        return self._abort_unended(timeout)
+
+    def _abort_unended(self, timeout: float = 10.0) -> int:
+        with self._cond:  # a batch being launched goes first: its jobs are aborted too
+            while self._launching and not self._closed:
+                self._cond.wait(1.0)
+        return self._signal_all(Intent.ABORT, self._unended_jobs(), timeout)
+
+    def rerun(self) -> int:
+        """Launch again every item that failed, was aborted, or was lost without a
+        checkpoint; keep every finished one (valjean's ``merge_done_tasks``); then go on
+        launching the requests it stopped before taking (an abort, its failure policy, a
+        broker that refused a launch). Returns how many held items were launched again.
+
+        Raises:
+            InvalidState: it is still launching, or an item to re-run has no request kept.
+        """
+        self._client()  # raises without one
+        with self._cond:
+            if self._closed:
+                raise InvalidState(f"operation {self.id} is closed")
+            if self._launching:
+                raise InvalidState(f"operation {self.id} is still launching: wait, or abort it, first")
+            plan = self.registry.plan()
+            keys = plan.rerun + plan.launch
+            items = [self.registry.item(key) for key in keys]
+            if any(item.request is None for item in items):
+                raise InvalidState(f"operation {self.id} does not hold the requests of every item to re-run")
+            self._stopped = None
+            self._error = None
+        from ..protocol.messages import Launch
+
+        if items and not self._subscriptions:
+            self._watch()
+        for start in range(0, len(items), LAUNCH_BATCH):
+            chunk = items[start:start + LAUNCH_BATCH]
+            launches = [Launch.new(self.service, item.request, operation=self.id, key=item.key)
+                        for item in chunk]
+            with self._cond:
+                for item, launch in zip(chunk, launches, strict=True):
+                    self.registry.launched(item.key, launch.job_id)
+                    self._pending[launch.job_id] = time.monotonic()
+            self._send(launches)
+        with self._cond:
+            rest, self._rest = self._rest, None
+            if rest is not None:
+                self._launching = True
+        if rest is not None:
+            self._spawn(self._launch_rest, rest, name="launcher")
+        return len(items)
+
+    def _client(self) -> Client:
+        if self.client is None:
+            raise InvalidState(f"operation {self.id} was loaded from a file without a client: "
+                               f"Operation.load(path, client) to steer it")
+        return self.client
+
+    # ---- saving ------------------------------------------------------------------------------
+
+    def encode(self) -> dict[str, Any]:
+        with self._cond:
+            return {"format": FORMAT, "id": self.id, "name": self.name, "service": self.service,
+                    "created": self.created, "policy": self.policy.encode(),
+                    "max_in_flight": self.max_in_flight, "registry": self.registry.encode(),
+                    "outcomes": [self._outcomes[key].encode() for key in self._ended_order]}
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the operation (its items, their states and outcomes) to ``path`` as JSON,
+        whole or not at all."""
+        target = Path(path)
+        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(self.encode(), ensure_ascii=False, allow_nan=False) + "\n")
+        os.replace(temporary, target)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], client: Client | None = None) -> Operation:
+        """An operation :meth:`save` wrote. With ``client``, it is watched again: items not
+        ended then are followed to their end, and it can be steered and re-run.
+
+        Raises:
+            DecodeError: the file is not an operation :meth:`save` wrote.
+        """
+        try:
+            body = json.loads(Path(path).read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DecodeError(f"{path}: not JSON ({exc})") from None
+        if not isinstance(body, dict) or body.get("format") != FORMAT:
+            raise DecodeError(f"{path}: not an operation of format {FORMAT}")
+        try:
+            policy = body.get("policy") or {}
+            operation = cls(
+                client, body["service"], operation_id=body["id"], name=body.get("name"),
+                policy=FailurePolicy(policy.get("on_error", "continue"), policy.get("max_failures")),
+                max_in_flight=body.get("max_in_flight"), registry=Registry.decode(body["registry"]),
+                outcomes=[Outcome.decode(outcome) for outcome in body.get("outcomes", [])],
+                created=body.get("created"))
+        except (KeyError, TypeError, BrokerExecError) as exc:
+            raise DecodeError(f"{path}: not an operation ({exc})") from None
+        if client is not None:
+            now = time.monotonic() - QUIET  # asked after at once: they may have ended meanwhile
+            for job_id in operation._unended_jobs():
+                operation._pending[job_id] = now
+            operation._watch()
+        return operation
+
+    # ---- the end -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop watching (the jobs go on; launching stops)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._ended_jobs.put(None)
+        for subscription in self._subscriptions:
+            subscription.close()
+        self._subscriptions.clear()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(5)
+
+    def __enter__(self) -> Operation:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

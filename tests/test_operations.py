@@ -1,0 +1,288 @@
+"""Operations through a client (``client.operation()``), on ``memory://``: one service over many
+requests, launched as they come, watched, consolidated, stopped by their failure policy, and
+re-run where they failed. ``test_operations_rabbitmq.py`` runs them on the real broker."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sample_services import Counter
+
+from brokerexec import (
+    Client,
+    ConfigurationError,
+    InvalidRequest,
+    InvalidState,
+    ItemState,
+    Operation,
+    RemoteError,
+    Service,
+    ServiceHandler,
+    Timeout,
+    UnknownService,
+    grid,
+)
+from brokerexec.operations import item_key
+
+pytestmark = pytest.mark.timeout(60)
+WAIT = 30.0
+
+
+class Held(Service):
+    """Waits at ready() until its test opens the gate named in its request (or fails)."""
+
+    name = "held"
+    gates: dict[str, threading.Event] = {}
+    broken: set[str] = set()
+
+    def run(self, handler: ServiceHandler, request: dict[str, Any]) -> dict[str, Any]:
+        gate = self.gates.setdefault(request["gate"], threading.Event())
+        while not gate.wait(0.01):
+            handler.ready()
+        handler.ready()
+        if request.get("n") in self.broken or request["gate"] in self.broken:
+            raise ValueError(f"item {request.get('n')} is broken")
+        return {"n": request.get("n"), "score": float(request.get("n", 0)) ** 2 % 7}
+
+
+@pytest.fixture
+def client() -> Iterator[Client]:
+    with Client("memory://", services=[Counter, Held], concurrency=4) as client:
+        yield client
+
+
+def opened(name: str) -> str:
+    Held.gates.setdefault(name, threading.Event()).set()
+    return name
+
+
+def test_a_grid_runs_one_job_per_request_and_every_outcome_is_kept(client: Client, tmp_path: Path) -> None:
+    requests = grid(steps=[1, 2, 3], fail_at=[-1, 0])
+    with client.operation("counter", requests, name="fit") as op:
+        status = op.wait(WAIT)
+        assert (status.total, status.done, status.fraction) == (6, 6, 1.0)
+        assert status.counts["finished"] == 3 and status.counts["failed"] == 3
+        # in the order of the requests, each named by the hash of its service and request
+        ordered = list(op.results(ordered=True))
+        assert [outcome.request for outcome in ordered] == list(requests)
+        assert [outcome.key for outcome in ordered] == [item_key("counter", r) for r in requests]
+        assert [outcome.value for outcome in ordered if outcome.ok] == [
+            {"count": n, "label": ""} for n in (1, 2, 3)]
+        failed = [outcome for outcome in ordered if not outcome.ok]
+        assert all(o.state == "failed" and "boom at step 0" in (o.error or {})["message"] for o in failed)
+        with pytest.raises(RemoteError, match="boom at step 0"):
+            failed[0].result()
+        assert sorted(o.key for o in op.results()) == sorted(o.key for o in ordered)  # as they ended
+        # errors="raise" raises the first failure that comes, typed as Job.result would
+        with pytest.raises(RemoteError, match="boom"):
+            list(op.results(ordered=True, errors="raise"))
+        # a reader that stopped after 4 goes on from there
+        assert [o.key for o in op.results(ordered=True, start=4)] == [o.key for o in ordered[4:]]
+        items = op.items()
+        assert [item.state for item in items] == [ItemState(o.state) for o in ordered]
+        assert all(item.started is not None and item.ended is not None and item.runs == 1 for item in items)
+        assert op.items("failed", limit=2) == [item for item in items if item.state is ItemState.FAILED][:2]
+        assert op.items(offset=4) == items[4:]
+        # consolidation always runs: successes and failures alike
+        stats = op.consolidate("stats")
+        assert stats["counts"] == {"aborted": 0, "failed": 3, "finished": 3}
+        assert stats["fields"]["count"] == {"count": 3, "mean": 2.0, "min": 1.0, "max": 3.0, "stdev": 1.0}
+        assert op.consolidate("best:count")["value"] == {"count": 3, "label": ""}
+        assert op.consolidate("best:-count")["value"] == {"count": 1, "label": ""}
+        assert op.consolidate(lambda outcomes: sum(o.ok for o in outcomes)) == 3
+        rows = op.consolidate("collect", tmp_path / "all.jsonl")
+        lines = (tmp_path / "all.jsonl").read_text().splitlines()
+        assert [json.loads(line) for line in lines] == rows and len(rows) == 6
+        op.consolidate("collect", tmp_path / "all.csv")
+        with (tmp_path / "all.csv").open() as table:
+            read = list(csv.DictReader(table))
+        assert {row["request.steps"] for row in read} == {"1", "2", "3"}
+        assert sorted(row["value.count"] for row in read if row["state"] == "finished") == ["1", "2", "3"]
+        assert all(row["error"].startswith("ValueError: boom") for row in read if row["state"] == "failed")
+        with pytest.raises(ConfigurationError, match="best:<field>"):
+            op.consolidate("median")
+
+
+def test_requests_are_taken_as_they_are_launched_never_all_first(client: Client) -> None:
+    gate = f"stream-{id(client)}"
+    pulled = 0
+
+    def requests() -> Iterator[dict[str, Any]]:
+        nonlocal pulled
+        for n in itertools.count():
+            if n == 20:
+                return
+            pulled += 1
+            yield {"gate": gate, "n": n}
+
+    with client.operation("held", requests(), max_in_flight=5) as op:
+        assert pulled == 5  # the first batch: what max_in_flight lets go now
+        seen_in_flight: list[int] = []
+
+        def in_flight(_: Any) -> None:
+            seen_in_flight.append(sum(1 for item in op.items() if item.job_id and not item.state.ended))
+
+        subscription = client.subscribe("state.held.*", in_flight)
+        try:
+            opened(gate)
+            status = op.wait(WAIT)
+        finally:
+            subscription.close()
+        assert status.counts["finished"] == 20 and pulled == 20
+        assert seen_in_flight and max(seen_in_flight) <= 5
+
+
+@pytest.mark.parametrize(("policy", "stops_after"), [({"on_error": "fail_fast"}, 1),
+                                                      ({"max_failures": 2}, 2),
+                                                      ({"max_failures": 0.1}, 3)])
+def test_failures_past_the_policy_abort_the_rest(client: Client, policy: dict[str, Any],
+                                                 stops_after: int) -> None:
+    gate = f"policy-{policy}"
+    Held.broken.add(gate + "-bad")
+    bad = f"{gate}-bad"
+    opened(bad)
+    requests = [*({"gate": bad, "n": n} for n in range(stops_after)),
+                *({"gate": gate, "n": n} for n in range(20))]
+    with client.operation("held", requests, max_in_flight=stops_after + 2, **policy) as op:
+        status = op.wait(WAIT)
+        assert op.stopped is not None and f"{stops_after} item(s) failed" in op.stopped
+        assert status.counts["failed"] == stops_after
+        assert status.counts["aborted"] == 20  # launched and aborted, or never launched
+        assert status.done == status.total == 20 + stops_after
+        assert sum(1 for item in op.items() if item.job_id) < 20 + stops_after  # not all launched
+    opened(gate)
+
+
+def test_continue_runs_every_item_whatever_fails(client: Client) -> None:
+    requests = [{"steps": n + 1, "fail_at": 0 if n % 2 else -1} for n in range(10)]
+    with client.operation("counter", requests) as op:
+        status = op.wait(WAIT)
+    assert op.stopped is None and (status.counts["finished"], status.counts["failed"]) == (5, 5)
+
+
+def test_a_rerun_launches_only_what_did_not_finish_and_keeps_the_rest(client: Client, tmp_path: Path) -> None:
+    gate = opened("rerun")
+    Held.broken.update({1, 3})
+    requests = [{"gate": gate, "n": n} for n in range(5)]
+    try:
+        with client.operation("held", requests) as op:
+            op.wait(WAIT)
+            first = {item.key: item for item in op.items()}
+            assert [item.state.value for item in first.values()] == [
+                "finished", "failed", "finished", "failed", "finished"]
+            op.save(tmp_path / "op.json")
+            Held.broken.difference_update({1, 3})  # mended
+            assert op.rerun() == 2
+            status = op.wait(WAIT)
+            assert status.counts["finished"] == 5
+            after = {item.key: item for item in op.items()}
+            for key, item in first.items():
+                if item.state is ItemState.FINISHED:  # kept as it was: not run again
+                    assert after[key] == item
+                else:
+                    assert after[key].runs == 2 and after[key].job_id != item.job_id
+            assert len(op.outcomes()) == 5 and all(outcome.ok for outcome in op.outcomes())
+            assert op.rerun() == 0
+    finally:
+        Held.broken.difference_update({1, 3})
+    # saved, loaded elsewhere: the table and the outcomes, consolidated without running anything
+    loaded = Operation.load(tmp_path / "op.json")
+    assert (loaded.id, loaded.name, loaded.service) == (op.id, op.name, "held")
+    assert loaded.status().counts["failed"] == 2 and len(loaded.outcomes()) == 5
+    assert loaded.consolidate("stats")["counts"] == {"aborted": 0, "failed": 2, "finished": 3}
+    with pytest.raises(InvalidState, match="without a client"):
+        loaded.rerun()
+    # with a client, it is steered again: the re-run of the two that failed then
+    Held.broken.clear()
+    with Operation.load(tmp_path / "op.json", client) as again:
+        assert again.rerun() == 2
+        assert again.wait(WAIT).counts["finished"] == 5
+
+
+def test_an_operation_is_aborted_paused_and_resumed_as_a_whole(client: Client) -> None:
+    gate = "steered"
+    requests = [{"gate": gate, "n": n} for n in range(12)]
+    with client.operation("held", requests, max_in_flight=4) as op:
+        brokered = op.pause()
+        assert brokered >= 1
+        assert op.resume() >= 1
+        aborted = op.abort()
+        assert aborted == 4
+        status = op.wait(WAIT)
+    assert op.stopped == "aborted"
+    assert status.counts["aborted"] == 12 and status.done == 12
+    assert len(op.items()) == 4  # the 8 others were never taken from the list, nor launched
+    assert [o.state for o in op.results(ordered=True)] == ["aborted"] * 4
+
+
+def test_bad_sweeps_are_refused_at_once(client: Client) -> None:
+    with pytest.raises(UnknownService, match="nobody"):
+        client.operation("nobody", [{"a": 1}])
+    with pytest.raises(InvalidRequest, match="key"):
+        client.operation("counter", [{"steps": 1}, {"steps": 1}])  # one key twice
+    with pytest.raises(InvalidRequest, match="JSON object"):
+        client.operation("counter", [["steps", 1]])
+    with pytest.raises(ConfigurationError, match="on_error"):
+        client.operation("counter", [{"steps": 1}], on_error="ignore")
+    with pytest.raises(ConfigurationError, match="max_failures"):
+        client.operation("counter", [{"steps": 1}], max_failures=0)
+    with pytest.raises(InvalidRequest, match="max_in_flight"):
+        client.operation("counter", [{"steps": 1}], max_in_flight=0)
+    # the caller's own keys
+    with client.operation("counter", [("first", {"steps": 1}), ("second", {"steps": 2})]) as op:
+        op.wait(WAIT)
+        assert [o.key for o in op.results(ordered=True)] == ["first", "second"]
+
+
+def test_a_bad_request_further_on_stops_the_launching_and_wait_says_why(client: Client) -> None:
+    def requests() -> Iterator[Any]:
+        yield from ({"steps": n} for n in range(1, 4))
+        yield "not a request"
+
+    with client.operation("counter", requests(), max_in_flight=3) as op:
+        with pytest.raises(InvalidRequest, match="JSON object"):
+            op.wait(WAIT)
+        assert op.status().counts["finished"] == 3
+
+
+def test_results_time_out_when_nothing_comes(client: Client) -> None:
+    with client.operation("held", [{"gate": "never", "n": 1}]) as op:
+        with pytest.raises(Timeout, match="no new outcome"):
+            next(op.results(timeout=0.2))
+        with pytest.raises(Timeout, match="did not end"):
+            op.wait(0.2)
+        op.abort()
+        op.wait(WAIT)
+
+
+def test_items_the_broker_did_not_take_fail_as_not_launched_and_a_rerun_launches_them(
+        client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    from brokerexec import BrokerConnectionError
+
+    gate = "unlaunched"
+    requests = [{"gate": gate, "n": n} for n in range(4)]
+    with client.operation("held", requests, max_in_flight=2) as op:
+        def refused(launches: list[Any]) -> None:
+            raise BrokerConnectionError("the broker is gone")
+
+        monkeypatch.setattr(client.transport, "launch", refused)
+        opened(gate)  # the first two end: the next two are launched, and refused
+        with pytest.raises(BrokerConnectionError, match="gone"):
+            op.wait(WAIT)
+        states = [item.state.value for item in op.items()]
+        assert states[:2] == ["finished", "finished"] and set(states[2:]) == {"failed"}  # 1 or 2
+        assert all("not launched" in (o.error or {}).get("message", "") for o in op.outcomes() if not o.ok)
+        assert op.stopped is not None and "launching failed" in op.stopped
+        status = op.status()  # a request not taken yet counts as aborted: nothing launches it now
+        assert status.total == 4 and status.done == 4
+        monkeypatch.undo()
+        assert op.rerun() == len(states) - 2  # those that failed; then the rest of the list
+        assert op.wait(WAIT).counts["finished"] == 4
+        assert [o.request for o in op.results(ordered=True)] == requests
