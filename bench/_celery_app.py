@@ -19,11 +19,13 @@ from celery import Celery
 from bench._harness import DEFAULT_URL, delete_objects, subprocess_server
 
 ECHO = "bench.echo"
+COLLECT = "bench.collect"
 
 
-def make_app(url: str, queue: str) -> Celery:
-    """A Celery app on ``url`` whose tasks go to ``queue``, results over ``rpc://``."""
-    app = Celery("bench", broker=url, backend="rpc://", set_as_current=False)
+def make_app(url: str, queue: str, backend: str = "rpc://") -> Celery:
+    """A Celery app on ``url`` whose tasks go to ``queue``, results over ``backend``
+    (``rpc://``; a chord needs one that keeps its counter, as Redis)."""
+    app = Celery("bench", broker=url, backend=backend, set_as_current=False)
     app.conf.update(
         task_default_queue=queue,
         task_default_exchange=queue,
@@ -35,6 +37,7 @@ def make_app(url: str, queue: str) -> Celery:
         broker_connection_max_retries=3,
     )
     app.task(name=ECHO)(echo)
+    app.task(name=COLLECT)(collect)
     return app
 
 
@@ -43,8 +46,14 @@ def echo(value: object) -> object:
     return value
 
 
+def collect(values: list[object]) -> list[object]:
+    """A chord's callback: the list of its members' results, as they are."""
+    return values
+
+
 # The worker process's app (``-A bench._celery_app``), configured by :func:`worker`.
-app = make_app(os.environ.get("BENCH_CELERY_URL", DEFAULT_URL), os.environ.get("BENCH_CELERY_QUEUE", "bench"))
+app = make_app(os.environ.get("BENCH_CELERY_URL", DEFAULT_URL), os.environ.get("BENCH_CELERY_QUEUE", "bench"),
+               os.environ.get("BENCH_CELERY_BACKEND", "rpc://"))
 
 
 def objects(queue: str) -> tuple[list[str], list[str]]:
@@ -54,12 +63,12 @@ def objects(queue: str) -> tuple[list[str], list[str]]:
 
 
 @contextlib.contextmanager
-def worker(url: str, queue: str, pool: str, concurrency: int) -> Iterator[None]:
+def worker(url: str, queue: str, pool: str, concurrency: int, backend: str = "rpc://") -> Iterator[None]:
     """A Celery worker on ``queue`` until the block ends; its broker objects deleted after."""
     argv = [sys.executable, "-m", "celery", "-A", "bench._celery_app", "worker", "--pool", pool,
             "--concurrency", str(concurrency), "--queues", queue, "--hostname", f"{queue}@localhost",
             "--without-heartbeat", "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
-    env = {"BENCH_CELERY_URL": url, "BENCH_CELERY_QUEUE": queue}
+    env = {"BENCH_CELERY_URL": url, "BENCH_CELERY_QUEUE": queue, "BENCH_CELERY_BACKEND": backend}
     try:
         with subprocess_server(argv, ready=r"\bready\.", env=env):
             yield
@@ -69,13 +78,13 @@ def worker(url: str, queue: str, pool: str, concurrency: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def client(url: str, queue: str, confirm: bool = False) -> Iterator[Celery]:
+def client(url: str, queue: str, confirm: bool = False, backend: str = "rpc://") -> Iterator[Celery]:
     """The timing side's app; its connections (and its rpc:// reply queue) closed at the end.
 
     ``confirm``: publisher confirms on (py-amqp's ``confirm_publish``), so each ``send_task``
     returns once the broker holds the task, as brokerexec's ``launch()`` does.
     """
-    app = make_app(url, queue)
+    app = make_app(url, queue, backend)
     if confirm:
         app.conf.broker_transport_options = {"confirm_publish": True}
     try:

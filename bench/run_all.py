@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from types import ModuleType
 
-from bench import bench_broadcast, bench_cli, bench_history, bench_rpc, bench_throughput
+from bench import bench_broadcast, bench_cli, bench_history, bench_operations, bench_rpc, bench_throughput
 from bench._harness import DEFAULT_URL, Row, isolated_vhost, median_rows, report
 
 BENCHMARKS: dict[str, ModuleType] = {
@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     "throughput": bench_throughput,
     "broadcast": bench_broadcast,
     "cli": bench_cli,
+    "operations": bench_operations,
 }
 #: Benchmarks that run only when named in ``--only`` (long).
 NAMED_ONLY: dict[str, ModuleType] = {

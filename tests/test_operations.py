@@ -21,6 +21,7 @@ from brokerexec import (
     InvalidRequest,
     InvalidState,
     ItemState,
+    JobNotFound,
     Operation,
     RemoteError,
     Service,
@@ -30,6 +31,7 @@ from brokerexec import (
     grid,
 )
 from brokerexec.operations import item_key
+from brokerexec.protocol.names import new_job_id
 
 pytestmark = pytest.mark.timeout(60)
 WAIT = 30.0
@@ -286,3 +288,59 @@ def test_items_the_broker_did_not_take_fail_as_not_launched_and_a_rerun_launches
         assert op.rerun() == len(states) - 2  # those that failed; then the rest of the list
         assert op.wait(WAIT).counts["finished"] == 4
         assert [o.request for o in op.results(ordered=True)] == requests
+
+
+def test_another_client_reattaches_by_id_and_follows_the_items_to_their_end(client: Client) -> None:
+    gate = "reattached"
+    Held.broken.add(7)
+    requests = [{"gate": gate, "n": n} for n in range(10)]
+    try:
+        op = client.operation("held", requests, name="to find again", max_failures=3)
+        assert any(entry["id"] == op.id and entry["name"] == "to find again" and entry["expected"] == 10
+                   for entry in client.operations())
+        with Client("memory://", services=[Held]) as other:
+            again = other.operation_of(op.id)
+            assert (again.id, again.name, again.service) == (op.id, "to find again", "held")
+            assert again.policy.max_failures == 3
+            assert [item.key for item in again.items()] == [item.key for item in op.items()]
+            assert [item.job_id for item in again.items()] == [item.job_id for item in op.items()]
+            assert again.status().total == 10
+            opened(gate)
+            status = again.wait(WAIT)
+            assert (status.counts["finished"], status.counts["failed"]) == (9, 1)
+            values = [o.value for o in again.results(ordered=True)]
+            assert values == [o.value for o in op.results(ordered=True)]
+            # reattached once more after the end: everything from the journal alone
+            ended = other.operation_of(op.id)
+            assert ended.done and ended.wait(WAIT).counts == status.counts
+            assert ended.items("failed")[0].error == "ValueError: item 7 is broken"
+            assert ended.items("finished")[0].started is not None
+        op.close()
+    finally:
+        Held.broken.discard(7)
+    with pytest.raises(JobNotFound, match="no operation"):
+        client.operation_of(new_job_id())
+    with pytest.raises(InvalidRequest, match="a request at least"):
+        client.operation("counter", [])
+    with pytest.raises(InvalidRequest, match="a request at least"):
+        client.operation("counter", iter([]))
+
+
+def test_set_reaches_every_running_item_add_launches_more_and_plan_says_what_a_rerun_does(
+        client: Client) -> None:
+    with client.operation("counter", [{"steps": 300 + n, "delay": 0.01} for n in range(4)]) as op:
+        with op._cond:  # every item running (the registry notifies as items move)
+            assert op._cond.wait_for(lambda: op.status().counts["running"] == 4, WAIT)
+        assert op.set(label="tuned") == 4
+        op.wait(WAIT)
+        assert all(o.value["label"] == "tuned" for o in op.results())
+    gate = "added"
+    with client.operation("held", [{"gate": gate, "n": n} for n in range(2)]) as op:
+        op.add([{"gate": gate, "n": n} for n in range(2, 5)])
+        assert op.status().total == 5
+        plan = op.plan()
+        assert len(plan.in_flight) + len(plan.launch) == len(op.items()) and not plan.rerun
+        opened(gate)
+        status = op.wait(WAIT)
+        assert status.counts["finished"] == 5
+        assert op.plan().skip == [item.key for item in op.items()]

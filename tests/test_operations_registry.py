@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,61 @@ def test_news_from_many_threads_at_once_are_each_applied_once() -> None:
         return sum(1 for item in inner.items("finished")[:10] if inner.skip(item.key))
 
     assert registry.atomically(swap) == 10 and registry.counts()["skipped"] == 10
+
+
+# ---- an operation in the journal (protocol/operation_log.py), sans-I/O --------------------------
+
+
+def test_an_operation_is_gathered_again_from_every_stream_of_the_journal() -> None:
+    from brokerexec import codec
+    from brokerexec.protocol.commands import Incoming
+    from brokerexec.protocol.journal import launches_entry
+    from brokerexec.protocol.messages import Launch
+    from brokerexec.protocol.names import (
+        LAUNCHES_EXCHANGE,
+        LAUNCHES_TYPE,
+        PROBES_EXCHANGE,
+        RECORD_TYPE,
+        STARTED_TYPE,
+        new_job_id,
+    )
+    from brokerexec.protocol.operation_log import OperationHeader, OperationScan, header_message, time_of_id
+
+    op_id = new_job_id()
+    created = time_of_id(op_id)
+    assert created is not None and abs(created - time.time()) < 5
+    assert time_of_id("0" * 32) is None and time_of_id("not hex") is None
+
+    def entry(kind: str, body: dict, message_id: str, exchange: str = LAUNCHES_EXCHANGE) -> Incoming:
+        return Incoming(codec.encode(body), "application/json", message_id, kind, exchange=exchange)
+
+    header = OperationHeader(op_id, "fit", "a sweep", created, {"on_error": "continue"}, None, 3)
+    message = header_message(header)
+    scan = OperationScan(op_id)
+    stream = scan.streams[0]
+    jobs = [new_job_id() for _ in range(4)]
+    scan.feed(stream, Incoming(message.body, "application/json", op_id, message.type,
+                               exchange=LAUNCHES_EXCHANGE))
+    scan.feed(stream, entry(LAUNCHES_TYPE, launches_entry("fit", 1.0, jobs[:2], [{"a": 1}, {"a": 2}],
+                                                          operation=op_id, keys=["k1", "k2"]), "x"))
+    scan.feed(stream, entry(LAUNCHES_TYPE, launches_entry("fit", 1.0, [new_job_id()], [{"a": 9}],
+                                                          operation="another", keys=["k9"]), "y"))
+    single = Launch.new("fit", {"a": 3}, operation=op_id, key="k3")
+    scan.feed(stream, entry("brokerexec.launch", single.encode(), single.job_id))
+    rerun = Launch.new("fit", {"a": 2}, operation=op_id, key="k2")  # k2 re-run: its newer job
+    scan.feed(stream, entry("brokerexec.launch", rerun.encode(), rerun.job_id))
+    scan.feed(stream, entry(STARTED_TYPE, {"job_id": jobs[0], "attempt": 1, "worker": {"hostname": "h"},
+                                           "time": 2.0}, jobs[0]))
+    scan.feed(stream, entry(RECORD_TYPE, {"job_id": jobs[0], "state": "finished", "result": 1}, jobs[0]))
+    scan.feed(stream, entry(RECORD_TYPE, {"job_id": jobs[0], "state": "failed"}, jobs[0]))  # the first counts
+    scan.feed(stream, entry(RECORD_TYPE, {"job_id": jobs[3], "state": "finished"}, jobs[3]))  # not its job
+    # what anyone may publish to the probes exchange is not an entry
+    scan.feed(stream, entry(RECORD_TYPE, {"job_id": jobs[1], "state": "finished"}, jobs[1], PROBES_EXCHANGE))
+    for other in scan.streams:
+        assert scan.feed(other, Incoming(b"", message_id=scan.probes[other])) is (other == scan.streams[-1])
+    found = scan.found
+    assert found.header == header and found.service == "fit"
+    assert [(item.key, item.runs) for item in found.ordered()] == [("k1", 1), ("k2", 2), ("k3", 1)]
+    assert found.items["k2"].job_id == rerun.job_id and found.items["k2"].request == {"a": 2}
+    assert found.started[jobs[0]]["worker"] == {"hostname": "h"}
+    assert found.records == {jobs[0]: {"job_id": jobs[0], "state": "finished", "result": 1}}

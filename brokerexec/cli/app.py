@@ -32,7 +32,7 @@ from typing import Any, NoReturn
 
 import click
 
-from . import fleet, jobs, local
+from . import fleet, jobs, local, operations
 from .config import config, config_option, given_settings, worker_options
 from .history import history
 from .output import (
@@ -85,6 +85,8 @@ def worker(**options: Any) -> None:
 for _command in (*local.COMMANDS, *jobs.COMMANDS, *fleet.COMMANDS):
     cli.add_command(_command)
 cli.add_command(history)
+cli.add_command(operations.sweep)
+cli.add_command(operations.op)
 
 
 def main(args: list[str] | None = None) -> NoReturn:

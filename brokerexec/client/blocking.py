@@ -134,6 +134,34 @@ class Client:
         operation._start(requests)
         return operation
 
+    def operation_of(self, operation_id: str, *, timeout: float = 60.0) -> Operation:
+        """The operation of that id, as the journal has it, watched from now on: any client
+        reattaches, also after the one that launched it was killed. It follows the items
+        launched until now (``docs/operations.md``).
+
+        Raises:
+            JobNotFound: the journal has no operation of that id.
+            Timeout: the journal was not read within ``timeout`` s.
+        """
+        from ..errors import JobNotFound
+        from ..protocol.operation_log import time_of_id
+        from .operation import Operation
+
+        if time_of_id(check_name("operation id", operation_id)) is None:
+            raise JobNotFound(f"no operation {operation_id}: an operation's id starts with the time "
+                              f"it was made (32 hex digits, as `brokerexec sweep` prints)")
+        found = self.transport.find_operation(operation_id, timeout)
+        return Operation._found(self, operation_id, found)
+
+    def operations(self, since: float | None = None, limit: int = 100, *,
+                   timeout: float = 60.0) -> list[dict[str, Any]]:
+        """The operations made since ``since`` (epoch seconds; the last day by default), newest
+        first: id, name, service, created, policy, max_in_flight, and how many requests
+        (``expected``, when they could be counted)."""
+        since = time.time() - 86400 if since is None else since
+        return [header.encode() | {"id": header.id}
+                for header in self.transport.find_operations(since, limit, timeout)]
+
     def job(self, job_id: str, service: str | None = None) -> Job:
         """A handle on an existing job."""
         return Job(self, check_name("job id", job_id), service)

@@ -28,7 +28,6 @@ import os
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sized
 from pathlib import Path
 from typing import Any
@@ -42,10 +41,11 @@ from ..errors import (
     Timeout,
 )
 from ..operations.outcomes import FailurePolicy, Outcome, consolidate, outcome_of
-from ..operations.registry import ENDED, Item, ItemState, OperationStatus, Registry
+from ..operations.registry import ENDED, Item, ItemState, OperationStatus, Plan, Registry
 from ..operations.requests import check_key, item_key, normal_form
 from ..protocol.intents import Intent
-from ..protocol.names import check_name
+from ..protocol.names import check_name, new_job_id
+from ..protocol.operation_log import FoundOperation, OperationHeader
 from .job import JobsClient as Client  # what it needs of a Client: its transport and subscribe()
 
 __all__ = ["Operation"]
@@ -88,7 +88,9 @@ class Operation:
             raise InvalidRequest(f"max_in_flight is a whole number of jobs, 1 or more; not {max_in_flight!r}")
         self.client = client
         self.service = check_name("service name", service)
-        self.id = check_name("operation id", operation_id or uuid.uuid4().hex)
+        # Made as a job id is: it starts with when it was made, where a reader of the journal
+        # starts to find it again (protocol/operation_log.py).
+        self.id = check_name("operation id", operation_id or new_job_id())
         self.name = name or f"{service} sweep"
         self.policy = policy or FailurePolicy()
         self.max_in_flight = max_in_flight
@@ -112,6 +114,7 @@ class Operation:
         self._subscriptions: list[Any] = []
         self._threads: list[threading.Thread] = []
         self._rest: Iterator[tuple[str, dict[str, Any]]] | None = None  # requests not taken yet
+        self._more: list[Iterator[tuple[str, dict[str, Any]]]] = []  # add()'s, while launching
         self._closed = False
 
     def __repr__(self) -> str:
@@ -122,13 +125,19 @@ class Operation:
     def _start(self, requests: Iterable[Any]) -> None:
         """Watch, launch the first batch here (an unknown service or a bad request raises
         at once), and the rest in the background."""
-        self._watch()
         if isinstance(requests, Sized):
+            if not len(requests):
+                raise InvalidRequest(f"an operation of {self.service!r} needs a request at least: none given")
             self.expected = len(requests)
+        self._watch()
         items = _items_of(self.service, requests)
         self._launching = True
         try:
-            self._launch(list(itertools.islice(items, self._room())))
+            first = list(itertools.islice(items, self._room()))
+            if not first:
+                raise InvalidRequest(f"an operation of {self.service!r} needs a request at least: none came")
+            self._client().transport.note_operation(self.header())  # where another client finds it
+            self._launch(first)
         except BaseException:
             self._launching = False
             self.close()
@@ -151,7 +160,11 @@ class Operation:
                         break
                 batch = list(itertools.islice(items, self._room()))
                 if not batch:
-                    break
+                    with self._cond:
+                        if not self._more:
+                            break
+                        items = self._more.pop(0)  # what add() gave meanwhile
+                    continue
                 self._launch(batch)
         except BaseException as exc:  # a bad request or key further on, the broker gone
             log.warning("operation %s stopped launching: %s", self.id, exc)
@@ -161,7 +174,8 @@ class Operation:
         finally:
             with self._cond:
                 self._launching = False
-                self._rest = items  # what a re-run launches after its held items
+                self._rest = itertools.chain(items, *self._more)  # what a re-run launches after its items
+                self._more = []
                 if self._stopped is not None:
                     for item in self.registry.items(ItemState.QUEUED):
                         if item.job_id is None:
@@ -338,6 +352,22 @@ class Operation:
             return not self._launching and not self._pending
 
     @property
+    def launching(self) -> bool:
+        """Requests are still being taken and launched."""
+        return self._launching
+
+    @property
+    def launch_error(self) -> BaseException | None:
+        """What stopped the launching early (a bad request further on, the broker gone)."""
+        return self._error
+
+    def wait_launched(self, timeout: float | None = None) -> bool:
+        """Wait until every request was taken and launched (or the launching stopped); False
+        if it goes on after ``timeout`` s."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._launching, timeout)
+
+    @property
     def stopped(self) -> str | None:
         """Why it stopped early (aborted, or its failure policy), or None."""
         return self._stopped
@@ -452,15 +482,15 @@ class Operation:
         return [item.job_id for item in self.registry.items()
                 if item.job_id is not None and item.state not in ENDED]
 
-    def _signal_all(self, intent: Intent, job_ids: list[str], timeout: float) -> int:
-        """Send ``intent`` to each job, a few at a time; how many accepted it."""
+    def _signal_all(self, intent: Intent, job_ids: list[str], timeout: float, **fields: Any) -> int:
+        """Send ``intent`` (with ``fields``) to each job, a few at a time; how many accepted it."""
         from ..protocol.intents import Signal
 
         client = self._client()
 
         def send(job_id: str) -> bool:
             try:
-                return bool(client.transport.rpc(job_id, Signal.of(intent), timeout)) \
+                return bool(client.transport.rpc(job_id, Signal.of(intent, **fields), timeout)) \
                     if intent is not Intent.ABORT else client.transport.abort(job_id, timeout)
             except (InvalidState, JobNotFound, Timeout):  # ended meanwhile, or not started
                 return False
@@ -496,6 +526,33 @@ class Operation:
             while self._launching and not self._closed:
                 self._cond.wait(1.0)
         return self._signal_all(Intent.ABORT, self._unended_jobs(), timeout)
+
+    def set(self, attrs: dict[str, Any] | None = None, /, *, timeout: float = 10.0, **more: Any) -> int:
+        """Set declared attributes of every running item, applied at its next ``ready()``
+        (``op.set(step=2)``); how many jobs applied them. Items not started yet are not
+        reached (their requests say how they start)."""
+        return self._signal_all(Intent.SET, self._unended_jobs(), timeout, attrs={**(attrs or {}), **more})
+
+    def add(self, requests: Iterable[Any]) -> None:
+        """More requests for this operation, launched after those it has (as
+        :meth:`Client.operation` takes them)."""
+        items = _items_of(self.service, requests)
+        with self._cond:
+            if self._closed:
+                raise InvalidState(f"operation {self.id} is closed")
+            if self.expected is not None:
+                self.expected = self.expected + len(requests) if isinstance(requests, Sized) else None
+            if self._launching:
+                self._more.append(items)
+                return
+            self._launching = True
+            self._stopped = None
+        self._spawn(self._launch_rest, items, name="launcher")
+
+    def plan(self) -> Plan:
+        """What a re-run would do with each item (by key): keep it (finished), resume it
+        (lost, with a checkpoint), run it again, launch it, or leave it under way."""
+        return self.registry.plan()
 
     def rerun(self) -> int:
         """Launch again every item that failed, was aborted, or was lost without a
@@ -545,6 +602,46 @@ class Operation:
             raise InvalidState(f"operation {self.id} was loaded from a file without a client: "
                                f"Operation.load(path, client) to steer it")
         return self.client
+
+    def header(self) -> OperationHeader:
+        """What the journal keeps of it besides its items (``protocol/operation_log.py``)."""
+        return OperationHeader(self.id, self.service, self.name, self.created, self.policy.encode(),
+                               self.max_in_flight, self.expected)
+
+    @classmethod
+    def _found(cls, client: Client, operation_id: str, found: FoundOperation) -> Operation:
+        """The operation as the journal has it (``client.operation_of``), watched from now on."""
+        header = found.header
+        items = found.ordered()
+        if header is None and not items:
+            raise JobNotFound(f"no operation {operation_id} in the journal (never made, or made "
+                              f"longer ago than the journal keeps entries)")
+        service = header.service if header is not None else _service_of(found)
+        policy = header.policy if header is not None else {}
+        operation = cls(client, service, operation_id=operation_id,
+                        name=header.name if header is not None else None,
+                        policy=FailurePolicy(policy.get("on_error", "continue"), policy.get("max_failures")),
+                        max_in_flight=header.max_in_flight if header is not None else None,
+                        registry=Registry(Item(item.key, item.request, item.job_id, runs=item.runs)
+                                          for item in items),
+                        created=header.created if header is not None else None)
+        operation.expected = header.expected if header is not None else None
+        for item in items:
+            started = found.started.get(item.job_id)
+            if started is not None:
+                worker = started.get("worker")
+                operation.registry.observe(
+                    item.job_id, "running", at=started.get("time"), attempt=started.get("attempt"),
+                    worker=worker.get("hostname") if isinstance(worker, dict) else None)
+            operation._pending[item.job_id] = time.monotonic()
+        for item in items:
+            record = found.records.get(item.job_id)
+            if record is not None:
+                operation._ended(item.key, record)
+        operation._watch()
+        for job_id in list(operation._pending):  # ended since the journal was read: asked after soon
+            operation._pending[job_id] = time.monotonic() - QUIET
+        return operation
 
     # ---- saving ------------------------------------------------------------------------------
 
@@ -614,3 +711,13 @@ class Operation:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _service_of(found: FoundOperation) -> str:
+    """The service of an operation without a header, from its launches or jobs."""
+    if found.service:
+        return found.service
+    for body in (*found.records.values(), *found.started.values()):
+        if isinstance(body.get("service"), str):
+            return str(body["service"])
+    raise JobNotFound("the journal has the operation's launches but not their service")

@@ -62,6 +62,7 @@ __all__ = [
     "STREAM_OFFSET_HEADER",
     "BackSearch",
     "Entry",
+    "EveryStream",
     "JobHistory",
     "JournalScan",
     "JournalSearch",
@@ -75,6 +76,7 @@ __all__ = [
     "launches_entry_of",
     "launches_in",
     "launches_parts",
+    "offset_since",
     "probe_message",
     "started_entry",
 ]
@@ -239,8 +241,9 @@ class JobHistory:
         return None
 
 
-
-def _offset(start: float | None) -> datetime | str:
+def offset_since(start: float | None) -> datetime | str:
+    """Where a reader of entries written since ``start`` (epoch seconds) starts in a stream:
+    a little before it (the clocks of hosts differ), or at the first entry for no time."""
     if start is None or start < 1.5e9:  # not a time this century: read it all
         return "first"
     return datetime.fromtimestamp(start - RECORD_TIME_MARGIN, tz=timezone.utc)
@@ -297,7 +300,7 @@ class JournalSearch:
         """The ``offset`` given (where an earlier read ended), else ``since``, or the job's
         launch time (from its id), less a margin for clock skew; from the first entry for
         ids that carry no time."""
-        return self._from if self._from is not None else _offset(self._start)
+        return self._from if self._from is not None else offset_since(self._start)
 
     def feed(self, stream: str, message: Incoming) -> bool:
         """Look at one message of the stream; True once the search is over.
@@ -350,45 +353,64 @@ class JournalSearch:
         return self.probe_seen and not self.history.known
 
 
-class JournalScan:
-    """The records of every job that ended since ``since`` (epoch seconds), from all the
-    journal streams: :attr:`records`, the newest first, at most ``limit`` of them."""
+class EveryStream:
+    """What a reader of every journal stream from a time to its end needs (a
+    :class:`~.commands.JournalReader`): the streams, a probe for each, where to start, and
+    when it is done. A subclass takes each entry in :meth:`take`, never a probe nor what was
+    published to the probes exchange (anyone allowed to probe may write there)."""
 
     PREFETCH = 200
 
-    def __init__(self, since: float, limit: int) -> None:
+    def __init__(self, since: float | None) -> None:
         self.streams = tuple(journal_stream_of_bucket(b) for b in range(JOURNAL_BUCKETS))
         self.probes = {stream: _probe_id() for stream in self.streams}
         self.done = False
-        self.limit = limit
         self._since = since
-        self._found: dict[str, dict[str, Any]] = {}
         self._open = set(self.streams)
 
     @property
     def offset(self) -> datetime | str:
-        return _offset(self._since)
+        return offset_since(self._since)
 
     def feed(self, stream: str, message: Incoming) -> bool:
         if self.done or stream not in self._open:
             return self.done
-        if message.type == RECORD_TYPE and message.message_id and is_entry(message):
-            try:
-                record, _ = codec.decode_object(message.body, message.content_type,
-                                                max_bytes=MAX_ENTRY_BYTES)
-            except DecodeError:
-                return False  # listing what ended: one bad entry hides nothing else
-            end = record.get("end")
-            if isinstance(end, int | float) and end >= self._since:
-                self._found.setdefault(message.message_id, record)  # the first record counts
-        elif message.message_id == self.probes[stream]:
+        if message.message_id is not None and message.message_id == self.probes[stream]:
             return self.missing(stream)
+        if message.exchange != PROBES_EXCHANGE:
+            self.take(message)
         return False
+
+    def take(self, message: Incoming) -> None:
+        """One message of a stream (not a probe)."""
+        raise NotImplementedError
 
     def missing(self, stream: str) -> bool:
         self._open.discard(stream)
         self.done = not self._open
         return self.done
+
+
+class JournalScan(EveryStream):
+    """The records of every job that ended since ``since`` (epoch seconds), from all the
+    journal streams: :attr:`records`, the newest first, at most ``limit`` of them."""
+
+    def __init__(self, since: float, limit: int) -> None:
+        super().__init__(since)
+        self.limit = limit
+        self._after = since
+        self._found: dict[str, dict[str, Any]] = {}
+
+    def take(self, message: Incoming) -> None:
+        if message.type != RECORD_TYPE or not message.message_id or not is_entry(message):
+            return
+        try:
+            record, _ = codec.decode_object(message.body, message.content_type, max_bytes=MAX_ENTRY_BYTES)
+        except DecodeError:
+            return  # listing what ended: one bad entry hides nothing else
+        end = record.get("end")
+        if isinstance(end, int | float) and end >= self._after:
+            self._found.setdefault(message.message_id, record)  # the first record counts
 
     @property
     def records(self) -> list[dict[str, Any]]:

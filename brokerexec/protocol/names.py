@@ -129,6 +129,8 @@ STARTED_TYPE: Final = "brokerexec.started"
 CHECKPOINT_TYPE: Final = "brokerexec.checkpoint"
 RECORD_TYPE: Final = "brokerexec.record"
 PROBE_TYPE: Final = "brokerexec.probe"
+#: AMQP ``type`` of an operation's header entry (``protocol/operation_log.py``): not a job's.
+OPERATION_TYPE: Final = "brokerexec.operation"
 #: AMQP ``type`` of a lease (and of the launch it becomes when its worker dies).
 LEASE_TYPE: Final = "brokerexec.lease"
 #: AMQP ``type`` of the ``state_changed`` broadcasts jobs send for kiwipy tools.

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..errors import HistoryUnavailable
+from ..errors import ConfigurationError, HistoryUnavailable
 
 if TYPE_CHECKING:  # annotations only: a one-shot CLI verb imports this module
     from concurrent.futures import Future
@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # annotations only: a one-shot CLI verb imports this module
     from ..protocol.intents import Signal
     from ..protocol.lookups import Listing
     from ..protocol.messages import Control, JobSummary, Launch, Record
+    from ..protocol.operation_log import FoundOperation, OperationHeader
 
 __all__ = ["AsyncClientTransport", "ClientTransport", "PreparedJob", "Resumed", "Subscription",
            "WorkerHooks", "WorkerTransport", "client_info"]
@@ -233,6 +234,22 @@ class ClientTransport(abc.ABC):
             HistoryUnavailable: none answers (and, here, none can: this transport keeps none).
         """
         raise HistoryUnavailable(f"{type(self).__name__} keeps no history store")
+
+    def note_operation(self, header: OperationHeader) -> None:
+        """Write an operation's header to the journal (``protocol/operation_log.py``)."""
+        raise ConfigurationError(f"{type(self).__name__} keeps no operations")
+
+    def find_operation(self, operation_id: str, timeout: float) -> FoundOperation:
+        """An operation as the journal has it (empty: it has nothing of that id).
+
+        Raises:
+            Timeout: the journal was not read to its end within ``timeout``.
+        """
+        raise ConfigurationError(f"{type(self).__name__} keeps no operations")
+
+    def find_operations(self, since: float, limit: int, timeout: float) -> list[OperationHeader]:
+        """The headers of the operations made since ``since`` (epoch seconds), newest first."""
+        raise ConfigurationError(f"{type(self).__name__} keeps no operations")
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -50,6 +50,7 @@ from ...protocol.names import (
     RECORD_TYPE,
     STARTED_TYPE,
 )
+from ...protocol.operation_log import FoundOperation, OperationHeader
 from ...protocol.replies import Reply
 from ..base import Resumed, WorkerHooks
 
@@ -152,6 +153,11 @@ class MemoryBroker:
         self._changes: dict[str, list[dict[str, Any]]] = {}
         self._results: dict[str, dict[str, Any]] = {}
         self._subscriptions: list[_MemorySubscription] = []
+        # What the journal's operation entries would hold (protocol/operation_log.py): the
+        # headers, and each operation's launches in order.
+        self._operations: dict[str, OperationHeader] = {}
+        self._operation_launches: dict[str, list[Launch]] = {}
+        self._started: dict[str, dict[str, Any]] = {}
         self._tasks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._dispatch, daemon=True,
                                         name=f"brokerexec-memory-{name or 'default'}")
@@ -212,6 +218,8 @@ class MemoryBroker:
             for launch in launches:
                 self._queues[launch.service].append(Waiting(Launch.decode(wire(launch.encode()))))
                 self._known.setdefault(launch.job_id, _Known(launch.service, launch.sent))
+                if launch.operation is not None:
+                    self._operation_launches.setdefault(launch.operation, []).append(launch)
         if (history := self.history) is not None:  # before a worker can take them, as over RabbitMQ
             self._note_launches(history, launches)
         self.call_soon(self._deliver_launches)
@@ -267,6 +275,7 @@ class MemoryBroker:
             known = self._known.get(job_id)
             if known is not None:
                 known.state, known.attempt = "running", attempt
+                self._started[job_id] = started_entry(job_id, known.service, attempt, worker, time.time())
         if (history := self.history) is not None and known is not None:
             history.note(STARTED_TYPE, wire(started_entry(job_id, known.service, attempt, worker,
                                                                time.time())), job_id)
@@ -404,6 +413,32 @@ class MemoryBroker:
 
         self.call_soon(gather)
         return answer
+
+    # ---- operations ----------------------------------------------------------------------
+
+    def note_operation(self, header: OperationHeader) -> None:
+        with self._lock:
+            self._operations.setdefault(header.id, header)
+
+    def find_operation(self, operation_id: str) -> FoundOperation:
+        """The operation as a journal would have it (``protocol/operation_log.py``)."""
+        found = FoundOperation()
+        with self._lock:
+            found.header = self._operations.get(operation_id)
+            for launch in self._operation_launches.get(operation_id, []):
+                found.service = launch.service
+                assert launch.key is not None
+                found.launched(launch.key, launch.job_id, wire(launch.request), launch.sent)
+                if launch.job_id in self._started:
+                    found.started[launch.job_id] = dict(self._started[launch.job_id])
+                if launch.job_id in self._results:
+                    found.records[launch.job_id] = dict(self._results[launch.job_id])
+        return found
+
+    def find_operations(self, since: float, limit: int) -> list[OperationHeader]:
+        with self._lock:
+            headers = [header for header in self._operations.values() if header.created >= since]
+        return sorted(headers, key=lambda header: header.created, reverse=True)[:limit]
 
     # ---- results and events ------------------------------------------------------------
 

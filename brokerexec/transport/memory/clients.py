@@ -14,6 +14,7 @@ from ...protocol.history import HistoryPage, HistoryQuery
 from ...protocol.intents import Intent, Signal
 from ...protocol.lookups import Listing
 from ...protocol.messages import Control, Launch
+from ...protocol.operation_log import FoundOperation, OperationHeader
 from ...protocol.replies import Reply
 from ..base import AsyncClientTransport, ClientTransport, Subscription, client_info
 from .broker import MemoryBroker, wire
@@ -89,6 +90,15 @@ class MemoryClientTransport(ClientTransport):
         except cf.TimeoutError:
             page.cancel()
             raise _history_timeout(self.broker, timeout) from None
+
+    def note_operation(self, header: OperationHeader) -> None:
+        self.broker.note_operation(header)
+
+    def find_operation(self, operation_id: str, timeout: float) -> FoundOperation:
+        return self.broker.find_operation(operation_id)
+
+    def find_operations(self, since: float, limit: int, timeout: float) -> list[OperationHeader]:
+        return self.broker.find_operations(since, limit)
 
     def close(self) -> None:
         if (history := self.broker.history) is not None:  # its jobs are in the store once it has closed

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from ...protocol.intents import Signal
     from ...protocol.lookups import Listing
     from ...protocol.messages import Control, Launch
+    from ...protocol.operation_log import FoundOperation, OperationHeader
     from ..base import Subscription
     from ..pushed_records import PushedRecords
     from .listener import PikaListener
@@ -238,6 +239,24 @@ class PikaClientTransport(ClientTransport):
         return self._run(lambda caller: caller.run(lookups.listing(
             timeout=timeout, max_bytes=self.max_message_bytes, services=tuple(services),
             ended_since=ended_since, limit=limit)), resendable=True, what="the jobs listing")
+
+    def note_operation(self, header: OperationHeader) -> None:
+        from ...protocol import operation_log  # a one-shot CLI verb never needs it
+
+        self._run(lambda caller: caller.run(operation_log.note(header)), resendable=True,
+                  what=f"the header of operation {header.id}")
+
+    def find_operation(self, operation_id: str, timeout: float) -> FoundOperation:
+        from ...protocol import operation_log
+
+        return self._run(lambda caller: caller.run(operation_log.find(operation_id, timeout)),
+                         resendable=True, what=f"the look-up of operation {operation_id}")
+
+    def find_operations(self, since: float, limit: int, timeout: float) -> list[OperationHeader]:
+        from ...protocol import operation_log
+
+        return self._run(lambda caller: caller.run(operation_log.find_all(since, limit, timeout)),
+                         resendable=True, what="the operations listing")
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,310 @@
+"""The CLI verbs of operations: ``sweep`` launches one, ``op`` finds and steers it by id.
+
+``sweep`` stays until every request is launched (the requests go with the process that
+launches them), then prints the operation's id; ``--follow`` watches it to its end. The
+``op`` verbs reattach by id (``client.operation_of``: the journal holds every operation),
+so they work from any machine, also after the launching one was killed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import IO, TYPE_CHECKING, Any
+
+import click
+
+from .input import broker_option, json_option, loads_strict, need_shared_broker
+from .output import EPILOG, EXIT_FAILED, EXIT_OK, EXIT_USAGE, emit, exit_on_errors, fail
+
+if TYPE_CHECKING:
+    from ..client.blocking import Client
+    from ..client.operation import Operation
+
+__all__ = ["op", "sweep"]
+
+
+def _grid(text: str) -> Any:
+    from ..operations.requests import grid
+
+    axes = loads_strict(text)
+    if not isinstance(axes, dict):
+        fail('--grid takes a JSON object of axes, each a list: {"a": [1, 2], "b": [3]}', EXIT_USAGE)
+    return grid(**axes)
+
+
+def _lines(file: IO[str]) -> Iterator[dict[str, Any]]:
+    """The requests of a JSON-lines file, one at a time (blank lines skipped)."""
+    for number, line in enumerate(file, 1):
+        if line.strip():
+            try:
+                request = loads_strict(line)
+            except ValueError as exc:
+                fail(f"--requests line {number}: not JSON ({exc})", EXIT_USAGE)
+            if not isinstance(request, dict):
+                fail(f"--requests line {number}: a request is a JSON object", EXIT_USAGE)
+            yield request
+
+
+def _max_failures(text: str | None) -> int | float | None:
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            fail(f"--max-failures takes a count or a fraction, not {text!r}", EXIT_USAGE)
+
+
+def _client(broker: str) -> Client:
+    from ..client.blocking import Client
+
+    return Client(broker)
+
+
+def _status_text(op: Operation) -> str:
+    status = op.status()
+    counts = ", ".join(f"{n} {state}" for state, n in status.counts.items() if n)
+    rate = f"{status.throughput:.2f}/s" if status.throughput else "-"
+    eta = f"{status.eta:.0f} s" if status.eta is not None else "-"
+    return f"{op.id} {op.name}: {status.done}/{status.total} done ({counts}); {rate}, ETA {eta}"
+
+
+def _status_document(op: Operation) -> dict[str, Any]:
+    return {"id": op.id, "name": op.name, "service": op.service, "stopped": op.stopped,
+            **op.status().encode()}
+
+
+def _failures(op: Operation) -> list[dict[str, Any]]:
+    return [{"key": item.key, "job_id": item.job_id, "state": item.state.value, "error": item.error}
+            for state in ("failed", "aborted") for item in op.items(state)]
+
+
+def _follow(op: Operation, as_json: bool) -> None:
+    """Watch ``op`` to its end: a bar on a terminal, else a line whenever its counts move."""
+    from ..errors import Timeout
+
+    bar = None
+    if not as_json and sys.stderr.isatty():
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                       TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn(), transient=True)
+        bar.start()
+        task = bar.add_task(op.name, total=op.status().total)
+    shown = ""
+    try:
+        while True:
+            try:
+                op.wait(1.0)
+                break
+            except Timeout:
+                pass
+            if bar is not None:
+                status = op.status()
+                bar.update(task, total=status.total, completed=status.done,
+                           description=f"{op.name} ({status.counts['failed']} failed)")
+            elif not as_json and (text := _status_text(op)) != shown:
+                click.echo(text, err=True)
+                shown = text
+    finally:
+        if bar is not None:
+            bar.stop()
+
+
+def _end(op: Operation, as_json: bool) -> None:
+    """The summary of an ended operation, and the exit code: 1 if any item did not finish."""
+    failures = _failures(op)
+    if as_json:
+        click.echo(json.dumps({**_status_document(op), "failures": failures}))
+    else:
+        click.echo(_status_text(op))
+        for failure in failures:
+            click.echo(f"  {failure['state']:<8} {failure['key'][:16]:<16} {failure['job_id'] or '-'}  "
+                       f"{failure['error'] or ''}")
+    sys.exit(EXIT_FAILED if failures else EXIT_OK)
+
+
+@click.command(epilog=EPILOG)
+@click.argument("service")
+@click.option("--grid", "grid_text",
+              help='Axes as JSON, each a list: {"a": [1, 2], "b": [3]} (every combination).')
+@click.option("--requests", "requests_file", type=click.File("r"),
+              help="A file of requests, one JSON object a line ('-': standard input).")
+@click.option("--name", help="The operation's name.")
+@click.option("--fail-fast", is_flag=True, help="Abort the rest at the first failure.")
+@click.option("--max-failures", "max_failures_text", metavar="N",
+              help="Abort the rest after N failures (or, below 1, that fraction of the items).")
+@click.option("--max-in-flight", type=click.IntRange(min=1), help="At most N jobs launched and not ended.")
+@click.option("--follow", is_flag=True, help="Watch it to its end, then list what did not finish.")
+@broker_option
+@json_option
+def sweep(service: str, grid_text: str | None, requests_file: IO[str] | None, name: str | None,
+          fail_fast: bool, max_failures_text: str | None, max_in_flight: int | None, follow: bool,
+          broker: str, as_json: bool) -> None:
+    """Launch one job of SERVICE per request, as one operation; print its id.
+
+    The requests are --grid's every combination or --requests' lines. The command stays
+    until every request is launched; `brokerexec op` steers the operation from then on.
+    """
+    if (grid_text is None) == (requests_file is None):
+        fail("give the requests with --grid or with --requests (one of them)", EXIT_USAGE)
+    from ..transport.schemes import scheme_of
+
+    with exit_on_errors():
+        shared = scheme_of(broker).shared
+    if not shared and not follow:
+        fail(f"a sweep on {broker} runs in this process: add --follow to wait for it", EXIT_USAGE)
+    requests: Any = _grid(grid_text) if grid_text is not None else _lines(requests_file)  # type: ignore[arg-type]
+    max_failures = _max_failures(max_failures_text)
+    with exit_on_errors(), _client(broker) as client:
+        op = client.operation(service, requests, name=name, max_failures=max_failures,
+                              on_error="fail_fast" if fail_fast else "continue", max_in_flight=max_in_flight)
+        if not as_json:
+            click.echo(f"operation {op.id}", err=True)
+        if follow:
+            _follow(op, as_json)
+            _end(op, as_json)
+        op.wait_launched()  # the requests go with this process: launched, it may go
+        if op.launch_error is not None:
+            raise op.launch_error
+        emit({"id": op.id, "name": op.name, "service": service, "items": len(op.items())}, as_json,
+             lambda value: value["id"])
+
+
+@click.group(epilog=EPILOG)
+def op() -> None:
+    """Find, watch and steer an operation (`brokerexec sweep` launches one) by its id."""
+
+
+def _found(broker: str, operation_id: str) -> tuple[Client, Operation]:
+    need_shared_broker(broker)
+    client = _client(broker)
+    try:
+        return client, client.operation_of(operation_id)
+    except BaseException:
+        client.close()
+        raise
+
+
+@op.command(name="list", epilog=EPILOG)
+@click.option("--since", type=click.FloatRange(min=0), default=24.0, show_default=True,
+              help="Made in the last HOURS.")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@broker_option
+@json_option
+def list_(since: float, limit: int, broker: str, as_json: bool) -> None:
+    """The operations made lately, newest first."""
+    need_shared_broker(broker)
+    with exit_on_errors(), _client(broker) as client:
+        found = client.operations(time.time() - since * 3600, limit)
+    emit(found, as_json, lambda rows: "\n".join(
+        f"{row['id']}  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(row['created']))}  "
+        f"{row['service']:<16} {row['expected'] if row['expected'] is not None else '?':>7}  {row['name']}"
+        for row in rows) or "no operations")
+
+
+def _with_operation(verb: str) -> Callable[[Callable[..., None]], click.Command]:
+    """An ``op`` verb of ``action(operation, as_json, **its options)``, the operation found by ID."""
+    def decorate(action: Callable[..., None]) -> click.Command:
+        @op.command(name=verb, epilog=EPILOG, help=action.__doc__)
+        @click.argument("operation_id", metavar="ID")
+        @broker_option
+        @json_option
+        def command(operation_id: str, broker: str, as_json: bool, **options: Any) -> None:
+            with exit_on_errors():
+                client, found = _found(broker, operation_id)
+                with client, found:
+                    action(found, as_json, **options)
+
+        command.params[1:1] = list(reversed(getattr(action, "__click_params__", [])))  # as click.command
+        return command
+    return decorate
+
+
+@_with_operation("status")
+def status(found: Operation, as_json: bool) -> None:
+    """How operation ID stands: counts by state, fraction done, throughput, ETA."""
+    emit(_status_document(found), as_json, lambda _: _status_text(found))
+
+
+@_with_operation("watch")
+def watch(found: Operation, as_json: bool) -> None:
+    """Watch operation ID to its end, then list what did not finish (exit 1 if any)."""
+    _follow(found, as_json)
+    _end(found, as_json)
+
+
+@click.option("--state", type=click.Choice(["queued", "running", "paused", "resuming", "finished", "failed",
+                                            "aborted", "skipped"]))
+@click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+def _items(found: Operation, as_json: bool, state: str | None, offset: int, limit: int) -> None:
+    """A page of operation ID's items: key, state, job, runs, worker, error."""
+    rows = [item.encode() for item in found.items(state, offset=offset, limit=limit)]
+    emit(rows, as_json, lambda rows: "\n".join(
+        f"{row['key'][:16]:<16} {row['state']:<9} {row['job_id'] or '-':<32} {row['runs']} "
+        f"{row['worker'] or '-'} {row['error'] or ''}" for row in rows) or "no items")
+
+
+items = _with_operation("items")(_items)
+
+
+@click.option("--ordered", is_flag=True, help="In the order of the requests, not as they ended.")
+def _results(found: Operation, as_json: bool, ordered: bool) -> None:
+    """Operation ID's outcomes so far, one JSON object a line (a JSON list with --json)."""
+    outcomes = [outcome.encode() for outcome in found.outcomes()]
+    if ordered:
+        order = {item.key: n for n, item in enumerate(found.items())}
+        outcomes.sort(key=lambda outcome: order.get(outcome["key"], 0))
+    if as_json:
+        click.echo(json.dumps(outcomes))
+    else:
+        for outcome in outcomes:
+            click.echo(json.dumps(outcome))
+
+
+results = _with_operation("results")(_results)
+
+
+@click.argument("how")
+@click.option("--output", type=click.Path(dir_okay=False),
+              help="For collect: write JSON lines (or CSV, .csv) there.")
+def _consolidate(found: Operation, as_json: bool, how: str, output: str | None) -> None:
+    """One answer of operation ID's outcomes so far: HOW is collect, stats, best:FIELD or
+    best:-FIELD (the lowest)."""
+    emit(found.consolidate(how, output), as_json)
+
+
+consolidate = _with_operation("consolidate")(_consolidate)
+
+
+@click.option("--follow", is_flag=True, help="Watch it to its end.")
+def _rerun(found: Operation, as_json: bool, follow: bool) -> None:
+    """Launch operation ID's failed, aborted and lost items again; keep every finished one."""
+    launched = found.rerun()
+    if follow:
+        _follow(found, as_json)
+        _end(found, as_json)
+    emit({"id": found.id, "launched": launched}, as_json, lambda value: f"{value['launched']} launched again")
+
+
+rerun = _with_operation("rerun")(_rerun)
+
+
+def _steer(verb: str) -> click.Command:
+    def action(found: Operation, as_json: bool) -> None:
+        accepted = getattr(found, verb)()
+        emit({"id": found.id, verb: accepted}, as_json, lambda value: f"{value[verb]} job(s) accepted")
+
+    action.__doc__ = {"pause": "Hold every running item of operation ID at its next ready().",
+                      "resume": "Let operation ID's paused items go on.",
+                      "abort": "Abort every item of operation ID not ended (queued ones never start)."}[verb]
+    return _with_operation(verb)(action)
+
+
+pause, resume, abort = (_steer(verb) for verb in ("pause", "resume", "abort"))
