@@ -9,12 +9,15 @@ every task's result); for ``group``, the list of its results; for brokerexec,
 ``client.operation(...)`` then ``op.wait()`` and ``op.consolidate("collect")``. The median
 over ``batches`` sweeps of ``n`` items, sent one after the other through the same worker
 processes (Celery prefork with one process each, brokerexec workers of 8 slots each). The
-chord needs a result backend that keeps its counter: Redis, here on 127.0.0.1:6379 (the
-``group`` keeps Celery's ``rpc://``). The reference row is the chord (the issue's target:
-at least 1.5x it).
+chord needs a result backend that keeps its counter: Redis, here on 127.0.0.1:6379 (database
+15), for the group too (one worker serves both). The reference row is the chord (the issue's
+target: at least 1.5x it).
 
-``--status-items N`` measures, on ``memory://`` with jobs that never end: the client's peak
-RSS while it launches an N-item sweep, and ``op.status()`` on it (median of 20).
+``--status-items N`` measures, on ``memory://`` with jobs that never end: the process's peak
+RSS while it launches an N-item sweep (client, embedded worker and broker together), and
+``op.status()`` on it (median of 20). ``--broker-items N`` runs an N-item sweep of trivial
+jobs on the broker from a client process of its own (its peak RSS), then finds it by id from
+a fresh client (``client.operation_of``, which reads the journal) and asks its status.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ WARMUP = 50
 REDIS = "redis://127.0.0.1:6379/15"
 
 
-# ---- Celery: group (rpc://) and chord (Redis) ---------------------------------------------------
+# ---- Celery: group and chord (Redis results) ---------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -59,7 +62,7 @@ def drive_group(url: str, queue: str, n: int, batches: int) -> list[float]:
 
     from bench import _celery_app
 
-    with _celery_app.client(url, queue) as app:
+    with _celery_app.client(url, queue, backend=REDIS) as app:
         echo = app.signature(_celery_app.ECHO)
 
         def sweep(count: int) -> float:
@@ -121,7 +124,7 @@ def drive_operation(url: str, target: None, n: int, batches: int) -> list[float]
 CONTENDERS: dict[str, Contender] = {
     "celery-chord": Contender("Celery chord (Redis result backend), callback collects every result",
                               celery_workers, drive_chord, reference=True),
-    "celery-group": Contender("Celery group (rpc:// results), .get() of every result",
+    "celery-group": Contender("Celery group (Redis result backend), .get() of every result",
                               celery_workers, drive_group),
     "brokerexec": Contender("brokerexec client.operation(), wait(), consolidate('collect')",
                             brokerexec_workers, drive_operation),
@@ -132,6 +135,9 @@ def run(url: str, args: argparse.Namespace) -> list[Row]:
     rows = []
     if args.status_items:
         rows.extend(status_rows(args.status_items))
+    if args.broker_items:
+        with broker_lock(), brokerexec_workers(url, 2):
+            rows.extend(broker_rows(url, args.broker_items))
     for processes in (int(p) for p in args.processes.split(",")):
         group = f"sweep of {args.n} trivial items to one answer, {processes} worker process(es)"
         for contender in selected(CONTENDERS, args.only).values():
@@ -184,12 +190,68 @@ def status_rows(count: int) -> list[Row]:
             Row(group, "launching every item (registered and queued)", launched, "s")]
 
 
+#: A launching client of its own (its RSS is its own): runs an N-item sweep of trivial jobs to
+#: its end; prints its id, seconds, and peak RSS in MiB.
+_LAUNCHER = """
+import json, resource, sys, time
+from brokerexec import Client, grid
+url, count = sys.argv[1], int(sys.argv[2])
+with Client(url) as client:
+    start = time.perf_counter()
+    with client.operation("echo", grid(value=range(count))) as op:
+        op.wait(3600)
+        took = time.perf_counter() - start
+        assert op.status().counts["finished"] == count
+    print(json.dumps({"id": op.id, "seconds": took,
+                      "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+#: A fresh client that finds the operation by id (reading the journal) and asks its status.
+_FINDER = """
+import json, sys, time
+from brokerexec import Client
+url, operation_id = sys.argv[1], sys.argv[2]
+with Client(url) as client:
+    start = time.perf_counter()
+    op = client.operation_of(operation_id)
+    found = time.perf_counter() - start
+    began = time.perf_counter()
+    status = op.status()
+    print(json.dumps({"found": found, "status": time.perf_counter() - began, "total": status.total}))
+    op.close()
+"""
+
+
+def broker_rows(url: str, count: int) -> list[Row]:
+    """An ``count``-item sweep of trivial jobs on the broker, launched by a client process of
+    its own (its peak RSS), then found by id from a fresh one (how long that takes)."""
+    import json
+    import subprocess
+    import sys
+
+    def output(script: str, *args: str) -> dict[str, Any]:
+        done = subprocess.run([sys.executable, "-c", script, url, *args], check=True, capture_output=True,
+                              text=True, timeout=3600)
+        return dict(json.loads(done.stdout))
+
+    launched = output(_LAUNCHER, str(count))
+    found = output(_FINDER, launched["id"])
+    assert found["total"] == count
+    group = f"an operation of {count} trivial items on RabbitMQ, 2 worker processes"
+    return [Row(group, "launching client: launch, follow to the end", count / launched["seconds"], "items/s"),
+            Row(group, "launching client: peak RSS", launched["rss"], "MiB"),
+            Row(group, "a fresh client: operation_of(id), reading the journal", found["found"] * 1e3, "ms"),
+            Row(group, "then op.status()", found["status"] * 1000, "ms")]
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--n", type=int, default=2000, help="items per sweep (%(default)s)")
     p.add_argument("--batches", type=int, default=3, help="timed sweeps per contender (%(default)s)")
     p.add_argument("--processes", default="2", help="worker process counts (%(default)s)")
-    p.add_argument("--status-items", type=int, default=0, help="also measure status and RSS at this size")
+    p.add_argument("--status-items", type=int, default=0,
+                   help="also measure status and RSS at this size on memory://")
+    p.add_argument("--broker-items", type=int, default=0,
+                   help="also sweep this many on the broker: the client's RSS, a fresh client's look-up")
     add_common_arguments(p, CONTENDERS)
     return p
 
