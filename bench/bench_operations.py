@@ -17,7 +17,8 @@ target: at least 1.5x it).
 RSS while it launches an N-item sweep (client, embedded worker and broker together), and
 ``op.status()`` on it (median of 20). ``--broker-items N`` runs an N-item sweep of trivial
 jobs on the broker from a client process of its own (its peak RSS), then finds it by id from
-a fresh client (``client.operation_of``, which reads the journal) and asks its status.
+a fresh client (``client.operation_of``, which reads the journal) and asks its status, and
+asks a ``brokerexec history`` indexer (SQLite) for its counts by state from another.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def run(url: str, args: argparse.Namespace) -> list[Row]:
     if args.status_items:
         rows.extend(status_rows(args.status_items))
     if args.broker_items:
-        with broker_lock(), brokerexec_workers(url, 2):
+        with broker_lock(), brokerexec_workers(url, 2), history_indexer(url):
             rows.extend(broker_rows(url, args.broker_items))
     for processes in (int(p) for p in args.processes.split(",")):
         group = f"sweep of {args.n} trivial items to one answer, {processes} worker process(es)"
@@ -219,6 +220,37 @@ with Client(url) as client:
     print(json.dumps({"found": found, "status": time.perf_counter() - began, "total": status.total}))
     op.close()
 """
+#: A fresh client that asks the history store for the operation's counts (once the store has
+#: them all), the way `brokerexec op status ID` does.
+_COUNTER = """
+import json, sys, time
+from brokerexec import Client
+url, operation_id, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with Client(url) as client:
+    deadline = time.monotonic() + 600
+    while sum(client.operation_counts(operation_id).values()) < count:  # the store catching up
+        assert time.monotonic() < deadline, "the history store never counted every job"
+        time.sleep(0.5)
+with Client(url) as client:
+    start = time.perf_counter()
+    counts = client.operation_counts(operation_id)
+    print(json.dumps({"seconds": time.perf_counter() - start, "total": sum(counts.values())}))
+"""
+
+
+@contextlib.contextmanager
+def history_indexer(url: str) -> Iterator[None]:
+    """A `brokerexec history` process on a SQLite store of its own."""
+    import sys
+    import tempfile
+
+    from bench._harness import subprocess_server
+
+    with tempfile.TemporaryDirectory() as folder:
+        store = f"{folder}/history.db"
+        argv = [sys.executable, "-m", "brokerexec", "history", "--broker", url, "--store", store]
+        with subprocess_server(argv, ready=r"history indexer ready"):
+            yield
 
 
 def broker_rows(url: str, count: int) -> list[Row]:
@@ -235,12 +267,15 @@ def broker_rows(url: str, count: int) -> list[Row]:
 
     launched = output(_LAUNCHER, str(count))
     found = output(_FINDER, launched["id"])
-    assert found["total"] == count
+    counted = output(_COUNTER, launched["id"], str(count))
+    assert found["total"] == count == counted["total"]
     group = f"an operation of {count} trivial items on RabbitMQ, 2 worker processes"
     return [Row(group, "launching client: launch, follow to the end", count / launched["seconds"], "items/s"),
             Row(group, "launching client: peak RSS", launched["rss"], "MiB"),
             Row(group, "a fresh client: operation_of(id), reading the journal", found["found"] * 1e3, "ms"),
-            Row(group, "then op.status()", found["status"] * 1000, "ms")]
+            Row(group, "then op.status()", found["status"] * 1000, "ms"),
+            Row(group, "a fresh client: client.operation_counts(id), from the history store",
+                counted["seconds"] * 1000, "ms")]
 
 
 def parser() -> argparse.ArgumentParser:

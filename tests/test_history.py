@@ -436,3 +436,25 @@ def test_an_older_indexer_or_no_history_exchange_is_met_as_no_indexer(own_vhost:
         asyncio.run(asked_without_the_exchange())
     finally:
         connection.close()
+
+
+def test_an_operations_status_comes_at_once_from_the_store_when_an_indexer_runs(
+        own_vhost: str, tmp_path: Path, worker_process: Callable[..., Any],
+        indexers: Callable[..., IndexerProcess]) -> None:
+    worker_process("--concurrency", "4", services=("Counter",), url=own_vhost)
+    indexers(str(tmp_path / "history.db"))
+    requests = [{"steps": 2 + n, "fail_at": 0 if n % 5 == 0 else -1} for n in range(30)]
+    with Client(own_vhost, timeout=10) as client:
+        with client.operation("counter", requests) as op:
+            status = op.wait(WAIT)
+        assert (status.counts["finished"], status.counts["failed"]) == (24, 6)
+        brokerctl.wait_until(lambda: client.operation_counts(op.id) == {"finished": 24, "failed": 6}, WAIT,
+                             "the store to count the operation's jobs")
+    done = subprocess.run([sys.executable, "-m", "brokerexec", "op", "status", op.id, "--json",
+                           "--broker", own_vhost], capture_output=True, text=True, timeout=WAIT)
+    document = json.loads(done.stdout)
+    assert document["from"] == "history" and (document["total"], document["done"]) == (30, 30)
+    assert (document["counts"]["finished"], document["counts"]["failed"]) == (24, 6)
+    forced = subprocess.run([sys.executable, "-m", "brokerexec", "op", "status", op.id, "--journal", "--json",
+                             "--broker", own_vhost], capture_output=True, text=True, timeout=WAIT)
+    assert json.loads(forced.stdout)["from"] == "journal"

@@ -368,3 +368,20 @@ def test_an_in_memory_store_is_one_database_for_every_thread() -> None:
         assert found == [[]]  # the tables the migration made, not another, empty, database
         store.ingest([], {"s": 3})
         assert store.offsets() == {"s": 3}
+
+
+def test_an_operations_jobs_are_counted_by_state_from_the_store(client: Client) -> None:
+    from brokerexec.errors import DecodeError
+    from brokerexec.protocol.names import new_job_id
+
+    requests = [{"steps": 2 + n, "fail_at": 0 if n % 3 == 0 else -1} for n in range(9)]
+    with client.operation("counter", requests) as op:
+        status = op.wait(WAIT)
+        counts = client.operation_counts(op.id)  # once every entry noted so far is in the store
+        assert counts == {"finished": status.counts["finished"], "failed": status.counts["failed"]} == {
+            "finished": 6, "failed": 3}
+        rows = client.history(operation=op.id, limit=50).rows
+        assert sorted(row["item_key"] for row in rows) == sorted(item.key for item in op.items())
+    assert client.operation_counts(new_job_id()) == {}
+    with pytest.raises(DecodeError, match="only an operation's jobs"):
+        HistoryQuery(by_state=True)

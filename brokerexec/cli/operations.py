@@ -16,7 +16,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import click
 
-from .input import broker_option, json_option, loads_strict, need_shared_broker
+from .input import ask, broker_option, json_option, loads_strict, need_shared_broker
 from .output import EPILOG, EXIT_FAILED, EXIT_OK, EXIT_USAGE, emit, exit_on_errors, fail
 
 if TYPE_CHECKING:
@@ -77,6 +77,7 @@ def _status_text(op: Operation) -> str:
 def _status_document(op: Operation) -> dict[str, Any]:
     return {"id": op.id, "name": op.name, "service": op.service, "stopped": op.stopped,
             **op.status().encode()}
+
 
 
 def _failures(op: Operation) -> list[dict[str, Any]]:
@@ -226,10 +227,48 @@ def _with_operation(verb: str) -> Callable[[Callable[..., None]], click.Command]
     return decorate
 
 
-@_with_operation("status")
-def status(found: Operation, as_json: bool) -> None:
-    """How operation ID stands: counts by state, fraction done, throughput, ETA."""
-    emit(_status_document(found), as_json, lambda _: _status_text(found))
+@op.command(epilog=EPILOG)
+@click.argument("operation_id", metavar="ID")
+@click.option("--journal", "from_journal", is_flag=True,
+              help="Read the journal even when a history indexer runs (then also throughput and ETA).")
+@broker_option
+@json_option
+def status(operation_id: str, from_journal: bool, broker: str, as_json: bool) -> None:
+    """How operation ID stands: counts by state and fraction done, at once from the history
+    store when an indexer runs; else (or with --journal) from the journal, with throughput
+    and ETA."""
+    from ..errors import HistoryUnavailable, Timeout
+
+    def counted(client: Client) -> dict[str, int] | None:
+        try:
+            return client.operation_counts(operation_id)
+        except (HistoryUnavailable, Timeout):  # no indexer, or an older one: the journal tells
+            return None
+
+    counts = None if from_journal else ask(broker, counted)
+    if counts:  # an operation the store has no job of yet is read from the journal
+        document = _counted(operation_id, counts)
+        moved = ", ".join(f"{n} {state}" for state, n in document["counts"].items() if n)
+        text = f"{operation_id}: {document['done']}/{document['total']} done ({moved}), in the history store"
+        emit(document, as_json, lambda _: text)
+        return
+    with exit_on_errors():
+        client, found = _found(broker, operation_id)
+        with client, found:
+            emit({**_status_document(found), "from": "journal"}, as_json, lambda _: _status_text(found))
+
+
+def _counted(operation_id: str, counts: dict[str, int]) -> dict[str, Any]:
+    """A status document from the history store's counts of an operation's jobs by state."""
+    from ..operations.registry import ENDED, ItemState
+
+    by_state = {state.value: counts.get(state.value, 0) for state in ItemState}
+    by_state["queued"] += counts.get("created", 0)
+    total = sum(by_state.values())
+    done = sum(by_state[state.value] for state in ENDED)
+    return {"id": operation_id, "name": None, "service": None, "stopped": None, "total": total,
+            "counts": by_state, "done": done, "fraction": done / total if total else 1.0,
+            "throughput": None, "eta": None, "best": None, "from": "history"}
 
 
 @_with_operation("watch")

@@ -162,6 +162,25 @@ class Client:
         return [header.encode() | {"id": header.id}
                 for header in self.transport.find_operations(since, limit, timeout)]
 
+    def operation_counts(self, operation_id: str, *, timeout: float | None = None) -> dict[str, int]:
+        """How many of an operation's jobs are in each state, from the history store: at once,
+        whatever the size of the operation (``client.operation_of`` reads the journal instead).
+        Items not launched yet are not counted; a re-run item counts each of its jobs.
+
+        Raises:
+            HistoryUnavailable: no indexer runs on the broker, or only older ones.
+        """
+        from ..errors import DecodeError, HistoryUnavailable
+
+        query = HistoryQuery(operation=check_name("operation id", operation_id), limit=1, by_state=True)
+        try:
+            page = self.transport.history(query, timeout or self.timeout)
+        except DecodeError as exc:  # an indexer older than by_state refuses it
+            raise HistoryUnavailable(f"the history indexer cannot count an operation's jobs: {exc}") from exc
+        if page.states is None:
+            raise HistoryUnavailable("the history indexer did not count the operation's jobs (an older one)")
+        return page.states
+
     def job(self, job_id: str, service: str | None = None) -> Job:
         """A handle on an existing job."""
         return Job(self, check_name("job id", job_id), service)

@@ -11,8 +11,9 @@ __all__ = ["answer"]
 
 def answer(store: HistoryStore, query: HistoryQuery) -> HistoryPage:
     """The page that answers ``query``: its rows encoded as a reply carries them, the cursor
-    of the next page and, when counted, the total; with ``job_id``, that job's row alone (and
-    with ``record``, its whole final record under ``"record"``).
+    of the next page and, when counted, the total (with ``by_state``, the operation's jobs by
+    state); with ``job_id``, that job's row alone (and with ``record``, its whole final record
+    under ``"record"``).
 
     Raises:
         DecodeError: a bad limit or cursor.
@@ -25,4 +26,5 @@ def answer(store: HistoryStore, query: HistoryQuery) -> HistoryPage:
             rows[0]["record"] = store.record(query.job_id)
         return HistoryPage(rows, None, len(rows))
     found = store.page(**query.filters())
-    return HistoryPage([row.encode() for row in found.rows], found.cursor, found.total)
+    states = store.operation_counts(query.operation) if query.by_state and query.operation else None
+    return HistoryPage([row.encode() for row in found.rows], found.cursor, found.total, states)

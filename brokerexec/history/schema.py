@@ -43,6 +43,7 @@ jobs = Table(
     Index("jobs_service_at", "service", "at"),
     Index("jobs_state_at", "state", "at"),
     Index("jobs_operation_key", "operation", "item_key"),
+    Index("jobs_operation_state", "operation", "state"),
     Index("jobs_changed", "changed"),
 )
 

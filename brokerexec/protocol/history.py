@@ -54,6 +54,7 @@ class HistoryQuery:
     count: bool = False  # also count every match
     job_id: str | None = None
     record: bool = False  # with job_id: its whole final record too, under "record"
+    by_state: bool = False  # with operation: its jobs counted by state too, under "states"
 
     def __post_init__(self) -> None:
         self.check()
@@ -73,13 +74,15 @@ class HistoryQuery:
         limit = self.limit
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
             raise DecodeError(f"history limit must be 1 to {MAX_LIMIT}, not {self.limit!r}")
-        for name in ("count", "record"):
+        for name in ("count", "record", "by_state"):
             if not isinstance(getattr(self, name), bool):
                 raise DecodeError(f"history {name} must be true or false, not {getattr(self, name)!r}")
         if self.cursor is not None:
             decode_cursor(self.cursor)
         if self.record and self.job_id is None:
             raise DecodeError("a history query asks for a record only with a job_id")
+        if self.by_state and self.operation is None:
+            raise DecodeError("a history query counts by state only an operation's jobs: give its operation")
 
     def encode(self) -> dict[str, Any]:
         return {"intent": "history", **{k: v for k, v in asdict(self).items() if v not in (None, False)}}
@@ -120,22 +123,30 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
 @dataclass(frozen=True)
 class HistoryPage:
     """A page of jobs, newest first: each a row of the history store (``docs/history.md``);
-    ``cursor`` gives the next page (None: no more); ``total`` every match, when counted."""
+    ``cursor`` gives the next page (None: no more); ``total`` every match, when counted;
+    ``states`` an operation's jobs by state, when asked (``by_state``)."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     cursor: str | None = None
     total: int | None = None
+    states: dict[str, int] | None = None
 
     def encode(self) -> dict[str, Any]:
-        return {"rows": self.rows, "cursor": self.cursor, "total": self.total}
+        body: dict[str, Any] = {"rows": self.rows, "cursor": self.cursor, "total": self.total}
+        if self.states is not None:
+            body["states"] = self.states
+        return body
 
     @classmethod
     def decode(cls, body: Any) -> HistoryPage:
         if not isinstance(body, dict) or not isinstance(body.get("rows"), list):
             raise DecodeError(f"not a history page: {str(body)[:200]}")
-        cursor, total = body.get("cursor"), body.get("total")
+        cursor, total, states = body.get("cursor"), body.get("total"), body.get("states")
+        if isinstance(states, dict):
+            states = {state: n for state, n in states.items() if type(n) is int}  # not a bool
         return cls([row for row in body["rows"] if isinstance(row, dict)],
-                   cursor if isinstance(cursor, str) else None, total if isinstance(total, int) else None)
+                   cursor if isinstance(cursor, str) else None, total if isinstance(total, int) else None,
+                   states if isinstance(states, dict) else None)
 
 
 def ask(query: HistoryQuery, *, timeout: float, max_bytes: int) -> Call[HistoryPage]:
