@@ -51,11 +51,16 @@ REDIS = "redis://127.0.0.1:6379/15"
 
 @contextlib.contextmanager
 def celery_workers(url: str, processes: int) -> Iterator[str]:
+    import redis
+
     from bench import _celery_app
 
     queue = unique_name("celery-sweep")
-    with _celery_app.worker(url, queue, pool="prefork", concurrency=processes, backend=REDIS):
-        yield queue
+    try:
+        with _celery_app.worker(url, queue, pool="prefork", concurrency=processes, backend=REDIS):
+            yield queue
+    finally:
+        redis.Redis.from_url(REDIS).flushdb()  # the results Celery kept: the bench's own database
 
 
 def drive_group(url: str, queue: str, n: int, batches: int) -> list[float]:
