@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 LAUNCH_BATCH = 200
 #: Seconds without news of an unended job before the collector asks after it.
 QUIET = 5.0
+#: Seconds without news of a job never heard to start before the collector asks after it.
+QUIET_QUEUED = 60.0
 #: Jobs asked after per round of the collector (one look-up each).
 ASKED_PER_ROUND = 20
 #: Signals (pause, resume, abort) sent at once to an operation's jobs.
@@ -283,13 +285,23 @@ class Operation:
             self._ended(key, record)
 
     def _ask_after_quiet_jobs(self) -> None:
-        """The jobs heard nothing of for :data:`QUIET` s, a few at a time, longest quiet first."""
+        """The jobs heard nothing of for :data:`QUIET` s (:data:`QUIET_QUEUED` s for those
+        never heard to start: a big sweep waits long in its queue), a few at a time, longest
+        quiet first. Each question may read the job's journal stream."""
         now = time.monotonic()
+        asked: list[str] = []
         with self._cond:
             quiet = sorted((heard, job_id) for job_id, heard in self._pending.items() if now - heard > QUIET)
-            for _, job_id in quiet[:ASKED_PER_ROUND]:
+            for heard, job_id in quiet:
+                key = self.registry.key_of(job_id)
+                queued = key is not None and self.registry.item(key).state is ItemState.QUEUED
+                if queued and now - heard < QUIET_QUEUED:
+                    continue
                 self._pending[job_id] = now
-        for _, job_id in quiet[:ASKED_PER_ROUND]:
+                asked.append(job_id)
+                if len(asked) == ASKED_PER_ROUND:
+                    break
+        for job_id in asked:
             self._fetch(job_id, timeout=0)
 
     def _ended(self, key: str, record: dict[str, Any]) -> None:
