@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import click
 import pytest
 from test_cli import FIT, LONG_FIT, ROOT, Worker, brokerexec, closed_port, wait_until
 
@@ -91,9 +92,13 @@ def test_docs_cli_names_every_verb_and_option_and_nothing_else() -> None:
 
     page = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
     options = {"--version"}
-    for name, command in cli.commands.items():
-        assert f"brokerexec {name}" in page, name
+    commands = [(f"brokerexec {name}", command) for name, command in cli.commands.items()]
+    while commands:
+        name, command = commands.pop()
+        assert name in page, name
         options |= {opt for param in command.params for opt in param.opts if opt.startswith("--")}
+        if isinstance(command, click.Group):  # `brokerexec op status`, ...
+            commands += [(f"{name} {sub}", subcommand) for sub, subcommand in command.commands.items()]
     options.add("--help")
     documented = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", page))
     assert options - documented == set(), "options docs/cli.md does not mention"
