@@ -259,3 +259,27 @@ def test_an_operation_is_gathered_again_from_every_stream_of_the_journal() -> No
     assert found.items["k2"].job_id == rerun.job_id and found.items["k2"].request == {"a": 2}
     assert found.started[jobs[0]]["worker"] == {"hostname": "h"}
     assert found.records == {jobs[0]: {"job_id": jobs[0], "state": "finished", "result": 1}}
+
+
+def test_an_operations_items_found_in_the_journal_keep_the_order_of_their_requests() -> None:
+    """The streams are read side by side: a sweep's later part may be read first. The items
+    still come in the order their requests were launched."""
+    from brokerexec import codec
+    from brokerexec.protocol.commands import Incoming
+    from brokerexec.protocol.journal import launches_entry
+    from brokerexec.protocol.names import LAUNCHES_EXCHANGE, LAUNCHES_TYPE, new_job_id
+    from brokerexec.protocol.operation_log import OperationScan
+
+    op_id = new_job_id()
+    scan = OperationScan(op_id)
+    first, second = scan.streams[3], scan.streams[7]
+
+    def part(sent: float, keys: list[str]) -> Incoming:
+        body = launches_entry("fit", sent, [new_job_id() for _ in keys], [{"k": k} for k in keys],
+                              operation=op_id, keys=list(keys))
+        return Incoming(codec.encode(body), "application/json", "x", LAUNCHES_TYPE,
+                        exchange=LAUNCHES_EXCHANGE)
+
+    scan.feed(second, part(2.0, ["c", "d"]))  # the sweep's second part, read first
+    scan.feed(first, part(1.0, ["a", "b"]))
+    assert [item.key for item in scan.found.ordered()] == ["a", "b", "c", "d"]

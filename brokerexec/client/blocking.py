@@ -150,8 +150,19 @@ class Client:
         if time_of_id(check_name("operation id", operation_id)) is None:
             raise JobNotFound(f"no operation {operation_id}: an operation's id starts with the time "
                               f"it was made (32 hex digits, as `brokerexec sweep` prints)")
-        found = self.transport.find_operation(operation_id, timeout)
-        return Operation._found(self, operation_id, found)
+        # Listening before the journal is read: a job that ends while it is read is heard.
+        ended: dict[str, None] = {}
+
+        def note(event: Event) -> None:
+            if event.ends_job:
+                ended[event.job_id] = None
+
+        listening = self.subscribe("state.*.*", note)
+        try:
+            found = self.transport.find_operation(operation_id, timeout)
+            return Operation._found(self, operation_id, found, ended_meanwhile=ended)  # read once it listens
+        finally:
+            listening.close()  # the operation listens to its service's events by now
 
     def operations(self, since: float | None = None, limit: int = 100, *,
                    timeout: float = 60.0) -> list[dict[str, Any]]:

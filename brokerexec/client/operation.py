@@ -537,7 +537,14 @@ class Operation:
         with self._cond:  # a batch being launched goes first: its jobs are aborted too
             while self._launching and not self._closed:
                 self._cond.wait(1.0)
-        return self._signal_all(Intent.ABORT, self._unended_jobs(), timeout)
+        unended = self._unended_jobs()
+        aborted = self._signal_all(Intent.ABORT, unended, timeout)
+        with self._cond:  # a queued job cancelled sends no event: its record is asked for now
+            now = time.monotonic()
+            for job_id in unended:
+                if job_id in self._pending:
+                    self._pending[job_id] = now - QUIET_QUEUED
+        return aborted
 
     def set(self, attrs: dict[str, Any] | None = None, /, *, timeout: float = 10.0, **more: Any) -> int:
         """Set declared attributes of every running item, applied at its next ``ready()``
@@ -621,8 +628,11 @@ class Operation:
                                self.max_in_flight, self.expected)
 
     @classmethod
-    def _found(cls, client: Client, operation_id: str, found: FoundOperation) -> Operation:
-        """The operation as the journal has it (``client.operation_of``), watched from now on."""
+    def _found(cls, client: Client, operation_id: str, found: FoundOperation,
+               ended_meanwhile: Iterable[str] = ()) -> Operation:
+        """The operation as the journal has it (``client.operation_of``), watched from now on;
+        ``ended_meanwhile``: jobs heard to end while the journal was read (their records may
+        have come after the reader passed)."""
         header = found.header
         items = found.ordered()
         if header is None and not items:
@@ -651,8 +661,9 @@ class Operation:
             if record is not None:
                 operation._ended(item.key, record)
         operation._watch()
-        for job_id in list(operation._pending):  # ended since the journal was read: asked after soon
-            operation._pending[job_id] = time.monotonic() - QUIET
+        for job_id in list(ended_meanwhile):  # heard until now: the operation's own listening goes on
+            if job_id in operation._pending:
+                operation._ended_jobs.put(job_id)
         return operation
 
     # ---- saving ------------------------------------------------------------------------------

@@ -103,6 +103,8 @@ class FoundItem:
     request: dict[str, Any] | None
     sent: float
     runs: int = 1
+    #: Where its first launch was: when (its launches entry's time), and its place there.
+    first: tuple[float, int] = (0.0, 0)
 
 
 @dataclass
@@ -117,20 +119,24 @@ class FoundOperation:
     started: dict[str, dict[str, Any]] = field(default_factory=dict)
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def launched(self, key: str, job_id: str, request: dict[str, Any] | None, sent: float) -> None:
-        """An item's job was launched: it is the item's newest if launched last."""
+    def launched(self, key: str, job_id: str, request: dict[str, Any] | None, sent: float,
+                 place: int = 0) -> None:
+        """An item's job was launched (``place``: its place among the launches sent at
+        ``sent``): it is the item's newest if launched last."""
         item = self.items.get(key)
         if item is None:
-            self.items[key] = FoundItem(key, job_id, request, sent)
+            self.items[key] = FoundItem(key, job_id, request, sent, first=(sent, place))
         elif item.job_id != job_id:
             newer = sent >= item.sent
             self.items[key] = FoundItem(key, job_id if newer else item.job_id,
                                         request if request is not None else item.request,
-                                        max(sent, item.sent), item.runs + 1)
+                                        max(sent, item.sent), item.runs + 1, min(item.first, (sent, place)))
 
     def ordered(self) -> list[FoundItem]:
-        """The items in the order their first job was launched (a re-run keeps its place)."""
-        return list(self.items.values())
+        """The items in the order their first job was launched, which is the order of the
+        requests (a re-run keeps its place): the streams are read side by side, so the order
+        they were found in is not."""
+        return sorted(self.items.values(), key=lambda item: item.first)
 
 
 def _body(message: Incoming) -> dict[str, Any] | None:
@@ -171,8 +177,8 @@ class OperationScan(EveryStream):
                 return
             launches = (launches_in(body) if kind == LAUNCHES_TYPE
                         else [(str(body.get("job_id") or job_id), body)])
-            for listed, launch in launches:
-                self._launched(listed, launch)
+            for place, (listed, launch) in enumerate(launches):
+                self._launched(listed, launch, place)
             if isinstance(body.get("service"), str):
                 self.found.service = self.found.service or body["service"]
         elif kind == STARTED_TYPE:
@@ -180,7 +186,7 @@ class OperationScan(EveryStream):
         else:
             self.found.records.setdefault(job_id, body)  # the first record counts
 
-    def _launched(self, job_id: str, launch: Mapping[str, Any]) -> None:
+    def _launched(self, job_id: str, launch: Mapping[str, Any], place: int) -> None:
         key = launch.get("key")
         if not isinstance(key, str) or not job_id:
             return
@@ -188,7 +194,7 @@ class OperationScan(EveryStream):
         sent = launch.get("sent")
         self._jobs[job_id] = key
         self.found.launched(key, job_id, request if isinstance(request, dict) else None,
-                            float(sent) if isinstance(sent, int | float) else 0.0)
+                            float(sent) if isinstance(sent, int | float) else 0.0, place)
 
 
 class OperationsScan(EveryStream):

@@ -425,10 +425,10 @@ class MemoryBroker:
         found = FoundOperation()
         with self._lock:
             found.header = self._operations.get(operation_id)
-            for launch in self._operation_launches.get(operation_id, []):
+            for place, launch in enumerate(self._operation_launches.get(operation_id, [])):
                 found.service = launch.service
                 assert launch.key is not None
-                found.launched(launch.key, launch.job_id, wire(launch.request), launch.sent)
+                found.launched(launch.key, launch.job_id, wire(launch.request), 0.0, place)  # in launch order
                 if launch.job_id in self._started:
                     found.started[launch.job_id] = dict(self._started[launch.job_id])
                 if launch.job_id in self._results:
