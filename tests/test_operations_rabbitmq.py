@@ -56,7 +56,7 @@ def test_fail_fast_on_the_broker_aborts_queued_and_running_items(
 
 
 LAUNCHER = """
-import sys, time
+import sys, threading
 from brokerexec import Client
 
 url, count = sys.argv[1], int(sys.argv[2])
@@ -64,10 +64,9 @@ requests = [{"steps": 5 + n % 7, "delay": 0.02 + n / 1e6, "fail_at": 2 if n % 25
             for n in range(count)]  # each its own, every 25th failing at its third step
 client = Client(url, timeout=10)
 op = client.operation("counter", requests, name="killed launcher")
-while op.launching:
-    time.sleep(0.01)
+op.wait_launched()
 print(op.id, flush=True)
-time.sleep(600)
+threading.Event().wait()  # until the test SIGKILLs it
 """
 
 

@@ -22,14 +22,12 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import itertools
-import json
 import logging
 import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sized
-from pathlib import Path
 from typing import Any
 
 from ..errors import (
@@ -41,7 +39,16 @@ from ..errors import (
     Timeout,
 )
 from ..operations.outcomes import FailurePolicy, Outcome, consolidate, outcome_of
-from ..operations.registry import ENDED, Item, ItemState, OperationStatus, Plan, Registry
+from ..operations.registry import (
+    ENDED,
+    Item,
+    ItemState,
+    OperationStatus,
+    Plan,
+    Registry,
+    read_json,
+    write_json,
+)
 from ..operations.requests import check_key, item_key, normal_form
 from ..protocol.intents import Intent
 from ..protocol.names import check_name, new_job_id
@@ -639,10 +646,9 @@ class Operation:
             raise JobNotFound(f"no operation {operation_id} in the journal (never made, or made "
                               f"longer ago than the journal keeps entries)")
         service = header.service if header is not None else _service_of(found)
-        policy = header.policy if header is not None else {}
         operation = cls(client, service, operation_id=operation_id,
                         name=header.name if header is not None else None,
-                        policy=FailurePolicy(policy.get("on_error", "continue"), policy.get("max_failures")),
+                        policy=FailurePolicy.decode(header.policy if header is not None else {}),
                         max_in_flight=header.max_in_flight if header is not None else None,
                         registry=Registry(Item(item.key, item.request, item.job_id, runs=item.runs)
                                           for item in items),
@@ -678,10 +684,7 @@ class Operation:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the operation (its items, their states and outcomes) to ``path`` as JSON,
         whole or not at all."""
-        target = Path(path)
-        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(self.encode(), ensure_ascii=False, allow_nan=False) + "\n")
-        os.replace(temporary, target)
+        write_json(path, self.encode())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], client: Client | None = None) -> Operation:
@@ -691,17 +694,13 @@ class Operation:
         Raises:
             DecodeError: the file is not an operation :meth:`save` wrote.
         """
-        try:
-            body = json.loads(Path(path).read_text())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise DecodeError(f"{path}: not JSON ({exc})") from None
+        body = read_json(path)
         if not isinstance(body, dict) or body.get("format") != FORMAT:
             raise DecodeError(f"{path}: not an operation of format {FORMAT}")
         try:
-            policy = body.get("policy") or {}
             operation = cls(
                 client, body["service"], operation_id=body["id"], name=body.get("name"),
-                policy=FailurePolicy(policy.get("on_error", "continue"), policy.get("max_failures")),
+                policy=FailurePolicy.decode(body.get("policy") or {}),
                 max_in_flight=body.get("max_in_flight"), registry=Registry.decode(body["registry"]),
                 outcomes=[Outcome.decode(outcome) for outcome in body.get("outcomes", [])],
                 created=body.get("created"))

@@ -22,7 +22,7 @@ import json
 import math
 import os
 import statistics
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -117,6 +117,11 @@ class FailurePolicy:
 
     def encode(self) -> dict[str, Any]:
         return {"on_error": self.on_error, "max_failures": self.max_failures}
+
+    @classmethod
+    def decode(cls, body: Mapping[str, Any]) -> FailurePolicy:
+        """Raises: ConfigurationError: not a policy :meth:`encode` writes."""
+        return cls(body.get("on_error", "continue"), body.get("max_failures"))
 
 
 def consolidate(outcomes: Sequence[Outcome], how: str | Callable[[list[Outcome]], Any], *,

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from ..errors import DecodeError, InvalidRequest
 from .requests import check_key
 
-__all__ = ["ENDED", "Item", "ItemState", "OperationStatus", "Plan", "Registry"]
+__all__ = ["ENDED", "Item", "ItemState", "OperationStatus", "Plan", "Registry", "read_json", "write_json"]
 
 T = TypeVar("T")
 
@@ -359,20 +359,13 @@ class Registry:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write it to ``path`` as JSON, whole or not at all (a new file moved in place)."""
-        target = Path(path)
-        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(self.encode(), ensure_ascii=False, allow_nan=False) + "\n")
-        os.replace(temporary, target)
+        write_json(path, self.encode())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Registry:
         """Raises: DecodeError: the file is not a registry :meth:`save` wrote. OSError: it
         cannot be read."""
-        try:
-            body = json.loads(Path(path).read_text())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise DecodeError(f"{path}: not JSON ({exc})") from None
-        return cls.decode(body)
+        return cls.decode(read_json(path))
 
     # ---- inside ----------------------------------------------------------------------------
 
@@ -387,3 +380,23 @@ class Registry:
         if item.job_id is not None:
             self._keys_by_job[item.job_id] = item.key
         return item
+
+
+def write_json(path: str | os.PathLike[str], body: Any) -> None:
+    """``body`` as JSON in ``path``, whole or not at all (a new file moved in place)."""
+    target = Path(path)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(body, ensure_ascii=False, allow_nan=False) + "\n")
+    os.replace(temporary, target)
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """What ``path`` holds as JSON.
+
+    Raises:
+        DecodeError: it is not JSON. OSError: it cannot be read.
+    """
+    try:
+        return json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DecodeError(f"{path}: not JSON ({exc})") from None
