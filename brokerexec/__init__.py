@@ -15,6 +15,7 @@ _moved.install()  # the flat layout's module paths still import (brokerexec._mov
 
 if _typing.TYPE_CHECKING:  # what ``__getattr__`` below provides, for type checkers and IDEs
     from .client.aio import AsyncClient, AsyncJob
+    from .client.aio_operation import AsyncOperation
     from .client.blocking import Client
     from .client.job import Job
     from .client.operation import Operation
@@ -50,7 +51,7 @@ if _typing.TYPE_CHECKING:  # what ``__getattr__`` below provides, for type check
         WorkerLost,
     )
     from .operations.outcomes import Outcome
-    from .operations.registry import Item, ItemState, OperationStatus
+    from .operations.registry import Item, ItemState, OperationStatus, Plan
     from .operations.requests import Grid, grid
     from .protocol.events import Event
     from .protocol.history import HistoryPage
@@ -66,6 +67,7 @@ __all__ = [
     "AccessRefused",
     "AsyncClient",
     "AsyncJob",
+    "AsyncOperation",
     "BrokerConnectionError",
     "BrokerExecError",
     "CheckpointFailed",
@@ -93,6 +95,7 @@ __all__ = [
     "Operation",
     "OperationStatus",
     "Outcome",
+    "Plan",
     "RemoteError",
     "ResultTooLarge",
     "Service",
@@ -136,6 +139,7 @@ _WHERE = {
     "Job": "client.job",
     "AsyncClient": "client.aio",
     "AsyncJob": "client.aio",
+    "AsyncOperation": "client.aio_operation",
     "Operation": "client.operation",
     # operations: their items, states and outcomes
     "grid": "operations.requests",
@@ -143,6 +147,7 @@ _WHERE = {
     "Item": "operations.registry",
     "ItemState": "operations.registry",
     "OperationStatus": "operations.registry",
+    "Plan": "operations.registry",
     "Outcome": "operations.outcomes",
     # errors: one tree (brokerexec.errors draws it)
     **{name: "errors" for name in (

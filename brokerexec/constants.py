@@ -29,6 +29,10 @@ MAX_JSON_DEPTH: Final = 64
 
 #: How long the journal keeps its entries (seconds), when a worker makes its streams.
 JOURNAL_MAX_AGE: Final = 7 * 86_400.0
+#: How far back ``client.operation(..., name=N)`` looks for an operation named N to resume
+#: (seconds; it reads the journal from then), and how long it may take.
+OPERATION_RESUME_WITHIN: Final = 86_400.0
+OPERATION_SEARCH_TIMEOUT: Final = 60.0
 
 # --- a job's periodic messages (seconds; park's ServiceHandler defaults) --------------------
 DEFAULT_PROGRESS_DELTA: Final = 1.0

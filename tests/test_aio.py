@@ -148,3 +148,34 @@ def test_a_result_awaited_across_a_dropped_connection_still_arrives(
                 await asyncio.wait_for(waiting, WAIT)
 
     asyncio.run(main())
+
+
+def test_an_operation_from_asyncio_launches_steers_and_resumes(
+        make_client: Callable[[], AsyncClient]) -> None:
+    async def main() -> None:
+        async with make_client() as client:
+            requests = [{"steps": 5 + n, "fail_at": 2 if n == 3 else -1} for n in range(6)]
+            async with await client.operation("counter", requests, name="async sweep") as op:
+                seen = [outcome async for outcome in op.results(timeout=WAIT)]
+                status = await op.wait(WAIT)
+            assert len(seen) == 6 and (status.counts["finished"], status.counts["failed"]) == (5, 1)
+            assert (await op.consolidate("stats"))["counts"]["failed"] == 1
+            plan = await client.operation_plan("counter", requests, name="async sweep")
+            assert (plan.operation, len(plan.skip), len(plan.rerun)) == (op.id, 5, 1)
+            # the same sweep again: only the failed item runs (and fails again: it is in its request)
+            async with await client.operation("counter", requests, name="async sweep") as again:
+                assert again.id == op.id
+                resumed = await again.wait(WAIT)
+                assert (resumed.counts["skipped"], resumed.counts["failed"]) == (5, 1)
+                assert again.items("failed")[0].runs == 2
+            # steered as a whole: one control message, the queued items reached too
+            long = [{"steps": 2000 + n, "delay": 0.01} for n in range(12)]
+            async with await client.operation("counter", long) as steered:
+                assert await steered.set(label="async") == 12
+                assert await steered.abort() == 12
+                assert (await steered.wait(WAIT)).counts["aborted"] == 12
+            assert any(row["id"] == op.id for row in await client.operations())
+            async with await client.operation_of(op.id) as found:
+                assert found.status().total == 6
+
+    asyncio.run(main())

@@ -344,3 +344,98 @@ def test_set_reaches_every_running_item_add_launches_more_and_plan_says_what_a_r
         status = op.wait(WAIT)
         assert status.counts["finished"] == 5
         assert op.plan().skip == [item.key for item in op.items()]
+
+
+def test_one_control_message_steers_every_item_running_or_queued(client: Client) -> None:
+    sent: list[Any] = []
+    send = client.transport.control
+    client.transport.control = lambda control: (sent.append(control), send(control))[1]  # type: ignore[method-assign]
+    # 4 run at once here: 2 wait in the queue
+    with client.operation("held", [{"gate": "closed-for-now", "n": n} for n in range(6)]) as op:
+        with op._cond:
+            assert op._cond.wait_for(lambda: op.status().counts["running"] == 4, WAIT)
+        assert op.pause() == 6
+        with op._cond:  # held at ready(): paused, the queued two not started
+            assert op._cond.wait_for(lambda: op.status().counts["paused"] == 4, WAIT)
+        queued = [item for item in op.items() if item.state is ItemState.QUEUED]
+        assert len(queued) == 2
+        first = op.items(ItemState.PAUSED)[0]
+        assert client.job(first.job_id or "").abort()  # a slot frees: a queued item starts paused
+        with op._cond:
+            assert op._cond.wait_for(lambda: op.status().counts["paused"] == 4
+                                     and op.status().counts["aborted"] == 1, WAIT)
+        opened("closed-for-now")
+        assert op.resume() == 5
+        status = op.wait(WAIT)
+        assert (status.counts["finished"], status.counts["aborted"]) == (5, 1)
+    assert [(c.intent.value, c.operation) for c in sent] == [("pause", op.id), ("resume", op.id)]
+    # set: one message; the items queued when it was sent have it when they start
+    with client.operation("counter", [{"steps": 300 + n, "delay": 0.01} for n in range(7)]) as op:
+        with op._cond:
+            assert op._cond.wait_for(lambda: op.status().counts["running"] == 4, WAIT)
+        assert op.set(label="tuned") == 7
+        assert all(o.value["label"] == "tuned" for o in op.results(timeout=WAIT))
+        assert len(op.outcomes()) == 7
+    with pytest.raises(InvalidRequest, match="needs an attribute"):
+        op.set()
+
+
+def test_an_abort_ends_queued_items_at_once_with_their_events(client: Client) -> None:
+    with client.operation("held", [{"gate": "aborted-whole", "n": n} for n in range(40)]) as op:
+        with op._cond:
+            assert op._cond.wait_for(lambda: op.status().counts["running"] == 4, WAIT)
+        assert op.abort() == 40
+        status = op.wait(WAIT)  # no item waits for the collector's quiet questions (60 s)
+        assert status.counts["aborted"] == 40
+        assert {o.state for o in op.outcomes()} == {"aborted"}
+
+
+def test_the_same_sweep_submitted_again_by_name_resumes_it(client: Client) -> None:
+    gate = "resubmitted"
+    requests = [{"gate": gate, "n": n} for n in range(6)]
+    Held.broken.update({1, 4})
+    try:
+        opened(gate)
+        with client.operation("held", requests, name="nightly") as first:
+            assert first.wait(WAIT).counts == {**first.status().counts, "finished": 4, "failed": 2}
+    finally:
+        Held.broken.difference_update({1, 4})
+    jobs_before = {item.key: item.job_id for item in first.items()}
+    # what a resubmission would do, launching nothing; with one request more
+    more = [*requests, {"gate": gate, "n": 6}]
+    plan = client.operation_plan("held", more, name="nightly")
+    assert plan.operation == first.id
+    assert plan.counts() == {"skip": 4, "resume": 0, "rerun": 2, "launch": 1, "in_flight": 0}
+    assert set(plan.rerun) == {first.items()[1].key, first.items()[4].key}
+    assert client.operation_plan("held", more, name="another").counts()["launch"] == 7
+    with client.operation("held", more, name="nightly") as again:
+        assert again.id == first.id  # the same operation, resumed
+        status = again.wait(WAIT)
+        assert (status.counts["skipped"], status.counts["finished"], status.total) == (4, 3, 7)
+        # only the failed ones and the new one ran: the finished ones kept their jobs
+        redone = [item.key for item in again.items() if item.job_id != jobs_before.get(item.key)]
+        assert set(redone) == {*plan.rerun, *plan.launch}
+        assert [o.value["n"] for o in again.results(ordered=True)] == list(range(7))
+        assert again.consolidate("stats")["counts"]["finished"] == 7
+    # resume=False: a new operation of the same name
+    with client.operation("held", requests, name="nightly", resume=False) as fresh:
+        assert fresh.id != first.id
+        assert fresh.wait(WAIT).counts["finished"] == 6
+
+
+def test_a_resubmission_leaves_items_under_way_to_go_on(client: Client) -> None:
+    gate = "under-way"
+    requests = [{"gate": gate, "n": n} for n in range(3)]
+    op = client.operation("held", requests, name="long one")
+    with op._cond:
+        assert op._cond.wait_for(lambda: op.status().counts["running"] == 3, WAIT)
+    jobs = [item.job_id for item in op.items()]
+    op.close()  # the launching client gone: its jobs go on
+    with client.operation("held", requests, name="long one") as again:
+        assert again.id == op.id
+        assert client.operation_plan("held", requests, name="long one").counts()["in_flight"] == 3
+        opened(gate)
+        assert again.wait(WAIT).counts["finished"] == 3
+        assert [item.job_id for item in again.items()] == jobs and {i.runs for i in again.items()} == {1}
+    with pytest.raises(InvalidRequest, match="two requests"):
+        client.operation_plan("held", [requests[0], requests[0]], name="long one")

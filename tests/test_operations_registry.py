@@ -140,7 +140,8 @@ def test_the_plan_keeps_what_finished_and_runs_again_what_did_not() -> None:
     plan = registry.plan()
     assert plan.encode() == {"skip": ["done", "earlier"], "resume": ["lost-with"],
                              "rerun": ["bad", "cut", "lost-without"], "launch": ["new"],
-                             "in_flight": ["going"]}
+                             "in_flight": ["going"], "operation": None}
+    assert plan.counts() == {"skip": 2, "resume": 1, "rerun": 3, "launch": 1, "in_flight": 1}
     assert registry.status().throughput is not None  # three ended: skipped ones do not count
     assert registry.status().done == 4
 

@@ -103,6 +103,24 @@ def test_messages_survive_the_wire() -> None:
     assert Record.decode(json.loads(json.dumps(record.encode()))) == record
 
 
+def test_a_control_of_an_operation_reaches_its_jobs_launched_before_it_and_no_other() -> None:
+    operation, other = new_job_id(), new_job_id()
+    control = Control(Intent.SET, "fit", 100.0, operation=operation, attrs={"step": 2})
+    body = json.loads(json.dumps(control.encode()))
+    assert Control.decode(body) == control
+    # its jobs: by when they were launched (its clients' clock), not when they started
+    assert control.applies_to(new_job_id(), "fit", 150.0, operation=operation, launched=99.0)
+    assert not control.applies_to(new_job_id(), "fit", 50.0, operation=operation, launched=101.0)  # a re-run
+    assert not control.applies_to(new_job_id(), "fit", 50.0, operation=other, launched=99.0)
+    assert not control.applies_to(new_job_id(), "fit", 50.0)  # a job of no operation
+    assert not control.applies_to(new_job_id(), "other", 50.0, operation=operation, launched=99.0)
+    # a worker older than operations reads a control of one job that no job is: it leaves all alone
+    pause = Control(Intent.PAUSE, None, 100.0, operation=operation)
+    older = {key: value for key, value in pause.encode().items() if key != "operation"}
+    assert Control.decode(older) == Control(Intent.PAUSE, None, 100.0, job_id=operation)
+    assert not Control.decode(older).applies_to(new_job_id(), "fit", 50.0)
+
+
 def test_a_record_carries_progress_and_improved_only_when_there_are_some() -> None:
     job_id = new_job_id()
     outcome = {"state": "aborted", "result": None, "error": None, "start": 1.0, "end": 2.0,
@@ -143,7 +161,9 @@ def test_a_record_the_broker_refuses_as_too_large_goes_again_without_what_made_i
      "launch 'request' must be a JSON object"),
     (Launch.decode, {"job_id": "a", "service": "s", "sent": "now"}, "'sent' must be a number"),
     (Signal.decode, {"intent": 3}, "unknown intent 3"),
-    (Control.decode, {"intent": "set"}, "may pause, resume or abort every job, not set"),
+    (Control.decode, {"intent": "invoke"}, "may pause, resume or abort every job, not invoke"),
+    (Control.decode, {"intent": "set"}, "sets attributes of an operation's jobs only"),
+    (Control.decode, {"intent": "set", "operation": "0" * 32, "attrs": [1]}, "attrs must be a JSON object"),
     (Control.decode, {"intent": "pause", "service": "a b"}, "service name must be"),
     (Record.decode, {"job_id": "a", "state": "running"},
      "finished, failed or aborted, not running"),

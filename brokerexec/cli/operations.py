@@ -142,15 +142,20 @@ def _end(op: Operation, as_json: bool) -> None:
               help="Abort the rest after N failures (or, below 1, that fraction of the items).")
 @click.option("--max-in-flight", type=click.IntRange(min=1), help="At most N jobs launched and not ended.")
 @click.option("--follow", is_flag=True, help="Watch it to its end, then list what did not finish.")
+@click.option("--dry-run", is_flag=True,
+              help="Say what it would skip, resume, run again and launch; launch nothing.")
+@click.option("--fresh", is_flag=True, help="A new operation, even if one of --name exists.")
 @broker_option
 @json_option
 def sweep(service: str, grid_text: str | None, requests_file: IO[str] | None, name: str | None,
           fail_fast: bool, max_failures_text: str | None, max_in_flight: int | None, follow: bool,
-          broker: str, as_json: bool) -> None:
+          dry_run: bool, fresh: bool, broker: str, as_json: bool) -> None:
     """Launch one job of SERVICE per request, as one operation; print its id.
 
     The requests are --grid's every combination or --requests' lines. The command stays
     until every request is launched; `brokerexec op` steers the operation from then on.
+    With the --name of an operation of SERVICE made in the last day, it resumes that one:
+    finished items are skipped, those under way go on, failed and aborted ones run again.
     """
     if (grid_text is None) == (requests_file is None):
         fail("give the requests with --grid or with --requests (one of them)", EXIT_USAGE)
@@ -163,7 +168,10 @@ def sweep(service: str, grid_text: str | None, requests_file: IO[str] | None, na
     requests: Any = _grid(grid_text) if grid_text is not None else _lines(requests_file)  # type: ignore[arg-type]
     max_failures = _max_failures(max_failures_text)
     with exit_on_errors(), _client(broker) as client:
-        op = client.operation(service, requests, name=name, max_failures=max_failures,
+        if dry_run:
+            _dry_run(client, service, requests, None if fresh else name, as_json)
+            return
+        op = client.operation(service, requests, name=name, max_failures=max_failures, resume=not fresh,
                               on_error="fail_fast" if fail_fast else "continue", max_in_flight=max_in_flight)
         if not as_json:
             click.echo(f"operation {op.id}", err=True)
@@ -175,6 +183,18 @@ def sweep(service: str, grid_text: str | None, requests_file: IO[str] | None, na
             raise op.launch_error
         emit({"id": op.id, "name": op.name, "service": service, "items": len(op.items())}, as_json,
              lambda value: value["id"])
+
+
+def _dry_run(client: Client, service: str, requests: Any, name: str | None, as_json: bool) -> None:
+    plan = client.operation_plan(service, requests, name=name)
+    counts = plan.counts()
+
+    def text(value: dict[str, Any]) -> str:
+        what = f"resume operation {plan.operation}" if plan.operation else "a new operation"
+        parts = ", ".join(f"{n} {part.replace('_', ' ')}" for part, n in counts.items())
+        return f"{what}: {parts} (nothing launched)"
+
+    emit({**plan.encode(), "counts": counts}, as_json, text)
 
 
 @click.group(epilog=EPILOG)
@@ -337,10 +357,11 @@ rerun = _with_operation("rerun")(_rerun)
 
 def _steer(verb: str) -> click.Command:
     def action(found: Operation, as_json: bool) -> None:
-        accepted = getattr(found, verb)()
-        emit({"id": found.id, verb: accepted}, as_json, lambda value: f"{value[verb]} job(s) accepted")
+        reached = getattr(found, verb)()
+        emit({"id": found.id, verb: reached}, as_json,
+             lambda value: f"{verb} sent to the operation's {value[verb]} item(s) not ended")
 
-    action.__doc__ = {"pause": "Hold every running item of operation ID at its next ready().",
+    action.__doc__ = {"pause": "Hold every item of operation ID at its next ready() (queued: at start).",
                       "resume": "Let operation ID's paused items go on.",
                       "abort": "Abort every item of operation ID not ended (queued ones never start)."}[verb]
     return _with_operation(verb)(action)

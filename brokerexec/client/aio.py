@@ -38,9 +38,12 @@ from .messages import control_message, handler_settings
 
 if TYPE_CHECKING:
     from ..core.service import Service
+    from ..operations.registry import Plan
     from ..protocol.lookups import Listing
     from ..settings import WorkerSettings
     from ..worker.worker import Worker
+    from .aio_operation import AsyncOperation
+    from .blocking import Client
 
 __all__ = ["AsyncClient", "AsyncJob"]
 
@@ -61,6 +64,7 @@ class AsyncClient:
         self._heartbeat, self._worker_settings = heartbeat, worker_settings
         self._transport: AsyncClientTransport | None = None
         self._worker: Worker | None = None
+        self._blocking: Client | None = None  # the connection of its operations, made at the first
 
     async def connect(self) -> AsyncClient:
         """Open the connection (for ``memory://``: start the embedded worker)."""
@@ -147,8 +151,53 @@ class AsyncClient:
         query = HistoryQuery(service, state, since, until, worker, operation, text, limit, cursor, count)
         return await self.transport.history(query, timeout or self.timeout)
 
+    # ---- operations ------------------------------------------------------------------------
+
+    async def _operations_client(self) -> Client:
+        """The blocking client of this one's operations (``client/aio_operation.py``): on the
+        same broker, opened at the first operation."""
+        self.transport  # noqa: B018 - says "not connected" first
+        if self._blocking is None:
+            from .blocking import Client
+
+            scheme = scheme_of(self.url)
+            transport = await asyncio.to_thread(scheme.client, self.url, self._heartbeat)
+            self._blocking = Client(self.url, timeout=self.timeout, transport=transport)
+        return self._blocking
+
+    async def operation(self, service: str, requests: Iterable[Any], **options: Any) -> AsyncOperation:
+        """As ``Client.operation`` (the same options; ``requests`` a list, an iterator or a
+        grid, not an async iterator): launch one job per request as one operation, or
+        resume the one of that ``name``."""
+        from .aio_operation import AsyncOperation
+
+        client = await self._operations_client()
+        return AsyncOperation(await asyncio.to_thread(client.operation, service, requests, **options))
+
+    async def operation_of(self, operation_id: str, *, timeout: float = 60.0) -> AsyncOperation:
+        """As ``Client.operation_of``."""
+        from .aio_operation import AsyncOperation
+
+        client = await self._operations_client()
+        return AsyncOperation(await asyncio.to_thread(client.operation_of, operation_id, timeout=timeout))
+
+    async def operation_plan(self, service: str, requests: Iterable[Any], *, name: str | None,
+                             **options: Any) -> Plan:
+        """As ``Client.operation_plan``."""
+        client = await self._operations_client()
+        return await asyncio.to_thread(client.operation_plan, service, requests, name=name, **options)
+
+    async def operations(self, since: float | None = None, limit: int = 100, *,
+                         timeout: float = 60.0) -> list[dict[str, Any]]:
+        """As ``Client.operations``."""
+        client = await self._operations_client()
+        return await asyncio.to_thread(client.operations, since, limit, timeout=timeout)
+
     async def close(self) -> None:
         """Close the connection (and stop an embedded worker); confirmed launches stay queued."""
+        if self._blocking is not None:
+            blocking, self._blocking = self._blocking, None
+            await asyncio.to_thread(blocking.close)
         transport, self._transport = self._transport, None
         if self._worker is not None:
             worker, self._worker = self._worker, None

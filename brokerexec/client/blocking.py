@@ -13,7 +13,14 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from ..constants import DEFAULT_JOBS_TIMEOUT, DEFAULT_RPC_TIMEOUT, DEFAULT_URL
+from ..constants import (
+    DEFAULT_JOBS_TIMEOUT,
+    DEFAULT_RPC_TIMEOUT,
+    DEFAULT_URL,
+    OPERATION_RESUME_WITHIN,
+    OPERATION_SEARCH_TIMEOUT,
+)
+from ..errors import InvalidRequest
 from ..protocol.history import HistoryPage, HistoryQuery
 from ..protocol.intents import Intent
 from ..protocol.names import check_name
@@ -24,6 +31,7 @@ from .messages import control_message, handler_settings
 
 if TYPE_CHECKING:
     from ..core.service import Service
+    from ..operations.registry import Plan
     from ..protocol.events import Event
     from ..protocol.lookups import Listing
     from ..settings import WorkerSettings
@@ -109,7 +117,9 @@ class Client:
 
     def operation(self, service: str, requests: Iterable[Any], *, name: str | None = None,
                   on_error: str = "continue", max_failures: int | float | None = None,
-                  max_in_flight: int | None = None) -> Operation:
+                  max_in_flight: int | None = None, resume: bool = True,
+                  resume_within: float = OPERATION_RESUME_WITHIN, progress_delta: float | None = None,
+                  checkpoint_delta: float | None = None, improved_delta: float | None = None) -> Operation:
         """Launch one job of ``service`` per request, as one operation; return its handle at
         once (``docs/operations.md``).
 
@@ -118,7 +128,16 @@ class Client:
         :func:`brokerexec.grid`. An item's key is otherwise a hash of the service and its
         request. ``on_error="fail_fast"`` aborts the rest at the first failure;
         ``max_failures``: after that many (an int) or that fraction of the items (a float);
-        ``max_in_flight``: at most that many jobs launched and not ended at once.
+        ``max_in_flight``: at most that many jobs launched and not ended at once. The
+        intervals are each job's, as for :meth:`launch`.
+
+        With a ``name`` that an operation of ``service`` made in the last ``resume_within``
+        seconds has (the newest), this is a **resume** of that operation (unless ``resume``
+        is False): the handle is that operation's, and each request's item is skipped if it
+        finished, left to go on (or to resume from its newest checkpoint) if it is under way,
+        and launched again if it failed or was aborted; new requests are new items.
+        :meth:`operation_plan` says which, launching nothing. Finding it reads the journal
+        from then.
 
         Raises:
             UnknownService: no worker has ever offered ``service`` (at once).
@@ -129,10 +148,52 @@ class Client:
         from ..operations.outcomes import FailurePolicy
         from .operation import Operation
 
-        operation = Operation(self, check_name("service name", service), name=name,
-                              policy=FailurePolicy(on_error, max_failures), max_in_flight=max_in_flight)
+        policy = FailurePolicy(on_error, max_failures)
+        settings = handler_settings(progress_delta, checkpoint_delta, improved_delta)
+        earlier = self._named_operation(service, name, resume_within) if name is not None and resume else None
+        if earlier is not None:
+            operation = self.operation_of(earlier)
+            operation.policy, operation.max_in_flight = policy, max_in_flight or operation.max_in_flight
+            operation.settings = {**operation.settings, **settings}
+            operation._resubmit(requests)
+            return operation
+        operation = Operation(self, check_name("service name", service), name=name, policy=policy,
+                              max_in_flight=max_in_flight, settings=settings)
         operation._start(requests)
         return operation
+
+    def operation_plan(self, service: str, requests: Iterable[Any], *, name: str | None,
+                       resume_within: float = OPERATION_RESUME_WITHIN) -> Plan:
+        """What ``client.operation(service, requests, name=name)`` would do, launching
+        nothing: the operation it would resume (``plan.operation``; None: a new one, whose
+        items are all in ``plan.launch``; always, without a ``name``) and, by key, the items
+        it would skip, leave to resume or go on, run again, or launch.
+
+        Raises:
+            InvalidRequest: a request is not a JSON object, or two share a key.
+        """
+        from ..operations.registry import Plan
+        from ..operations.requests import keyed_requests
+
+        earlier = self._named_operation(service, name, resume_within) if name is not None else None
+        if earlier is None:
+            keys, seen = [], set()
+            for key, _ in keyed_requests(check_name("service name", service), requests):
+                if key in seen:
+                    raise InvalidRequest(f"two requests of key {key!r}")
+                seen.add(key)
+                keys.append(key)
+            return Plan(launch=keys)
+        with self.operation_of(earlier) as found:
+            plan: Plan = found.plan_of(requests)
+            return plan
+
+    def _named_operation(self, service: str, name: str, within: float) -> str | None:
+        """The id of the newest operation of ``service`` named ``name`` made in the last
+        ``within`` seconds, if any."""
+        headers = self.transport.find_operations(time.time() - within, 1_000_000, OPERATION_SEARCH_TIMEOUT)
+        named = [header for header in headers if header.name == name and header.service == service]
+        return max(named, key=lambda header: header.created).id if named else None
 
     def operation_of(self, operation_id: str, *, timeout: float = 60.0) -> Operation:
         """The operation of that id, as the journal has it, watched from now on: any client

@@ -19,7 +19,6 @@ Every method is thread-safe.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import dataclasses
 import itertools
 import logging
@@ -27,7 +26,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from typing import Any
 
 from ..errors import (
@@ -49,7 +48,7 @@ from ..operations.registry import (
     read_json,
     write_json,
 )
-from ..operations.requests import check_key, item_key, normal_form
+from ..operations.requests import keyed_requests
 from ..protocol.intents import Intent
 from ..protocol.names import check_name, new_job_id
 from ..protocol.operation_log import FoundOperation, OperationHeader
@@ -67,21 +66,8 @@ QUIET = 5.0
 QUIET_QUEUED = 60.0
 #: Jobs asked after per round of the collector (one look-up each).
 ASKED_PER_ROUND = 20
-#: Signals (pause, resume, abort) sent at once to an operation's jobs.
-SIGNALS_AT_ONCE = 8
 #: The format of :meth:`Operation.save`.
 FORMAT = 1
-
-
-def _items_of(service: str, requests: Iterable[Any]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(key, request)`` for each request: a dict (keyed by its hash) or a ``(key, dict)``."""
-    for entry in requests:
-        if isinstance(entry, tuple) and len(entry) == 2:
-            key, request = entry
-            normal_form(request)  # a JSON object, as the hash would check
-            yield check_key(key), dict(request)
-        else:
-            yield item_key(service, entry), dict(entry)
 
 
 class Operation:
@@ -91,7 +77,8 @@ class Operation:
     def __init__(self, client: Client | None, service: str, *, operation_id: str | None = None,
                  name: str | None = None, policy: FailurePolicy | None = None,
                  max_in_flight: int | None = None, registry: Registry | None = None,
-                 outcomes: Iterable[Outcome] = (), created: float | None = None) -> None:
+                 outcomes: Iterable[Outcome] = (), created: float | None = None,
+                 settings: Mapping[str, Any] | None = None) -> None:
         if max_in_flight is not None and (isinstance(max_in_flight, bool)
                                           or not isinstance(max_in_flight, int) or max_in_flight < 1):
             raise InvalidRequest(f"max_in_flight is a whole number of jobs, 1 or more; not {max_in_flight!r}")
@@ -103,6 +90,8 @@ class Operation:
         self.name = name or f"{service} sweep"
         self.policy = policy or FailurePolicy()
         self.max_in_flight = max_in_flight
+        #: Its jobs' handler intervals (``progress_delta``, ``checkpoint_delta``, ``improved_delta``).
+        self.settings: dict[str, Any] = dict(settings or {})
         self.expected: int | None = None  # how many requests, when they could be counted first
         self.created = created if created is not None else time.time()
         self.registry = registry or Registry()
@@ -124,6 +113,7 @@ class Operation:
         self._threads: list[threading.Thread] = []
         self._rest: Iterator[tuple[str, dict[str, Any]]] | None = None  # requests not taken yet
         self._more: list[Iterator[tuple[str, dict[str, Any]]]] = []  # add()'s, while launching
+        self._again: set[str] | None = None  # submitted again: the keys of that submission so far
         self._closed = False
 
     def __repr__(self) -> str:
@@ -134,24 +124,71 @@ class Operation:
     def _start(self, requests: Iterable[Any]) -> None:
         """Watch, launch the first batch here (an unknown service or a bad request raises
         at once), and the rest in the background."""
+        self._counted(requests)
+        self._watch()
+        self._launching = True
+        self._launch_from(keyed_requests(self.service, requests), note=True)
+
+    def _resubmit(self, requests: Iterable[Any]) -> None:
+        """The same sweep submitted again (``client.operation`` with this operation's name):
+        a resume. Each request's item, by its key, is skipped if it finished, left to go on
+        if it is under way (one interrupted resumes from its newest checkpoint on whichever
+        worker takes it), launched again if it failed or was aborted, and launched if new."""
+        self._counted(requests)
+        with self._cond:
+            self._again, self._stopped, self._error, self._launching = set(), None, None, True
+        self._launch_from(keyed_requests(self.service, requests), note=False)
+
+    def _counted(self, requests: Iterable[Any]) -> None:
+        """Count ``requests`` if they can be counted first (an empty list is refused)."""
         if isinstance(requests, Sized):
             if not len(requests):
                 raise InvalidRequest(f"an operation of {self.service!r} needs a request at least: none given")
-            self.expected = len(requests)
-        self._watch()
-        items = _items_of(self.service, requests)
-        self._launching = True
+            self.expected = max(self.expected or 0, len(requests))
+
+    def _launch_from(self, items: Iterator[tuple[str, dict[str, Any]]], note: bool) -> None:
+        """The first batch here (what is wrong with it raises, and closes the operation),
+        with the header first if ``note``; the rest on the launcher thread."""
         try:
             first = list(itertools.islice(items, self._room()))
             if not first:
                 raise InvalidRequest(f"an operation of {self.service!r} needs a request at least: none came")
-            self._client().transport.note_operation(self.header())  # where another client finds it
+            if note:
+                self._client().transport.note_operation(self.header())  # where another client finds it
             self._launch(first)
         except BaseException:
             self._launching = False
             self.close()
             raise
         self._spawn(self._launch_rest, items, name="launcher")
+
+    def plan_of(self, requests: Iterable[Any]) -> Plan:
+        """What submitting ``requests`` again (``client.operation`` with this operation's
+        name) would do with each item, by key: skip it (finished), leave it to resume
+        (interrupted: from its newest checkpoint) or to go on (under way), run it again
+        (failed, aborted) or launch it (new). Launches nothing.
+
+        Raises:
+            InvalidRequest: a request is not a JSON object, or two share a key.
+        """
+        plan = Plan(operation=self.id)
+        seen: set[str] = set()
+        for key, _ in keyed_requests(self.service, requests):
+            if key in seen:
+                raise InvalidRequest(f"two requests of key {key!r}")
+            seen.add(key)
+            if key not in self.registry:
+                plan.launch.append(key)
+                continue
+            item = self.registry.item(key)
+            action = _again_action(item)
+            if action == "rerun":
+                plan.rerun.append(key)
+            elif action == "skip":
+                plan.skip.append(key)
+            else:
+                (plan.resume if item.state is ItemState.RESUMING else plan.in_flight).append(key)
+        return plan
 
     def _room(self) -> int:
         """How many items may be launched now."""
@@ -198,9 +235,22 @@ class Operation:
         launches = []
         with self._cond:
             for key, request in batch:
-                self.registry.add(key, request)
-                self._keys.append(key)
-                launches.append(Launch.new(self.service, request, operation=self.id, key=key))
+                if self._again is not None and key in self.registry:
+                    if key in self._again:
+                        raise InvalidRequest(f"the operation holds an item of key {key!r} already")
+                    self._again.add(key)
+                    if _again_action(self.registry.item(key)) != "rerun":
+                        if self.registry.item(key).state is ItemState.FINISHED:
+                            self.registry.skip(key)  # finished before: kept, not run again
+                        continue
+                    self.registry.renew(key, request)
+                else:
+                    self.registry.add(key, request)
+                    self._keys.append(key)
+                    if self._again is not None:
+                        self._again.add(key)
+                launches.append(Launch.new(self.service, request, operation=self.id, key=key,
+                                             settings=self.settings))
             for launch in launches:  # known before their first event can come
                 assert launch.key is not None
                 self.registry.launched(launch.key, launch.job_id)
@@ -501,68 +551,65 @@ class Operation:
         return [item.job_id for item in self.registry.items()
                 if item.job_id is not None and item.state not in ENDED]
 
-    def _signal_all(self, intent: Intent, job_ids: list[str], timeout: float, **fields: Any) -> int:
-        """Send ``intent`` (with ``fields``) to each job, a few at a time; how many accepted it."""
-        from ..protocol.intents import Signal
+    def _control(self, intent: Intent, **attrs: Any) -> int:
+        """One control message to every worker, for every job of this operation (running,
+        queued, or resuming elsewhere: workers filter by operation, ``protocol/messages.py``
+        ``Control``); how many of its items were not ended when it was sent."""
+        from ..protocol.messages import Control
 
-        client = self._client()
+        control = Control(intent, self.service, time.time(), operation=self.id, attrs=attrs or None)
+        self._client().transport.control(control)
+        return len(self._unended_jobs())
 
-        def send(job_id: str) -> bool:
-            try:
-                return bool(client.transport.rpc(job_id, Signal.of(intent, **fields), timeout)) \
-                    if intent is not Intent.ABORT else client.transport.abort(job_id, timeout)
-            except (InvalidState, JobNotFound, Timeout):  # ended meanwhile, or not started
-                return False
-
-        with cf.ThreadPoolExecutor(SIGNALS_AT_ONCE) as pool:
-            return sum(pool.map(send, job_ids))
-
-    def pause(self, timeout: float = 10.0) -> int:
-        """Hold every running item at its next ``ready()``, and launch no more until
-        :meth:`resume`; how many jobs accepted."""
+    def pause(self) -> int:
+        """Hold every item at its next ``ready()`` (one queued starts paused), and launch no
+        more until :meth:`resume`; how many items were not ended then. One message for the
+        whole operation, whatever its size."""
         with self._cond:
             self._paused = True
-        return self._signal_all(Intent.PAUSE, self._unended_jobs(), timeout)
+        return self._control(Intent.PAUSE)
 
-    def resume(self, timeout: float = 10.0) -> int:
-        """Let paused items go on, and launching too; how many jobs accepted."""
+    def resume(self) -> int:
+        """Let paused items go on, and launching too; how many items were not ended then."""
         with self._cond:
             self._paused = False
             self._cond.notify_all()
-        return self._signal_all(Intent.RESUME, self._unended_jobs(), timeout)
+        return self._control(Intent.RESUME)
 
-    def abort(self, timeout: float = 10.0) -> int:
-        """Launch no more, and abort every item not ended (queued ones never start); how
-        many jobs were aborted."""
+    def abort(self) -> int:
+        """Launch no more, and abort every item not ended: running ones at their next
+        ``ready()``, queued ones never start (the worker that takes one from the queue
+        records it aborted). How many items were not ended then."""
         with self._cond:
             if self._stopped is None:
                 self._stopped = "aborted"
             self._cond.notify_all()
-        return self._abort_unended(timeout)
+        return self._abort_unended()
 
-    def _abort_unended(self, timeout: float = 10.0) -> int:
+    def _abort_unended(self) -> int:
         with self._cond:  # a batch being launched goes first: its jobs are aborted too
             while self._launching and not self._closed:
                 self._cond.wait(1.0)
-        unended = self._unended_jobs()
-        aborted = self._signal_all(Intent.ABORT, unended, timeout)
-        with self._cond:  # a queued job cancelled sends no event: its record is asked for now
-            now = time.monotonic()
-            for job_id in unended:
-                if job_id in self._pending:
-                    self._pending[job_id] = now - QUIET_QUEUED
-        return aborted
+        return self._control(Intent.ABORT)
 
-    def set(self, attrs: dict[str, Any] | None = None, /, *, timeout: float = 10.0, **more: Any) -> int:
-        """Set declared attributes of every running item, applied at its next ``ready()``
-        (``op.set(step=2)``); how many jobs applied them. Items not started yet are not
-        reached (their requests say how they start)."""
-        return self._signal_all(Intent.SET, self._unended_jobs(), timeout, attrs={**(attrs or {}), **more})
+    def set(self, attrs: dict[str, Any] | None = None, /, **more: Any) -> int:
+        """Set declared attributes of every item not ended (``op.set(step=2)``): running
+        ones at their next ``ready()``, queued and resuming ones when they start. One
+        message for the whole operation; a value an item's service refuses is logged by its
+        worker and leaves the item as it was. How many items were not ended then.
+
+        Raises:
+            InvalidRequest: no attribute given.
+        """
+        attrs = {**(attrs or {}), **more}
+        if not attrs:
+            raise InvalidRequest("op.set() needs an attribute to set: op.set(name=value)")
+        return self._control(Intent.SET, **attrs)
 
     def add(self, requests: Iterable[Any]) -> None:
         """More requests for this operation, launched after those it has (as
         :meth:`Client.operation` takes them)."""
-        items = _items_of(self.service, requests)
+        items = keyed_requests(self.service, requests)
         with self._cond:
             if self._closed:
                 raise InvalidState(f"operation {self.id} is closed")
@@ -608,8 +655,8 @@ class Operation:
             self._watch()
         for start in range(0, len(items), LAUNCH_BATCH):
             chunk = items[start:start + LAUNCH_BATCH]
-            launches = [Launch.new(self.service, item.request, operation=self.id, key=item.key)
-                        for item in chunk]
+            launches = [Launch.new(self.service, item.request, operation=self.id, key=item.key,
+                                   settings=self.settings) for item in chunk]
             with self._cond:
                 for item, launch in zip(chunk, launches, strict=True):
                     self.registry.launched(item.key, launch.job_id)
@@ -632,7 +679,7 @@ class Operation:
     def header(self) -> OperationHeader:
         """What the journal keeps of it besides its items (``protocol/operation_log.py``)."""
         return OperationHeader(self.id, self.service, self.name, self.created, self.policy.encode(),
-                               self.max_in_flight, self.expected)
+                               self.max_in_flight, self.expected, self.settings)
 
     @classmethod
     def _found(cls, client: Client, operation_id: str, found: FoundOperation,
@@ -652,7 +699,8 @@ class Operation:
                         max_in_flight=header.max_in_flight if header is not None else None,
                         registry=Registry(Item(item.key, item.request, item.job_id, runs=item.runs)
                                           for item in items),
-                        created=header.created if header is not None else None)
+                        created=header.created if header is not None else None,
+                        settings=header.settings if header is not None else None)
         operation.expected = header.expected if header is not None else None
         for item in items:
             started = found.started.get(item.job_id)
@@ -678,7 +726,8 @@ class Operation:
         with self._cond:
             return {"format": FORMAT, "id": self.id, "name": self.name, "service": self.service,
                     "created": self.created, "policy": self.policy.encode(),
-                    "max_in_flight": self.max_in_flight, "registry": self.registry.encode(),
+                    "max_in_flight": self.max_in_flight, "settings": self.settings,
+                    "registry": self.registry.encode(),
                     "outcomes": [self._outcomes[key].encode() for key in self._ended_order]}
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -703,7 +752,7 @@ class Operation:
                 policy=FailurePolicy.decode(body.get("policy") or {}),
                 max_in_flight=body.get("max_in_flight"), registry=Registry.decode(body["registry"]),
                 outcomes=[Outcome.decode(outcome) for outcome in body.get("outcomes", [])],
-                created=body.get("created"))
+                created=body.get("created"), settings=body.get("settings"))
         except (KeyError, TypeError, BrokerExecError) as exc:
             raise DecodeError(f"{path}: not an operation ({exc})") from None
         if client is not None:
@@ -743,3 +792,13 @@ def _service_of(found: FoundOperation) -> str:
         if isinstance(body.get("service"), str):
             return str(body["service"])
     raise JobNotFound("the journal has the operation's launches but not their service")
+
+
+def _again_action(item: Item) -> str:
+    """What submitting ``item``'s request again does: "skip" (it finished), "rerun" (it
+    failed, was aborted, or never launched) or "leave" (under way: it goes on or resumes)."""
+    if item.state in (ItemState.FINISHED, ItemState.SKIPPED):
+        return "skip"
+    if item.state in (ItemState.FAILED, ItemState.ABORTED) or item.job_id is None:
+        return "rerun"
+    return "leave"

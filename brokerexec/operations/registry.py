@@ -129,9 +129,15 @@ class Plan:
     rerun: list[str] = field(default_factory=list)  # failed, aborted, or interrupted without one
     launch: list[str] = field(default_factory=list)  # never launched
     in_flight: list[str] = field(default_factory=list)  # queued, running, paused or resuming
+    #: The operation it is of (a plan of a sweep submitted again: the one it would resume).
+    operation: str | None = None
 
-    def encode(self) -> dict[str, list[str]]:
+    def encode(self) -> dict[str, Any]:
         return asdict(self)
+
+    def counts(self) -> dict[str, int]:
+        """How many items each part holds."""
+        return {part: len(getattr(self, part)) for part in ("skip", "resume", "rerun", "launch", "in_flight")}
 
 
 def _changes(item: Item, state: ItemState, at: float | None, attempt: int | None, error: str | None,
@@ -198,6 +204,20 @@ class Registry:
             if item.job_id is not None:
                 self._keys_by_job.pop(item.job_id, None)
             return self._put(Item(key, item.request, job_id, runs=item.runs + 1))
+
+    def renew(self, key: str, request: dict[str, Any]) -> Item:
+        """``key``'s item runs ``request`` from its next launch (its key's request, given
+        again: the caller's own key may name a new one).
+
+        Raises:
+            InvalidRequest: no item of that key.
+        """
+        with self._lock:
+            return self._put(replace(self._get(key), request=request))
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._items
 
     def observe(self, job_id: str, state: str, *, at: float | None = None, attempt: int | None = None,
                 worker: str | None = None, error: str | None = None, checkpoint: float | None = None,

@@ -19,7 +19,7 @@ from typing import Any
 from ..errors import DecodeError, InvalidRequest
 from ..protocol.names import check_item_key
 
-__all__ = ["Grid", "check_key", "grid", "item_key", "normal_form"]
+__all__ = ["Grid", "check_key", "grid", "item_key", "keyed_requests", "normal_form"]
 
 def normal_form(request: object) -> str:
     """A request as JSON with its keys sorted and no spaces: equal requests, equal texts. A
@@ -58,6 +58,22 @@ def check_key(key: object) -> str:
         return check_item_key(key)
     except DecodeError as exc:
         raise InvalidRequest(str(exc)) from None
+
+
+def keyed_requests(service: str, requests: Iterable[Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(key, request)`` for each of an operation's requests, as they are taken: a dict
+    (keyed by :func:`item_key`) or a ``(key, dict)`` pair (its caller's key, checked).
+
+    Raises (as each is taken):
+        InvalidRequest: a request is not a JSON object, or a key is bad.
+    """
+    for entry in requests:
+        if isinstance(entry, tuple) and len(entry) == 2:
+            key, request = entry
+            normal_form(request)  # a JSON object, as the hash would check
+            yield check_key(key), dict(request)
+        else:
+            yield item_key(service, entry), dict(entry)
 
 
 class Grid:

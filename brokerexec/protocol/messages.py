@@ -26,7 +26,7 @@ from .intents import Intent
 from .names import PROTOCOL_VERSION, check_item_key, check_name, new_job_id
 from .states import TERMINAL, JobState
 
-__all__ = ["JobSummary", "JobsQuery", "Launch", "Lease", "Record", "WorkerJobs"]
+__all__ = ["Control", "JobSummary", "JobsQuery", "Launch", "Lease", "Record", "WorkerJobs"]
 
 def _check_version(body: dict[str, Any], what: str) -> None:
     version = body.get("v", PROTOCOL_VERSION)
@@ -177,10 +177,19 @@ class Lease:
 
 @dataclass(frozen=True)
 class Control:
-    """Pause, resume or abort every job (of one service), on every worker.
+    """Pause, resume or abort every job (of one service, or of one operation), on every worker;
+    or set attributes of every job of one operation.
 
     ``sent`` limits it to jobs that started before it: a worker reading the retained
     control stream after a reconnect does not pause jobs launched since.
+
+    One of an operation (``operation``) reaches its jobs wherever they are: running, queued
+    (remembered for its launches still queued, as an abort of a service is) or resuming on
+    another worker. It compares ``sent`` with when each job was *launched*, both times of
+    the operation's clients (a job that started after the control left, but was launched
+    before it, is reached); a job launched after it (a re-run) is not. On the wire it also
+    carries its operation's id as ``job_id``: a worker older than controls of operations
+    reads it as a control of one job that does not exist, and leaves every job alone.
     """
 
     intent: Intent
@@ -188,14 +197,24 @@ class Control:
     sent: float | None = None
     #: One job only (an abort of a job that is still queued: its launch must never run).
     job_id: str | None = None
+    #: Every job of this operation only (``brokerexec/operations/``).
+    operation: str | None = None
+    #: For a set (of an operation's jobs): the attributes and their values.
+    attrs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if not self.intent.spec.to_every_job:
+        if self.intent is Intent.SET:
+            if self.operation is None or not isinstance(self.attrs, dict) or not self.attrs:
+                raise DecodeError("a control message sets attributes of an operation's jobs only: "
+                                  "it needs an operation and its attrs")
+        elif not self.intent.spec.to_every_job:
             raise DecodeError(f"a control message may pause, resume or abort every job, "
                               f"not {self.intent.value}")
 
-    def applies_to(self, job_id: str, service: str, started: float) -> bool:
-        """True for job ``job_id`` of ``service``, started (or launched) at ``started``.
+    def applies_to(self, job_id: str, service: str, started: float, *, operation: str | None = None,
+                   launched: float | None = None) -> bool:
+        """True for job ``job_id`` of ``service``, started (or launched) at ``started``, an
+        item of ``operation`` (if any) launched at ``launched``.
 
         One job's own control applies whatever the times: they are two hosts' clocks (the
         launcher's and the sender's), and a job named was launched before. For many jobs,
@@ -203,8 +222,13 @@ class Control:
         (docs/durability.md)."""
         if self.job_id is not None:
             return self.job_id == job_id and (self.service is None or self.service == service)
-        return ((self.service is None or self.service == service)
-                and (self.sent is None or started <= self.sent))
+        if self.service is not None and self.service != service:
+            return False
+        if self.operation is not None:
+            if self.operation != operation:
+                return False
+            started = launched if launched is not None else started
+        return self.sent is None or started <= self.sent
 
     def encode(self) -> dict[str, Any]:
         body: dict[str, Any] = {"intent": self.intent.value}
@@ -214,17 +238,30 @@ class Control:
             body["sent"] = self.sent
         if self.job_id is not None:
             body["job_id"] = self.job_id
+        if self.operation is not None:
+            body["operation"] = self.operation
+            body.setdefault("job_id", self.operation)  # an older worker: one job, not every one
+        if self.attrs is not None:
+            body["attrs"] = self.attrs
         return body
 
     @classmethod
     def decode(cls, body: object) -> Control:
         body = expect_object(body, "a control message")
-        service, job_id = body.get("service"), body.get("job_id")
+        service, job_id, operation = body.get("service"), body.get("job_id"), body.get("operation")
         if service is not None:
             check_name("service name", service)
         if job_id is not None:
             check_name("job id", job_id)
-        return cls(Intent.parse(body.get("intent")), service, _number(body, "sent"), job_id)
+        if operation is not None:
+            check_name("operation id", operation)
+            if job_id == operation:  # what it says to an older worker (see encode)
+                job_id = None
+        attrs = body.get("attrs")
+        if attrs is not None and not isinstance(attrs, dict):
+            raise DecodeError(f"a control message's attrs must be a JSON object, not {attrs!r:.60}")
+        return cls(Intent.parse(body.get("intent")), service, _number(body, "sent"), job_id,
+                   operation, attrs)
 
 
 @dataclass(frozen=True)

@@ -64,11 +64,16 @@ class OperationHeader:
     policy: Mapping[str, Any] = field(default_factory=dict)  # on_error, max_failures
     max_in_flight: int | None = None
     expected: int | None = None  # its requests, when they could be counted first
+    #: Its jobs' handler intervals (a launch's ``settings``: ``progress_delta``, ...).
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
     def encode(self) -> dict[str, Any]:
-        return {"v": 1, "operation": self.id, "service": self.service, "name": self.name,
+        body = {"v": 1, "operation": self.id, "service": self.service, "name": self.name,
                 "created": self.created, "policy": dict(self.policy),
                 "max_in_flight": self.max_in_flight, "expected": self.expected}
+        if self.settings:  # only then: as a header was before it had them
+            body["settings"] = dict(self.settings)
+        return body
 
     @classmethod
     def decode(cls, body: Mapping[str, Any]) -> OperationHeader:
@@ -79,11 +84,13 @@ class OperationHeader:
             if not isinstance(policy, dict) or not isinstance(created, int | float):
                 raise TypeError("policy or created")
             expected, in_flight = body.get("expected"), body.get("max_in_flight")
+            settings = body.get("settings") or {}
             return cls(check_name("operation id", body["operation"]),
                        check_name("service name", body["service"]), str(body.get("name") or ""),
                        float(created), policy,
                        in_flight if isinstance(in_flight, int) else None,
-                       expected if isinstance(expected, int) else None)
+                       expected if isinstance(expected, int) else None,
+                       settings if isinstance(settings, dict) else {})
         except (KeyError, TypeError) as exc:
             raise DecodeError(f"not an operation's header ({exc}): {dict(body)!r:.200}") from None
 

@@ -4,7 +4,9 @@
 A worker hears every control message (``pause_all`` and friends, or a job's own while it
 is queued) and keeps them for as long as the control stream does (an hour), newest last.
 A launch sent before an abort that applies to it is never started (it was aborted while
-queued); one sent before a pause (and no resume since) starts paused.
+queued); one sent before a pause (and no resume since) starts paused; an operation's item
+sent before a set of its operation's jobs starts with those attributes set (at its first
+``ready()``, in the order they were sent).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from typing import Any
 
 from ..protocol.intents import Intent
 from ..protocol.messages import Control, Launch
@@ -45,13 +48,25 @@ class RememberedControls:
         """The newest abort that applies to ``launch`` (sent after it), if any."""
         with self._lock:
             return next((control for control in reversed(self._controls)
-                         if control.intent is Intent.ABORT
-                         and control.applies_to(launch.job_id, launch.service, launch.sent)), None)
+                         if control.intent is Intent.ABORT and _applies(control, launch)), None)
 
     def paused_while_queued(self, launch: Launch) -> bool:
         """True if the newest pause or resume that applies to ``launch`` is a pause."""
         with self._lock:
             latest = next((control for control in reversed(self._controls)
-                           if control.intent in (Intent.PAUSE, Intent.RESUME)
-                           and control.applies_to(launch.job_id, launch.service, launch.sent)), None)
+                           if control.intent in (Intent.PAUSE, Intent.RESUME) and _applies(control, launch)),
+                          None)
         return latest is not None and latest.intent is Intent.PAUSE
+
+    def set_while_queued(self, launch: Launch) -> list[dict[str, Any]]:
+        """The attributes set on ``launch``'s operation's jobs since it was sent, oldest first."""
+        if launch.operation is None:
+            return []
+        with self._lock:
+            return [dict(control.attrs or {}) for control in self._controls
+                    if control.intent is Intent.SET and _applies(control, launch)]
+
+
+def _applies(control: Control, launch: Launch) -> bool:
+    return control.applies_to(launch.job_id, launch.service, launch.sent, operation=launch.operation,
+                              launched=launch.sent)

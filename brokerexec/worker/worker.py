@@ -50,6 +50,7 @@ from ..protocol.events import Event
 from ..protocol.intents import Intent, Signal
 from ..protocol.messages import Control, JobSummary, Launch, Record
 from ..protocol.names import CLOCK_SKEW_MARGIN
+from ..protocol.states import JobState, Transition
 from ..settings import WorkerSettings
 from ..transport.base import PreparedJob, WorkerTransport
 from .controls import CONTROLS_KEPT, RememberedControls
@@ -84,6 +85,7 @@ class _RunningJob:
         self.handler = handler
         self.started = time.time()
         self.launched = job.launch.sent or self.started
+        self.operation = job.launch.operation
         #: What it resumed from, for its status (None: its first execution).
         self.resumed: dict[str, Any] | None = None
 
@@ -182,7 +184,12 @@ class Worker:
         if cancelled is not None:
             log.info("job %s of %s not started: aborted while queued", launch.job_id, launch.service)
             if cancelled.job_id is None:  # an abort of many: this worker writes the record
-                self.transport.finish(Record.cancelled(launch.job_id, launch.service, self.host))
+                record = Record.cancelled(launch.job_id, launch.service, self.host)
+                self.transport.finish(record)
+                # ... and says so, as a job that ran would: an operation waits for its items.
+                ended = Transition(JobState.CREATED, JobState.ABORTED, launch.sent or record.end, record.end)
+                self.transport.publish_event(Event("state", launch.job_id, launch.service, 0, record.end,
+                                                   ended.to_wire(), 1))
             return None  # one aborted by id has its record from the client that aborted it
         try:
             service_cls = self.registry.get(launch.service)
@@ -261,6 +268,8 @@ class Worker:
                  ", from its checkpoint" if resume else "", extra=_extra(running))
         # The service is made where it runs: a failing __init__ fails the job, not the worker.
         handler.start(job.service_cls, job.request, resume, state=state, reapply=reapply)
+        for attrs in self._controls.set_while_queued(job.launch):  # its operation's, meanwhile
+            self._put_control(running, Signal.of(Intent.SET, attrs=attrs))
 
     def _runner_for(self, service_cls: type[Service]) -> ProcessRunner | None:
         """The child-process runner if ``service_cls`` runs in one here; None: threads."""
@@ -301,18 +310,29 @@ class Worker:
             job.handler.put(Signal.of(Intent.ABORT, message=reason))
 
     def on_control(self, control: Control) -> None:
-        """Apply pause/resume/abort to every job here (of one service, if named); remember it
-        for the launches still queued."""
+        """Apply pause/resume/abort (or an operation's set) to every job here it is for (of
+        one service, or one operation, if named); remember it for the launches still queued."""
         self._controls.remember(control)
         with self._lock:
             jobs = [job for job in self._jobs.values()
-                    if control.applies_to(job.job_id, job.service, job.started)]
-        signal = Signal.of(control.intent)
+                    if control.applies_to(job.job_id, job.service, job.started, operation=job.operation,
+                                          launched=job.launched)]
+        signal = Signal.of(control.intent, attrs=control.attrs) if control.intent is Intent.SET \
+            else Signal.of(control.intent)
         for job in jobs:
+            self._put_control(job, signal)
+        reach = (f"job {control.job_id}" if control.job_id else f"operation {control.operation}"
+                 if control.operation else f"service {control.service or 'any'}")
+        log.info("control %s (%s) applied to %d job(s)", control.intent.value, reach, len(jobs))
+
+    def _put_control(self, job: _RunningJob, signal: Signal) -> None:
+        """A control message's signal to one job: one it refuses (an operation's set of a
+        value its service does not take, a job that just ended) is logged, not raised."""
+        try:
             job.handler.put(signal)
-        log.info("control %s (%s) applied to %d job(s)", control.intent.value,
-                 f"job {control.job_id}" if control.job_id else f"service {control.service or 'any'}",
-                 len(jobs))
+        except BrokerExecError as exc:
+            log.warning("control %s not applied to job %s: %s", signal.intent.value, job.job_id, exc,
+                        extra=_extra(job))
 
     def describe_jobs(self) -> list[JobSummary]:
         """A summary of every job on this worker."""
