@@ -1,5 +1,8 @@
 """Operations on the real broker: a sweep across two worker processes, one SIGKILLed mid-way,
-every item finished once with its own result; failures past the policy abort the rest."""
+every item finished once with its own result; failures past the policy abort the rest; a
+killed launcher's operation reattached and re-run; the same sweep submitted again resumes its
+interrupted items from their checkpoints (the work redone counted); one control message
+steers every item, queued and running."""
 
 from __future__ import annotations
 
@@ -75,7 +78,7 @@ def test_a_sweep_whose_launching_client_is_sigkilled_is_reattached_by_id_and_rer
     import subprocess
     import sys
 
-    count = 200
+    count = 500
     injected = {n for n in range(count) if n % 25 == 3}
     workers = [worker_process("--concurrency", "4", "--heartbeat", "2", services=("Counter",), url=own_vhost)
                for _ in range(2)]
@@ -157,3 +160,137 @@ def test_the_sweep_and_op_verbs_launch_find_and_steer_an_operation_by_id(
     assert _cli("op", "status", "0" * 32, *broker).returncode == 3  # not an operation's id
     assert _cli("op", "status", "019" + "0" * 29, *broker).returncode == 3  # no such operation
     assert _cli("sweep", "counter", *broker).returncode == 2  # no requests
+
+
+TALLY = """
+import os, time
+from brokerexec import Input, Service, ServiceHandler
+
+
+class Tally(Service):
+    '''Takes ``steps`` steps, each written to $TALLY_LOG as a line: what every execution did.'''
+
+    name = "tally"
+    inputs = (Input("n", int), Input("steps", int), Input("delay", float, default=0.02))
+    settable = {"note": str}
+
+    def __init__(self):
+        self.done, self.total, self.note, self.resumed_from = 0, 0, "", None
+
+    def run(self, handler: ServiceHandler, request):
+        self.total = request["steps"]
+        with open(os.environ["TALLY_LOG"], "a", buffering=1) as log:
+            while self.done < self.total:
+                handler.ready()
+                time.sleep(request["delay"])  # the workload
+                self.done += 1
+                log.write(f"{request['n']} {self.done}\\n")
+        handler.ready()
+        return {"n": request["n"], "done": self.done, "resumed_from": self.resumed_from, "note": self.note}
+
+    def progress(self):
+        return {"done": self.done, "total": self.total, "fraction": self.done / max(self.total, 1)}
+
+    def checkpoint(self):
+        return {"done": self.done}
+
+    def restore(self, state):
+        self.done = self.resumed_from = state["done"]
+"""
+
+
+def _tally(tmp_path: Any) -> tuple[str, Any]:
+    spec = tmp_path / "tally.py"
+    spec.write_text(TALLY)
+    return f"{spec}:Tally", tmp_path / "steps.log"
+
+
+def test_the_same_sweep_submitted_again_skips_what_finished_and_resumes_interrupted_items(
+        own_vhost: str, worker_process: Callable[..., Any], tmp_path: Any) -> None:
+    import threading
+
+    spec, log = _tally(tmp_path)
+    env = {"TALLY_LOG": str(log)}
+    workers = [worker_process("--concurrency", "4", "--heartbeat", "2", services=(spec,), url=own_vhost,
+                              env=env) for _ in range(2)]
+    short = [{"n": n, "steps": 5} for n in range(8)]
+    long = [{"n": n, "steps": 100} for n in range(8, 16)]
+    requests = short + long  # the short ones take the 8 slots first
+    positions: dict[str, int] = {}
+    far_enough = threading.Event()
+
+    def on_progress(event: Any) -> None:
+        positions[event.job_id] = max(positions.get(event.job_id, 0), int(event.data.get("done", 0)))
+        if sum(1 for done in positions.values() if 40 <= done < 100) == 8:
+            far_enough.set()
+
+    with Client(own_vhost, timeout=10) as client:
+        listening = client.subscribe("progress.tally.*", on_progress)
+        op = client.operation("tally", requests, name="resumable", progress_delta=0.1, checkpoint_delta=0.2)
+        assert far_enough.wait(WAIT), positions
+        for worker in workers:
+            worker.kill()  # SIGKILL: every long item interrupted, 40 steps in or more
+        listening.close()
+        finished_before = {item.key: item.job_id for item in op.items("finished")}
+        op.close()  # and its client gone
+    assert len(finished_before) == 8
+    for _ in range(2):
+        worker_process("--concurrency", "4", "--heartbeat", "2", services=(spec,), url=own_vhost, env=env)
+    with Client(own_vhost, timeout=10) as client:
+        plan = client.operation_plan("tally", requests, name="resumable")
+        assert plan.operation == op.id
+        assert set(plan.skip) == set(finished_before) and not plan.rerun and not plan.launch
+        assert len(plan.in_flight) + len(plan.resume) == 8
+        with client.operation("tally", requests, name="resumable") as again:
+            assert again.id == op.id
+            status = again.wait(WAIT)
+            assert (status.counts["skipped"], status.counts["finished"]) == (8, 8)
+            outcomes = {o.request["n"]: o for o in again.outcomes()}
+            assert all(outcomes[r["n"]].value["done"] == r["steps"] for r in requests)
+            for item in again.items():
+                assert item.runs == 1  # nothing launched again
+                if item.key in finished_before:
+                    assert item.job_id == finished_before[item.key]
+            resumed = [outcomes[r["n"]].value["resumed_from"] for r in long]
+            assert all(start is not None and start >= 20 for start in resumed), resumed  # of 40 or more
+    # the work redone: every step any execution took, less the steps each item has
+    taken: dict[int, int] = {}
+    for line in log.read_text().splitlines():
+        taken[int(line.split()[0])] = taken.get(int(line.split()[0]), 0) + 1
+    redone = {r["n"]: taken[r["n"]] - r["steps"] for r in requests}
+    from_scratch = sum(taken[n] - 100 + outcomes[n].value["resumed_from"] for n in range(8, 16))
+    print(f"steps redone after the kill: {sum(redone.values())} (from scratch: {from_scratch}): {redone}")
+    assert all(redone[r["n"]] == 0 for r in short)  # skipped: never run again
+    # an interrupted item redoes what it did since its newest stored checkpoint (taken every
+    # 0.2 s: 10 steps, and the time to store it): less than the 40 or more a restart redoes
+    assert all(0 <= redone[r["n"]] <= 35 for r in long), redone
+
+
+def test_one_control_message_pauses_sets_and_aborts_every_item_queued_and_running(
+        own_vhost: str, worker_process: Callable[..., Any], tmp_path: Any) -> None:
+    spec, log = _tally(tmp_path)
+    worker_process("--concurrency", "2", services=(spec,), url=own_vhost, env={"TALLY_LOG": str(log)})
+    requests = [{"n": n, "steps": 150, "delay": 0.01} for n in range(5)]  # 2 run, 3 wait in the queue
+    with Client(own_vhost, timeout=10) as client, client.operation("tally", requests) as op:
+        with op._cond:
+            assert op._cond.wait_for(lambda: op.status().counts["running"] == 2, WAIT)
+        assert op.pause() == 5
+        with op._cond:
+            assert op._cond.wait_for(lambda: op.status().counts["paused"] == 2, WAIT)
+        assert op.set(note="tuned") == 5
+        paused = op.items("paused")[0]
+        assert client.job(paused.job_id or "").abort()  # a slot frees: a queued item starts paused
+        with op._cond:
+            assert op._cond.wait_for(lambda: op.status().counts["paused"] == 2
+                                     and op.status().counts["aborted"] == 1, WAIT)
+        assert op.resume() == 4
+        status = op.wait(WAIT)
+        assert (status.counts["finished"], status.counts["aborted"]) == (4, 1)
+        assert all(o.value["note"] == "tuned" for o in op.outcomes() if o.ok)  # queued ones too
+    more = [{"n": n, "steps": 5000, "delay": 0.01} for n in range(10, 30)]
+    with Client(own_vhost, timeout=10) as client, client.operation("tally", more) as op:
+        with op._cond:
+            assert op._cond.wait_for(lambda: op.status().counts["running"] == 2, WAIT)
+        assert op.abort() == 20
+        status = op.wait(30)  # 18 queued: each dropped by the worker, with its record and event
+        assert status.counts["aborted"] == 20
