@@ -18,6 +18,7 @@ from sample_services import Counter
 from brokerexec import (
     Client,
     ConfigurationError,
+    Input,
     InvalidRequest,
     InvalidState,
     ItemState,
@@ -439,3 +440,35 @@ def test_a_resubmission_leaves_items_under_way_to_go_on(client: Client) -> None:
         assert [item.job_id for item in again.items()] == jobs and {i.runs for i in again.items()} == {1}
     with pytest.raises(InvalidRequest, match="two requests"):
         client.operation_plan("held", [requests[0], requests[0]], name="long one")
+
+
+class FitV1(Service):
+    name = "fit-versions"
+    inputs = (Input("rate", float),)
+
+    def run(self, handler: ServiceHandler, request: dict[str, Any]) -> dict[str, Any]:
+        handler.ready()
+        if request["rate"] > 0.5:
+            raise ValueError("diverges")
+        return {"rate": request["rate"]}
+
+
+class FitV2(FitV1):
+    """The same service, its inputs changed since: ``rate`` is now an int, and ``depth`` is needed."""
+
+    inputs = (Input("rate", int), Input("depth", int))
+
+
+def test_a_rerun_after_the_service_changed_its_inputs_says_which_items_no_longer_validate(
+        tmp_path: Path) -> None:
+    requests = [{"rate": rate} for rate in (0.1, 0.9, 0.95)]
+    with Client("memory://v1", services=[FitV1]) as client, client.operation("fit-versions", requests) as op:
+        assert op.wait(WAIT).counts["failed"] == 2 and not op.invalid()
+        op.save(tmp_path / "op.json")
+    with Client("memory://v2", services=[FitV2]) as client, \
+            Operation.load(tmp_path / "op.json", client) as again:
+        assert again.rerun() == 2
+        assert again.wait(WAIT).counts["failed"] == 2
+        invalid = again.invalid()
+        assert [item.request for item in invalid] == [{"rate": 0.9}, {"rate": 0.95}]
+        assert all("missing required input 'depth'" in (item.error or "") for item in invalid)

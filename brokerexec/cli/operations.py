@@ -120,13 +120,17 @@ def _follow(op: Operation, as_json: bool) -> None:
 def _end(op: Operation, as_json: bool) -> None:
     """The summary of an ended operation, and the exit code: 1 if any item did not finish."""
     failures = _failures(op)
+    invalid = [item.key for item in op.invalid()]
     if as_json:
-        click.echo(json.dumps({**_status_document(op), "failures": failures}))
+        click.echo(json.dumps({**_status_document(op), "failures": failures, "invalid": invalid}))
     else:
         click.echo(_status_text(op))
         for failure in failures:
             click.echo(f"  {failure['state']:<8} {failure['key'][:16]:<16} {failure['job_id'] or '-'}  "
                        f"{failure['error'] or ''}")
+        if invalid:
+            click.echo(f"{len(invalid)} item(s) do not validate against the service's inputs "
+                       f"(InvalidRequest above): their requests need changing")
     sys.exit(EXIT_FAILED if failures else EXIT_OK)
 
 

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from typing import Any
 
 from ..errors import (
+    WIRE_PREFIX,
     BrokerExecError,
     DecodeError,
     InvalidRequest,
@@ -531,6 +532,15 @@ class Operation:
             if self._error is not None:
                 raise self._error
         return self.status()
+
+    def invalid(self) -> list[Item]:
+        """The items whose current job was refused by its service's declared inputs (failed
+        as ``InvalidRequest``, the error naming each missing, unknown or mistyped input):
+        after a re-run of an operation whose service changed its inputs, those that no
+        longer validate. Their requests are kept, to be fixed and launched anew."""
+        refused = f"{WIRE_PREFIX}{InvalidRequest.__name__}:"
+        return [item for item in self.registry.items(ItemState.FAILED)
+                if (item.error or "").startswith(refused)]
 
     def outcomes(self) -> list[Outcome]:
         """The outcomes so far, in the order they came."""
