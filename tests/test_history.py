@@ -450,6 +450,16 @@ def test_an_operations_status_comes_at_once_from_the_store_when_an_indexer_runs(
         assert (status.counts["finished"], status.counts["failed"]) == (24, 6)
         brokerctl.wait_until(lambda: client.operation_counts(op.id) == {"finished": 24, "failed": 6}, WAIT,
                              "the store to count the operation's jobs")
+        # listed, and found by name, by the store alone (as once the journal has dropped it)
+        from brokerexec.client import operation_index
+
+        recent, operation_index.STORE_LAG = operation_index.STORE_LAG, 0.0
+        journal, client.transport.find_operations = client.transport.find_operations, lambda *_: []
+        try:
+            assert [row["id"] for row in client.operations(name=op.name)] == [op.id]
+            assert client.operation_plan("counter", requests, name=op.name).counts()["rerun"] == 6
+        finally:
+            operation_index.STORE_LAG, client.transport.find_operations = recent, journal
     done = subprocess.run([sys.executable, "-m", "brokerexec", "op", "status", op.id, "--json",
                            "--broker", own_vhost], capture_output=True, text=True, timeout=WAIT)
     document = json.loads(done.stdout)

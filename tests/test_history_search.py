@@ -268,7 +268,7 @@ def test_a_store_migrated_from_0003_with_rows_gets_them_indexed(tmp_path: Any) -
                     "request_bytes, result_bytes, labels) VALUES (:id, 'fit', 'queued', 0, '[]', :at, :at, "
                     ":request, 0, 0, '{}')"),
                     {"id": job_id, "at": float(i), "request": f'{{"dataset":"Before-{i:02d}"}}'})
-        assert store.migrate() == "0006"
+        assert store.migrate() == "0007"
         assert store.search_lag() == 25
         truth = _truth(store, "before-")
         assert _found(store, "before-") == (truth, 25) and set(truth) == set(ids)

@@ -37,7 +37,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[HistoryStor
     url = (str(tmp_path / "history.db") if request.param == "sqlite"
            else request.getfixturevalue("postgres_url"))
     with HistoryStore(url) as store:
-        assert store.migrate() == "0006"
+        assert store.migrate() == "0007"
         yield store
 
 
@@ -275,7 +275,7 @@ def test_a_store_made_at_the_first_schema_is_migrated_with_its_rows(tmp_path: An
                 "INSERT INTO jobs (job_id, service, state, attempts, workers, at, request_bytes, "
                 "result_bytes, labels) VALUES (:id, 'fit', 'queued', 0, '[]', 1.0, 0, 0, '{}')"),
                 {"id": job_id})
-        assert store.migrate() == "0006"
+        assert store.migrate() == "0007"
         assert store.counts() == {("fit", "queued"): 1}  # counted from the rows there
         row = store.get(job_id)
         assert row is not None and (row.state, row.progress) == ("queued", None)
@@ -360,6 +360,36 @@ def test_on_postgresql_the_ingests_upserts_are_prepared_and_its_look_ups_never(p
         assert all(store.get(job_id) is not None for job_id in ids)
     assert any(statement.startswith("INSERT INTO jobs") for statement in prepared), prepared
     assert not [statement for statement in prepared if statement.startswith("SELECT")], prepared
+
+
+def test_operations_headers_are_kept_listed_newest_first_and_paged(store: HistoryStore) -> None:
+    from brokerexec.protocol.names import OPERATION_TYPE
+    from brokerexec.protocol.operation_log import OperationHeader
+
+    headers = [OperationHeader(new_job_id(), "fit" if n % 2 else "sort", f"sweep {n % 3}", 1000.0 + n,
+                               {"on_error": "continue"}, None, 10 + n) for n in range(7)]
+    entries = [Entry(journal_stream(h.id), n, OPERATION_TYPE, h.encode(), h.id)
+               for n, h in enumerate(headers)]
+    entries.append(Entry("s", 99, OPERATION_TYPE, {"operation": "not one"}, None))  # skipped, not fatal
+    store.ingest(entries, {})
+    newest_first = [h.id for h in reversed(headers)]
+    page, cursor = store.operations(limit=3)
+    assert [body["operation"] for body in page] == newest_first[:3] and cursor is not None
+    rest, end = store.operations(limit=10, cursor=cursor)
+    assert [body["operation"] for body in rest] == newest_first[3:] and end is None
+    assert OperationHeader.decode(page[0]) == headers[-1]
+    fits, _ = store.operations(service="fit", name="sweep 1")
+    assert [body["operation"] for body in fits] == [h.id for h in reversed(headers)
+                                                    if h.service == "fit" and h.name == "sweep 1"]
+    since, _ = store.operations(since=1004.0, until=1006.0)
+    assert [body["created"] for body in since] == [1005.0, 1004.0]
+    # a newer header of one operation replaces it (hostile names are values, never SQL)
+    again = OperationHeader(headers[0].id, "sort", "x'); DROP TABLE jobs; --", 1000.0, {}, 4, 99)
+    store.ingest([Entry(journal_stream(again.id), 50, OPERATION_TYPE, again.encode(), again.id)], {})
+    named, _ = store.operations(name="x'); DROP TABLE jobs; --")
+    assert [OperationHeader.decode(body) for body in named] == [again]
+    with pytest.raises(DecodeError, match="limit"):
+        store.operations(limit=0)
 
 
 def test_a_store_url_is_a_path_sqlite_or_postgresql() -> None:

@@ -385,3 +385,28 @@ def test_an_operations_jobs_are_counted_by_state_from_the_store(client: Client) 
     assert client.operation_counts(new_job_id()) == {}
     with pytest.raises(DecodeError, match="only an operation's jobs"):
         HistoryQuery(by_state=True)
+
+
+def test_operations_are_listed_and_found_by_name_from_the_store(
+        client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    from brokerexec.client import operation_index
+
+    with client.operation("counter", [{"steps": 2}, {"steps": 3}], name="kept") as op:
+        op.wait(WAIT)
+    with client.operation("counter", [{"steps": 4}], name="other") as other:
+        other.wait(WAIT)
+    # the store alone (the journal says nothing): every operation older than no time at all
+    monkeypatch.setattr(operation_index, "STORE_LAG", 0.0)
+    monkeypatch.setattr(client.transport, "find_operations", lambda since, limit, timeout: [])
+    found = client.operations()
+    assert [row["id"] for row in found] == [other.id, op.id]  # newest first
+    assert found[1]["name"] == "kept" and found[1]["expected"] == 2 and found[1]["service"] == "counter"
+    assert [row["id"] for row in client.operations(name="kept")] == [op.id]
+    assert client.operations(service="echo") == []
+    assert [row["id"] for row in client.operations(limit=1)] == [other.id]
+    # a resume by name finds it there too
+    assert client.operation_plan("counter", [{"steps": 2}], name="kept").operation == op.id
+    with pytest.raises(DecodeError, match="only operations"):
+        HistoryQuery(name="kept")
+    with pytest.raises(DecodeError, match="not by state"):
+        HistoryQuery(operations=True, state="failed")

@@ -190,10 +190,12 @@ class Client:
 
     def _named_operation(self, service: str, name: str, within: float) -> str | None:
         """The id of the newest operation of ``service`` named ``name`` made in the last
-        ``within`` seconds, if any."""
-        headers = self.transport.find_operations(time.time() - within, 1_000_000, OPERATION_SEARCH_TIMEOUT)
-        named = [header for header in headers if header.name == name and header.service == service]
-        return max(named, key=lambda header: header.created).id if named else None
+        ``within`` seconds, if any (``client/operation_index.py``)."""
+        from .operation_index import find_headers
+
+        named = find_headers(self.transport, time.time() - within, 1, OPERATION_SEARCH_TIMEOUT,
+                             service=service, name=name)
+        return named[0].id if named else None
 
     def operation_of(self, operation_id: str, *, timeout: float = 60.0) -> Operation:
         """The operation of that id, as the journal has it, watched from now on: any client
@@ -225,14 +227,18 @@ class Client:
         finally:
             listening.close()  # the operation listens to its service's events by now
 
-    def operations(self, since: float | None = None, limit: int = 100, *,
-                   timeout: float = 60.0) -> list[dict[str, Any]]:
-        """The operations made since ``since`` (epoch seconds; the last day by default), newest
-        first: id, name, service, created, policy, max_in_flight, and how many requests
-        (``expected``, when they could be counted)."""
+    def operations(self, since: float | None = None, limit: int = 100, *, service: str | None = None,
+                   name: str | None = None, timeout: float = 60.0) -> list[dict[str, Any]]:
+        """The operations made since ``since`` (epoch seconds; the last day by default), of
+        ``service`` and named ``name`` if given, newest first: id, name, service, created,
+        policy, max_in_flight, and how many requests (``expected``, when they could be
+        counted). From the history store when an indexer runs (also those the journal no
+        longer keeps), the newest from the journal (``client/operation_index.py``)."""
+        from .operation_index import find_headers
+
         since = time.time() - 86400 if since is None else since
-        return [header.encode() | {"id": header.id}
-                for header in self.transport.find_operations(since, limit, timeout)]
+        return [header.encode() | {"id": header.id} for header in
+                find_headers(self.transport, since, limit, timeout, service=service, name=name)]
 
     def operation_counts(self, operation_id: str, *, timeout: float | None = None) -> dict[str, int]:
         """How many of an operation's jobs are in each state, from the history store: at once,

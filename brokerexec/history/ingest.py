@@ -23,7 +23,14 @@ from .. import codec
 from ..constants import MAX_ENTRY_BYTES
 from ..errors import DecodeError
 from ..protocol.journal import ENTRY_TYPES
-from ..protocol.names import CHECKPOINT_TYPE, LAUNCH_TYPE, LAUNCHES_TYPE, RECORD_TYPE, STARTED_TYPE
+from ..protocol.names import (
+    CHECKPOINT_TYPE,
+    LAUNCH_TYPE,
+    LAUNCHES_TYPE,
+    OPERATION_TYPE,
+    RECORD_TYPE,
+    STARTED_TYPE,
+)
 from ..transport.pika.journal_tail import TailEntry
 from .store import Entry, HistoryStore
 
@@ -31,6 +38,8 @@ __all__ = ["DEFAULT_KEEP", "PRUNE_EVERY", "IndexerStats", "Ingest", "written_at"
 
 log = logging.getLogger(__name__)
 
+#: The journal entries the store takes: its jobs', and operations' headers.
+TAKEN = ENTRY_TYPES | {OPERATION_TYPE}
 #: Rows of jobs that ended longer ago than this are pruned (seconds): 90 days.
 DEFAULT_KEEP = 90 * 86400.0
 #: How often the store is pruned (seconds).
@@ -101,7 +110,7 @@ class Ingest:
         began = time.perf_counter()
         entries: list[Entry] = []
         for raw in batch:
-            if raw.kind not in ENTRY_TYPES:
+            if raw.kind not in TAKEN:
                 continue  # probes and anything else in the stream
             try:
                 body, codec_name = codec.decode_object(raw.body, raw.content_type, allow_yaml=False,
@@ -147,7 +156,7 @@ class Ingest:
 
 #: Where each kind of journal entry says when it was written (``protocol/journal.py``).
 _WRITTEN = {LAUNCH_TYPE: "sent", LAUNCHES_TYPE: "sent", STARTED_TYPE: "time", CHECKPOINT_TYPE: "time",
-            RECORD_TYPE: "end"}
+            RECORD_TYPE: "end", OPERATION_TYPE: "created"}
 
 
 def written_at(kind: str, body: dict[str, Any]) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy import BigInteger, Column, Float, Index, Integer, MetaData, String, Table, Text
 
-__all__ = ["counts", "jobs", "metadata", "offsets", "records", "search_mark"]
+__all__ = ["counts", "jobs", "metadata", "offsets", "operations", "records", "search_mark"]
 
 metadata = MetaData()
 
@@ -45,6 +45,19 @@ jobs = Table(
     Index("jobs_operation_key", "operation", "item_key"),
     Index("jobs_operation_state", "operation", "state"),
     Index("jobs_changed", "changed"),
+)
+
+#: One row per operation (``brokerexec/operations/``): its header entry from the journal
+#: (migration 0007), whole as ``header`` (JSON), and what operations are listed and found by.
+operations = Table(
+    "operations", metadata,
+    Column("operation", String(64), primary_key=True),
+    Column("service", String(255), nullable=False),
+    Column("name", Text, nullable=False),
+    Column("created", Float, nullable=False),
+    Column("header", Text, nullable=False),
+    Index("operations_created", "created", "operation"),
+    Index("operations_service_name", "service", "name", "created"),
 )
 
 #: Each ended job's whole final record (what ``result`` returns), apart from ``jobs``: pages

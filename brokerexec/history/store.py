@@ -14,6 +14,7 @@ Every query is parameterized; filters are values, never SQL.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,11 +28,14 @@ from sqlalchemy.engine import Connection, Engine
 from ..errors import ConfigurationError, DecodeError
 from ..protocol.history import decode_cursor, encode_cursor
 from ..protocol.journal import attempt_of, launches_in
-from ..protocol.names import LAUNCH_TYPE, LAUNCHES_TYPE, RECORD_TYPE
+from ..protocol.names import LAUNCH_TYPE, LAUNCHES_TYPE, OPERATION_TYPE, RECORD_TYPE
+from ..protocol.operation_log import OperationHeader
 from . import schema, search
 from .rows import ENDED, JobRow, fold
 
 __all__ = ["Entry", "HistoryStore", "Page", "store_url"]
+
+log = logging.getLogger(__name__)
 
 #: The most rows one page holds.
 MAX_PAGE = 1000
@@ -156,8 +160,27 @@ class HistoryStore:
             self._write(connection, changed.values(), self._next_change(connection))
             self._keep_records(connection, records)
             self._count(connection, moved)
+            self._keep_operations(connection, [e.body for e in entries if e.kind == OPERATION_TYPE])
             self._move(connection, reached)
         return len(changed)
+
+    def _keep_operations(self, connection: Connection, headers: Sequence[dict[str, Any]]) -> None:
+        """Each operation's header (a newer one of an operation replaces it)."""
+        values = []
+        for body in headers:
+            try:
+                header = OperationHeader.decode(body)
+            except DecodeError as exc:
+                log.warning("an operation's header skipped: %s", exc)
+                continue
+            values.append({"operation": header.id, "service": header.service, "name": header.name,
+                           "created": header.created, "header": json.dumps(header.encode())})
+        if values:
+            insert = self._insert(schema.operations)
+            connection.execute(insert.on_conflict_do_update(
+                index_elements=[schema.operations.c.operation],
+                set_={name: insert.excluded[name] for name in ("service", "name", "created", "header")}),
+                values)
 
     def _one_writer(self, connection: Connection) -> None:
         """Several indexers on one PostgreSQL store write one transaction at a time: a fold
@@ -353,6 +376,39 @@ class HistoryStore:
             return {state: int(n) for state, n in connection.execute(
                 sa.select(jobs.c.state, sa.func.count()).where(jobs.c.operation == operation)
                 .group_by(jobs.c.state))}
+
+    def operations(self, *, since: float | None = None, until: float | None = None,
+                   service: str | None = None, name: str | None = None, limit: int = 100,
+                   cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+        """A page of the operations made in ``[since, until)`` (of ``service``, named
+        ``name``, if given), newest first: each its header (as ``OperationHeader.encode``),
+        and the cursor of the next page (None: no more).
+
+        Raises:
+            DecodeError: a bad limit or cursor.
+        """
+        if not 1 <= limit <= MAX_PAGE:
+            raise DecodeError(f"limit must be 1 to {MAX_PAGE}, not {limit}")
+        table = schema.operations
+        conditions: list[Any] = []
+        for column, value in ((table.c.service, service), (table.c.name, name)):
+            if value is not None:
+                conditions.append(column == value)
+        if since is not None:
+            conditions.append(table.c.created >= since)
+        if until is not None:
+            conditions.append(table.c.created < until)
+        if cursor is not None:
+            created, operation = decode_cursor(cursor)
+            conditions.append(sa.tuple_(table.c.created, table.c.operation)
+                              < sa.tuple_(sa.literal(created), sa.literal(operation)))
+        with self.engine.connect() as connection:
+            found = list(connection.execute(
+                sa.select(table.c.operation, table.c.created, table.c.header).where(*conditions)
+                .order_by(table.c.created.desc(), table.c.operation.desc()).limit(limit + 1)))
+        page = found[:limit]
+        more = encode_cursor(page[-1].created, page[-1].operation) if len(found) > limit else None
+        return [json.loads(row.header) for row in page], more
 
     def counts(self, since: float | None = None) -> dict[tuple[str, str], int]:
         """How many jobs there are by service and state (that moved since ``since``: counted

@@ -34,8 +34,10 @@ __all__ = ["LOOKUP_TIMEOUT", "HistoryPage", "HistoryQuery", "ask", "decode_curso
 LOOKUP_TIMEOUT = 1.0
 #: The most rows one page holds.
 MAX_LIMIT = 1000
-_TEXT = ("service", "state", "worker", "operation", "text", "cursor", "job_id")
+_TEXT = ("service", "state", "worker", "operation", "text", "cursor", "job_id", "name")
 _TIMES = ("since", "until")
+#: The filters of jobs only (not of operations).
+_JOBS_ONLY = ("state", "worker", "operation", "text", "count", "job_id", "record", "by_state")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,10 @@ class HistoryQuery:
     job_id: str | None = None
     record: bool = False  # with job_id: its whole final record too, under "record"
     by_state: bool = False  # with operation: its jobs counted by state too, under "states"
+    #: Operations, not jobs: their headers, newest first (filters: since, until, service,
+    #: name, limit, cursor), under "operations".
+    operations: bool = False
+    name: str | None = None  # with operations: those of this name
 
     def __post_init__(self) -> None:
         self.check()
@@ -74,15 +80,24 @@ class HistoryQuery:
         limit = self.limit
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
             raise DecodeError(f"history limit must be 1 to {MAX_LIMIT}, not {self.limit!r}")
-        for name in ("count", "record", "by_state"):
+        for name in ("count", "record", "by_state", "operations"):
             if not isinstance(getattr(self, name), bool):
                 raise DecodeError(f"history {name} must be true or false, not {getattr(self, name)!r}")
         if self.cursor is not None:
             decode_cursor(self.cursor)
+        self._check_together()
+
+    def _check_together(self) -> None:
+        """The filters that go only with others."""
         if self.record and self.job_id is None:
             raise DecodeError("a history query asks for a record only with a job_id")
         if self.by_state and self.operation is None:
             raise DecodeError("a history query counts by state only an operation's jobs: give its operation")
+        if self.name is not None and not self.operations:
+            raise DecodeError("a history query filters by name only operations: ask for operations")
+        if self.operations and any(getattr(self, name) not in (None, False) for name in _JOBS_ONLY):
+            raise DecodeError(f"a history query of operations filters by since, until, service and name "
+                              f"only, not by {', '.join(n for n in _JOBS_ONLY if getattr(self, n))}")
 
     def encode(self) -> dict[str, Any]:
         return {"intent": "history", **{k: v for k, v in asdict(self).items() if v not in (None, False)}}
@@ -124,17 +139,21 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
 class HistoryPage:
     """A page of jobs, newest first: each a row of the history store (``docs/history.md``);
     ``cursor`` gives the next page (None: no more); ``total`` every match, when counted;
-    ``states`` an operation's jobs by state, when asked (``by_state``)."""
+    ``states`` an operation's jobs by state, when asked (``by_state``); ``operations`` the
+    headers of operations, when asked for them (``rows`` is then empty)."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     cursor: str | None = None
     total: int | None = None
     states: dict[str, int] | None = None
+    operations: list[dict[str, Any]] | None = None
 
     def encode(self) -> dict[str, Any]:
         body: dict[str, Any] = {"rows": self.rows, "cursor": self.cursor, "total": self.total}
         if self.states is not None:
             body["states"] = self.states
+        if self.operations is not None:
+            body["operations"] = self.operations
         return body
 
     @classmethod
@@ -144,9 +163,12 @@ class HistoryPage:
         cursor, total, states = body.get("cursor"), body.get("total"), body.get("states")
         if isinstance(states, dict):
             states = {state: n for state, n in states.items() if type(n) is int}  # not a bool
+        operations = body.get("operations")
         return cls([row for row in body["rows"] if isinstance(row, dict)],
                    cursor if isinstance(cursor, str) else None, total if isinstance(total, int) else None,
-                   states if isinstance(states, dict) else None)
+                   states if isinstance(states, dict) else None,
+                   [header for header in operations if isinstance(header, dict)]
+                   if isinstance(operations, list) else None)
 
 
 def ask(query: HistoryQuery, *, timeout: float, max_bytes: int) -> Call[HistoryPage]:

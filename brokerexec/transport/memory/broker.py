@@ -47,6 +47,7 @@ from ...protocol.names import (
     CHECKPOINT_TYPE,
     LAUNCH_TYPE,
     LAUNCHES_TYPE,
+    OPERATION_TYPE,
     RECORD_TYPE,
     STARTED_TYPE,
 )
@@ -419,6 +420,9 @@ class MemoryBroker:
     def note_operation(self, header: OperationHeader) -> None:
         with self._lock:
             self._operations.setdefault(header.id, header)
+            history = self.history
+        if history is not None:  # its header entry, as a journal's reader takes it
+            history.note(OPERATION_TYPE, wire(header.encode()), None)
 
     def find_operation(self, operation_id: str) -> FoundOperation:
         """The operation as a journal would have it (``protocol/operation_log.py``)."""
