@@ -258,7 +258,7 @@ def test_kubernetes_history_indexer_is_valid_and_its_urls_come_from_secrets() ->
         secret = objects["Secret", env[name]["name"]]
         assert secret["stringData"][env[name]["key"]].startswith(schemes), name
     # A PostgreSQL store: the image has its driver
-    assert '"/src[postgresql]"' in (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
+    assert '"/src[postgresql,web]"' in (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
     # The rolling update starts the new indexer first (two on one PostgreSQL store is allowed)
     strategy = objects["Deployment", "brokerexec-history"]["spec"]["strategy"]
     assert strategy["rollingUpdate"]["maxUnavailable"] == 0
@@ -277,3 +277,37 @@ def test_kubernetes_metrics_are_served_where_prometheus_and_the_probes_look(name
         if probe in container:
             port = container[probe]["httpGet"]["port"]
             assert ports.get(port, port) == params["metrics_port"], probe
+
+
+def test_compose_serves_the_web_view_of_the_indexers_store_on_the_hosts_loopback_only() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose" / "compose.yaml").read_text(encoding="utf-8"))
+    services = compose["services"]
+    web, history = services["web"], services["history"]
+    verb, params = parse_command(web["command"])
+    assert verb == "web"
+    assert params["history_store"] == check_history(history["command"])["history_store"]  # the same file
+    assert set(web["volumes"]) & set(history["volumes"])  # on the same volume
+    assert params["host"] == "0.0.0.0" and web["ports"] == [f"127.0.0.1:{params['port']}:{params['port']}"]
+    assert set(web["environment"]) <= envvars_read_by("web")
+    assert (web["image"], web["build"]) == (services["worker"]["image"], services["worker"]["build"])
+    assert '"/src[postgresql,web]"' in (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
+
+
+def test_kubernetes_web_view_trusts_only_the_proxys_header_and_only_the_ingress_reaches_it() -> None:
+    objects = kubernetes_objects()
+    _template, container, argv = deployment_container("brokerexec-web")
+    verb, params = parse_command(argv)
+    assert verb == "web" and params["trusted_header"] == "X-Auth-Request-User"
+    env = {variable["name"]: variable["valueFrom"]["secretKeyRef"] for variable in container["env"]}
+    assert set(env) <= envvars_read_by("web")
+    assert env["BROKEREXEC_HISTORY_STORE"]["name"] == "brokerexec-history-store"  # the indexer's store
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports["http"] == params["port"]
+    ingress = objects["Ingress", "brokerexec-web"]
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/auth-response-headers"] == params["trusted_header"]
+    assert "oauth2" in annotations["nginx.ingress.kubernetes.io/auth-url"]
+    service = objects["Service", "brokerexec-web"]["spec"]
+    assert service["selector"] == {"app.kubernetes.io/name": "brokerexec-web"}
+    policy = objects["NetworkPolicy", "brokerexec-web"]["spec"]
+    assert [port["port"] for rule in policy["ingress"] for port in rule["ports"]] == [params["port"]]

@@ -374,13 +374,15 @@ def test_a_refusal_comes_back_typed_and_an_undecodable_reply_says_so() -> None:
 
 
 def test_the_jobs_query_gathers_every_answer() -> None:
-    answers = [reply({"result": {"worker": {"pid": n}, "jobs": [{"job_id": f"j{n}"}], "services": ["fit"]}})
+    fit = {"name": "fit", "settable": {"rate": "float"}, "invokable": []}
+    answers = [reply({"result": {"worker": {"pid": n}, "jobs": [{"job_id": f"j{n}"}], "services": ["fit"],
+                                 **({"descriptions": {"fit": fit}} if n == 1 else {})}})  # 2: an older worker
                for n in (1, 2)]
     script = Script(answers[0], [answers[1], reply({"exception": "x"})])
     fleet = calls.drive(calls.fleet_query(timeout=0.5, max_bytes=10_000), script)
     assert fleet.jobs == [{"job_id": "j1", "worker": {"pid": 1}}, {"job_id": "j2", "worker": {"pid": 2}}]
-    assert fleet.workers == [{"pid": 1, "services": ["fit"], "running": 1},
-                             {"pid": 2, "services": ["fit"], "running": 1}]
+    assert fleet.workers == [{"pid": 1, "services": ["fit"], "running": 1, "descriptions": {"fit": fit}},
+                             {"pid": 2, "services": ["fit"], "running": 1, "descriptions": {}}]
     assert fleet.services == {"fit"}
     assert isinstance(script.commands[1], Gather) and 0 < script.commands[1].seconds <= 0.5
     # No worker there (returned), none ever (no exchange), none answering: nothing, at once.

@@ -197,6 +197,9 @@ class FakeHooks:
         with self.cond:
             return [JobSummary(job_id, "fake", "running", 0.0, {}) for job_id in self.begun]
 
+    def describe_services(self) -> dict[str, dict[str, Any]]:
+        return {"fake": {"name": "fake", "settable": {}, "invokable": []}}
+
     def superseded(self, job_id: str, reason: str) -> None:
         # What the real worker does: abort its copy (recorded as an RPC, as tests expect).
         with self.cond:

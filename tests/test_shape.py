@@ -27,9 +27,11 @@ LAYERS: dict[str, set[str]] = {
     "child": {"base", "protocol", "core"},
     "worker": {"base", "protocol", "core", "child", "transport"},
     "client": {"base", "protocol", "core", "transport", "worker", "history", "operations"},
-    "cli": {"base", "protocol", "core", "transport", "child", "worker", "client", "history", "operations"},
+    "web": {"base", "protocol", "client", "history", "operations"},  # over a Client and the store
+    "cli": {"base", "protocol", "core", "transport", "child", "worker", "client", "history", "operations",
+            "web"},
     "face": {"base", "protocol", "core", "transport", "child", "worker", "client", "cli", "history",
-             "operations"},
+             "operations", "web"},
 }
 BASE = {"errors", "constants", "logs", "urls", "codec", "settings"}
 #: brokerexec/__init__.py (the public face), __main__ and the old paths' table.

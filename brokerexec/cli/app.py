@@ -46,6 +46,7 @@ from .output import (
     EXIT_USAGE,
     error_document,
 )
+from .web import web
 
 __all__ = ["EXIT_ABORTED", "EXIT_BROKER", "EXIT_FAILED", "EXIT_NOT_FOUND", "EXIT_OK",
            "EXIT_TIMEOUT", "EXIT_USAGE", "cli", "main"]
@@ -87,6 +88,7 @@ for _command in (*local.COMMANDS, *jobs.COMMANDS, *fleet.COMMANDS):
 cli.add_command(history)
 cli.add_command(operations.sweep)
 cli.add_command(operations.op)
+cli.add_command(web)
 
 
 def main(args: list[str] | None = None) -> NoReturn:

@@ -235,7 +235,7 @@ def fleet_query(*, timeout: float, max_bytes: int, correlation_id: str | None = 
         if reply.error is None and isinstance(reply.value, dict):
             answer = WorkerJobs.decode(reply.value)
             fleet.workers.append({**answer.worker, "services": answer.services,
-                                  "running": len(answer.jobs)})
+                                  "running": len(answer.jobs), "descriptions": answer.descriptions})
             fleet.jobs.extend(answer.jobs)
     return fleet
 

@@ -305,9 +305,14 @@ class WorkerJobs:
     jobs: list[dict[str, Any]]
     #: The services it offers.
     services: list[str] = field(default_factory=list)
+    #: What each of them declares (``Service.describe()``: inputs, settable, invokable), by name.
+    descriptions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def encode(self) -> dict[str, Any]:
-        return {"worker": self.worker, "jobs": self.jobs, "services": self.services}
+        body = {"worker": self.worker, "jobs": self.jobs, "services": self.services}
+        if self.descriptions:
+            body["descriptions"] = self.descriptions
+        return body
 
     @classmethod
     def decode(cls, value: object) -> WorkerJobs:
@@ -317,7 +322,11 @@ class WorkerJobs:
         jobs = [{**job, "worker": job.get("worker") or worker}
                 for job in body.get("jobs") or [] if isinstance(job, dict)]
         services = [name for name in body.get("services") or [] if isinstance(name, str)]
-        return cls(worker, jobs, services)
+        described = body.get("descriptions")
+        descriptions = {name: value for name, value in described.items()
+                        if isinstance(name, str) and isinstance(value, dict)} \
+            if isinstance(described, dict) else {}
+        return cls(worker, jobs, services, descriptions)
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,9 @@ class WorkerHooks(Protocol):
     def describe_jobs(self) -> list[JobSummary]:
         """One summary per job this worker runs, for the ``jobs`` query."""
 
+    def describe_services(self) -> dict[str, dict[str, Any]]:
+        """What each service this worker offers declares (``Service.describe()``), by name."""
+
     def superseded(self, job_id: str, reason: str) -> None:
         """Another execution of the job owns it now: stop this copy at its next ``ready()``,
         silently (no events, no record)."""

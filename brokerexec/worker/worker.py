@@ -115,6 +115,7 @@ class Worker:
                  settings: WorkerSettings | None = None) -> None:
         self.transport = transport
         self.registry = registry
+        self._descriptions: dict[str, dict[str, Any]] | None = None
         self.settings = settings or WorkerSettings()
         # The transport's identity if it has one: its leases and journal entries name it.
         self.host = dict(getattr(transport, "host_info", None) or host_info())
@@ -333,6 +334,13 @@ class Worker:
         except BrokerExecError as exc:
             log.warning("control %s not applied to job %s: %s", signal.intent.value, job.job_id, exc,
                         extra=_extra(job))
+
+    def describe_services(self) -> dict[str, dict[str, Any]]:
+        """What each service it offers declares, for the ``jobs`` query (the web view's
+        forms for settable attributes and invokable methods)."""
+        if self._descriptions is None:
+            self._descriptions = {name: self.registry.get(name).describe() for name in self.registry.names()}
+        return self._descriptions
 
     def describe_jobs(self) -> list[JobSummary]:
         """A summary of every job on this worker."""

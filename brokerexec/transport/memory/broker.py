@@ -392,10 +392,10 @@ class MemoryBroker:
             for worker in self.workers():
                 if worker.hooks is not None:
                     summaries = [job.encode() for job in worker.hooks.describe_jobs()]
-                    reply = WorkerJobs.decode(wire({"worker": {}, "jobs": summaries,
-                                                    "services": list(worker.services)}))
+                    reply = WorkerJobs.decode(wire(WorkerJobs({}, summaries, list(worker.services),
+                                                              worker.hooks.describe_services()).encode()))
                     listing.workers.append({**reply.worker, "services": reply.services,
-                                            "running": len(reply.jobs)})
+                                            "running": len(reply.jobs), "descriptions": reply.descriptions})
                     listing.running.extend(reply.jobs)
             with self._lock:
                 for waiting in self._queues.values():

@@ -276,7 +276,7 @@ class SignalServer:
             self._reply(message.reply_to, message.correlation_id or "", Reply.failure(refusal), fmt)
             return
         jobs = [job.encode() for job in self.hooks.describe_jobs()] + self._held()
-        answer = WorkerJobs(self.host_info, jobs, self.services)
+        answer = WorkerJobs(self.host_info, jobs, self.services, self.hooks.describe_services())
         self._reply(message.reply_to, message.correlation_id or "", Reply.result(answer.encode()), fmt)
 
 

@@ -1,0 +1,227 @@
+"""The web view under load (issue 23): a busy fleet, a large history, twenty browsers.
+
+    python -m bench.bench_web [--running 1000] [--ended 100000] [--browsers 20] [--minutes 10]
+
+In a RabbitMQ vhost of its own:
+
+* the history store (a SQLite file) holds ``--ended`` ended jobs, written straight into it
+  (as its indexer would: a launch and a record each, ``HistoryStore.ingest``);
+* two worker processes run ``--running`` jobs of ``_web_service.Ticker``, each sending its
+  progress every second (``--running`` progress events a second through the broker);
+* ``brokerexec web`` serves them (as users start it), indexing the journal itself;
+* ``--browsers`` pages of one headless Chromium (Debian's) hold the jobs page open, each its
+  live stream of the 50 jobs it shows.
+
+Measured, for ``--minutes``: the jobs page's **first byte** (time to the response's headers,
+through the token; target 200 ms), an event's **latency** from the worker (its ``time``) to
+a page's script (target 250 ms p95; one machine, one clock), the web process's **CPU**
+(cores, from ``/proc``; target under 0.5) and its **memory** (RSS every 10 s: flat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench._harness import isolated_vhost, percentiles, subprocess_server
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICE = str(ROOT / "bench" / "_web_service.py") + ":Ticker"
+TOKEN = "bench-web-token"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def fill_store(path: Path, ended: int) -> float:
+    """``ended`` ended jobs in the store at ``path``; seconds it took."""
+    from brokerexec.history.store import Entry, HistoryStore
+    from brokerexec.protocol.messages import Launch, Record
+    from brokerexec.protocol.names import LAUNCH_TYPE, RECORD_TYPE, journal_stream
+    from brokerexec.protocol.states import JobState
+
+    began = time.monotonic()
+    now = time.time()
+    with HistoryStore(str(path)) as store:
+        store.migrate()
+        batch: list[Entry] = []
+        for n in range(ended):
+            launch = Launch.new(f"service-{n % 10}", {"dataset": f"d{n % 50_000}", "n": n})
+            end = now - random.uniform(60, 7 * 86400)
+            state = JobState.FINISHED if n % 10 else JobState.FAILED
+            error = None if state is JobState.FINISHED else {"type": "ValueError", "message": "diverged",
+                                                             "traceback": ""}
+            value = {"loss": n / ended} if error is None else None
+            record = Record(launch.job_id, launch.service, state, value, error, end - 30, end,
+                            {"hostname": "bench"})
+            stream = journal_stream(launch.job_id)
+            batch.append(Entry(stream, 2 * n, LAUNCH_TYPE, launch.encode(), launch.job_id))
+            batch.append(Entry(stream, 2 * n + 1, RECORD_TYPE, record.encode(), launch.job_id))
+            if len(batch) >= 2000:
+                store.ingest(batch, {})
+                batch = []
+        store.ingest(batch, {})
+    return time.monotonic() - began
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def first_bytes(base: str, n: int) -> list[float]:
+    """Seconds from each request's sending to its response's headers, ``n`` GETs of /jobs."""
+    host, port = re.match(r"http://([^:/]+):(\d+)", base).groups()  # type: ignore[union-attr]
+    samples = []
+    for _ in range(n):
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        began = time.perf_counter()
+        connection.request("GET", "/jobs", headers={"Authorization": f"Bearer {TOKEN}"})
+        response = connection.getresponse()
+        samples.append(time.perf_counter() - began)
+        assert response.status == 200, response.status
+        response.read()
+        connection.close()
+    return samples
+
+
+LATENCY = """
+() => {
+  window.benchLatency = [];
+  const source = new EventSource(document.body.dataset.stream);
+  source.addEventListener("job", (message) => {
+    const event = JSON.parse(message.data);
+    window.benchLatency.push(Date.now() / 1000 - event.time);
+  });
+}
+"""
+
+
+def run(url: str, running: int, ended: int, browsers: int, minutes: float) -> dict[str, Any]:
+    from playwright.sync_api import sync_playwright
+
+    from brokerexec import Client
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-web-"))
+    results: dict[str, Any] = {"running": running, "ended": ended, "browsers": browsers, "minutes": minutes}
+    try:
+        store = folder / "history.db"
+        results["fill_seconds"] = round(fill_store(store, ended), 1)
+        print(f"store: {ended:,} ended jobs in {results['fill_seconds']} s", file=sys.stderr)
+        per_worker = (running + 1) // 2
+        workers = [subprocess.Popen([sys.executable, "-m", "brokerexec", "worker", "--broker", url,
+                                     "--service", SERVICE, "--concurrency", str(per_worker)],
+                                    cwd=ROOT, stderr=subprocess.DEVNULL) for _ in range(2)]
+        try:
+            with Client(url) as client:
+                _wait_offered(client)
+                client.launch_many("ticker", [{"n": n} for n in range(running)], progress_delta=1.0)
+                env = {"BROKEREXEC_WEB_TOKEN": TOKEN}
+                port = _free_port()
+                argv = [sys.executable, "-m", "brokerexec", "web", "--broker", url, "--store", str(store),
+                        "--port", str(port)]
+                with subprocess_server(argv, r"brokerexec web at http://", env=env, timeout=120) as web:
+                    results.update(_measure(f"http://127.0.0.1:{port}", web.pid, browsers, minutes,
+                                            sync_playwright))
+                client.abort_all("ticker")
+        finally:
+            for worker in workers:
+                worker.terminate()
+            for worker in workers:
+                try:
+                    worker.wait(60)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return results
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _wait_offered(client: Any) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if any("ticker" in (worker.get("services") or []) for worker in client.listing(1.0).workers):
+            return
+    raise RuntimeError("no worker offers ticker")
+
+
+def _measure(base: str, pid: int, browsers: int, minutes: float, sync_playwright: Any) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        context = browser.new_context()
+        pages = []
+        for _ in range(browsers):
+            page = context.new_page()
+            page.goto(f"{base}/jobs?token={TOKEN}")
+            pages.append(page)
+        pages[0].evaluate(LATENCY)  # one more stream on the first page: what it hears, and when
+        cpu0, wall0 = cpu_seconds(pid), time.monotonic()
+        memory: list[tuple[float, float]] = []
+        stop = time.monotonic() + minutes * 60
+        while time.monotonic() < stop:
+            memory.append((round(time.monotonic() - wall0), round(rss_mib(pid), 1)))
+            time.sleep(min(10.0, max(stop - time.monotonic(), 0)))  # sampling period, not a wait on work
+        found["web_cpu_cores"] = round((cpu_seconds(pid) - cpu0) / (time.monotonic() - wall0), 3)
+        memory.append((round(time.monotonic() - wall0), round(rss_mib(pid), 1)))
+        found["web_rss_mib"] = memory
+        latency = pages[0].evaluate("() => window.benchLatency")
+        found["events_heard"] = len(latency)
+        if latency:
+            ordered = sorted(latency)
+            found["latency_ms"] = {k: round(v * 1000, 1) for k, v in percentiles(latency).items()}
+            found["latency_p95_ms"] = round(ordered[max(int(0.95 * len(ordered)) - 1, 0)] * 1000, 1)
+        page_times = percentiles(first_bytes(base, 50))
+        found["first_byte_ms"] = {k: round(v * 1000, 1) for k, v in page_times.items()}
+        browser.close()
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="amqp://guest:guest@127.0.0.1:5672/")
+    parser.add_argument("--running", type=int, default=1000)
+    parser.add_argument("--ended", type=int, default=100_000)
+    parser.add_argument("--browsers", type=int, default=20)
+    parser.add_argument("--minutes", type=float, default=10.0)
+    args = parser.parse_args(argv)
+    if not os.path.exists(CHROMIUM):
+        print(f"bench_web needs Debian's Chromium at {CHROMIUM}: apt-get install -y chromium",
+              file=sys.stderr)
+        return 2
+    with isolated_vhost(args.url) as url:
+        results = run(url, args.running, args.ended, args.browsers, args.minutes)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
