@@ -29,6 +29,7 @@ import resource
 import statistics
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from bench._harness import (
@@ -144,6 +145,9 @@ def run(url: str, args: argparse.Namespace) -> list[Row]:
     if args.broker_items:
         with broker_lock(), brokerexec_workers(url, 2), history_indexer(url):
             rows.extend(broker_rows(url, args.broker_items))
+    if args.abort_items:
+        with broker_lock():
+            rows.extend(abort_rows(url, args.abort_items))
     for processes in (int(p) for p in args.processes.split(",")):
         group = f"sweep of {args.n} trivial items to one answer, {processes} worker process(es)"
         for contender in selected(CONTENDERS, args.only).values():
@@ -283,6 +287,60 @@ def broker_rows(url: str, count: int) -> list[Row]:
                 counted["seconds"] * 1000, "ms")]
 
 
+def abort_rows(url: str, count: int) -> list[Row]:
+    """An operation of ``count`` items that run until aborted, 8 running (2 worker processes
+    of 4) and the rest queued, aborted as a whole: by one control message (``op.abort()``),
+    and, the way before it, by a signal to each unended job, 8 at a time. From the abort to
+    the last item's outcome in the client."""
+    import concurrent.futures as cf
+    import subprocess
+    import sys
+
+    from brokerexec import Client
+
+    service = f"{Path(__file__).resolve().parent / '_web_service.py'}:Ticker"
+    workers = [subprocess.Popen([sys.executable, "-m", "brokerexec", "worker", "--broker", url, "--service",
+                                 service, "--concurrency", "4"], stderr=subprocess.DEVNULL) for _ in range(2)]
+    group = f"aborting an operation of {count} items (8 running, the rest queued), to every outcome"
+    rows = []
+    try:
+        with Client(url) as client:
+            from bench.bench_web import wait_offered
+
+            wait_offered(client)
+            for how in ("one control message: op.abort()", "a signal to each job, 8 at a time (before)"):
+                op = client.operation("ticker", [{"n": n, "how": how} for n in range(count)])
+                with op._cond:
+                    op._cond.wait_for(lambda held=op: held.status().counts["running"] == 8, 120)
+                start = time.perf_counter()
+                if how.startswith("one"):
+                    op.abort()
+                else:
+                    unended = op._unended_jobs()
+                    with cf.ThreadPoolExecutor(8) as pool:
+                        list(pool.map(lambda job_id: _abort_quietly(client, job_id), unended))
+                status = op.wait(3600)
+                seconds = time.perf_counter() - start
+                assert status.counts["aborted"] == count, status.counts
+                rows.append(Row(group, how, seconds * 1000, "ms", reference=not how.startswith("one")))
+                op.close()
+    finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.wait(60)
+    return rows
+
+
+def _abort_quietly(client: Any, job_id: str) -> bool:
+    from brokerexec import BrokerExecError
+
+    try:
+        return bool(client.job(job_id).abort(10))
+    except BrokerExecError:  # ended meanwhile
+        return False
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--n", type=int, default=2000, help="items per sweep (%(default)s)")
@@ -290,6 +348,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", default="2", help="worker process counts (%(default)s)")
     p.add_argument("--status-items", type=int, default=0,
                    help="also measure status and RSS at this size on memory://")
+    p.add_argument("--abort-items", type=int, default=0,
+                   help="also abort an operation of this many items: one control message, a signal per job")
     p.add_argument("--broker-items", type=int, default=0,
                    help="also sweep this many on the broker: the client's RSS, a fresh client's look-up")
     add_common_arguments(p, CONTENDERS)

@@ -9,8 +9,9 @@ In a RabbitMQ vhost of its own:
 * two worker processes run ``--running`` jobs of ``_web_service.Ticker``, each sending its
   progress every second (``--running`` progress events a second through the broker);
 * ``brokerexec web`` serves them (as users start it), indexing the journal itself;
-* ``--browsers`` pages of one headless Chromium (Debian's) hold the jobs page open, each its
-  live stream of the 50 jobs it shows.
+* ``--browsers`` pages of one headless Chromium (Debian's), each in a context of its own (a
+  browser's own connections), hold the jobs page open, each its live stream of the 50 jobs
+  it shows.
 
 Measured, for ``--minutes``: the jobs page's **first byte** (time to the response's headers,
 through the token; target 200 ms), an event's **latency** from the worker (its ``time``) to
@@ -133,8 +134,9 @@ def run(url: str, running: int, ended: int, browsers: int, minutes: float) -> di
                                     cwd=ROOT, stderr=subprocess.DEVNULL) for _ in range(2)]
         try:
             with Client(url) as client:
-                _wait_offered(client)
+                wait_offered(client)
                 client.launch_many("ticker", [{"n": n} for n in range(running)], progress_delta=1.0)
+                _wait_running(client, running)
                 env = {"BROKEREXEC_WEB_TOKEN": TOKEN}
                 port = _free_port()
                 argv = [sys.executable, "-m", "brokerexec", "web", "--broker", url, "--store", str(store),
@@ -164,21 +166,41 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _wait_offered(client: Any) -> None:
+def wait_offered(client: Any) -> None:
+    """Until both worker processes offer ``ticker``."""
+    from brokerexec import BrokerExecError
+
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if any("ticker" in (worker.get("services") or []) for worker in client.listing(1.0).workers):
+        try:
+            workers = client.listing(1.0).workers
+        except BrokerExecError:  # before a worker declared the topology in this new vhost
+            workers = []
+        if sum("ticker" in (worker.get("services") or []) for worker in workers) == 2:
             return
-    raise RuntimeError("no worker offers ticker")
+    raise RuntimeError("the two workers did not offer ticker within 60 s")
+
+
+def _wait_running(client: Any, running: int) -> None:
+    """Until every job runs: the load is measured, not the fleet's start."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if len(client.listing(2.0).running) >= running:
+            print(f"{running} jobs running", file=sys.stderr)
+            return
+    raise RuntimeError(f"not all {running} jobs ran within 600 s")
 
 
 def _measure(base: str, pid: int, browsers: int, minutes: float, sync_playwright: Any) -> dict[str, Any]:
     found: dict[str, Any] = {}
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        context = browser.new_context()
         pages = []
         for _ in range(browsers):
+            # A context each, as a browser each: a browser opens at most six connections to
+            # one server, and each page's stream holds one.
+            context = browser.new_context()
+            context.set_default_timeout(120_000)
             page = context.new_page()
             page.goto(f"{base}/jobs?token={TOKEN}")
             pages.append(page)

@@ -221,6 +221,14 @@
     }
   }
 
+  // A browser opens at most six connections to one server over HTTP/1.1, and each live tab
+  // holds one: a tab out of sight lets go of its stream, and goes on from its last event when
+  // it is seen again (or loads again, if the server no longer holds that event).
+  document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState === "hidden") window.brokerexec.disconnect();
+    else if (!source) window.brokerexec.reconnect();
+  });
+
   listen(body.dataset.liveFrom);
   controls();
 })();
