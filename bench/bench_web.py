@@ -15,7 +15,9 @@ In a RabbitMQ vhost of its own:
 
 Measured, for ``--minutes``: the jobs page's **first byte** (time to the response's headers,
 through the token; target 200 ms), an event's **latency** from the worker (its ``time``) to
-a page's script (target 250 ms p95; one machine, one clock), the web process's **CPU**
+a page's script (target 250 ms p95; one machine, one clock), beside the same events' latency
+to a plain subscriber in the bench's process (the baseline: the worker, the broker and a
+client's connection, without the web server or a browser), the web process's **CPU**
 (cores, from ``/proc``; target under 0.5) and its **memory** (RSS every 10 s: flat).
 """
 
@@ -141,9 +143,20 @@ def run(url: str, running: int, ended: int, browsers: int, minutes: float) -> di
                 port = _free_port()
                 argv = [sys.executable, "-m", "brokerexec", "web", "--broker", url, "--store", str(store),
                         "--port", str(port)]
+                # The baseline, in the same run: the same events to a plain subscriber (the
+                # worker, the broker and a client's connection; no web server, no browser).
+                direct: list[float] = []
+                listening = client.subscribe("progress.ticker.*",
+                                             lambda event: direct.append(time.time() - event.time))
                 with subprocess_server(argv, r"brokerexec web at http://", env=env, timeout=120) as web:
                     results.update(_measure(f"http://127.0.0.1:{port}", web.pid, browsers, minutes,
                                             sync_playwright))
+                listening.close()
+                if direct:
+                    ordered = sorted(direct)
+                    results["subscriber_latency_ms"] = {
+                        **{k: round(v * 1000, 1) for k, v in percentiles(direct).items()},
+                        "p95": round(ordered[max(int(0.95 * len(ordered)) - 1, 0)] * 1000, 1)}
                 client.abort_all("ticker")
         finally:
             for worker in workers:

@@ -500,3 +500,25 @@ def test_an_operations_jobs_are_counted_by_state_from_an_index_alone(tmp_path: A
             plan = " ".join(str(row[-1]) for row in connection.execute(sa.text(
                 "EXPLAIN QUERY PLAN SELECT state, count(*) FROM jobs WHERE operation = 'x' GROUP BY state")))
     assert "COVERING INDEX jobs_operation_state" in plan
+
+
+def test_the_best_improved_value_of_an_operations_jobs_is_found_by_the_store(store: HistoryStore) -> None:
+    from brokerexec.protocol.names import new_job_id as new_id
+
+    operation = new_id()
+    entries = []
+    for n, improved in enumerate([{"loss": 0.5}, {"loss": 0.25, "note": "x"}, {"loss": "n/a"}, {"other": 1},
+                                  None, {"loss": 2}]):
+        launch = Launch.new("fit", {"n": n}, operation=operation, key=f"item-{n}")
+        record = Record(launch.job_id, "fit", JobState.FINISHED, n, None, 1.0, 2.0, {"hostname": "h"},
+                        improved=improved)
+        stream = journal_stream(launch.job_id)
+        entries += [Entry(stream, 2 * n, LAUNCH_TYPE, launch.encode(), launch.job_id),
+                    Entry(stream, 2 * n + 1, RECORD_TYPE, record.encode(), launch.job_id)]
+    store.ingest(entries, {})
+    ids = [entry.job_id for entry in entries[::2]]
+    assert store.best(operation, "loss") == (ids[5], 2.0)  # a number, whatever its JSON kind
+    assert store.best(operation, "loss", lowest=True) == (ids[1], 0.25)  # "n/a" is no number
+    assert store.best(operation, "missing") is None and store.best(new_id(), "loss") is None
+    with pytest.raises(DecodeError, match="plain name"):
+        store.best(operation, "loss') OR 1=1 --")

@@ -472,3 +472,20 @@ def test_a_rerun_after_the_service_changed_its_inputs_says_which_items_no_longer
         invalid = again.invalid()
         assert [item.request for item in invalid] == [{"rate": 0.9}, {"rate": 0.95}]
         assert all("missing required input 'depth'" in (item.error or "") for item in invalid)
+
+
+def test_a_consolidation_that_raises_is_reported_with_its_traceback_and_leaves_the_outcomes(
+        client: Client) -> None:
+    import traceback
+
+    with client.operation("counter", [{"steps": 1 + n} for n in range(4)]) as op:
+        op.wait(WAIT)
+
+        def broken(outcomes: list[Any]) -> float:
+            return sum(o.value["count"] for o in outcomes) / 0
+
+        with pytest.raises(ZeroDivisionError) as raised:
+            op.consolidate(broken)
+        assert "in broken" in "".join(traceback.format_tb(raised.value.__traceback__))  # where it failed
+        assert len(op.outcomes()) == 4 and op.status().counts["finished"] == 4  # nothing lost
+        assert sum(row["value"]["count"] for row in op.consolidate("collect")) == 10  # and again, unchanged

@@ -128,6 +128,13 @@ def test_nothing_is_shown_without_the_token_and_the_token_becomes_a_session(tmp_
         assert good.status_code == 303 and good.headers["location"] == "/jobs"
         headers = http.get("/jobs").headers
         assert "default-src 'self'" in headers["content-security-policy"]
+        # what needs no session: the health check, the sign-in page, the page's own files
+        http.cookies.clear()
+        assert http.get("/healthz").text == "ok"
+        assert "Sign in" in http.get("/login").text
+        script = http.get("/static/app.js")
+        assert script.status_code == 200 and "EventSource" in script.text
+        assert http.get("/static/app.css").headers["content-type"].startswith("text/css")
 
 
 def test_basic_auth_and_a_trusted_header(tmp_path: Path) -> None:
@@ -263,9 +270,21 @@ def test_operations_are_listed_counted_steered_rerun_and_downloaded(site: Site) 
     op.close()
 
 
+def test_an_operations_page_shows_its_best_improved_value_either_way(site: Site) -> None:
+    with site.client.operation("improver", [{"n": n} for n in (3, 5, 4)]) as op:
+        op.wait(WAIT)
+    site.flushed()
+    page = site.http.get(f"/operations/{op.id}").text
+    assert "i = 4.0 (highest)" in page  # the last improved value of each: 2, 4, 3
+    lowest = site.http.get(f"/operations/{op.id}?best=i&lowest=1").text
+    assert "i = 2.0 (lowest)" in lowest
+    assert site.http.get(f"/operations/{op.id}?best=i%27)--").status_code == 400
+
+
 def test_the_fleet_page_shows_the_workers_and_their_services(site: Site) -> None:
     page = site.http.get("/fleet").text
     assert "forever" in page and "counter" in page and "No worker answered" not in page
+    assert "<td>4</td>" in page  # its capacity (concurrency)
 
 
 # ---- the live stream --------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,6 +37,9 @@ from .rows import ENDED, JobRow, fold
 __all__ = ["Entry", "HistoryStore", "Page", "store_url"]
 
 log = logging.getLogger(__name__)
+
+#: What an improved value's field may be called in a question of the store (``best``).
+_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 #: The most rows one page holds.
 MAX_PAGE = 1000
@@ -409,6 +413,37 @@ class HistoryStore:
         page = found[:limit]
         more = encode_cursor(page[-1].created, page[-1].operation) if len(found) > limit else None
         return [json.loads(row.header) for row in page], more
+
+    def best(self, operation: str, field: str, lowest: bool = False) -> tuple[str, float] | None:
+        """The job of ``operation`` whose improved value's number ``field`` is the highest
+        (``lowest``: the lowest), and that number; None if no job has one.
+
+        Raises:
+            DecodeError: ``field`` is not a plain name (letters, digits, ``_``).
+        """
+        if not _FIELD.fullmatch(field):
+            raise DecodeError(f"an improved value's field is a plain name (letters, digits, _), "
+                              f"not {field!r}")
+        jobs = schema.jobs
+        number: Any
+        numeric: Any
+        if self.sqlite:
+            path: Any = sa.bindparam("path", f"$.{field}")
+            number = sa.func.json_extract(jobs.c.improved, path)
+            numeric = sa.func.json_type(jobs.c.improved, path).in_(("integer", "real"))
+        else:
+            from sqlalchemy.dialects.postgresql import JSONB
+
+            document = sa.cast(jobs.c.improved, JSONB)
+            numeric = sa.func.jsonb_typeof(document[field]) == "number"
+            number = sa.case((numeric, sa.cast(document[field].astext, sa.Float)))
+        order = number.asc() if lowest else number.desc()
+        with self.engine.connect() as connection:
+            found = connection.execute(
+                sa.select(jobs.c.job_id, number.label("number"))
+                .where(jobs.c.operation == operation, jobs.c.improved.is_not(None), numeric)
+                .order_by(order).limit(1)).first()
+        return (found.job_id, float(found.number)) if found is not None else None
 
     def counts(self, since: float | None = None) -> dict[tuple[str, str], int]:
         """How many jobs there are by service and state (that moved since ``since``: counted

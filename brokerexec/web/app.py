@@ -377,9 +377,16 @@ class _Pages:
         next_url = f"/operations/{operation_id}?{urlencode({'cursor': page.cursor, 'state': state or ''})}" \
             if page.cursor else None
         rate = await run_in_threadpool(self._throughput, operation_id)
+        field = request.query_params.get("best") or _first_number(page.rows)
+        lowest = request.query_params.get("lowest") == "1"
+        try:
+            best = None if not field else await run_in_threadpool(self.view.store.best, operation_id, field,
+                                                                  lowest)
+        except DecodeError as exc:
+            return self._render(request, who, "error.html", 400, title="Bad field", message=str(exc))
         return self._render(request, who, "operation.html", header=header, counts=counts, rows=page.rows,
-                            state=state or "", next_url=next_url, rate=rate,
-                            **_progress(header, counts, rate))
+                            state=state or "", next_url=next_url, rate=rate, best=best, best_field=field,
+                            lowest=lowest, **_progress(header, counts, rate))
 
     def _header(self, operation_id: str) -> dict[str, Any] | None:
         from ..protocol.operation_log import time_of_id
@@ -609,6 +616,16 @@ def chart(points: list[tuple[float, Any]], width: int = 480, height: int = 120) 
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _first_number(rows: list[Any]) -> str | None:
+    """The first field of an improved value that is a number, in these rows (what an
+    operation's best is of, unless its page asks for another)."""
+    for row in rows:
+        for name, value in (row.improved or {}).items():
+            if _number(value):
+                return str(name)
+    return None
 
 
 def _json(text: str | None) -> Any:

@@ -119,6 +119,7 @@ class AttachedWorker(Protocol):
     hooks: WorkerHooks | None
     services: tuple[str, ...]
     free: int
+    capacity: int
     consuming: bool
 
     def deliver_launch(self, waiting: Waiting) -> None:
@@ -392,7 +393,8 @@ class MemoryBroker:
             for worker in self.workers():
                 if worker.hooks is not None:
                     summaries = [job.encode() for job in worker.hooks.describe_jobs()]
-                    reply = WorkerJobs.decode(wire(WorkerJobs({}, summaries, list(worker.services),
+                    who = {**(getattr(worker, "host_info", None) or {}), "concurrency": worker.capacity}
+                    reply = WorkerJobs.decode(wire(WorkerJobs(who, summaries, list(worker.services),
                                                               worker.hooks.describe_services()).encode()))
                     listing.workers.append({**reply.worker, "services": reply.services,
                                             "running": len(reply.jobs), "descriptions": reply.descriptions})

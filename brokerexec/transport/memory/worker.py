@@ -61,6 +61,7 @@ class MemoryWorkerTransport(WorkerTransport):
         self.hooks: WorkerHooks | None = None
         self.services: tuple[str, ...] = ()
         self.free = 0
+        self.capacity = 0
         self.consuming = False
         self._owned: dict[str, _Owned] = {}
         self._lock = threading.RLock()  # one job's machine is fed by one thread at a time
@@ -68,6 +69,7 @@ class MemoryWorkerTransport(WorkerTransport):
     def serve(self, hooks: WorkerHooks, capacity: int, services: Sequence[str] = ()) -> None:
         self.hooks, self.free, self.consuming = hooks, capacity, True
         self.services = tuple(services)
+        self.capacity = capacity  # the jobs query says it
         self.broker.offer(self.services)
         self.broker.add_worker(self)
         self.broker.call_soon(self.broker._deliver_launches)

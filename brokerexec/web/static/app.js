@@ -154,7 +154,8 @@
           const answer = await fetch(location.href, { headers: { Accept: "text/html" } });
           if (!answer.ok) return;
           const page = new DOMParser().parseFromString(await answer.text(), "text/html");
-          for (const selector of ["[data-counts]", "table.items tbody", '[data-field="rate"]', '[data-field="eta"]']) {
+          const live = ["[data-counts]", "table.items tbody", '[data-field="rate"]', '[data-field="eta"]', "[data-best]"];
+          for (const selector of live) {
             const now = document.querySelector(selector), fresh = page.querySelector(selector);
             if (now && fresh) now.replaceWith(document.importNode(fresh, true));
           }

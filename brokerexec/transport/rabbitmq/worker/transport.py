@@ -114,6 +114,7 @@ class RabbitWorkerTransport(WorkerTransport):
         self.hooks = self.ownership.hooks = hooks
         self.intake.start(hooks, capacity, services)
         self.signals.start(hooks, services)
+        self.signals.host_info = {**self.signals.host_info, "concurrency": capacity}  # the jobs query says it
         connection = self.connection
         connection.start()
 
