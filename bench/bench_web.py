@@ -143,15 +143,18 @@ def run(url: str, running: int, ended: int, browsers: int, minutes: float) -> di
                 port = _free_port()
                 argv = [sys.executable, "-m", "brokerexec", "web", "--broker", url, "--store", str(store),
                         "--port", str(port)]
-                # The baseline, in the same run: the same events to a plain subscriber (the
-                # worker, the broker and a client's connection; no web server, no browser).
+                # The baseline, in the same run: the events of the jobs the first page shows,
+                # to a plain subscriber (the worker, the broker and a client's connection; no
+                # web server, no browser), over the same minutes.
                 direct: list[float] = []
-                listening = client.subscribe("progress.ticker.*",
-                                             lambda event: direct.append(time.time() - event.time))
+
+                def baseline(job_ids: list[str]) -> Any:
+                    return client.subscribe([f"progress.ticker.{job_id}" for job_id in job_ids],
+                                            lambda event: direct.append(time.time() - event.time))
+
                 with subprocess_server(argv, r"brokerexec web at http://", env=env, timeout=120) as web:
                     results.update(_measure(f"http://127.0.0.1:{port}", web.pid, browsers, minutes,
-                                            sync_playwright))
-                listening.close()
+                                            sync_playwright, baseline))
                 if direct:
                     ordered = sorted(direct)
                     results["subscriber_latency_ms"] = {
@@ -204,7 +207,8 @@ def _wait_running(client: Any, running: int) -> None:
     raise RuntimeError(f"not all {running} jobs ran within 600 s")
 
 
-def _measure(base: str, pid: int, browsers: int, minutes: float, sync_playwright: Any) -> dict[str, Any]:
+def _measure(base: str, pid: int, browsers: int, minutes: float, sync_playwright: Any,
+             baseline: Any) -> dict[str, Any]:
     found: dict[str, Any] = {}
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
@@ -218,6 +222,9 @@ def _measure(base: str, pid: int, browsers: int, minutes: float, sync_playwright
             page.goto(f"{base}/jobs?token={TOKEN}")
             pages.append(page)
         pages[0].evaluate(LATENCY)  # one more stream on the first page: what it hears, and when
+        shown = pages[0].evaluate("() => [...document.querySelectorAll('tr[data-job-id]')]"
+                                  ".map((row) => row.dataset.jobId)")
+        listening = baseline(shown)
         cpu0, wall0 = cpu_seconds(pid), time.monotonic()
         memory: list[tuple[float, float]] = []
         stop = time.monotonic() + minutes * 60
@@ -227,6 +234,7 @@ def _measure(base: str, pid: int, browsers: int, minutes: float, sync_playwright
         found["web_cpu_cores"] = round((cpu_seconds(pid) - cpu0) / (time.monotonic() - wall0), 3)
         memory.append((round(time.monotonic() - wall0), round(rss_mib(pid), 1)))
         found["web_rss_mib"] = memory
+        listening.close()
         latency = pages[0].evaluate("() => window.benchLatency")
         found["events_heard"] = len(latency)
         if latency:
