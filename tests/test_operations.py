@@ -489,3 +489,18 @@ def test_a_consolidation_that_raises_is_reported_with_its_traceback_and_leaves_t
         assert "in broken" in "".join(traceback.format_tb(raised.value.__traceback__))  # where it failed
         assert len(op.outcomes()) == 4 and op.status().counts["finished"] == 4  # nothing lost
         assert sum(row["value"]["count"] for row in op.consolidate("collect")) == 10  # and again, unchanged
+
+
+def test_op_watch_says_the_best_value_so_far(client: Client) -> None:
+    from sample_services import Improver
+
+    from brokerexec.cli.operations import _status_text
+
+    with Client("memory://", services=[Improver]) as improvers, \
+            improvers.operation("improver", [{"n": n} for n in (3, 5, 4)]) as op:
+        op.wait(WAIT)
+        text = _status_text(op)
+    assert "3/3 done (3 finished)" in text and text.endswith("best i = 4")  # each item's last: 2, 4, 3
+    with client.operation("counter", [{"steps": 1}]) as quiet:
+        quiet.wait(WAIT)
+        assert "best" not in _status_text(quiet)  # no improved value reported

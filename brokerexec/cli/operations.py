@@ -71,7 +71,20 @@ def _status_text(op: Operation) -> str:
     counts = ", ".join(f"{n} {state}" for state, n in status.counts.items() if n)
     rate = f"{status.throughput:.2f}/s" if status.throughput else "-"
     eta = f"{status.eta:.0f} s" if status.eta is not None else "-"
-    return f"{op.id} {op.name}: {status.done}/{status.total} done ({counts}); {rate}, ETA {eta}"
+    best = _best_text(op)
+    return (f"{op.id} {op.name}: {status.done}/{status.total} done ({counts}); {rate}, ETA {eta}"
+            + (f"; {best}" if best else ""))
+
+
+def _best_text(op: Operation) -> str:
+    """The best improved value so far: the highest of the first numeric field the items
+    report (``op.status(best=...)``), as ``best FIELD = VALUE``; "" while none reports one."""
+    field = next((name for item in op.items() for name, value in (item.improved or {}).items()
+                  if isinstance(value, (int, float)) and not isinstance(value, bool)), None)
+    if field is None:
+        return ""
+    best = op.status(best=field).best
+    return f"best {field} = {(best.improved or {}).get(field)}" if best is not None else ""
 
 
 def _status_document(op: Operation) -> dict[str, Any]:
@@ -107,8 +120,11 @@ def _follow(op: Operation, as_json: bool) -> None:
                 pass
             if bar is not None:
                 status = op.status()
+                rate = f", {status.throughput:.1f}/s" if status.throughput else ""
+                best = _best_text(op)
                 bar.update(task, total=status.total, completed=status.done,
-                           description=f"{op.name} ({status.counts['failed']} failed)")
+                           description=f"{op.name} ({status.counts['failed']} failed{rate}"
+                                       f"{'; ' + best if best else ''})")
             elif not as_json and (text := _status_text(op)) != shown:
                 click.echo(text, err=True)
                 shown = text
@@ -125,6 +141,8 @@ def _end(op: Operation, as_json: bool) -> None:
         click.echo(json.dumps({**_status_document(op), "failures": failures, "invalid": invalid}))
     else:
         click.echo(_status_text(op))
+        if failures:
+            click.echo(f"  {'state':<8} {'item':<16} {'job':<32}  error")
         for failure in failures:
             click.echo(f"  {failure['state']:<8} {failure['key'][:16]:<16} {failure['job_id'] or '-'}  "
                        f"{failure['error'] or ''}")
