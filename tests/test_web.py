@@ -93,14 +93,24 @@ def site(tmp_path: Path) -> Iterator[Site]:
 
 
 def running(site: Site, request: dict[str, Any] | None = None, service: str = "forever") -> str:
-    job = site.client.launch(service, request or {"tick": 0.01})
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        if job.status()["state"] == "running":
-            site.flushed()
-            return job.id
-        time.sleep(0.02)  # polling a job's state through its own RPC, with a deadline
-    raise AssertionError(f"job {job.id} never ran")
+    """A job launched and heard to run (its state event), in the store once it is."""
+    started = threading.Event()
+    job_id: list[str] = []
+
+    def heard(event: Event) -> None:
+        if event.data.get("to") == "running" and event.job_id in job_id:
+            started.set()
+
+    listening = site.client.subscribe("state.*.*", heard)
+    try:
+        job = site.client.launch(service, request or {"tick": 0.01})
+        job_id.append(job.id)
+        if job.status()["state"] != "running":  # it may have started before it was named here
+            assert started.wait(WAIT), f"job {job.id} never ran"
+    finally:
+        listening.close()
+    site.flushed()
+    return job.id
 
 
 # ---- the door -----------------------------------------------------------------------------
