@@ -17,8 +17,10 @@ Measured, for ``--minutes``: the jobs page's **first byte** (time to the respons
 through the token; target 200 ms), an event's **latency** from the worker (its ``time``) to
 a page's script (target 250 ms p95; one machine, one clock), beside the same events' latency
 to a plain subscriber in the bench's process (the baseline: the worker, the broker and a
-client's connection, without the web server or a browser), the web process's **CPU**
-(cores, from ``/proc``; target under 0.5) and its **memory** (RSS every 10 s: flat).
+client's connection, without the web server or a browser) and to the web server's stream
+read by a plain HTTP client (the server without a browser), the web process's **CPU**
+(cores, from ``/proc``; target under 0.5), its **memory** (RSS every 10 s: flat), and the
+cores every kind of process on the machine used meanwhile (where the two cores went).
 """
 
 from __future__ import annotations
@@ -89,6 +91,67 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def machine_cpu() -> dict[str, float]:
+    """CPU seconds so far of every process on the machine, summed by what it is (its
+    command's name: the broker's ``beam.smp``, ``chromium``, ``python``...), and the whole
+    machine's busy and total seconds (from ``/proc/stat``): where the two cores go."""
+    found: dict[str, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            name = (entry / "comm").read_text().strip()
+            seconds = cpu_seconds(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue  # it ended meanwhile
+        key = "chromium" if name.startswith("chrom") else name
+        found[key] = found.get(key, 0.0) + seconds
+    ticks = [int(n) for n in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    found["(machine busy)"] = (sum(ticks) - ticks[3] - ticks[4]) / hz
+    found["(machine all)"] = sum(ticks) / hz
+    return found
+
+
+def cpu_split(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    """Cores each kind of process used between two :func:`machine_cpu` readings."""
+    split = {key: round((after.get(key, 0.0) - before.get(key, 0.0)) / seconds, 2) for key in after}
+    return {key: value for key, value in sorted(split.items(), key=lambda kv: -kv[1]) if value >= 0.01}
+
+
+class StreamReader:
+    """The web server's stream of the same jobs, read by a plain HTTP client in this
+    process (no browser): what the web server adds, apart from the browser's."""
+
+    def __init__(self, base: str, path: str) -> None:
+        import threading
+
+        self.latency: list[float] = []
+        host, port = re.match(r"http://([^:/]+):(\d+)", base).groups()  # type: ignore[union-attr]
+        self._connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        self._connection.request("GET", path, headers={"Authorization": f"Bearer {TOKEN}",
+                                                        "Accept": "text/event-stream"})
+        self._response = self._connection.getresponse()
+        assert self._response.status == 200, self._response.status
+        self._closed = False
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for line in self._response:
+                if self._closed:
+                    return
+                if line.startswith(b"data: {"):
+                    self.latency.append(time.time() - json.loads(line[6:])["time"])
+        except (OSError, ValueError, AttributeError):  # closed under it (http.client's own)
+            return
+
+    def close(self) -> None:
+        self._closed = True
+        self._connection.close()
 
 
 def first_bytes(base: str, n: int) -> list[float]:
@@ -225,16 +288,24 @@ def _measure(base: str, pid: int, browsers: int, minutes: float, sync_playwright
         shown = pages[0].evaluate("() => [...document.querySelectorAll('tr[data-job-id]')]"
                                   ".map((row) => row.dataset.jobId)")
         listening = baseline(shown)
-        cpu0, wall0 = cpu_seconds(pid), time.monotonic()
+        reader = StreamReader(base, pages[0].evaluate("() => document.body.dataset.stream"))
+        cpu0, wall0, machine0 = cpu_seconds(pid), time.monotonic(), machine_cpu()
         memory: list[tuple[float, float]] = []
         stop = time.monotonic() + minutes * 60
         while time.monotonic() < stop:
             memory.append((round(time.monotonic() - wall0), round(rss_mib(pid), 1)))
             time.sleep(min(10.0, max(stop - time.monotonic(), 0)))  # sampling period, not a wait on work
         found["web_cpu_cores"] = round((cpu_seconds(pid) - cpu0) / (time.monotonic() - wall0), 3)
+        found["machine_cores"] = cpu_split(machine0, machine_cpu(), time.monotonic() - wall0)
         memory.append((round(time.monotonic() - wall0), round(rss_mib(pid), 1)))
         found["web_rss_mib"] = memory
         listening.close()
+        reader.close()
+        if reader.latency:
+            ordered = sorted(reader.latency)
+            found["stream_reader_latency_ms"] = {
+                **{k: round(v * 1000, 1) for k, v in percentiles(reader.latency).items()},
+                "p95": round(ordered[max(int(0.95 * len(ordered)) - 1, 0)] * 1000, 1)}
         latency = pages[0].evaluate("() => window.benchLatency")
         found["events_heard"] = len(latency)
         if latency:
