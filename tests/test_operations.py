@@ -225,6 +225,25 @@ def test_an_operation_is_aborted_paused_and_resumed_as_a_whole(client: Client) -
     assert [o.state for o in op.results(ordered=True)] == ["aborted"] * 4
 
 
+def test_an_abort_sent_from_another_client_stops_the_launcher_too(client: Client) -> None:
+    # Given an operation still launching (two at a time, ten items)
+    gate = "aborted elsewhere"
+    requests = [{"gate": gate, "n": n} for n in range(10)]
+    with client.operation("held", requests, max_in_flight=2) as op:
+        # When another client (``brokerexec op abort``, the web view) aborts it by its id
+        with Client("memory://", services=[Held]) as other:
+            assert other.operation_of(op.id).abort() == 2
+        # Then the launcher launches no more: the two running are aborted, the rest never run
+        status = op.wait(WAIT)
+        assert op.stopped == "aborted"
+        assert len(op.items()) == 2
+        assert status.counts["aborted"] == 10 and status.done == 10
+        # and a re-run launched after that abort goes on: the abort was before it began
+        opened(gate)
+        assert op.rerun() == 2
+        assert op.wait(WAIT).counts["finished"] == 10
+
+
 def test_bad_sweeps_are_refused_at_once(client: Client) -> None:
     with pytest.raises(UnknownService, match="nobody"):
         client.operation("nobody", [{"a": 1}])

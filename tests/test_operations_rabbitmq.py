@@ -2,7 +2,7 @@
 every item finished once with its own result; failures past the policy abort the rest; a
 killed launcher's operation reattached and re-run; the same sweep submitted again resumes its
 interrupted items from their checkpoints (the work redone counted); one control message
-steers every item, queued and running."""
+steers every item, queued and running, and the launcher hears it from another process."""
 
 from __future__ import annotations
 
@@ -295,3 +295,20 @@ def test_one_control_message_pauses_sets_and_aborts_every_item_queued_and_runnin
         assert op.abort() == 20
         status = op.wait(30)  # 18 queued: each dropped by the worker, with its record and event
         assert status.counts["aborted"] == 20
+    # A launcher still launching (two at a time) hears its operation steered from elsewhere:
+    # `brokerexec op pause` and `op abort` in other processes hold, then stop, its launching.
+    rest = [{"n": n, "steps": 5000, "delay": 0.01} for n in range(30, 50)]
+    broker = ("--broker", own_vhost)
+    with Client(own_vhost, timeout=10) as client, client.operation("tally", rest, max_in_flight=2) as op:
+        with op._cond:
+            assert op._cond.wait_for(lambda: op.status().counts["running"] == 2, WAIT)
+        paused = _cli("op", "pause", op.id, *broker)
+        assert paused.returncode == 0, paused.stderr
+        with op._cond:
+            assert op._cond.wait_for(lambda: op.status().counts["paused"] == 2, WAIT)
+        aborted = _cli("op", "abort", op.id, *broker)
+        assert aborted.returncode == 0, aborted.stderr
+        status = op.wait(30)
+        assert op.stopped == "aborted"
+        assert len(op.items()) == 2  # the 18 others never launched
+        assert status.counts["aborted"] == 20 and status.done == 20

@@ -150,6 +150,21 @@ def test_worker_and_client_roles_run_and_steer_a_job(broker: Broker, worker: Non
         assert not any(password in result.stdout + result.stderr for password in broker.passwords)
 
 
+def test_the_client_role_launches_an_operation_that_hears_an_abort_sent_from_elsewhere(
+        broker: Broker, worker: None) -> None:
+    url = broker.urls["client"]
+    requests = [{"max_iterations": 10**9, "tolerance": 0, "seed": seed} for seed in range(6)]
+    with Client(url, timeout=10) as client, client.operation("fit", requests, max_in_flight=1) as op:
+        with op._cond:
+            assert op._cond.wait_for(lambda: op.status().counts["running"] == 1, WAIT)
+        aborted = brokerexec("op", "abort", op.id, "--broker", url)  # another process, same role
+        assert aborted.returncode == 0, aborted.stderr
+        status = op.wait(WAIT)
+    # its launcher read the control message (the role may): it launched no more
+    assert op.stopped == "aborted" and len(op.items()) == 1
+    assert status.counts["aborted"] == 6
+
+
 def test_the_asyncio_client_role_runs_a_job_and_looks_it_up(broker: Broker, worker: None) -> None:
     async def run() -> dict[str, object]:
         async with AsyncClient(broker.urls["aclient"]) as client:

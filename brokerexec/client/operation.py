@@ -106,6 +106,10 @@ class Operation:
         self._launching = False
         self._paused = False
         self._stopped: str | None = None  # why it stopped launching early (abort, policy)
+        # When launching last began (a start, a resubmission, add(), rerun()): a control of
+        # this operation sent before then, from here or elsewhere, does not steer it.
+        self._launch_began = 0.0
+        self._controls_heard = False
         self._error: BaseException | None = None  # what ended the launcher
         # The jobs launched whose outcome has not come, and when their news came last (monotonic).
         self._pending: dict[str, float] = {}
@@ -127,7 +131,8 @@ class Operation:
         at once), and the rest in the background."""
         self._counted(requests)
         self._watch()
-        self._launching = True
+        self._hear_controls()
+        self._launching, self._launch_began = True, time.time()
         self._launch_from(keyed_requests(self.service, requests), note=True)
 
     def _resubmit(self, requests: Iterable[Any]) -> None:
@@ -138,6 +143,8 @@ class Operation:
         self._counted(requests)
         with self._cond:
             self._again, self._stopped, self._error, self._launching = set(), None, None, True
+            self._launch_began = time.time()
+        self._hear_controls()
         self._launch_from(keyed_requests(self.service, requests), note=False)
 
     def _counted(self, requests: Iterable[Any]) -> None:
@@ -286,6 +293,34 @@ class Operation:
         self._subscriptions.append(self.client.subscribe(
             [f"state.{self.service}.*", f"improved.{self.service}.*"], self._on_event))
         self._spawn(self._collect, name="collector")
+
+    def _hear_controls(self) -> None:
+        """From its first launch on: its pause, resume and abort sent by any client
+        (``brokerexec op abort``, the web view) steer its launching too, not only the jobs
+        launched so far. A client that only watches (a watcher may not read them) never asks."""
+        with self._cond:
+            if self._controls_heard:
+                return
+            self._controls_heard = True
+        self._subscriptions.append(self._client().transport.subscribe_controls(self._on_control))
+
+    def _on_control(self, control: Any) -> None:
+        """A control message (any client's, this one's own too): one of this operation's,
+        sent since launching last began, pauses, resumes or stops the launching."""
+        if control.operation != self.id or control.job_id not in (None, self.id):
+            return
+        with self._cond:
+            if control.sent is not None and control.sent < self._launch_began:
+                return  # sent before this launching began: a re-run after an abort goes on
+            if control.intent is Intent.PAUSE:
+                self._paused = True
+            elif control.intent is Intent.RESUME:
+                self._paused = False
+            elif control.intent is Intent.ABORT and self._stopped is None:
+                self._stopped = "aborted"
+                if self._launching:
+                    log.info("operation %s aborted: launching no more", self.id)
+            self._cond.notify_all()
 
     def _spawn(self, target: Callable[..., None], *args: Any, name: str) -> None:
         thread = threading.Thread(target=target, args=args, name=f"operation-{self.id[:8]}-{name}",
@@ -628,8 +663,9 @@ class Operation:
             if self._launching:
                 self._more.append(items)
                 return
-            self._launching = True
+            self._launching, self._launch_began = True, time.time()
             self._stopped = None
+        self._hear_controls()
         self._spawn(self._launch_rest, items, name="launcher")
 
     def plan(self) -> Plan:
@@ -659,10 +695,13 @@ class Operation:
                 raise InvalidState(f"operation {self.id} does not hold the requests of every item to re-run")
             self._stopped = None
             self._error = None
+            self._launch_began = time.time()
         from ..protocol.messages import Launch
 
         if items and not self._subscriptions:
             self._watch()
+        if items or self._rest is not None:
+            self._hear_controls()
         for start in range(0, len(items), LAUNCH_BATCH):
             chunk = items[start:start + LAUNCH_BATCH]
             launches = [Launch.new(self.service, item.request, operation=self.id, key=item.key,

@@ -220,6 +220,12 @@ class ClientTransport(abc.ABC):
         """
 
     @abc.abstractmethod
+    def subscribe_controls(self, callback: Callable[[Control], None]) -> Subscription:
+        """Hear every control message sent from now on, by any client (an operation's
+        launcher hears its operation's pause, resume and abort). The callback runs on a
+        transport thread; it must return quickly."""
+
+    @abc.abstractmethod
     def fetch_result(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
         """The final record of a job, waiting up to ``timeout`` s (None: forever, 0: no
         wait); None if it has not ended by then. Raises ``JobNotFound`` if nothing knows it."""

@@ -155,6 +155,7 @@ class MemoryBroker:
         self._changes: dict[str, list[dict[str, Any]]] = {}
         self._results: dict[str, dict[str, Any]] = {}
         self._subscriptions: list[_MemorySubscription] = []
+        self._control_listeners: list[_MemorySubscription] = []  # clients hearing controls
         # What the journal's operation entries would hold (protocol/operation_log.py): the
         # headers, and each operation's launches in order.
         self._operations: dict[str, OperationHeader] = {}
@@ -384,6 +385,10 @@ class MemoryBroker:
         for worker in self.workers():
             if worker.hooks is not None:
                 self.call_soon(functools.partial(worker.hooks.on_control, message))
+        with self._lock:
+            listeners = list(self._control_listeners)
+        for listener in listeners:
+            self.call_soon(functools.partial(listener.callback, message))
 
     def list_jobs(self, ended_since: float | None, limit: int) -> cf.Future[Listing]:
         answer: cf.Future[Listing] = cf.Future()
@@ -512,6 +517,15 @@ class MemoryBroker:
         with self._lock:
             if sub in self._subscriptions:
                 self._subscriptions.remove(sub)
+            if sub in self._control_listeners:
+                self._control_listeners.remove(sub)
+
+    def subscribe_controls(self, callback: Callable[[Control], None]) -> _MemorySubscription:
+        """Hear every control message sent from now on (as a client's listener does)."""
+        sub = _MemorySubscription(self, [], callback)
+        with self._lock:
+            self._control_listeners.append(sub)
+        return sub
 
 
 def _settle(reply: cf.Future[Any], answer: cf.Future[Any]) -> None:
@@ -521,8 +535,7 @@ def _settle(reply: cf.Future[Any], answer: cf.Future[Any]) -> None:
 
 
 class _MemorySubscription:
-    def __init__(self, broker: MemoryBroker, patterns: list[str],
-                 callback: Callable[[Event], None]) -> None:
+    def __init__(self, broker: MemoryBroker, patterns: list[str], callback: Callable[[Any], None]) -> None:
         self.broker = broker
         self._patterns = list(patterns)
         self.callback = callback

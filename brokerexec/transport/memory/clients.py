@@ -76,6 +76,9 @@ class MemoryClientTransport(ClientTransport):
     def subscribe(self, patterns: list[str], callback: Callable[[Event], None]) -> Subscription:
         return self.broker.subscribe(patterns, callback)
 
+    def subscribe_controls(self, callback: Callable[[Control], None]) -> Subscription:
+        return self.broker.subscribe_controls(callback)
+
     def fetch_result(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
         return self.broker.wait_result(job_id, timeout)
 

@@ -223,6 +223,9 @@ class PikaClientTransport(ClientTransport):
     def subscribe(self, patterns: list[str], callback: Callable[[Event], None]) -> Subscription:
         return self._listening().subscribe(patterns, callback)
 
+    def subscribe_controls(self, callback: Callable[[Control], None]) -> Subscription:
+        return self._listening().subscribe_controls(callback)
+
     def fetch_result(self, job_id: str, timeout: float | None) -> dict[str, Any] | None:
         started = time.monotonic()
         if self.records is not None:

@@ -1,5 +1,7 @@
 """The blocking client's listener: one thread and one pika connection for what it receives
-without asking — event subscriptions, and the records pushed to this client.
+without asking — event subscriptions, control messages (an operation's launcher hears its
+operation's pause, resume and abort, sent from anywhere), and the records pushed to this
+client.
 
 pika is not thread-safe, and its ``BlockingConnection`` answers heartbeats only while its
 own thread pumps it: so the listener's thread does nothing but pump. Other threads cross
@@ -25,8 +27,10 @@ import pika.exceptions
 from ... import codec
 from ...constants import MAX_ENTRY_BYTES
 from ...errors import BrokerConnectionError, DecodeError
+from ...protocol import topology
 from ...protocol.events import Event
-from ...protocol.names import EVENTS_EXCHANGE
+from ...protocol.messages import Control
+from ...protocol.names import CONTROL_EXCHANGE, EVENTS_EXCHANGE
 from ..pushed_records import PushedRecords
 from .internals import join_frame_writes
 
@@ -40,14 +44,16 @@ _LOST = (pika.exceptions.AMQPError, OSError)
 
 
 class _Subscription:
-    """One subscription: its patterns and callback, and its queue on the current connection."""
+    """One subscription: its patterns and callback, and its queue on the current connection.
+    ``patterns`` None: the control messages (the fanout control exchange), not events."""
 
-    def __init__(self, listener: PikaListener, patterns: list[str],
-                 callback: Callable[[Event], None]) -> None:
+    def __init__(self, listener: PikaListener, patterns: list[str] | None,
+                 callback: Callable[[Any], None]) -> None:
         self.listener = listener
         self.patterns = patterns
         self.callback = callback
         self.consumer_tag: str | None = None
+        self.channel: Any = None  # a channel of its own (control messages), else the listener's
 
     def close(self) -> None:
         self.listener.unsubscribe(self)
@@ -133,7 +139,7 @@ class PikaListener:
         if self._records is not None:
             self._records.disconnected()
         for subscription in self._subscriptions:
-            subscription.consumer_tag = None
+            subscription.consumer_tag, subscription.channel = None, None
         connection, self._connection, self._channel = self._connection, None, None
         if connection is not None:
             with contextlib.suppress(*_LOST):
@@ -141,25 +147,35 @@ class PikaListener:
                     connection.close()
 
     def _apply(self, subscription: _Subscription) -> None:
-        """Bind a queue of its own to every pattern and consume it (listener thread)."""
+        """Bind a queue of its own to every pattern (or to the control exchange) and
+        consume it (listener thread)."""
+        if subscription.patterns is None:
+            self._apply_controls(subscription)
+            return
         channel = self._channel
         queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
         for pattern in subscription.patterns:
             channel.queue_bind(queue, EVENTS_EXCHANGE, pattern)
+        subscription.consumer_tag = channel.basic_consume(
+            queue, _delivery(subscription, Event.decode, "event", allow_yaml=True), auto_ack=True)
 
-        def deliver(_ch: Any, _method: Any, props: pika.BasicProperties, body: bytes) -> None:
-            try:
-                event = Event.decode(codec.decode_object(body, props.content_type,
-                                                         max_bytes=MAX_ENTRY_BYTES)[0])
-            except DecodeError as exc:
-                log.warning("event refused: %s", exc)
-                return
-            try:
-                subscription.callback(event)
-            except Exception:
-                log.exception("subscriber callback failed")
-
-        subscription.consumer_tag = channel.basic_consume(queue, deliver, auto_ack=True)
+    def _apply_controls(self, subscription: _Subscription) -> None:
+        """The control messages, on a channel of their own: a user who may not read them
+        (a watcher, ``docs/security.md``) loses that channel, not the events'."""
+        channel = subscription.channel = self._connection.channel()  # type: ignore[union-attr]
+        try:
+            # Declared as workers declare it: a client may listen before any worker ran.
+            spec = next(spec for spec in topology.EXCHANGES if spec.name == CONTROL_EXCHANGE)
+            channel.exchange_declare(spec.name, spec.kind, durable=spec.durable)
+            queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+            channel.queue_bind(queue, CONTROL_EXCHANGE, "")
+            subscription.consumer_tag = channel.basic_consume(  # JSON only, as workers read them
+                queue, _delivery(subscription, Control.decode, "control message", allow_yaml=False),
+                auto_ack=True)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            subscription.channel = None
+            log.warning("this client cannot hear control messages (%s): an operation it launches "
+                        "goes on launching after a pause or abort sent elsewhere", exc.reply_text)
 
     def _on_record(self, _ch: Any, _method: Any, props: pika.BasicProperties, body: bytes) -> None:
         job_id = props.message_id or props.correlation_id or ""
@@ -204,13 +220,23 @@ class PikaListener:
         self._on_thread(lambda: self._apply(subscription))
         return subscription
 
+    def subscribe_controls(self, callback: Callable[[Control], None]) -> _Subscription:
+        """Hear every control message sent from now on; return once bound."""
+        subscription = _Subscription(self, None, callback)
+        self._subscriptions.append(subscription)
+        self._on_thread(lambda: self._apply(subscription))
+        return subscription
+
     def unsubscribe(self, subscription: _Subscription) -> None:
         """End a subscription; its queue goes with its consumer (auto-delete)."""
         if subscription in self._subscriptions:
             self._subscriptions.remove(subscription)
 
         def cancel() -> None:
-            if subscription.consumer_tag is not None and self._channel is not None:
+            if subscription.channel is not None:
+                subscription.channel.close()  # its queue goes with it
+                subscription.channel, subscription.consumer_tag = None, None
+            elif subscription.consumer_tag is not None and self._channel is not None:
                 self._channel.basic_cancel(subscription.consumer_tag)
                 subscription.consumer_tag = None
 
@@ -225,3 +251,23 @@ class PikaListener:
                 connection.add_callback_threadsafe(lambda: None)  # wakes the pump now
         if threading.current_thread() is not self._thread:
             self._thread.join(5)
+
+
+def _delivery(subscription: _Subscription, decode: Callable[[Any], Any], what: str, *,
+              allow_yaml: bool) -> Callable[..., None]:
+    """pika's consumer callback for ``subscription``: each body decoded (``decode``), then
+    given to its callback; one that cannot be decoded is logged and dropped."""
+
+    def deliver(_ch: Any, _method: Any, props: pika.BasicProperties, body: bytes) -> None:
+        try:
+            message = decode(codec.decode_object(body, props.content_type, allow_yaml=allow_yaml,
+                                                 max_bytes=MAX_ENTRY_BYTES)[0])
+        except DecodeError as exc:
+            log.warning("%s refused: %s", what, exc)
+            return
+        try:
+            subscription.callback(message)
+        except Exception:
+            log.exception("subscriber callback failed")
+
+    return deliver
