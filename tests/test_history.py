@@ -468,3 +468,12 @@ def test_an_operations_status_comes_at_once_from_the_store_when_an_indexer_runs(
     forced = subprocess.run([sys.executable, "-m", "brokerexec", "op", "status", op.id, "--journal", "--json",
                              "--broker", own_vhost], capture_output=True, text=True, timeout=WAIT)
     assert json.loads(forced.stdout)["from"] == "journal"
+    # `op abort` sends its one control message with what the store knows: no journal read
+    long_ones = [{"steps": 10**6 + n, "delay": 0.01} for n in range(4)]
+    with Client(own_vhost, timeout=10) as client, client.operation("counter", long_ones) as running:
+        brokerctl.wait_until(lambda: client.operation_counts(running.id).get("running") == 4, WAIT,
+                             "the store to see the operation's 4 jobs running")
+        aborted = subprocess.run([sys.executable, "-m", "brokerexec", "op", "abort", running.id, "--json",
+                                  "--broker", own_vhost], capture_output=True, text=True, timeout=WAIT)
+        assert json.loads(aborted.stdout) == {"id": running.id, "abort": 4, "from": "history"}, aborted.stderr
+        assert running.wait(WAIT).counts["aborted"] == 4

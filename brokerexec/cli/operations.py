@@ -378,15 +378,49 @@ rerun = _with_operation("rerun")(_rerun)
 
 
 def _steer(verb: str) -> click.Command:
-    def action(found: Operation, as_json: bool) -> None:
-        reached = getattr(found, verb)()
-        emit({"id": found.id, verb: reached}, as_json,
+    @op.command(name=verb, epilog=EPILOG)
+    @click.argument("operation_id", metavar="ID")
+    @broker_option
+    @json_option
+    def command(operation_id: str, broker: str, as_json: bool) -> None:
+        need_shared_broker(broker)
+        with exit_on_errors(), _client(broker) as client:
+            document = _steered_by_the_store(client, operation_id, verb)
+            if document is None:  # no indexer, or it has not the operation yet: the journal
+                with client.operation_of(operation_id) as found:
+                    document = {"id": found.id, verb: getattr(found, verb)(), "from": "journal"}
+        emit(document, as_json,
              lambda value: f"{verb} sent to the operation's {value[verb]} item(s) not ended")
 
-    action.__doc__ = {"pause": "Hold every item of operation ID at its next ready() (queued: at start).",
-                      "resume": "Let operation ID's paused items go on.",
-                      "abort": "Abort every item of operation ID not ended (queued ones never start)."}[verb]
-    return _with_operation(verb)(action)
+    what = {"pause": "Hold every item of operation ID at its next ready() (queued: at start).",
+            "resume": "Let operation ID's paused items go on.",
+            "abort": "Abort every item of operation ID not ended (queued ones never start)."}[verb]
+    command.help = (f"{what} One control message, sent at once when a history indexer runs; else "
+                    f"after reading the operation from the journal.")
+    return command
+
+
+def _steered_by_the_store(client: Client, operation_id: str, verb: str) -> dict[str, Any] | None:
+    """Steer the operation with what the history store knows of it (its service, its jobs'
+    counts), without reading the journal: at once, whatever its size. None if the store
+    cannot tell (then nothing was sent)."""
+    from ..client.operation_index import stored_header
+    from ..errors import HistoryUnavailable, Timeout
+    from ..protocol.intents import Intent
+    from ..protocol.messages import Control
+    from ..protocol.states import TERMINAL
+
+    header = stored_header(client.transport, operation_id, client.timeout)
+    if header is None:
+        return None
+    try:
+        counts = client.operation_counts(operation_id)
+    except (HistoryUnavailable, Timeout):
+        return None
+    client.transport.control(Control(Intent(verb), header.service, time.time(), operation=operation_id))
+    ended = {state.value for state in TERMINAL}
+    return {"id": operation_id, verb: sum(n for state, n in counts.items() if state not in ended),
+            "from": "history"}
 
 
 pause, resume, abort = (_steer(verb) for verb in ("pause", "resume", "abort"))

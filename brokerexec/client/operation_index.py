@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 
 from ..errors import DecodeError, HistoryUnavailable, Timeout
 from ..protocol.history import MAX_LIMIT, HistoryQuery
-from ..protocol.operation_log import OperationHeader
+from ..protocol.operation_log import OperationHeader, time_of_id
 
 if TYPE_CHECKING:
     from ..transport.base import ClientTransport
 
-__all__ = ["STORE_LAG", "find_headers"]
+__all__ = ["STORE_LAG", "find_headers", "stored_header"]
 
 #: Seconds of the newest operations read from the journal rather than the store (which
 #: follows the journal: under a second behind when it keeps up).
@@ -41,6 +41,20 @@ def find_headers(transport: ClientTransport, since: float, limit: int, timeout: 
         if (service is None or header.service == service) and (name is None or header.name == name):
             found.setdefault(header.id, header)
     return sorted(found.values(), key=lambda header: (header.created, header.id), reverse=True)[:limit]
+
+
+def stored_header(transport: ClientTransport, operation_id: str, timeout: float) -> OperationHeader | None:
+    """The header of operation ``operation_id`` from the history store, at once whatever the
+    journal holds; None when no indexer answers (or an older one), or the store does not
+    have it (yet: it follows the journal)."""
+    made = time_of_id(operation_id)
+    if made is None:
+        return None
+    try:  # its id says when it was made; its header's time is its client's, a moment later
+        headers = _stored(transport, made - 60, made + 60, 10 * MAX_LIMIT, timeout, None, None)
+    except (HistoryUnavailable, DecodeError, Timeout):
+        return None
+    return next((header for header in headers if header.id == operation_id), None)
 
 
 def _stored(transport: ClientTransport, since: float, until: float, limit: int, timeout: float,
