@@ -417,6 +417,8 @@ def _steered_by_the_store(client: Client, operation_id: str, verb: str) -> dict[
         counts = client.operation_counts(operation_id)
     except (HistoryUnavailable, Timeout):
         return None
+    if not counts:  # the store has none of its jobs yet: the journal counts them
+        return None
     client.transport.control(Control(Intent(verb), header.service, time.time(), operation=operation_id))
     ended = {state.value for state in TERMINAL}
     return {"id": operation_id, verb: sum(n for state, n in counts.items() if state not in ended),

@@ -234,7 +234,8 @@ class PikaListener:
 
         def cancel() -> None:
             if subscription.channel is not None:
-                subscription.channel.close()  # its queue goes with it
+                if subscription.channel.is_open:
+                    subscription.channel.close()  # its queue goes with it
                 subscription.channel, subscription.consumer_tag = None, None
             elif subscription.consumer_tag is not None and self._channel is not None:
                 self._channel.basic_cancel(subscription.consumer_tag)
