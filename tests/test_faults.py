@@ -121,7 +121,7 @@ def test_broker_application_restart(client: Client, worker_process: Callable[...
 def test_black_holed_then_reset_connection(amqp_url: str, client: Client,
                                            worker_process: Callable[..., Any]) -> None:
     with TcpProxy() as proxy:
-        worker_process("--heartbeat", HEARTBEAT, url=proxy.url(amqp_url))
+        worker = worker_process("--heartbeat", HEARTBEAT, url=proxy.url(amqp_url))
         watch = Watch()
         job = launch(client, watch, "forever", {"tick": 0.01}, progress_delta=0.1)
         job.status()  # an RPC claims it: its endpoint is now a queue of the worker's connection
@@ -140,12 +140,13 @@ def test_black_holed_then_reset_connection(amqp_url: str, client: Client,
         proxy.reset()
         brokerctl.wait_until(lambda: _state(job) == "running", WAIT, "status running after reset")
         assert_controllable(client, watch, job)
+        stopped_cleanly(worker)
 
 
 def test_pause_all_reaches_a_worker_that_was_cut_off(
         amqp_url: str, client: Client, worker_process: Callable[..., Any]) -> None:
     with TcpProxy() as proxy:
-        worker_process("--heartbeat", HEARTBEAT, url=proxy.url(amqp_url))
+        worker = worker_process("--heartbeat", HEARTBEAT, url=proxy.url(amqp_url))
         watch = Watch()
         job = launch(client, watch, "forever", {"tick": 0.01})
         job.status()  # an RPC claims it: its endpoint is now a queue of the worker's connection
@@ -158,6 +159,14 @@ def test_pause_all_reaches_a_worker_that_was_cut_off(
         brokerctl.eventually(job.abort, "abort")
         with pytest.raises(JobAborted):
             job.result(WAIT)
+        stopped_cleanly(worker)
+
+
+def stopped_cleanly(worker: Any) -> None:
+    """SIGTERM, while its broker is in reach: the worker writes what it holds (the aborted
+    job's record) and exits 0 at once (with its broker gone it would wait for it: ``worker
+    --shutdown-grace``)."""
+    assert worker.terminate(timeout=WAIT) == 0, "".join(worker.lines[-20:])
 
 
 def _state(job: Any) -> str | None:
