@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import random
 import re
@@ -129,8 +130,7 @@ class StreamReader:
         import threading
 
         self.latency: list[float] = []
-        host, port = re.match(r"http://([^:/]+):(\d+)", base).groups()  # type: ignore[union-attr]
-        self._connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        self._connection = http.client.HTTPConnection(*host_port(base), timeout=60)
         self._connection.request("GET", path, headers={"Authorization": f"Bearer {TOKEN}",
                                                         "Accept": "text/event-stream"})
         self._response = self._connection.getresponse()
@@ -154,12 +154,24 @@ class StreamReader:
         self._connection.close()
 
 
+def in_ms(samples: Sequence[float]) -> dict[str, float]:
+    """``percentiles`` of samples in seconds, and their p95 (the web targets' own), in ms."""
+    ordered = sorted(samples)
+    return {**{k: round(v * 1000, 1) for k, v in percentiles(samples).items()},
+            "p95": round(ordered[max(math.ceil(0.95 * len(ordered)) - 1, 0)] * 1000, 1)}
+
+
+def host_port(base: str) -> tuple[str, int]:
+    """``("127.0.0.1", 8080)`` of ``"http://127.0.0.1:8080"``."""
+    host, port = re.match(r"http://([^:/]+):(\d+)", base).groups()  # type: ignore[union-attr]
+    return host, int(port)
+
+
 def first_bytes(base: str, n: int) -> list[float]:
     """Seconds from each request's sending to its response's headers, ``n`` GETs of /jobs."""
-    host, port = re.match(r"http://([^:/]+):(\d+)", base).groups()  # type: ignore[union-attr]
     samples = []
     for _ in range(n):
-        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        connection = http.client.HTTPConnection(*host_port(base), timeout=30)
         began = time.perf_counter()
         connection.request("GET", "/jobs", headers={"Authorization": f"Bearer {TOKEN}"})
         response = connection.getresponse()
@@ -219,10 +231,7 @@ def run(url: str, running: int, ended: int, browsers: int, minutes: float) -> di
                     results.update(_measure(f"http://127.0.0.1:{port}", web.pid, browsers, minutes,
                                             sync_playwright, baseline))
                 if direct:
-                    ordered = sorted(direct)
-                    results["subscriber_latency_ms"] = {
-                        **{k: round(v * 1000, 1) for k, v in percentiles(direct).items()},
-                        "p95": round(ordered[max(int(0.95 * len(ordered)) - 1, 0)] * 1000, 1)}
+                    results["subscriber_latency_ms"] = in_ms(direct)
                 client.abort_all("ticker")
         finally:
             for worker in workers:
@@ -302,18 +311,12 @@ def _measure(base: str, pid: int, browsers: int, minutes: float, sync_playwright
         listening.close()
         reader.close()
         if reader.latency:
-            ordered = sorted(reader.latency)
-            found["stream_reader_latency_ms"] = {
-                **{k: round(v * 1000, 1) for k, v in percentiles(reader.latency).items()},
-                "p95": round(ordered[max(int(0.95 * len(ordered)) - 1, 0)] * 1000, 1)}
+            found["stream_reader_latency_ms"] = in_ms(reader.latency)
         latency = pages[0].evaluate("() => window.benchLatency")
         found["events_heard"] = len(latency)
         if latency:
-            ordered = sorted(latency)
-            found["latency_ms"] = {k: round(v * 1000, 1) for k, v in percentiles(latency).items()}
-            found["latency_p95_ms"] = round(ordered[max(int(0.95 * len(ordered)) - 1, 0)] * 1000, 1)
-        page_times = percentiles(first_bytes(base, 50))
-        found["first_byte_ms"] = {k: round(v * 1000, 1) for k, v in page_times.items()}
+            found["latency_ms"] = in_ms(latency)
+        found["first_byte_ms"] = in_ms(first_bytes(base, 50))
         browser.close()
     return found
 

@@ -79,8 +79,9 @@ def _status_text(op: Operation) -> str:
 def _best_text(op: Operation) -> str:
     """The best improved value so far: the highest of the first numeric field the items
     report (``op.status(best=...)``), as ``best FIELD = VALUE``; "" while none reports one."""
-    field = next((name for item in op.items() for name, value in (item.improved or {}).items()
-                  if isinstance(value, (int, float)) and not isinstance(value, bool)), None)
+    from ..operations.registry import first_number_field
+
+    field = first_number_field(item.improved for item in op.items())
     if field is None:
         return ""
     best = op.status(best=field).best

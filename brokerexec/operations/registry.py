@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,7 +26,8 @@ from typing import Any, TypeVar
 from ..errors import DecodeError, InvalidRequest
 from .requests import check_key
 
-__all__ = ["ENDED", "Item", "ItemState", "OperationStatus", "Plan", "Registry", "read_json", "write_json"]
+__all__ = ["ENDED", "Item", "ItemState", "OperationStatus", "Plan", "Registry", "first_number_field",
+           "read_json", "write_json"]
 
 T = TypeVar("T")
 
@@ -310,13 +311,8 @@ class Registry:
             return OperationStatus(total, counts, done, fraction, throughput, eta, found)
 
     def _best(self, name: str, lowest: bool) -> Item | None:
-        def value(item: Item) -> float | None:
-            found = (item.improved or {}).get(name)
-            if not isinstance(found, (int, float)) or isinstance(found, bool) or found != found:
-                return None  # not a number, or NaN
-            return float(found)
-
-        scored = [(number, item) for item in self._items.values() if (number := value(item)) is not None]
+        scored = [(number, item) for item in self._items.values()
+                  if (number := _number((item.improved or {}).get(name))) is not None]
         if not scored:
             return None
         pick = min if lowest else max
@@ -420,3 +416,17 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         return json.loads(Path(path).read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         raise DecodeError(f"{path}: not JSON ({exc})") from None
+
+
+def first_number_field(improved: Iterable[Mapping[str, Any] | None]) -> str | None:
+    """The first field that holds a number in these improved values: what an operation's
+    best is of unless another is asked for (``op watch``, the web view's operation page)."""
+    return next((str(name) for values in improved for name, value in (values or {}).items()
+                 if _number(value) is not None), None)
+
+
+def _number(value: Any) -> float | None:
+    """``value`` if it is a number a best can be of: not a bool, not NaN."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+        return None
+    return float(value)

@@ -43,6 +43,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..errors import BrokerExecError, DecodeError, InvalidState, JobNotFound, SignalRefused
+from ..operations.registry import first_number_field
 from ..protocol.history import decode_cursor
 from ..protocol.states import TERMINAL
 from .live import Behind, EventHub, LiveEvent
@@ -377,7 +378,7 @@ class _Pages:
         next_url = f"/operations/{operation_id}?{urlencode({'cursor': page.cursor, 'state': state or ''})}" \
             if page.cursor else None
         rate = await run_in_threadpool(self._throughput, operation_id)
-        field = request.query_params.get("best") or _first_number(page.rows)
+        field = request.query_params.get("best") or first_number_field(row.improved for row in page.rows)
         lowest = request.query_params.get("lowest") == "1"
         try:
             best = None if not field else await run_in_threadpool(self.view.store.best, operation_id, field,
@@ -616,16 +617,6 @@ def chart(points: list[tuple[float, Any]], width: int = 480, height: int = 120) 
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _first_number(rows: list[Any]) -> str | None:
-    """The first field of an improved value that is a number, in these rows (what an
-    operation's best is of, unless its page asks for another)."""
-    for row in rows:
-        for name, value in (row.improved or {}).items():
-            if _number(value):
-                return str(name)
-    return None
 
 
 def _json(text: str | None) -> Any:
